@@ -1,0 +1,139 @@
+"""The `pnsfw` command line: each command parses options and calls one function of a stage."""
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import PnsfwError
+from .store.sizes import parse_duration, parse_size
+
+STORE = click.option("--store", required=True, envvar="PNSFW_STORE", type=click.Path(file_okay=False),
+                     help="The store folder (env PNSFW_STORE).")
+MODEL = click.option("--model", default="ViT-B/32", envvar="PNSFW_MODEL", show_default=True,
+                     help="CLIP model name (downloaded once) or a checkpoint file (env PNSFW_MODEL).")
+DEVICE = click.option("--device", default="auto", show_default=True,
+                      type=click.Choice(["auto", "cpu", "cuda"]), help="auto: CUDA when torch sees a GPU.")
+
+
+class _Size(click.ParamType):
+    """A count or size such as 50000, 50k, 16G."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class _Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE, DURATION = _Size(), _Duration()
+
+
+class _Group(click.Group):
+    """Shows domain errors as one-line `Error: ...` messages with exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PnsfwError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pnsfw")
+def cli() -> None:
+    """Index images into a searchable, NSFW-scored CLIP embedding store.
+
+    \b
+    Example:
+      pnsfw index photos/ --store store/
+      pnsfw train --store store/ --labels folders
+      pnsfw score --store store/ --model default
+      pnsfw search --store store/ --text "a beach" -k 5
+    """
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True)
+@STORE
+@MODEL
+@DEVICE
+@click.option("--batch-size", default=0, type=int, help="Images per forward pass (0: 64 on CPU, 1024 on CUDA).")
+@click.option("--workers", default=0, type=int, help="Decode processes (0: one per core; -1: none, decode inline).")
+@click.option("--shard-size", default="50k", type=SIZE, show_default=True, help="Rows per shard at most.")
+@click.option("--commit-every", default="60s", type=DURATION, show_default=True,
+              help="Commit a shard at least this often, so a crash loses little.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="auto: fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32.")
+@click.option("--projection", default=None,
+              help="random (seeded orthogonal; default for a new store), pca (fitted on the first --pca-rows), "
+                   "or a .npy file. An existing store keeps its own.")
+@click.option("--pca-rows", default="10k", type=SIZE, show_default=True, help="Rows the PCA projection is fitted on.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random projection.")
+@click.option("--max-pixels", default="89M", type=SIZE, show_default=True,
+              help="Larger images are refused as decompression bombs.")
+@click.option("--timeout", default="10s", type=DURATION, show_default=True, help="Per-URL fetch timeout.")
+@click.option("--no-faiss", is_flag=True, help="Do not build/update the FAISS index.")
+@click.option("--summary-json", type=click.Path(dir_okay=False), help="Also write the summary as JSON here.")
+def index(sources: tuple[str, ...], store: str, model: str, device: str, batch_size: int, workers: int,
+          shard_size: int, commit_every: float, precision: str, projection: str, pca_rows: int, seed: int,
+          max_pixels: int, timeout: float, no_faiss: bool, summary_json: str) -> None:
+    """Embed images from SOURCEs into the store (resumable and incremental).
+
+    SOURCE is a folder (walked recursively), a .txt list of paths or http(s) URLs,
+    a webdataset .tar, a .parquet file with a `uri` column, or one image.
+    Files already in the store are skipped; files that cannot be used become
+    rows of STORE/errors/ with a reason.
+
+    \b
+    Example:
+      pnsfw index dataset/ urls.txt --store store/ --model ViT-B/32
+    """
+    from .indexer.pipeline import IndexOptions, run_index
+    from .search.index import update_index
+
+    options = IndexOptions(model=model, device=device, precision=precision, batch_size=batch_size,
+                           workers=workers, shard_size=max(1, shard_size), commit_interval=commit_every,
+                           projection=projection, pca_rows=pca_rows, seed=seed, max_pixels=max_pixels,
+                           timeout=timeout, progress=sys.stderr.isatty())
+    summary = run_index(list(sources), store, options, finish=None if no_faiss else update_index)
+    _print_index_summary(summary, store)
+    if summary_json:
+        with open(summary_json, "w") as f:
+            json.dump(summary.as_dict(), f, indent=2)
+
+
+def _print_index_summary(summary: Any, store: str) -> None:
+    click.echo(f"indexed {summary.indexed:,} images in {summary.seconds:.1f} s "
+               f"({summary.images_per_s:.1f} img/s; steady {summary.steady_images_per_s:.1f} img/s)")
+    click.echo(f"already present: {summary.already_present:,}")
+    failed = sum(summary.failed.values())
+    if failed:
+        reasons = ", ".join(f"{reason} {count:,}" for reason, count in summary.failed.items())
+        click.echo(f"failed: {failed:,} ({reasons}); see {store}/errors/")
+    else:
+        click.echo("failed: 0")
+    if summary.index:
+        click.echo(f"index: {summary.index['kind']}, {summary.index['ntotal']:,} vectors (+{summary.index['added']:,})")
+
+
+def main() -> None:
+    cli(prog_name="pnsfw")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Domain exceptions. The CLI shows them as one-line errors, the API as 4xx JSON."""
+
+
+class PnsfwError(Exception):
+    """Base class: a problem the user can fix, shown as one line."""
+
+    http_status = 400
+
+
+class StoreError(PnsfwError):
+    """The store is missing, corrupt or of an unknown format."""
+
+
+class StoreLocked(StoreError):
+    """Another process is writing the store."""
+
+    http_status = 409
+
+
+class SpaceMismatch(PnsfwError):
+    """Vectors, a model or an index come from another embedding space."""
+
+    http_status = 409
+
+
+class ModelNotFound(PnsfwError):
+    """A CLIP model or a classifier cannot be found or loaded."""
+
+    http_status = 404
+
+
+class SourceError(PnsfwError):
+    """A SOURCE argument cannot be read."""
+
+
+class BadInput(PnsfwError):
+    """An argument or an uploaded file is not acceptable."""
+
+    http_status = 422
+
+
+class NotFound(PnsfwError):
+    """An id, a name or a file does not exist."""
+
+    http_status = 404

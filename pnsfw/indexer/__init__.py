@@ -1,0 +1,1 @@
+"""Images -> embeddings: sources, decode, encoder, projection, pipeline."""

@@ -1,0 +1,192 @@
+"""The runner: sources -> reader/decoder workers -> CLIP encoder -> projection -> shards -> commit."""
+
+import functools
+import multiprocessing
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from ..errors import BadInput
+from ..store import Projection, Store, StoreWriter
+from .decode import DEFAULT_MAX_PIXELS
+from .encoder import Encoder, load_encoder
+from .projection import make_projection, needs_sample
+from .reader import Result, decoded_stream, process_chunk
+from .sources import Item, iter_items
+from .writer import ShardWriter
+
+
+@dataclass
+class IndexOptions:
+    """Options of `pnsfw index` (see its --help)."""
+
+    model: str = "ViT-B/32"
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 0  # 0: 64 on CPU, 1024 on CUDA
+    workers: int = 0  # 0: one per core; -1: decode in this process
+    shard_size: int = 50_000
+    commit_interval: float = 60.0
+    projection: Optional[str] = None  # None: the store's, or `random` for a new store
+    pca_rows: int = 10_000
+    seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    timeout: float = 10.0
+    progress: bool = False
+
+
+@dataclass
+class IndexSummary:
+    indexed: int = 0
+    already_present: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    steady_seconds: float = 0.0
+    steady_images: int = 0
+    index: Optional[dict[str, Any]] = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.indexed / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_images_per_s(self) -> float:
+        return self.steady_images / self.steady_seconds if self.steady_seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), images_per_s=self.images_per_s, steady_images_per_s=self.steady_images_per_s)
+
+
+def collect_items(sources: list[str], known: set[str]) -> tuple[list[Item], int]:
+    """Every item of every source in order, minus uris already in the store (and repeats)."""
+    items, present, seen = [], 0, set(known)
+    for source in sources:
+        for item in iter_items(source):
+            if item.uri in seen:
+                present += item.uri in known
+                continue
+            seen.add(item.uri)
+            items.append(item)
+    return items, present
+
+
+def _projection_for(writer: StoreWriter, options: IndexOptions, encoder: Encoder) -> Optional[Projection]:
+    """The store's projection, or a new one (None while a PCA waits for its sample)."""
+    manifest = writer.manifest
+    spec = options.projection
+    if manifest["projection"]:
+        current = writer.store.projection()
+        if spec and spec != current.kind and not (os.path.isfile(spec) and
+                                                  Projection.load(spec).fingerprint == current.fingerprint):
+            raise BadInput(f"store {writer.store.root} already uses a {current.kind} projection; "
+                           f"drop --projection or use another --store")
+        return current
+    if needs_sample(spec or "random"):
+        return None
+    return make_projection(spec or "random", encoder.width, seed=options.seed)
+
+
+def _batches(stream: Iterator[Result], size: int, on_error: Callable[[Result], None]) -> Iterator[list[Result]]:
+    batch: list[Result] = []
+    for result in stream:
+        if result.pixels is None:
+            on_error(result)
+            continue
+        batch.append(result)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _default_batch(options: IndexOptions, encoder: Encoder) -> int:
+    return options.batch_size or (1024 if encoder.device.startswith("cuda") else 64)
+
+
+def _make_pool(workers: int) -> Optional[Any]:
+    """Fork the decode workers before torch starts threads; -1 decodes inline."""
+    if workers < 0:
+        return None
+    count = workers or max(1, len(os.sched_getaffinity(0)))
+    return multiprocessing.get_context("fork").Pool(count)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.05)
+
+
+def _encode_all(writer: ShardWriter, batches: Iterator[list[Result]], encoder: Encoder,
+                summary: IndexSummary, bar: Any) -> None:
+    first_done = None
+    for batch in batches:
+        features = encoder.encode_pixels(np.stack([r.pixels for r in batch]))
+        writer.add(batch, features)
+        summary.indexed += len(batch)
+        bar.update(len(batch))
+        if first_done is None:
+            first_done, first_count = time.perf_counter(), summary.indexed
+    writer.commit()
+    if first_done is not None:
+        summary.steady_seconds = time.perf_counter() - first_done
+        summary.steady_images = summary.indexed - first_count
+
+
+def _index_items(writer: StoreWriter, items: list[Item], options: IndexOptions, encoder: Encoder,
+                 pool: Any, summary: IndexSummary) -> None:
+    projection = _projection_for(writer, options, encoder)
+    if projection is not None:
+        writer.set_space(encoder.describe(), projection)
+
+    def fit(sample: np.ndarray) -> Projection:
+        fitted = make_projection(options.projection or "random", encoder.width, sample, options.seed)
+        writer.set_space(encoder.describe(), fitted)
+        return fitted
+
+    shards = ShardWriter(writer, options.shard_size, options.commit_interval, projection, fit, options.pca_rows)
+    failures: Counter = Counter()
+
+    def on_error(result: Result) -> None:
+        failures[result.reason] += 1
+        shards.add_error(result)
+        bar.update(1)
+
+    work = functools.partial(process_chunk, size=encoder.resolution, max_pixels=options.max_pixels,
+                             timeout=options.timeout)
+    with _progress(len(items), options.progress) as bar:
+        stream = decoded_stream(items, work, pool, chunk=16, depth=4 * max(1, getattr(pool, "_processes", 1)))
+        _encode_all(shards, _batches(stream, _default_batch(options, encoder), on_error), encoder, summary, bar)
+    summary.failed = dict(failures.most_common())
+
+
+def run_index(sources: list[str], store_root: str, options: Optional[IndexOptions] = None,
+              encoder: Optional[Encoder] = None,
+              finish: Optional[Callable[[Store], dict[str, Any]]] = None) -> IndexSummary:
+    """Index SOURCEs into the store; resumable, incremental, one writer at a time.
+
+    `finish` runs under the write lock after the last commit (the CLI passes the FAISS update).
+    """
+    options = options or IndexOptions()
+    started = time.perf_counter()
+    summary = IndexSummary()
+    store = Store(store_root)
+    with store.writer() as writer:
+        items, summary.already_present = collect_items(sources, store.known_uris())
+        if items:
+            pool = _make_pool(options.workers)
+            try:
+                encoder = encoder or load_encoder(options.model, options.device, options.precision)
+                _index_items(writer, items, options, encoder, pool, summary)
+            finally:
+                if pool is not None:
+                    pool.terminate()
+        summary.seconds = time.perf_counter() - started
+        if finish is not None and store.rows:
+            summary.index = finish(store)
+    return summary

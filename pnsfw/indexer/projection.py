@@ -1,0 +1,54 @@
+"""Make the projection to 256-d: `random` (seeded orthogonal), `pca` (fitted on the first N), or a file."""
+
+import os
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import BadInput
+from ..store.projection import Projection, l2_normalize
+
+DIM = 256
+
+
+def random_projection(width: int, dim: int = DIM, seed: int = 0) -> Projection:
+    """Data-independent: the same model and seed give the same space in every store."""
+    gaussian = np.random.default_rng(seed).standard_normal((width, dim))
+    q, r = np.linalg.qr(gaussian)
+    q *= np.sign(np.diag(r))  # makes the factorisation unique, so the matrix is reproducible
+    return Projection(q.astype(np.float32), np.zeros(dim, np.float32), "random")
+
+
+def pca_projection(features: np.ndarray, dim: int = DIM) -> Projection:
+    """Principal axes of the L2-normalised sample; the bias row centres it."""
+    sample = l2_normalize(features).astype(np.float64)
+    if len(sample) < 2:
+        raise BadInput(f"--projection pca needs at least 2 images to fit, got {len(sample)}")
+    mean = sample.mean(axis=0)
+    _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
+    axes = np.zeros((sample.shape[1], dim))
+    count = min(dim, vt.shape[0])
+    axes[:, :count] = vt[:count].T
+    if count < dim:  # fewer samples than dims: pad with orthogonal directions so no output axis is dead
+        axes[:, count:] = random_projection(sample.shape[1], dim - count).matrix
+    return Projection(axes.astype(np.float32), (-mean @ axes).astype(np.float32), "pca")
+
+
+def needs_sample(spec: str) -> bool:
+    return spec == "pca"
+
+
+def make_projection(spec: str, width: int, sample: Optional[np.ndarray] = None, seed: int = 0) -> Projection:
+    """Build the projection named by --projection (random | pca | FILE)."""
+    makers: dict[str, Callable[[], Projection]] = {
+        "random": lambda: random_projection(width, DIM, seed),
+        "pca": lambda: pca_projection(sample if sample is not None else np.zeros((0, width)), DIM),
+    }
+    if spec in makers:
+        return makers[spec]()
+    if not os.path.isfile(spec):
+        raise BadInput(f"--projection must be random, pca or a .npy file; {spec!r} is none of these")
+    projection = Projection.load(spec, "file")
+    if projection.width != width:
+        raise BadInput(f"projection {spec} maps width {projection.width}, but the model's embeddings have width {width}")
+    return projection

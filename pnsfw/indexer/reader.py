@@ -1,0 +1,78 @@
+"""Reader + decoder stage, run in worker processes: item -> Result (pixels, or a reason)."""
+
+import hashlib
+import urllib.error
+from collections import deque
+from itertools import islice
+from multiprocessing.pool import Pool
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
+
+import numpy as np
+
+from .decode import DEFAULT_MAX_PIXELS, DecodeFailure, decode
+from .sources import Item, read_bytes, stage_of
+
+
+class Result(NamedTuple):
+    item: Item
+    pixels: Optional[np.ndarray]  # uint8 (R, R, 3) when the image could be used
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    stage: str = ""
+    reason: str = ""
+    detail: str = ""
+
+
+def _read(item: Item, timeout: float) -> bytes:
+    try:
+        return read_bytes(item, timeout)
+    except urllib.error.HTTPError as exc:
+        raise DecodeFailure("http_error", f"HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, TimeoutError) as exc:
+        raise DecodeFailure("unreachable", str(getattr(exc, "reason", exc))) from None
+    except OSError as exc:
+        raise DecodeFailure("unreadable", exc.strerror or str(exc)) from None
+
+
+def process_item(item: Item, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, timeout: float = 10.0) -> Result:
+    """Read and decode one item; every failure becomes a Result with a reason."""
+    try:
+        data = _read(item, timeout)
+    except DecodeFailure as failure:
+        return Result(item, None, stage=stage_of(item), reason=failure.reason, detail=failure.detail)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        decoded = decode(data, size, max_pixels)
+    except DecodeFailure as failure:
+        return Result(item, None, digest, stage="decode", reason=failure.reason, detail=failure.detail)
+    except MemoryError:
+        return Result(item, None, digest, stage="decode", reason="decompression_bomb", detail="out of memory")
+    return Result(item, decoded.pixels, digest, decoded.width, decoded.height)
+
+
+def process_chunk(items: list[Item], size: int, max_pixels: int, timeout: float) -> list[Result]:
+    return [process_item(item, size, max_pixels, timeout) for item in items]
+
+
+def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def decoded_stream(items: Iterable[Item], work: Callable[[list[Item]], list[Result]], pool: Optional[Pool],
+                   chunk: int = 16, depth: int = 8) -> Iterator[Result]:
+    """Results in input order, with at most `depth` chunks in flight (bounded memory)."""
+    chunks = _chunks(items, chunk)
+    if pool is None:
+        for part in chunks:
+            yield from work(part)
+        return
+    pending = deque(pool.apply_async(work, (part,)) for part in islice(chunks, depth))
+    while pending:
+        results = pending.popleft().get()
+        part = next(chunks, None)
+        if part is not None:
+            pending.append(pool.apply_async(work, (part,)))
+        yield from results

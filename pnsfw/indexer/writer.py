@@ -1,0 +1,85 @@
+"""Writer stage: buffers projected rows and error rows, commits them to the store in shards."""
+
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from ..store import Projection, StoreWriter
+from ..store.shards import ERROR_SCHEMA, embedding_array, shard_schema
+from .reader import Result
+
+
+class ShardWriter:
+    """Commits a shard every `shard_size` rows or `interval` seconds; a commit covers a prefix of the stream."""
+
+    def __init__(self, store: StoreWriter, shard_size: int, interval: float,
+                 projection: Optional[Projection], fit: Callable[[np.ndarray], Projection], fit_rows: int):
+        self.store, self.shard_size, self.interval = store, shard_size, interval
+        self.projection, self.fit, self.fit_rows = projection, fit, fit_rows
+        self.rows: list[Result] = []
+        self.features: list[np.ndarray] = []
+        self.errors: list[Result] = []
+        self.last_commit = time.monotonic()
+        self.committed_rows = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self.rows)
+
+    def add_error(self, result: Result) -> None:
+        self.errors.append(result)
+        self._maybe_commit()
+
+    def add(self, results: list[Result], features: np.ndarray) -> None:
+        """Rows with their raw CLIP features (projected at commit time, once the projection exists)."""
+        self.rows.extend(results)
+        self.features.append(features)
+        self._maybe_commit()
+
+    def _maybe_commit(self) -> None:
+        full = len(self.rows) >= self.shard_size or len(self.errors) >= self.shard_size
+        due = full or time.monotonic() - self.last_commit >= self.interval
+        if due and (self.projection is not None or not self.rows or len(self.rows) >= self.fit_rows):
+            self.commit()
+
+    def commit(self) -> None:
+        if self.rows and self.projection is None:
+            self.projection = self.fit(np.concatenate(self.features))
+        while self.rows or self.errors:
+            count = min(len(self.rows), self.shard_size)
+            self._commit_prefix(count)
+        self.last_commit = time.monotonic()
+
+    def _commit_prefix(self, count: int) -> None:
+        rows, self.rows = self.rows[:count], self.rows[count:]
+        features = np.concatenate(self.features) if self.features else np.zeros((0, 1), np.float32)
+        self.features = [features[count:]] if count < len(features) else []
+        table = self._table(rows, features[:count]) if rows else None
+        # errors go with the first shard of this commit: both are a prefix of the stream
+        errors, self.errors = self._errors(self.errors), []
+        self.store.commit(table, errors)
+        self.committed_rows += count
+
+    def _table(self, rows: list[Result], features: np.ndarray) -> pa.Table:
+        vectors = self.projection.apply(features).astype(np.float16)
+        columns = {
+            "id": pa.array(self.store.next_ids(len(rows))),
+            "uri": pa.array([r.item.uri for r in rows], pa.string()),
+            "source": pa.array([r.item.source for r in rows], pa.string()),
+            "sha256": pa.array([r.sha256 for r in rows], pa.string()),
+            "width": pa.array([r.width for r in rows], pa.int32()),
+            "height": pa.array([r.height for r in rows], pa.int32()),
+            "embedding": embedding_array(vectors),
+        }
+        return pa.table(columns, schema=shard_schema(self.projection.dim))
+
+    @staticmethod
+    def _errors(errors: list[Result]) -> Optional[pa.Table]:
+        if not errors:
+            return None
+        fields = {"uri": [e.item.uri for e in errors], "source": [e.item.source for e in errors],
+                  "stage": [e.stage for e in errors], "reason": [e.reason for e in errors],
+                  "detail": [e.detail[:500] for e in errors]}
+        return pa.table(fields, schema=ERROR_SCHEMA)

@@ -1,0 +1,1 @@
+"""FAISS index build/update/load and kNN queries over the store."""

@@ -1,0 +1,536 @@
+#!/usr/bin/env python
+"""Indexing benchmark: ``pnsfw index`` against ``clip-retrieval inference``.
+
+What it does (DESIGN.md section 9):
+
+1. generates two corpora in ``--workdir`` (default /tmp/pnsfw-bench), reused
+   while their parameters match: ``thumbs`` (N JPEGs, q90, 256-400 px on the long
+   side, ~4:3) and ``photos`` (M JPEGs, q90, 1632x1224 = 2 MP), cut, resized,
+   colour-jittered and grained from scikit-image's bundled photos (random PIL
+   shapes when skimage is missing);
+2. builds a full-size ViT-B/32 checkpoint with random weights
+   (``make_checkpoint.py vit-b-32``; same FLOPs as OpenAI's weights);
+3. runs the anchor, ``clip-retrieval inference``, and ours, ``pnsfw index``, on
+   each corpus, and prints/writes the figures (``--out``, JSON).
+
+Timing method:
+
+* end to end: wall clock of the whole subprocess (imports, model load,
+  warm-up, file listing, decode, inference, writing), files in the page cache
+  for both tools (the corpus was just written or read).
+* steady state, anchor: clip-retrieval's Runner hands each batch's stats
+  ({start_time, end_time, sample_count, ...}) to ``LoggerWriter.__call__``; the
+  anchor is launched through a shim that wraps that method to append each
+  batch's stats to a JSONL file, then calls ``clip_retrieval.cli.main`` (the
+  console script's entry point; nothing else changes). Steady img/s =
+  images in batches 2..n / (end of batch n - end of batch 1). Needs >= 2
+  batches. (Its own printed ``sample_per_sec`` is unusable: LoggerWriter sums
+  every batch's ``start_time`` and the reader then takes that sum as a time.)
+* steady state, ours: ``steady_images_per_s`` from ``pnsfw index
+  --summary-json FILE`` ({"indexed", "seconds", "images_per_s",
+  "steady_images_per_s"}).
+
+The anchor has no device option: it uses CUDA whenever torch sees a GPU, so
+``--device cpu`` runs it with ``CUDA_VISIBLE_DEVICES=""``.
+
+The clip-retrieval venv (Python 3.11, x86_64; pip caps torch at 2.14.1 via
+/etc/xdg/pip and takes torch/torchvision from local disk)::
+
+    python3.11 -m venv .bench/cr-venv
+    .bench/cr-venv/bin/pip install --upgrade pip
+    .bench/cr-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
+    .bench/cr-venv/bin/pip install clip-retrieval==2.45.0 torch==2.14.1 \\
+        torchvision==0.29.1 'setuptools<81'
+    .bench/cr-venv/bin/pip install scikit-image 'numpy<2'   # corpus content
+
+(resolves to numpy 1.26.4, clip-anytorch 2.6.0, open-clip-torch 2.32.0,
+webdataset 0.2.111, pyarrow 15.0.2, fsspec 2026.9.0; ``pip check`` is clean.
+``setuptools<81`` keeps ``pkg_resources``, which clip-anytorch imports.)
+
+Examples::
+
+    .venv/bin/python scripts/bench_index.py                      # both tools
+    .venv/bin/python scripts/bench_index.py --thumbs 200 --photos 20 --skip-ours
+    .bench/cr-venv/bin/python scripts/bench_index.py --skip-ours  # no project venv
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SCRIPTS = Path(__file__).resolve().parent
+REPO = SCRIPTS.parent
+CORPUS_VERSION = 1  # bump when the generator changes, to regenerate corpora
+THUMB_LONG = (256, 400)
+PHOTO_SIZE = (1632, 1224)
+SKIMAGE_SOURCES = (
+    "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
+    "hubble_deep_field", "retina", "colorwheel", "camera", "moon", "clock",
+    "coins", "grass", "gravel", "brick",
+)
+
+# The anchor is started through this shim: it records every batch's stats,
+# then runs clip-retrieval's console-script entry point unchanged.
+ANCHOR_SHIM = """\
+import json, os, sys
+from clip_retrieval.clip_inference import logger as _lg
+_log = open(os.environ["PNSFW_BENCH_BATCH_LOG"], "a")
+_orig = _lg.LoggerWriter.__call__
+def _call(self, stats):
+    _log.write(json.dumps(stats) + "\\n"); _log.flush()
+    return _orig(self, stats)
+_lg.LoggerWriter.__call__ = _call
+from clip_retrieval.cli import main
+sys.argv[0] = "clip-retrieval"
+sys.exit(main())
+"""
+
+
+# ----------------------------------------------------------------- corpus ---
+
+def load_sources(rng: np.random.Generator) -> list[np.ndarray] | None:
+    """RGB uint8 arrays of skimage's bundled photos, or None without skimage."""
+    try:
+        import skimage.data as skd
+    except ImportError:
+        return None
+    out = []
+    for name in SKIMAGE_SOURCES:
+        try:
+            a = np.asarray(getattr(skd, name)())
+        except Exception:  # some skimage releases fetch a few of these
+            continue
+        if a.ndim == 2:  # grey: tint it so colour jitter has something to do
+            tint = rng.uniform(0.7, 1.0, size=3)
+            a = (a[..., None] * tint).astype(np.uint8)
+        out.append(np.ascontiguousarray(a[..., :3]))
+    return out or None
+
+
+def random_size(rng: np.random.Generator, kind: str) -> tuple[int, int]:
+    """(width, height): thumbs 256-400 px long side ~4:3, photos 1632x1224."""
+    if kind == "photos":
+        return PHOTO_SIZE
+    long = int(rng.integers(THUMB_LONG[0], THUMB_LONG[1] + 1))
+    short = int(round(long / rng.uniform(1.25, 1.42)))
+    return (long, short) if rng.random() < 0.75 else (short, long)
+
+
+def crop_resize(src: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """Random crop of ``src`` with the aspect of ``size``, resized to ``size``."""
+    h, w = src.shape[:2]
+    aspect = size[0] / size[1]
+    frac = rng.uniform(0.45, 1.0)
+    cw = min(w, int(round(np.sqrt(frac * w * h * aspect))))
+    ch = min(h, int(round(cw / aspect)))
+    cw = min(cw, int(round(ch * aspect)))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    img = Image.fromarray(src[y:y + ch, x:x + cw])
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
+def shapes_image(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """Fallback content: random filled shapes on a random background."""
+    bg = tuple(int(v) for v in rng.integers(0, 256, 3))
+    img = Image.new("RGB", size, bg)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(8, 30))):
+        x0, x1 = sorted(rng.integers(0, size[0], 2).tolist())
+        y0, y1 = sorted(rng.integers(0, size[1], 2).tolist())
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        shape = rng.integers(0, 3)
+        if shape == 0:
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif shape == 1:
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:
+            draw.line((x0, y0, x1, y1), fill=fill, width=int(rng.integers(2, 12)))
+    return img
+
+
+def jitter(img: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    """Colour jitter (gain, offset, gamma) plus grain, so every file differs."""
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    a = a ** rng.uniform(0.8, 1.25)
+    a = a * rng.uniform(0.8, 1.2, size=3) + rng.uniform(-0.08, 0.08)
+    a = a * 255.0 + rng.normal(0.0, rng.uniform(2.0, 5.0), size=a.shape).astype(np.float32)
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def write_corpus(folder: Path, count: int, kind: str, seed: int) -> dict[str, Any]:
+    """Write ``count`` JPEGs of ``kind`` into ``folder``; return a description."""
+    rng = np.random.default_rng([seed, 0 if kind == "thumbs" else 1])
+    sources = load_sources(rng)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    total = 0
+    for i in range(count):
+        size = random_size(rng, kind)
+        if sources:
+            img = crop_resize(sources[int(rng.integers(len(sources)))], size, rng)
+        else:
+            img = shapes_image(size, rng)
+        path = folder / f"{kind[0]}{i:06d}.jpg"
+        Image.fromarray(jitter(img, rng)).save(path, quality=90)
+        total += path.stat().st_size
+    return {"kind": kind, "count": count, "seed": seed, "version": CORPUS_VERSION,
+            "content": "skimage.data" if sources else "PIL shapes",
+            "bytes": total, "mean_kib": round(total / max(count, 1) / 1024, 1)}
+
+
+def ensure_corpus(workdir: Path, kind: str, count: int, seed: int) -> tuple[Path, dict[str, Any]]:
+    """Reuse ``workdir/kind`` if its corpus.json matches, else regenerate it."""
+    folder = workdir / kind
+    meta_path = workdir / f"{kind}.corpus.json"
+    want = {"kind": kind, "count": count, "seed": seed, "version": CORPUS_VERSION}
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        n_files = sum(1 for _ in folder.glob("*.jpg")) if folder.exists() else -1
+        if all(meta.get(k) == v for k, v in want.items()) and n_files == count:
+            return folder, meta
+    t0 = time.perf_counter()
+    meta = write_corpus(folder, count, kind, seed)
+    meta["generated_in_s"] = round(time.perf_counter() - t0, 1)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return folder, meta
+
+
+# ------------------------------------------------------------- checkpoint ---
+
+def ensure_checkpoint(workdir: Path, seed: int, cr_python: Path) -> Path:
+    """Full-size random ViT-B/32 checkpoint in ``workdir`` (built once)."""
+    path = workdir / f"vit-b-32-seed{seed}.pt"
+    if path.exists():  # make_checkpoint writes tmp + rename: exists == complete
+        return path
+    try:
+        sys.path.insert(0, str(SCRIPTS))
+        import clip  # noqa: F401  (is clip importable here?)
+        from make_checkpoint import make_checkpoint
+    except ImportError:
+        cmd = [str(cr_python), str(SCRIPTS / "make_checkpoint.py"), "vit-b-32", str(path),
+               "--seed", str(seed)]
+        subprocess.run(cmd, check=True)
+        return path
+    return make_checkpoint("vit-b-32", path, seed=seed)
+
+
+# ---------------------------------------------------------------- running ---
+
+def run_timed(cmd: list[str], env_extra: dict[str, str], log: Path) -> tuple[int, float, float]:
+    """Run ``cmd`` with output to ``log``; return (rc, wall seconds, start epoch)."""
+    env = {**os.environ, **env_extra}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        started = time.time()
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                            stdin=subprocess.DEVNULL).returncode
+        wall = time.perf_counter() - t0
+    return rc, wall, started
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    """Last ``lines`` lines of a log (carriage returns turned into newlines)."""
+    text = log.read_text(errors="replace").replace("\r", "\n") if log.exists() else ""
+    return "\n".join([ln for ln in text.splitlines() if ln.strip()][-lines:])
+
+
+def anchor_command(cr_bin: Path, corpus: Path, out: Path, ckpt: Path,
+                   batch: int, workers: int) -> list[str]:
+    """The plain ``clip-retrieval inference`` command line for one corpus."""
+    return [str(cr_bin / "clip-retrieval"), "inference",
+            "--input_dataset", str(corpus), "--output_folder", str(out),
+            "--input_format", "files", "--enable_text", "False",
+            "--enable_metadata", "False", "--clip_model", str(ckpt),
+            "--use_jit", "False", "--batch_size", str(batch),
+            "--num_prepro_workers", str(workers)]
+
+
+def anchor_env(device: str, batch_log: Path) -> dict[str, str]:
+    """Environment for the anchor: offline hubs, no wandb, CPU by hiding GPUs."""
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "PNSFW_BENCH_BATCH_LOG": str(batch_log)}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def steady_from_batches(batches: list[dict[str, Any]]) -> float | None:
+    """Images in batches 2..n over the time from the end of batch 1 to batch n."""
+    if len(batches) < 2:
+        return None
+    span = batches[-1]["end_time"] - batches[0]["end_time"]
+    images = sum(b["sample_count"] for b in batches[1:])
+    return images / span if span > 0 else None
+
+
+def count_anchor_embeddings(out: Path) -> int:
+    """Rows in clip-retrieval's ``img_emb/*.npy`` (memory-mapped, cheap)."""
+    return sum(np.load(p, mmap_mode="r").shape[0] for p in (out / "img_emb").glob("*.npy"))
+
+
+def run_anchor(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path) -> dict[str, Any]:
+    """Run clip-retrieval on ``corpus``; return its figures."""
+    out = args.workdir / "runs" / f"{name}-anchor"
+    batch_log = args.workdir / "runs" / f"{name}-anchor.batches.jsonl"
+    shutil.rmtree(out, ignore_errors=True)
+    batch_log.unlink(missing_ok=True)
+    cmd = anchor_command(args.cr_python, corpus, out, ckpt, args.batch_size, args.workers)
+    shim_cmd = [str(args.cr_python / "python"), "-c", ANCHOR_SHIM] + cmd[1:]
+    env = anchor_env(args.device, batch_log)
+    log = out.with_suffix(".log")
+    rc, wall, started = run_timed(shim_cmd, env, log)
+    res: dict[str, Any] = {"tool": "clip-retrieval", "rc": rc, "seconds": wall, "command": cmd,
+                           "launched_as": "python -c ANCHOR_SHIM (see script) + same arguments",
+                           "env": {k: v for k, v in env.items() if k != "PNSFW_BENCH_BATCH_LOG"},
+                           "log": str(log)}
+    if rc != 0:
+        return {**res, "error": log_tail(log)}
+    batches = [json.loads(ln) for ln in batch_log.read_text().splitlines() if ln.strip()]
+    images = count_anchor_embeddings(out)
+    res.update(images=images, batches=len(batches), images_per_s=images / wall,
+               steady_images_per_s=steady_from_batches(batches),
+               first_batch_done_s=(batches[0]["end_time"] - started) if batches else None,
+               inference_s=sum(b["inference_duration"] for b in batches),
+               read_wait_s=sum(b["read_duration"] for b in batches))
+    return res
+
+
+def ours_command(args: argparse.Namespace, corpus: Path, store: Path, ckpt: Path,
+                 summary: Path) -> list[str]:
+    """The ``pnsfw index`` command line for one corpus."""
+    return [str(args.pnsfw), "index", str(corpus), "--store", str(store),
+            "--model", str(ckpt), "--device", args.device,
+            "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+            "--summary-json", str(summary)]
+
+
+def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path) -> dict[str, Any]:
+    """Run ``pnsfw index`` into a fresh store; return its figures."""
+    store = args.workdir / "runs" / f"{name}-ours-store"
+    summary = args.workdir / "runs" / f"{name}-ours.summary.json"
+    shutil.rmtree(store, ignore_errors=True)
+    summary.unlink(missing_ok=True)
+    cmd = ours_command(args, corpus, store, ckpt, summary)
+    log = args.workdir / "runs" / f"{name}-ours.log"
+    if not Path(args.pnsfw).exists():
+        return {"tool": "pnsfw", "rc": None, "command": cmd, "error": f"{args.pnsfw} not found"}
+    rc, wall, _ = run_timed(cmd, {}, log)
+    res: dict[str, Any] = {"tool": "pnsfw", "rc": rc, "seconds": wall, "command": cmd,
+                           "log": str(log)}
+    if rc != 0:
+        return {**res, "error": log_tail(log)}
+    try:
+        data = json.loads(summary.read_text())
+    except (OSError, ValueError) as exc:
+        return {**res, "error": f"no usable --summary-json: {exc}"}
+    images = int(data.get("indexed", 0))
+    return {**res, "images": images, "images_per_s": images / wall,
+            "steady_images_per_s": data.get("steady_images_per_s"), "summary": data}
+
+
+# ----------------------------------------------------------- machine info ---
+
+PROBE = """\
+import json, platform, sys, importlib.metadata as md
+out = {"python": platform.python_version(), "executable": sys.executable, "versions": {}}
+for d in sys.argv[1:]:
+    try: out["versions"][d] = md.version(d)
+    except md.PackageNotFoundError: pass
+try:
+    import torch
+    out["torch_threads"] = torch.get_num_threads()
+    out["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+except Exception as e:
+    out["torch_error"] = repr(e)
+print(json.dumps(out))
+"""
+
+
+def probe_python(python: Path, dists: list[str], env_extra: dict[str, str]) -> dict[str, Any]:
+    """Versions of ``dists`` and the GPUs torch sees, as ``python`` reports them."""
+    if not python.exists():
+        return {"error": f"{python} not found"}
+    proc = subprocess.run([str(python), "-c", PROBE, *dists], capture_output=True, text=True,
+                          env={**os.environ, **env_extra}, timeout=300)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": proc.stderr[-2000:]}
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, core counts, AMX flags and RAM from /proc (Linux)."""
+    info: dict[str, Any] = {"machine": platform.machine(), "logical_cpus": os.cpu_count(),
+                            "usable_cpus": len(os.sched_getaffinity(0))}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name":
+                info["cpu_model"] = val.strip()
+            elif key.strip() == "flags":
+                info["amx"] = sorted(f for f in val.split() if f.startswith("amx"))
+        mem = Path("/proc/meminfo").read_text().split("\n")[0].split()
+        info["ram_gib"] = round(int(mem[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything about the machine and software the figures depend on."""
+    env = {"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}
+    info: dict[str, Any] = {"host": platform.node(), "os": platform.platform(), **cpu_info(),
+                            "bench_python": platform.python_version()}
+    if not args.skip_anchor:
+        info["anchor_env"] = probe_python(args.cr_python / "python", [
+            "torch", "torchvision", "clip-retrieval", "clip-anytorch", "open-clip-torch",
+            "numpy", "pillow"], env)
+    if not args.skip_ours:
+        info["ours_env"] = probe_python(Path(args.pnsfw).parent / "python", [
+            "pnsfw", "torch", "torchvision", "clip-anytorch", "numpy", "pillow", "pyarrow"], {})
+    probe = info.get("anchor_env") or info.get("ours_env") or {}
+    info["gpus_seen_by_torch"] = probe.get("cuda")
+    return info
+
+
+# ---------------------------------------------------------------- reports ---
+
+def fmt(value: Any, spec: str = ".1f") -> str:
+    """Format a number, or '-' for None."""
+    return "-" if value is None else format(value, spec)
+
+
+def ratio(ours: dict[str, Any], anchor: dict[str, Any], key: str) -> float | None:
+    """ours[key] / anchor[key], or None when either is missing."""
+    a, o = anchor.get(key), ours.get(key)
+    return o / a if a and o is not None else None
+
+
+def table_rows(results: dict[str, dict[str, Any]]) -> Iterator[list[str]]:
+    """One row per (corpus, tool) run."""
+    for corpus, runs in results.items():
+        anchor, ours = runs.get("anchor", {}), runs.get("ours", {})
+        for key, res in runs.items():
+            if "error" in res:
+                yield [corpus, res["tool"], "FAILED", f"rc={res.get('rc')}", "", "", "", ""]
+                continue
+            is_ours = key == "ours"
+            yield [corpus, res["tool"], str(res["images"]), fmt(res["seconds"]),
+                   fmt(res["images_per_s"]), fmt(res.get("steady_images_per_s")),
+                   fmt(ratio(ours, anchor, "images_per_s"), ".2f") if is_ours else "",
+                   fmt(ratio(ours, anchor, "steady_images_per_s"), ".2f") if is_ours else ""]
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    """Print the results table, then the error of every failed run."""
+    head = ["corpus", "tool", "images", "e2e s", "img/s e2e", "img/s steady",
+            "ours/anchor e2e", "ours/anchor steady"]
+    rows = [head, *table_rows(results)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for r in rows:
+        print("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in
+                        enumerate(zip(r, widths))))
+    for corpus, runs in results.items():
+        for res in runs.values():
+            if "error" in res:
+                print(f"\n{corpus} / {res['tool']} failed (rc={res.get('rc')}):\n{res['error']}",
+                      file=sys.stderr)
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Write ``report`` atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------- main ---
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--thumbs", type=int, default=2000, help="thumbnails in the corpus")
+    ap.add_argument("--photos", type=int, default=200, help="2 MP photos in the corpus")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="for both tools (default: 64 on cpu, 256 on cuda)")
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                    help="decode workers for both tools (default: usable cores)")
+    ap.add_argument("--skip-anchor", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/pnsfw-bench"))
+    ap.add_argument("--cr-python", type=Path, default=REPO / ".bench" / "cr-venv" / "bin",
+                    help="bin/ folder of the clip-retrieval venv")
+    ap.add_argument("--pnsfw", type=Path, default=REPO / ".venv" / "bin" / "pnsfw")
+    ap.add_argument("--seed", type=int, default=0, help="corpus and checkpoint seed")
+    ap.add_argument("--out", type=Path, default=Path("bench_index.json"))
+    args = ap.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 64 if args.device == "cpu" else 256
+    args.workdir = args.workdir.resolve()
+    return args
+
+
+def run_all(args: argparse.Namespace, corpora: dict[str, Path], ckpt: Path,
+            report: dict[str, Any]) -> None:
+    """Run the selected tools on each corpus, saving the report after each run."""
+    for name, corpus in corpora.items():
+        runs = report["results"].setdefault(name, {})
+        for key, func, skip in (("anchor", run_anchor, args.skip_anchor),
+                                ("ours", run_ours, args.skip_ours)):
+            if skip:
+                continue
+            print(f"[bench] {name}: {key} ...", flush=True)
+            runs[key] = func(args, name, corpus, ckpt)
+            r = runs[key]
+            print(f"[bench] {name}: {key} rc={r.get('rc')} "
+                  f"{fmt(r.get('seconds'))} s, {fmt(r.get('images_per_s'))} img/s", flush=True)
+            write_json(args.out, report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate corpora, build the checkpoint, run both tools, report."""
+    args = parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              "argv": sys.argv, "machine": machine_info(args),
+                              "settings": {k: str(v) for k, v in vars(args).items()},
+                              "corpora": {}, "results": {}}
+    corpora: dict[str, Path] = {}
+    for kind, count in (("thumbs", args.thumbs), ("photos", args.photos)):
+        if count > 0:
+            print(f"[bench] corpus {kind}: {count} images in {args.workdir / kind}", flush=True)
+            corpora[kind], report["corpora"][kind] = ensure_corpus(args.workdir, kind, count,
+                                                                   args.seed)
+    print("[bench] checkpoint vit-b-32 ...", flush=True)
+    ckpt = ensure_checkpoint(args.workdir, args.seed, args.cr_python / "python")
+    report["checkpoint"] = {"path": str(ckpt), "preset": "vit-b-32", "seed": args.seed,
+                            "bytes": ckpt.stat().st_size}
+    run_all(args, corpora, ckpt, report)
+    report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json(args.out, report)
+    print_table(report["results"])
+    print(f"\n[bench] wrote {args.out.resolve()}")
+    failed = [r for runs in report["results"].values() for r in runs.values() if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
