@@ -131,6 +131,42 @@ def _print_index_summary(summary: Any, store: str) -> None:
         click.echo(f"index: {summary.index['kind']}, {summary.index['ntotal']:,} vectors (+{summary.index['added']:,})")
 
 
+@cli.command()
+@STORE
+@click.option("--model", "model_name", default=None,
+              help="Classifier NAME in STORE/models (default: `default`, or the only one there).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=float,
+              help="Larger request bodies get 413 before they are read.")
+@click.option("--clip-model", default=None, help="CLIP name or checkpoint to encode uploads with "
+              "(default: the one the store's manifest records; it must have the same weights).")
+@DEVICE
+@click.option("--batch-window-ms", default=2.0, show_default=True, type=float,
+              help="How long a lone request waits for others to share its batch.")
+@click.option("--max-batch", default=256, show_default=True, type=click.IntRange(1, 65536))
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(store: str, model_name: "str | None", host: str, port: int, max_upload_mb: float,
+          clip_model: "str | None", device: str, batch_window_ms: float, max_batch: int, log_level: str) -> None:
+    """Serve scores, neighbours and the audit page over HTTP (OpenAPI at /docs).
+
+    With the environment variable PNSFW_API_TOKEN set, every endpoint but
+    /health (and the page's static files) needs `Authorization: Bearer TOKEN`.
+
+    \b
+    Example:
+      pnsfw serve --store store/ --model default --port 8000
+      curl -F image=@photo.jpg http://127.0.0.1:8000/v1/score
+    """
+    from .api.engine import Settings
+    from .api.server import serve as run_server
+
+    settings = Settings(host=host, port=port, max_upload_mb=max_upload_mb, clip_model=clip_model, device=device,
+                        batch_window_ms=batch_window_ms, max_batch=max_batch)
+    run_server(store, model_name, settings, log_level)
+
+
 def main() -> None:
     cli(prog_name="pnsfw")
 

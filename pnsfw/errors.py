@@ -43,3 +43,15 @@ class NotFound(PnsfwError):
     """An id, a name or a file does not exist."""
 
     http_status = 404
+
+
+class NotAnImage(BadInput):
+    """An upload is not a decodable image, or a request body has the wrong content type."""
+
+    http_status = 415
+
+
+class TooLarge(BadInput):
+    """An upload or image is over a size limit."""
+
+    http_status = 413

@@ -1,0 +1,188 @@
+"""What the API serves, model side: the store's searcher, classifier and CLIP encoder behind two micro-batchers.
+
+`encode` batches uploads and texts into one CLIP forward pass (decode included,
+in its worker thread); `vectors` batches index searches and classifier scoring.
+Everything here that touches a model runs on a batcher thread, never on the
+event loop.
+"""
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import BadInput, ModelNotFound, NotAnImage, TooLarge
+from ..store import Store
+from .batching import MicroBatcher
+from .metrics import Metrics
+
+@dataclass
+class Settings:
+    """Server options (`pnsfw serve --help`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_mb: float = 20.0
+    token: Optional[str] = field(default_factory=lambda: os.environ.get("PNSFW_API_TOKEN") or None)
+    clip_model: Optional[str] = None  # None: the model the store's manifest records
+    device: str = "auto"
+    batch_window_ms: float = 2.0
+    max_batch: int = 256
+    preload: bool = True  # load the CLIP encoder at startup rather than on the first upload
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def public(self) -> dict[str, Any]:
+        return {"max_upload_mb": self.max_upload_mb, "batch_window_ms": self.batch_window_ms,
+                "max_batch": self.max_batch, "token_required": bool(self.token), "device": self.device}
+
+
+def resolve_model(store: Store, model: Optional[str]) -> Optional[str]:
+    """The classifier to serve: the one named, else `default`, else the only one in the store, else none."""
+    from ..classifier.model import DEFAULT_NAME, list_models
+
+    if model:
+        return model
+    names = list_models(store)
+    if DEFAULT_NAME in names:
+        return DEFAULT_NAME
+    return names[0] if len(names) == 1 else None
+
+
+def decode_error(message: str) -> Exception:
+    """embed_images' per-image error ("reason: detail") -> 413 for decompression bombs, else 415."""
+    if message.startswith("decompression_bomb"):
+        return TooLarge(f"image too large to decode: {message}")
+    return NotAnImage(f"not a usable image: {message}")
+
+
+@dataclass
+class VectorResult:
+    verdict: Optional[dict[str, Any]]
+    hits: list[Any]
+
+
+class Engine:
+    """Searcher + classifier + encoder, loaded once, used through micro-batches."""
+
+    def __init__(self, store: Store, model: Optional[str], settings: Settings):
+        from ..search.query import Searcher
+
+        self.store, self.settings, self.metrics = store, settings, Metrics()
+        self.model_name = resolve_model(store, model)
+        self.searcher = Searcher.open(store, self.model_name)
+        self.classifier = self.searcher.classifier
+        self.projection = store.projection()
+        self._encoder: Any = None
+        self._encoder_lock = threading.Lock()
+        window, size = settings.batch_window_ms / 1000.0, settings.max_batch
+        self.encode = MicroBatcher("encode", self._encode_batch, self.metrics, window, size)
+        self.vectors = MicroBatcher("vectors", self._vector_batch, self.metrics, window, size)
+        self.metrics.set_gauge("pnsfw_store_vectors", "Vectors in the served store.", store.rows)
+
+    async def start(self) -> None:
+        self.encode.start()
+        self.vectors.start()
+        if self.settings.preload:
+            await self.encode.call(self.encoder)
+
+    async def stop(self) -> None:
+        await self.encode.stop()
+        await self.vectors.stop()
+
+    @property
+    def encoder_loaded(self) -> bool:
+        return self._encoder is not None
+
+    def encoder(self) -> Any:
+        """The CLIP encoder of the store's space, loaded on first use (on a batcher thread)."""
+        with self._encoder_lock:
+            if self._encoder is None:
+                self._encoder = self._load_encoder()
+        return self._encoder
+
+    def _load_encoder(self) -> Any:
+        from ..search.embed import load_store_encoder
+
+        return load_store_encoder(self.store, self.settings.clip_model, self.settings.device)
+
+    def _encode_batch(self, items: list[tuple[str, Any]]) -> list[Any]:
+        """[("image", bytes) | ("text", str)] -> one unit vector (or an exception) per item, one pass per kind."""
+        from ..search.embed import embed_images, embed_texts
+
+        encoder, projection = self.encoder(), self.projection
+        results: list[Any] = [None] * len(items)
+        images = [i for i, (kind, _) in enumerate(items) if kind == "image"]
+        if images:
+            vectors, errors = embed_images(encoder, projection, [items[i][1] for i in images])
+            for i, vector, error in zip(images, vectors, errors):
+                results[i] = vector if error is None else decode_error(error)
+        texts = [i for i, (kind, _) in enumerate(items) if kind == "text"]
+        if texts:
+            for i, vector in zip(texts, embed_texts(encoder, projection, [items[i][1] for i in texts])):
+                results[i] = vector
+        return results
+
+    def _vector_batch(self, items: list[tuple[np.ndarray, int, bool]]) -> list[VectorResult]:
+        """[(vector, k, want_verdict)] -> scores for all, neighbours (k > 0) in one index search."""
+        matrix = np.stack([v for v, _, _ in items]).astype(np.float32, copy=False)
+        verdicts = self._verdicts(matrix) if self.classifier is not None else [None] * len(items)
+        searching = [i for i, (_, k, _) in enumerate(items) if k > 0]
+        hits: dict[int, list[Any]] = {}
+        if searching:
+            k_max = max(items[i][1] for i in searching)
+            found = self.searcher.search_vectors(matrix[searching], k_max)
+            hits = {i: row[: items[i][1]] for i, row in zip(searching, found)}
+        return [VectorResult(verdicts[i] if want else None, hits.get(i, []))
+                for i, (_, _, want) in enumerate(items)]
+
+    def _verdicts(self, matrix: np.ndarray) -> list[dict[str, Any]]:
+        classifier = self.classifier
+        probs = np.asarray(classifier.probabilities(matrix), dtype=np.float64)
+        nsfw = [classifier.classes.index(c) for c in classifier.nsfw_classes]
+        p_nsfw = probs[:, nsfw].sum(axis=1)
+        top = probs.argmax(axis=1)
+        return [{"model": classifier.name, "p_nsfw": float(p), "threshold": float(classifier.threshold),
+                 "nsfw": bool(p >= classifier.threshold), "label": classifier.classes[t],
+                 "probabilities": dict(zip(classifier.classes, map(float, row)))}
+                for p, t, row in zip(p_nsfw, top, probs)]
+
+    def check_vector(self, values: list[float]) -> np.ndarray:
+        vector = np.asarray(values, dtype=np.float32)
+        if vector.shape != (self.store.dim,) or not np.isfinite(vector).all():
+            raise BadInput(f"embedding must be {self.store.dim} finite numbers, got {vector.size}")
+        return vector
+
+    def require_classifier(self) -> Any:
+        if self.classifier is None:
+            raise ModelNotFound(f"no classifier to serve: train one (`pnsfw train --store {self.store.root}`) "
+                                f"or pass --model NAME")
+        return self.classifier
+
+    def explain(self, vector: np.ndarray, k: int) -> dict[str, Any]:
+        from ..search.explain import explain_vector
+
+        return explain_vector(self.searcher, vector, k)
+
+    def stats(self) -> dict[str, Any]:
+        from ..search.index import read_meta
+
+        manifest, classifier = self.store.manifest, self.classifier
+        index = {key: v for key, v in (read_meta(self.store) or {}).items() if key != "shards"}
+        model = None if classifier is None else {
+            "name": classifier.name, "classes": classifier.classes, "nsfw_classes": classifier.nsfw_classes,
+            "threshold": classifier.threshold, "metrics": classifier.meta.get("metrics")}
+        return {"store": str(self.store.root), "vectors": self.store.rows, "dim": self.store.dim,
+                "space": self.store.space, "encoder": manifest["encoder"], "projection": manifest["projection"],
+                "index": index or None, "model": model, "errors": sum(e["rows"] for e in manifest["errors"]),
+                "settings": self.settings.public()}
+
+    def item(self, item_id: int) -> dict[str, Any]:
+        return dict(self.searcher.item(item_id))
+
+    def vector_of(self, item_id: int) -> np.ndarray:
+        return np.asarray(self.searcher.vector_of(item_id), dtype=np.float32).reshape(-1)

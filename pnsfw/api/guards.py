@@ -1,0 +1,114 @@
+"""ASGI middleware: request metrics, the bearer-token guard, and the upload size limit.
+
+Pure ASGI (not BaseHTTPMiddleware) so a too-large body is refused from its
+Content-Length, or as soon as the streamed bytes pass the limit, before the
+whole body is read.
+"""
+
+import hmac
+import json
+import time
+from typing import Any, Awaitable, Callable
+
+from .metrics import Metrics
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+PUBLIC_PATHS = ("/health", "/", "/docs", "/openapi.json", "/favicon.ico")
+PUBLIC_PREFIXES = ("/static/", "/docs/")
+
+
+async def send_error(send: Send, status: int, error: str, detail: str, headers: tuple = ()) -> None:
+    body = json.dumps({"error": error, "detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class MetricsMiddleware:
+    """Counts requests and observes latency per route template (not per raw path, to bound label count)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static/") else "other")
+            self.metrics.requests.inc(route=path, method=scope["method"], status=str(status[0]))
+            self.metrics.latency.observe(time.perf_counter() - started, route=path)
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+class TokenGuard:
+    """With a token set, every non-public request needs `Authorization: Bearer <token>` (constant-time compare)."""
+
+    def __init__(self, app: ASGIApp, token: "str | None"):
+        self.app, self.token = app, token.encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.token is None or scope["type"] != "http" or is_public(scope["path"]):
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, credential = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self.token):
+            return await self.app(scope, receive, send)
+        await send_error(send, 401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)",
+                         ((b"www-authenticate", b"Bearer"),))
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """413 for bodies over `limit` bytes: from Content-Length at once, or while streaming a chunked body."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        seen, started = [0], [False]
+
+        async def counted() -> dict[str, Any]:
+            message = await receive()
+            seen[0] += len(message.get("body", b""))
+            if seen[0] > self.limit:
+                raise BodyTooLarge()
+            return message
+
+        async def watched(message: dict[str, Any]) -> None:
+            started[0] = started[0] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except BodyTooLarge:
+            if not started[0]:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        mb = self.limit / (1024 * 1024)
+        await send_error(send, 413, "too_large", f"request body over the {mb:g} MB limit (--max-upload-mb)",
+                         ((b"connection", b"close"),))

@@ -1,0 +1,159 @@
+"""The endpoints of DESIGN §8. Each parses its input, awaits the engine's batchers, and answers JSON."""
+
+import json
+from typing import Any, Optional, Type
+
+import numpy as np
+from fastapi import APIRouter, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel, ValidationError
+
+from .. import __version__
+from ..errors import BadInput, NotAnImage
+from . import images
+from .engine import Engine
+from .schemas import (K_MAX, ExplainRequest, HealthResponse, ItemResponse, ScoreRequest, SearchRequest,
+                      SearchResponse, StatsResponse, Verdict)
+
+router = APIRouter()
+ItemId = Path(..., ge=0, description="A store id.")
+
+
+def _body(schema: Type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI: the endpoint takes JSON of `schema` or a multipart upload in field `image`."""
+    upload = {"type": "object", "required": ["image"],
+              "properties": {"image": {"type": "string", "format": "binary"}, "k": {"type": "integer"}}}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schema.model_json_schema()},
+        "multipart/form-data": {"schema": upload}}}}
+
+
+def engine_of(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status_code=status, media_type="application/json")
+
+
+async def read_input(request: Request, schema: Type[BaseModel]) -> tuple[Optional[bytes], Any, int]:
+    """(image bytes, None, k) for a multipart upload, or (None, parsed JSON model, k)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        return await _read_upload(request)
+    if kind in ("application/json", ""):
+        try:
+            parsed = schema.model_validate_json(await request.body() or b"null")
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+        return None, parsed, getattr(parsed, "k", 10)
+    raise NotAnImage(f"content type {kind!r} not accepted: send JSON, or multipart/form-data with field `image`")
+
+
+async def _read_upload(request: Request) -> tuple[bytes, None, int]:
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as exc:  # starlette raises HTTPException(400) or MultiPartException for a malformed body
+        if exc.__class__.__name__ == "BodyTooLarge":
+            raise
+        raise BadInput(f"malformed multipart body: {getattr(exc, 'detail', exc)}") from None
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise BadInput("multipart upload needs the image file in the field `image`")
+    return await upload.read(), None, parse_k(form.get("k") or request.query_params.get("k"))
+
+
+def parse_k(value: Any) -> int:
+    if value is None:
+        return 10
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"k must be an integer 1..{K_MAX}, got {value!r}") from None
+    if not 1 <= k <= K_MAX:
+        raise BadInput(f"k must be 1..{K_MAX}, got {k}")
+    return k
+
+
+async def query_vector(engine: Engine, data: Optional[bytes], parsed: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """The query as a unit vector and a description of it."""
+    if data is not None:
+        return await engine.encode.submit(("image", data)), {"kind": "image", "bytes": len(data)}
+    if getattr(parsed, "text", None) is not None:
+        return await engine.encode.submit(("text", parsed.text)), {"kind": "text", "text": parsed.text}
+    if getattr(parsed, "id", None) is not None:
+        return await engine.vectors.call(engine.vector_of, parsed.id), {"kind": "id", "id": parsed.id}
+    return engine.check_vector(parsed.embedding), {"kind": "embedding"}
+
+
+def hit_dict(hit: Any) -> dict[str, Any]:
+    p = hit.p_nsfw
+    return {"id": int(hit.id), "uri": hit.uri, "similarity": float(hit.similarity),
+            "p_nsfw": None if p is None else float(p), "label": hit.label}
+
+
+@router.get("/health", response_model=HealthResponse, tags=["service"])
+async def health(request: Request) -> Response:
+    engine = engine_of(request)
+    return json_response({"status": "ok", "version": __version__, "vectors": engine.store.rows,
+                          "model": engine.model_name, "encoder_loaded": engine.encoder_loaded})
+
+
+@router.get("/v1/stats", response_model=StatsResponse, tags=["service"])
+async def stats(request: Request) -> Response:
+    return json_response(await run_in_threadpool(engine_of(request).stats))
+
+
+@router.post("/v1/score", response_model=Verdict, tags=["scores"], openapi_extra=_body(ScoreRequest))
+async def score(request: Request) -> Response:
+    """The NSFW verdict of an uploaded image or of an embedding."""
+    engine = engine_of(request)
+    engine.require_classifier()
+    data, parsed, _ = await read_input(request, ScoreRequest)
+    vector, _ = await query_vector(engine, data, parsed)
+    result = await engine.vectors.submit((vector, 0, True))
+    return json_response(result.verdict)
+
+
+@router.post("/v1/search", response_model=SearchResponse, tags=["search"], openapi_extra=_body(SearchRequest))
+async def search(request: Request) -> Response:
+    """Nearest neighbours of an uploaded image, a text, a store id or an embedding, with their scores."""
+    engine = engine_of(request)
+    data, parsed, k = await read_input(request, SearchRequest)
+    vector, query = await query_vector(engine, data, parsed)
+    by_id = query["kind"] == "id"
+    result = await engine.vectors.submit((vector, min(k + by_id, engine.store.rows), query["kind"] != "text"))
+    hits = [h for h in result.hits if not (by_id and h.id == parsed.id)][:k]
+    return json_response({"query": query, "k": k, "verdict": result.verdict, "hits": [hit_dict(h) for h in hits]})
+
+
+@router.post("/v1/explain", tags=["scores"], openapi_extra=_body(ExplainRequest))
+async def explain(request: Request) -> Response:
+    """The verdict plus the nearest labelled training examples and how many agree with it."""
+    engine = engine_of(request)
+    engine.require_classifier()
+    data, parsed, k = await read_input(request, ExplainRequest)
+    vector, query = await query_vector(engine, data, parsed)
+    return json_response(dict(await engine.vectors.call(engine.explain, vector, k), query=query))
+
+
+@router.get("/v1/items/{item_id}", response_model=ItemResponse, tags=["items"])
+async def item(request: Request, item_id: int = ItemId) -> Response:
+    """Metadata of a store item and its score."""
+    engine = engine_of(request)
+    meta = await run_in_threadpool(engine.item, item_id)
+    vector = await engine.vectors.call(engine.vector_of, item_id)
+    result = await engine.vectors.submit((vector, 0, True))
+    return json_response(images.jsonable(dict(meta, id=item_id, verdict=result.verdict)))
+
+
+@router.get("/v1/items/{item_id}/image", tags=["items"], response_class=Response,
+            responses={200: {"content": {"image/*": {}}}})
+async def item_image(request: Request, item_id: int = ItemId) -> Response:
+    """The stored image of an item (only images the store lists; remote URLs are not fetched)."""
+    engine = engine_of(request)
+    meta = await run_in_threadpool(engine.item, item_id)
+    data, media_type = await run_in_threadpool(images.read_store_image, meta["uri"])
+    return Response(data, media_type=media_type, headers={"cache-control": "private, max-age=3600"})

@@ -1,0 +1,92 @@
+"""Pydantic request and response models of the HTTP API (they are the OpenAPI schema at /docs)."""
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+K_MAX = 1000
+KField = Field(10, ge=1, le=K_MAX, description="Number of neighbours (1..1000).")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoreRequest(_Strict):
+    embedding: list[float] = Field(..., description="One projected vector of the store's space (its dim).")
+
+
+class SearchRequest(_Strict):
+    text: Optional[str] = Field(None, min_length=1, max_length=2000)
+    id: Optional[int] = None
+    embedding: Optional[list[float]] = None
+    k: int = KField
+
+    @model_validator(mode="after")
+    def _one_query(self) -> "SearchRequest":
+        given = [name for name in ("text", "id", "embedding") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, id, embedding (got {', '.join(given) or 'none'})")
+        return self
+
+
+class ExplainRequest(_Strict):
+    id: int
+    k: int = KField
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(..., description="Short error kind, e.g. not_image, too_large, not_found, invalid.")
+    detail: Any = Field(..., description="Human-readable message (a list of field errors for `invalid`).")
+
+
+class Verdict(BaseModel):
+    model: str
+    p_nsfw: float
+    threshold: float
+    nsfw: bool
+    label: str = Field(..., description="The most probable class.")
+    probabilities: dict[str, float]
+
+
+class HitModel(BaseModel):
+    id: int
+    uri: str
+    similarity: float
+    p_nsfw: Optional[float] = None
+    label: Optional[str] = None
+
+
+class SearchResponse(BaseModel):
+    query: dict[str, Any] = Field(..., description="What was searched: {kind: image|text|id|embedding, ...}.")
+    k: int
+    verdict: Optional[Verdict] = Field(None, description="The query's own score (not for text queries).")
+    hits: list[HitModel]
+
+
+class ItemResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: int
+    uri: str
+    verdict: Optional[Verdict] = None
+
+
+class HealthResponse(BaseModel):
+    status: str
+    version: str
+    vectors: int
+    model: Optional[str]
+    encoder_loaded: bool
+
+
+class StatsResponse(BaseModel):
+    store: str
+    vectors: int
+    dim: int
+    space: str
+    encoder: dict[str, Any]
+    projection: dict[str, Any]
+    index: Optional[dict[str, Any]]
+    model: Optional[dict[str, Any]]
+    errors: int
+    settings: dict[str, Any]
