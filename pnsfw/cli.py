@@ -167,6 +167,143 @@ def serve(store: str, model_name: "str | None", host: str, port: int, max_upload
     run_server(store, model_name, settings, log_level)
 
 
+@cli.command()
+@STORE
+@click.option("--kind", default="auto", show_default=True,
+              help="auto (by size and --max-memory, as autofaiss does), flat (exact), hnsw, ivfpq, "
+                   "or a FAISS factory string such as 'IVF4096,PQ32'.")
+@click.option("--max-memory", default=None, type=SIZE, help="Memory budget of the index (default: half the RAM).")
+def reindex(store: str, kind: str, max_memory: "int | None") -> None:
+    """Rebuild the FAISS index of the store from all its shards.
+
+    The choice (kind, FAISS factory, search parameters) is recorded in
+    STORE/index/index.json; later `pnsfw index` runs add new shards to it.
+
+    \b
+    Example:
+      pnsfw reindex --store store/ --kind auto --max-memory 16G
+      pnsfw reindex --store store/ --kind 'IVF1024,PQ32'
+    """
+    from .search.index import reindex as rebuild
+
+    summary = rebuild(store, kind, max_memory)
+    click.echo(f"index: {summary['kind']} ({summary['factory']}"
+               f"{', ' + summary['search_params'] if summary['search_params'] else ''}), "
+               f"{summary['ntotal']:,} vectors in {summary['seconds']:.1f} s")
+
+
+K_OPTION = click.option("-k", "k", default=10, show_default=True, type=int, help="Neighbours to return (1..1000).")
+CLIP_MODEL = click.option("--clip-model", default=None, help="CLIP name or checkpoint to encode the query with "
+                          "(default: the one the store's manifest records; it must have the same weights).")
+
+
+def _one_query(**given: Any) -> None:
+    named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+    if len(named) != 1:
+        raise click.UsageError(f"give exactly one of {', '.join('--' + k.replace('_', '-') for k in given)}")
+
+
+def _hits_table(hits: list[Any]) -> str:
+    lines = [f"{'#':>3}  {'id':>10}  {'sim':>6}  {'p_nsfw':>6}  {'label':<10}  uri"]
+    for rank, hit in enumerate(hits, 1):
+        p = "" if hit.p_nsfw is None else f"{hit.p_nsfw:.3f}"
+        lines.append(f"{rank:>3}  {hit.id:>10}  {hit.similarity:>6.3f}  {p:>6}  {hit.label or '':<10}  {hit.uri}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@STORE
+@click.option("--id", "item_id", type=int, help="A store id: its stored vector is the query.")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="An image file (encoded + projected).")
+@click.option("--text", help="A text (CLIP text encoder + the store's projection).")
+@click.option("--vector", "vector_file", type=click.Path(exists=True, dir_okay=False),
+              help="A .npy file with one vector in the store's space.")
+@K_OPTION
+@click.option("--model", "model_name", default=None, help="Classifier NAME: adds p_nsfw and training labels.")
+@CLIP_MODEL
+@DEVICE
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def search(store: str, item_id: "int | None", image: "str | None", text: "str | None", vector_file: "str | None",
+           k: int, model_name: "str | None", clip_model: "str | None", device: str, as_json: bool) -> None:
+    """Find the k nearest images to an id, an image, a text or a vector.
+
+    \b
+    Example:
+      pnsfw search --store store/ --text "a dog on a beach" -k 5
+      pnsfw search --store store/ --image photo.jpg --model default --json
+    """
+    from dataclasses import asdict
+
+    from .search.query import run_search
+
+    _one_query(id=item_id, image=image, text=text, vector=vector_file)
+    hits = run_search(store, item_id=item_id, image=image, text=text, vector_file=vector_file, k=k,
+                      model=model_name, clip_model=clip_model, device=device)
+    click.echo(json.dumps([asdict(h) for h in hits], indent=2) if as_json else _hits_table(hits))
+
+
+def _explain_text(result: dict[str, Any]) -> str:
+    verdict = result["verdict"]
+    classes = ", ".join(f"{c} {p:.3f}" for c, p in verdict["classes"].items())
+    lines = [f"verdict: {'NSFW' if verdict['nsfw'] else 'safe'}  p_nsfw {verdict['p_nsfw']:.3f} "
+             f"(threshold {verdict['threshold']:.3f}; {classes})",
+             f"{result['agree']} of {result['k']} nearest training examples agree:",
+             f"{'#':>3}  {'id':>10}  {'sim':>6}  {'p_nsfw':>6}  {'label':<10}  agrees  uri"]
+    for rank, n in enumerate(result["neighbours"], 1):
+        lines.append(f"{rank:>3}  {n['id']:>10}  {n['similarity']:>6.3f}  {n['p_nsfw']:>6.3f}  {n['label']:<10}  "
+                     f"{'yes' if n['agrees'] else 'no':<6}  {n['uri']}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@STORE
+@click.option("--model", "model_name", required=True, help="Classifier NAME in STORE/models.")
+@click.option("--id", "item_id", type=int, help="A store id.")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="An image file.")
+@K_OPTION
+@CLIP_MODEL
+@DEVICE
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def explain(store: str, model_name: str, item_id: "int | None", image: "str | None", k: int,
+            clip_model: "str | None", device: str, as_json: bool) -> None:
+    """Show a verdict and the nearest labelled training examples behind it.
+
+    \b
+    Example:
+      pnsfw explain --store store/ --model default --image photo.jpg -k 10
+    """
+    from .search.explain import run_explain
+
+    _one_query(id=item_id, image=image)
+    result = run_explain(store, model_name, item_id=item_id, image=image, k=k, clip_model=clip_model, device=device)
+    click.echo(json.dumps(result, indent=2) if as_json else _explain_text(result))
+
+
+@cli.command()
+@STORE
+@click.option("--threshold", default=0.95, show_default=True, type=float, help="Cosine similarity of duplicates.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .parquet or .csv file.")
+@click.option("--method", default="auto", show_default=True,
+              type=click.Choice(["auto", "exact", "exact-gpu", "knn"]),
+              help="auto: exact on a GPU (torch) or up to 300k rows; else kNN on the store's FAISS index.")
+@click.option("--neighbours", default=32, show_default=True, type=click.IntRange(2, 1000),
+              help="Candidates per row for --method knn.")
+def dedup(store: str, threshold: float, out: str, method: str, neighbours: int) -> None:
+    """Group near-duplicate images (connected components of pairs with cosine >= threshold).
+
+    Writes one row per image in a group: group, id, uri.
+
+    \b
+    Example:
+      pnsfw dedup --store store/ --threshold 0.95 --out dups.parquet
+    """
+    from .search.dedup import dedup as find_duplicates
+
+    summary = find_duplicates(store, out, threshold, method, neighbours)
+    click.echo(f"{summary['duplicates']:,} of {summary['rows']:,} images in {summary['groups']:,} groups "
+               f"(cosine >= {threshold}, {summary['method']}, {summary['seconds']:.1f} s) -> {out}")
+
+
 def main() -> None:
     cli(prog_name="pnsfw")
 

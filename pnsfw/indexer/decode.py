@@ -7,6 +7,7 @@ pipeline turns into rows of `errors/`.
 """
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit
 MAX_ASPECT = 8.0  # beyond this, resize only the crop box (a 1x50000 strip would otherwise be huge)
 _EXIF_SWAPS = {5, 6, 7, 8}
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 
 
 class DecodeFailure(Exception):
@@ -61,6 +63,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+# what PIL raises for broken files, depending on the format plugin
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError, struct.error)
+
+
+def _reason(exc: Exception) -> str:
+    return "truncated" if "truncat" in str(exc).lower() or isinstance(exc, EOFError) else "corrupt"
+
+
 def _open(data: bytes) -> Image.Image:
     if not data:
         raise DecodeFailure("empty", "0 bytes")
@@ -71,7 +81,11 @@ def _open(data: bytes) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeFailure("decompression_bomb", str(exc)) from None
     except UnidentifiedImageError:
+        if data.startswith(_MAGIC):
+            raise DecodeFailure("corrupt", "an image header, but the image cannot be read") from None
         raise DecodeFailure("not_image", "not a recognised image format") from None
+    except _PIL_ERRORS as exc:
+        raise DecodeFailure(_reason(exc), str(exc) or type(exc).__name__) from None
 
 
 def _shrink_jpeg(img: Image.Image, size: int) -> None:
@@ -88,9 +102,8 @@ def _load(img: Image.Image, size: int) -> Image.Image:
         _shrink_jpeg(img, size)
         img.load()
         return ImageOps.exif_transpose(img) or img
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError) as exc:
-        reason = "truncated" if "truncat" in str(exc).lower() or isinstance(exc, EOFError) else "corrupt"
-        raise DecodeFailure(reason, str(exc) or type(exc).__name__) from None
+    except _PIL_ERRORS as exc:
+        raise DecodeFailure(_reason(exc), str(exc) or type(exc).__name__) from None
 
 
 def _resize_crop(img: Image.Image, size: int) -> Image.Image:

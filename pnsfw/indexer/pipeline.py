@@ -74,20 +74,24 @@ def collect_items(sources: list[str], known: set[str]) -> tuple[list[Item], int]
     return items, present
 
 
+def check_projection_option(writer: StoreWriter, spec: Optional[str]) -> None:
+    """An explicit --projection must agree with the one an existing store already uses."""
+    if not spec or not writer.manifest["projection"]:
+        return
+    current = writer.store.projection()
+    same_file = os.path.isfile(spec) and Projection.load(spec).fingerprint == current.fingerprint
+    if spec != current.kind and not same_file:
+        raise BadInput(f"store {writer.store.root} already uses a {current.kind} projection; "
+                       f"drop --projection or use another --store")
+
+
 def _projection_for(writer: StoreWriter, options: IndexOptions, encoder: Encoder) -> Optional[Projection]:
     """The store's projection, or a new one (None while a PCA waits for its sample)."""
-    manifest = writer.manifest
-    spec = options.projection
-    if manifest["projection"]:
-        current = writer.store.projection()
-        if spec and spec != current.kind and not (os.path.isfile(spec) and
-                                                  Projection.load(spec).fingerprint == current.fingerprint):
-            raise BadInput(f"store {writer.store.root} already uses a {current.kind} projection; "
-                           f"drop --projection or use another --store")
-        return current
-    if needs_sample(spec or "random"):
+    if writer.manifest["projection"]:
+        return writer.store.projection()
+    if needs_sample(options.projection or "random"):
         return None
-    return make_projection(spec or "random", encoder.width, seed=options.seed)
+    return make_projection(options.projection or "random", encoder.width, seed=options.seed)
 
 
 def _batches(stream: Iterator[Result], size: int, on_error: Callable[[Result], None]) -> Iterator[list[Result]]:
@@ -177,6 +181,7 @@ def run_index(sources: list[str], store_root: str, options: Optional[IndexOption
     summary = IndexSummary()
     store = Store(store_root)
     with store.writer() as writer:
+        check_projection_option(writer, options.projection)
         items, summary.already_present = collect_items(sources, store.known_uris())
         if items:
             pool = _make_pool(options.workers)

@@ -48,6 +48,8 @@ def process_item(item: Item, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, ti
         return Result(item, None, digest, stage="decode", reason=failure.reason, detail=failure.detail)
     except MemoryError:
         return Result(item, None, digest, stage="decode", reason="decompression_bomb", detail="out of memory")
+    except Exception as exc:  # a decoder bug on one file must not stop a million-file run
+        return Result(item, None, digest, stage="decode", reason="corrupt", detail=f"{type(exc).__name__}: {exc}")
     return Result(item, decoded.pixels, digest, decoded.width, decoded.height)
 
 

@@ -1,18 +1,44 @@
-"""The FAISS index over the store's vectors: inner product on unit vectors, store ids as FAISS ids."""
+"""The FAISS index over the store's vectors: inner product on unit vectors, store ids as FAISS ids.
+
+Kinds: `flat` (exact), `hnsw` (graph), `ivfpq` (inverted lists of PQ codes), or
+any FAISS factory string. `auto` picks by vector count and a memory budget,
+the way autofaiss does, and `index.json` records the choice, its parameters,
+the embedding space and the shards covered, so `update_index` can add new
+shards without a rebuild (every kind here accepts adds once trained).
+"""
 
 import json
+import math
+import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import BadInput, StoreError
 from ..store import Store
 from ..store.files import atomic_write, atomic_write_json
 
 INDEX_FILE = "faiss.index"
 META_FILE = "index.json"
+FLAT_MAX_CPU = 300_000  # above this, exact CPU search costs > ~10 ms per query: go approximate
+FLAT_MAX_GPU = 20_000_000  # exact fp16/fp32 GPU search stays in the ms range up to here
+HNSW_MAX = 5_000_000  # HNSW build time grows past what one machine does in an hour beyond this
+HNSW_M = 32
+TRAIN_PER_LIST = 64  # rows sampled per IVF list to train (faiss wants >= 39)
+TRAIN_MAX = 1_000_000
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to build: a FAISS factory string and the parameters searches use."""
+
+    kind: str
+    factory: str
+    search_params: str = ""
+    train_size: int = 0
 
 
 def index_dir(store: Store) -> Path:
@@ -29,13 +55,124 @@ def read_meta(store: Store) -> "dict[str, Any] | None":
         raise StoreError(f"cannot read {path}: {exc}") from None
 
 
-def _new_flat(dim: int) -> Any:
+def default_memory() -> int:
+    """Half of the machine's RAM: the budget when --max-memory is not given."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def gpu_count() -> int:
     import faiss
 
-    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def _add_shards(index: Any, store: Store, names: list[str]) -> int:
+def _flat_plan(n: int, dim: int) -> Plan:
+    return Plan("flat", "Flat")
+
+
+def _hnsw_plan(n: int, dim: int) -> Plan:
+    return Plan("hnsw", f"HNSW{HNSW_M}", "efSearch=128")
+
+
+def _pq_bits(n: int) -> int:
+    """8-bit PQ codes need 256 x 39 training rows; tiny stores get fewer bits."""
+    return int(min(8, max(1, math.floor(math.log2(max(n, 78) / 39)))))
+
+
+def _ivf_lists(n: int) -> int:
+    """autofaiss' rule: about 4 sqrt(n) lists, a power of two, with >= 39 rows each."""
+    target = min(4 * math.sqrt(max(n, 1)), max(n, 1) / 39)
+    return 2 ** max(0, int(math.floor(math.log2(max(target, 1)))))
+
+
+def _ivfpq_plan(n: int, dim: int, bytes_per_code: int = 0) -> Plan:
+    m = bytes_per_code or max(1, dim // 4)
+    nlist = _ivf_lists(n)
+    nprobe = min(nlist, max(16, nlist // 32))
+    train = min(n, TRAIN_MAX, max(TRAIN_PER_LIST * nlist, 256 * 39))
+    return Plan("ivfpq", f"IVF{nlist},PQ{m}x{_pq_bits(n)}", f"nprobe={nprobe}", train)
+
+
+KINDS: dict[str, Callable[[int, int], Plan]] = {"flat": _flat_plan, "hnsw": _hnsw_plan, "ivfpq": _ivfpq_plan}
+
+
+def estimate_bytes(plan: Plan, n: int, dim: int) -> int:
+    """Memory the index needs for n vectors (autofaiss-style estimate, ids included)."""
+    per_vector = {"flat": dim * 4 + 8, "hnsw": dim * 4 + HNSW_M * 2 * 4 * 1.1 + 8}
+    if plan.kind in per_vector:
+        return int(n * per_vector[plan.kind])
+    m = int(plan.factory.split(",PQ")[1].split("x")[0]) if ",PQ" in plan.factory else dim * 4
+    return int(n * (m + 8) * 1.1 + _ivf_lists(n) * dim * 4)
+
+
+def auto_plan(n: int, dim: int, max_memory: int, gpus: int = 0) -> Plan:
+    """Flat while exact search is fast and fits, then HNSW, then IVF-PQ with the largest codes that fit."""
+    flat = _flat_plan(n, dim)
+    if n <= (FLAT_MAX_GPU if gpus else FLAT_MAX_CPU) and estimate_bytes(flat, n, dim) <= max_memory:
+        return flat
+    hnsw = _hnsw_plan(n, dim)
+    if n <= HNSW_MAX and estimate_bytes(hnsw, n, dim) <= max_memory:
+        return hnsw
+    for divisor in (4, 8, 16, 32):
+        plan = _ivfpq_plan(n, dim, max(1, dim // divisor))
+        if estimate_bytes(plan, n, dim) <= max_memory:
+            return plan
+    raise BadInput(f"{n:,} vectors do not fit in {max_memory / 1e9:.1f} GB even as IVF-PQ{dim // 32}; "
+                   f"raise --max-memory")
+
+
+def make_plan(kind: str, n: int, dim: int, max_memory: int, gpus: int = 0) -> Plan:
+    """auto | flat | hnsw | ivfpq | a FAISS factory string -> Plan."""
+    if kind == "auto":
+        return auto_plan(n, dim, max_memory, gpus)
+    if kind in KINDS:
+        return KINDS[kind](n, dim)
+    return Plan("factory", kind, "", min(n, TRAIN_MAX))
+
+
+def new_index(plan: Plan, dim: int) -> Any:
+    """An empty index taking store ids: IVF kinds hold ids natively, others get an IDMap."""
+    import faiss
+
+    try:
+        index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise BadInput(f"bad index kind {plan.factory!r}: {str(exc).splitlines()[0]}") from None
+    return index if faiss.try_extract_index_ivf(index) is not None else faiss.IndexIDMap(index)
+
+
+def set_search_params(index: Any, params: str) -> None:
+    import faiss
+
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+
+
+def _sample(store: Store, count: int, seed: int = 0) -> np.ndarray:
+    """About `count` rows drawn uniformly from the whole store, streamed."""
+    rng = np.random.default_rng(seed)
+    keep = min(1.0, count / max(store.rows, 1))
+    parts = [v[rng.random(len(v)) < keep] for _, v in store.iter_vectors()]
+    return np.ascontiguousarray(np.concatenate(parts)[:count], dtype=np.float32)
+
+
+def _train(index: Any, store: Store, plan: Plan, gpus: int) -> None:
+    import faiss
+
+    if index.is_trained:
+        return
+    sample = _sample(store, plan.train_size or store.rows)
+    ivf = faiss.try_extract_index_ivf(index)
+    if gpus and ivf is not None:  # k-means of the coarse quantizer on the GPU
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        raise BadInput(f"cannot train {plan.factory} on {len(sample):,} vectors: {str(exc).splitlines()[0]}") from None
+
+
+def add_shards(index: Any, store: Store, names: list[str]) -> int:
+    """Stream the named shards into the index; returns the rows added."""
     added = 0
     for ids, vectors in store.iter_vectors([store.root / "shards" / n for n in names]):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
@@ -52,29 +189,81 @@ def save_index(store: Store, index: Any, meta: dict[str, Any]) -> None:
 
 
 def load_index(store: Store) -> tuple[Any, dict[str, Any]]:
+    """The saved index (search parameters applied) and its index.json; refuses another space."""
     import faiss
 
     meta = read_meta(store)
     if meta is None:
         raise StoreError(f"store {store.root} has no index (run `pnsfw reindex --store {store.root}`)")
     store.check_space(meta["space"], f"index {index_dir(store)}")
-    return faiss.read_index(str(index_dir(store) / INDEX_FILE)), meta
+    index = faiss.read_index(str(index_dir(store) / INDEX_FILE))
+    set_search_params(index, meta.get("search_params", ""))
+    return index, meta
+
+
+def _meta(store: Store, plan: Plan, spec: str, max_memory: int, index: Any, shards: list[str]) -> dict[str, Any]:
+    return dict(asdict(plan), spec=spec, max_memory=max_memory, metric="inner_product", space=store.space,
+                dim=store.dim, ntotal=int(index.ntotal), shards=shards, gpus=gpu_count(), updated=time.time())
+
+
+def create_index(store: Store, plan: Plan) -> Any:
+    """A trained index holding every committed vector of the store (in memory, not saved)."""
+    index = new_index(plan, store.dim)
+    _train(index, store, plan, gpu_count())
+    add_shards(index, store, [s["name"] for s in store.manifest["shards"]])
+    set_search_params(index, plan.search_params)
+    return index
+
+
+def build_index(store: Store, kind: str = "auto", max_memory: "int | None" = None) -> dict[str, Any]:
+    """Build the index from every shard (a full rebuild) and save it; returns a summary."""
+    started = time.perf_counter()
+    if not store.rows:
+        raise StoreError(f"store {store.root} has no vectors to index")
+    budget = max_memory or default_memory()
+    plan = make_plan(kind, store.rows, store.dim, budget, gpu_count())
+    names = [s["name"] for s in store.manifest["shards"]]
+    index = create_index(store, plan)
+    added = int(index.ntotal)
+    save_index(store, index, _meta(store, plan, kind, budget, index, names))
+    return {"kind": plan.kind, "factory": plan.factory, "search_params": plan.search_params,
+            "ntotal": int(index.ntotal), "added": added, "rebuilt": True,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def reindex(store_root: "str | Path", kind: str = "auto", max_memory: "int | None" = None) -> dict[str, Any]:
+    """`pnsfw reindex`: rebuild under the store's write lock."""
+    store = Store.open(store_root)
+    with store.writer():
+        return build_index(store, kind, max_memory)
+
+
+def _needs_rebuild(store: Store, meta: "dict[str, Any] | None", names: list[str]) -> bool:
+    if meta is None or meta.get("space") != store.space or not set(meta["shards"]) <= set(names):
+        return True
+    if not (index_dir(store) / INDEX_FILE).exists():
+        return True
+    if meta.get("spec", "flat") != "auto":
+        return False
+    # an auto choice made for a smaller store is re-made when the store outgrows it
+    wanted = auto_plan(store.rows, store.dim, meta["max_memory"], gpu_count())
+    return (wanted.kind, wanted.factory) != (meta["kind"], meta["factory"])
 
 
 def update_index(store: Store) -> dict[str, Any]:
-    """Add shards the index does not cover yet; rebuild if it is missing or from another space."""
+    """Add shards the index does not cover yet; rebuild if missing, from another space, or outgrown."""
     started = time.perf_counter()
     meta = read_meta(store)
     names = [s["name"] for s in store.manifest["shards"]]
-    if meta is None or meta.get("space") != store.space or meta.get("kind") != "flat":
-        index, covered = _new_flat(store.dim), []
-    else:
-        index, covered = load_index(store)[0], meta["shards"]
-    todo = [n for n in names if n not in set(covered)]
-    added = _add_shards(index, store, todo)
-    meta = {"kind": "flat", "factory": "IDMap2,Flat", "metric": "inner_product", "space": store.space,
-            "dim": store.dim, "ntotal": int(index.ntotal), "shards": covered + todo, "updated": time.time()}
-    if todo or not (index_dir(store) / INDEX_FILE).exists():
-        save_index(store, index, meta)
-    return {"kind": "flat", "ntotal": int(index.ntotal), "added": added,
-            "seconds": round(time.perf_counter() - started, 3)}
+    if _needs_rebuild(store, meta, names):
+        keep = meta is not None and meta.get("space") == store.space
+        return build_index(store, meta.get("spec", "auto") if keep else "auto",
+                           meta.get("max_memory") if keep else None)
+    index, meta = load_index(store)
+    todo = [n for n in names if n not in set(meta["shards"])]
+    added = add_shards(index, store, todo)
+    if todo:
+        save_index(store, index, dict(meta, ntotal=int(index.ntotal), shards=meta["shards"] + todo,
+                                      updated=time.time()))
+    return {"kind": meta["kind"], "factory": meta.get("factory", ""), "ntotal": int(index.ntotal),
+            "added": added, "rebuilt": False, "seconds": round(time.perf_counter() - started, 3)}

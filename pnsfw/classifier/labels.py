@@ -1,0 +1,132 @@
+"""Training labels: from the folder layout of the indexed sources, or from a CSV/Parquet file."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import BadInput
+from ..indexer.sources import TAR_SEPARATOR
+from ..store import Store
+
+
+@dataclass
+class LabelSet:
+    """Labels by store id, plus what could not be matched (reported, then skipped)."""
+
+    labels: dict[int, str]
+    unknown: list[str] = field(default_factory=list)
+    unlabelled: int = 0
+
+    def counts(self) -> dict[str, int]:
+        values, counts = np.unique(np.array(list(self.labels.values()), dtype=object), return_counts=True)
+        return {str(v): int(c) for v, c in zip(values, counts)}
+
+
+def folder_label(uri: str, source: str) -> "str | None":
+    """The first folder of the uri below its source (for a tar member: of the member path)."""
+    if TAR_SEPARATOR in uri:
+        relative = uri.split(TAR_SEPARATOR, 1)[1]
+    else:
+        try:
+            relative = os.path.relpath(uri, source)
+        except ValueError:
+            return None
+        if relative.startswith(".."):
+            return None
+    parts = [p for p in relative.replace("\\", "/").split("/") if p not in ("", ".")]
+    return parts[0] if len(parts) >= 2 else None
+
+
+def _from_folders(store: Store) -> LabelSet:
+    table = store.table(["id", "uri", "source"])
+    labels, unlabelled = {}, 0
+    for id_, uri, source in zip(*(table.column(c).to_pylist() for c in ("id", "uri", "source"))):
+        label = folder_label(uri, source)
+        if label is None:
+            unlabelled += 1
+        else:
+            labels[int(id_)] = label
+    return LabelSet(labels, unlabelled=unlabelled)
+
+
+def _read_csv(path: Path) -> pa.Table:
+    import pyarrow.csv as pcsv
+
+    return pcsv.read_csv(path)
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+LABEL_FILE_READERS: dict[str, Callable[[Path], pa.Table]] = {
+    ".csv": _read_csv, ".parquet": _read_parquet, ".pq": _read_parquet}
+
+
+def read_label_file(path: Path) -> pa.Table:
+    reader = LABEL_FILE_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise BadInput(f"labels file {path}: use a .csv or .parquet file (or `folders`)")
+    try:
+        table = reader(path)
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise BadInput(f"cannot read labels file {path}: {str(exc).splitlines()[0]}") from None
+    if "label" not in table.column_names or not ({"uri", "id"} & set(table.column_names)):
+        raise BadInput(f"labels file {path} needs a `label` column and a `uri` or `id` column; "
+                       f"it has {', '.join(table.column_names)}")
+    return table
+
+
+def _uri_keys(uri: str, base: Path) -> list[str]:
+    """The forms a uri of a labels file may match in the store (as written, or resolved against the file)."""
+    if uri.startswith(("http://", "https://")) or os.path.isabs(uri):
+        return [uri]
+    return [uri, str((base / uri).resolve())]
+
+
+def _from_file(store: Store, path: Path) -> LabelSet:
+    table = read_label_file(path)
+    keys = table.column("id" if "id" in table.column_names else "uri").to_pylist()
+    values = [None if v is None else str(v) for v in table.column("label").to_pylist()]
+    stored = store.table(["id", "uri"])
+    if "id" in table.column_names:
+        lookup = {int(i): int(i) for i in stored.column("id").to_pylist()}
+        candidates = [[int(k)] if k is not None else [] for k in keys]
+    else:
+        lookup = dict(zip(stored.column("uri").to_pylist(), stored.column("id").to_pylist()))
+        candidates = [_uri_keys(str(k), path.parent) if k is not None else [] for k in keys]
+    labels, unknown = {}, []
+    for key, forms, label in zip(keys, candidates, values):
+        found = next((lookup[f] for f in forms if f in lookup), None)
+        if found is None:
+            unknown.append(str(key))
+        elif label:
+            labels[int(found)] = label
+    return LabelSet(labels, unknown=unknown)
+
+
+def read_labels(store: Store, spec: str) -> LabelSet:
+    """Labels and the unmatched entries; raises BadInput when no label is found."""
+    if spec == "folders":
+        result = _from_folders(store)
+        hint = "no image lies in a sub-folder of its source (expected SOURCE/<label>/...)"
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise BadInput(f"labels {spec!r}: not `folders` and not a file")
+        result = _from_file(store, path)
+        hint = f"none of the {len(result.unknown)} entries of {path} is in the store"
+    if not result.labels:
+        raise BadInput(f"no labels found in store {store.root}: {hint}")
+    return result
+
+
+def load_labels(store: Store, spec: str) -> dict[int, str]:
+    """id -> label. spec: "folders" (first folder of the uri below its source) or a CSV/Parquet file."""
+    return read_labels(store, spec).labels

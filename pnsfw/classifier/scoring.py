@@ -1,0 +1,232 @@
+"""`pnsfw score`: every vector of the store through the model, shard by shard, resumable.
+
+STORE/scores/NAME/part-NNNNN.parquet mirrors STORE/shards/part-NNNNN.parquet
+row for row (id, p_nsfw, p_<class>...). progress.json lists the parts done and
+the fingerprint of the model file that scored them: a rerun scores only new
+shards, and a retrained model starts over.
+"""
+
+import json
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import BadInput, StoreError
+from ..store import Store
+from ..store import shards as shard_io
+from ..store.files import atomic_write, atomic_write_json, sha256_file
+from ..store.lock import WriteLock
+from .model import DEFAULT_NAME, Classifier, check_name, load_classifier, model_paths
+
+PROGRESS = "progress.json"
+BATCH_ROWS = 1 << 16
+
+
+@dataclass
+class ScoreSummary:
+    model: str
+    scored: int = 0
+    shards_scored: int = 0
+    shards_present: int = 0
+    rescored_all: bool = False
+    seconds: float = 0.0
+    engine: str = "numpy"
+
+    @property
+    def vectors_per_s(self) -> float:
+        return self.scored / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), vectors_per_s=self.vectors_per_s)
+
+
+def scores_dir(store: Store, name: str) -> Path:
+    return store.root / "scores" / check_name(name)
+
+
+def _numpy_engine(clf: Classifier, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    return clf.outputs
+
+
+def _torch_engine(clf: Classifier, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The same folded network in torch (for GPUs): fp16 rows in, float32 outputs back."""
+    import torch
+
+    from .model import ACTIVATIONS
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    acts = {"tanh": torch.tanh, "gelu": torch.nn.functional.gelu, "sigmoid": torch.sigmoid,
+            "softmax": lambda h: torch.softmax(h, dim=1), "linear": lambda h: h, "relu": torch.relu}
+    assert set(acts) == set(ACTIVATIONS)
+    steps = [(torch.from_numpy(s.weight).to(dev), torch.from_numpy(s.bias).to(dev), acts[s.activation])
+             for s in clf.steps]
+
+    def run(vectors: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            h = torch.from_numpy(np.ascontiguousarray(vectors)).to(dev, non_blocking=True).float()
+            for weight, bias, act in steps:
+                h = act(torch.addmm(bias, h, weight))
+            return h.cpu().numpy()
+
+    return run
+
+
+ENGINES: dict[str, Callable[[Classifier, str], Callable[[np.ndarray], np.ndarray]]] = {
+    "numpy": _numpy_engine, "torch": _torch_engine}
+
+
+def make_engine(clf: Classifier, engine: str = "auto", device: str = "cpu") -> tuple[str, Callable[..., np.ndarray]]:
+    """auto: torch on a CUDA device, numpy otherwise."""
+    if engine == "auto":
+        engine = "torch" if device.startswith("cuda") else "numpy"
+    if engine not in ENGINES:
+        raise BadInput(f"unknown scoring engine {engine!r} ({', '.join(ENGINES)})")
+    return engine, ENGINES[engine](clf, device)
+
+
+def score_table(clf: Classifier, ids: np.ndarray, out: np.ndarray) -> pa.Table:
+    """id, p_nsfw, then p_<class> per class."""
+    columns = {"id": pa.array(ids, pa.int64()), "p_nsfw": pa.array(clf.to_p_nsfw(out), pa.float32())}
+    probs = clf.to_probabilities(out)
+    columns.update({f"p_{c}": pa.array(probs[:, i], pa.float32()) for i, c in enumerate(clf.classes)})
+    return pa.table(columns)
+
+
+def _read_shard(store: Store, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    table = shard_io.read_table(path, ["id", "embedding"])
+    return table.column("id").to_numpy(), shard_io.embedding_matrix(table.column("embedding"), store.dim)
+
+
+def prefetched(store: Store, paths: list[Path], workers: int = 2) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
+    """(path, ids, fp16 vectors) per shard, in order, read by threads a few shards ahead."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: "queue.Queue[Any]" = queue.Queue()
+        for path in paths[:workers + 1]:
+            pending.put((path, pool.submit(_read_shard, store, path)))
+        for path in paths[workers + 1:] + [None] * (workers + 1):
+            done_path, future = pending.get()
+            if path is not None:
+                pending.put((path, pool.submit(_read_shard, store, path)))
+            yield (done_path, *future.result())
+            if pending.empty():
+                return
+
+
+def read_progress(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _pending_shards(store: Store, folder: Path, progress: dict[str, Any]) -> list[dict[str, Any]]:
+    done = progress.get("shards", {})
+    return [s for s in store.manifest["shards"]
+            if done.get(s["name"]) != s["sha256"] or not (folder / s["name"]).is_file()]
+
+
+def _start(folder: Path, clf: Classifier, progress: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The progress to continue from, or a fresh one (deleting old parts) for another model."""
+    if progress.get("fingerprint") == clf.fingerprint:
+        return progress, False
+    for path in folder.glob("part-*.parquet"):
+        path.unlink()
+    fresh = {"model": clf.name, "fingerprint": clf.fingerprint, "space": clf.space, "classes": clf.classes,
+             "nsfw_classes": clf.nsfw_classes, "threshold": clf.threshold, "shards": {}}
+    return fresh, bool(progress)
+
+
+def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str = "cpu", engine: str = "auto",
+                batch_rows: int = BATCH_ROWS, on_shard: "Callable[[int], None] | None" = None) -> ScoreSummary:
+    """Score every committed shard not yet scored by this exact model file."""
+    store = Store.open(store_root)
+    clf = load_classifier(store, name)
+    folder = scores_dir(store, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    with WriteLock(folder):
+        progress, reset = _start(folder, clf, read_progress(folder))
+        todo = _pending_shards(store, folder, progress)
+        engine_name, run = make_engine(clf, engine, device)
+        summary = ScoreSummary(name, shards_present=len(store.manifest["shards"]) - len(todo), rescored_all=reset,
+                               engine=engine_name)
+        started = time.perf_counter()
+        by_name = {s["name"]: s for s in todo}
+        for path, ids, vectors in prefetched(store, [store.root / "shards" / s["name"] for s in todo]):
+            out = np.concatenate([run(vectors[i:i + batch_rows]) for i in range(0, max(len(ids), 1), batch_rows)])
+            table = score_table(clf, ids, out[:len(ids)])
+            shard_io.write_parquet(table, folder / path.name)
+            progress["shards"][path.name] = by_name[path.name]["sha256"]
+            atomic_write_json(folder / PROGRESS, progress)
+            summary.scored += len(ids)
+            summary.shards_scored += 1
+            if on_shard is not None:
+                on_shard(len(ids))
+        summary.seconds = time.perf_counter() - started
+    return summary
+
+
+class _ScoreCache:
+    """Sorted (ids, p_nsfw) of one scores folder, reloaded when progress.json or the model file changes."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Path, tuple[Any, np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
+        folder, model = scores_dir(store, name), model_paths(store, name)["keras"]
+        key = tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in (folder / PROGRESS, model))
+        with self._lock:
+            cached = self._entries.get(folder)
+            if cached is None or cached[0] != key:
+                cached = (key, *_load_scores(store, name))
+                self._entries[folder] = cached
+        return cached[1], cached[2]
+
+
+def _load_scores(store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
+    folder, model = scores_dir(store, name), model_paths(store, name)["keras"]
+    progress = read_progress(folder)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+    if not model.is_file() or progress.get("fingerprint") != sha256_file(model)[:16]:
+        return empty  # never scored, or scored by an older model: nothing is current
+    parts = [shard_io.read_table(folder / n, ["id", "p_nsfw"]) for n in progress["shards"] if (folder / n).is_file()]
+    if not parts:
+        return empty
+    table = pa.concat_tables(parts)
+    ids, p = table.column("id").to_numpy(), table.column("p_nsfw").to_numpy()
+    order = np.argsort(ids, kind="stable")
+    return ids[order], p[order]
+
+
+_CACHE = _ScoreCache()
+
+
+def lookup_scores(store: Store, name: str, ids: np.ndarray) -> np.ndarray:
+    """p_nsfw from scores/NAME/ where present (and current), NaN where missing."""
+    known, p = _CACHE.get(store, name)
+    ids = np.asarray(ids, dtype=np.int64)
+    result = np.full(len(ids), np.nan, np.float32)
+    if len(known):
+        at = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+        hit = known[at] == ids
+        result[hit] = p[at[hit]]
+    return result
+
+
+def scored_parts(store: Store, name: str) -> list[str]:
+    """Names of the current score parts, in shard order; StoreError if scores are missing or stale."""
+    folder = scores_dir(store, name)
+    progress = read_progress(folder)
+    names = [s["name"] for s in store.manifest["shards"]]
+    missing = [n for n in names if n not in progress.get("shards", {}) or not (folder / n).is_file()]
+    if missing:
+        raise StoreError(f"{len(missing)} shards of {store.root} are not scored by model {name!r}; "
+                         f"run `pnsfw score --store {store.root} --model {name}`")
+    return names
