@@ -37,6 +37,7 @@ class IndexOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     timeout: float = 10.0
     progress: bool = False
+    reader: str = "auto"  # a key of READERS; auto: tensor on CUDA, pil on CPU
 
 
 @dataclass
@@ -126,11 +127,40 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.05)
 
 
-def _encode_all(writer: ShardWriter, batches: Iterator[list[Result]], encoder: Encoder,
+def _pil_stage(items: list[Item], options: IndexOptions, encoder: Encoder, pool: Any,
+               on_error: Callable[[Result], None], batch: int) -> Iterator[tuple[list[Result], np.ndarray]]:
+    """CPU reader: PIL decode + resize in the worker processes, then encode (rows, features) per batch."""
+    work = functools.partial(process_chunk, size=encoder.resolution, max_pixels=options.max_pixels,
+                             timeout=options.timeout)
+    stream = decoded_stream(items, work, pool, chunk=16, depth=4 * max(1, getattr(pool, "_processes", 1)))
+    for rows in _batches(stream, batch, on_error):
+        yield rows, encoder.encode_pixels(np.stack([r.pixels for r in rows]))
+
+
+def _tensor_stage(*args: Any) -> Iterator[tuple[list[Result], np.ndarray]]:
+    from .gpu import tensor_stage  # decode/resize/encode on the device (nvJPEG on CUDA)
+
+    return tensor_stage(*args)
+
+
+READERS: dict[str, Callable[..., Iterator[tuple[list[Result], np.ndarray]]]] = {
+    "pil": _pil_stage, "tensor": _tensor_stage}
+
+
+def reader_stage(options: IndexOptions, encoder: Encoder) -> Callable[..., Iterator[tuple[list[Result], np.ndarray]]]:
+    """The reader/encoder stage: options.reader, or by device (PNSFW_READER overrides auto)."""
+    name = options.reader if options.reader != "auto" else os.environ.get("PNSFW_READER", "auto")
+    if name == "auto":
+        name = "tensor" if encoder.device.startswith("cuda") else "pil"
+    if name not in READERS:
+        raise BadInput(f"unknown reader {name!r} ({', '.join(READERS)})")
+    return READERS[name]
+
+
+def _encode_all(writer: ShardWriter, batches: Iterator[tuple[list[Result], np.ndarray]], encoder: Encoder,
                 summary: IndexSummary, bar: Any) -> None:
     first_done = None
-    for batch in batches:
-        features = encoder.encode_pixels(np.stack([r.pixels for r in batch]))
+    for batch, features in batches:
         writer.add(batch, features)
         summary.indexed += len(batch)
         bar.update(len(batch))
@@ -161,11 +191,10 @@ def _index_items(writer: StoreWriter, items: list[Item], options: IndexOptions, 
         shards.add_error(result)
         bar.update(1)
 
-    work = functools.partial(process_chunk, size=encoder.resolution, max_pixels=options.max_pixels,
-                             timeout=options.timeout)
+    stage = reader_stage(options, encoder)
     with _progress(len(items), options.progress) as bar:
-        stream = decoded_stream(items, work, pool, chunk=16, depth=4 * max(1, getattr(pool, "_processes", 1)))
-        _encode_all(shards, _batches(stream, _default_batch(options, encoder), on_error), encoder, summary, bar)
+        batches = stage(items, options, encoder, pool, on_error, _default_batch(options, encoder))
+        _encode_all(shards, batches, encoder, summary, bar)
     summary.failed = dict(failures.most_common())
 
 

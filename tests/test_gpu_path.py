@@ -1,0 +1,210 @@
+"""The tensor (GPU) reader/encoder stage: batched resize vs CLIP's transform, routing, pipeline wiring.
+
+Tolerance of the batched resize: it reproduces Pillow's two-pass 8-bit bicubic
+resize in float, so against `clip.clip._transform(R)` on the same decoded
+pixels a value may differ by one 8-bit level (a rounding tie or float
+round-off before the intermediate rounding): at most 1/255/std <= 0.0152 in
+normalised units, on < 0.1% of the values. The CPU-path/tensor-path embeddings
+then agree to cosine > 0.999 (tiny model). nvJPEG's decoder is not libjpeg:
+its pixels may differ by a few levels, so the CUDA test allows 8 levels mean
+abs error < 1 level, and cosine > 0.99.
+"""
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pnsfw.indexer.decode import mean_std
+from pnsfw.indexer.gpu import jpeg_size
+from pnsfw.indexer.pipeline import IndexOptions, run_index
+from pnsfw.indexer.tensor_preprocess import clip_preprocess
+from pnsfw.store import Store
+
+ONE_LEVEL = 1 / 255 / float(mean_std()[1].min()) + 1e-6
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _fallbacks_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministic routing (CPU workers take only what the device cannot decode) unless a test says otherwise."""
+    monkeypatch.setenv("PNSFW_GPU_CPU_SHARE", "0")
+
+
+def _photo(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth colour content plus grain (resampling of pure noise is a poor test of real images)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 8 + 2, width // 8 + 2, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR), dtype=np.float32)
+    return Image.fromarray(np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8))
+
+
+def _reference(images: list[Image.Image], size: int) -> torch.Tensor:
+    import clip
+
+    return torch.stack([clip.clip._transform(size)(img) for img in images])
+
+
+def _as_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("size", [224, 32])
+def test_batched_resize_matches_clip_transform(size: int) -> None:
+    shapes = [(400, 300), (300, 400), (224, 224), (257, 199), (1632, 1224), (90, 60), (41, 30), (500, 63)]
+    images = [_photo(w, h, i) for i, (w, h) in enumerate(shapes)]
+    ours = clip_preprocess([_as_tensor(img) for img in images], size)
+    diff = (ours - _reference(images, size)).abs()
+    assert ours.shape == (len(images), 3, size, size)
+    assert diff.max().item() <= 2 * ONE_LEVEL
+    assert diff[:4].max().item() <= ONE_LEVEL
+    assert (diff > 1e-4).float().mean().item() < 1e-3
+
+
+def test_batched_resize_same_sizes_stack_path() -> None:
+    images = [_photo(320, 240, 10 + i) for i in range(3)]
+    ours = clip_preprocess([_as_tensor(img) for img in images], 224)
+    assert (ours - _reference(images, 224)).abs().max().item() <= ONE_LEVEL
+
+
+def _encoded(img: Image.Image, fmt: str = "JPEG", **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_jpeg_probe_routes_only_plain_jpegs_to_the_device() -> None:
+    img = _photo(120, 80, 0)
+    assert jpeg_size(_encoded(img)) == (120, 80)
+    assert jpeg_size(_encoded(img.convert("L"))) == (120, 80)
+    assert jpeg_size(_encoded(img, progressive=True)) == (120, 80)
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    assert jpeg_size(_encoded(img, exif=exif.tobytes())) == (120, 80)
+    exif[0x0112] = 6
+    assert jpeg_size(_encoded(img, exif=exif.tobytes())) is None  # rotated: the CPU path applies EXIF
+    assert jpeg_size(_encoded(img.convert("CMYK"))) is None
+    assert jpeg_size(_encoded(img, "PNG")) is None
+    assert jpeg_size(_encoded(img)[:-200]) is None  # truncated: the CPU path reports it
+    assert jpeg_size(b"") is None
+
+
+def _mixed_folder(root: Path) -> Path:
+    """JPEGs of several sizes, a PNG, a rotated and a CMYK JPEG, and three broken files."""
+    root.mkdir(parents=True)
+    for i, (w, h) in enumerate([(64, 48), (48, 64), (400, 300), (120, 90), (33, 200), (90, 90)] * 3):
+        _photo(w, h, i).save(root / f"{i:02d}.jpg", quality=90)
+    _photo(70, 50, 100).save(root / "a.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _photo(80, 60, 101).save(root / "rotated.jpg", exif=exif.tobytes())
+    _photo(80, 60, 102).convert("CMYK").save(root / "cmyk.jpg")
+    (root / "truncated.jpg").write_bytes(_encoded(_photo(200, 150, 103))[:1500])
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 300 + b"\xff\xd9")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def _rows(store: Path) -> dict[str, np.ndarray]:
+    s = Store(store)
+    uris = s.table(["uri"]).column("uri").to_pylist()
+    return dict(zip(uris, s.vectors()[1].astype(np.float32)))
+
+
+def _errors(store: Path) -> dict[str, str]:
+    table = Store(store).errors()
+    return dict(zip(table.column("uri").to_pylist(), table.column("reason").to_pylist()))
+
+
+def _index(source: Path, store: Path, ckpt: Path, **kw: object) -> None:
+    options = IndexOptions(model=str(ckpt), device=str(kw.pop("device", "cpu")), shard_size=7, **kw)
+    run_index([str(source)], str(store), options)
+
+
+def _assert_same(a: Path, b: Path, cosine: float) -> None:
+    rows_a, rows_b = _rows(a), _rows(b)
+    assert set(rows_a) == set(rows_b) and len(rows_a) == 21
+    assert _errors(a) == _errors(b) and len(_errors(a)) == 3
+    for uri, vec in rows_a.items():
+        assert float(vec @ rows_b[uri]) > cosine, uri
+
+
+@pytest.fixture(scope="module")
+def pil_store(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("gpu-path")
+    source = _mixed_folder(root / "images")
+    _index(source, root / "pil", tiny_checkpoint, reader="pil", workers=-1)
+    return source, root / "pil"
+
+
+def test_tensor_stage_on_cpu_equals_cpu_path(pil_store: tuple[Path, Path], tiny_checkpoint: Path,
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, reference = pil_store
+    monkeypatch.setenv("PNSFW_STAGE_STATS", str(tmp_path / "stats.json"))
+    _index(source, tmp_path / "tensor", tiny_checkpoint, reader="tensor", workers=1, batch_size=8)
+    _assert_same(reference, tmp_path / "tensor", 0.995)
+    assert '"device_images": 18' in (tmp_path / "stats.json").read_text()
+    _index(source, tmp_path / "tensor", tiny_checkpoint, reader="tensor", workers=1)  # nothing new
+    assert len(_rows(tmp_path / "tensor")) == 21
+
+
+def test_tensor_stage_with_cpu_share(pil_store: tuple[Path, Path], tiny_checkpoint: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole units decoded by the CPU workers while they have room give the same rows."""
+    source, reference = pil_store
+    monkeypatch.setenv("PNSFW_GPU_CPU_SHARE", "8")
+    _index(source, tmp_path / "shared", tiny_checkpoint, reader="tensor", workers=1, batch_size=4)
+    _assert_same(reference, tmp_path / "shared", 0.995)
+
+
+def test_tensor_stage_resumes_after_a_partial_run(pil_store: tuple[Path, Path], tiny_checkpoint: Path,
+                                                  tmp_path: Path) -> None:
+    source, reference = pil_store
+    partial = tmp_path / "partial"
+    shutil.copytree(source, partial)
+    for path in sorted(partial.iterdir())[::2]:
+        path.unlink()
+    _index(partial, tmp_path / "store", tiny_checkpoint, reader="tensor", workers=-1, batch_size=4)
+    shutil.rmtree(partial)
+    shutil.copytree(source, partial)  # same uris as a full run of `partial`: the rest is added
+    _index(partial, tmp_path / "store", tiny_checkpoint, reader="tensor", workers=-1, batch_size=4)
+    _index(partial, tmp_path / "full", tiny_checkpoint, reader="pil", workers=-1)
+    _assert_same(tmp_path / "full", tmp_path / "store", 0.995)
+
+
+def test_multi_device_workers_commit_through_one_writer(pil_store: tuple[Path, Path], tiny_checkpoint: Path,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two spawned device workers (both on CPU here) over disjoint units; the parent writes."""
+    source, reference = pil_store
+    monkeypatch.setenv("PNSFW_GPU_WORKERS", "2")
+    _index(source, tmp_path / "multi", tiny_checkpoint, reader="tensor", workers=-1, batch_size=4)
+    _assert_same(reference, tmp_path / "multi", 0.995)
+    ids = Store(tmp_path / "multi").table(["id"]).column("id").to_pylist()
+    assert sorted(ids) == list(range(21))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (nvJPEG)")
+def test_nvjpeg_decode_close_to_pil() -> None:
+    from pnsfw.indexer.gpu import _decode_jpegs
+
+    images = [_photo(w, h, i) for i, (w, h) in enumerate([(400, 300), (256, 341), (1632, 1224)])]
+    data = [torch.frombuffer(bytearray(_encoded(img, quality=90)), dtype=torch.uint8) for img in images]
+    decoded = _decode_jpegs(data, "cuda")
+    pil = [Image.open(io.BytesIO(bytes(d.numpy()))).convert("RGB") for d in data]
+    for gpu, ref in zip(decoded, pil):
+        diff = (gpu.cpu().int() - _as_tensor(ref).int()).abs()
+        assert diff.max().item() <= 8 and diff.float().mean().item() < 1.0
+    ours = clip_preprocess(decoded, 224, torch.float16).cpu()
+    assert (ours - _reference(pil, 224)).abs().mean().item() < 2 * ONE_LEVEL
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (nvJPEG)")
+def test_cuda_index_equals_cpu_path(pil_store: tuple[Path, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    source, reference = pil_store
+    _index(source, tmp_path / "cuda", tiny_checkpoint, device="cuda", workers=2, batch_size=8)
+    _assert_same(reference, tmp_path / "cuda", 0.99)
+
