@@ -70,8 +70,10 @@ class Engine:
     """Searcher + classifier + encoder, loaded once, used through micro-batches."""
 
     def __init__(self, store: Store, model: Optional[str], settings: Settings):
+        from ..indexer.encoder import _import_clip
         from ..search.query import Searcher
 
+        _import_clip()  # torch/torchvision before keras: importing triton after TensorFlow segfaults
         self.store, self.settings, self.metrics = store, settings, Metrics()
         self.model_name = resolve_model(store, model)
         self.searcher = Searcher.open(store, self.model_name)
@@ -163,10 +165,10 @@ class Engine:
                                 f"or pass --model NAME")
         return self.classifier
 
-    def explain(self, vector: np.ndarray, k: int) -> dict[str, Any]:
+    def explain(self, vector: np.ndarray, k: int, exclude_id: Optional[int] = None) -> dict[str, Any]:
         from ..search.explain import explain_vector
 
-        return explain_vector(self.searcher, vector, k)
+        return explain_vector(self.searcher, vector, k, exclude_id=exclude_id)
 
     def stats(self) -> dict[str, Any]:
         from ..search.index import read_meta

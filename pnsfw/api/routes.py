@@ -136,7 +136,8 @@ async def explain(request: Request) -> Response:
     engine.require_classifier()
     data, parsed, k = await read_input(request, ExplainRequest)
     vector, query = await query_vector(engine, data, parsed)
-    return json_response(dict(await engine.vectors.call(engine.explain, vector, k), query=query))
+    exclude = query.get("id")
+    return json_response(dict(await engine.vectors.call(engine.explain, vector, k, exclude), query=query))
 
 
 @router.get("/v1/items/{item_id}", response_model=ItemResponse, tags=["items"])

@@ -98,7 +98,7 @@ async function explainAgreement(body) {
   $("agreement").textContent = "";
   try {
     const ex = await api("/v1/explain", body);
-    if (ex.agreement !== undefined) $("agreement").textContent = "labelled neighbours agreeing with the verdict: " + JSON.stringify(ex.agreement);
+    $("agreement").textContent = ex.agree + " of the " + ex.k + " nearest labelled training examples agree with the verdict";
   } catch (err) { /* no classifier or no labelled examples: the grid is still shown */ }
 }
 
@@ -109,7 +109,13 @@ async function searchFile(file) {
   const form = new FormData();
   form.append("image", file);
   form.append("k", k());
-  try { showResult(await api("/v1/search", { method: "POST", body: form })); }
+  try {
+    showResult(await api("/v1/search", { method: "POST", body: form }));
+    const again = new FormData();
+    again.append("image", file);
+    again.append("k", 10);
+    explainAgreement({ method: "POST", body: again });
+  }
   catch (err) { showVerdict(null); $("grid").replaceChildren(); setStatus(err.message, true); }
 }
 
@@ -117,7 +123,13 @@ async function searchJson(query) {
   if (query.id !== undefined) { $("preview").hidden = true; }
   setStatus("searching…");
   const body = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(Object.assign({ k: k() }, query)) };
-  try { showResult(await api("/v1/search", body)); }
+  try {
+    const result = await api("/v1/search", body);
+    showResult(result);
+    if (result.verdict && query.id !== undefined) {
+      explainAgreement({ method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ id: query.id, k: 10 }) });
+    }
+  }
   catch (err) { showVerdict(null); $("grid").replaceChildren(); setStatus(err.message, true); }
 }
 
