@@ -1,0 +1,243 @@
+"""The HTTP API through a real uvicorn process: every endpoint, every error code, the token guard, a burst."""
+
+import concurrent.futures
+import io
+import re
+import socket
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from api_server import TOKEN, Server
+from pnsfw.store import Store
+
+
+def stored(server: Server) -> tuple[list[int], list[str], np.ndarray]:
+    """Ids, uris and vectors of the served store, read directly (not through the API)."""
+    store = Store.open(server.store)
+    table = store.table(["id", "uri"])
+    ids, vectors = store.vectors()
+    order = {int(i): n for n, i in enumerate(ids)}
+    rows = [order[int(i)] for i in table.column("id").to_pylist()]
+    return table.column("id").to_pylist(), table.column("uri").to_pylist(), vectors[rows].astype(np.float32)
+
+
+def classifier(server: Server):
+    from pnsfw.classifier.model import load_classifier
+
+    return load_classifier(Store.open(server.store), "default")
+
+
+def uri_of(server: Server, label: str) -> tuple[int, str]:
+    ids, uris, _ = stored(server)
+    return next((i, u) for i, u in zip(ids, uris) if f"/{label}/" in u and "::" not in u)
+
+
+def test_health_is_public_and_the_rest_needs_the_token(api_server: Server) -> None:
+    with api_server.client(token=None) as anonymous:
+        health = anonymous.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert health.json()["vectors"] == 83 and health.json()["model"] == "default"
+        for path in ("/v1/stats", "/metrics", "/v1/items/0", "/v1/items/0/image"):
+            response = anonymous.get(path)
+            assert response.status_code == 401, path
+            assert response.json()["error"] == "unauthorized"
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert anonymous.post("/v1/search", json={"text": "x"}).status_code == 401
+        assert anonymous.get("/").status_code == 200  # the page itself holds no data; its calls send the token
+    with api_server.client(token=TOKEN + "x") as wrong:
+        assert wrong.get("/v1/stats").status_code == 401
+    with api_server.client(token=None) as raw:
+        assert raw.get("/v1/stats", headers={"Authorization": TOKEN}).status_code == 401  # scheme missing
+        assert raw.get("/v1/stats", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+    with api_server.client() as client:
+        stats = client.get("/v1/stats").json()
+    assert stats["vectors"] == 83 and stats["dim"] == 256 and stats["model"]["classes"] == ["nsfw", "sfw"]
+    assert stats["index"]["ntotal"] >= 80 and stats["settings"]["token_required"] is True
+
+
+def test_binds_loopback_and_serves_openapi(api_server: Server) -> None:
+    assert api_server.base.startswith("http://127.0.0.1:")
+    with api_server.client(token=None) as client:
+        spec = client.get("/openapi.json").json()
+        assert client.get("/docs").status_code == 200
+    for path in ("/health", "/v1/stats", "/v1/score", "/v1/search", "/v1/explain", "/v1/items/{item_id}",
+                 "/v1/items/{item_id}/image"):
+        assert path in spec["paths"], path
+    body = spec["paths"]["/v1/search"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "multipart/form-data"}
+
+
+def test_score_embedding_matches_the_classifier(api_server: Server) -> None:
+    ids, _, vectors = stored(api_server)
+    expected = classifier(api_server).p_nsfw(vectors[:5])
+    with api_server.client() as client:
+        for vector, p in zip(vectors[:5], expected):
+            verdict = client.post("/v1/score", json={"embedding": vector.tolist()}).json()
+            assert verdict["p_nsfw"] == pytest.approx(float(p), abs=1e-5)
+            assert verdict["nsfw"] == (verdict["p_nsfw"] >= verdict["threshold"])
+            assert sum(verdict["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_upload_score_and_search_find_the_image_itself(api_server: Server) -> None:
+    item_id, uri = uri_of(api_server, "nsfw")
+    data = Path(uri).read_bytes()
+    with api_server.client() as client:
+        verdict = client.post("/v1/score", files={"image": ("x.jpg", data, "image/jpeg")}).json()
+        result = client.post("/v1/search", files={"image": ("x.jpg", data, "image/jpeg")}, data={"k": "5"}).json()
+        item = client.get(f"/v1/items/{item_id}").json()
+    assert result["query"]["kind"] == "image" and result["k"] == 5 and len(result["hits"]) == 5
+    top = result["hits"][0]
+    assert top["id"] == item_id and top["uri"] == uri and top["similarity"] > 0.99
+    assert top["label"] == "nsfw" and top["p_nsfw"] == pytest.approx(verdict["p_nsfw"], abs=1e-2)
+    assert result["verdict"]["p_nsfw"] == pytest.approx(verdict["p_nsfw"], abs=1e-6)
+    sims = [h["similarity"] for h in result["hits"]]
+    assert sims == sorted(sims, reverse=True)
+    assert item["verdict"]["p_nsfw"] == pytest.approx(verdict["p_nsfw"], abs=1e-2)
+
+
+def test_search_by_text_id_and_embedding(api_server: Server) -> None:
+    ids, uris, vectors = stored(api_server)
+    with api_server.client() as client:
+        text = client.post("/v1/search", json={"text": "a red bird", "k": 4}).json()
+        by_id = client.post("/v1/search", json={"id": ids[3], "k": 6}).json()
+        by_vector = client.post("/v1/search", json={"embedding": vectors[3].tolist(), "k": 2}).json()
+        everything = client.post("/v1/search", json={"id": ids[0], "k": 1000}).json()
+    assert text["query"] == {"kind": "text", "text": "a red bird"} and len(text["hits"]) == 4
+    assert text["verdict"] is None  # the classifier scores image vectors, not text
+    assert len(by_id["hits"]) == 6 and ids[3] not in [h["id"] for h in by_id["hits"]]
+    assert by_vector["hits"][0]["id"] == ids[3] and by_vector["hits"][0]["similarity"] > 0.999
+    assert by_id["hits"][0]["id"] == by_vector["hits"][1]["id"]
+    assert len(everything["hits"]) == len(ids) - 1  # k above the store size: every other item once
+    assert {h["uri"] for h in everything["hits"]} | {uris[0]} == set(uris)
+
+
+def test_explain_by_id_and_upload(api_server: Server) -> None:
+    item_id, uri = uri_of(api_server, "sfw")
+    with api_server.client() as client:
+        by_id = client.post("/v1/explain", json={"id": item_id, "k": 5}).json()
+        upload = client.post("/v1/explain", files={"image": ("a.jpg", Path(uri).read_bytes())}, data={"k": "3"}).json()
+    assert by_id["query"] == {"kind": "id", "id": item_id} and by_id["k"] == 5
+    assert item_id not in [n["id"] for n in by_id["neighbours"]]
+    assert by_id["agree"] == sum(n["agrees"] for n in by_id["neighbours"])
+    assert all(n["label"] in ("sfw", "nsfw") for n in by_id["neighbours"])
+    assert upload["query"]["kind"] == "image" and len(upload["neighbours"]) == 3
+
+
+def test_item_metadata_and_stored_image_bytes(api_server: Server) -> None:
+    ids, uris, _ = stored(api_server)
+    with api_server.client() as client:
+        for item_id, uri in [(i, u) for i, u in zip(ids, uris) if "::" in u][:1] + [(ids[0], uris[0])]:
+            meta = client.get(f"/v1/items/{item_id}").json()
+            assert meta["id"] == item_id and meta["uri"] == uri and meta["verdict"]["model"] == "default"
+            image = client.get(f"/v1/items/{item_id}/image")
+            assert image.status_code == 200 and image.headers["content-type"].startswith("image/")
+            if "::" in uri:  # a tar member: the bytes are read out of the tar
+                from PIL import Image
+
+                assert Image.open(io.BytesIO(image.content)).size == (64, 48)
+            else:
+                assert image.content == Path(uri).read_bytes()
+
+
+def test_remote_uris_are_not_fetched() -> None:
+    from pnsfw.api.images import read_store_image
+    from pnsfw.errors import NotFound
+
+    with pytest.raises(NotFound, match="remote"):
+        read_store_image("http://127.0.0.1:9/secret.jpg")
+
+
+BAD_REQUESTS = [
+    (415, "post", "/v1/score", {"files": {"image": ("a.txt", b"hello, not an image", "text/plain")}}),
+    (415, "post", "/v1/search", {"files": {"image": ("a.jpg", b"\xff\xd8\xff\xe0 truncated", "image/jpeg")}}),
+    (415, "post", "/v1/search", {"content": b"text=cat", "headers": {"content-type": "text/plain"}}),
+    (404, "get", "/v1/items/999999", {}),
+    (404, "get", "/v1/items/999999/image", {}),
+    (404, "post", "/v1/search", {"json": {"id": 999999}}),
+    (404, "post", "/v1/explain", {"json": {"id": 999999}}),
+    (404, "post", "/v1/score", {"json": {"embedding": [0.1] * 256}, "path": "/v1/nothing"}),
+    (422, "post", "/v1/search", {"json": {"text": "cat", "k": 0}}),
+    (422, "post", "/v1/search", {"json": {"text": "cat", "k": 1001}}),
+    (422, "post", "/v1/search", {"json": {"text": "cat", "id": 3}}),
+    (422, "post", "/v1/search", {"json": {}}),
+    (422, "post", "/v1/search", {"json": {"text": "cat", "colour": "red"}}),
+    (422, "post", "/v1/search", {"content": b"{not json", "headers": {"content-type": "application/json"}}),
+    (422, "post", "/v1/search", {"files": {"photo": ("a.jpg", b"x")}}),
+    (422, "post", "/v1/search", {"files": {"image": ("a.jpg", b"x")}, "data": {"k": "many"}}),
+    (422, "post", "/v1/search", {"files": {"image": ("a.jpg", b"x")}, "data": {"k": "0"}}),
+    (422, "post", "/v1/score", {"json": {"embedding": [0.1, 0.2]}}),
+    (422, "post", "/v1/score", {"content": b'{"embedding": [NaN]}', "headers": {"content-type": "application/json"}}),
+    (422, "post", "/v1/explain", {"json": {"id": "three"}}),
+    (422, "get", "/v1/items/abc", {}),
+    (422, "get", "/v1/items/-1", {}),
+]
+
+
+@pytest.mark.parametrize("status,method,path,kwargs", BAD_REQUESTS)
+def test_bad_input_gets_a_json_4xx(api_server: Server, status: int, method: str, path: str, kwargs: dict) -> None:
+    kwargs = dict(kwargs)
+    path = kwargs.pop("path", path)
+    with api_server.client() as client:
+        response = getattr(client, method)(path, **kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"} and body["detail"]
+
+
+def test_too_large_is_refused_before_the_body_is_read(api_server: Server) -> None:
+    port = int(api_server.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/search HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {50 << 20}\r\n\r\n".encode())
+        sock.sendall(b"--b\r\n" + b"x" * 65536)  # 64 KB of a declared 50 MB: the answer comes anyway
+        reply = sock.recv(65536).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 413") and '"too_large"' in reply
+
+    def chunks():  # no Content-Length: the limit is enforced while streaming
+        yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n"
+        for _ in range(24):
+            yield b"\0" * 65536
+
+    with api_server.client() as client:
+        response = client.post("/v1/search", content=chunks(),
+                               headers={"content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413 and response.json()["error"] == "too_large"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    match = re.search(rf"^{re.escape(name)}{{{re.escape(wanted)}}} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_concurrent_burst_is_batched_and_never_5xx(api_server: Server) -> None:
+    _, uris, _ = stored(api_server)
+    files = [Path(u).read_bytes() for u in uris if "::" not in u][:50]
+    with api_server.client() as client:
+        before = client.get("/metrics").text
+
+        def upload(data: bytes) -> int:
+            return client.post("/v1/score", files={"image": ("a.jpg", data, "image/jpeg")}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            codes = list(pool.map(upload, files))
+        after = client.get("/metrics").text
+    assert codes == [200] * 50
+    items = metric(after, "pnsfw_batch_size_sum", stage="encode") - metric(before, "pnsfw_batch_size_sum", stage="encode")
+    batches = metric(after, "pnsfw_batch_size_count", stage="encode") - metric(before, "pnsfw_batch_size_count", stage="encode")
+    assert items == 50 and batches < 50, (items, batches)  # several uploads shared a forward pass
+    assert metric(after, "pnsfw_batch_size_bucket", stage="encode", le="1") < metric(
+        after, "pnsfw_batch_size_count", stage="encode")
+    assert metric(after, "pnsfw_requests_total", method="POST", route="/v1/score", status="200") >= 50
+    assert 'pnsfw_request_seconds_bucket{route="/v1/score",le="+Inf"}' in after
+
+
+def test_no_request_in_this_module_got_a_5xx(api_server: Server) -> None:
+    with api_server.client() as client:
+        text = client.get("/metrics").text
+    assert "pnsfw_requests_total" in text
+    assert not re.search(r'^pnsfw_requests_total\{.*status="5\d\d"\}', text, re.M), text
+    assert "Traceback" not in api_server.log_text()
