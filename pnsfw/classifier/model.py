@@ -42,8 +42,9 @@ def check_name(name: str) -> str:
 def build_model(dim: int, outputs: int, units: int = 256, layers: int = 1, activation: str = "tanh",
                 dropout: float = 0.0, lr: float = 1e-3) -> Any:
     """A compiled Keras model; outputs == 1 means binary (sigmoid), else softmax."""
-    import keras
+    from .backend import import_keras
 
+    keras = import_keras()
     inputs = keras.Input((dim,), name="embedding")
     x = inputs
     for i in range(layers):
@@ -179,9 +180,9 @@ class Classifier:
 
     def keras_model(self) -> Any:
         """The saved Keras model itself (for parity checks and export)."""
-        import keras
+        from .backend import import_keras
 
-        return keras.saving.load_model(self.path, compile=False)
+        return import_keras().saving.load_model(self.path, compile=False)
 
 
 def list_models(store: Store) -> list[str]:
@@ -206,8 +207,9 @@ def load_classifier(store: Store, name: str = DEFAULT_NAME, check_space: bool = 
     if check_space:
         store.check_space(meta["space"], f"model {name!r}")
     path = model_paths(store, name)["keras"]
-    import keras
+    from .backend import import_keras
 
+    keras = import_keras()
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # keras raises many types for a broken archive

@@ -6,9 +6,10 @@ the fingerprint of the model file that scored them: a rerun scores only new
 shards, and a retrained model starts over.
 """
 
+import itertools
 import json
-import queue
 import threading
+from collections import deque
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -21,7 +22,7 @@ import pyarrow as pa
 from ..errors import BadInput, StoreError
 from ..store import Store
 from ..store import shards as shard_io
-from ..store.files import atomic_write, atomic_write_json, sha256_file
+from ..store.files import atomic_write_json, sha256_file
 from ..store.lock import WriteLock
 from .model import DEFAULT_NAME, Classifier, check_name, load_classifier, model_paths
 
@@ -106,17 +107,15 @@ def _read_shard(store: Store, path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def prefetched(store: Store, paths: list[Path], workers: int = 2) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
     """(path, ids, fp16 vectors) per shard, in order, read by threads a few shards ahead."""
+    upcoming = iter(paths)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: "queue.Queue[Any]" = queue.Queue()
-        for path in paths[:workers + 1]:
-            pending.put((path, pool.submit(_read_shard, store, path)))
-        for path in paths[workers + 1:] + [None] * (workers + 1):
-            done_path, future = pending.get()
-            if path is not None:
-                pending.put((path, pool.submit(_read_shard, store, path)))
-            yield (done_path, *future.result())
-            if pending.empty():
-                return
+        pending = deque((p, pool.submit(_read_shard, store, p)) for p in itertools.islice(upcoming, workers + 1))
+        while pending:
+            path, future = pending.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, pool.submit(_read_shard, store, following)))
+            yield (path, *future.result())
 
 
 def read_progress(folder: Path) -> dict[str, Any]:

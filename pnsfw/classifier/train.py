@@ -1,6 +1,5 @@
 """`pnsfw train` and `pnsfw evaluate`: fit the Keras classifier on labelled store vectors, report metrics."""
 
-import os
 import shutil
 import tempfile
 import time
@@ -81,8 +80,9 @@ def _tensorboard_works(backend: str) -> bool:
 
 
 def _callbacks(options: TrainOptions, logs: "Path | None", has_val: bool) -> list[Any]:
-    import keras
+    from .backend import import_keras
 
+    keras = import_keras()
     monitor = "val_loss" if has_val else "loss"
     callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=options.patience,
                                                restore_best_weights=True)]
@@ -94,8 +94,9 @@ def _callbacks(options: TrainOptions, logs: "Path | None", has_val: bool) -> lis
 def fit(data: dict[str, tuple[np.ndarray, np.ndarray]], outputs: int, hyper: dict[str, Any],
         options: TrainOptions, logs: "Path | None" = None) -> tuple[Any, dict[str, Any]]:
     """Build and fit one model; early stopping restores the best weights."""
-    import keras
+    from .backend import import_keras
 
+    keras = import_keras()
     keras.utils.set_random_seed(options.seed)
     (x, y), (xv, yv) = data["train"], data["val"]
     model = build_model(x.shape[1], outputs, **hyper)
@@ -194,8 +195,9 @@ def train_classifier(store_root: "str | Path", labels_spec: str, options: Option
 def _metadata(store: Store, options: TrainOptions, classes: list[str], nsfw: list[str], threshold: float,
               hyper: dict[str, Any], history: dict[str, Any], metrics: dict[str, Any], label_set: LabelSet,
               labelled: LabelledData, split: np.ndarray) -> dict[str, Any]:
-    import keras
+    from .backend import import_keras
 
+    keras = import_keras()
     return {
         "name": options.name, "created": time.time(), "classes": classes, "nsfw_classes": nsfw,
         "output": "sigmoid" if len(classes) == 2 else "softmax", "threshold": threshold,
@@ -220,5 +222,3 @@ def evaluate_classifier(store_root: "str | Path", name: str, labels_spec: str) -
     result.update(model=name, unknown=len(label_set.unknown), unknown_examples=label_set.unknown[:5])
     return result
 
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before keras is imported

@@ -26,11 +26,12 @@ def _hyper_from(hp: Any) -> dict[str, Any]:
 def tune(data: dict[str, tuple[np.ndarray, np.ndarray]], outputs: int,
          options: "TrainOptions") -> tuple[dict[str, Any], dict[str, Any]]:
     """Best hyper-parameters by validation loss, and a summary of the search."""
-    import keras
-    import keras_tuner
-
+    from .backend import import_keras
     from .model import build_model
     from .train import class_weights
+
+    keras = import_keras()
+    import keras_tuner
 
     (x, y), (xv, yv) = data["train"], data["val"]
     has_val = len(xv) > 0
