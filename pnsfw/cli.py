@@ -304,6 +304,205 @@ def dedup(store: str, threshold: float, out: str, method: str, neighbours: int) 
                f"(cosine >= {threshold}, {summary['method']}, {summary['seconds']:.1f} s) -> {out}")
 
 
+CLASSIFIER = click.option("--model", "model_name", default="default", show_default=True,
+                          help="Classifier NAME in STORE/models.")
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _metrics_text(m: dict[str, Any], table: bool = False) -> str:
+    """A few readable lines of binary NSFW metrics (optionally the threshold table)."""
+    c = m["confusion"]
+    lines = [f"{m['count']:,} images ({m['positives']:,} NSFW): PR-AUC {_fmt(m['pr_auc'])}  "
+             f"ROC-AUC {_fmt(m['roc_auc'])}  precision@recall0.9 {_fmt(m['precision_at_recall_0.9'])}",
+             f"at threshold {m['threshold']:.4f}: accuracy {m['accuracy']:.4f}  precision {m['precision']:.4f}  "
+             f"recall {m['recall']:.4f}  F1 {m['f1']:.4f}  FPR {m['fpr']:.4f}",
+             f"confusion: TP {c['tp']}  FP {c['fp']}  FN {c['fn']}  TN {c['tn']}"]
+    if "class_confusion" in m:
+        cc = m["class_confusion"]
+        lines.append("class confusion (rows true, columns predicted: " + ", ".join(cc["classes"]) + "):")
+        lines += ["  " + " ".join(f"{n:>5}" for n in row) + f"  {name}" for name, row in zip(cc["classes"], cc["matrix"])]
+    if table:
+        lines.append("threshold  precision  recall     FPR")
+        lines += [f"{r['threshold']:>9.2f}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['fpr']:>6.4f}"
+                  for r in m["threshold_table"]]
+    return "\n".join(lines)
+
+
+def _skipped_labels(count: int, examples: list[str]) -> None:
+    if count:
+        click.echo(f"skipped {count:,} labels naming images not in the store (e.g. {', '.join(examples[:3])})", err=True)
+
+
+@cli.command()
+@STORE
+@click.option("--labels", required=True, help="`folders` (SOURCE/<label>/...) or a CSV/Parquet file of (uri or id, label).")
+@click.option("--name", default="default", show_default=True, help="Model NAME: saved as STORE/models/NAME.keras.")
+@click.option("--epochs", default=40, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
+@click.option("--units", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--layers", default=1, show_default=True, type=click.IntRange(1, 2))
+@click.option("--activation", default="tanh", show_default=True, type=click.Choice(["tanh", "gelu"]))
+@click.option("--dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--val-ratio", default=0.15, show_default=True, type=float)
+@click.option("--test-ratio", default=0.15, show_default=True, type=float)
+@click.option("--class-weight/--no-class-weight", default=True, show_default=True, help="Balance the classes' losses.")
+@click.option("--tune", is_flag=True, help="KerasTuner random search over units, layers, activation, dropout, lr.")
+@click.option("--max-trials", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--nsfw-classes", default=None, help="Comma-separated NSFW labels (default: common names such as "
+                                                   "nsfw, porn, hentai, sexy).")
+@click.option("--threshold-for", default=None, help="Pick the stored threshold on the validation split: "
+                                                    "precision=0.95 or recall=0.9 (default 0.5).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the split and of the weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print the saved metadata as JSON.")
+def train(store: str, labels: str, name: str, epochs: int, batch_size: int, lr: float, units: int, layers: int,
+          activation: str, dropout: float, val_ratio: float, test_ratio: float, class_weight: bool, tune: bool,
+          max_trials: int, nsfw_classes: "str | None", threshold_for: "str | None", seed: int, as_json: bool) -> None:
+    """Train the NSFW classifier on labelled store vectors (Keras; two labels: sigmoid, more: softmax).
+
+    A seeded stratified split keeps --val-ratio for early stopping and the
+    threshold, and --test-ratio for the reported metrics. Saves NAME.keras,
+    NAME.json (classes, threshold, metrics), NAME.labels.parquet, NAME.plots/
+    and TensorBoard logs in NAME.logs/ under STORE/models/.
+
+    \b
+    Example:
+      pnsfw train --store store/ --labels folders --threshold-for precision=0.95
+      pnsfw train --store store/ --labels labels.csv --nsfw-classes hentai,porn,sexy --tune --max-trials 20
+    """
+    from .classifier.train import TrainOptions, train_classifier
+
+    options = TrainOptions(name=name, epochs=epochs, batch_size=batch_size, lr=lr, units=units, layers=layers,
+                           activation=activation, dropout=dropout, val_ratio=val_ratio, test_ratio=test_ratio,
+                           class_weight=class_weight, tune=tune, max_trials=max_trials, seed=seed,
+                           nsfw_classes=[c.strip() for c in nsfw_classes.split(",") if c.strip()] if nsfw_classes else None,
+                           threshold_for=threshold_for, verbose=2 if sys.stderr.isatty() else 0)
+    meta = train_classifier(store, labels, options)
+    _skipped_labels(meta["data"]["unknown"], meta["data"]["unknown_examples"])
+    if as_json:
+        click.echo(json.dumps(meta, indent=2))
+        return
+    counts = meta["data"]["counts"]
+    click.echo(f"model {name}: {meta['output']} over {', '.join(meta['classes'])} (NSFW: {', '.join(meta['nsfw_classes'])})")
+    click.echo("split: " + "  ".join(f"{s} {sum(c.values()):,}" for s, c in counts.items()) +
+               f"; {meta['history']['epochs_run']} epochs, best {meta['history']['best_epoch']}")
+    click.echo(f"{meta['evaluated_on']} split: " + _metrics_text(meta["metrics"][meta["evaluated_on"]]))
+    click.echo(f"saved {store}/models/{name}.keras ({meta['seconds']:.1f} s)")
+
+
+@cli.command()
+@STORE
+@CLASSIFIER
+@click.option("--labels", required=True, help="`folders` or a CSV/Parquet file of (uri or id, label).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate(store: str, model_name: str, labels: str, as_json: bool) -> None:
+    """Metrics of a model on every labelled image of the store, at its stored threshold.
+
+    \b
+    Example:
+      pnsfw evaluate --store store/ --model default --labels holdout.csv
+    """
+    from .classifier.train import evaluate_classifier
+
+    result = evaluate_classifier(store, model_name, labels)
+    _skipped_labels(result["unknown"], result["unknown_examples"])
+    click.echo(json.dumps(result, indent=2) if as_json else _metrics_text(result, table=True))
+
+
+@cli.command()
+@STORE
+@CLASSIFIER
+@DEVICE
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "numpy", "torch"]),
+              help="auto: torch on CUDA, numpy (BatchNorm folded, exact) on CPU.")
+@click.option("--batch-size", default="64k", type=SIZE, show_default=True, help="Rows per forward pass.")
+def score(store: str, model_name: str, device: str, engine: str, batch_size: int) -> None:
+    """Score every vector of the store into STORE/scores/NAME/ (resumable; a rerun scores new shards only).
+
+    \b
+    Example:
+      pnsfw score --store store/ --model default
+    """
+    from .classifier.scoring import score_store
+
+    summary = score_store(store, model_name, device=device, engine=engine, batch_rows=max(1, batch_size))
+    note = " (model changed: rescored everything)" if summary.rescored_all else ""
+    click.echo(f"scored {summary.scored:,} vectors in {summary.shards_scored} shards ({summary.vectors_per_s:,.0f} "
+               f"vectors/s, {summary.engine}); {summary.shards_present} shards already scored{note}")
+
+
+@cli.command(name="filter")
+@STORE
+@CLASSIFIER
+@click.option("--threshold", default=None, type=float, help="Default: the model's stored threshold.")
+@click.option("--keep", default="safe", show_default=True, type=click.Choice(["safe", "unsafe"]),
+              help="safe: p_nsfw < threshold; unsafe: p_nsfw >= threshold.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help=".parquet/.csv (id, uri, p_nsfw) or .txt (uris).")
+def filter_command(store: str, model_name: str, threshold: "float | None", keep: str, out: str) -> None:
+    """Write the ids and uris kept by the threshold (scoring any unscored shards first).
+
+    \b
+    Example:
+      pnsfw filter --store store/ --model default --keep safe --out safe.parquet
+    """
+    from .classifier.filter import filter_store
+
+    summary = filter_store(store, out, model_name, threshold, keep)
+    click.echo(f"kept {summary.kept:,} {keep} images, dropped {summary.dropped:,} (threshold {summary.threshold:.4f}) "
+               f"-> {out}")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@STORE
+@CLASSIFIER
+@CLIP_MODEL
+@DEVICE
+@click.option("--threshold", default=None, type=float, help="Default: the model's stored threshold.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def predict(inputs: tuple[str, ...], store: str, model_name: str, clip_model: "str | None", device: str,
+            threshold: "float | None", as_json: bool) -> None:
+    """Score images, folders or .npy embeddings (of the store's space) without adding them to the store.
+
+    \b
+    Example:
+      pnsfw predict photo.jpg uploads/ --store store/ --model default
+      pnsfw predict vectors.npy --store store/ --json
+    """
+    from .classifier.predict import PredictOptions, predict_paths
+
+    options = PredictOptions(name=model_name, clip_model=clip_model, device=device, threshold=threshold)
+    results = predict_paths(store, list(inputs), options)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        if "error" in r:
+            click.echo(f"{'error':<6} {'':>6}  {r['path']}  ({r['error']})")
+        else:
+            click.echo(f"{r['verdict']:<6} {r['p_nsfw']:>6.3f}  {r['path']}")
+
+
+@cli.command()
+@STORE
+@CLASSIFIER
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx"]))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Default: STORE/models/NAME.onnx.")
+def export(store: str, model_name: str, fmt: str, out: "str | None") -> None:
+    """Export a classifier (inputs `embedding` float32 (N, dim); outputs `probabilities`, `p_nsfw`).
+
+    \b
+    Example:
+      pnsfw export --store store/ --model default --format onnx --out nsfw.onnx
+    """
+    from .classifier.export import EXPORTERS
+
+    click.echo(f"wrote {EXPORTERS[fmt](store, model_name, out)}")
+
+
 def main() -> None:
     cli(prog_name="pnsfw")
 

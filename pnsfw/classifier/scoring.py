@@ -62,7 +62,7 @@ def _torch_engine(clf: Classifier, device: str) -> Callable[[np.ndarray], np.nda
 
     from .model import ACTIVATIONS
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    dev = torch.device(device)
     acts = {"tanh": torch.tanh, "gelu": torch.nn.functional.gelu, "sigmoid": torch.sigmoid,
             "softmax": lambda h: torch.softmax(h, dim=1), "linear": lambda h: h, "relu": torch.relu}
     assert set(acts) == set(ACTIVATIONS)
@@ -84,7 +84,11 @@ ENGINES: dict[str, Callable[[Classifier, str], Callable[[np.ndarray], np.ndarray
 
 
 def make_engine(clf: Classifier, engine: str = "auto", device: str = "cpu") -> tuple[str, Callable[..., np.ndarray]]:
-    """auto: torch on a CUDA device, numpy otherwise."""
+    """auto: torch on a CUDA device, numpy otherwise (device auto: CUDA when torch sees one)."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if engine == "auto":
         engine = "torch" if device.startswith("cuda") else "numpy"
     if engine not in ENGINES:
