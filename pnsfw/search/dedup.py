@@ -64,7 +64,7 @@ def exact_cpu_pairs(vectors: np.ndarray, threshold: float, **_: Any) -> Pairs:
     index.add(vectors)
     for start in range(0, len(vectors), QUERY_BATCH):
         lims, _, found = index.range_search(vectors[start:start + QUERY_BATCH], threshold)
-        rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims))
+        rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)))
         keep = found > rows
         yield rows[keep], found[keep]
 

@@ -1,0 +1,211 @@
+"""Search, explain and dedup over the FAISS index (tiny random CLIP, real FAISS)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import index_folder
+from pnsfw.cli import cli
+from pnsfw.errors import BadInput, NotFound, SpaceMismatch, StoreError
+from pnsfw.search import index as faiss_index
+from pnsfw.search.dedup import find_groups
+from pnsfw.search.explain import explain_vector
+from pnsfw.search.query import Searcher
+from pnsfw.store import Store
+
+
+def block_images(root: Path, count: int, seed: int = 0) -> Path:
+    """Images of random colour blocks: distinct enough that the tiny random CLIP tells them apart."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        grid = np.random.default_rng(seed * 1000 + i).integers(0, 256, (3, 4, 3)).astype(np.uint8)
+        Image.fromarray(grid).resize((64, 48), Image.NEAREST).save(root / f"{seed}-{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def block_store(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """30 distinct images plus exact byte copies of two of them (read-only)."""
+    root = tmp_path_factory.mktemp("blocks")
+    source = block_images(root / "images", 30)
+    shutil.copy(source / "0-004.png", source / "copy-a1.png")
+    shutil.copy(source / "0-004.png", source / "copy-a2.png")
+    shutil.copy(source / "0-017.png", source / "copy-b1.png")
+    index_folder(source, root / "store", tiny_checkpoint)
+    return root / "store"
+
+
+def run(*args: str) -> "object":
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_self_is_first_hit_for_ids(block_store: Path) -> None:
+    searcher = Searcher.open(Store(block_store))
+    ids = searcher.table.column("id").to_numpy()
+    distinct = [i for i, uri in zip(ids, searcher.table.column("uri").to_pylist()) if "copy" not in uri
+                and not uri.endswith(("0-004.png", "0-017.png"))]
+    for item_id in distinct[:10]:
+        hits = searcher.search_id(int(item_id), 5)
+        assert hits[0].id == item_id and hits[0].similarity == pytest.approx(1.0, abs=2e-3)
+        assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
+    assert searcher.vector_of(int(ids[0])).shape == (256,)
+    assert set(searcher.item(int(ids[0]))) == {"id", "uri", "source", "sha256", "width", "height"}
+
+
+def test_indexed_image_is_first_hit(block_store: Path) -> None:
+    image = Store(block_store).table(["uri"]).column("uri")[7].as_py()
+    result = run("search", "--store", block_store, "--image", image, "-k", "3", "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output)
+    assert hits[0]["uri"] == image and hits[0]["similarity"] > 0.999
+
+
+def test_text_search_returns_k_hits(block_store: Path) -> None:
+    result = run("search", "--store", block_store, "--text", "a red square", "-k", "7", "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output)
+    assert len(hits) == 7 and len({h["id"] for h in hits}) == 7
+    table = run("search", "--store", block_store, "--text", "a red square", "-k", "2", "--device", "cpu")
+    assert table.exit_code == 0 and len(table.output.strip().splitlines()) == 3
+
+
+def test_vector_file_query(block_store: Path, tmp_path: Path) -> None:
+    searcher = Searcher.open(Store(block_store))
+    np.save(tmp_path / "q.npy", searcher.vector_of(5))
+    result = run("search", "--store", block_store, "--vector", tmp_path / "q.npy", "-k", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)[0]["id"] == 5
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq", "IVF2,Flat"])
+def test_each_kind_round_trips_through_save_and_load(block_store: Path, tmp_path: Path, kind: str) -> None:
+    store_dir = shutil.copytree(block_store, tmp_path / "store")
+    result = run("reindex", "--store", store_dir, "--kind", kind)
+    assert result.exit_code == 0, result.output
+    store = Store(store_dir)
+    loaded, meta = faiss_index.load_index(store)
+    assert meta["spec"] == kind and meta["space"] == store.space and meta["ntotal"] == store.rows
+    assert meta["shards"] == [s["name"] for s in store.manifest["shards"]]
+    plan = faiss_index.make_plan(kind, store.rows, store.dim, 1 << 30)
+    built = faiss_index.create_index(store, plan)
+    queries = np.ascontiguousarray(store.vectors()[1][:8], dtype=np.float32)
+    expected, got = built.search(queries, 5), loaded.search(queries, 5)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_incremental_add_equals_rebuild_for_flat(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    first, second = block_images(tmp_path / "a", 12, seed=1), block_images(tmp_path / "b", 9, seed=2)
+    store_dir = tmp_path / "store"
+    index_folder(first, store_dir, tiny_checkpoint)
+    index_folder(second, store_dir, tiny_checkpoint)
+    store = Store(store_dir)
+    incremental, meta = faiss_index.load_index(store)
+    assert len(meta["shards"]) == 2 and meta["kind"] == "flat" and incremental.ntotal == 21
+    rebuilt = faiss_index.create_index(store, faiss_index.make_plan("flat", store.rows, store.dim, 1 << 30))
+    queries = np.ascontiguousarray(store.vectors()[1], dtype=np.float32)
+    np.testing.assert_array_equal(incremental.search(queries, 21)[1], rebuilt.search(queries, 21)[1])
+    assert faiss_index.update_index(store)["added"] == 0
+
+
+def test_index_from_another_space_is_refused(block_store: Path, tmp_path: Path) -> None:
+    store_dir = shutil.copytree(block_store, tmp_path / "store")
+    meta_path = store_dir / "index" / "index.json"
+    meta_path.write_text(json.dumps(dict(json.loads(meta_path.read_text()), space="0123456789abcdef")))
+    with pytest.raises(SpaceMismatch):
+        Searcher.open(Store(store_dir))
+
+
+def test_auto_picks_by_size_and_memory() -> None:
+    assert faiss_index.auto_plan(50_000, 256, 16 << 30).kind == "flat"
+    assert faiss_index.auto_plan(2_000_000, 256, 16 << 30).kind == "hnsw"
+    big = faiss_index.auto_plan(100_000_000, 256, 16 << 30)
+    assert big.kind == "ivfpq" and faiss_index.estimate_bytes(big, 100_000_000, 256) <= 16 << 30
+    with pytest.raises(BadInput):
+        faiss_index.auto_plan(10**11, 256, 1 << 30)
+
+
+@pytest.mark.parametrize("method", ["exact", "knn"])
+def test_exact_copies_land_in_one_dedup_group(block_store: Path, method: str) -> None:
+    store = Store(block_store)
+    groups, used = find_groups(store, 0.999, method)
+    uris = store.table(["uri"]).column("uri").to_pylist()
+    by_uri = dict(zip(uris, groups))
+    group_a = {by_uri[u] for u in uris if u.endswith(("0-004.png", "copy-a1.png", "copy-a2.png"))}
+    group_b = {by_uri[u] for u in uris if u.endswith(("0-017.png", "copy-b1.png"))}
+    assert used == method and len(group_a) == 1 and len(group_b) == 1 and group_a != group_b
+    assert -1 not in group_a | group_b and (groups >= 0).sum() == 5
+
+
+def test_dedup_cli_writes_parquet_and_csv(block_store: Path, tmp_path: Path) -> None:
+    for out in (tmp_path / "d.parquet", tmp_path / "d.csv"):
+        result = run("dedup", "--store", block_store, "--threshold", "0.999", "--out", out)
+        assert result.exit_code == 0, result.output
+        table = pq.read_table(out) if out.suffix == ".parquet" else pcsv.read_csv(out)
+        assert table.column_names == ["group", "id", "uri"] and table.num_rows == 5
+        assert sorted(set(table.column("group").to_pylist())) == [0, 1]
+    assert run("dedup", "--store", block_store, "--out", tmp_path / "d.txt").exit_code == 1
+
+
+def test_bad_input_gives_one_line_errors(block_store: Path, tmp_path: Path) -> None:
+    searcher = Searcher.open(Store(block_store))
+    with pytest.raises(NotFound):
+        searcher.search_id(10**9, 3)
+    for k in (0, 1001):
+        with pytest.raises(BadInput):
+            searcher.search_vectors(searcher.vector_of(0)[None, :], k)
+    with pytest.raises(BadInput):
+        searcher.search_vectors(np.zeros((1, 7), np.float32), 3)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
+    cases = {("--id", "999999"): "not in store", ("--id", "1", "-k", "0"): "1..1000",
+             ("--image", tmp_path / "broken.jpg"): "cannot decode"}
+    for args, message in cases.items():
+        result = run("search", "--store", block_store, *args, "--device", "cpu")
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    empty = run("search", "--store", tmp_path / "nothing", "--id", "1")
+    assert empty.exit_code == 1 and "Error:" in empty.output
+    with pytest.raises(StoreError):
+        Searcher.open(Store(tmp_path / "nothing"))
+
+
+@pytest.fixture(scope="module")
+def trained_store(tmp_path_factory: pytest.TempPathFactory, labelled_store: Path) -> Path:
+    from pnsfw.classifier.train import TrainOptions, train_classifier
+
+    store_dir = shutil.copytree(labelled_store, tmp_path_factory.mktemp("trained") / "store")
+    train_classifier(store_dir, "folders", TrainOptions(name="m", epochs=5))
+    return store_dir
+
+
+def test_explain_lists_labelled_neighbours(trained_store: Path) -> None:
+    searcher = Searcher.open(Store(trained_store), model="m")
+    train = pq.read_table(trained_store / "models" / "m.labels.parquet").to_pandas()
+    train_ids = set(train.loc[train.split == "train", "id"])
+    item_id = int(train.id.iloc[0])
+    result = explain_vector(searcher, searcher.vector_of(item_id), 6, exclude_id=item_id)
+    verdict = result["verdict"]
+    assert set(verdict["classes"]) == {"nsfw", "sfw"} and 0.0 <= verdict["p_nsfw"] <= 1.0
+    assert len(result["neighbours"]) == 6 and item_id not in {n["id"] for n in result["neighbours"]}
+    for n in result["neighbours"]:
+        assert n["id"] in train_ids and f"/{n['label']}/" in n["uri"] and 0.0 <= n["p_nsfw"] <= 1.0
+    assert result["agree"] == sum((n["label"] == "nsfw") == verdict["nsfw"] for n in result["neighbours"])
+    hits = searcher.search_id(item_id, 3)
+    assert hits[0].label is not None and hits[0].p_nsfw == pytest.approx(searcher.item(item_id)["p_nsfw"])
+
+
+def test_explain_cli_by_image(trained_store: Path) -> None:
+    image = Store(trained_store).table(["uri"]).column("uri")[3].as_py()
+    result = run("explain", "--store", trained_store, "--model", "m", "--image", image, "-k", "4", "--json",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.output)
+    assert body["k"] == 4 and {n["label"] for n in body["neighbours"]} <= {"sfw", "nsfw"}
+    text = run("explain", "--store", trained_store, "--model", "m", "--id", "3", "-k", "2")
+    assert text.exit_code == 0 and "nearest training examples agree" in text.output
