@@ -184,6 +184,14 @@ class Classifier:
 
         return import_keras().saving.load_model(self.path, compile=False)
 
+    def keras_outputs(self, vectors: np.ndarray) -> np.ndarray:
+        """The saved Keras model's own forward pass (reference for the folded numpy one)."""
+        from .backend import import_keras
+
+        keras = import_keras()
+        model = self.keras_model()
+        return keras.ops.convert_to_numpy(model(np.asarray(vectors, np.float32), training=False))
+
 
 def list_models(store: Store) -> list[str]:
     folder = models_dir(store)
