@@ -159,6 +159,9 @@ def test_score_resumes_and_covers_every_id_once(trained: Path, tmp_path: Path) -
     np.testing.assert_allclose(lookup_scores(store, "default", all_ids), clf.p_nsfw(vectors), atol=1e-6)
     assert np.isnan(lookup_scores(store, "default", np.array([10_000]))).all()
     assert score_store(root, "default").scored == 0
+    bf16 = score_store(root, "default", precision="bf16")  # another precision: scored again, close to fp32
+    assert bf16.rescored_all and bf16.engine == "torch"
+    np.testing.assert_allclose(lookup_scores(store, "default", all_ids), clf.p_nsfw(vectors), atol=2e-2)
     run_cli("train", "--store", root, "--labels", "folders", "--epochs", "2")  # a new model file
     assert np.isnan(lookup_scores(store, "default", all_ids)).all()  # stale scores are not served
     rescored = score_store(root, "default")
