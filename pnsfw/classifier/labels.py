@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pyarrow as pa
 
 from ..errors import BadInput
@@ -20,10 +19,6 @@ class LabelSet:
     labels: dict[int, str]
     unknown: list[str] = field(default_factory=list)
     unlabelled: int = 0
-
-    def counts(self) -> dict[str, int]:
-        values, counts = np.unique(np.array(list(self.labels.values()), dtype=object), return_counts=True)
-        return {str(v): int(c) for v, c in zip(values, counts)}
 
 
 def folder_label(uri: str, source: str) -> "str | None":
