@@ -97,7 +97,8 @@ def machine(device: str) -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__, "keras": keras.__version__,
-            "keras_backend": keras.backend.backend(), "pyarrow": pyarrow.__version__, "platform": platform.platform()}
+            "keras_backend": keras.backend.backend(), "pyarrow": pyarrow.__version__, "platform": platform.platform(),
+            "loadavg_1m_after": os.getloadavg()[0]}  # other processes on a shared machine depress the figures
 
 
 def main() -> None:
