@@ -71,7 +71,7 @@ from PIL import Image, ImageDraw
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
-CORPUS_VERSION = 1  # bump when the generator changes, to regenerate corpora
+CORPUS_VERSION = 2  # bump when the generator changes, to regenerate corpora
 THUMB_LONG = (256, 400)
 PHOTO_SIZE = (1632, 1224)
 SKIMAGE_SOURCES = (
@@ -83,7 +83,18 @@ SKIMAGE_SOURCES = (
 # The anchor is started through this shim: it records every batch's stats,
 # then runs clip-retrieval's console-script entry point unchanged.
 ANCHOR_SHIM = """\
-import json, os, sys
+import importlib.util, json, os, sys, types
+try:
+    import clip_retrieval
+except ImportError:  # its __init__ imports the web back-end (flask...), which `inference` never uses:
+    _spec = importlib.util.find_spec("clip_retrieval")  # register the bare package, load submodules
+    _pkg = types.ModuleType("clip_retrieval")
+    _pkg.__path__ = list(_spec.submodule_search_locations)
+    sys.modules["clip_retrieval"] = _pkg
+try:
+    import wandb  # imported at module level by clip-retrieval's logger, used only with enable_wandb
+except ImportError:  # not installed on the GPU box: an empty module stands in; wandb stays disabled
+    sys.modules["wandb"] = types.ModuleType("wandb")
 from clip_retrieval.clip_inference import logger as _lg
 _log = open(os.environ["PNSFW_BENCH_BATCH_LOG"], "a")
 _orig = _lg.LoggerWriter.__call__
@@ -91,7 +102,14 @@ def _call(self, stats):
     _log.write(json.dumps(stats) + "\\n"); _log.flush()
     return _orig(self, stats)
 _lg.LoggerWriter.__call__ = _call
-from clip_retrieval.cli import main
+try:
+    from clip_retrieval.cli import main
+except ImportError:  # a GPU box without back/index/end2end deps: the `inference` command's own function
+    import fire
+    from clip_retrieval.clip_inference.main import main as _inference
+    if sys.argv[1:2] == ["inference"]:
+        del sys.argv[1]
+    main = lambda: fire.Fire(_inference)
 sys.argv[0] = "clip-retrieval"
 sys.exit(main())
 """
@@ -161,34 +179,58 @@ def shapes_image(size: tuple[int, int], rng: np.random.Generator) -> Image.Image
     return img
 
 
+_GRAIN: dict[str, np.ndarray] = {}  # per process: one grain field, sliced at random offsets
+
+
+def grain(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """int16 Gaussian grain (sigma 2-5) of ``shape``: a random window of a per-process field."""
+    field = _GRAIN.get("field")
+    if field is None or field.shape[0] < shape[0] + 64 or field.shape[1] < shape[1] + 64:
+        gen = np.random.default_rng(len(_GRAIN))
+        field = (gen.standard_normal((max(shape[0], 1300) + 64, max(shape[1], 1700) + 64, 3)) * 64).astype(np.int16)
+        _GRAIN["field"] = field
+    y, x = int(rng.integers(0, 64)), int(rng.integers(0, 64))
+    return field[y:y + shape[0], x:x + shape[1]] * int(rng.integers(2, 6)) // 64
+
+
 def jitter(img: Image.Image, rng: np.random.Generator) -> np.ndarray:
-    """Colour jitter (gain, offset, gamma) plus grain, so every file differs."""
-    a = np.asarray(img, dtype=np.float32) / 255.0
-    a = a ** rng.uniform(0.8, 1.25)
-    a = a * rng.uniform(0.8, 1.2, size=3) + rng.uniform(-0.08, 0.08)
-    a = a * 255.0 + rng.normal(0.0, rng.uniform(2.0, 5.0), size=a.shape).astype(np.float32)
-    return np.clip(a, 0, 255).astype(np.uint8)
+    """Colour jitter (gamma, per-channel gain, offset; as lookup tables) plus grain, so every file differs."""
+    levels = np.arange(256) / 255.0
+    gamma, gain, offset = rng.uniform(0.8, 1.25), rng.uniform(0.8, 1.2, size=3), rng.uniform(-0.08, 0.08)
+    luts = [np.clip((levels ** gamma * g + offset) * 255.0, 0, 255).astype(np.uint8) for g in gain]
+    a = np.asarray(img.point([int(v) for lut in luts for v in lut]), dtype=np.int16)
+    return np.clip(a + grain(rng, a.shape), 0, 255).astype(np.uint8)
+
+
+_SOURCES: dict[str, Any] = {}
+
+
+def write_image(job: tuple[str, str, int, int]) -> int:
+    """Write image ``i`` of a corpus (its own seeded generator: any worker writes the same bytes)."""
+    folder, kind, i, seed = job
+    rng = np.random.default_rng([seed, 0 if kind == "thumbs" else 1, i])
+    if "sources" not in _SOURCES:
+        _SOURCES["sources"] = load_sources(np.random.default_rng(seed))
+    sources = _SOURCES["sources"]
+    size = random_size(rng, kind)
+    img = crop_resize(sources[int(rng.integers(len(sources)))], size, rng) if sources else shapes_image(size, rng)
+    path = Path(folder) / f"{kind[0]}{i:06d}.jpg"
+    Image.fromarray(jitter(img, rng)).save(path, quality=90)
+    return path.stat().st_size
 
 
 def write_corpus(folder: Path, count: int, kind: str, seed: int) -> dict[str, Any]:
-    """Write ``count`` JPEGs of ``kind`` into ``folder``; return a description."""
-    rng = np.random.default_rng([seed, 0 if kind == "thumbs" else 1])
-    sources = load_sources(rng)
+    """Write ``count`` JPEGs of ``kind`` into ``folder`` on every core; return a description."""
+    import multiprocessing
+
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    total = 0
-    for i in range(count):
-        size = random_size(rng, kind)
-        if sources:
-            img = crop_resize(sources[int(rng.integers(len(sources)))], size, rng)
-        else:
-            img = shapes_image(size, rng)
-        path = folder / f"{kind[0]}{i:06d}.jpg"
-        Image.fromarray(jitter(img, rng)).save(path, quality=90)
-        total += path.stat().st_size
-    return {"kind": kind, "count": count, "seed": seed, "version": CORPUS_VERSION,
-            "content": "skimage.data" if sources else "PIL shapes",
+    jobs = [(str(folder), kind, i, seed) for i in range(count)]
+    with multiprocessing.get_context("fork").Pool(len(os.sched_getaffinity(0))) as pool:
+        total = sum(pool.imap_unordered(write_image, jobs, chunksize=64))
+    content = "skimage.data" if load_sources(np.random.default_rng(seed)) else "PIL shapes"
+    return {"kind": kind, "count": count, "seed": seed, "version": CORPUS_VERSION, "content": content,
             "bytes": total, "mean_kib": round(total / max(count, 1) / 1024, 1)}
 
 
@@ -230,16 +272,62 @@ def ensure_checkpoint(workdir: Path, seed: int, cr_python: Path) -> Path:
 
 # ---------------------------------------------------------------- running ---
 
+LAST_GPU: dict[str, Any] = {}  # GPU utilisation during the last run_timed (cuda runs)
+
+
+def gpu_sampler(samples: list[tuple[float, float, float]]) -> subprocess.Popen | None:
+    """nvidia-smi every 100 ms: (time, utilization.gpu %, memory.used MiB) appended by a reader thread."""
+    import threading
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                             "--format=csv,noheader,nounits", "-lms", "100"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def read() -> None:
+        for line in proc.stdout:
+            try:
+                util, mem = (float(v) for v in line.split(",")[:2])
+            except ValueError:
+                continue
+            samples.append((time.perf_counter(), util, mem))
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc
+
+
+def gpu_summary(samples: list[tuple[float, float, float]], t0: float, t1: float) -> dict[str, Any]:
+    """Mean/median utilisation over the run and over its busy part (first to last sample above 5%)."""
+    window = [s for s in samples if t0 <= s[0] <= t1]
+    if not window:
+        return {}
+    utils = np.array([s[1] for s in window])
+    busy = np.nonzero(utils > 5)[0]
+    active = utils[busy[0]:busy[-1] + 1] if len(busy) else utils[:0]
+    return {"samples": len(window), "util_mean_pct": round(float(utils.mean()), 1),
+            "util_active_mean_pct": round(float(active.mean()), 1) if len(active) else None,
+            "active_s": round(window[busy[-1]][0] - window[busy[0]][0], 2) if len(busy) else 0.0,
+            "mem_max_mib": max(s[2] for s in window)}
+
+
 def run_timed(cmd: list[str], env_extra: dict[str, str], log: Path) -> tuple[int, float, float]:
-    """Run ``cmd`` with output to ``log``; return (rc, wall seconds, start epoch)."""
+    """Run ``cmd`` with output to ``log``; return (rc, wall seconds, start epoch). Samples the GPU if asked."""
     env = {**os.environ, **env_extra}
     log.parent.mkdir(parents=True, exist_ok=True)
+    samples: list[tuple[float, float, float]] = []
+    sampler = gpu_sampler(samples) if os.environ.get("BENCH_SAMPLE_GPU") == "1" else None
     with open(log, "w") as out:
         started = time.time()
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                             stdin=subprocess.DEVNULL).returncode
         wall = time.perf_counter() - t0
+    if sampler is not None:
+        time.sleep(0.2)
+        sampler.terminate()
+    LAST_GPU.clear()
+    LAST_GPU.update(gpu_summary(samples, t0, t0 + wall))
     return rc, wall, started
 
 
@@ -294,7 +382,7 @@ def run_anchor(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path) ->
     env = anchor_env(args.device, batch_log)
     log = out.with_suffix(".log")
     rc, wall, started = run_timed(shim_cmd, env, log)
-    res: dict[str, Any] = {"tool": "clip-retrieval", "rc": rc, "seconds": wall, "command": cmd,
+    res: dict[str, Any] = {"tool": "clip-retrieval", "rc": rc, "seconds": wall, "command": cmd, "gpu": dict(LAST_GPU),
                            "launched_as": "python -c ANCHOR_SHIM (see script) + same arguments",
                            "env": {k: v for k, v in env.items() if k != "PNSFW_BENCH_BATCH_LOG"},
                            "log": str(log)}
@@ -316,22 +404,28 @@ def ours_command(args: argparse.Namespace, corpus: Path, store: Path, ckpt: Path
     return [str(args.pnsfw), "index", str(corpus), "--store", str(store),
             "--model", str(ckpt), "--device", args.device,
             "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-            "--summary-json", str(summary)]
+            "--summary-json", str(summary)] + (["--no-faiss"] if args.no_faiss else [])
 
 
-def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path) -> dict[str, Any]:
-    """Run ``pnsfw index`` into a fresh store; return its figures."""
-    store = args.workdir / "runs" / f"{name}-ours-store"
-    summary = args.workdir / "runs" / f"{name}-ours.summary.json"
+def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
+             variant: str = "") -> dict[str, Any]:
+    """Run ``pnsfw index`` into a fresh store; return its figures (variant: KEY=VAL,... extra env)."""
+    tag = f"ours{'-' + variant.replace('=', '').replace(',', '-') if variant else ''}"
+    store = args.workdir / "runs" / f"{name}-{tag}-store"
+    summary = args.workdir / "runs" / f"{name}-{tag}.summary.json"
+    stats = args.workdir / "runs" / f"{name}-{tag}.stages.json"
     shutil.rmtree(store, ignore_errors=True)
     summary.unlink(missing_ok=True)
     cmd = ours_command(args, corpus, store, ckpt, summary)
-    log = args.workdir / "runs" / f"{name}-ours.log"
+    log = args.workdir / "runs" / f"{name}-{tag}.log"
     if not Path(args.pnsfw).exists():
         return {"tool": "pnsfw", "rc": None, "command": cmd, "error": f"{args.pnsfw} not found"}
-    rc, wall, _ = run_timed(cmd, {}, log)
-    res: dict[str, Any] = {"tool": "pnsfw", "rc": rc, "seconds": wall, "command": cmd,
-                           "log": str(log)}
+    env = dict(kv.split("=", 1) for kv in variant.split(",") if kv)
+    rc, wall, _ = run_timed(cmd, {**env, "PNSFW_STAGE_STATS": str(stats)}, log)
+    res: dict[str, Any] = {"tool": f"pnsfw{' ' + variant if variant else ''}", "rc": rc, "seconds": wall,
+                           "command": cmd, "env": env, "log": str(log), "gpu": dict(LAST_GPU)}
+    if stats.exists():
+        res["stages"] = json.loads(stats.read_text())
     if rc != 0:
         return {**res, "error": log_tail(log)}
     try:
@@ -428,19 +522,20 @@ def table_rows(results: dict[str, dict[str, Any]]) -> Iterator[list[str]]:
         anchor, ours = runs.get("anchor", {}), runs.get("ours", {})
         for key, res in runs.items():
             if "error" in res:
-                yield [corpus, res["tool"], "FAILED", f"rc={res.get('rc')}", "", "", "", ""]
+                yield [corpus, res["tool"], "FAILED", f"rc={res.get('rc')}", "", "", "", "", ""]
                 continue
-            is_ours = key == "ours"
+            is_ours = key.startswith("ours")
             yield [corpus, res["tool"], str(res["images"]), fmt(res["seconds"]),
                    fmt(res["images_per_s"]), fmt(res.get("steady_images_per_s")),
-                   fmt(ratio(ours, anchor, "images_per_s"), ".2f") if is_ours else "",
-                   fmt(ratio(ours, anchor, "steady_images_per_s"), ".2f") if is_ours else ""]
+                   fmt(ratio(res, anchor, "images_per_s"), ".2f") if is_ours else "",
+                   fmt(ratio(res, anchor, "steady_images_per_s"), ".2f") if is_ours else "",
+                   fmt(res.get("gpu", {}).get("util_active_mean_pct"))]
 
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     """Print the results table, then the error of every failed run."""
     head = ["corpus", "tool", "images", "e2e s", "img/s e2e", "img/s steady",
-            "ours/anchor e2e", "ours/anchor steady"]
+            "ours/anchor e2e", "ours/anchor steady", "GPU util %"]
     rows = [head, *table_rows(results)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:
@@ -480,10 +575,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="bin/ folder of the clip-retrieval venv")
     ap.add_argument("--pnsfw", type=Path, default=REPO / ".venv" / "bin" / "pnsfw")
     ap.add_argument("--seed", type=int, default=0, help="corpus and checkpoint seed")
+    ap.add_argument("--no-faiss", action="store_true", help="pass --no-faiss to pnsfw (shards only)")
+    ap.add_argument("--ours-variants", nargs="*", default=[""],
+                    help="pnsfw runs per corpus, each an extra env 'KEY=VAL,...' ('' = plain)")
     ap.add_argument("--out", type=Path, default=Path("bench_index.json"))
     args = ap.parse_args(argv)
     if args.batch_size is None:
-        args.batch_size = 64 if args.device == "cpu" else 256
+        args.batch_size = 64 if args.device == "cpu" else 1024
+    if args.device == "cuda":
+        os.environ["BENCH_SAMPLE_GPU"] = "1"
     args.workdir = args.workdir.resolve()
     return args
 
@@ -493,12 +593,13 @@ def run_all(args: argparse.Namespace, corpora: dict[str, Path], ckpt: Path,
     """Run the selected tools on each corpus, saving the report after each run."""
     for name, corpus in corpora.items():
         runs = report["results"].setdefault(name, {})
-        for key, func, skip in (("anchor", run_anchor, args.skip_anchor),
-                                ("ours", run_ours, args.skip_ours)):
+        jobs = [("anchor", run_anchor, args.skip_anchor, ())]
+        jobs += [(f"ours{'-' + v if v else ''}", run_ours, args.skip_ours, (v,)) for v in args.ours_variants]
+        for key, func, skip, extra in jobs:
             if skip:
                 continue
             print(f"[bench] {name}: {key} ...", flush=True)
-            runs[key] = func(args, name, corpus, ckpt)
+            runs[key] = func(args, name, corpus, ckpt, *extra)
             r = runs[key]
             print(f"[bench] {name}: {key} rc={r.get('rc')} "
                   f"{fmt(r.get('seconds'))} s, {fmt(r.get('images_per_s'))} img/s", flush=True)

@@ -345,15 +345,33 @@ class _Features:
         return self.host.numpy()
 
 
+def _half_model(encoder: Encoder) -> Callable[[Any], Any]:
+    """Normalised images -> features. On CUDA at fp16/bf16, a copy of the image tower held in that dtype
+    (as OpenAI's CLIP runs on GPUs; autocast would re-cast every weight and activation each batch)."""
+    import copy
+
+    import torch
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(encoder.precision)
+    if dtype is None or not encoder.device.startswith("cuda"):
+        def autocast(images: Any) -> Any:
+            with encoder._autocast():
+                return encoder.model.encode_image(images)
+        return autocast
+    visual = copy.deepcopy(encoder.model.visual).to(dtype)
+    return lambda images: visual(images.to(dtype))
+
+
 def _image_model(encoder: Encoder, items: int, batch: int) -> Callable[[Any], Any]:
-    """encode_image, compiled for jobs large enough to pay back the compile time (or PNSFW_COMPILE=1/0)."""
+    """The image tower, compiled for jobs large enough to pay back the compile time (or PNSFW_COMPILE=1/0)."""
     import torch
 
     wanted = os.environ.get("PNSFW_COMPILE")
     compile_it = wanted == "1" or (wanted is None and items >= COMPILE_MIN_ITEMS and encoder.device.startswith("cuda"))
+    model = _half_model(encoder)
     if not compile_it:
-        return encoder.model.encode_image
-    compiled = torch.compile(encoder.model.encode_image, dynamic=False)
+        return model
+    compiled = torch.compile(model, dynamic=False)
 
     def fixed(images: Any) -> Any:  # one shape: the last, short batch is padded, not recompiled
         count = len(images)
@@ -380,7 +398,7 @@ def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[
             rows, errors, pixels = _join(unit, encoder.device)
             features = None
             if pixels is not None:
-                with torch.inference_mode(), encoder._autocast():
+                with torch.inference_mode():
                     features = _Features(model(normalize(pixels)))
             current = (unit, rows, errors, features)
         stats.add("encode_s", time.perf_counter() - started)

@@ -30,21 +30,18 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1, near, np.where(x < 2, far, 0.0))
 
 
-@lru_cache(maxsize=4096)
 def axis_weights(in_size: int, out_size: int, start: int, count: int) -> np.ndarray:
     """(count, in_size) float64: Pillow's coefficients for outputs start..start+count of an in->out resize."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = _SUPPORT * filterscale
-    weights = np.zeros((count, in_size))
-    for row, xx in enumerate(range(start, start + count)):
-        center = (xx + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        taps = _bicubic((np.arange(lo, hi) - center + 0.5) / filterscale)
-        total = taps.sum()
-        weights[row, lo:hi] = taps / total if total != 0 else taps
-    return weights
+    center = (np.arange(start, start + count) + 0.5)[:, None] * scale
+    lo = np.maximum(np.trunc(center - support + 0.5), 0)  # C's (int) truncation, as Pillow does
+    hi = np.minimum(np.trunc(center + support + 0.5), in_size)
+    x = np.arange(in_size)[None, :]
+    taps = np.where((x >= lo) & (x < hi), _bicubic((x - center + 0.5) / filterscale), 0.0)
+    total = taps.sum(axis=1, keepdims=True)
+    return taps / np.where(total != 0, total, 1.0)
 
 
 def crop_weights(width: int, height: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,15 +51,35 @@ def crop_weights(width: int, height: int, size: int) -> tuple[np.ndarray, np.nda
     return axis_weights(width, new_w, left, size), axis_weights(height, new_h, top, size)
 
 
-def _stacked_weights(shapes: Sequence[tuple[int, int]], size: int, pad_h: int, pad_w: int) -> tuple[Any, Any]:
-    """Per-image weights, zero-padded to the batch's largest image: (B, 1, W, R) and (B, 1, R, H)."""
-    wx = np.zeros((len(shapes), pad_w, size), np.float32)
-    wy = np.zeros((len(shapes), size, pad_h), np.float32)
-    for i, (height, width) in enumerate(shapes):
-        x, y = crop_weights(width, height, size)
-        wx[i, :width] = x.T
-        wy[i, :, :height] = y
-    return wx[:, None], wy[:, None]
+@lru_cache(maxsize=2048)
+def _device_weights(height: int, width: int, size: int, device: Any, dtype: Any) -> tuple[Any, Any]:
+    """Wx^T (W, R) and Wy (R, H) of one image shape, on the device (cached: corpora repeat shapes)."""
+    import torch
+
+    wx, wy = crop_weights(width, height, size)
+    return (torch.from_numpy(wx.T.astype(np.float32)).to(device, dtype),
+            torch.from_numpy(wy.astype(np.float32)).to(device, dtype))
+
+
+def _stacked_weights(shapes: Sequence[tuple[int, int]], size: int, pad_h: int, pad_w: int, device: Any,
+                     dtype: Any) -> tuple[Any, Any]:
+    """Weights of every image, zero-padded to the batch's largest: (B|1, 1, W, R) and (B|1, 1, R, H).
+
+    Built once per distinct shape on the device and gathered, so a batch costs a
+    few small copies, not B host-side matrices."""
+    import torch
+
+    unique = sorted(set(shapes))
+    if len(unique) == 1:
+        wx, wy = _device_weights(*unique[0], size, device, dtype)
+        return wx[None, None], wy[None, None]
+    wx = torch.zeros((len(unique), pad_w, size), dtype=dtype, device=device)
+    wy = torch.zeros((len(unique), size, pad_h), dtype=dtype, device=device)
+    for i, (height, width) in enumerate(unique):
+        wx[i, :width], wy[i, :, :height] = _device_weights(height, width, size, device, dtype)
+    position = {shape: i for i, shape in enumerate(unique)}
+    index = torch.tensor([position[s] for s in shapes], device=device)
+    return wx[index][:, None], wy[index][:, None]
 
 
 def _padded(images: Sequence[Any], dtype: Any) -> Any:
@@ -91,9 +108,7 @@ def resize_crop(images: Sequence[Any], size: int, dtype: Any = None) -> Any:
     device = images[0].device
     batch = _padded(images, dtype)
     shapes = [(int(img.shape[1]), int(img.shape[2])) for img in images]
-    wx, wy = _stacked_weights(shapes, size, batch.shape[2], batch.shape[3])
-    wx = torch.from_numpy(wx).to(device, dtype, non_blocking=True)
-    wy = torch.from_numpy(wy).to(device, dtype, non_blocking=True)
+    wx, wy = _stacked_weights(shapes, size, batch.shape[2], batch.shape[3], device, dtype)
     rows = torch.matmul(batch, wx).round_().clamp_(0, 255)  # horizontal pass, stored as 8-bit by Pillow
     return torch.matmul(wy, rows).float().round_().clamp_(0, 255)
 
