@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -90,7 +90,8 @@ def _ivfpq_plan(n: int, dim: int, bytes_per_code: int = 0) -> Plan:
     nlist = _ivf_lists(n)
     nprobe = min(nlist, max(16, nlist // 32))
     train = min(n, TRAIN_MAX, max(TRAIN_PER_LIST * nlist, 256 * 39))
-    return Plan("ivfpq", f"IVF{nlist},PQ{m}x{_pq_bits(n)}", f"nprobe={nprobe}", train)
+    # "np": no polysemous training, which costs ~1 s per sub-quantizer and helps only Hamming filtering
+    return Plan("ivfpq", f"IVF{nlist},PQ{m}x{_pq_bits(n)}np", f"nprobe={nprobe}", train)
 
 
 KINDS: dict[str, Callable[[int, int], Plan]] = {"flat": _flat_plan, "hnsw": _hnsw_plan, "ivfpq": _ivfpq_plan}
@@ -156,19 +157,20 @@ def _sample(store: Store, count: int, seed: int = 0) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts)[:count], dtype=np.float32)
 
 
-def _train(index: Any, store: Store, plan: Plan, gpus: int) -> None:
+def _train(index: Any, sample: Callable[[int], np.ndarray], plan: Plan, gpus: int) -> None:
+    """Train when the kind needs it, on `sample(count)` rows (the coarse k-means on GPUs when present)."""
     import faiss
 
     if index.is_trained:
         return
-    sample = _sample(store, plan.train_size or store.rows)
+    rows = sample(plan.train_size)
     ivf = faiss.try_extract_index_ivf(index)
     if gpus and ivf is not None:  # k-means of the coarse quantizer on the GPU
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
     try:
-        index.train(sample)
+        index.train(rows)
     except RuntimeError as exc:
-        raise BadInput(f"cannot train {plan.factory} on {len(sample):,} vectors: {str(exc).splitlines()[0]}") from None
+        raise BadInput(f"cannot train {plan.factory} on {len(rows):,} vectors: {str(exc).splitlines()[0]}") from None
 
 
 def add_shards(index: Any, store: Store, names: list[str]) -> int:
@@ -206,13 +208,20 @@ def _meta(store: Store, plan: Plan, spec: str, max_memory: int, index: Any, shar
                 dim=store.dim, ntotal=int(index.ntotal), shards=shards, gpus=gpu_count(), updated=time.time())
 
 
-def create_index(store: Store, plan: Plan) -> Any:
-    """A trained index holding every committed vector of the store (in memory, not saved)."""
-    index = new_index(plan, store.dim)
-    _train(index, store, plan, gpu_count())
-    add_shards(index, store, [s["name"] for s in store.manifest["shards"]])
+def fill_index(plan: Plan, dim: int, sample: Callable[[int], np.ndarray],
+               batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> Any:
+    """New index of `plan`, trained on sample(count) rows, holding every (ids, vectors) batch."""
+    index = new_index(plan, dim)
+    _train(index, sample, plan, gpu_count())
+    for ids, vectors in batches:
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
     set_search_params(index, plan.search_params)
     return index
+
+
+def create_index(store: Store, plan: Plan) -> Any:
+    """A trained index holding every committed vector of the store (in memory, not saved)."""
+    return fill_index(plan, store.dim, lambda count: _sample(store, count or store.rows), store.iter_vectors())
 
 
 def build_index(store: Store, kind: str = "auto", max_memory: "int | None" = None) -> dict[str, Any]:
