@@ -174,12 +174,15 @@ def print_row(row: dict[str, Any], k: int) -> None:
 
 
 def machine() -> dict[str, Any]:
-    import faiss
     import torch
 
+    try:
+        import faiss
+    except ImportError:  # the GPU machine may have torch alone
+        faiss = None
     return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
             "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "faiss": faiss.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "faiss": getattr(faiss, "__version__", None), "torch": torch.__version__, "numpy": np.__version__,
             "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
