@@ -104,21 +104,20 @@ class Searcher:
         return self.vectors()[self._row(item_id)].astype(np.float32)
 
     def p_nsfw_of_rows(self, rows: np.ndarray) -> "np.ndarray | None":
-        """p_nsfw of stored rows: bulk scores where scored, computed for the rest (cached)."""
+        """p_nsfw of stored rows: the bulk scores where scored, else computed (and kept) for just these rows."""
+        from ..classifier.scoring import lookup_scores
+
         if self.classifier is None:
             return None
         if self._scores is None:
-            self._scores = self._all_scores()
-        return self._scores[rows]
-
-    def _all_scores(self) -> np.ndarray:
-        from ..classifier.scoring import lookup_scores
-
-        ids = self.table.column("id").to_numpy()
-        scores = np.asarray(lookup_scores(self.store, self.classifier.name, ids), dtype=np.float32)
-        missing = np.flatnonzero(np.isnan(scores))
-        if len(missing):
-            scores[missing] = self.classifier.p_nsfw(self.vectors()[missing].astype(np.float32))
+            ids = self.table.column("id").to_numpy()
+            self._scores = np.asarray(lookup_scores(self.store, self.classifier.name, ids), dtype=np.float32)
+        rows = np.asarray(rows, dtype=np.int64)
+        scores = self._scores[rows]
+        missing = np.isnan(scores)
+        if missing.any():
+            scores[missing] = self.classifier.p_nsfw(self.vectors()[rows[missing]].astype(np.float32))
+            self._scores[rows[missing]] = scores[missing]
         return scores
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
