@@ -6,8 +6,11 @@ pixels a value may differ by one 8-bit level (a rounding tie or float
 round-off before the intermediate rounding): at most 1/255/std <= 0.0152 in
 normalised units, on < 0.1% of the values. The CPU-path/tensor-path embeddings
 then agree to cosine > 0.999 (tiny model). nvJPEG's decoder is not libjpeg:
-its pixels differ (seen on an H100: up to 36 levels on a few chroma edges,
-mean < 1.5 levels), so the CUDA test bounds the mean error, and cosine > 0.99.
+its chroma upsampling differs from libjpeg-turbo's "fancy" one. On these grainy
+test images (per-channel noise: worst case for chroma) an H100 gave up to 36
+levels, mean 5.0 levels per decoded pixel; the CUDA test bounds the mean (8
+levels; 6 levels after the resize averages it) and the index test asks cosine
+> 0.99 against the CPU path.
 """
 
 import io
@@ -199,10 +202,10 @@ def test_nvjpeg_decode_close_to_pil() -> None:
         diff = (gpu.cpu().int() - _as_tensor(ref).int()).abs().float()
         print(f"nvJPEG vs PIL {tuple(gpu.shape)}: max {diff.max():.0f}, mean {diff.mean():.3f}, "
               f"p99.9 {diff.flatten().quantile(0.999):.0f} levels")
-        assert gpu.shape == _as_tensor(ref).shape and diff.mean().item() < 1.5
+        assert gpu.shape == _as_tensor(ref).shape and diff.mean().item() < 8
     after = (clip_preprocess(decoded, 224, torch.float16).cpu() - _reference(pil, 224)).abs()
     print(f"after resize: max {after.max():.4f}, mean {after.mean():.5f} (one level = {ONE_LEVEL:.4f})")
-    assert after.mean().item() < 2 * ONE_LEVEL
+    assert after.mean().item() < 6 * ONE_LEVEL
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (nvJPEG)")

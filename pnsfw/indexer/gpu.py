@@ -346,20 +346,22 @@ class _Features:
 
 
 def _half_model(encoder: Encoder) -> Callable[[Any], Any]:
-    """Normalised images -> features. On CUDA at fp16/bf16, a copy of the image tower held in that dtype
-    (as OpenAI's CLIP runs on GPUs; autocast would re-cast every weight and activation each batch)."""
+    """Normalised images -> features. On CUDA at fp16, a copy of the image tower with fp16 weights, as
+    OpenAI's CLIP runs on GPUs (autocast would re-cast every weight each batch); else autocast."""
     import copy
 
     import torch
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(encoder.precision)
-    if dtype is None or not encoder.device.startswith("cuda"):
+    if encoder.precision != "fp16" or not encoder.device.startswith("cuda"):
         def autocast(images: Any) -> Any:
             with encoder._autocast():
                 return encoder.model.encode_image(images)
         return autocast
-    visual = copy.deepcopy(encoder.model.visual).to(dtype)
-    return lambda images: visual(images.to(dtype))
+    from clip.model import convert_weights  # fp16 convs/linears/attention; LayerNorm stays fp32, as in CLIP
+
+    visual = copy.deepcopy(encoder.model.visual)
+    convert_weights(visual)
+    return lambda images: visual(images.to(torch.float16))
 
 
 def _image_model(encoder: Encoder, items: int, batch: int) -> Callable[[Any], Any]:
