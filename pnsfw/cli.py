@@ -171,7 +171,8 @@ def serve(store: str, model_name: "str | None", host: str, port: int, max_upload
 @STORE
 @click.option("--kind", default="auto", show_default=True,
               help="auto (by size and --max-memory, as autofaiss does), flat (exact), hnsw, ivfpq, "
-                   "or a FAISS factory string such as 'IVF4096,PQ32'.")
+                   "or a FAISS factory string such as 'IVF4096,PQ32x8np' (append '|nprobe=64' for search "
+                   "parameters).")
 @click.option("--max-memory", default=None, type=SIZE, help="Memory budget of the index (default: half the RAM).")
 def reindex(store: str, kind: str, max_memory: "int | None") -> None:
     """Rebuild the FAISS index of the store from all its shards.

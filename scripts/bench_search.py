@@ -191,7 +191,8 @@ def main() -> None:
     sizes = lambda text: [parse_size(s) for s in text.split(",")]  # noqa: E731
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=sizes, default=sizes("100k,300k"), help="CPU: vector counts.")
-    parser.add_argument("--kinds", default="flat,hnsw,ivfpq", type=lambda t: t.split(","))
+    parser.add_argument("--kinds", nargs="+", default=["flat", "hnsw", "ivfpq"],
+                        help="Kinds as `pnsfw reindex --kind` takes them (factory strings too).")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--data", default="random", choices=sorted(DATA),
                         help="random: uniform on the sphere (worst case for ANN); clustered: 1000 clusters.")

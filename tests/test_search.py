@@ -84,7 +84,7 @@ def test_vector_file_query(block_store: Path, tmp_path: Path) -> None:
     assert json.loads(result.output)[0]["id"] == 5
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq", "IVF2,Flat"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq", "IVF2,Flat|nprobe=2", "IVF2,PQ16x4np,RFlat"])
 def test_each_kind_round_trips_through_save_and_load(block_store: Path, tmp_path: Path, kind: str) -> None:
     store_dir = shutil.copytree(block_store, tmp_path / "store")
     result = run("reindex", "--store", store_dir, "--kind", kind)

@@ -123,12 +123,13 @@ def auto_plan(n: int, dim: int, max_memory: int, gpus: int = 0) -> Plan:
 
 
 def make_plan(kind: str, n: int, dim: int, max_memory: int, gpus: int = 0) -> Plan:
-    """auto | flat | hnsw | ivfpq | a FAISS factory string -> Plan."""
+    """auto | flat | hnsw | ivfpq | a FAISS factory string, optionally `|search params` -> Plan."""
     if kind == "auto":
         return auto_plan(n, dim, max_memory, gpus)
     if kind in KINDS:
         return KINDS[kind](n, dim)
-    return Plan("factory", kind, "", min(n, TRAIN_MAX))
+    factory, _, params = kind.partition("|")  # e.g. "IVF4096,PQ32x8np,Refine(SQfp16)|nprobe=64"
+    return Plan("factory", factory.strip(), params.strip(), min(n, TRAIN_MAX))
 
 
 def new_index(plan: Plan, dim: int) -> Any:
@@ -139,7 +140,8 @@ def new_index(plan: Plan, dim: int) -> Any:
         index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise BadInput(f"bad index kind {plan.factory!r}: {str(exc).splitlines()[0]}") from None
-    return index if faiss.try_extract_index_ivf(index) is not None else faiss.IndexIDMap(index)
+    # only a top-level IVF takes ids itself (an IVF inside a Refine or PreTransform does not)
+    return index if isinstance(faiss.downcast_index(index), faiss.IndexIVF) else faiss.IndexIDMap(index)
 
 
 def set_search_params(index: Any, params: str) -> None:
