@@ -126,8 +126,11 @@ def test_index_from_another_space_is_refused(block_store: Path, tmp_path: Path) 
 def test_auto_picks_by_size_and_memory() -> None:
     assert faiss_index.auto_plan(50_000, 256, 16 << 30).kind == "flat"
     assert faiss_index.auto_plan(2_000_000, 256, 16 << 30).kind == "hnsw"
+    refined = faiss_index.auto_plan(20_000_000, 256, 16 << 30)
+    assert refined.kind == "ivfpq" and "Refine(SQfp16)" in refined.factory
     big = faiss_index.auto_plan(100_000_000, 256, 16 << 30)
-    assert big.kind == "ivfpq" and faiss_index.estimate_bytes(big, 100_000_000, 256) <= 16 << 30
+    assert big.kind == "ivfpq" and "Refine" not in big.factory
+    assert faiss_index.estimate_bytes(big, 100_000_000, 256) <= 16 << 30
     with pytest.raises(BadInput):
         faiss_index.auto_plan(10**11, 256, 1 << 30)
 

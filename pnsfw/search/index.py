@@ -85,13 +85,15 @@ def _ivf_lists(n: int) -> int:
     return 2 ** max(0, int(math.floor(math.log2(max(target, 1)))))
 
 
-def _ivfpq_plan(n: int, dim: int, bytes_per_code: int = 0) -> Plan:
+def _ivfpq_plan(n: int, dim: int, bytes_per_code: int = 0, refine: bool = False) -> Plan:
+    """IVF-PQ; `refine` re-ranks candidates on fp16 copies (recall ~1 at half flat's memory)."""
     m = bytes_per_code or max(1, dim // 4)
     nlist = _ivf_lists(n)
     nprobe = min(nlist, max(16, nlist // 32))
     train = min(n, TRAIN_MAX, max(TRAIN_PER_LIST * nlist, 256 * 39))
     # "np": no polysemous training, which costs ~1 s per sub-quantizer and helps only Hamming filtering
-    return Plan("ivfpq", f"IVF{nlist},PQ{m}x{_pq_bits(n)}np", f"nprobe={nprobe}", train)
+    factory = f"IVF{nlist},PQ{m}x{_pq_bits(n)}np" + (",Refine(SQfp16)" if refine else "")
+    return Plan("ivfpq", factory, f"nprobe={nprobe}" + (",k_factor_rf=8" if refine else ""), train)
 
 
 KINDS: dict[str, Callable[[int, int], Plan]] = {"flat": _flat_plan, "hnsw": _hnsw_plan, "ivfpq": _ivfpq_plan}
@@ -103,19 +105,21 @@ def estimate_bytes(plan: Plan, n: int, dim: int) -> int:
     if plan.kind in per_vector:
         return int(n * per_vector[plan.kind])
     m = int(plan.factory.split(",PQ")[1].split("x")[0]) if ",PQ" in plan.factory else dim * 4
+    m += dim * 2 if "Refine(SQfp16)" in plan.factory else 0
     return int(n * (m + 8) * 1.1 + _ivf_lists(n) * dim * 4)
 
 
 def auto_plan(n: int, dim: int, max_memory: int, gpus: int = 0) -> Plan:
-    """Flat while exact search is fast and fits, then HNSW, then IVF-PQ with the largest codes that fit."""
+    """Flat while exact search is fast and fits, then HNSW, then IVF-PQ (+fp16 re-ranking) with the largest
+    codes that fit."""
     flat = _flat_plan(n, dim)
     if n <= (FLAT_MAX_GPU if gpus else FLAT_MAX_CPU) and estimate_bytes(flat, n, dim) <= max_memory:
         return flat
     hnsw = _hnsw_plan(n, dim)
     if n <= HNSW_MAX and estimate_bytes(hnsw, n, dim) <= max_memory:
         return hnsw
-    for divisor in (4, 8, 16, 32):
-        plan = _ivfpq_plan(n, dim, max(1, dim // divisor))
+    plans = [_ivfpq_plan(n, dim, refine=True)] + [_ivfpq_plan(n, dim, max(1, dim // d)) for d in (4, 8, 16, 32)]
+    for plan in plans:
         if estimate_bytes(plan, n, dim) <= max_memory:
             return plan
     raise BadInput(f"{n:,} vectors do not fit in {max_memory / 1e9:.1f} GB even as IVF-PQ{dim // 32}; "
