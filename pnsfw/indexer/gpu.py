@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import queue
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -48,7 +49,8 @@ from .reader import Result, process_chunk
 from .sources import TAR_SEPARATOR, Item
 from .tensor_preprocess import normalize, resize_crop
 
-READ_THREADS = 8
+READ_THREADS = 4  # hashing and reads release the GIL; more threads only contend for it
+GIL_SWITCH_S = 5e-5  # see device_stage
 CPU_CHUNK = 16  # items per CPU-worker task, as on the CPU path
 MAX_DEVICE_PIXELS = 40_000_000  # larger images decode on CPU, where the DCT downscale shrinks them first
 COMPILE_MIN_ITEMS = 20_000_000  # torch.compile saved ~6% of the ViT's time (DESIGN §9): pays only past ~20M images
@@ -429,10 +431,15 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, max_pi
     stop = threading.Event()
     thread = threading.Thread(target=_decode_thread, daemon=True, name="pnsfw-decode",
                               args=(units, router, encoder.device, encoder.resolution, max_pixels, out, stop))
+    # every torch op releases the GIL; with Python's default 5 ms switch interval the decode thread then
+    # waits up to 5 ms per op behind the reader threads (seen on an H100: 3 s per batch of 1024)
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(float(os.environ.get("PNSFW_GIL_SWITCH_S", GIL_SWITCH_S)))
     thread.start()
     try:
         yield from encode_units(_from_queue(out), encoder, _image_model(encoder, items, batch), router.stats)
     finally:
+        sys.setswitchinterval(previous)
         stop.set()
         thread.join(timeout=10)
 

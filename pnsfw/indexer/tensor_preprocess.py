@@ -12,7 +12,6 @@ may differ in size: they are zero-padded to the largest, and the padded
 columns get zero weight.
 """
 
-from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -51,35 +50,46 @@ def crop_weights(width: int, height: int, size: int) -> tuple[np.ndarray, np.nda
     return axis_weights(width, new_w, left, size), axis_weights(height, new_h, top, size)
 
 
-@lru_cache(maxsize=2048)
-def _device_weights(height: int, width: int, size: int, device: Any, dtype: Any) -> tuple[Any, Any]:
-    """Wx^T (W, R) and Wy (R, H) of one image shape, on the device (cached: corpora repeat shapes)."""
+def _batch_axis_weights(in_sizes: np.ndarray, out_sizes: np.ndarray, starts: np.ndarray, count: int, pad: int,
+                        device: Any, dtype: Any) -> Any:
+    """(B, count, pad) weights of one axis for a whole batch, built with a fixed number of tensor ops.
+
+    Same formula as `axis_weights` (Pillow's); per-image values in float64, taps in float32."""
     import torch
 
-    wx, wy = crop_weights(width, height, size)
-    return (torch.from_numpy(wx.T.astype(np.float32)).to(device, dtype),
-            torch.from_numpy(wy.astype(np.float32)).to(device, dtype))
+    def column(values: np.ndarray) -> Any:
+        return torch.from_numpy(np.asarray(values, np.float64)).to(device).view(-1, 1, 1)
+
+    in_size, scale = column(in_sizes), column(in_sizes / out_sizes)
+    filterscale = scale.clamp(min=1.0)
+    support = _SUPPORT * filterscale
+    center = (column(starts) + torch.arange(count, device=device, dtype=torch.float64).view(1, -1, 1) + 0.5) * scale
+    lo = torch.trunc(center - support + 0.5).clamp(min=0)
+    hi = torch.minimum(torch.trunc(center + support + 0.5), in_size)
+    x = torch.arange(pad, device=device, dtype=torch.float64).view(1, 1, -1)
+    t = ((x - center + 0.5) / filterscale).abs().float()
+    a = _BICUBIC_A
+    taps = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1, torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a,
+                                                                               torch.zeros_like(t)))
+    taps = torch.where((x >= lo) & (x < hi), taps, torch.zeros_like(taps))
+    total = taps.sum(dim=2, keepdim=True)
+    return (taps / torch.where(total != 0, total, torch.ones_like(total))).to(dtype)
 
 
 def _stacked_weights(shapes: Sequence[tuple[int, int]], size: int, pad_h: int, pad_w: int, device: Any,
                      dtype: Any) -> tuple[Any, Any]:
-    """Weights of every image, zero-padded to the batch's largest: (B|1, 1, W, R) and (B|1, 1, R, H).
+    """Weights of every image, zero beyond its own size: (B, 1, Wmax, R) and (B, 1, R, Hmax).
 
-    Built once per distinct shape on the device and gathered, so a batch costs a
-    few small copies, not B host-side matrices."""
-    import torch
-
-    unique = sorted(set(shapes))
-    if len(unique) == 1:
-        wx, wy = _device_weights(*unique[0], size, device, dtype)
-        return wx[None, None], wy[None, None]
-    wx = torch.zeros((len(unique), pad_w, size), dtype=dtype, device=device)
-    wy = torch.zeros((len(unique), size, pad_h), dtype=dtype, device=device)
-    for i, (height, width) in enumerate(unique):
-        wx[i, :width], wy[i, :, :height] = _device_weights(height, width, size, device, dtype)
-    position = {shape: i for i, shape in enumerate(unique)}
-    index = torch.tensor([position[s] for s in shapes], device=device)
-    return wx[index][:, None], wy[index][:, None]
+    Built on the device for the whole batch at once: the op count does not grow
+    with the batch (per-image ops would each release and re-take the GIL)."""
+    heights = np.array([h for h, _ in shapes], np.float64)
+    widths = np.array([w for _, w in shapes], np.float64)
+    resized = np.array([resized_size(int(w), int(h), size) for h, w in shapes], np.float64)
+    lefts = np.round((resized[:, 0] - size) / 2.0)  # center_box's rounding (round half to even, as round())
+    tops = np.round((resized[:, 1] - size) / 2.0)
+    wx = _batch_axis_weights(widths, resized[:, 0], lefts, size, pad_w, device, dtype)
+    wy = _batch_axis_weights(heights, resized[:, 1], tops, size, pad_h, device, dtype)
+    return wx.transpose(1, 2)[:, None], wy[:, None]
 
 
 def _padded(images: Sequence[Any], dtype: Any) -> Any:
