@@ -2,7 +2,7 @@
 
 import json
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -18,29 +18,20 @@ DEVICE = click.option("--device", default="auto", show_default=True,
                       type=click.Choice(["auto", "cpu", "cuda"]), help="auto: CUDA when torch sees a GPU.")
 
 
-class _Size(click.ParamType):
-    """A count or size such as 50000, 50k, 16G."""
+class _Parsed(click.ParamType):
+    """An option value parsed by one of pnsfw.store.sizes' parsers ("50k", "16G", "90s")."""
 
-    name = "size"
+    def __init__(self, name: str, parse: Callable[[str], Any]):
+        self.name, self.parse = name, parse
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
         try:
-            return parse_size(value)
+            return self.parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class _Duration(click.ParamType):
-    name = "duration"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> float:
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-SIZE, DURATION = _Size(), _Duration()
+SIZE, DURATION = _Parsed("size", parse_size), _Parsed("duration", parse_duration)
 
 
 class _Group(click.Group):

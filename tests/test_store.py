@@ -116,11 +116,13 @@ def test_shards_are_readable_without_pnsfw(labelled_store):
     import pyarrow.parquet as pq
 
     path = sorted((labelled_store / "shards").glob("*.parquet"))[0]
-    table = pq.read_table(path)
-    field = table.schema.field("embedding")
-    dim = int(field.metadata[b"dim"])
-    vectors = np.frombuffer(b"".join(table.column("embedding").to_pylist()), dtype=field.metadata[b"dtype"].decode())
-    vectors = vectors.reshape(-1, dim).astype(np.float32)
+    table = pq.read_table(path)  # the README's recipe, line for line
+    meta = table.schema.field("embedding").metadata
+    col = table.column("embedding").combine_chunks()
+    vectors = np.frombuffer(col.buffers()[1], dtype="<f2").reshape(-1, int(meta[b"dim"]))
+    dim = int(meta[b"dim"])
+    assert meta[b"dtype"] == b"float16" and vectors.shape == (table.num_rows, 256)
+    vectors = vectors.astype(np.float32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
     count, width = duckdb.sql(f"SELECT count(*), max(octet_length(embedding)) FROM '{path}'").fetchall()[0]
     assert count == table.num_rows and width == dim * 2
