@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export KERAS_BACKEND=${KERAS_BACKEND:-tensorflow} TF_CPP_MIN_LOG_LEVEL=2
+export KERAS_BACKEND=${KERAS_BACKEND:-tensorflow} TF_CPP_MIN_LOG_LEVEL=3
 PNSFW=.venv/bin/pnsfw
 STORE=${PNSFW_STORE:-sample/store}
 MODEL=${PNSFW_MODEL:-ViT-B/32}
