@@ -1,0 +1,106 @@
+"""The CLIP image tower alone on this CPU: how fast can any pipeline go?
+
+Usage: python scripts/bench_tower.py CHECKPOINT [--batch 64] [--threads 2] [--out bench_tower.json]
+       [--variants fp32 bf16-autocast bf16-weights bf16-compiled int8-dynamic openvino-f32 openvino-bf16]
+
+Random input, one warm-up pass, then 3 timed batches per variant; prints img/s and the minimum cosine
+similarity to the fp32 output, writes JSON. openvino-* run only where the `openvino` package imports.
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def bf16_weights(visual: Any) -> Any:
+    """The tower with matmul weights in bf16 and LayerNorm in fp32, as clip's convert_weights does for fp16."""
+    import clip.model
+
+    def to_bf16(layer: Any) -> None:
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            layer.to(torch.bfloat16)
+        if isinstance(layer, torch.nn.MultiheadAttention):
+            for name in ("in_proj_weight", "in_proj_bias"):
+                getattr(layer, name).data = getattr(layer, name).data.bfloat16()
+    model = copy.deepcopy(visual)
+    model.apply(to_bf16)
+    for name in ("class_embedding", "positional_embedding", "proj"):
+        getattr(model, name).data = getattr(model, name).data.bfloat16()
+    assert isinstance(model.ln_pre, clip.model.LayerNorm)  # casts to fp32 inside: stays in fp32
+    return lambda x: model(x.bfloat16())
+
+
+def _openvino(visual: Any, precision: str) -> Callable:
+    import openvino as ov
+
+    path = os.path.join(tempfile.mkdtemp(), "tower.onnx")
+    torch.onnx.export(visual, torch.randn(1, 3, 224, 224), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                     "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                                                     "PERFORMANCE_HINT": "THROUGHPUT"})
+    request = compiled.create_infer_request()
+    return lambda x: torch.from_numpy(request.infer({0: x.numpy()})[0].copy())
+
+
+VARIANTS: dict[str, Callable[[Any], Callable]] = {
+    "fp32": lambda v: v,
+    "bf16-autocast": lambda v: lambda x: torch.autocast("cpu", dtype=torch.bfloat16)(v)(x),
+    "bf16-weights": bf16_weights,
+    "bf16-compiled": lambda v: torch.compile(bf16_weights(v)),
+    "int8-dynamic": lambda v: torch.ao.quantization.quantize_dynamic(copy.deepcopy(v), {torch.nn.Linear},
+                                                                     dtype=torch.qint8),
+    "openvino-f32": lambda v: _openvino(v, "f32"),
+    "openvino-bf16": lambda v: _openvino(v, "bf16"),
+}
+
+
+def measure(run: Callable, x: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    with torch.inference_mode():
+        out = run(x[: len(reference)]).float()
+        cosine = torch.nn.functional.cosine_similarity(out, reference).min().item()
+        run(x)
+        start = time.perf_counter()
+        for _ in range(3):
+            run(x)
+        return {"images_per_s": 3 * len(x) / (time.perf_counter() - start), "min_cosine_vs_fp32": cosine}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--out", default="bench_tower.json")
+    args = parser.parse_args()
+    import clip
+
+    torch.set_num_threads(args.threads)
+    visual = clip.load(args.checkpoint, device="cpu", jit=False)[0].float().eval().visual
+    x = torch.randn(args.batch, 3, visual.input_resolution, visual.input_resolution)
+    with torch.inference_mode():
+        reference = visual(x[:16]).float()
+    results = {}
+    for name in args.variants:
+        try:
+            results[name] = measure(VARIANTS[name](visual), x, reference)
+        except ImportError as exc:
+            results[name] = {"skipped": str(exc)}
+        print(f"{name:16} {results[name]}", flush=True)
+    info = {"machine": platform.platform(), "cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0],
+            "threads": args.threads, "batch": args.batch, "torch": torch.__version__, "results": results}
+    with open(args.out, "w") as f:
+        json.dump(info, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
