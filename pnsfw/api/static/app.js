@@ -78,7 +78,10 @@ function card(hit) {
     "<br><span class='score" + (high ? " high" : "") + "'>" + score + "</span>" +
     (hit.label ? " · label <b>" + escapeHtml(hit.label) + "</b>" : "");
   meta.querySelector(".id").addEventListener("click", (e) => { e.preventDefault(); searchJson({ id: hit.id }); });
-  div.append(img, meta);
+  const frame = document.createElement("div");
+  frame.className = "frame";  // keeps the blur inside the thumbnail's square
+  frame.append(img);
+  div.append(frame, meta);
   return div;
 }
 
