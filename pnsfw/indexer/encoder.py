@@ -7,7 +7,7 @@ model, never from constants.
 import os
 import socket
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,6 @@ class Encoder:
     fingerprint: str
     device: str
     precision: str
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def resolution(self) -> int:
