@@ -6,32 +6,27 @@ the fingerprint of the model file that scored them: a rerun scores only new
 shards, and a retrained model starts over.
 """
 
-import functools
-import itertools
 import json
-import os
 import threading
-from collections import deque
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
-from ..errors import BadInput, StoreError
+from ..errors import StoreError
 from ..store import Store
 from ..store import shards as shard_io
-from ..store.files import atomic_write_json, sha256_file
+from ..store.files import atomic_write_json, fsync_dir, sha256_file
 from ..store.lock import WriteLock
-from .model import DEFAULT_NAME, Classifier, check_name, forward, load_classifier, model_paths
+from .engines import BATCH_ROWS, TORCH_DTYPES, Engine, make_engine
+from .model import DEFAULT_NAME, Classifier, check_name, load_classifier, model_paths
+from .pipeline import Pipeline
 
 PROGRESS = "progress.json"
-BATCH_ROWS = 1 << 16
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-FORWARD_BLOCK = 2048  # rows: a 256-wide float32 block is 2 MB, one core's L2
+__all__ = ["BATCH_ROWS", "TORCH_DTYPES", "Engine", "make_engine", "score_store", "lookup_scores", "scored_parts"]
 
 
 @dataclass
@@ -44,6 +39,7 @@ class ScoreSummary:
     seconds: float = 0.0
     engine: str = "numpy"
     precision: str = "fp32"
+    stages: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vectors_per_s(self) -> float:
@@ -57,116 +53,12 @@ def scores_dir(store: Store, name: str) -> Path:
     return store.root / "scores" / check_name(name)
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_pool() -> tuple[ThreadPoolExecutor, Any]:
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))), ThreadpoolController()
-
-
-def _numpy_engine(clf: Classifier, device: str, precision: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Cache-sized row blocks, one single-threaded BLAS call chain per core: cast, matmul and tanh stay in L2
-    (one 64k-row pass per op through RAM was 2-3x slower), and numpy's element-wise ops use every core."""
-    pool, controller = _cpu_pool()
-
-    def run(vectors: np.ndarray) -> np.ndarray:
-        blocks = [vectors[i:i + FORWARD_BLOCK] for i in range(0, len(vectors), FORWARD_BLOCK)]
-        with controller.limit(limits=1, user_api="blas"):
-            return np.concatenate(list(pool.map(lambda block: forward(clf.steps, block), blocks)))
-
-    return run
-
-
-def _torch_steps(clf: Classifier, device: Any, dtype: Any) -> list[tuple[Any, Any, Callable[[Any], Any]]]:
-    import torch
-
-    from .model import ACTIVATIONS
-
-    acts = {"tanh": torch.tanh, "gelu": torch.nn.functional.gelu, "sigmoid": torch.sigmoid,
-            "softmax": lambda h: torch.softmax(h, dim=1), "linear": lambda h: h, "relu": torch.relu}
-    assert set(acts) == set(ACTIVATIONS)
-    return [(torch.from_numpy(s.weight).to(device, dtype), torch.from_numpy(s.bias).to(device, dtype),
-             acts[s.activation]) for s in clf.steps]
-
-
-def _torch_engine(clf: Classifier, device: str, precision: str) -> Callable[[np.ndarray], np.ndarray]:
-    """The same folded network in torch: fp16 rows in, float32 outputs back. On CPU, like the numpy
-    engine, cache-sized blocks on one thread per core (bf16 matmuls use AVX512-BF16/AMX there)."""
-    import torch
-
-    dtype = getattr(torch, TORCH_DTYPES[precision])
-    dev = torch.device(device)
-    steps = _torch_steps(clf, dev, dtype)
-
-    def block(vectors: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            h = torch.from_numpy(np.ascontiguousarray(vectors)).to(dev, non_blocking=True).to(dtype)
-            for weight, bias, act in steps:
-                h = act(torch.addmm(bias, h, weight))
-            return h.float().cpu().numpy()
-
-    if dev.type != "cpu":
-        return block
-    pool, _ = _cpu_pool()
-
-    def run(vectors: np.ndarray) -> np.ndarray:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            blocks = [vectors[i:i + FORWARD_BLOCK] for i in range(0, len(vectors), FORWARD_BLOCK)]
-            return np.concatenate(list(pool.map(block, blocks)))
-        finally:
-            torch.set_num_threads(threads)
-
-    return run
-
-
-def make_engine(clf: Classifier, engine: str = "auto", device: str = "cpu",
-                precision: str = "fp32") -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
-    """auto: numpy for fp32 on CPU (exact, folded); torch on CUDA or for bf16. device auto: CUDA if torch sees one."""
-    if precision not in TORCH_DTYPES:
-        raise BadInput(f"unknown precision {precision!r} (use {', '.join(TORCH_DTYPES)})")
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if engine == "auto":
-        engine = "torch" if device.startswith("cuda") or precision != "fp32" else "numpy"
-    if engine == "numpy" and precision != "fp32":
-        raise BadInput("the numpy engine computes in fp32 only; use --engine torch for bf16/fp16")
-    if engine not in ENGINES:
-        raise BadInput(f"unknown scoring engine {engine!r} ({', '.join(ENGINES)})")
-    return engine, ENGINES[engine](clf, device, precision)
-
-
-ENGINES: dict[str, Callable[[Classifier, str, str], Callable[[np.ndarray], np.ndarray]]] = {
-    "numpy": _numpy_engine, "torch": _torch_engine}
-
-
 def score_table(clf: Classifier, ids: np.ndarray, out: np.ndarray) -> pa.Table:
     """id, p_nsfw, then p_<class> per class."""
     columns = {"id": pa.array(ids, pa.int64()), "p_nsfw": pa.array(clf.to_p_nsfw(out), pa.float32())}
     probs = clf.to_probabilities(out)
     columns.update({f"p_{c}": pa.array(probs[:, i], pa.float32()) for i, c in enumerate(clf.classes)})
     return pa.table(columns)
-
-
-def _read_shard(store: Store, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    table = shard_io.read_table(path, ["id", "embedding"])
-    return table.column("id").to_numpy(), shard_io.embedding_matrix(table.column("embedding"), store.dim)
-
-
-def prefetched(store: Store, paths: list[Path], workers: int = 2) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
-    """(path, ids, fp16 vectors) per shard, in order, read by threads a few shards ahead."""
-    upcoming = iter(paths)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = deque((p, pool.submit(_read_shard, store, p)) for p in itertools.islice(upcoming, workers + 1))
-        while pending:
-            path, future = pending.popleft()
-            following = next(upcoming, None)
-            if following is not None:
-                pending.append((following, pool.submit(_read_shard, store, following)))
-            yield (path, *future.result())
 
 
 def read_progress(folder: Path) -> dict[str, Any]:
@@ -193,43 +85,57 @@ def _start(folder: Path, clf: Classifier, progress: dict[str, Any], precision: s
     return fresh, bool(progress)
 
 
-def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str = "cpu", engine: str = "auto",
-                batch_rows: int = BATCH_ROWS, precision: str = "fp32",
-                on_shard: "Callable[[int], None] | None" = None) -> ScoreSummary:
-    """Score every committed shard not yet scored by this exact model file (at this precision)."""
+def _write_part(clf: Classifier, folder: Path) -> Callable[[str, np.ndarray, np.ndarray], None]:
+    """The part, fsynced and renamed; the folder is fsynced once per progress write (see _commit_parts)."""
+    return lambda name, ids, out: shard_io.write_parquet(score_table(clf, ids, out), folder / name, sync_dir=False)
+
+
+def _commit_parts(folder: Path, progress: dict[str, Any], sha256: dict[str, str],
+                  on_shard: "Callable[[int], None] | None") -> Callable[[list[tuple[str, int]]], None]:
+    """Parts first, then their progress entries: a crash in between only re-scores those shards."""
+    def commit(parts: list[tuple[str, int]]) -> None:
+        fsync_dir(folder)  # the parts' renames are durable before progress lists them
+        progress["shards"].update((name, sha256[name]) for name, _ in parts)
+        atomic_write_json(folder / PROGRESS, progress)
+        for _, rows in parts if on_shard is not None else ():
+            on_shard(rows)
+
+    return commit
+
+
+def _read_shard(store: Store) -> Callable[[Path], tuple[np.ndarray, np.ndarray]]:
+    def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        table = shard_io.read_table(path, ["id", "embedding"])
+        return table.column("id").to_numpy(), shard_io.embedding_matrix(table.column("embedding"), store.dim)
+
+    return read
+
+
+def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str = "cpu",
+                engine: "str | Engine" = "auto", batch_rows: int = BATCH_ROWS, precision: str = "fp32",
+                on_shard: "Callable[[int], None] | None" = None, readers: int = 0,
+                writers: int = 0) -> ScoreSummary:
+    """Score every committed shard not yet scored by this exact model file (at this precision).
+
+    engine: a name (auto, numpy, torch) or an Engine; readers/writers: threads (0: from the core count)."""
     store = Store.open(store_root)
     clf = load_classifier(store, name)
     folder = scores_dir(store, name)
     folder.mkdir(parents=True, exist_ok=True)
     with WriteLock(folder):
-        progress, reset = _start(folder, clf, read_progress(folder), precision)
+        if isinstance(engine, str):
+            engine = make_engine(clf, engine, device, precision, batch_rows)
+        progress, reset = _start(folder, clf, read_progress(folder), engine.precision)
         todo = _pending_shards(store, folder, progress)
-        engine_name, run = make_engine(clf, engine, device, precision)
         summary = ScoreSummary(name, shards_present=len(store.manifest["shards"]) - len(todo), rescored_all=reset,
-                               engine=engine_name, precision=precision)
+                               engine=engine.name, precision=engine.precision)
+        commit = _commit_parts(folder, progress, {s["name"]: s["sha256"] for s in todo}, on_shard)
+        pipeline = Pipeline(engine, _read_shard(store), _write_part(clf, folder), commit, readers, writers)
         started = time.perf_counter()
-        by_name = {s["name"]: s for s in todo}
-
-        def commit(part: str, table: pa.Table) -> None:
-            """Part first, then the progress entry: a crash in between only re-scores that shard."""
-            shard_io.write_parquet(table, folder / part)
-            progress["shards"][part] = by_name[part]["sha256"]
-            atomic_write_json(folder / PROGRESS, progress)
-            if on_shard is not None:
-                on_shard(table.num_rows)
-
-        with ThreadPoolExecutor(max_workers=1) as writer:  # one thread: commits stay in shard order
-            writes: "deque[Any]" = deque()
-            for path, ids, vectors in prefetched(store, [store.root / "shards" / s["name"] for s in todo]):
-                out = np.concatenate([run(vectors[i:i + batch_rows]) for i in range(0, max(len(ids), 1), batch_rows)])
-                writes.append(writer.submit(commit, path.name, score_table(clf, ids, out[:len(ids)])))
-                summary.scored += len(ids)
-                summary.shards_scored += 1
-                while len(writes) > 2 or (writes and writes[0].done()):
-                    writes.popleft().result()  # bounded memory; re-raises a write error
-            while writes:
-                writes.popleft().result()
+        stages = pipeline.run([store.root / "shards" / s["name"] for s in todo])
         summary.seconds = time.perf_counter() - started
+        summary.scored, summary.shards_scored = sum(s["rows"] for s in todo), len(todo)
+        summary.stages = stages.as_dict()
     return summary
 
 

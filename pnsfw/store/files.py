@@ -15,8 +15,9 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_path), then make the file appear at path in one rename."""
+def atomic_write(path: Path, write: Callable[[Path], None], sync_dir: bool = True) -> None:
+    """Call write(tmp_path), then make the file appear at path in one rename. sync_dir=False leaves
+    fsyncing the folder (making the rename durable) to the caller, once for many files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -27,7 +28,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
