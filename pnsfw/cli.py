@@ -95,7 +95,10 @@ def index(sources: tuple[str, ...], store: str, model: str, device: str, batch_s
       pnsfw index dataset/ urls.txt --store store/ --model ViT-B/32
     """
     from .indexer.pipeline import IndexOptions, run_index
+    from .indexer.timeline import mark
     from .search.index import update_index
+
+    mark("pnsfw index started")
 
     options = IndexOptions(model=model, device=device, precision=precision, batch_size=batch_size,
                            workers=workers, shard_size=max(1, shard_size), commit_interval=commit_every,

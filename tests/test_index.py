@@ -194,3 +194,25 @@ def test_kill_9_then_resume_gives_the_same_rows(tmp_path, tiny_checkpoint):
     np.testing.assert_allclose(vec, ref_vec, atol=2e-3)
     assert Store.open(tmp_path / "killed").errors().column("reason").to_pylist() == ["truncated"]
     assert not list((tmp_path / "killed" / "shards").glob(".*"))
+
+
+def test_checkpoint_loads_as_clip_load_does(tmp_path, tiny_checkpoint):
+    """The fast loader (no random init) gives clip.load's model exactly, from a state dict or TorchScript."""
+    import clip
+    import torch
+
+    from pnsfw.errors import ModelNotFound
+    from pnsfw.indexer.encoder import _load_clip
+
+    reference = clip.load(str(tiny_checkpoint), device="cpu", jit=False)[0].float().eval()
+    traced = tmp_path / "traced.pt"
+    images, texts = torch.randn(2, 3, 32, 32), clip.tokenize(["a cat", "a dog"])
+    torch.jit.save(torch.jit.trace(reference, (images, texts), check_trace=False), str(traced))
+    for path in (tiny_checkpoint, traced):
+        model = _load_clip(str(path))
+        with torch.no_grad():
+            assert torch.equal(model.encode_image(images), reference.encode_image(images))
+            assert torch.equal(model.encode_text(texts), reference.encode_text(texts))
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ModelNotFound, match="cannot load CLIP checkpoint"):
+        _load_clip(str(tmp_path / "broken.pt"))

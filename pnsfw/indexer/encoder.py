@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import BadInput, ModelNotFound
 from ..store.files import sha256_file
 from .decode import mean_std
+from .timeline import mark
 
 DOWNLOAD_TIMEOUT_S = 30
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -67,25 +68,65 @@ def _fingerprint(model: str) -> str:
     return clip.clip._MODELS[model].split("/")[-2]  # OpenAI's URLs carry the sha256 of the file
 
 
-def _load_clip(model: str) -> Any:
+def _checkpoint_path(model: str) -> str:
+    """The checkpoint file of a path or a CLIP name (downloaded once into the cache, checksum verified)."""
     clip = _import_clip()
 
-    if not os.path.isfile(model) and model not in clip.available_models():
+    if os.path.isfile(model):
+        return model
+    if model not in clip.available_models():
         raise ModelNotFound(f"unknown CLIP model {model!r}: not a file, and not one of {', '.join(clip.available_models())}")
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.load's deprecation, tried first on every file
-            loaded, _ = clip.load(model, device="cpu", jit=False, download_root=cache_dir())
+        return clip.clip._download(clip.clip._MODELS[model], cache_dir())  # what clip.load itself calls
     except (OSError, RuntimeError) as exc:
-        if os.path.isfile(model):
-            raise ModelNotFound(f"cannot load CLIP checkpoint {model}: {str(exc).splitlines()[0]}") from None
         raise ModelNotFound(f"cannot download CLIP model {model!r} ({str(exc).splitlines()[0]}); offline? pass a "
                             f"checkpoint file: --model /path/to/checkpoint.pt (or set PNSFW_MODEL)") from None
     finally:
         socket.setdefaulttimeout(previous)
-    return loaded
+
+
+def _state_dict(path: str) -> dict[str, Any]:
+    """The weights of a plain state dict, or of a TorchScript archive (OpenAI's releases), as clip.load reads them."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError):
+        with open(path, "rb") as f:
+            return torch.jit.load(f, map_location="cpu").eval().state_dict()
+
+
+def _build(state_dict: dict[str, Any]) -> Any:
+    """clip.model.build_model without its random initialisation (seconds for ViT-B/32): the modules are
+    built on the meta device and take the checkpoint's tensors; the weights are then rounded to fp16 and
+    back as build_model does, so the model equals clip.load's."""
+    import torch
+
+    clip = _import_clip()
+    with torch.device("meta"):
+        model = clip.model.build_model(dict(state_dict))
+    weights = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    model.load_state_dict(weights, assign=True)
+    mask = model.build_attention_mask()  # a plain attribute, not in the state dict: built on meta above
+    for block in model.transformer.resblocks:
+        block.attn_mask = mask
+    clip.model.convert_weights(model)
+    return model.float().eval()
+
+
+def _load_clip(model: str) -> Any:
+    path = _checkpoint_path(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.load's hint on TorchScript files, load_state_dict's on meta
+            return _build(_state_dict(path))
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise ModelNotFound(f"cannot load CLIP checkpoint {path}: {str(exc).splitlines()[0]}") from None
 
 
 @dataclass
@@ -147,6 +188,10 @@ def load_encoder(model: str = "ViT-B/32", device: str = "auto", precision: str =
     precision = resolve_precision(precision, device)
     if device == "cpu":
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    loaded = _load_clip(model).float().eval().to(device)
+    mark("torch imported")
+    loaded = _load_clip(model)
+    mark("CLIP checkpoint loaded")
+    loaded = loaded.float().eval().to(device)
+    mark(f"model on {device}")
     name = os.path.abspath(model) if os.path.isfile(model) else model
     return Encoder(loaded, name, _fingerprint(model), device, precision)

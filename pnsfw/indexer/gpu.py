@@ -48,6 +48,7 @@ from .encoder import Encoder, load_encoder
 from .reader import Result, process_chunk
 from .sources import TAR_SEPARATOR, Item
 from .tensor_preprocess import normalize, resize_crop
+from .timeline import mark
 
 READ_THREADS = 4  # hashing and reads release the GIL; more threads only contend for it
 GIL_SWITCH_S = 5e-5  # see device_stage
@@ -222,6 +223,7 @@ def prepare(unit: Unit, router: Router, max_pixels: int) -> Prepared:
         rows.append(Result(item, None, hashlib.sha256(buf).hexdigest(), size[0], size[1]))
         data.append(torch.frombuffer(buf, dtype=torch.uint8))
     router.stats.add("read_s", time.perf_counter() - started)
+    mark("first unit read", once=True)
     return Prepared(unit, rows, data, router.submit(cpu) if cpu else [])
 
 
@@ -262,6 +264,7 @@ def decode_unit(prepared: Prepared, device: str, size: int, router: Router) -> D
         event.record()
     router.stats.add("decode_s", time.perf_counter() - started)
     router.stats.add("device_images", len(prepared.rows))
+    mark("first unit decoded on the device", once=True)
     return Decoded(prepared, pixels, event)
 
 
@@ -437,7 +440,9 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, max_pi
     sys.setswitchinterval(float(os.environ.get("PNSFW_GIL_SWITCH_S", GIL_SWITCH_S)))
     thread.start()
     try:
-        yield from encode_units(_from_queue(out), encoder, _image_model(encoder, items, batch), router.stats)
+        model = _image_model(encoder, items, batch)
+        mark("image tower ready")
+        yield from encode_units(_from_queue(out), encoder, model, router.stats)
     finally:
         sys.setswitchinterval(previous)
         stop.set()

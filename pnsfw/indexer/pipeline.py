@@ -3,6 +3,7 @@
 import functools
 import multiprocessing
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ from .encoder import Encoder, load_encoder
 from .projection import make_projection, needs_sample
 from .reader import Result, decoded_stream, process_chunk
 from .sources import Item, iter_items
+from .timeline import mark
 from .writer import ShardWriter
 
 
@@ -62,8 +64,11 @@ class IndexSummary:
         return dict(asdict(self), images_per_s=self.images_per_s, steady_images_per_s=self.steady_images_per_s)
 
 
-def collect_items(sources: list[str], known: set[str]) -> tuple[list[Item], int]:
-    """Every item of every source in order, minus uris already in the store (and repeats)."""
+def collect_items(sources: list[str], known: set[str],
+                  on_first: Optional[Callable[[], None]] = None) -> tuple[list[Item], int]:
+    """Every item of every source in order, minus uris already in the store (and repeats).
+
+    `on_first` runs when the first new item is found (the runner starts loading the model then)."""
     items, present, seen = [], 0, set(known)
     for source in sources:
         for item in iter_items(source):
@@ -71,6 +76,8 @@ def collect_items(sources: list[str], known: set[str]) -> tuple[list[Item], int]
                 present += item.uri in known
                 continue
             seen.add(item.uri)
+            if not items and on_first is not None:
+                on_first()
             items.append(item)
     return items, present
 
@@ -165,8 +172,10 @@ def _encode_all(writer: ShardWriter, batches: Iterator[tuple[list[Result], np.nd
         summary.indexed += len(batch)
         bar.update(len(batch))
         if first_done is None:
+            mark("first batch encoded")
             first_done, first_count = time.perf_counter(), summary.indexed
     writer.commit()
+    mark("last commit")
     if first_done is not None:
         summary.steady_seconds = time.perf_counter() - first_done
         summary.steady_images = summary.indexed - first_count
@@ -198,6 +207,44 @@ def _index_items(writer: StoreWriter, items: list[Item], options: IndexOptions, 
     summary.failed = dict(failures.most_common())
 
 
+class _Startup:
+    """Forks the decode workers, then loads the encoder on a thread while the sources are still being listed:
+    listing a large collection and loading CLIP (imports, checkpoint, CUDA) each take seconds."""
+
+    def __init__(self, options: IndexOptions, encoder: Optional[Encoder]):
+        self.options, self.encoder, self.pool = options, encoder, None
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def start(self) -> None:
+        self.pool = _make_pool(self.options.workers)  # before any thread: forking a threaded process is unsafe
+        mark("workers forked")
+        if self.encoder is None:
+            self._thread = threading.Thread(target=self._load, name="pnsfw-load-encoder", daemon=True)
+            self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self.encoder = load_encoder(self.options.model, self.options.device, self.options.precision)
+        except BaseException as exc:  # re-raised by the caller's thread in get()
+            self._error = exc
+
+    def get(self) -> Encoder:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self.encoder is not None
+        mark("encoder loaded")
+        return self.encoder
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()  # a failed run still waits for the load, so nothing dies mid-import
+        if self.pool is not None:
+            self.pool.terminate()
+
+
 def run_index(sources: list[str], store_root: str, options: Optional[IndexOptions] = None,
               encoder: Optional[Encoder] = None,
               finish: Optional[Callable[[Store], dict[str, Any]]] = None) -> IndexSummary:
@@ -211,15 +258,15 @@ def run_index(sources: list[str], store_root: str, options: Optional[IndexOption
     store = Store(store_root)
     with store.writer() as writer:
         check_projection_option(writer, options.projection)
-        items, summary.already_present = collect_items(sources, store.known_uris())
-        if items:
-            pool = _make_pool(options.workers)
-            try:
-                encoder = encoder or load_encoder(options.model, options.device, options.precision)
-                _index_items(writer, items, options, encoder, pool, summary)
-            finally:
-                if pool is not None:
-                    pool.terminate()
+        mark("store locked")
+        startup = _Startup(options, encoder)
+        try:
+            items, summary.already_present = collect_items(sources, store.known_uris(), startup.start)
+            mark(f"{len(items)} items listed")
+            if items:
+                _index_items(writer, items, options, startup.get(), startup.pool, summary)
+        finally:
+            startup.close()
         summary.seconds = time.perf_counter() - started
         if finish is not None and store.rows:
             summary.index = finish(store)
