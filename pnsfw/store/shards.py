@@ -46,13 +46,12 @@ def embedding_matrix(column: "pa.ChunkedArray | pa.Array", dim: int) -> np.ndarr
     return flat.reshape(-1, dim)
 
 
-def write_parquet(table: pa.Table, path: Path, sync_dir: bool = True) -> None:
+def write_parquet(table: pa.Table, path: Path) -> None:
     """Atomically write a table; the embedding column raw, the rest zstd."""
     dictionary = [name for name in table.column_names if name != "embedding"]
     compression = {name: ("none" if name == "embedding" else "zstd") for name in table.column_names}
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=compression,
-                                                  use_dictionary=dictionary, row_group_size=ROW_GROUP),
-                 sync_dir)
+                                                  use_dictionary=dictionary, row_group_size=ROW_GROUP))
 
 
 def iter_batches(path: Path, columns: "list[str] | None" = None) -> Iterator[pa.RecordBatch]:
