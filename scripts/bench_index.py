@@ -94,7 +94,10 @@ except ImportError:  # its __init__ imports the web back-end (flask...), which `
 try:
     import wandb  # imported at module level by clip-retrieval's logger, used only with enable_wandb
 except ImportError:  # not installed on the GPU box: an empty module stands in; wandb stays disabled
-    sys.modules["wandb"] = types.ModuleType("wandb")
+    import importlib.machinery  # with a spec: accelerate/transformers probe find_spec("wandb"), then its metadata
+    _wandb = types.ModuleType("wandb")
+    _wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    sys.modules["wandb"] = _wandb
 from clip_retrieval.clip_inference import logger as _lg
 _log = open(os.environ["PNSFW_BENCH_BATCH_LOG"], "a")
 _orig = _lg.LoggerWriter.__call__

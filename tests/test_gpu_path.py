@@ -144,10 +144,13 @@ def pil_store(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
     return source, root / "pil"
 
 
+@pytest.mark.parametrize("read", ["workers", "threads"])
 def test_tensor_stage_on_cpu_equals_cpu_path(pil_store: tuple[Path, Path], tiny_checkpoint: Path,
-                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: str) -> None:
+    """Files read, hashed and probed in the worker processes or in this process's threads: the same rows."""
     source, reference = pil_store
     monkeypatch.setenv("PNSFW_STAGE_STATS", str(tmp_path / "stats.json"))
+    monkeypatch.setenv("PNSFW_GPU_READ", read)
     _index(source, tmp_path / "tensor", tiny_checkpoint, reader="tensor", workers=1, batch_size=8)
     _assert_same(reference, tmp_path / "tensor", 0.995)
     assert '"device_images": 18' in (tmp_path / "stats.json").read_text()

@@ -7,6 +7,7 @@ model, never from constants.
 import os
 import socket
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,9 +190,11 @@ def load_encoder(model: str = "ViT-B/32", device: str = "auto", precision: str =
     if device == "cpu":
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     mark("torch imported")
-    loaded = _load_clip(model)
-    mark("CLIP checkpoint loaded")
-    loaded = loaded.float().eval().to(device)
-    mark(f"model on {device}")
-    name = os.path.abspath(model) if os.path.isfile(model) else model
-    return Encoder(loaded, name, _fingerprint(model), device, precision)
+    with ThreadPoolExecutor(1) as hashing:
+        fingerprint = hashing.submit(_fingerprint, model)  # hashing a file of 0.3-1 GB, beside the load
+        loaded = _load_clip(model)
+        mark("CLIP checkpoint loaded")
+        loaded = loaded.float().eval().to(device)
+        mark(f"model on {device}")
+        name = os.path.abspath(model) if os.path.isfile(model) else model
+        return Encoder(loaded, name, fingerprint.result(), device, precision)

@@ -53,6 +53,7 @@ from .timeline import mark
 READ_THREADS = 4  # hashing and reads release the GIL; more threads only contend for it
 GIL_SWITCH_S = 5e-5  # see device_stage
 CPU_CHUNK = 16  # items per CPU-worker task, as on the CPU path
+READ_CHUNK = 32  # items per read-hash-probe task of the worker processes
 MAX_DEVICE_PIXELS = 40_000_000  # larger images decode on CPU, where the DCT downscale shrinks them first
 COMPILE_MIN_ITEMS = 20_000_000  # torch.compile saved ~6% of the ViT's time (DESIGN §9): pays only past ~20M images
 _SOF = {0xC0, 0xC1, 0xC2}  # Huffman baseline / extended / progressive: what nvJPEG decodes
@@ -166,10 +167,13 @@ class Stats:
 
 
 class Router:
-    """Sends items to the CPU workers (with their results' futures) and keeps count of what is in flight there."""
+    """Sends items to the CPU workers (with their results' futures) and keeps count of what is in flight there.
 
-    def __init__(self, pool: Any, work: Callable[[list[Item]], list[Result]], share: int, stats: Stats):
-        self.pool, self.work, self.share, self.stats = pool, work, share, stats
+    `read`: the workers' read-hash-probe task (`read_chunk`); None reads in this process's threads."""
+
+    def __init__(self, pool: Any, work: Callable[[list[Item]], list[Result]], share: int, stats: Stats,
+                 read: Optional[Callable[[list[Item]], "Packed"]] = None):
+        self.pool, self.work, self.share, self.stats, self.read = pool, work, share, stats, read
         self.in_flight = 0
         self.lock = threading.Lock()
 
@@ -187,6 +191,13 @@ class Router:
         return [self.pool.apply_async(self.work, (chunk,), callback=partial(self._done, len(chunk)),
                                       error_callback=partial(self._done, len(chunk))) for chunk in chunks]
 
+    def submit_reads(self, items: list[Item]) -> list[Any]:
+        """Futures of `read` over chunks of items, run by the worker processes (inline without a pool)."""
+        chunks = [items[i:i + READ_CHUNK] for i in range(0, len(items), READ_CHUNK)]
+        if self.pool is None:
+            return [_Done(self.read(chunk)) for chunk in chunks]
+        return [self.pool.apply_async(self.read, (chunk,)) for chunk in chunks]
+
     def take_whole(self, count: int) -> bool:
         """Whether a whole unit should decode on the CPU workers (they have room for it)."""
         with self.lock:
@@ -201,30 +212,82 @@ class Prepared:
     fallback: list[Any]  # futures of CPU-worker results
 
 
-def prepare(unit: Unit, router: Router, max_pixels: int) -> Prepared:
-    """Reader thread: read, hash and probe each item; route it to the device or the CPU workers."""
+class Packed(NamedTuple):
+    """What a worker's `read_chunk` sends back: the device's JPEGs end to end in one buffer, the rest decoded."""
+
+    data: bytearray
+    rows: list[tuple[Result, int, int]]  # (row without pixels, offset in data, length)
+    cpu: list[Result]  # items the device decoder does not take, decoded (or failed) by the CPU path
+
+
+def _read_probe(item: Item, max_pixels: int) -> tuple[Optional[bytearray], Optional[tuple[int, int]]]:
+    """The bytes of a local JPEG the device decodes, with its size; (None, None) for anything else."""
+    if item.uri.startswith(("http://", "https://")):
+        return None, None
+    try:
+        buf = _read_local(item)
+    except OSError:
+        return None, None  # the CPU path reads it again and reports why it failed
+    size = jpeg_size(buf)
+    return (buf, size) if _device_ok(size, max_pixels) else (None, None)
+
+
+def read_chunk(items: list[Item], size: int, max_pixels: int, timeout: float) -> Packed:
+    """Worker process: read, hash and probe each item; JPEGs for the device come back as bytes, the rest
+    is decoded right here by the CPU path (one trip through the pool, and no Python per byte in the parent)."""
+    data, rows, cpu = bytearray(), [], []
+    for item in items:
+        buf, dims = _read_probe(item, max_pixels)
+        if buf is None or dims is None:
+            cpu.append(item)
+            continue
+        rows.append((Result(item, None, hashlib.sha256(buf).hexdigest(), dims[0], dims[1]), len(data), len(buf)))
+        data += buf
+    return Packed(data, rows, process_chunk(cpu, size, max_pixels, timeout))
+
+
+def _read_in_workers(unit: Unit, router: Router) -> Prepared:
     import torch
 
+    prepared = Prepared(unit, [], [], [])
+    for future in router.submit_reads(unit.items):
+        packed = future.get()
+        router.stats.add("cpu_images", len(packed.cpu))
+        prepared.fallback.append(_Done(packed.cpu))
+        if packed.rows:
+            whole = torch.frombuffer(packed.data, dtype=torch.uint8)
+            prepared.rows += [row for row, _, _ in packed.rows]
+            prepared.data += [whole[offset:offset + length] for _, offset, length in packed.rows]
+    return prepared
+
+
+def _read_in_threads(unit: Unit, router: Router, max_pixels: int) -> Prepared:
+    import torch
+
+    rows, data, cpu = [], [], []
+    for item in unit.items:
+        buf, dims = _read_probe(item, max_pixels)
+        if buf is None or dims is None:
+            cpu.append(item)
+            continue
+        rows.append(Result(item, None, hashlib.sha256(buf).hexdigest(), dims[0], dims[1]))
+        data.append(torch.frombuffer(buf, dtype=torch.uint8))
+    return Prepared(unit, rows, data, router.submit(cpu) if cpu else [])
+
+
+def prepare(unit: Unit, router: Router, max_pixels: int) -> Prepared:
+    """Reader thread: the unit's items read, hashed and probed (by the worker processes, or here) and routed
+    to the device decoder or the CPU path; or the whole unit to the CPU workers while they have room."""
     started = time.perf_counter()
     if router.take_whole(len(unit.items)):
         return Prepared(unit, [], [], router.submit(unit.items))
-    rows, data, cpu = [], [], []
-    for item in unit.items:
-        buf = None
-        if not item.uri.startswith(("http://", "https://")):
-            try:
-                buf = _read_local(item)
-            except OSError:
-                buf = None  # the CPU worker reads it again and reports why it failed
-        size = jpeg_size(buf) if buf is not None else None
-        if not _device_ok(size, max_pixels):
-            cpu.append(item)
-            continue
-        rows.append(Result(item, None, hashlib.sha256(buf).hexdigest(), size[0], size[1]))
-        data.append(torch.frombuffer(buf, dtype=torch.uint8))
+    if router.read is not None:
+        prepared = _read_in_workers(unit, router)
+    else:
+        prepared = _read_in_threads(unit, router, max_pixels)
     router.stats.add("read_s", time.perf_counter() - started)
     mark("first unit read", once=True)
-    return Prepared(unit, rows, data, router.submit(cpu) if cpu else [])
+    return prepared
 
 
 # ----------------------------------------------------------------- decode ---
@@ -465,6 +528,16 @@ def _cpu_share(pool: Any) -> int:
     return int(os.environ.get("PNSFW_GPU_CPU_SHARE", 64 * processes))
 
 
+def make_router(pool: Any, encoder: Encoder, options: Any, stats: Stats) -> Router:
+    """PNSFW_GPU_READ=workers (default with a pool): files are read, hashed and probed in the worker
+    processes, keeping that Python work off this process's GIL; threads: in reader threads here."""
+    work = partial(process_chunk, size=encoder.resolution, max_pixels=options.max_pixels, timeout=options.timeout)
+    in_workers = pool is not None and os.environ.get("PNSFW_GPU_READ", "workers") == "workers"
+    read = partial(read_chunk, size=encoder.resolution, max_pixels=options.max_pixels,
+                   timeout=options.timeout) if in_workers else None
+    return Router(pool, work, _cpu_share(pool), stats, read)
+
+
 def _worker_count(encoder: Encoder) -> int:
     import torch
 
@@ -491,8 +564,7 @@ def tensor_stage(items: list[Item], options: Any, encoder: Encoder, pool: Any,
     if count > 1:
         results = multi_device_stage(items, options, encoder, count, batch, stats)
     else:
-        work = partial(process_chunk, size=encoder.resolution, max_pixels=options.max_pixels, timeout=options.timeout)
-        router = Router(pool, work, _cpu_share(pool), stats)
+        router = make_router(pool, encoder, options, stats)
         results = device_stage(_units(items, batch), encoder, router, options.max_pixels, len(items), batch)
     for result in results:
         for error in result.errors:
@@ -517,8 +589,7 @@ def device_worker(rank: int, device: str, model: str, options: Any, processes: i
         pool = multiprocessing.get_context("fork").Pool(processes) if processes > 0 else None
         encoder = load_encoder(model, device, options.precision)
         stats = Stats()
-        work = partial(process_chunk, size=encoder.resolution, max_pixels=options.max_pixels, timeout=options.timeout)
-        router = Router(pool, work, _cpu_share(pool), stats)
+        router = make_router(pool, encoder, options, stats)
         for result in device_stage(iter(jobs.get, None), encoder, router, options.max_pixels, 0, batch):
             results.put(result)
         results.put(("done", stats.as_dict()))
