@@ -136,13 +136,18 @@ def _print_index_summary(summary: Any, store: str) -> None:
 @click.option("--clip-model", default=None, help="CLIP name or checkpoint to encode uploads with "
               "(default: the one the store's manifest records; it must have the same weights).")
 @DEVICE
+@click.option("--search", "search_backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "exact", "index"]),
+              help="exact: torch matmul + top-k over every vector on --device (fp16 on CUDA); index: the FAISS "
+                   "index; auto: exact when --device resolves to CUDA, else the index.")
 @click.option("--batch-window-ms", default=2.0, show_default=True, type=float,
               help="How long a lone request waits for others to share its batch.")
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(1, 65536))
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(store: str, model_name: "str | None", host: str, port: int, max_upload_mb: float,
-          clip_model: "str | None", device: str, batch_window_ms: float, max_batch: int, log_level: str) -> None:
+          clip_model: "str | None", device: str, search_backend: str, batch_window_ms: float, max_batch: int,
+          log_level: str) -> None:
     """Serve scores, neighbours and the audit page over HTTP (OpenAPI at /docs).
 
     With the environment variable PNSFW_API_TOKEN set, every endpoint but
@@ -157,7 +162,7 @@ def serve(store: str, model_name: "str | None", host: str, port: int, max_upload
     from .api.server import serve as run_server
 
     settings = Settings(host=host, port=port, max_upload_mb=max_upload_mb, clip_model=clip_model, device=device,
-                        batch_window_ms=batch_window_ms, max_batch=max_batch)
+                        search=search_backend, batch_window_ms=batch_window_ms, max_batch=max_batch)
     run_server(store, model_name, settings, log_level)
 
 

@@ -15,6 +15,7 @@ from ..errors import PnsfwError
 from ..store import Store
 from . import routes
 from .engine import Engine, Settings
+from .fastpath import FastPath
 from .guards import BodyLimit, BodyTooLarge, MetricsMiddleware, TokenGuard
 from .schemas import ErrorResponse
 
@@ -39,6 +40,8 @@ def create_app(store: "Store | str | Path", model: Optional[str] = None, setting
                               "`image`. With PNSFW_API_TOKEN set, send `Authorization: Bearer <token>`.")
     app.state.engine = engine
     _add_error_handlers(app)
+    if settings.fast_path:  # innermost: the token guard, body limit and metrics still see every request
+        app.add_middleware(FastPath, engine=engine)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     app.add_middleware(TokenGuard, token=settings.token)
     app.add_middleware(MetricsMiddleware, metrics=engine.metrics)

@@ -1,19 +1,23 @@
 """Micro-batching: concurrent requests are queued and run as one batch in a worker thread.
 
-The collector takes the first queued item; if nothing else is waiting it waits
-one short window for company, then drains the queue (up to `max_batch`). While
-the worker thread runs a batch, new requests pile up and form the next one, so
-batches grow with load and the event loop never runs model code.
+A submitted item goes on a pending list; the flush is scheduled for the next
+turn of the event loop, so every request handled in this turn joins. A lone
+item waits one short window for company. While the worker thread runs a batch,
+new items pile up and form the next one (flushed as soon as the batch is done),
+so batches grow with load and the event loop never runs model code. The
+handoff costs one executor submit and one thread-safe wake-up per batch, not
+per item.
 """
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence
 
 from .metrics import Metrics
 
 BatchFn = Callable[[list[Any]], Sequence[Any]]
+Pending = list[tuple[Any, asyncio.Future]]
 
 
 class MicroBatcher:
@@ -23,49 +27,59 @@ class MicroBatcher:
         self.name, self.fn, self.metrics = name, fn, metrics
         self.window_s, self.max_batch = window_s, max_batch
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pnsfw-{name}")
-        self._queue: Optional[asyncio.Queue] = None
-        self._task: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._pending: Pending = []
+        self._running = self._scheduled = False
 
     def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
+        self._loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        pending, self._pending, self._loop = self._pending, [], None
+        for _, future in pending:
+            future.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, item: Any) -> Any:
         """Queue one item and wait for its result (its exception is raised here)."""
-        if self._queue is None:
+        loop = self._loop
+        if loop is None:
             raise RuntimeError(f"batcher {self.name} is not started")
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, future))
+        future = loop.create_future()
+        self._pending.append((item, future))
+        if not (self._running or self._scheduled):
+            self._scheduled = True
+            loop.call_soon(self._flush, True)
         return await future
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run other model work on this batcher's thread, so it never runs beside a batch."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _collect(self) -> None:
-        assert self._queue is not None
-        while True:
-            batch = [await self._queue.get()]
-            if self._queue.empty() and self.window_s > 0:
-                await asyncio.sleep(self.window_s)
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            live = [(item, fut) for item, fut in batch if not fut.done()]  # drop requests whose client left
-            if live:
-                await self._run(live)
+    def _flush(self, may_wait: bool) -> None:
+        """Hand the pending items (up to max_batch) to the worker thread; a lone item first waits a window."""
+        self._scheduled = False
+        if self._running or not self._pending or self._loop is None:
+            return
+        if may_wait and len(self._pending) == 1 and self.window_s > 0:
+            self._scheduled = True
+            self._loop.call_later(self.window_s, self._flush, False)
+            return
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+        live = [(item, future) for item, future in batch if not future.done()]  # drop callers that left
+        if not live:
+            return self._flush(False)
+        self._running = True
+        started, loop = time.perf_counter(), self._loop
+        done = self.executor.submit(self.fn, [item for item, _ in live])
+        done.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finish, live, f, started))
 
-    async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
-        started = time.perf_counter()
+    def _finish(self, batch: Pending, done: "Future[Sequence[Any]]", started: float) -> None:
+        self._running = False
         try:
-            results = await self.call(self.fn, [item for item, _ in batch])
-        except Exception as exc:  # the whole batch failed: every caller gets the error
-            results = [exc] * len(batch)
+            results: Sequence[Any] = done.result()
+        except BaseException as exc:  # the whole batch failed (or was cancelled): every caller gets the error
+            results = [exc if isinstance(exc, Exception) else RuntimeError(str(exc))] * len(batch)
         self.metrics.batch_size.observe(len(batch), stage=self.name)
         self.metrics.batch_seconds.observe(time.perf_counter() - started, stage=self.name)
         for (_, future), result in zip(batch, results):
@@ -75,3 +89,5 @@ class MicroBatcher:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+        if self._pending and not self._scheduled:  # piled up while this batch ran: they have waited enough
+            self._flush(False)

@@ -18,6 +18,9 @@ from ..store import Store
 from .batching import MicroBatcher
 from .metrics import Metrics
 
+SCORE_ALL_MAX = 20_000_000  # stores up to this size get every missing p_nsfw computed at startup
+
+
 @dataclass
 class Settings:
     """Server options (`pnsfw serve --help`)."""
@@ -28,8 +31,10 @@ class Settings:
     token: Optional[str] = field(default_factory=lambda: os.environ.get("PNSFW_API_TOKEN") or None)
     clip_model: Optional[str] = None  # None: the model the store's manifest records
     device: str = "auto"
+    search: str = "auto"  # exact: torch on `device`; index: the FAISS index; auto: exact on CUDA, else index
     batch_window_ms: float = 2.0
     max_batch: int = 256
+    fast_path: bool = True  # answer plain JSON-embedding search/score requests without FastAPI (fastpath.py)
     preload: bool = True  # load the CLIP encoder at startup rather than on the first upload
 
     @property
@@ -38,7 +43,18 @@ class Settings:
 
     def public(self) -> dict[str, Any]:
         return {"max_upload_mb": self.max_upload_mb, "batch_window_ms": self.batch_window_ms,
-                "max_batch": self.max_batch, "token_required": bool(self.token), "device": self.device}
+                "max_batch": self.max_batch, "token_required": bool(self.token), "device": self.device,
+                "search": self.search}
+
+
+def one_blas_thread() -> None:
+    """numpy's BLAS to one thread: the server's GEMMs are micro-batches (<= 256 x 256), for which BLAS threads
+    only spin; torch and FAISS keep their own thread pools."""
+    from threadpoolctl import ThreadpoolController
+
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api == "blas" and "numpy" in lib.filepath:
+            lib.set_num_threads(1)
 
 
 def resolve_model(store: Store, model: Optional[str]) -> Optional[str]:
@@ -60,6 +76,26 @@ def decode_error(message: str) -> Exception:
     return NotAnImage(f"not a usable image: {message}")
 
 
+def open_searcher(store: Store, model: Optional[str], settings: Settings) -> Any:
+    """The searcher of `settings.search`; `auto` tries exact torch search on CUDA and falls back to the index."""
+    from ..search.exact import resolve_device
+    from ..search.query import Searcher
+
+    if settings.search not in ("auto", "exact", "index"):
+        raise BadInput(f"search must be auto, exact or index, got {settings.search!r}")
+    device = resolve_device(settings.device) if settings.search != "index" else "cpu"
+    if settings.search == "exact" or (settings.search == "auto" and device == "cuda"):
+        try:
+            return Searcher.open(store, model, exact_device=device)
+        except RuntimeError as exc:  # e.g. CUDA out of memory: the FAISS index still answers
+            if settings.search == "exact":
+                raise
+            searcher = Searcher.open(store, model)
+            searcher.backend["fallback"] = f"exact search on {device} failed: {str(exc).splitlines()[0]}"
+            return searcher
+    return Searcher.open(store, model)
+
+
 @dataclass
 class VectorResult:
     verdict: Optional[dict[str, Any]]
@@ -76,8 +112,11 @@ class Engine:
         _import_clip()  # torch/torchvision before keras: importing triton after TensorFlow segfaults
         self.store, self.settings, self.metrics = store, settings, Metrics()
         self.model_name = resolve_model(store, model)
-        self.searcher = Searcher.open(store, self.model_name)
+        self.searcher = open_searcher(store, self.model_name, settings)
         self.classifier = self.searcher.classifier
+        if store.rows <= SCORE_ALL_MAX:  # hits then read p_nsfw from memory, with no forward pass per batch
+            self.searcher.fill_scores()
+        one_blas_thread()
         self.projection = store.projection()
         self._encoder: Any = None
         self._encoder_lock = threading.Lock()
@@ -130,15 +169,16 @@ class Engine:
         return results
 
     def _vector_batch(self, items: list[tuple[np.ndarray, int, bool]]) -> list[VectorResult]:
-        """[(vector, k, want_verdict)] -> scores for all, neighbours (k > 0) in one index search."""
+        """[(vector, k, want_verdict)] -> scores for all, neighbours (k > 0, as hit dicts) in one search."""
         matrix = np.stack([v for v, _, _ in items]).astype(np.float32, copy=False)
         verdicts = self._verdicts(matrix) if self.classifier is not None else [None] * len(items)
         searching = [i for i, (_, k, _) in enumerate(items) if k > 0]
         hits: dict[int, list[Any]] = {}
         if searching:
             k_max = max(items[i][1] for i in searching)
-            found = self.searcher.search_vectors(matrix[searching], k_max)
-            hits = {i: row[: items[i][1]] for i, row in zip(searching, found)}
+            sims, ids = self.searcher.search_arrays(matrix[searching], k_max)
+            rows = self.searcher.hit_rows(ids, sims)
+            hits = {i: row[: items[i][1]] for i, row in zip(searching, rows)}
         return [VectorResult(verdicts[i] if want else None, hits.get(i, []))
                 for i, (_, _, want) in enumerate(items)]
 
@@ -146,12 +186,12 @@ class Engine:
         classifier = self.classifier
         probs = np.asarray(classifier.probabilities(matrix), dtype=np.float64)
         nsfw = [classifier.classes.index(c) for c in classifier.nsfw_classes]
-        p_nsfw = probs[:, nsfw].sum(axis=1)
-        top = probs.argmax(axis=1)
-        return [{"model": classifier.name, "p_nsfw": float(p), "threshold": float(classifier.threshold),
-                 "nsfw": bool(p >= classifier.threshold), "label": classifier.classes[t],
-                 "probabilities": dict(zip(classifier.classes, map(float, row)))}
-                for p, t, row in zip(p_nsfw, top, probs)]
+        p_nsfw = probs[:, nsfw].sum(axis=1).tolist()
+        labels = [classifier.classes[t] for t in probs.argmax(axis=1).tolist()]
+        name, threshold, classes = classifier.name, float(classifier.threshold), classifier.classes
+        return [{"model": name, "p_nsfw": p, "threshold": threshold, "nsfw": p >= threshold, "label": label,
+                 "probabilities": dict(zip(classes, row))}
+                for p, label, row in zip(p_nsfw, labels, probs.tolist())]
 
     def check_vector(self, values: list[float]) -> np.ndarray:
         vector = np.asarray(values, dtype=np.float32)
@@ -180,7 +220,7 @@ class Engine:
             "threshold": classifier.threshold, "metrics": classifier.meta.get("metrics")}
         return {"store": str(self.store.root), "vectors": self.store.rows, "dim": self.store.dim,
                 "space": self.store.space, "encoder": manifest["encoder"], "projection": manifest["projection"],
-                "index": index or None, "model": model, "errors": sum(e["rows"] for e in manifest["errors"]),
+                "index": index or None, "search": self.searcher.backend, "model": model, "errors": sum(e["rows"] for e in manifest["errors"]),
                 "settings": self.settings.public()}
 
     def item(self, item_id: int) -> dict[str, Any]:

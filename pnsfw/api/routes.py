@@ -1,6 +1,5 @@
 """The endpoints of DESIGN §8. Each parses its input, awaits the engine's batchers, and answers JSON."""
 
-import json
 from typing import Any, Optional, Type
 
 import numpy as np
@@ -14,6 +13,7 @@ from .. import __version__
 from ..errors import BadInput, NotAnImage
 from . import images
 from .engine import Engine
+from .fastpath import dumps
 from .schemas import (K_MAX, ExplainRequest, HealthResponse, ItemResponse, ScoreRequest, SearchRequest,
                       SearchResponse, StatsResponse, Verdict)
 
@@ -35,7 +35,7 @@ def engine_of(request: Request) -> Engine:
 
 
 def json_response(data: Any, status: int = 200) -> Response:
-    return Response(json.dumps(data), status_code=status, media_type="application/json")
+    return Response(dumps(data), status_code=status, media_type="application/json")
 
 
 async def read_input(request: Request, schema: Type[BaseModel]) -> tuple[Optional[bytes], Any, int]:
@@ -88,12 +88,6 @@ async def query_vector(engine: Engine, data: Optional[bytes], parsed: Any) -> tu
     return engine.check_vector(parsed.embedding), {"kind": "embedding"}
 
 
-def hit_dict(hit: Any) -> dict[str, Any]:
-    p = hit.p_nsfw
-    return {"id": int(hit.id), "uri": hit.uri, "similarity": float(hit.similarity),
-            "p_nsfw": None if p is None else float(p), "label": hit.label}
-
-
 @router.get("/health", response_model=HealthResponse, tags=["service"])
 async def health(request: Request) -> Response:
     engine = engine_of(request)
@@ -125,8 +119,8 @@ async def search(request: Request) -> Response:
     vector, query = await query_vector(engine, data, parsed)
     by_id = query["kind"] == "id"
     result = await engine.vectors.submit((vector, min(k + by_id, engine.store.rows), query["kind"] != "text"))
-    hits = [h for h in result.hits if not (by_id and h.id == parsed.id)][:k]
-    return json_response({"query": query, "k": k, "verdict": result.verdict, "hits": [hit_dict(h) for h in hits]})
+    hits = [h for h in result.hits if not (by_id and h["id"] == parsed.id)][:k]
+    return json_response({"query": query, "k": k, "verdict": result.verdict, "hits": hits})
 
 
 @router.post("/v1/explain", tags=["scores"], openapi_extra=_body(ExplainRequest))

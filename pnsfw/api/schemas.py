@@ -87,6 +87,8 @@ class StatsResponse(BaseModel):
     encoder: dict[str, Any]
     projection: dict[str, Any]
     index: Optional[dict[str, Any]]
+    search: dict[str, Any] = Field(default_factory=dict, description="What searches run on: backend "
+                                   "(faiss | torch-exact), device, and the index kind or the dtype.")
     model: Optional[dict[str, Any]]
     errors: int
     settings: dict[str, Any]

@@ -8,10 +8,29 @@ import numpy as np
 from ..errors import BadInput, NotFound, StoreError
 from ..store import Store
 from ..store.projection import l2_normalize
-from .index import add_shards, gpu_count, load_index
+from .index import add_shards, gpu_count, load_index, read_meta
 
 K_MAX = 1000
 ITEM_COLUMNS = ["id", "uri", "source", "sha256", "width", "height"]
+
+
+class StringColumn:
+    """A string column read by row straight from its Arrow buffers (a pyarrow `take` costs ~0.5 ms a call)."""
+
+    def __init__(self, column: Any):
+        import pyarrow as pa
+
+        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        array = array.cast(pa.large_string())
+        _, offsets, data = array.buffers()
+        self.offsets = np.frombuffer(offsets, np.int64)[array.offset: array.offset + len(array) + 1]
+        self.data = memoryview(data) if data is not None else memoryview(b"")
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        """The strings at `rows` (row positions, not ids)."""
+        starts, data = self.offsets, self.data
+        rows = np.asarray(rows, dtype=np.int64)
+        return [str(data[a:b], "utf-8") for a, b in zip(starts[rows].tolist(), starts[rows + 1].tolist())]
 
 
 @dataclass
@@ -48,25 +67,43 @@ class Searcher:
         self.store, self.index, self.meta, self.classifier = store, index, meta, classifier
         self.table = store.table(ITEM_COLUMNS)
         ids = self.table.column("id").to_numpy()
+        self.uris = StringColumn(self.table.column("uri"))
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
         self._vectors: "np.ndarray | None" = None
         self._scores: "np.ndarray | None" = None
         self.labels: dict[int, str] = {}
         self.cache: dict[str, Any] = {}  # lazily built helpers (explain's labelled-example index)
+        self.backend: dict[str, Any] = _describe_index(index, meta)
 
     @classmethod
-    def open(cls, store: Store, model: "str | None" = None) -> "Searcher":
-        """Load the index (plus shards it does not cover yet, in memory) and the classifier NAME."""
+    def open(cls, store: Store, model: "str | None" = None, exact_device: "str | None" = None) -> "Searcher":
+        """Load the index (plus shards it does not cover yet, in memory) and the classifier NAME.
+
+        `exact_device` (cuda, cpu, auto = cuda when torch sees one) searches exactly with torch on that
+        device instead of the FAISS index (see exact.py); None searches the FAISS index.
+        """
         if not store.exists or not store.rows:
             raise StoreError(f"store {store.root} is empty (run `pnsfw index SOURCE --store {store.root}`)")
-        index, meta = load_index(store)
-        todo = [s["name"] for s in store.manifest["shards"] if s["name"] not in set(meta["shards"])]
-        add_shards(index, store, todo)
-        searcher = cls(store, _to_gpu(index, meta["kind"]), meta)
+        if exact_device is not None:
+            searcher = cls(store, None, read_meta(store) or {})
+            searcher.use_exact(exact_device)
+        else:
+            index, meta = load_index(store)
+            todo = [s["name"] for s in store.manifest["shards"] if s["name"] not in set(meta["shards"])]
+            add_shards(index, store, todo)
+            searcher = cls(store, _to_gpu(index, meta["kind"]), meta)
         if model is not None:
             searcher.attach_model(model)
         return searcher
+
+    def use_exact(self, device: str = "auto") -> None:
+        """Search with `TorchExact` over every stored vector on DEVICE (the FAISS index is dropped)."""
+        from .exact import TorchExact, resolve_device
+
+        ids = self.table.column("id").to_numpy()
+        self.index = TorchExact(ids, self.vectors(), resolve_device(device))
+        self.backend = self.index.describe()
 
     def attach_model(self, name: str) -> None:
         """Use classifier NAME for p_nsfw (bulk scores when present) and its training labels."""
@@ -120,25 +157,50 @@ class Searcher:
             self._scores[rows[missing]] = scores[missing]
         return scores
 
-    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """k nearest stored items for each query vector (n, dim); one batched FAISS search."""
+    def fill_scores(self, chunk: int = 65536) -> int:
+        """p_nsfw of every row without a bulk score, computed now (so hits need no forward pass); the count."""
+        if self.classifier is None:
+            return 0
+        self.p_nsfw_of_rows(np.zeros(0, np.int64))  # reads the bulk scores
+        assert self._scores is not None
+        missing, vectors = np.flatnonzero(np.isnan(self._scores)), self.vectors()
+        for start in range(0, len(missing), chunk):
+            rows = missing[start:start + chunk]
+            self._scores[rows] = self.classifier.p_nsfw(vectors[rows].astype(np.float32))
+        return int(len(missing))
+
+    def search_arrays(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities (n, k'), store ids (n, k')) of the nearest items, k' = min(k, ntotal); -1 ids: none."""
         k = check_k(k)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim == 1:
             vectors = vectors[None, :]
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or not np.isfinite(vectors).all():
             raise BadInput(f"query vectors must be finite, of shape (n, {self.dim}); got {vectors.shape}")
-        sims, ids = self.index.search(np.ascontiguousarray(l2_normalize(vectors)), min(k, self.index.ntotal))
-        return [self._hits(i, s) for i, s in zip(ids, sims)]
+        return self.index.search(np.ascontiguousarray(l2_normalize(vectors)), min(k, self.index.ntotal))
 
-    def _hits(self, ids: np.ndarray, sims: np.ndarray) -> list[Hit]:
+    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """k nearest stored items for each query vector (n, dim); one batched search."""
+        sims, ids = self.search_arrays(vectors, k)
+        return [[Hit(**h) for h in row] for row in self.hit_rows(ids, sims)]
+
+    def hit_rows(self, ids: np.ndarray, sims: np.ndarray) -> list[list[dict[str, Any]]]:
+        """Per query, its hits as plain dicts (id, uri, similarity, p_nsfw, label): one vectorised lookup of
+        uris and scores for the whole batch."""
         keep = ids >= 0
-        ids, sims = ids[keep], sims[keep]
-        rows = self.rows_of(ids)
-        uris = self.table.column("uri").take(rows.clip(0)).to_pylist()
+        flat_ids, flat_sims = ids[keep], sims[keep]
+        rows = self.rows_of(flat_ids)
+        uris = self.uris.take(rows.clip(0))
         scores = self.p_nsfw_of_rows(rows)
-        return [Hit(int(i), uri, float(s), None if scores is None else float(scores[j]), self.labels.get(int(i)))
-                for j, (i, s, uri) in enumerate(zip(ids, sims, uris))]
+        p = [None] * len(rows) if scores is None else scores.astype(np.float64).tolist()
+        labels = self.labels
+        hits = [{"id": i, "uri": u, "similarity": s, "p_nsfw": q, "label": labels.get(i) if labels else None}
+                for i, u, s, q in zip(flat_ids.tolist(), uris, flat_sims.astype(np.float64).tolist(), p)]
+        out, at = [], 0
+        for count in keep.sum(axis=1).tolist():
+            out.append(hits[at:at + count])
+            at += count
+        return out
 
     def search_id(self, item_id: int, k: int) -> list[Hit]:
         return self.search_vectors(self.vector_of(item_id)[None, :], k)[0]
@@ -151,6 +213,29 @@ class Searcher:
             item["p_nsfw"] = float(self.p_nsfw_of_rows(np.array([row]))[0])
             item["label"] = self.labels.get(int(item_id))
         return item
+
+
+def _describe_index(index: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """What searches run on, for /v1/stats: the FAISS index kind, on the CPU (all cores) or faiss' GPUs."""
+    if index is None:
+        return {}
+    on_gpu = any(word in type(index).__name__ for word in ("Gpu", "Replicas", "Shards"))
+    info = {"backend": "faiss", "kind": meta.get("kind"), "factory": meta.get("factory"),
+            "device": "cuda" if on_gpu else "cpu", "ntotal": int(index.ntotal)}
+    if not on_gpu:
+        info["threads"] = _use_all_cores()
+    return info
+
+
+def _use_all_cores() -> int:
+    """FAISS (OpenMP) searches a batch with one thread per core this process may run on."""
+    import os
+
+    import faiss
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    faiss.omp_set_num_threads(threads)
+    return threads
 
 
 def training_labels(store: Store, name: str) -> dict[int, str]:
