@@ -128,8 +128,15 @@ class Engine:
     async def start(self) -> None:
         self.encode.start()
         self.vectors.start()
+        await self.vectors.call(self._warm_up)
         if self.settings.preload:
             await self.encode.call(self.encoder)
+
+    def _warm_up(self) -> None:
+        """One search and one score before serving (CUDA/cuBLAS initialise on first use, not on a request)."""
+        vector = np.zeros(self.store.dim, np.float32)
+        vector[0] = 1.0
+        self._vector_batch([(vector, min(10, self.store.rows), True)])
 
     async def stop(self) -> None:
         await self.encode.stop()
