@@ -253,7 +253,7 @@ def machine(device: str) -> dict[str, Any]:
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__, "keras": keras.__version__,
             "keras_backend": keras.backend.backend(), "pyarrow": pyarrow.__version__, "platform": platform.platform(),
-            "tensorflow_imported": "tensorflow" in sys.modules,
+            "tensorflow_imported": sys.modules.get("tensorflow") is not None,
             "loadavg_1m_after": os.getloadavg()[0]}  # other processes on a shared machine depress the figures
 
 

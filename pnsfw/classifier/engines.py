@@ -143,7 +143,7 @@ class CudaEngine(Engine):
                 out = self.forward(x)
                 host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
                 host.copy_(out, non_blocking=True)
-                done = torch.cuda.Event()
+                done = torch.cuda.Event(blocking=True)  # writer threads sleep on it instead of spinning a core
                 done.record(self.compute_stream)
 
         def wait() -> np.ndarray:

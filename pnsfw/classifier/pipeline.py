@@ -30,9 +30,10 @@ CommitParts = Callable[[list[tuple[str, int]]], None]
 
 
 def default_threads() -> tuple[int, int]:
-    """(readers, writers) for this machine: writers do more per shard (table, zstd, fsync) than readers."""
+    """(readers, writers) for this machine. Writers spend much of their time waiting (GPU outputs, fsync),
+    so there are more of them than cores would suggest; readers are CPU-bound (decode, staging copy)."""
     cores = len(os.sched_getaffinity(0))
-    return min(8, max(2, cores // 4)), min(8, max(1, cores // 2))
+    return min(8, max(2, cores // 2)), min(16, max(2, cores))
 
 
 @dataclass
