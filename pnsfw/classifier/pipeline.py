@@ -51,6 +51,7 @@ class StageTimes:
     wait_read_s: float = 0.0  # the calling thread starved of shards: readers are the bottleneck
     wait_write_s: float = 0.0  # the calling thread held back by the writers
     cpu_s: float = 0.0  # process CPU time (user + system) over the run
+    main_cpu_s: float = 0.0  # CPU time of the calling thread: the serial part, which bounds shards/s
 
     def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -127,7 +128,7 @@ class Pipeline:
             self.progress.add(name, rows)
 
     def run(self, paths: list[Path]) -> StageTimes:
-        t, cpu = self.times, os.times()
+        t, cpu, main_cpu = self.times, os.times(), time.thread_time()
         with ThreadPoolExecutor(t.readers, "score-read") as readers, ThreadPoolExecutor(t.writers, "score-write") as writers:
             try:
                 for path, future in _read_ahead(readers, self._read_task, paths, t.readers + 2):
@@ -142,4 +143,5 @@ class Pipeline:
                 self.progress.flush(force=True)
         now = os.times()
         t.cpu_s = (now.user - cpu.user) + (now.system - cpu.system)
+        t.main_cpu_s = time.thread_time() - main_cpu
         return t
