@@ -244,3 +244,73 @@ def test_no_request_in_this_module_got_a_5xx(api_server: Server) -> None:
     assert "pnsfw_requests_total" in text
     assert not re.search(r'^pnsfw_requests_total\{.*status="5\d\d"\}', text, re.M), text
     assert "Traceback" not in api_server.log_text()
+
+
+FAST_CASES = [  # (path, JSON body or raw bytes): valid ones take the fast path, the rest fall through to FastAPI
+    ("/v1/search", lambda v: {"embedding": v, "k": 5}),
+    ("/v1/search", lambda v: {"embedding": v}),
+    ("/v1/score", lambda v: {"embedding": v}),
+    ("/v1/search", lambda v: {"embedding": v, "k": 0}),
+    ("/v1/search", lambda v: {"embedding": v, "k": 1001}),
+    ("/v1/search", lambda v: {"embedding": v, "k": True}),
+    ("/v1/search", lambda v: {"embedding": v, "k": 3, "extra": 1}),
+    ("/v1/search", lambda v: {"embedding": v, "id": 0}),
+    ("/v1/search", lambda v: {"id": 0, "k": 3}),
+    ("/v1/search", lambda v: {"embedding": [str(x) for x in v], "k": 3}),
+    ("/v1/score", lambda v: {"embedding": v[:3]}),
+    ("/v1/score", lambda v: {"embedding": v, "k": 3}),
+    ("/v1/score", lambda v: [v]),
+    ("/v1/score", lambda v: ('{"embedding": [NaN' + ", 0" * (len(v) - 1) + "]}").encode()),
+    ("/v1/search", lambda v: b'{"embedding": [1, 2'),
+]
+
+
+def test_fast_path_answers_exactly_like_the_routes(api_server: Server) -> None:
+    """pnsfw/api/fastpath.py: same status and bytes with and without it, valid or not; metrics label it."""
+    from fastapi.testclient import TestClient
+
+    from pnsfw.api.app import create_app
+    from pnsfw.api.engine import Settings
+
+    vector = stored(api_server)[2][3].tolist()
+    answers = {}
+    for fast in (True, False):
+        app = create_app(api_server.store, None, Settings(device="cpu", preload=False, fast_path=fast, token=None))
+        with TestClient(app) as client:
+            answers[fast] = [_post(client, path, make(vector)) for path, make in FAST_CASES]
+            metrics = client.get("/metrics").text
+        assert metric(metrics, "pnsfw_requests_total", method="POST", route="/v1/search", status="200") == 5
+    assert [code for code, _ in answers[True]] == [200, 200, 200, 422, 422, 200, 422, 422, 200, 200, 422, 422,
+                                                    422, 422, 422]
+    assert answers[True] == answers[False]
+
+
+def _post(client: "httpx.Client", path: str, body: "object") -> tuple[int, bytes]:
+    if isinstance(body, bytes):
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post(path, json=body)
+    return response.status_code, response.content
+
+
+@pytest.fixture(scope="module")
+def exact_server(api_server: Server, tmp_path_factory: pytest.TempPathFactory):
+    """The same store served with `--search exact` (torch on the CPU)."""
+    from api_server import start_server
+
+    yield from start_server(api_server.store, tmp_path_factory.mktemp("exact") / "server.log", "--search", "exact")
+
+
+def test_exact_search_backend_serves_the_index_hits(api_server: Server, exact_server: Server) -> None:
+    _, _, vectors = stored(api_server)
+    with api_server.client() as index_client, exact_server.client() as exact_client:
+        stats = exact_client.get("/v1/stats").json()["search"]
+        assert stats["backend"] == "torch-exact" and stats["device"] == "cpu"
+        assert index_client.get("/v1/stats").json()["search"]["backend"] == "faiss"
+        for vector in vectors[::17]:
+            body = {"embedding": vector.tolist(), "k": 6}
+            a, b = (c.post("/v1/search", json=body).json() for c in (index_client, exact_client))
+            assert [h["id"] for h in a["hits"]] == [h["id"] for h in b["hits"]]
+            np.testing.assert_allclose([h["similarity"] for h in a["hits"]],
+                                       [h["similarity"] for h in b["hits"]], atol=1e-5)
+            assert a["verdict"] == b["verdict"] and [h["p_nsfw"] for h in a["hits"]] == [h["p_nsfw"] for h in b["hits"]]

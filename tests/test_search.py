@@ -18,6 +18,7 @@ from pnsfw.search import index as faiss_index
 from pnsfw.search.dedup import find_groups
 from pnsfw.search.explain import explain_vector
 from pnsfw.search.query import Searcher
+from pnsfw.store.projection import l2_normalize
 from pnsfw.store import Store
 
 
@@ -212,3 +213,54 @@ def test_explain_cli_by_image(trained_store: Path) -> None:
     assert body["k"] == 4 and {n["label"] for n in body["neighbours"]} <= {"sfw", "nsfw"}
     text = run("explain", "--store", trained_store, "--model", "m", "--id", "3", "-k", "2")
     assert text.exit_code == 0 and "nearest training examples agree" in text.output
+
+
+def test_torch_exact_on_cpu_equals_the_flat_index(block_store: Path, tmp_path: Path) -> None:
+    """The API's torch backend (CPU as the stand-in device, fp32) gives the flat index's hits; similarities
+    agree to 1e-5 (fp16 on CUDA: ~1e-3, see pnsfw/search/exact.py)."""
+    store_dir = tmp_path / "store"
+    shutil.copytree(block_store, store_dir)
+    assert run("reindex", "--store", store_dir, "--kind", "flat").exit_code == 0
+    flat, exact = Searcher.open(Store(store_dir)), Searcher.open(Store(store_dir), exact_device="cpu")
+    assert flat.backend["backend"] == "faiss" and flat.backend["kind"] == "flat"
+    assert exact.backend["backend"] == "torch-exact" and exact.backend["device"] == "cpu"
+    queries = np.random.default_rng(0).standard_normal((7, flat.dim)).astype(np.float32)
+    queries = np.concatenate([queries, flat.vectors()[:5].astype(np.float32)])
+    s_flat, i_flat = flat.search_arrays(queries, 8)
+    s_exact, i_exact = exact.search_arrays(queries, 8)
+    np.testing.assert_allclose(s_exact, s_flat, atol=1e-5)
+    gaps = np.abs(np.diff(s_flat, axis=1)) > 1e-5  # ties (the exact copies) may come in either order
+    alone = np.concatenate([gaps[:, :1], gaps[:, 1:] & gaps[:, :-1]], axis=1)  # no tie on either side
+    assert (i_exact == i_flat)[:, :-1][alone].all()
+    rows = exact.rows_of(i_exact.reshape(-1))
+    truth = np.einsum("nd,nkd->nk", l2_normalize(queries), exact.vectors()[rows].astype(np.float32).reshape(
+        len(queries), 8, -1))
+    np.testing.assert_allclose(s_exact, truth, atol=1e-5)  # every hit is at its true similarity
+    assert [[h.id for h in row] for row in exact.search_vectors(queries[:2], 3)] == i_exact[:2, :3].tolist()
+
+
+def test_torch_exact_blocks_and_pads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Top-k merged over row blocks equals one block; k past the row count pads with -1 like FAISS."""
+    from pnsfw.search import exact
+
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((500, 16)).astype(np.float32)
+    ids = np.arange(1000, 1500)
+    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    whole = exact.TorchExact(ids, vectors).search(queries, 20)
+    monkeypatch.setattr(exact, "SCORES_BUDGET", 3 * 4 * 64)  # blocks of 64 rows
+    blocked = exact.TorchExact(ids, vectors).search(queries, 20)
+    np.testing.assert_allclose(blocked[0], whole[0], rtol=1e-6)
+    assert (blocked[1] == whole[1]).all() and whole[1].min() >= 1000
+    sims, found = exact.TorchExact(ids[:4], vectors[:4]).search(queries, 6)
+    assert (found[:, 4:] == -1).all() and (found[:, :4] >= 1000).all() and np.isinf(sims[:, 4:]).all()
+
+
+def test_string_column_reads_rows_across_chunks() -> None:
+    import pyarrow as pa
+
+    from pnsfw.search.query import StringColumn
+
+    column = pa.chunked_array([pa.array(["a", "bé", ""]), pa.array(["xyz", "q"])])
+    assert StringColumn(column).take(np.array([4, 1, 2, 0, 3])) == ["q", "bé", "", "a", "xyz"]
+    assert StringColumn(pa.array(["a", "bé", "x"]).slice(1)).take(np.array([1, 0])) == ["x", "bé"]

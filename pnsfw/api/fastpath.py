@@ -12,6 +12,7 @@ routes'. The middleware sits inside the metrics, token and body-limit ones.
 """
 
 import json
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -84,12 +85,19 @@ def parse(kind: str, body: bytes, dim: int) -> Optional[tuple[np.ndarray, int]]:
     return vector, k
 
 
+@dataclass(frozen=True)
+class RouteLabel:
+    """What `scope["route"]` holds for a fast-path request: the route's path, as MetricsMiddleware reads it."""
+
+    path: str
+
+
 class FastPath:
     """Answers valid JSON-embedding requests of /v1/search and /v1/score; passes everything else on."""
 
     def __init__(self, app: ASGIApp, engine: Engine):
         self.app, self.engine = app, engine
-        self.routes: dict[str, Any] = {}
+        self.routes = {kind: RouteLabel(path) for path, kind in PATHS.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = PATHS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -105,7 +113,7 @@ class FastPath:
             except PnsfwError:  # not expected for valid input; the route answers it with its error handlers
                 payload = None
             if payload is not None:
-                scope["route"] = self._route(scope)  # the metrics label it like the route
+                scope["route"] = self.routes[kind]  # MetricsMiddleware labels it by the route's path
                 return await send_json(send, payload)
         await self.app(scope, replay(body, receive), send)
 
@@ -115,14 +123,6 @@ class FastPath:
             return dumps((await engine.vectors.submit((vector, 0, True))).verdict)
         result = await engine.vectors.submit((vector, min(k, engine.store.rows), True))
         return dumps({"query": {"kind": "embedding"}, "k": k, "verdict": result.verdict, "hits": result.hits[:k]})
-
-    def _route(self, scope: Scope) -> Any:
-        path = scope["path"]
-        if path not in self.routes:
-            app = scope.get("app")
-            found = [r for r in getattr(app, "routes", []) if getattr(r, "path", None) == path]
-            self.routes[path] = found[0] if found else None
-        return self.routes[path]
 
 
 async def send_json(send: Send, body: bytes, status: int = 200) -> None:
