@@ -32,7 +32,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pnsfw.classifier.engines import Engine, Waiter  # noqa: E402
+from pnsfw.classifier.engines import Engine, Waiter, copy_rows, stacked_shape  # noqa: E402
 from pnsfw.store import Store  # noqa: E402
 from pnsfw.store.sizes import parse_size  # noqa: E402
 
@@ -140,12 +140,13 @@ class NullEngine(Engine):
         super().__init__("null", "fp32", width)
         self.local = threading.local()
 
-    def prepare(self, vectors: np.ndarray) -> Any:
+    def prepare(self, vectors: "np.ndarray | list[np.ndarray]") -> Any:
+        rows, dim = stacked_shape(vectors)
         buffer = getattr(self.local, "buffer", None)
-        if buffer is None or buffer.shape[0] < len(vectors):
-            buffer = self.local.buffer = np.empty_like(vectors)
-        np.copyto(buffer[:len(vectors)], vectors)
-        return len(vectors)
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = self.local.buffer = np.empty((rows, dim), np.float16)
+        copy_rows(vectors, buffer)
+        return rows
 
     def submit(self, staged: Any) -> Waiter:
         out = np.full((staged, self.width), 0.5, np.float32)

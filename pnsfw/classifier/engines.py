@@ -30,8 +30,9 @@ class Engine:
         self.name, self.precision, self.width, self.batch_rows = name, precision, width, max(1, batch_rows)
         self._run = run
 
-    def prepare(self, vectors: np.ndarray) -> Any:
-        return vectors
+    def prepare(self, vectors: "np.ndarray | list[np.ndarray]") -> Any:
+        """vectors: fp16 (n, dim), or a list of row blocks (a shard's row groups) to stage as one."""
+        return join(vectors)
 
     def submit(self, staged: Any) -> Waiter:
         assert self._run is not None
@@ -42,6 +43,25 @@ class Engine:
 
     def __call__(self, vectors: np.ndarray) -> np.ndarray:
         return self.submit(self.prepare(vectors))()
+
+
+def join(vectors: "np.ndarray | list[np.ndarray]") -> np.ndarray:
+    if isinstance(vectors, np.ndarray):
+        return vectors
+    return vectors[0] if len(vectors) == 1 else np.concatenate(vectors)
+
+
+def stacked_shape(vectors: "np.ndarray | list[np.ndarray]") -> tuple[int, int]:
+    blocks = [vectors] if isinstance(vectors, np.ndarray) else vectors
+    return sum(len(b) for b in blocks), blocks[0].shape[1]
+
+
+def copy_rows(vectors: "np.ndarray | list[np.ndarray]", target: np.ndarray) -> None:
+    """Row blocks straight into place in target: no joined copy of a multi-row-group shard first."""
+    start = 0
+    for block in [vectors] if isinstance(vectors, np.ndarray) else vectors:
+        np.copyto(target[start:start + len(block)], block, casting="same_kind")
+        start += len(block)
 
 
 @functools.lru_cache(maxsize=1)
@@ -116,9 +136,9 @@ class CudaEngine(Engine):
         self.steps = _torch_steps(clf, self.device, self.dtype)
         self.copy_stream, self.compute_stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
 
-    def prepare(self, vectors: np.ndarray) -> Any:
-        pinned = self.torch.empty(vectors.shape, dtype=self.torch.float16, pin_memory=True)
-        np.copyto(pinned.numpy(), vectors, casting="same_kind")
+    def prepare(self, vectors: "np.ndarray | list[np.ndarray]") -> Any:
+        pinned = self.torch.empty(stacked_shape(vectors), dtype=self.torch.float16, pin_memory=True)
+        copy_rows(vectors, pinned.numpy())
         return pinned
 
     def forward(self, x: Any) -> Any:
