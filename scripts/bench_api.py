@@ -6,7 +6,8 @@ Usage: python scripts/bench_api.py [--vectors 1M] [--kind auto] [--device auto] 
 
 Builds (once, reused) a store of N random unit vectors (written through StoreWriter; the manifest names a tiny
 random CLIP checkpoint so the server starts offline), a FAISS index (`--kind`), and a classifier trained for
-one epoch on random labels of 2,000 ids. Starts one `pnsfw serve` worker on a free loopback port (`--device`,
+one epoch on random labels of 2,000 ids (without scikit-learn/matplotlib: Keras fit + save only; without
+TensorFlow, KERAS_BACKEND=torch). Starts one `pnsfw serve` worker on a free loopback port (`--device`,
 `--search` passed through), then `--clients` processes drive each endpoint with `--concurrency` keep-alive
 connections in all, each a minimal raw asyncio HTTP/1.1 client (one pre-built request, no per-request client
 library cost), for `--warmup` + `--seconds`; only requests completed in the measured window count. Prints
@@ -17,6 +18,7 @@ backend. DESIGN §9 target: /v1/search >= 2,000 req/s per worker, p99 <= 20 ms o
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -33,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from make_checkpoint import make_checkpoint  # noqa: E402
 
 from pnsfw.indexer.projection import random_projection  # noqa: E402
@@ -55,7 +58,6 @@ def _shard(writer: Any, count: int, rng: np.random.Generator) -> pa.Table:
 
 def build_store(root: Path, count: int, kind: str) -> Path:
     """Random vectors + index + a one-epoch classifier; skipped when the store already has them."""
-    from pnsfw.classifier.train import TrainOptions, train_classifier
     from pnsfw.indexer.encoder import load_encoder
     from pnsfw.search.index import reindex
 
@@ -69,11 +71,35 @@ def build_store(root: Path, count: int, kind: str) -> Path:
         for start in range(0, count, SHARD):
             writer.commit(_shard(writer, min(SHARD, count - start), rng), None)
     print(f"[bench] index: {reindex(root, kind)}", flush=True)
-    labels = root.parent / "labels.csv"
     picked = rng.choice(count, 2000, replace=False)
-    labels.write_text("id,label\n" + "".join(f"{i},{'nsfw' if i % 2 else 'sfw'}\n" for i in picked))
-    train_classifier(root, str(labels), TrainOptions(name="bench", epochs=1))
+    train(root, picked)
     return root
+
+
+def train(root: Path, picked: np.ndarray) -> None:
+    """One epoch on random labels: `train_classifier` when scikit-learn and matplotlib are there, else Keras
+    fit + save with the metadata the server reads (as scripts/bench_score.py's `fit` mode)."""
+    import importlib.util
+
+    from pnsfw.classifier.train import TrainOptions, train_classifier
+
+    labels = root.parent / "labels.csv"
+    labels.write_text("id,label\n" + "".join(f"{i},{'nsfw' if i % 2 else 'sfw'}\n" for i in picked))
+    if all(importlib.util.find_spec(m) is not None for m in ("sklearn", "matplotlib")):
+        train_classifier(root, str(labels), TrainOptions(name="bench", epochs=1))
+        return
+    from pnsfw.classifier.model import build_model, model_paths
+
+    store = Store.open(root)
+    x = store.vectors()[1][picked].astype(np.float32)
+    y = (picked % 2).astype(np.float32)[:, None]
+    model = build_model(store.dim, 1)
+    model.fit(x, y, epochs=1, batch_size=256, verbose=0)
+    paths = model_paths(store, "bench")
+    paths["keras"].parent.mkdir(parents=True, exist_ok=True)
+    model.save(paths["keras"])
+    paths["meta"].write_text(json.dumps({"name": "bench", "classes": ["nsfw", "sfw"], "nsfw_classes": ["nsfw"],
+                                         "threshold": 0.5, "space": store.space, "dim": store.dim}))
 
 
 def free_port() -> int:
@@ -249,6 +275,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if "KERAS_BACKEND" not in os.environ and importlib.util.find_spec("tensorflow") is None:
+        os.environ["KERAS_BACKEND"] = "torch"  # the server inherits it
     root = Path(args.workdir) / f"store-{args.vectors}-{args.kind.replace('/', '_')}"
     root.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
