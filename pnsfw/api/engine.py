@@ -50,8 +50,10 @@ class Settings:
 def one_blas_thread() -> None:
     """numpy's BLAS to one thread: the server's GEMMs are micro-batches (<= 256 x 256), for which BLAS threads
     only spin; torch and FAISS keep their own thread pools."""
-    from threadpoolctl import ThreadpoolController
-
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # optional here: without it BLAS keeps its default threads
+        return
     for lib in ThreadpoolController().lib_controllers:
         if lib.user_api == "blas" and "numpy" in lib.filepath:
             lib.set_num_threads(1)
