@@ -144,13 +144,18 @@ def pil_store(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
     return source, root / "pil"
 
 
-@pytest.mark.parametrize("read", ["workers", "threads"])
+@pytest.mark.parametrize("read", ["workers", "workers-reread", "threads"])
 def test_tensor_stage_on_cpu_equals_cpu_path(pil_store: tuple[Path, Path], tiny_checkpoint: Path,
                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: str) -> None:
-    """Files read, hashed and probed in the worker processes or in this process's threads: the same rows."""
+    """Files read, hashed and probed in the worker processes (bytes sent back, or files too large for the
+    pipe read again here) or in this process's threads: the same rows."""
+    import pnsfw.indexer.gpu as gpu
+
     source, reference = pil_store
     monkeypatch.setenv("PNSFW_STAGE_STATS", str(tmp_path / "stats.json"))
-    monkeypatch.setenv("PNSFW_GPU_READ", read)
+    monkeypatch.setenv("PNSFW_GPU_READ", read.split("-")[0])
+    if read == "workers-reread":
+        monkeypatch.setattr(gpu, "INLINE_BYTES", 0)  # the workers are forked after this
     _index(source, tmp_path / "tensor", tiny_checkpoint, reader="tensor", workers=1, batch_size=8)
     _assert_same(reference, tmp_path / "tensor", 0.995)
     assert '"device_images": 18' in (tmp_path / "stats.json").read_text()

@@ -4,13 +4,16 @@ Resolution, embedding width and the weights fingerprint come from the loaded
 model, never from constants.
 """
 
+import contextlib
+import functools
+import importlib.util
 import os
 import socket
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -61,6 +64,21 @@ def _import_clip() -> Any:
     return clip
 
 
+@functools.lru_cache(maxsize=1)
+def _clip_model() -> Any:
+    """clip/model.py on its own. Building a model needs only it; `import clip` also loads torchvision, the
+    tokenizer's vocabulary and pkg_resources (which scans every installed package): seconds of start-up."""
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        return _import_clip().model
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model.py")
+    module_spec = importlib.util.spec_from_file_location("pnsfw_clip_model", path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def _fingerprint(model: str) -> str:
     if os.path.isfile(model):
         return sha256_file(Path(model))
@@ -71,10 +89,9 @@ def _fingerprint(model: str) -> str:
 
 def _checkpoint_path(model: str) -> str:
     """The checkpoint file of a path or a CLIP name (downloaded once into the cache, checksum verified)."""
-    clip = _import_clip()
-
     if os.path.isfile(model):
         return model
+    clip = _import_clip()
     if model not in clip.available_models():
         raise ModelNotFound(f"unknown CLIP model {model!r}: not a file, and not one of {', '.join(clip.available_models())}")
     previous = socket.getdefaulttimeout()
@@ -102,22 +119,31 @@ def _state_dict(path: str) -> dict[str, Any]:
             return torch.jit.load(f, map_location="cpu").eval().state_dict()
 
 
-def _build(state_dict: dict[str, Any]) -> Any:
-    """clip.model.build_model without its random initialisation (seconds for ViT-B/32): the modules are
-    built on the meta device and take the checkpoint's tensors; the weights are then rounded to fp16 and
-    back as build_model does, so the model equals clip.load's."""
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """torch.nn.init's functions as no-ops (as transformers' no_init_weights does): the checkpoint overwrites
+    every weight, so random initialisation (seconds for ViT-B/32) would be thrown away."""
     import torch
 
-    clip = _import_clip()
-    with torch.device("meta"):
-        model = clip.model.build_model(dict(state_dict))
-    weights = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-    model.load_state_dict(weights, assign=True)
-    mask = model.build_attention_mask()  # a plain attribute, not in the state dict: built on meta above
-    for block in model.transformer.resblocks:
-        block.attn_mask = mask
-    clip.model.convert_weights(model)
-    return model.float().eval()
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _build(state_dict: dict[str, Any]) -> Any:
+    """clip.model.build_model (fp16 rounding of the weights included, so the model equals clip.load's) without
+    its random initialisation."""
+    with _no_init():
+        return _clip_model().build_model(dict(state_dict)).float().eval()
 
 
 def _load_clip(model: str) -> Any:

@@ -54,6 +54,7 @@ READ_THREADS = 4  # hashing and reads release the GIL; more threads only contend
 GIL_SWITCH_S = 5e-5  # see device_stage
 CPU_CHUNK = 16  # items per CPU-worker task, as on the CPU path
 READ_CHUNK = 32  # items per read-hash-probe task of the worker processes
+INLINE_BYTES = 128 * 1024  # files up to this size come back through the pool's pipe; larger are read again here
 MAX_DEVICE_PIXELS = 40_000_000  # larger images decode on CPU, where the DCT downscale shrinks them first
 COMPILE_MIN_ITEMS = 20_000_000  # torch.compile saved ~6% of the ViT's time (DESIGN §9): pays only past ~20M images
 _SOF = {0xC0, 0xC1, 0xC2}  # Huffman baseline / extended / progressive: what nvJPEG decodes
@@ -150,6 +151,7 @@ class Stats:
 
     read_s: float = 0.0
     decode_s: float = 0.0
+    device_decode_call_s: float = 0.0  # of decode_s: the batched decode call (nvJPEG's host part), the rest resize
     wait_input_s: float = 0.0
     encode_s: float = 0.0
     write_s: float = 0.0
@@ -216,7 +218,7 @@ class Packed(NamedTuple):
     """What a worker's `read_chunk` sends back: the device's JPEGs end to end in one buffer, the rest decoded."""
 
     data: bytearray
-    rows: list[tuple[Result, int, int]]  # (row without pixels, offset in data, length)
+    rows: list[tuple[Result, int, int]]  # (row without pixels, offset in data or -1: read it again, length)
     cpu: list[Result]  # items the device decoder does not take, decoded (or failed) by the CPU path
 
 
@@ -241,23 +243,34 @@ def read_chunk(items: list[Item], size: int, max_pixels: int, timeout: float) ->
         if buf is None or dims is None:
             cpu.append(item)
             continue
-        rows.append((Result(item, None, hashlib.sha256(buf).hexdigest(), dims[0], dims[1]), len(data), len(buf)))
-        data += buf
+        inline = len(buf) <= INLINE_BYTES
+        rows.append((Result(item, None, hashlib.sha256(buf).hexdigest(), dims[0], dims[1]),
+                     len(data) if inline else -1, len(buf)))
+        if inline:
+            data += buf
     return Packed(data, rows, process_chunk(cpu, size, max_pixels, timeout))
 
 
 def _read_in_workers(unit: Unit, router: Router) -> Prepared:
     import torch
 
-    prepared = Prepared(unit, [], [], [])
+    prepared, again = Prepared(unit, [], [], []), []
     for future in router.submit_reads(unit.items):
         packed = future.get()
         router.stats.add("cpu_images", len(packed.cpu))
         prepared.fallback.append(_Done(packed.cpu))
-        if packed.rows:
-            whole = torch.frombuffer(packed.data, dtype=torch.uint8)
-            prepared.rows += [row for row, _, _ in packed.rows]
-            prepared.data += [whole[offset:offset + length] for _, offset, length in packed.rows]
+        whole = torch.frombuffer(packed.data, dtype=torch.uint8) if packed.data else None
+        for row, offset, length in packed.rows:
+            try:
+                data = whole[offset:offset + length] if offset >= 0 else torch.frombuffer(
+                    _read_local(row.item), dtype=torch.uint8)  # large files: a read here beats a pipe
+            except OSError:
+                again.append(row.item)
+                continue
+            prepared.rows.append(row)
+            prepared.data.append(data)
+    if again:
+        prepared.fallback += router.submit(again)
     return prepared
 
 
@@ -316,6 +329,7 @@ def decode_unit(prepared: Prepared, device: str, size: int, router: Router) -> D
     cuda = device.startswith("cuda")
     try:
         images = _decode_jpegs(prepared.data, device)
+        router.stats.add("device_decode_call_s", time.perf_counter() - started)
     except RuntimeError:
         router.stats.add("rejected_batches", 1)
         prepared.fallback += router.submit([r.item for r in prepared.rows])
@@ -425,10 +439,10 @@ def _half_model(encoder: Encoder) -> Callable[[Any], Any]:
             with encoder._autocast():
                 return encoder.model.encode_image(images)
         return autocast
-    from clip.model import convert_weights  # fp16 convs/linears/attention; LayerNorm stays fp32, as in CLIP
+    from .encoder import _clip_model
 
     visual = copy.deepcopy(encoder.model.visual)
-    convert_weights(visual)
+    _clip_model().convert_weights(visual)  # fp16 convs/linears/attention; LayerNorm stays fp32, as in CLIP
     return lambda images: visual(images.to(torch.float16))
 
 
@@ -514,6 +528,21 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, max_pi
 
 # -------------------------------------------------------- pipeline hookup ---
 
+def warm_up(encoder: Encoder) -> None:
+    """Load torchvision's decoder and create nvJPEG's handle (a second or more) while the sources are listed."""
+    if not encoder.device.startswith("cuda"):
+        return
+    import io
+
+    import torch
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, "JPEG")
+    _decode_jpegs([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], encoder.device)
+    mark("device decoder ready")
+
+
 def _units(items: list[Item], size: int) -> Iterator[Unit]:
     iterator = iter(items)
     index = 0
@@ -523,9 +552,10 @@ def _units(items: list[Item], size: int) -> Iterator[Unit]:
 
 
 def _cpu_share(pool: Any) -> int:
-    """Images the CPU workers may hold at once besides fallbacks (PNSFW_GPU_CPU_SHARE; 0: fallbacks only)."""
-    processes = getattr(pool, "_processes", 0) or 0
-    return int(os.environ.get("PNSFW_GPU_CPU_SHARE", 64 * processes))
+    """Images the CPU workers may decode at once as whole units besides fallbacks (PNSFW_GPU_CPU_SHARE).
+    Default 0: on an H100 with 16 cores a share of 64 per worker cost thumbnails 35% of their rate
+    (the parent unpickles every decoded image) and gained 2 MP photos ~10% (docs/benchmarks.md)."""
+    return int(os.environ.get("PNSFW_GPU_CPU_SHARE", 0)) if pool is not None else 0
 
 
 def make_router(pool: Any, encoder: Encoder, options: Any, stats: Stats) -> Router:

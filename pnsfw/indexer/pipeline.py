@@ -154,14 +154,28 @@ READERS: dict[str, Callable[..., Iterator[tuple[list[Result], np.ndarray]]]] = {
     "pil": _pil_stage, "tensor": _tensor_stage}
 
 
-def reader_stage(options: IndexOptions, encoder: Encoder) -> Callable[..., Iterator[tuple[list[Result], np.ndarray]]]:
-    """The reader/encoder stage: options.reader, or by device (PNSFW_READER overrides auto)."""
+def _tensor_warm_up(encoder: Encoder) -> None:
+    from .gpu import warm_up
+
+    warm_up(encoder)
+
+
+WARM_UPS: dict[str, Callable[[Encoder], None]] = {"tensor": _tensor_warm_up}
+
+
+def reader_name(options: IndexOptions, encoder: Encoder) -> str:
+    """options.reader, or by device (PNSFW_READER overrides auto)."""
     name = options.reader if options.reader != "auto" else os.environ.get("PNSFW_READER", "auto")
     if name == "auto":
         name = "tensor" if encoder.device.startswith("cuda") else "pil"
     if name not in READERS:
         raise BadInput(f"unknown reader {name!r} ({', '.join(READERS)})")
-    return READERS[name]
+    return name
+
+
+def reader_stage(options: IndexOptions, encoder: Encoder) -> Callable[..., Iterator[tuple[list[Result], np.ndarray]]]:
+    """The reader/encoder stage of the run."""
+    return READERS[reader_name(options, encoder)]
 
 
 def _encode_all(writer: ShardWriter, batches: Iterator[tuple[list[Result], np.ndarray]], encoder: Encoder,
@@ -226,6 +240,7 @@ class _Startup:
     def _load(self) -> None:
         try:
             self.encoder = load_encoder(self.options.model, self.options.device, self.options.precision)
+            WARM_UPS.get(reader_name(self.options, self.encoder), lambda _: None)(self.encoder)
         except BaseException as exc:  # re-raised by the caller's thread in get()
             self._error = exc
 
