@@ -54,8 +54,9 @@ def shard_table(first_id: int, rows: int, dim: int, seed: int) -> pa.Table:
     ids = pa.array(np.arange(first_id, first_id + rows, dtype=np.int64))
     constant = pa.repeat(pa.scalar("bench"), rows)
     size = pa.array(np.full(rows, 224, np.int32))
+    vectors = random_fp16(np.random.default_rng(seed), rows, dim)
     columns = [ids, pc.binary_join_element_wise("bench/", pc.cast(ids, pa.string()), ".jpg", ""), constant,
-               pa.repeat(pa.scalar(""), rows), size, size, embedding_array(random_fp16(np.random.default_rng(seed), rows, dim))]
+               pa.repeat(pa.scalar(""), rows), size, size, embedding_array(vectors)]
     return pa.Table.from_arrays(columns, schema=shard_schema(dim))
 
 
@@ -183,7 +184,8 @@ def time_score(store: Store, engine: Engine, args: argparse.Namespace) -> dict[s
     shutil.rmtree(scores_dir(store, "bench"), ignore_errors=True)
     started = time.perf_counter()
     summary = score_store(store.root, "bench", engine=engine, readers=args.readers, writers=args.writers)
-    return {"vectors": summary.scored, "loop_s": round(summary.seconds, 3), "vectors_per_s": round(summary.vectors_per_s),
+    return {"vectors": summary.scored, "loop_s": round(summary.seconds, 3),
+            "vectors_per_s": round(summary.vectors_per_s),
             "wall_s_with_model_load": round(time.perf_counter() - started, 3), "stages": summary.stages}
 
 
@@ -235,11 +237,12 @@ def bench_engine(store: Store, spec: str, args: argparse.Namespace, batch_rows: 
     engine = build_engine(store, spec, args, batch_rows)
     runs = [time_score(store, engine, args) for _ in range(args.repeat)]
     best = max(runs, key=lambda r: r["vectors_per_s"])
-    error = None if engine.name == "null" else round(max_error(store), 6)
-    forward = time_forward(engine, x, parse_size(args.shard_rows))
+    null = engine.name == "null"  # nothing to check or time in its forward
+    error = None if null else round(max_error(store), 6)
+    forward = None if null else round(time_forward(engine, x, parse_size(args.shard_rows)))
     device = time_device_forward(engine, x)
     return {"engine": engine.name, "precision": engine.precision, "device": args.device, **best,
-            "forward_only_vectors_per_s": round(forward), "gpu_forward_vectors_per_s": device and round(device),
+            "forward_only_vectors_per_s": forward, "gpu_forward_vectors_per_s": device and round(device),
             "max_abs_error_vs_fp32": error, "all_runs_vectors_per_s": [r["vectors_per_s"] for r in runs]}
 
 
@@ -258,13 +261,19 @@ def machine(device: str) -> dict[str, Any]:
             "loadavg_1m_after": os.getloadavg()[0]}  # other processes on a shared machine depress the figures
 
 
+def _count(value: "int | None") -> str:
+    return "-" if value is None else f"{value:,}"
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
     print(f"{'engine':<6} {'prec':<5} {'vectors':>11} {'score vec/s':>12} {'fwd vec/s':>12} {'gpu fwd/s':>13} "
-          f"{'read ts':>8} {'submit s':>8} {'wait ts':>8} {'write ts':>8} {'commit s':>8} {'main cpu':>8} {'cpu s':>7} {'loop s':>7}")
+          f"{'read ts':>8} {'submit s':>8} {'wait ts':>8} {'write ts':>8} {'commit s':>8} {'main cpu':>8} "
+          f"{'cpu s':>7} {'loop s':>7}")
     for r in results:
         s = r["stages"]
         print(f"{r['engine']:<6} {r['precision']:<5} {r['vectors']:>11,} {r['vectors_per_s']:>12,} "
-              f"{r['forward_only_vectors_per_s']:>12,} {r['gpu_forward_vectors_per_s'] or 0:>13,} {s['read_s']:>8.2f} "
+              f"{_count(r['forward_only_vectors_per_s']):>12} {_count(r['gpu_forward_vectors_per_s']):>13} "
+              f"{s['read_s']:>8.2f} "
               f"{s['submit_s']:>8.2f} {s['engine_wait_s']:>8.2f} {s['write_s']:>8.2f} {s['commit_s']:>8.2f} "
               f"{s['main_cpu_s']:>8.2f} {s['cpu_s']:>7.2f} {r['loop_s']:>7.2f}")
     print("ts: thread-seconds summed over the reader (read), writer (wait: outputs from the engine; write) threads")

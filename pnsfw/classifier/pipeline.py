@@ -129,7 +129,8 @@ class Pipeline:
 
     def run(self, paths: list[Path]) -> StageTimes:
         t, cpu, main_cpu = self.times, os.times(), time.thread_time()
-        with ThreadPoolExecutor(t.readers, "score-read") as readers, ThreadPoolExecutor(t.writers, "score-write") as writers:
+        with ThreadPoolExecutor(t.readers, "score-read") as readers, \
+                ThreadPoolExecutor(t.writers, "score-write") as writers:
             try:
                 for path, future in _read_ahead(readers, self._read_task, paths, t.readers + 2):
                     (ids, staged, seconds), blocked = _timed(future.result)
