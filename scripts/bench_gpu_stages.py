@@ -8,7 +8,9 @@ warm-up batch), images/s:
 * decode: nvJPEG batch decode (`torchvision.io.decode_jpeg(list, device="cuda")`);
 * resize: the batched bicubic resize + crop (`tensor_preprocess.resize_crop`, fp16);
 * encode: the CLIP image tower (fp16 weights) on normalised input, and with torch.compile if --compile;
-* decode+resize+encode chained on one stream (no overlap, no CPU work).
+* decode+resize+encode chained on one stream (no overlap, no CPU work);
+* the tower with cuDNN autotuning, at twice the batch, and under bf16 autocast;
+* decode+resize and encode at the same time on two threads and streams (does the GPU overlap them?).
 
 Example::
 
@@ -36,6 +38,55 @@ def timed(fn: Callable[[], Any], repeats: int) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / repeats
+
+
+def tower_variants(encoder: Any, pixels: Any, repeats: int) -> dict[str, float]:
+    """The image tower in other set-ups: cuDNN autotuned patch conv, bf16 autocast on fp32 weights, batch x2."""
+    from pnsfw.indexer.gpu import _half_model
+    from pnsfw.indexer.tensor_preprocess import normalize
+
+    images = normalize(pixels)
+    model = _half_model(encoder)
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        torch.backends.cudnn.benchmark = True
+        out["encode_fp16_cudnn_benchmark"] = len(images) / timed(lambda: model(images), repeats)
+        double = torch.cat([images, images])
+        out["encode_fp16_cudnn_benchmark_batch_x2"] = len(double) / timed(lambda: model(double), repeats)
+        torch.backends.cudnn.benchmark = False
+        visual = encoder.model.visual
+
+        def bf16() -> Any:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return visual(images)
+
+        out["encode_bf16_autocast"] = len(images) / timed(bf16, repeats)
+    return out
+
+
+def concurrent(decode: Callable[[], Any], encode: Callable[[], Any], batch: int, repeats: int) -> dict[str, float]:
+    """decode+resize on one thread and stream while encode runs on another: images/s of each side, to see
+    whether the GPU overlaps them (each near its rate alone) or serialises them (the rates add up as times)."""
+    import threading
+
+    def loop(fn: Callable[[], Any], stream: Any, seconds: list[float]) -> None:
+        with torch.cuda.stream(stream), torch.inference_mode():
+            started = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            stream.synchronize()
+            seconds.append(time.perf_counter() - started)
+
+    decode_s: list[float] = []
+    encode_s: list[float] = []
+    threads = [threading.Thread(target=loop, args=(decode, torch.cuda.Stream(), decode_s)),
+               threading.Thread(target=loop, args=(encode, torch.cuda.Stream(), encode_s))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"concurrent_decode_resize": batch * repeats / decode_s[0],
+            "concurrent_encode": batch * repeats / encode_s[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                "encode_fp16": batch / timed(lambda: encode(pixels), args.repeats),
                "chain_decode_resize_encode": batch / timed(
                    lambda: encode(resize_crop(_decode_jpegs(data, "cuda"), size, torch.float16)), args.repeats)}
+    results.update(tower_variants(encoder, pixels, args.repeats))
+    results.update(concurrent(lambda: resize_crop(_decode_jpegs(data, "cuda"), size, torch.float16),
+                              lambda: encode(pixels), batch, args.repeats))
     report = {"folder": args.folder, "batch": batch, "compile": args.compile, "device": torch.cuda.get_device_name(),
               "torch": torch.__version__, "images_per_s": {k: round(v, 1) for k, v in results.items()},
               "mean_kib": round(sum(len(b) for b in blobs) / len(blobs) / 1024, 1)}

@@ -450,6 +450,8 @@ def _image_model(encoder: Encoder, items: int, batch: int) -> Callable[[Any], An
     """The image tower, compiled for jobs large enough to pay back the compile time (or PNSFW_COMPILE=1/0)."""
     import torch
 
+    if os.environ.get("PNSFW_CUDNN_BENCHMARK") == "1":  # autotuned patch convolution (measured in docs)
+        torch.backends.cudnn.benchmark = True
     wanted = os.environ.get("PNSFW_COMPILE")
     compile_it = wanted == "1" or (wanted is None and items >= COMPILE_MIN_ITEMS and encoder.device.startswith("cuda"))
     model = _half_model(encoder)
@@ -528,9 +530,9 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, max_pi
 
 # -------------------------------------------------------- pipeline hookup ---
 
-def warm_up(encoder: Encoder) -> None:
-    """Load torchvision's decoder and create nvJPEG's handle (a second or more) while the sources are listed."""
-    if not encoder.device.startswith("cuda"):
+def warm_up(device: str) -> None:
+    """Load torchvision's decoder and create nvJPEG's handle (seconds) while the model loads."""
+    if not device.startswith("cuda"):
         return
     import io
 
@@ -539,7 +541,7 @@ def warm_up(encoder: Encoder) -> None:
 
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buffer, "JPEG")
-    _decode_jpegs([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], encoder.device)
+    _decode_jpegs([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device)
     mark("device decoder ready")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import BadInput
 from ..store import Projection, Store, StoreWriter
 from .decode import DEFAULT_MAX_PIXELS
-from .encoder import Encoder, load_encoder
+from .encoder import Encoder, load_encoder, resolve_device
 from .projection import make_projection, needs_sample
 from .reader import Result, decoded_stream, process_chunk
 from .sources import Item, iter_items
@@ -154,20 +154,20 @@ READERS: dict[str, Callable[..., Iterator[tuple[list[Result], np.ndarray]]]] = {
     "pil": _pil_stage, "tensor": _tensor_stage}
 
 
-def _tensor_warm_up(encoder: Encoder) -> None:
+def _tensor_warm_up(device: str) -> None:
     from .gpu import warm_up
 
-    warm_up(encoder)
+    warm_up(device)
 
 
-WARM_UPS: dict[str, Callable[[Encoder], None]] = {"tensor": _tensor_warm_up}
+WARM_UPS: dict[str, Callable[[str], None]] = {"tensor": _tensor_warm_up}
 
 
-def reader_name(options: IndexOptions, encoder: Encoder) -> str:
+def reader_name(options: IndexOptions, device: str) -> str:
     """options.reader, or by device (PNSFW_READER overrides auto)."""
     name = options.reader if options.reader != "auto" else os.environ.get("PNSFW_READER", "auto")
     if name == "auto":
-        name = "tensor" if encoder.device.startswith("cuda") else "pil"
+        name = "tensor" if device.startswith("cuda") else "pil"
     if name not in READERS:
         raise BadInput(f"unknown reader {name!r} ({', '.join(READERS)})")
     return name
@@ -175,7 +175,7 @@ def reader_name(options: IndexOptions, encoder: Encoder) -> str:
 
 def reader_stage(options: IndexOptions, encoder: Encoder) -> Callable[..., Iterator[tuple[list[Result], np.ndarray]]]:
     """The reader/encoder stage of the run."""
-    return READERS[reader_name(options, encoder)]
+    return READERS[reader_name(options, encoder.device)]
 
 
 def _encode_all(writer: ShardWriter, batches: Iterator[tuple[list[Result], np.ndarray]], encoder: Encoder,
@@ -227,26 +227,35 @@ class _Startup:
 
     def __init__(self, options: IndexOptions, encoder: Optional[Encoder]):
         self.options, self.encoder, self.pool = options, encoder, None
-        self._thread: Optional[threading.Thread] = None
+        self._threads: list[threading.Thread] = []
         self._error: Optional[BaseException] = None
 
     def start(self) -> None:
         self.pool = _make_pool(self.options.workers)  # before any thread: forking a threaded process is unsafe
         mark("workers forked")
         if self.encoder is None:
-            self._thread = threading.Thread(target=self._load, name="pnsfw-load-encoder", daemon=True)
-            self._thread.start()
+            self._threads = [threading.Thread(target=self._load, name="pnsfw-load-encoder", daemon=True),
+                             threading.Thread(target=self._warm_up, name="pnsfw-warm-up", daemon=True)]
+            for thread in self._threads:
+                thread.start()
 
     def _load(self) -> None:
         try:
             self.encoder = load_encoder(self.options.model, self.options.device, self.options.precision)
-            WARM_UPS.get(reader_name(self.options, self.encoder), lambda _: None)(self.encoder)
         except BaseException as exc:  # re-raised by the caller's thread in get()
             self._error = exc
 
+    def _warm_up(self) -> None:
+        """The reader's own start-up (nvJPEG on CUDA) beside the model load; failures show up in the run."""
+        try:
+            device = resolve_device(self.options.device)
+            WARM_UPS.get(reader_name(self.options, device), lambda _: None)(device)
+        except Exception:  # noqa: BLE001 - the run itself reports what is wrong with the device or reader
+            pass
+
     def get(self) -> Encoder:
-        if self._thread is not None:
-            self._thread.join()
+        for thread in self._threads:
+            thread.join()
         if self._error is not None:
             raise self._error
         assert self.encoder is not None
@@ -254,8 +263,8 @@ class _Startup:
         return self.encoder
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._thread.join()  # a failed run still waits for the load, so nothing dies mid-import
+        for thread in self._threads:
+            thread.join()  # a failed run still waits for the load, so nothing dies mid-import
         if self.pool is not None:
             self.pool.terminate()
 
