@@ -144,11 +144,11 @@ def pil_store(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
     return source, root / "pil"
 
 
-@pytest.mark.parametrize("read", ["workers", "workers-reread", "threads"])
+@pytest.mark.parametrize("read", ["workers", "workers-reread", "threads", "threads-resize-on-decode"])
 def test_tensor_stage_on_cpu_equals_cpu_path(pil_store: tuple[Path, Path], tiny_checkpoint: Path,
                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: str) -> None:
     """Files read, hashed and probed in the worker processes (bytes sent back, or files too large for the
-    pipe read again here) or in this process's threads: the same rows."""
+    pipe read again here) or in this process's threads, resized on either thread: the same rows."""
     import pnsfw.indexer.gpu as gpu
 
     source, reference = pil_store
@@ -156,6 +156,8 @@ def test_tensor_stage_on_cpu_equals_cpu_path(pil_store: tuple[Path, Path], tiny_
     monkeypatch.setenv("PNSFW_GPU_READ", read.split("-")[0])
     if read == "workers-reread":
         monkeypatch.setattr(gpu, "INLINE_BYTES", 0)  # the workers are forked after this
+    if read == "threads-resize-on-decode":
+        monkeypatch.setattr(gpu, "RESIZE_IN_ENCODER", False)
     _index(source, tmp_path / "tensor", tiny_checkpoint, reader="tensor", workers=1, batch_size=8)
     _assert_same(reference, tmp_path / "tensor", 0.995)
     assert '"device_images": 18' in (tmp_path / "stats.json").read_text()

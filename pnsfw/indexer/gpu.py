@@ -54,6 +54,8 @@ READ_THREADS = 4  # hashing and reads release the GIL; more threads only contend
 GIL_SWITCH_S = 5e-5  # see device_stage
 CPU_CHUNK = 16  # items per CPU-worker task, as on the CPU path
 READ_CHUNK = 32  # items per read-hash-probe task of the worker processes
+# the batched resize on the encoding thread rather than the decode thread: the two then overlap (PNSFW_GPU_RESIZE)
+RESIZE_IN_ENCODER = os.environ.get("PNSFW_GPU_RESIZE", "encoder") == "encoder"
 INLINE_BYTES = 128 * 1024  # files up to this size come back through the pool's pipe; larger are read again here
 MAX_DEVICE_PIXELS = 40_000_000  # larger images decode on CPU, where the DCT downscale shrinks them first
 COMPILE_MIN_ITEMS = 20_000_000  # torch.compile saved ~6% of the ViT's time (DESIGN §9): pays only past ~20M images
@@ -315,7 +317,7 @@ def _decode_jpegs(data: list[Any], device: str) -> list[Any]:
 @dataclass
 class Decoded:
     prepared: Prepared
-    pixels: Any = None  # float (n, 3, R, R) 0..255 on the device, for prepared.rows
+    pixels: Any = None  # float (n, 3, R, R) 0..255 on the device for prepared.rows, or the decoded images
     event: Any = None
 
 
@@ -335,7 +337,7 @@ def decode_unit(prepared: Prepared, device: str, size: int, router: Router) -> D
         prepared.fallback += router.submit([r.item for r in prepared.rows])
         prepared.rows, prepared.data = [], []
         return Decoded(prepared)
-    pixels = resize_crop(images, size, torch.float16 if cuda else torch.float32)
+    pixels = images if RESIZE_IN_ENCODER else resize_crop(images, size, _resize_dtype(device))
     event = torch.cuda.Event() if cuda else None
     if event is not None:
         event.record()
@@ -386,17 +388,35 @@ def _decode_thread(units: Iterable[Unit], router: Router, device: str, size: int
 
 # ----------------------------------------------------------------- encode ---
 
-def _join(decoded: Decoded, device: str) -> tuple[list[Result], list[Result], Any]:
+def _resize_dtype(device: str) -> Any:
+    import torch
+
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def _device_pixels(decoded: Decoded, device: str, size: int) -> Any:
+    """The device part's (n, 3, R, R) pixels on this thread's stream (resized here when the decode thread
+    left that to this one)."""
+    import torch
+
+    pixels = decoded.pixels
+    tensors = pixels if isinstance(pixels, list) else [pixels]
+    if decoded.event is not None:
+        stream = torch.cuda.current_stream(device)
+        stream.wait_event(decoded.event)
+        for tensor in tensors:  # made on the decode thread's stream: not to be reused before this one is done
+            tensor.record_stream(stream)
+    return resize_crop(pixels, size, _resize_dtype(device)) if isinstance(pixels, list) else pixels
+
+
+def _join(decoded: Decoded, device: str, size: int) -> tuple[list[Result], list[Result], Any]:
     """Rows, error rows and the (n, 3, R, R) 0..255 pixels of one unit, device part first."""
     import torch
 
     prepared = decoded.prepared
     rows, parts, errors, cpu_rows = list(prepared.rows), [], [], []
     if decoded.pixels is not None:
-        if decoded.event is not None:
-            torch.cuda.current_stream(device).wait_event(decoded.event)
-            decoded.pixels.record_stream(torch.cuda.current_stream(device))
-        parts.append(decoded.pixels)
+        parts.append(_device_pixels(decoded, device, size))
     for future in prepared.fallback:
         for result in future.get():
             (errors if result.pixels is None else cpu_rows).append(result)
@@ -481,7 +501,7 @@ def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[
         started = time.perf_counter()
         current = None
         if unit is not None:
-            rows, errors, pixels = _join(unit, encoder.device)
+            rows, errors, pixels = _join(unit, encoder.device, encoder.resolution)
             features = None
             if pixels is not None:
                 with torch.inference_mode():
