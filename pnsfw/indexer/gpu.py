@@ -557,8 +557,10 @@ def warm_up(device: str) -> None:
     import io
 
     import torch
+    import torchvision.io  # noqa: F401 - seconds of imports, timed apart from nvJPEG's start below
     from PIL import Image
 
+    mark("torchvision imported")
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buffer, "JPEG")
     _decode_jpegs([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device)
