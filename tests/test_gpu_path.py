@@ -156,8 +156,7 @@ def test_tensor_stage_on_cpu_equals_cpu_path(pil_store: tuple[Path, Path], tiny_
     monkeypatch.setenv("PNSFW_GPU_READ", read.split("-")[0])
     if read == "workers-reread":
         monkeypatch.setattr(gpu, "INLINE_BYTES", 0)  # the workers are forked after this
-    if read == "threads-resize-on-decode":
-        monkeypatch.setattr(gpu, "RESIZE_IN_ENCODER", False)
+    monkeypatch.setattr(gpu, "RESIZE", "decoder" if read == "threads-resize-on-decode" else "encoder")
     _index(source, tmp_path / "tensor", tiny_checkpoint, reader="tensor", workers=1, batch_size=8)
     _assert_same(reference, tmp_path / "tensor", 0.995)
     assert '"device_images": 18' in (tmp_path / "stats.json").read_text()

@@ -25,6 +25,7 @@ shared queue; the parent puts the results back in unit order and is the only
 writer, so the store's commit protocol and lock are unchanged.
 """
 
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -54,8 +55,11 @@ READ_THREADS = 4  # hashing and reads release the GIL; more threads only contend
 GIL_SWITCH_S = 5e-5  # see device_stage
 CPU_CHUNK = 16  # items per CPU-worker task, as on the CPU path
 READ_CHUNK = 32  # items per read-hash-probe task of the worker processes
-# the batched resize on the encoding thread rather than the decode thread: the two then overlap (PNSFW_GPU_RESIZE)
-RESIZE_IN_ENCODER = os.environ.get("PNSFW_GPU_RESIZE", "encoder") == "encoder"
+# Where the batched resize runs (PNSFW_GPU_RESIZE=auto|decoder|encoder). auto: on the encoding thread for units
+# of large images, whose nvJPEG decode already fills the decode thread (2 MP photos: 4,700 vs 3,700 img/s steady
+# on an H100), on the decode thread for small ones (400 px thumbnails: 7,500 vs 5,500).
+RESIZE = os.environ.get("PNSFW_GPU_RESIZE", "auto")
+RESIZE_IN_ENCODER_FROM_PIXELS = 1_000_000  # mean pixels per image of a unit
 INLINE_BYTES = 128 * 1024  # files up to this size come back through the pool's pipe; larger are read again here
 MAX_DEVICE_PIXELS = 40_000_000  # larger images decode on CPU, where the DCT downscale shrinks them first
 COMPILE_MIN_ITEMS = 20_000_000  # torch.compile saved ~6% of the ViT's time (DESIGN §9): pays only past ~20M images
@@ -307,11 +311,41 @@ def prepare(unit: Unit, router: Router, max_pixels: int) -> Prepared:
 
 # ----------------------------------------------------------------- decode ---
 
+_RGB = 3  # torchvision.io.ImageReadMode.RGB.value
+
+
+@functools.lru_cache(maxsize=1)
+def _image_ops() -> Any:
+    """torchvision's image extension (its JPEG ops) loaded on its own, or None. `import torchvision` runs
+    torchvision.ops, which imports torch._dynamo: 5-6 s of start-up on the H100 machine (docs/benchmarks.md)."""
+    import glob
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for library in sorted(glob.glob(os.path.join(folder, "image*.so"))):
+            try:
+                torch.ops.load_library(library)
+                return torch.ops.image if hasattr(torch.ops.image, "decode_jpegs_cuda") else None
+            except (OSError, RuntimeError, AttributeError):
+                return None
+    return None
+
+
 def _decode_jpegs(data: list[Any], device: str) -> list[Any]:
     """uint8 (3, H, W) tensors on `device` from encoded JPEG bytes (nvJPEG on CUDA, libjpeg on CPU)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    import torch
 
-    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    ops = _image_ops()
+    if ops is None:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    if device.startswith("cuda"):  # what torchvision.io.decode_jpeg calls, without its imports
+        return ops.decode_jpegs_cuda(data, _RGB, torch.device(device))
+    return [ops.decode_jpeg(image, _RGB, False) for image in data]
 
 
 @dataclass
@@ -337,7 +371,7 @@ def decode_unit(prepared: Prepared, device: str, size: int, router: Router) -> D
         prepared.fallback += router.submit([r.item for r in prepared.rows])
         prepared.rows, prepared.data = [], []
         return Decoded(prepared)
-    pixels = images if RESIZE_IN_ENCODER else resize_crop(images, size, _resize_dtype(device))
+    pixels = images if _resize_in_encoder(prepared.rows) else resize_crop(images, size, _resize_dtype(device))
     event = torch.cuda.Event() if cuda else None
     if event is not None:
         event.record()
@@ -387,6 +421,12 @@ def _decode_thread(units: Iterable[Unit], router: Router, device: str, size: int
 
 
 # ----------------------------------------------------------------- encode ---
+
+def _resize_in_encoder(rows: list[Result]) -> bool:
+    if RESIZE != "auto":
+        return RESIZE == "encoder"
+    return sum(r.width * r.height for r in rows) >= RESIZE_IN_ENCODER_FROM_PIXELS * len(rows)
+
 
 def _resize_dtype(device: str) -> Any:
     import torch
@@ -557,10 +597,9 @@ def warm_up(device: str) -> None:
     import io
 
     import torch
-    import torchvision.io  # noqa: F401 - seconds of imports, timed apart from nvJPEG's start below
     from PIL import Image
 
-    mark("torchvision imported")
+    mark("torchvision's image ops " + ("loaded alone" if _image_ops() is not None else "imported"))
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buffer, "JPEG")
     _decode_jpegs([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device)
