@@ -144,7 +144,8 @@ def pil_store(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
     return source, root / "pil"
 
 
-@pytest.mark.parametrize("read", ["workers", "workers-reread", "threads", "threads-resize-on-decode"])
+@pytest.mark.parametrize("read", ["workers", "workers-reread", "threads", "threads-resize-on-decode",
+                                  "workers-resize-thread"])
 def test_tensor_stage_on_cpu_equals_cpu_path(pil_store: tuple[Path, Path], tiny_checkpoint: Path,
                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: str) -> None:
     """Files read, hashed and probed in the worker processes (bytes sent back, or files too large for the
@@ -156,7 +157,8 @@ def test_tensor_stage_on_cpu_equals_cpu_path(pil_store: tuple[Path, Path], tiny_
     monkeypatch.setenv("PNSFW_GPU_READ", read.split("-")[0])
     if read == "workers-reread":
         monkeypatch.setattr(gpu, "INLINE_BYTES", 0)  # the workers are forked after this
-    monkeypatch.setattr(gpu, "RESIZE", "decoder" if read == "threads-resize-on-decode" else "encoder")
+    resize = {"threads-resize-on-decode": "decoder", "workers-resize-thread": "thread"}
+    monkeypatch.setattr(gpu, "RESIZE", resize.get(read, "encoder"))
     _index(source, tmp_path / "tensor", tiny_checkpoint, reader="tensor", workers=1, batch_size=8)
     _assert_same(reference, tmp_path / "tensor", 0.995)
     assert '"device_images": 18' in (tmp_path / "stats.json").read_text()

@@ -55,7 +55,7 @@ READ_THREADS = 4  # hashing and reads release the GIL; more threads only contend
 GIL_SWITCH_S = 5e-5  # see device_stage
 CPU_CHUNK = 16  # items per CPU-worker task, as on the CPU path
 READ_CHUNK = 32  # items per read-hash-probe task of the worker processes
-# Where the batched resize runs (PNSFW_GPU_RESIZE=auto|decoder|encoder). auto: on the encoding thread for units
+# Where the batched resize runs (PNSFW_GPU_RESIZE=auto|decoder|encoder|thread; thread: a thread of its own). auto: on the encoding thread for units
 # of large images, whose nvJPEG decode already fills the decode thread (2 MP photos: 4,700 vs 3,700 img/s steady
 # on an H100), on the decode thread for small ones (400 px thumbnails: 7,500 vs 5,500).
 RESIZE = os.environ.get("PNSFW_GPU_RESIZE", "auto")
@@ -420,11 +420,48 @@ def _decode_thread(units: Iterable[Unit], router: Router, device: str, size: int
         _put(out, exc, stop)
 
 
+def _resize_thread(inbox: queue.Queue, out: queue.Queue, stop: threading.Event, device: str, size: int) -> None:
+    """Between decode and encode (PNSFW_GPU_RESIZE=thread): resizes each unit on its own stream, so nvJPEG's
+    host work, the resize's per-image ops and the encoder's launches run on three threads."""
+    import torch
+
+    stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
+    try:
+        with torch.cuda.stream(stream) if stream else nullcontext():
+            while isinstance(value := inbox.get(), Decoded):
+                if isinstance(value.pixels, list):
+                    pixels = _device_pixels(value, device, size)
+                    event = torch.cuda.Event() if stream is not None else None
+                    if event is not None:
+                        event.record()
+                    value = Decoded(value.prepared, pixels, event)
+                if not _put(out, value, stop):
+                    return
+        _put(out, value, stop)  # None (the end) or the decode thread's exception
+    except BaseException as exc:
+        _put(out, exc, stop)
+
+
+def _start_threads(units: Iterable[Unit], router: Router, encoder: Encoder, max_pixels: int, out: queue.Queue,
+                   stop: threading.Event) -> list[threading.Thread]:
+    device, size = encoder.device, encoder.resolution
+    middle: queue.Queue = queue.Queue(maxsize=4) if RESIZE == "thread" else out
+    threads = [threading.Thread(target=_decode_thread, daemon=True, name="pnsfw-decode",
+                                args=(units, router, device, size, max_pixels, middle, stop))]
+    if middle is not out:
+        threads.append(threading.Thread(target=_resize_thread, daemon=True, name="pnsfw-resize",
+                                        args=(middle, out, stop, device, size)))
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 # ----------------------------------------------------------------- encode ---
 
 def _resize_in_encoder(rows: list[Result]) -> bool:
+    """Whether the decode thread leaves the resize to a later thread (the resize thread, or the encoder's)."""
     if RESIZE != "auto":
-        return RESIZE == "encoder"
+        return RESIZE in ("encoder", "thread")
     return sum(r.width * r.height for r in rows) >= RESIZE_IN_ENCODER_FROM_PIXELS * len(rows)
 
 
@@ -571,13 +608,11 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, max_pi
     """Decode, resize and encode units on the encoder's device; results in unit order."""
     out: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
-    thread = threading.Thread(target=_decode_thread, daemon=True, name="pnsfw-decode",
-                              args=(units, router, encoder.device, encoder.resolution, max_pixels, out, stop))
     # every torch op releases the GIL; with Python's default 5 ms switch interval the decode thread then
     # waits up to 5 ms per op behind the reader threads (seen on an H100: 3 s per batch of 1024)
     previous = sys.getswitchinterval()
     sys.setswitchinterval(float(os.environ.get("PNSFW_GIL_SWITCH_S", GIL_SWITCH_S)))
-    thread.start()
+    threads = _start_threads(units, router, encoder, max_pixels, out, stop)
     try:
         model = _image_model(encoder, items, batch)
         mark("image tower ready")
@@ -585,7 +620,8 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, max_pi
     finally:
         sys.setswitchinterval(previous)
         stop.set()
-        thread.join(timeout=10)
+        for thread in threads:
+            thread.join(timeout=10)
 
 
 # -------------------------------------------------------- pipeline hookup ---
