@@ -690,7 +690,9 @@ def tensor_stage(items: list[Item], options: Any, encoder: Encoder, pool: Any,
     """The pipeline's stage for `--device cuda` (or `reader="tensor"`): (rows, features) per batch."""
     stats = Stats()
     count = _worker_count(encoder)
-    if count > 1:
+    if isinstance(pool, DeviceWorkers):  # started with the run
+        results = pool.run(items, stats)
+    elif count > 1:
         results = multi_device_stage(items, options, encoder, count, batch, stats)
     else:
         router = make_router(pool, encoder, options, stats)
@@ -761,23 +763,70 @@ def _collect(results: Any, processes: list[Any], stats: Stats) -> Iterator[UnitR
             next_index += 1
 
 
+class DeviceWorkers:
+    """One spawned worker process per device over disjoint units; this process stays the only writer.
+
+    Started as soon as a run has work (before this process has imported torch), so the workers' own start-up
+    (imports, model load, nvJPEG) overlaps the parent's. `terminate()` as for a process pool."""
+
+    def __init__(self, model: str, options: Any, devices: list[str], batch: int):
+        context = multiprocessing.get_context("spawn")
+        count = len(devices)
+        self.batch = batch
+        self.jobs, self.results = context.Queue(maxsize=4 * count), context.Queue(maxsize=4 * count)
+        processes_each = max(0, len(os.sched_getaffinity(0)) // count - 1)
+        self.processes = [context.Process(target=device_worker, name=f"pnsfw-{device}",  # not daemonic: it has a pool
+                                          args=(rank, device, model, options, processes_each, batch, self.jobs,
+                                                self.results))
+                          for rank, device in enumerate(devices)]
+        for process in self.processes:
+            process.start()
+
+    def run(self, items: list[Item], stats: Stats) -> Iterator[UnitResult]:
+        feeder = threading.Thread(target=_feed, args=(_units(items, self.batch), self.jobs, len(self.processes)),
+                                  daemon=True)
+        feeder.start()
+        try:
+            yield from _collect(self.results, self.processes, stats)
+        finally:
+            self.terminate()
+
+    def terminate(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+            process.join(timeout=10)
+
+
+def planned_workers(device: str) -> int:
+    """Device workers a run will use, known without importing torch: PNSFW_GPU_WORKERS, else for cuda/auto one
+    per GPU that CUDA_VISIBLE_DEVICES or the NVIDIA driver lists."""
+    wanted = os.environ.get("PNSFW_GPU_WORKERS")
+    if wanted:
+        return int(wanted)
+    if device not in ("auto", "cuda"):
+        return 1
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([v for v in visible.split(",") if v.strip()])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def start_device_workers(options: Any) -> Optional[DeviceWorkers]:
+    """The device workers of a multi-device run with the tensor reader, started now; None otherwise."""
+    reader = options.reader if options.reader != "auto" else os.environ.get("PNSFW_READER", "auto")
+    count = planned_workers(options.device)
+    gpu_like = options.device in ("auto", "cuda")
+    if count < 2 or reader == "pil" or (reader == "auto" and not gpu_like):
+        return None
+    devices = [f"cuda:{i}" for i in range(count)] if gpu_like else [options.device] * count
+    return DeviceWorkers(options.model, options, devices, options.batch_size or 1024)
+
+
 def multi_device_stage(items: list[Item], options: Any, encoder: Encoder, count: int, batch: int,
                        stats: Stats) -> Iterator[UnitResult]:
-    """One spawned worker per device over disjoint units; this process stays the only writer."""
-    context = multiprocessing.get_context("spawn")
-    jobs, results = context.Queue(maxsize=4 * count), context.Queue(maxsize=4 * count)
-    processes_each = max(0, len(os.sched_getaffinity(0)) // count - 1)
-    workers = [context.Process(target=device_worker, name=f"pnsfw-{device}",  # not daemonic: it has a pool
-                               args=(rank, device, encoder.name, options, processes_each, batch, jobs, results))
-               for rank, device in enumerate(_device_names(encoder, count))]
-    for worker in workers:
-        worker.start()
-    feeder = threading.Thread(target=_feed, args=(_units(items, batch), jobs, count), daemon=True)
-    feeder.start()
-    try:
-        yield from _collect(results, workers, stats)
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-            worker.join(timeout=10)
+    """One spawned worker per device over disjoint units, started here."""
+    return DeviceWorkers(encoder.name, options, _device_names(encoder, count), batch).run(items, stats)

@@ -231,7 +231,10 @@ class _Startup:
         self._error: Optional[BaseException] = None
 
     def start(self) -> None:
-        self.pool = _make_pool(self.options.workers)  # before any thread: forking a threaded process is unsafe
+        from .gpu import start_device_workers  # several GPUs: their workers load beside this process
+
+        # before any thread: forking a threaded process is unsafe
+        self.pool = start_device_workers(self.options) or _make_pool(self.options.workers)
         mark("workers forked")
         if self.encoder is None:
             self._threads = [threading.Thread(target=self._load, name="pnsfw-load-encoder", daemon=True),
@@ -260,6 +263,11 @@ class _Startup:
             raise self._error
         assert self.encoder is not None
         mark("encoder loaded")
+        from .gpu import DeviceWorkers
+
+        if isinstance(self.pool, DeviceWorkers) and reader_name(self.options, self.encoder.device) != "tensor":
+            self.pool.terminate()  # started for GPUs that torch does not see: decode on the CPU instead
+            self.pool = _make_pool(self.options.workers)
         return self.encoder
 
     def close(self) -> None:
