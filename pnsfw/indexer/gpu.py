@@ -22,7 +22,8 @@ that none waits on another:
 Several devices (`PNSFW_GPU_WORKERS`, default one per visible GPU for
 `--device cuda`): one spawned worker process per device pulls units from a
 shared queue; the parent puts the results back in unit order and is the only
-writer, so the store's commit protocol and lock are unchanged.
+writer, so the store's commit protocol and lock are unchanged. The workers are
+spawned as soon as the run finds work, so they load beside the parent.
 """
 
 import functools
