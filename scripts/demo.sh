@@ -9,6 +9,15 @@ PNSFW=.venv/bin/pnsfw
 STORE=${PNSFW_STORE:-sample/store}
 MODEL=${PNSFW_MODEL:-ViT-B/32}
 [ -d sample/dataset ] || .venv/bin/python scripts/make_sample.py sample/dataset --per-class 60 >/dev/null
+# the demo's own store from an earlier run with another CLIP model: start it again (a store keeps one model)
+if [ -z "${PNSFW_STORE:-}" ] && [ -f "$STORE/manifest.json" ] && ! .venv/bin/python -c '
+import json, os, sys
+name = json.load(open(sys.argv[1]))["encoder"]["name"]
+sys.exit(name != (os.path.abspath(sys.argv[2]) if os.path.isfile(sys.argv[2]) else sys.argv[2]))' \
+    "$STORE/manifest.json" "$MODEL"; then
+    echo "== $STORE was built with another CLIP model: starting it again"
+    rm -rf "$STORE"
+fi
 
 echo "== index"
 $PNSFW index sample/dataset --store "$STORE" --model "$MODEL"
