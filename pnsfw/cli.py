@@ -422,7 +422,12 @@ def evaluate(store: str, model_name: str, labels: str, as_json: bool) -> None:
               help="fp32: exact (matches predict and the API); bf16: ~2x faster on CPUs with AVX512-BF16/AMX, "
                    "p_nsfw within ~1e-2.")
 @click.option("--batch-size", default="64k", type=SIZE, show_default=True, help="Rows per forward pass.")
-def score(store: str, model_name: str, device: str, engine: str, precision: str, batch_size: int) -> None:
+@click.option("--readers", default=0, show_default=True, type=click.IntRange(0, 256),
+              help="Shard reader threads (0: half the cores, 2 to 8).")
+@click.option("--writers", default=0, show_default=True, type=click.IntRange(0, 256),
+              help="Score-part writer threads (0: one per core, 2 to 16).")
+def score(store: str, model_name: str, device: str, engine: str, precision: str, batch_size: int, readers: int,
+          writers: int) -> None:
     """Score every vector of the store into STORE/scores/NAME/ (resumable; a rerun scores new shards only).
 
     \b
@@ -432,7 +437,7 @@ def score(store: str, model_name: str, device: str, engine: str, precision: str,
     from .classifier.scoring import score_store
 
     summary = score_store(store, model_name, device=device, engine=engine, batch_rows=max(1, batch_size),
-                          precision=precision)
+                          precision=precision, readers=readers, writers=writers)
     note = " (model changed: rescored everything)" if summary.rescored_all else ""
     click.echo(f"scored {summary.scored:,} vectors in {summary.shards_scored} shards ({summary.vectors_per_s:,.0f} "
                f"vectors/s, {summary.engine} {summary.precision}); {summary.shards_present} shards already scored{note}")

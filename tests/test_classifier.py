@@ -164,8 +164,9 @@ def test_score_resumes_and_covers_every_id_once(trained: Path, tmp_path: Path) -
     np.testing.assert_allclose(lookup_scores(store, "default", all_ids), clf.p_nsfw(vectors), atol=2e-2)
     run_cli("train", "--store", root, "--labels", "folders", "--epochs", "2")  # a new model file
     assert np.isnan(lookup_scores(store, "default", all_ids)).all()  # stale scores are not served
-    rescored = score_store(root, "default")
-    assert rescored.rescored_all and rescored.scored == 80 and sorted(_all_scores(root).tolist()) == list(range(80))
+    rescored = run_cli("score", "--store", root, "--readers", "1", "--writers", "3")
+    assert "scored 80 vectors in 4 shards" in rescored.output and "model changed" in rescored.output
+    assert sorted(_all_scores(root).tolist()) == list(range(80))
 
 
 def test_filter_counts_match_scores(trained: Path, tmp_path: Path) -> None:
