@@ -20,12 +20,11 @@ from pydantic_core import from_json
 
 from ..errors import PnsfwError
 from .engine import Engine
-from .guards import ASGIApp, Receive, Scope, Send
+from .guards import ASGIApp, Receive, Scope, Send, send_json
 from .schemas import K_MAX
 
 PATHS = {"/v1/search": "search", "/v1/score": "score"}
 KEYS = {"search": frozenset(("embedding", "k")), "score": frozenset(("embedding",))}
-JSON_HEADER = (b"content-type", b"application/json")
 
 
 def dumps(data: Any) -> bytes:
@@ -124,8 +123,3 @@ class FastPath:
         result = await engine.vectors.submit((vector, min(k, engine.store.rows), True))
         return dumps({"query": {"kind": "embedding"}, "k": k, "verdict": result.verdict, "hits": result.hits[:k]})
 
-
-async def send_json(send: Send, body: bytes, status: int = 200) -> None:
-    headers = [JSON_HEADER, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -20,11 +20,15 @@ PUBLIC_PATHS = ("/health", "/", "/docs", "/openapi.json", "/favicon.ico")
 PUBLIC_PREFIXES = ("/static/", "/docs/")
 
 
-async def send_error(send: Send, status: int, error: str, detail: str, headers: tuple = ()) -> None:
-    body = json.dumps({"error": error, "detail": detail}).encode()
+async def send_json(send: Send, body: bytes, status: int = 200, headers: tuple = ()) -> None:
+    """A whole JSON response (already serialised) through raw ASGI."""
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, status: int, error: str, detail: str, headers: tuple = ()) -> None:
+    await send_json(send, json.dumps({"error": error, "detail": detail}).encode(), status, headers)
 
 
 class MetricsMiddleware:
