@@ -24,10 +24,10 @@ import multiprocessing
 import os
 import platform
 import socket
-import urllib.request
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,12 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from make_checkpoint import make_checkpoint  # noqa: E402
+from make_checkpoint import make_checkpoint
 
-from pnsfw.indexer.projection import random_projection  # noqa: E402
-from pnsfw.store import Store  # noqa: E402
-from pnsfw.store.shards import embedding_array, shard_schema  # noqa: E402
-from pnsfw.store.sizes import parse_size  # noqa: E402
+from pnsfw.indexer.projection import random_projection
+from pnsfw.store import Store
+from pnsfw.store.shards import embedding_array, shard_schema
+from pnsfw.store.sizes import parse_size
 
 SHARD = 250_000
 

@@ -63,8 +63,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -381,7 +382,7 @@ def run_anchor(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path) ->
     shutil.rmtree(out, ignore_errors=True)
     batch_log.unlink(missing_ok=True)
     cmd = anchor_command(args.cr_python, corpus, out, ckpt, args.batch_size, args.workers)
-    shim_cmd = [str(args.cr_python / "python"), "-c", ANCHOR_SHIM] + cmd[1:]
+    shim_cmd = [str(args.cr_python / "python"), "-c", ANCHOR_SHIM, *cmd[1:]]
     env = anchor_env(args.device, batch_log)
     log = out.with_suffix(".log")
     rc, wall, started = run_timed(shim_cmd, env, log)
@@ -522,7 +523,7 @@ def ratio(ours: dict[str, Any], anchor: dict[str, Any], key: str) -> float | Non
 def table_rows(results: dict[str, dict[str, Any]]) -> Iterator[list[str]]:
     """One row per (corpus, tool) run."""
     for corpus, runs in results.items():
-        anchor, ours = runs.get("anchor", {}), runs.get("ours", {})
+        anchor, _ours = runs.get("anchor", {}), runs.get("ours", {})
         for key, res in runs.items():
             if "error" in res:
                 yield [corpus, res["tool"], "FAILED", f"rc={res.get('rc')}", "", "", "", "", ""]

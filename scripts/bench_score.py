@@ -32,9 +32,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pnsfw.classifier.engines import Engine, Waiter, copy_rows, stacked_shape  # noqa: E402
-from pnsfw.store import Store  # noqa: E402
-from pnsfw.store.sizes import parse_size  # noqa: E402
+from pnsfw.classifier.engines import Engine, Waiter, copy_rows, stacked_shape
+from pnsfw.store import Store
+from pnsfw.store.sizes import parse_size
 
 
 def random_fp16(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:

@@ -16,7 +16,8 @@ import os
 import platform
 import resource
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

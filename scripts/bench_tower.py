@@ -14,9 +14,9 @@ import os
 import platform
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np
 import torch
 
 

@@ -8,12 +8,11 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
-
 from conftest import class_image, index_folder
 
 TOKEN = "s3cret-test-token"

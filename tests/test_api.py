@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from api_server import TOKEN, Server
+
 from pnsfw.store import Store
 
 
@@ -71,7 +71,7 @@ def test_binds_loopback_and_serves_openapi(api_server: Server) -> None:
 
 
 def test_score_embedding_matches_the_classifier(api_server: Server) -> None:
-    ids, _, vectors = stored(api_server)
+    _ids, _, vectors = stored(api_server)
     expected = classifier(api_server).p_nsfw(vectors[:5])
     with api_server.client() as client:
         for vector, p in zip(vectors[:5], expected):
@@ -129,7 +129,7 @@ def test_explain_by_id_and_upload(api_server: Server) -> None:
 def test_item_metadata_and_stored_image_bytes(api_server: Server) -> None:
     ids, uris, _ = stored(api_server)
     with api_server.client() as client:
-        for item_id, uri in [(i, u) for i, u in zip(ids, uris) if "::" in u][:1] + [(ids[0], uris[0])]:
+        for item_id, uri in [*[(i, u) for i, u in zip(ids, uris) if "::" in u][:1], (ids[0], uris[0])]:
             meta = client.get(f"/v1/items/{item_id}").json()
             assert meta["id"] == item_id and meta["uri"] == uri and meta["verdict"]["model"] == "default"
             image = client.get(f"/v1/items/{item_id}/image")

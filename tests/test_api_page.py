@@ -5,8 +5,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from api_server import REPO, TOKEN, Server
+
 from pnsfw.store import Store
 
 CHROMIUM = "/usr/bin/chromium"

@@ -18,12 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from conftest import class_image
-from PIL import Image
+from test_decode import _bad_files, _odd_images
 
 from pnsfw.cli import cli
 from pnsfw.store import Store
 from pnsfw.store.lock import WriteLock
-from test_decode import _bad_files, _odd_images
 
 
 def run(store: Path, ckpt: Path, *args: str) -> "CliRunner.invoke":

@@ -9,17 +9,17 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from conftest import index_folder
 from PIL import Image
 
-from conftest import index_folder
 from pnsfw.cli import cli
 from pnsfw.errors import BadInput, NotFound, SpaceMismatch, StoreError
 from pnsfw.search import index as faiss_index
 from pnsfw.search.dedup import find_groups
 from pnsfw.search.explain import explain_vector
 from pnsfw.search.query import Searcher
-from pnsfw.store.projection import l2_normalize
 from pnsfw.store import Store
+from pnsfw.store.projection import l2_normalize
 
 
 def block_images(root: Path, count: int, seed: int = 0) -> Path:

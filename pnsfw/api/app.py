@@ -1,8 +1,9 @@
 """The FastAPI app: `create_app(store, model, settings)`; routes of DESIGN §8; errors as 4xx JSON."""
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +24,7 @@ STATIC = Path(__file__).parent / "static"
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 415, 422)}
 
 
-def create_app(store: "Store | str | Path", model: Optional[str] = None, settings: Optional[Settings] = None) -> FastAPI:
+def create_app(store: "Store | str | Path", model: str | None = None, settings: Settings | None = None) -> FastAPI:
     """Build the API for one store and one classifier (None: `default` or the store's only model)."""
     store = store if isinstance(store, Store) else Store.open(store)
     settings = settings or Settings()

@@ -11,8 +11,9 @@ per item.
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from .metrics import Metrics
 
@@ -27,7 +28,7 @@ class MicroBatcher:
         self.name, self.fn, self.metrics = name, fn, metrics
         self.window_s, self.max_batch = window_s, max_batch
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pnsfw-{name}")
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: Pending = []
         self._running = self._scheduled = False
 

@@ -9,7 +9,7 @@ event loop.
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +28,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: float = 20.0
-    token: Optional[str] = field(default_factory=lambda: os.environ.get("PNSFW_API_TOKEN") or None)
-    clip_model: Optional[str] = None  # None: the model the store's manifest records
+    token: str | None = field(default_factory=lambda: os.environ.get("PNSFW_API_TOKEN") or None)
+    clip_model: str | None = None  # None: the model the store's manifest records
     device: str = "auto"
     search: str = "auto"  # exact: torch on `device`; index: the FAISS index; auto: exact on CUDA, else index
     batch_window_ms: float = 2.0
@@ -59,7 +59,7 @@ def one_blas_thread() -> None:
             lib.set_num_threads(1)
 
 
-def resolve_model(store: Store, model: Optional[str]) -> Optional[str]:
+def resolve_model(store: Store, model: str | None) -> str | None:
     """The classifier to serve: the one named, else `default`, else the only one in the store, else none."""
     from ..classifier.model import DEFAULT_NAME, list_models
 
@@ -78,7 +78,7 @@ def decode_error(message: str) -> Exception:
     return NotAnImage(f"not a usable image: {message}")
 
 
-def open_searcher(store: Store, model: Optional[str], settings: Settings) -> Any:
+def open_searcher(store: Store, model: str | None, settings: Settings) -> Any:
     """The searcher of `settings.search`; `auto` tries exact torch search on CUDA and falls back to the index."""
     from ..search.exact import resolve_device
     from ..search.query import Searcher
@@ -100,16 +100,15 @@ def open_searcher(store: Store, model: Optional[str], settings: Settings) -> Any
 
 @dataclass
 class VectorResult:
-    verdict: Optional[dict[str, Any]]
+    verdict: dict[str, Any] | None
     hits: list[Any]
 
 
 class Engine:
     """Searcher + classifier + encoder, loaded once, used through micro-batches."""
 
-    def __init__(self, store: Store, model: Optional[str], settings: Settings):
+    def __init__(self, store: Store, model: str | None, settings: Settings):
         from ..indexer.encoder import _import_clip
-        from ..search.query import Searcher
 
         _import_clip()  # torch/torchvision before keras: importing triton after TensorFlow segfaults
         self.store, self.settings, self.metrics = store, settings, Metrics()
@@ -214,7 +213,7 @@ class Engine:
                                 f"or pass --model NAME")
         return self.classifier
 
-    def explain(self, vector: np.ndarray, k: int, exclude_id: Optional[int] = None) -> dict[str, Any]:
+    def explain(self, vector: np.ndarray, k: int, exclude_id: int | None = None) -> dict[str, Any]:
         from ..search.explain import explain_vector
 
         return explain_vector(self.searcher, vector, k, exclude_id=exclude_id)

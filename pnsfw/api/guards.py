@@ -8,7 +8,8 @@ whole body is read.
 import hmac
 import json
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .metrics import Metrics
 

@@ -3,7 +3,7 @@
 import bisect
 import threading
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -46,7 +46,7 @@ class Histogram:
             running = 0
             for bound, count in zip(self.buckets, counts):
                 running += count
-                le = 'le="%g"' % bound
+                le = f'le="{bound:g}"'
                 lines.append(f"{self.name}_bucket{_labels(key, le)} {running}")
             running += counts[-1]
             lines.append(f"{self.name}_bucket{_labels(key, INF)} {running}")

@@ -1,27 +1,36 @@
 """The endpoints of DESIGN §8. Each parses its input, awaits the engine's batchers, and answers JSON."""
 
-from typing import Any, Optional, Type
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import BadInput, NotAnImage
 from . import images
 from .engine import Engine
 from .fastpath import dumps
-from .schemas import (K_MAX, ExplainRequest, HealthResponse, ItemResponse, ScoreRequest, SearchRequest,
-                      SearchResponse, StatsResponse, Verdict)
+from .schemas import (
+    K_MAX,
+    ExplainRequest,
+    HealthResponse,
+    ItemResponse,
+    ScoreRequest,
+    SearchRequest,
+    SearchResponse,
+    StatsResponse,
+    Verdict,
+)
 
 router = APIRouter()
 ItemId = Path(..., ge=0, description="A store id.")
 
 
-def _body(schema: Type[BaseModel]) -> dict[str, Any]:
+def _body(schema: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI: the endpoint takes JSON of `schema` or a multipart upload in field `image`."""
     upload = {"type": "object", "required": ["image"],
               "properties": {"image": {"type": "string", "format": "binary"}, "k": {"type": "integer"}}}
@@ -38,7 +47,7 @@ def json_response(data: Any, status: int = 200) -> Response:
     return Response(dumps(data), status_code=status, media_type="application/json")
 
 
-async def read_input(request: Request, schema: Type[BaseModel]) -> tuple[Optional[bytes], Any, int]:
+async def read_input(request: Request, schema: type[BaseModel]) -> tuple[bytes | None, Any, int]:
     """(image bytes, None, k) for a multipart upload, or (None, parsed JSON model, k)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
@@ -77,7 +86,7 @@ def parse_k(value: Any) -> int:
     return k
 
 
-async def query_vector(engine: Engine, data: Optional[bytes], parsed: Any) -> tuple[np.ndarray, dict[str, Any]]:
+async def query_vector(engine: Engine, data: bytes | None, parsed: Any) -> tuple[np.ndarray, dict[str, Any]]:
     """The query as a unit vector and a description of it."""
     if data is not None:
         return await engine.encode.submit(("image", data)), {"kind": "image", "bytes": len(data)}

@@ -1,6 +1,6 @@
 """Pydantic request and response models of the HTTP API (they are the OpenAPI schema at /docs)."""
 
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,9 +17,9 @@ class ScoreRequest(_Strict):
 
 
 class SearchRequest(_Strict):
-    text: Optional[str] = Field(None, min_length=1, max_length=2000)
-    id: Optional[int] = None
-    embedding: Optional[list[float]] = None
+    text: str | None = Field(None, min_length=1, max_length=2000)
+    id: int | None = None
+    embedding: list[float] | None = None
     k: int = KField
 
     @model_validator(mode="after")
@@ -53,14 +53,14 @@ class HitModel(BaseModel):
     id: int
     uri: str
     similarity: float
-    p_nsfw: Optional[float] = None
-    label: Optional[str] = None
+    p_nsfw: float | None = None
+    label: str | None = None
 
 
 class SearchResponse(BaseModel):
     query: dict[str, Any] = Field(..., description="What was searched: {kind: image|text|id|embedding, ...}.")
     k: int
-    verdict: Optional[Verdict] = Field(None, description="The query's own score (not for text queries).")
+    verdict: Verdict | None = Field(None, description="The query's own score (not for text queries).")
     hits: list[HitModel]
 
 
@@ -68,14 +68,14 @@ class ItemResponse(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: int
     uri: str
-    verdict: Optional[Verdict] = None
+    verdict: Verdict | None = None
 
 
 class HealthResponse(BaseModel):
     status: str
     version: str
     vectors: int
-    model: Optional[str]
+    model: str | None
     encoder_loaded: bool
 
 
@@ -86,9 +86,9 @@ class StatsResponse(BaseModel):
     space: str
     encoder: dict[str, Any]
     projection: dict[str, Any]
-    index: Optional[dict[str, Any]]
+    index: dict[str, Any] | None
     search: dict[str, Any] = Field(default_factory=dict, description="What searches run on: backend "
                                    "(faiss | torch-exact), device, and the index kind or the dtype.")
-    model: Optional[dict[str, Any]]
+    model: dict[str, Any] | None
     errors: int
     settings: dict[str, Any]

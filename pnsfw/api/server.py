@@ -1,7 +1,6 @@
 """`pnsfw serve`: one uvicorn worker process serving `create_app`."""
 
 from pathlib import Path
-from typing import Optional
 
 from ..errors import BadInput
 from .engine import Settings
@@ -9,7 +8,7 @@ from .engine import Settings
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def serve(store: "str | Path", model: Optional[str], settings: Settings, log_level: str = "info") -> None:
+def serve(store: "str | Path", model: str | None, settings: Settings, log_level: str = "info") -> None:
     """Build the app (models load here, so a bad store or model fails before binding) and run uvicorn."""
     import uvicorn
 

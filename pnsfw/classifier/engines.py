@@ -7,8 +7,9 @@ at once) and `submit` on one thread in shard order; `submit` returns a function 
 
 import functools
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

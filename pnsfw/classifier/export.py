@@ -6,8 +6,9 @@ threshold and space fingerprint are in the graph's metadata_props.
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 

@@ -1,8 +1,8 @@
 """`pnsfw filter`: the ids and uris kept by a threshold on the bulk scores, to Parquet, CSV or a uri list."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -59,7 +59,7 @@ def _kept_rows(store: Store, folder: Path, part: str, keep: str, threshold: floa
 
 
 def filter_store(store_root: "str | Path", out: "str | Path", name: str = DEFAULT_NAME,
-                 threshold: Optional[float] = None, keep: str = "safe") -> FilterSummary:
+                 threshold: float | None = None, keep: str = "safe") -> FilterSummary:
     """Score any unscored shards, then write the rows with p_nsfw < T (safe) or >= T (unsafe) to OUT."""
     out = Path(out)
     writer = WRITERS.get(out.suffix.lower())

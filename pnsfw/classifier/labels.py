@@ -1,9 +1,9 @@
 """Training labels: from the folder layout of the indexed sources, or from a CSV/Parquet file."""
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 

@@ -1,7 +1,8 @@
 """Metrics of an NSFW score against labels: PR/ROC AUC, thresholds, confusion matrices, plots."""
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

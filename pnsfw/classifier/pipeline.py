@@ -12,10 +12,11 @@ Memory is bounded: readers + 2 shards of input, and 2 x writers shards of output
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,7 @@ class _Progress:
 def _read_ahead(pool: ThreadPoolExecutor, task: Callable[[Path], Any], paths: list[Path],
                 window: int) -> Iterator[tuple[Path, "Future[Any]"]]:
     """Futures of task(path) in order, `window` submitted ahead."""
-    pending: "deque[tuple[Path, Future[Any]]]" = deque()
+    pending: deque[tuple[Path, Future[Any]]] = deque()
     upcoming = iter(paths)
     while True:
         while len(pending) < window and (path := next(upcoming, None)) is not None:
@@ -105,7 +106,7 @@ class Pipeline:
         self.engine, self.read, self.write = engine, read, write
         self.times = StageTimes(readers=readers or default_readers, writers=writers or default_writers)
         self.progress = _Progress(commit, self.times)
-        self.writes: "deque[tuple[str, Future[tuple[int, float, float]]]]" = deque()
+        self.writes: deque[tuple[str, Future[tuple[int, float, float]]]] = deque()
 
     def _read_task(self, path: Path) -> tuple[np.ndarray, Any, float]:
         started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -14,9 +14,9 @@ from .model import DEFAULT_NAME, Classifier, load_classifier
 @dataclass
 class PredictOptions:
     name: str = DEFAULT_NAME
-    clip_model: Optional[str] = None  # default: the encoder recorded in the store's manifest
+    clip_model: str | None = None  # default: the encoder recorded in the store's manifest
     device: str = "auto"
-    threshold: Optional[float] = None
+    threshold: float | None = None
     batch_size: int = 64
 
 
@@ -82,7 +82,7 @@ def _verdicts(clf: Classifier, names: list[str], vectors: np.ndarray, threshold:
             for i, name in enumerate(names)]
 
 
-def predict_paths(store_root: "str | Path", inputs: list[str], options: Optional[PredictOptions] = None) -> list[dict[str, Any]]:
+def predict_paths(store_root: "str | Path", inputs: list[str], options: PredictOptions | None = None) -> list[dict[str, Any]]:
     """One result per image or embedding row: p_nsfw, class probabilities, threshold, verdict (or error)."""
     options = options or PredictOptions()
     store = Store.open(store_root)

@@ -9,9 +9,10 @@ shards, and a retrained model starts over.
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,7 @@ from .model import DEFAULT_NAME, Classifier, check_name, load_classifier, model_
 from .pipeline import Pipeline
 
 PROGRESS = "progress.json"
-__all__ = ["BATCH_ROWS", "TORCH_DTYPES", "Engine", "make_engine", "score_store", "lookup_scores", "scored_parts"]
+__all__ = ["BATCH_ROWS", "TORCH_DTYPES", "Engine", "lookup_scores", "make_engine", "score_store", "scored_parts"]
 
 
 @dataclass

@@ -5,7 +5,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +35,8 @@ class TrainOptions:
     class_weight: bool = True
     tune: bool = False
     max_trials: int = 30
-    nsfw_classes: Optional[list[str]] = None
-    threshold_for: Optional[str] = None
+    nsfw_classes: list[str] | None = None
+    threshold_for: str | None = None
     seed: int = 0
     patience: int = 5
     verbose: int = 0
@@ -161,7 +161,7 @@ def _choose_hyper(data: dict[str, Any], outputs: int, options: TrainOptions) -> 
     return tune(data, outputs, options)
 
 
-def train_classifier(store_root: "str | Path", labels_spec: str, options: Optional[TrainOptions] = None) -> dict[str, Any]:
+def train_classifier(store_root: "str | Path", labels_spec: str, options: TrainOptions | None = None) -> dict[str, Any]:
     """Train models/NAME.keras on the labelled vectors of a store; returns the saved metadata."""
     options = options or TrainOptions()
     check_options(options)

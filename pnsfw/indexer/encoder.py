@@ -10,10 +10,11 @@ import importlib.util
 import os
 import socket
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,7 @@ def _clip_model() -> Any:
     spec = importlib.util.find_spec("clip")
     if spec is None or not spec.submodule_search_locations:
         return _import_clip().model
-    path = os.path.join(list(spec.submodule_search_locations)[0], "model.py")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "model.py")
     module_spec = importlib.util.spec_from_file_location("pnsfw_clip_model", path)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)

@@ -36,12 +36,13 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -97,7 +98,7 @@ def _exif_orientation(data: bytes, start: int, end: int) -> int:
     return 1
 
 
-def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG the device decoder handles as the CPU path would, else None."""
     if data[:3] != b"\xff\xd8\xff" or data.rfind(b"\xff\xd9", max(0, len(data) - 64)) < 0:
         return None  # not a JPEG, or truncated (the CPU path reports those)
@@ -123,7 +124,7 @@ def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
     return None
 
 
-def _device_ok(size: Optional[tuple[int, int]], max_pixels: int) -> bool:
+def _device_ok(size: tuple[int, int] | None, max_pixels: int) -> bool:
     if size is None:
         return False
     width, height = size
@@ -181,7 +182,7 @@ class Router:
     `read`: the workers' read-hash-probe task (`read_chunk`); None reads in this process's threads."""
 
     def __init__(self, pool: Any, work: Callable[[list[Item]], list[Result]], share: int, stats: Stats,
-                 read: Optional[Callable[[list[Item]], "Packed"]] = None):
+                 read: Callable[[list[Item]], "Packed"] | None = None):
         self.pool, self.work, self.share, self.stats, self.read = pool, work, share, stats, read
         self.in_flight = 0
         self.lock = threading.Lock()
@@ -229,7 +230,7 @@ class Packed(NamedTuple):
     cpu: list[Result]  # items the device decoder does not take, decoded (or failed) by the CPU path
 
 
-def _read_probe(item: Item, max_pixels: int) -> tuple[Optional[bytearray], Optional[tuple[int, int]]]:
+def _read_probe(item: Item, max_pixels: int) -> tuple[bytearray | None, tuple[int, int] | None]:
     """The bytes of a local JPEG the device decodes, with its size; (None, None) for anything else."""
     if item.uri.startswith(("http://", "https://")):
         return None, None
@@ -571,7 +572,7 @@ def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[
     """Encode each unit; a unit's features are fetched while the next one encodes."""
     import torch
 
-    pending: Optional[tuple[Decoded, list[Result], list[Result], Any]] = None
+    pending: tuple[Decoded, list[Result], list[Result], Any] | None = None
     while True:
         started = time.perf_counter()
         unit = next(decoded, None)
@@ -816,7 +817,7 @@ def planned_workers(device: str) -> int:
         return 0
 
 
-def start_device_workers(options: Any) -> Optional[DeviceWorkers]:
+def start_device_workers(options: Any) -> DeviceWorkers | None:
     """The device workers of a multi-device run with the tensor reader, started now; None otherwise."""
     reader = options.reader if options.reader != "auto" else os.environ.get("PNSFW_READER", "auto")
     count = planned_workers(options.device)

@@ -6,8 +6,9 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ class IndexOptions:
     workers: int = 0  # 0: one per core; -1: decode in this process
     shard_size: int = 50_000
     commit_interval: float = 60.0
-    projection: Optional[str] = None  # None: the store's, or `random` for a new store
+    projection: str | None = None  # None: the store's, or `random` for a new store
     pca_rows: int = 10_000
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -50,7 +51,7 @@ class IndexSummary:
     seconds: float = 0.0
     steady_seconds: float = 0.0
     steady_images: int = 0
-    index: Optional[dict[str, Any]] = None
+    index: dict[str, Any] | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -65,7 +66,7 @@ class IndexSummary:
 
 
 def collect_items(sources: list[str], known: set[str],
-                  on_first: Optional[Callable[[], None]] = None) -> tuple[list[Item], int]:
+                  on_first: Callable[[], None] | None = None) -> tuple[list[Item], int]:
     """Every item of every source in order, minus uris already in the store (and repeats).
 
     `on_first` runs when the first new item is found (the runner starts loading the model then)."""
@@ -82,7 +83,7 @@ def collect_items(sources: list[str], known: set[str],
     return items, present
 
 
-def check_projection_option(writer: StoreWriter, spec: Optional[str]) -> None:
+def check_projection_option(writer: StoreWriter, spec: str | None) -> None:
     """An explicit --projection must agree with the one an existing store already uses."""
     if not spec or not writer.manifest["projection"]:
         return
@@ -93,7 +94,7 @@ def check_projection_option(writer: StoreWriter, spec: Optional[str]) -> None:
                        f"drop --projection or use another --store")
 
 
-def _projection_for(writer: StoreWriter, options: IndexOptions, encoder: Encoder) -> Optional[Projection]:
+def _projection_for(writer: StoreWriter, options: IndexOptions, encoder: Encoder) -> Projection | None:
     """The store's projection, or a new one (None while a PCA waits for its sample)."""
     if writer.manifest["projection"]:
         return writer.store.projection()
@@ -120,7 +121,7 @@ def _default_batch(options: IndexOptions, encoder: Encoder) -> int:
     return options.batch_size or (1024 if encoder.device.startswith("cuda") else 64)
 
 
-def _make_pool(workers: int) -> Optional[Any]:
+def _make_pool(workers: int) -> Any | None:
     """Fork the decode workers before torch starts threads; -1 decodes inline."""
     if workers < 0:
         return None
@@ -225,10 +226,10 @@ class _Startup:
     """Forks the decode workers, then loads the encoder on a thread while the sources are still being listed:
     listing a large collection and loading CLIP (imports, checkpoint, CUDA) each take seconds."""
 
-    def __init__(self, options: IndexOptions, encoder: Optional[Encoder]):
+    def __init__(self, options: IndexOptions, encoder: Encoder | None):
         self.options, self.encoder, self.pool = options, encoder, None
         self._threads: list[threading.Thread] = []
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
 
     def start(self) -> None:
         from .gpu import start_device_workers  # several GPUs: their workers load beside this process
@@ -277,9 +278,9 @@ class _Startup:
             self.pool.terminate()
 
 
-def run_index(sources: list[str], store_root: str, options: Optional[IndexOptions] = None,
-              encoder: Optional[Encoder] = None,
-              finish: Optional[Callable[[Store], dict[str, Any]]] = None) -> IndexSummary:
+def run_index(sources: list[str], store_root: str, options: IndexOptions | None = None,
+              encoder: Encoder | None = None,
+              finish: Callable[[Store], dict[str, Any]] | None = None) -> IndexSummary:
     """Index SOURCEs into the store; resumable, incremental, one writer at a time.
 
     `finish` runs under the write lock after the last commit (the CLI passes the FAISS update).

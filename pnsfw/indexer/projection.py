@@ -1,7 +1,7 @@
 """Make the projection to 256-d: `random` (seeded orthogonal), `pca` (fitted on the first N), or a file."""
 
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -38,7 +38,7 @@ def needs_sample(spec: str) -> bool:
     return spec == "pca"
 
 
-def make_projection(spec: str, width: int, sample: Optional[np.ndarray] = None, seed: int = 0) -> Projection:
+def make_projection(spec: str, width: int, sample: np.ndarray | None = None, seed: int = 0) -> Projection:
     """Build the projection named by --projection (random | pca | FILE)."""
     makers: dict[str, Callable[[], Projection]] = {
         "random": lambda: random_projection(width, DIM, seed),

@@ -3,9 +3,10 @@
 import hashlib
 import urllib.error
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from multiprocessing.pool import Pool
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from .sources import Item, read_bytes, stage_of
 
 class Result(NamedTuple):
     item: Item
-    pixels: Optional[np.ndarray]  # uint8 (R, R, 3) when the image could be used
+    pixels: np.ndarray | None  # uint8 (R, R, 3) when the image could be used
     sha256: str = ""
     width: int = 0
     height: int = 0
@@ -63,7 +64,7 @@ def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
-def decoded_stream(items: Iterable[Item], work: Callable[[list[Item]], list[Result]], pool: Optional[Pool],
+def decoded_stream(items: Iterable[Item], work: Callable[[list[Item]], list[Result]], pool: Pool | None,
                    chunk: int = 16, depth: int = 8) -> Iterator[Result]:
     """Results in input order, with at most `depth` chunks in flight (bounded memory)."""
     chunks = _chunks(items, chunk)

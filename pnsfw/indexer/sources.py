@@ -8,8 +8,9 @@ image file. Enumeration is deterministic, so a resumed run sees the same order.
 import os
 import tarfile
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 from ..errors import SourceError
 

@@ -12,7 +12,8 @@ may differ in size: they are zero-padded to the largest, and the padded
 columns get zero weight.
 """
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

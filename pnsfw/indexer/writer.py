@@ -1,7 +1,7 @@
 """Writer stage: buffers projected rows and error rows, commits them to the store in shards."""
 
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +15,7 @@ class ShardWriter:
     """Commits a shard every `shard_size` rows or `interval` seconds; a commit covers a prefix of the stream."""
 
     def __init__(self, store: StoreWriter, shard_size: int, interval: float,
-                 projection: Optional[Projection], fit: Callable[[np.ndarray], Projection], fit_rows: int):
+                 projection: Projection | None, fit: Callable[[np.ndarray], Projection], fit_rows: int):
         self.store, self.shard_size, self.interval = store, shard_size, interval
         self.projection, self.fit, self.fit_rows = projection, fit, fit_rows
         self.rows: list[Result] = []
@@ -76,7 +76,7 @@ class ShardWriter:
         return pa.table(columns, schema=shard_schema(self.projection.dim))
 
     @staticmethod
-    def _errors(errors: list[Result]) -> Optional[pa.Table]:
+    def _errors(errors: list[Result]) -> pa.Table | None:
         if not errors:
             return None
         fields = {"uri": [e.item.uri for e in errors], "source": [e.item.source for e in errors],

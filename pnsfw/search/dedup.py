@@ -8,8 +8,9 @@ stores too large for exact all-pairs work on a CPU.
 """
 
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 

@@ -70,8 +70,8 @@ class Searcher:
         self.uris = StringColumn(self.table.column("uri"))
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
-        self._vectors: "np.ndarray | None" = None
-        self._scores: "np.ndarray | None" = None
+        self._vectors: np.ndarray | None = None
+        self._scores: np.ndarray | None = None
         self.labels: dict[int, str] = {}
         self.cache: dict[str, Any] = {}  # lazily built helpers (explain's labelled-example index)
         self.backend: dict[str, Any] = _describe_index(index, meta)

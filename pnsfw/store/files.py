@@ -3,8 +3,9 @@
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def fsync_dir(folder: Path) -> None:

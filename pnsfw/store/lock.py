@@ -12,7 +12,7 @@ class WriteLock:
 
     def __init__(self, root: Path):
         self.path = Path(root) / "LOCK"
-        self._fd: "int | None" = None
+        self._fd: int | None = None
 
     def acquire(self) -> "WriteLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

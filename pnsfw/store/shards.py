@@ -6,8 +6,8 @@ measured it ~18x faster to read than `fixed_size_list<float16>`; the dtype and
 dim are in the field metadata so readers without pnsfw can decode it.
 """
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa

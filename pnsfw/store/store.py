@@ -5,9 +5,10 @@ renamed into place, so a crash at any moment leaves the last commit intact.
 """
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
