@@ -29,9 +29,12 @@ from PIL import Image
 
 HEAVY = ("tensorflow", "keras", "torch", "faiss", "clip", "sklearn", "matplotlib")
 TARGETS = {"help": 0.3, "score_noop": 1.5, "search_id_model": 2.0, "serve_ready": 4.0}
-PROBE = "import runpy, sys, json, atexit\n" \
-        "atexit.register(lambda: print('HEAVY=' + json.dumps(sorted(m for m in %r if m in sys.modules)), file=sys.stderr))\n" \
-        "sys.argv = ['pnsfw'] + sys.argv[1:]\nrunpy.run_module('pnsfw.cli', run_name='__main__')\n" % (HEAVY,)
+PROBE = f"""import runpy, sys, json, atexit
+heavy = lambda: sorted(m for m in {HEAVY!r} if m in sys.modules)
+atexit.register(lambda: print("HEAVY=" + json.dumps(heavy()), file=sys.stderr))
+sys.argv = ["pnsfw"] + sys.argv[1:]
+runpy.run_module("pnsfw.cli", run_name="__main__")
+"""
 
 
 def pnsfw(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
