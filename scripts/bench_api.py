@@ -61,7 +61,7 @@ def build_store(root: Path, count: int, kind: str) -> Path:
     from pnsfw.indexer.encoder import load_encoder
     from pnsfw.search.index import reindex
 
-    if (root / "models" / "bench.keras").exists() and Store.open(root).rows == count:
+    if (root / "models" / "bench.weights.npz").exists() and Store.open(root).rows == count:
         return root
     checkpoint = make_checkpoint("tiny", root.parent / "tiny-clip.pt")
     encoder = load_encoder(str(checkpoint), "cpu", "fp32")
@@ -88,7 +88,9 @@ def train(root: Path, picked: np.ndarray) -> None:
     if all(importlib.util.find_spec(m) is not None for m in ("sklearn", "matplotlib")):
         train_classifier(root, str(labels), TrainOptions(name="bench", epochs=1))
         return
-    from pnsfw.classifier.model import build_model, model_paths
+    from pnsfw.classifier.keras_io import build_model, keras_layers
+    from pnsfw.classifier.model import model_paths
+    from pnsfw.classifier.weights import save_weights
 
     store = Store.open(root)
     x = store.vectors()[1][picked].astype(np.float32)
@@ -98,6 +100,7 @@ def train(root: Path, picked: np.ndarray) -> None:
     paths = model_paths(store, "bench")
     paths["keras"].parent.mkdir(parents=True, exist_ok=True)
     model.save(paths["keras"])
+    save_weights(paths["weights"], keras_layers(model))
     paths["meta"].write_text(json.dumps({"name": "bench", "classes": ["nsfw", "sfw"], "nsfw_classes": ["nsfw"],
                                          "threshold": 0.5, "space": store.space, "dim": store.dim}))
 

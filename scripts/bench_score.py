@@ -106,8 +106,10 @@ def train_real(store: Store, args: argparse.Namespace) -> None:
 
 def train_fit(store: Store, args: argparse.Namespace) -> None:
     """Keras fit on the current backend and save: no metrics, so no scikit-learn or matplotlib."""
+    from pnsfw.classifier.keras_io import keras_layers
     from pnsfw.classifier.model import model_paths
     from pnsfw.classifier.train import TrainOptions, fit
+    from pnsfw.classifier.weights import save_weights
 
     ids, labels = _random_labels(store)
     x = np.concatenate([v for _, v in store.iter_vectors(store.shard_paths()[:1])])[:len(ids)].astype(np.float32)
@@ -117,6 +119,7 @@ def train_fit(store: Store, args: argparse.Namespace) -> None:
     paths = model_paths(store, "bench")
     paths["keras"].parent.mkdir(parents=True, exist_ok=True)
     model.save(paths["keras"])
+    save_weights(paths["weights"], keras_layers(model))
     meta = {"name": "bench", "classes": ["nsfw", "sfw"], "nsfw_classes": ["nsfw"], "threshold": 0.5,
             "space": store.space, "dim": store.dim}
     paths["meta"].write_text(json.dumps(meta))

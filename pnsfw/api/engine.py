@@ -108,9 +108,6 @@ class Engine:
     """Searcher + classifier + encoder, loaded once, used through micro-batches."""
 
     def __init__(self, store: Store, model: str | None, settings: Settings):
-        from ..indexer.encoder import _import_clip
-
-        _import_clip()  # torch/torchvision before keras: importing triton after TensorFlow segfaults
         self.store, self.settings, self.metrics = store, settings, Metrics()
         self.model_name = resolve_model(store, model)
         self.searcher = open_searcher(store, self.model_name, settings)

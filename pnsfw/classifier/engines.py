@@ -174,19 +174,26 @@ class CudaEngine(Engine):
         return wait
 
 
-def _resolve(engine: str, device: str, precision: str) -> tuple[str, str]:
+def check_options(engine: str, device: str, precision: str) -> None:
+    """Every check that needs no torch, so a wrong option fails before any heavy import."""
     if precision not in TORCH_DTYPES:
         raise BadInput(f"unknown precision {precision!r} (use {', '.join(TORCH_DTYPES)})")
+    if engine not in ("auto", "numpy", "torch"):
+        raise BadInput(f"unknown scoring engine {engine!r} (numpy, torch)")
+    if engine == "numpy" and precision != "fp32":
+        raise BadInput("the numpy engine computes in fp32 only; use --engine torch for bf16/fp16")
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise BadInput(f"unknown device {device!r} (cpu, cuda, cuda:N or auto)")
+
+
+def _resolve(engine: str, device: str, precision: str) -> tuple[str, str]:
+    check_options(engine, device, precision)
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if engine == "auto":
         engine = "torch" if device.startswith("cuda") or precision != "fp32" else "numpy"
-    if engine == "numpy" and precision != "fp32":
-        raise BadInput("the numpy engine computes in fp32 only; use --engine torch for bf16/fp16")
-    if engine not in ("numpy", "torch"):
-        raise BadInput(f"unknown scoring engine {engine!r} (numpy, torch)")
     return engine, device
 
 
@@ -199,6 +206,4 @@ def make_engine(clf: Classifier, engine: str = "auto", device: str = "cpu", prec
         return Engine("numpy", precision, width, batch_rows, _numpy_run(clf))
     if device.startswith("cuda"):
         return CudaEngine(clf, device, precision, batch_rows)
-    if device != "cpu":
-        raise BadInput(f"unknown device {device!r} (cpu, cuda, cuda:N or auto)")
     return Engine("torch", precision, width, batch_rows, _torch_cpu_run(clf, precision))

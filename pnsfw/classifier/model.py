@@ -1,13 +1,13 @@
-"""The pNSFWMedia classifier: [BatchNorm -> Dense(units, tanh|gelu) (-> Dropout)] x L -> Dense(sigmoid|softmax).
+"""The pNSFWMedia classifier as scoring sees it: [BatchNorm -> Dense(tanh|gelu)] x L -> Dense(sigmoid|softmax).
 
-Keras builds, trains and saves it (backend-neutral Keras 3). For inference the
-weights are read once into numpy with every BatchNorm folded into the Dense
-after it, so bulk scoring is a few matmuls, exact to float rounding, with no
-per-call framework overhead.
+Keras trains it (keras_io.py); scoring, search, the API and evaluation read the
+plain weights file (weights.py) into numpy with every BatchNorm folded into the
+Dense after it, so no command but `train` imports TensorFlow or Keras.
+Where a model's files live is decided by `models_dir` and `model_paths` alone.
 """
 
 import json
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,10 @@ import numpy as np
 from ..errors import BadInput, ModelNotFound
 from ..store import Store
 from ..store.files import sha256_file
+from .weights import ACTIVATIONS, DenseStep, fold, forward, load_weights, save_weights
 
+__all__ = ["ACTIVATIONS", "DEFAULT_NAME", "Classifier", "DenseStep", "forward", "load_classifier", "model_paths"]
+log = logging.getLogger("pnsfw.classifier")
 DEFAULT_NAME = "default"
 CHUNK_ROWS = 1 << 16
 
@@ -27,105 +30,17 @@ def models_dir(store: Store) -> Path:
 
 
 def model_paths(store: Store, name: str) -> dict[str, Path]:
-    """Every file a model NAME owns in STORE/models/."""
+    """Every file a model NAME owns in STORE/models/ (weights: what scoring reads; keras: what training saved)."""
     folder = models_dir(store)
-    return {"keras": folder / f"{name}.keras", "meta": folder / f"{name}.json",
-            "labels": folder / f"{name}.labels.parquet", "plots": folder / f"{name}.plots",
-            "logs": folder / f"{name}.logs", "onnx": folder / f"{name}.onnx"}
+    return {"weights": folder / f"{name}.weights.npz", "keras": folder / f"{name}.keras",
+            "meta": folder / f"{name}.json", "labels": folder / f"{name}.labels.parquet",
+            "plots": folder / f"{name}.plots", "logs": folder / f"{name}.logs", "onnx": folder / f"{name}.onnx"}
 
 
 def check_name(name: str) -> str:
     if not name or "/" in name or name.startswith(".") or name != name.strip():
         raise BadInput(f"bad model name {name!r}: use letters, digits, '-', '_' or '.'")
     return name
-
-
-def build_model(dim: int, outputs: int, units: int = 256, layers: int = 1, activation: str = "tanh",
-                dropout: float = 0.0, lr: float = 1e-3) -> Any:
-    """A compiled Keras model; outputs == 1 means binary (sigmoid), else softmax."""
-    from .backend import import_keras
-
-    keras = import_keras()
-    inputs = keras.Input((dim,), name="embedding")
-    x = inputs
-    for i in range(layers):
-        x = keras.layers.BatchNormalization(name=f"bn_{i}")(x)
-        x = keras.layers.Dense(units, activation=activation, name=f"dense_{i}")(x)
-        if dropout > 0:
-            x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
-    head = "sigmoid" if outputs == 1 else "softmax"
-    model = keras.Model(inputs, keras.layers.Dense(outputs, activation=head, name="head")(x), name="pnsfw")
-    loss = "binary_crossentropy" if outputs == 1 else "sparse_categorical_crossentropy"
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss)
-    return model
-
-
-def _gelu(x: np.ndarray) -> np.ndarray:
-    from scipy.special import erf
-
-    return 0.5 * x * (1.0 + erf(x * np.float32(1 / np.sqrt(2))))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (np.tanh(0.5 * x) + 1.0)  # no overflow warning for large |x|
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "tanh": np.tanh, "gelu": _gelu, "sigmoid": _sigmoid, "softmax": _softmax, "linear": lambda x: x,
-    "relu": lambda x: np.maximum(x, 0),
-}
-
-
-@dataclass
-class DenseStep:
-    """One folded layer: activation(x @ weight + bias)."""
-
-    weight: np.ndarray
-    bias: np.ndarray
-    activation: str
-
-
-def _bn_affine(layer: Any) -> tuple[np.ndarray, np.ndarray]:
-    gamma, beta, mean, var = (np.asarray(w, np.float64) for w in layer.get_weights())
-    scale = gamma / np.sqrt(var + layer.epsilon)
-    return scale, beta - mean * scale
-
-
-def fold_layers(model: Any) -> list[DenseStep]:
-    """Keras model -> dense steps, each BatchNorm folded into the Dense that follows it."""
-    steps, pending = [], None
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind == "BatchNormalization":
-            pending = _bn_affine(layer)
-        elif kind == "Dense":
-            weight, bias = (np.asarray(w, np.float64) for w in layer.get_weights())
-            if pending is not None:
-                scale, shift = pending
-                weight, bias = scale[:, None] * weight, shift @ weight + bias
-                pending = None
-            steps.append(DenseStep(weight.astype(np.float32), bias.astype(np.float32), layer.activation.__name__))
-        elif kind not in ("InputLayer", "Dropout"):
-            raise BadInput(f"unsupported layer {kind} in classifier")
-    for step in steps:
-        if step.activation not in ACTIVATIONS:
-            raise BadInput(f"unsupported activation {step.activation!r} in classifier")
-    return steps
-
-
-def forward(steps: list[DenseStep], x: np.ndarray) -> np.ndarray:
-    """The folded network in numpy, float32 (in-place activations where possible)."""
-    h = np.asarray(x, dtype=np.float32)
-    for step in steps:
-        h = h @ step.weight
-        h += step.bias
-        h = np.tanh(h, out=h) if step.activation == "tanh" else ACTIVATIONS[step.activation](h)
-    return h
 
 
 @dataclass
@@ -138,7 +53,7 @@ class Classifier:
     meta: dict[str, Any]
     steps: list[DenseStep] = field(repr=False, default_factory=list)
     fingerprint: str = ""
-    path: "Path | None" = None
+    keras_path: "Path | None" = None
 
     @property
     def binary(self) -> bool:
@@ -179,50 +94,83 @@ class Classifier:
         columns = [self.classes.index(c) for c in self.nsfw_classes]
         return out[:, columns].sum(axis=1).astype(np.float32)
 
-    def keras_model(self) -> Any:
-        """The saved Keras model itself (for parity checks and export)."""
-        from .backend import import_keras
-
-        return import_keras().saving.load_model(self.path, compile=False)
-
     def keras_outputs(self, vectors: np.ndarray) -> np.ndarray:
-        """The saved Keras model's own forward pass (reference for the folded numpy one)."""
-        from .backend import import_keras
+        """The saved Keras model's own forward pass (imports Keras: the reference the numpy one is tested on)."""
+        from .keras_io import keras_outputs
 
-        keras = import_keras()
-        model = self.keras_model()
-        return keras.ops.convert_to_numpy(model(np.asarray(vectors, np.float32), training=False))
+        if self.keras_path is None or not self.keras_path.is_file():
+            raise ModelNotFound(f"model {self.name} has no .keras file")
+        return keras_outputs(self.keras_path, vectors)
+
+
+def _has_model(paths: dict[str, Path]) -> bool:
+    return paths["meta"].is_file() and (paths["weights"].is_file() or paths["keras"].is_file())
 
 
 def list_models(store: Store) -> list[str]:
     folder = models_dir(store)
-    return sorted(p.name[:-len(".keras")] for p in folder.glob("*.keras")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    names = {p.name[: -len(".json")] for p in folder.glob("*.json")}
+    return sorted(n for n in names if _has_model(model_paths(store, n)))
 
 
 def read_meta(store: Store, name: str) -> dict[str, Any]:
     paths = model_paths(store, check_name(name))
-    if not paths["keras"].is_file() or not paths["meta"].is_file():
+    if not _has_model(paths):
         available = ", ".join(list_models(store)) or "none; run `pnsfw train` first"
         raise ModelNotFound(f"no model {name!r} in {models_dir(store)} (available: {available})")
     try:
-        return json.loads(paths["meta"].read_text())
+        meta = json.loads(paths["meta"].read_text())
     except ValueError as exc:
         raise ModelNotFound(f"cannot read {paths['meta']}: {exc}") from None
+    if not isinstance(meta, dict) or not {"classes", "nsfw_classes", "threshold", "space"} <= set(meta):
+        raise ModelNotFound(f"{paths['meta']} is not a pnsfw model description")
+    return meta
+
+
+def convert_keras_model(paths: dict[str, Path]) -> list[dict[str, Any]]:
+    """A model saved before weights files existed: read its .keras once (imports Keras) and write the weights
+    file beside it, so later commands need no TensorFlow; a read-only store still gets scored (in memory)."""
+    from .keras_io import keras_layers, load_keras
+
+    layers = keras_layers(load_keras(paths["keras"]))
+    try:
+        save_weights(paths["weights"], layers)
+        log.warning("model %s had only %s: wrote %s once (no TensorFlow needed from now on)",
+                    paths["meta"].stem, paths["keras"].name, paths["weights"].name)
+    except OSError as exc:
+        log.warning("model %s: cannot write %s (%s); converted in memory", paths["meta"].stem,
+                    paths["weights"], exc.strerror)
+    return layers
+
+
+def _check_outputs(name: str, meta: dict[str, Any], steps: list[DenseStep]) -> None:
+    """The weights and the description of one model must agree (never score 3 classes with 2 names)."""
+    width, classes = steps[-1].weight.shape[1], list(meta["classes"])
+    if width != (1 if len(classes) == 2 else len(classes)):
+        raise ModelNotFound(f"model {name}: its weights have {width} outputs but its description names the "
+                            f"classes {', '.join(classes)}; retrain it (`pnsfw train --name {name}`)")
+    if "dim" in meta and int(meta["dim"]) != steps[0].weight.shape[0]:
+        raise ModelNotFound(f"model {name}: weights of width {steps[0].weight.shape[0]}, description {meta['dim']}")
 
 
 def load_classifier(store: Store, name: str = DEFAULT_NAME, check_space: bool = True) -> Classifier:
-    """Load models/NAME.keras with its metadata; the store must be in the model's embedding space."""
+    """Load models/NAME (weights + description) into numpy; the store must be in the model's embedding space."""
     meta = read_meta(store, name)
     if check_space:
         store.check_space(meta["space"], f"model {name!r}")
-    path = model_paths(store, name)["keras"]
-    from .backend import import_keras
-
-    keras = import_keras()
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # keras raises many types for a broken archive
-        raise ModelNotFound(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
+    paths = model_paths(store, name)
+    layers = load_weights(paths["weights"]) if paths["weights"].is_file() else convert_keras_model(paths)
+    steps = fold(layers)
+    _check_outputs(name, meta, steps)
+    fingerprint = sha256_file(paths["weights"])[:16] if paths["weights"].is_file() else "unsaved"
     return Classifier(name=name, classes=list(meta["classes"]), nsfw_classes=list(meta["nsfw_classes"]),
-                      threshold=float(meta["threshold"]), space=meta["space"], meta=meta,
-                      steps=fold_layers(model), fingerprint=sha256_file(path)[:16], path=path)
+                      threshold=float(meta["threshold"]), space=meta["space"], meta=meta, steps=steps,
+                      fingerprint=fingerprint, keras_path=paths["keras"] if paths["keras"].is_file() else None)
+
+
+def model_fingerprint(store: Store, name: str) -> str:
+    """What scores record of the model that made them (the weights file's checksum); '' when it has none."""
+    path = model_paths(store, name)["weights"]
+    return sha256_file(path)[:16] if path.is_file() else ""

@@ -2,7 +2,7 @@
 
 STORE/scores/NAME/part-NNNNN.parquet mirrors STORE/shards/part-NNNNN.parquet
 row for row (id, p_nsfw, p_<class>...). progress.json lists the parts done and
-the fingerprint of the model file that scored them: a rerun scores only new
+the fingerprint of the weights file that scored them: a rerun scores only new
 shards, and a retrained model starts over.
 """
 
@@ -22,7 +22,7 @@ from ..store import Store
 from ..store import shards as shard_io
 from ..store.files import atomic_write, atomic_write_json, fsync_dir, sha256_file
 from ..store.lock import WriteLock
-from .engines import BATCH_ROWS, TORCH_DTYPES, Engine, make_engine
+from .engines import BATCH_ROWS, TORCH_DTYPES, Engine, check_options, make_engine
 from .model import DEFAULT_NAME, Classifier, check_name, load_classifier, model_paths
 from .pipeline import Pipeline
 
@@ -140,9 +140,12 @@ def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str 
     folder.mkdir(parents=True, exist_ok=True)
     with WriteLock(folder):
         if isinstance(engine, str):
-            engine = make_engine(clf, engine, device, precision, batch_rows)
-        progress, reset = _start(folder, clf, read_progress(folder), engine.precision)
+            check_options(engine, device, precision)
+        progress, reset = _start(folder, clf, read_progress(folder), precision if isinstance(engine, str)
+                                 else engine.precision)
         todo = _pending_shards(store, folder, progress)
+        if isinstance(engine, str):  # built only when there is work: torch is not imported for nothing
+            engine = make_engine(clf, engine, device, precision, batch_rows) if todo else Engine(engine, precision, 0)
         summary = ScoreSummary(name, shards_present=len(store.manifest["shards"]) - len(todo), rescored_all=reset,
                                engine=engine.name, precision=engine.precision)
         commit = _commit_parts(folder, progress, {s["name"]: s["sha256"] for s in todo}, on_shard)
@@ -163,7 +166,7 @@ class _ScoreCache:
         self._lock = threading.Lock()
 
     def get(self, store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
-        folder, model = scores_dir(store, name), model_paths(store, name)["keras"]
+        folder, model = scores_dir(store, name), model_paths(store, name)["weights"]
         key = tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in (folder / PROGRESS, model))
         with self._lock:
             cached = self._entries.get(folder)
@@ -174,7 +177,7 @@ class _ScoreCache:
 
 
 def _load_scores(store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
-    folder, model = scores_dir(store, name), model_paths(store, name)["keras"]
+    folder, model = scores_dir(store, name), model_paths(store, name)["weights"]
     progress = read_progress(folder)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
     if not model.is_file() or progress.get("fingerprint") != sha256_file(model)[:16]:

@@ -1,7 +1,5 @@
 """`pnsfw train` and `pnsfw evaluate`: fit the Keras classifier on labelled store vectors, report metrics."""
 
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +13,8 @@ from ..store.files import atomic_write, atomic_write_json
 from . import metrics as M
 from .data import SPLITS, LabelledData, labelled_vectors, nsfw_truth, resolve_classes, stratified_split
 from .labels import LabelSet, read_labels
-from .model import DEFAULT_NAME, Classifier, build_model, check_name, fold_layers, load_classifier, model_paths
+from .model import DEFAULT_NAME, Classifier, check_name, load_classifier, model_paths
+from .weights import fold, save_weights
 
 
 @dataclass
@@ -95,6 +94,7 @@ def fit(data: dict[str, tuple[np.ndarray, np.ndarray]], outputs: int, hyper: dic
         options: TrainOptions, logs: "Path | None" = None) -> tuple[Any, dict[str, Any]]:
     """Build and fit one model; early stopping restores the best weights."""
     from .backend import import_keras
+    from .keras_io import build_model
 
     keras = import_keras()
     keras.utils.set_random_seed(options.seed)
@@ -131,14 +131,6 @@ def report(clf: Classifier, labelled: LabelledData, rows: np.ndarray, threshold:
     return result
 
 
-def _save_keras(model: Any, path: Path) -> None:
-    """Keras wants a name ending in .keras: save in a temp folder, then move in atomically."""
-    with tempfile.TemporaryDirectory(dir=path.parent) as folder:
-        tmp = Path(folder) / "model.keras"
-        model.save(tmp)
-        atomic_write(path, lambda target: shutil.copyfile(tmp, target))
-
-
 def _save_labels(path: Path, labelled: LabelledData, split: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -162,7 +154,7 @@ def _choose_hyper(data: dict[str, Any], outputs: int, options: TrainOptions) -> 
 
 
 def train_classifier(store_root: "str | Path", labels_spec: str, options: TrainOptions | None = None) -> dict[str, Any]:
-    """Train models/NAME.keras on the labelled vectors of a store; returns the saved metadata."""
+    """Train models/NAME (weights.npz, .keras, .json) on the labelled vectors of a store; returns the saved metadata."""
     options = options or TrainOptions()
     check_options(options)
     started = time.time()
@@ -177,14 +169,18 @@ def train_classifier(store_root: "str | Path", labels_spec: str, options: TrainO
     paths = model_paths(store, options.name)
     paths["keras"].parent.mkdir(parents=True, exist_ok=True)
     model, history = fit(data, outputs, hyper, options, paths["logs"])
-    clf = Classifier(options.name, classes, nsfw, 0.5, store.space, {}, fold_layers(model))
+    from .keras_io import keras_layers, save_keras
+
+    layers = keras_layers(model)
+    clf = Classifier(options.name, classes, nsfw, 0.5, store.space, {}, fold(layers))
     pick_rows = split == ("val" if (split == "val").any() else "train")
     pick = clf.to_p_nsfw(clf.outputs(labelled.vectors[pick_rows]))
     rule = M.parse_threshold_rule(options.threshold_for)
     threshold = M.pick_threshold(nsfw_truth(labelled.labels[pick_rows], classes, nsfw), pick, rule)
     eval_split = "test" if (split == "test").any() else "val" if (split == "val").any() else "train"
     metrics = {eval_split: report(clf, labelled, split == eval_split, threshold, paths["plots"])}
-    _save_keras(model, paths["keras"])
+    save_weights(paths["weights"], layers)  # what every other command reads (numpy, no Keras)
+    save_keras(model, paths["keras"])
     _save_labels(paths["labels"], labelled, split)
     meta = _metadata(store, options, classes, nsfw, threshold, hyper, history, metrics, label_set, labelled, split)
     meta.update(tuning=tuning, evaluated_on=eval_split, seconds=round(time.time() - started, 2))

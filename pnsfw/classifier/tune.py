@@ -27,7 +27,7 @@ def tune(data: dict[str, tuple[np.ndarray, np.ndarray]], outputs: int,
          options: "TrainOptions") -> tuple[dict[str, Any], dict[str, Any]]:
     """Best hyper-parameters by validation loss, and a summary of the search."""
     from .backend import import_keras
-    from .model import build_model
+    from .keras_io import build_model
     from .train import class_weights
 
     keras = import_keras()
