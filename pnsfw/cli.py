@@ -59,6 +59,45 @@ def cli() -> None:
     """
 
 
+def _gpu_option_list() -> list[Callable[[Any], Any]]:
+    from .indexer.gpu.options import COMPILES, RESIZES, TOWERS
+
+    return [
+        click.option("--gpu-workers", default=0, type=int,
+                     help="Device worker processes, one per GPU (0: one per visible GPU for --device cuda/auto)."),
+        click.option("--gpu-cpu-share", default=0, type=int,
+                     help="GPU path: images the CPU decode workers may take at once as whole batches, besides the "
+                          "files the GPU cannot decode (0: those only; fastest for thumbnails)."),
+        click.option("--gpu-resize", default="auto", show_default=True, type=click.Choice(RESIZES),
+                     help="GPU path, experiment: where the batched resize runs (auto: the decode thread for small "
+                          "images, the encoding thread for large ones)."),
+        click.option("--gpu-tower", default="fast", show_default=True, type=click.Choice(TOWERS),
+                     help="GPU path: fast (SDPA attention, fp16 LayerNorm, patch GEMM, CUDA graph) or reference "
+                          "(CLIP's own modules at fp16)."),
+        click.option("--compile", "gpu_compile", default="auto", show_default=True, type=click.Choice(COMPILES),
+                     help="torch.compile the image tower (auto: CUDA jobs of 20M+ images; the compiled kernels "
+                          "are cached in ~/.cache/pnsfw/inductor)."),
+        click.option("--stage-stats", type=click.Path(dir_okay=False),
+                     help="GPU path: write each stage's busy seconds as JSON here."),
+    ]
+
+
+def _with_gpu_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The --gpu-* options of `pnsfw index` (their choices come from the GPU path, imported without torch)."""
+    for option in reversed(_gpu_option_list()):
+        command = option(command)
+    return command
+
+
+def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_resize: str, gpu_tower: str, gpu_compile: str,
+                stage_stats: "str | None") -> Any:
+    """The GpuOptions of `pnsfw index`'s --gpu-* options."""
+    from .indexer.gpu.options import GpuOptions
+
+    return GpuOptions(workers=gpu_workers, cpu_share=gpu_cpu_share, resize=gpu_resize, tower=gpu_tower,
+                      compile=gpu_compile, stage_stats=stage_stats)
+
+
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
 @STORE
@@ -81,9 +120,10 @@ def cli() -> None:
 @click.option("--timeout", default="10s", type=DURATION, show_default=True, help="Per-URL fetch timeout.")
 @click.option("--no-faiss", is_flag=True, help="Do not build/update the FAISS index.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), help="Also write the summary as JSON here.")
+@_with_gpu_options
 def index(sources: tuple[str, ...], store: str, model: str, device: str, batch_size: int, workers: int,
           shard_size: int, commit_every: float, precision: str, projection: str, pca_rows: int, seed: int,
-          max_pixels: int, timeout: float, no_faiss: bool, summary_json: str) -> None:
+          max_pixels: int, timeout: float, no_faiss: bool, summary_json: str, **gpu: Any) -> None:
     """Embed images from SOURCEs into the store (resumable and incremental).
 
     SOURCE is a folder (walked recursively), a .txt list of paths or http(s) URLs,
@@ -104,7 +144,7 @@ def index(sources: tuple[str, ...], store: str, model: str, device: str, batch_s
     options = IndexOptions(model=model, device=device, precision=precision, batch_size=batch_size,
                            workers=workers, shard_size=max(1, shard_size), commit_interval=commit_every,
                            projection=projection, pca_rows=pca_rows, seed=seed, max_pixels=max_pixels,
-                           timeout=timeout, progress=sys.stderr.isatty())
+                           timeout=timeout, progress=sys.stderr.isatty(), gpu=gpu_options(**gpu))
     summary = run_index(list(sources), store, options, finish=None if no_faiss else update_index)
     _print_index_summary(summary, store)
     if summary_json:

@@ -43,7 +43,7 @@ def timed(fn: Callable[[], Any], repeats: int) -> float:
 
 def tower_variants(encoder: Any, pixels: Any, repeats: int) -> dict[str, float]:
     """The image tower in other set-ups: cuDNN autotuned patch conv, bf16 autocast on fp32 weights, batch x2."""
-    from pnsfw.indexer.gpu import _half_model
+    from pnsfw.indexer.gpu.tower import reference_model as _half_model
     from pnsfw.indexer.tensor_preprocess import normalize
 
     images = normalize(pixels)
@@ -92,7 +92,10 @@ def concurrent(decode: Callable[[], Any], encode: Callable[[], Any], batch: int,
 
 def main(argv: list[str] | None = None) -> int:
     from pnsfw.indexer.encoder import load_encoder
-    from pnsfw.indexer.gpu import _decode_jpegs, _half_model, _read_local, jpeg_size
+    from pnsfw.indexer.gpu.decode import decode_jpegs as _decode_jpegs
+    from pnsfw.indexer.gpu.probe import jpeg_size
+    from pnsfw.indexer.gpu.probe import read_local as _read_local
+    from pnsfw.indexer.gpu.tower import reference_model as _half_model
     from pnsfw.indexer.sources import iter_items
     from pnsfw.indexer.tensor_preprocess import normalize, resize_crop
 

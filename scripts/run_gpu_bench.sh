@@ -3,7 +3,8 @@
 # Needs python3 with torch + torchvision (CUDA), pillow, pyarrow, numpy, click, tqdm, scikit-image, and the
 # pure-Python packages carried in .whl/site (clip-anytorch, ftfy, wcwidth, clip-retrieval 2.45.0, all_clip,
 # fire, termcolor, braceexpand, webdataset; copied from the CPU benchmark's clip-retrieval venv).
-# Usage: [TESTS=0] [STAGES=0] [NOSHARE=0] [VARIANTS="'' KEY=VAL,..."] scripts/run_gpu_bench.sh THUMBS PHOTOS [OUTDIR]
+# Usage: [TESTS=0] [STAGES=0] [VARIANTS="'' '--gpu-tower=reference' ..."] scripts/run_gpu_bench.sh THUMBS PHOTOS [OUTDIR]
+# (VARIANTS: one pnsfw run per corpus for each quoted set of extra `pnsfw index` options; '' = the defaults)
 set -u
 THUMBS=${1:-100000}; PHOTOS=${2:-10000}; OUTDIR=${3:-${OUT:-/tmp/out}}
 mkdir -p "$OUTDIR" /tmp/crbin /tmp/bin
@@ -20,7 +21,7 @@ WORK=/tmp/pnsfw-bench
 eval "set -- ${VARIANTS:-\"\"}"
 python3 scripts/bench_index.py --device cuda --thumbs "$THUMBS" --photos "$PHOTOS" --workers 16 --no-faiss \
     --cr-python /tmp/crbin --pnsfw /tmp/bin/pnsfw --workdir $WORK --out "$OUTDIR/bench_index_gpu.json" \
-    --ours-variants "$@" $([ "${NOSHARE:-1}" = 1 ] && echo PNSFW_GPU_CPU_SHARE=0) 2>&1 | grep -v '^\s*$' | tail -20
+    --ours-variants "$@" 2>&1 | grep -v '^\s*$' | tail -20
 [ "${STAGES:-1}" = 1 ] && for kind in thumbs photos; do
     python3 scripts/bench_gpu_stages.py $WORK/$kind --model $WORK/vit-b-32-seed0.pt --batch 512 \
         --out "$OUTDIR/stages_$kind.json" 2>&1 | grep -v Warning | tail -6

@@ -23,19 +23,13 @@ import torch
 from PIL import Image
 
 from pnsfw.indexer.decode import mean_std
-from pnsfw.indexer.gpu import jpeg_size
+from pnsfw.indexer.gpu import GpuOptions, jpeg_size
 from pnsfw.indexer.pipeline import IndexOptions, run_index
 from pnsfw.indexer.tensor_preprocess import clip_preprocess
 from pnsfw.store import Store
 
 ONE_LEVEL = 1 / 255 / float(mean_std()[1].min()) + 1e-6
 CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(autouse=True)
-def _fallbacks_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Deterministic routing (CPU workers take only what the device cannot decode) unless a test says otherwise."""
-    monkeypatch.setenv("PNSFW_GPU_CPU_SHARE", "0")
 
 
 def _photo(width: int, height: int, seed: int) -> Image.Image:
@@ -145,39 +139,39 @@ def pil_store(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
 
 
 @pytest.mark.parametrize("read", ["workers", "workers-reread", "threads", "threads-resize-on-decode",
-                                  "workers-resize-thread"])
+                                  "workers-resize-thread", "workers-reference-tower"])
 def test_tensor_stage_on_cpu_equals_cpu_path(pil_store: tuple[Path, Path], tiny_checkpoint: Path,
                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: str) -> None:
     """Files read, hashed and probed in the worker processes (bytes sent back, or files too large for the
-    pipe read again here) or in this process's threads, resized on either thread: the same rows."""
-    import pnsfw.indexer.gpu as gpu
+    pipe read again here) or, without workers, in this process's threads, resized on either thread, through
+    either tower: the same rows."""
+    import pnsfw.indexer.gpu.probe as probe
 
     source, reference = pil_store
-    monkeypatch.setenv("PNSFW_STAGE_STATS", str(tmp_path / "stats.json"))
-    monkeypatch.setenv("PNSFW_GPU_READ", read.split("-")[0])
     if read == "workers-reread":
-        monkeypatch.setattr(gpu, "INLINE_BYTES", 0)  # the workers are forked after this
+        monkeypatch.setattr(probe, "INLINE_BYTES", 0)  # the workers are forked after this
     resize = {"threads-resize-on-decode": "decoder", "workers-resize-thread": "thread"}
-    monkeypatch.setattr(gpu, "RESIZE", resize.get(read, "encoder"))
-    _index(source, tmp_path / "tensor", tiny_checkpoint, reader="tensor", workers=1, batch_size=8)
+    gpu = GpuOptions(resize=resize.get(read, "encoder"), stage_stats=str(tmp_path / "stats.json"),
+                     tower="reference" if read.endswith("reference-tower") else "fast")
+    workers = -1 if read.startswith("threads") else 1
+    _index(source, tmp_path / "tensor", tiny_checkpoint, reader="tensor", workers=workers, batch_size=8, gpu=gpu)
     _assert_same(reference, tmp_path / "tensor", 0.995)
     assert '"device_images": 18' in (tmp_path / "stats.json").read_text()
     _index(source, tmp_path / "tensor", tiny_checkpoint, reader="tensor", workers=1)  # nothing new
     assert len(_rows(tmp_path / "tensor")) == 21
 
 
-def test_tensor_stage_with_cpu_share(pil_store: tuple[Path, Path], tiny_checkpoint: Path, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensor_stage_with_cpu_share(pil_store: tuple[Path, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
     """Whole units decoded by the CPU workers while they have room give the same rows."""
     source, reference = pil_store
-    monkeypatch.setenv("PNSFW_GPU_CPU_SHARE", "8")
-    _index(source, tmp_path / "shared", tiny_checkpoint, reader="tensor", workers=1, batch_size=4)
+    _index(source, tmp_path / "shared", tiny_checkpoint, reader="tensor", workers=1, batch_size=4,
+           gpu=GpuOptions(cpu_share=8))
     _assert_same(reference, tmp_path / "shared", 0.995)
 
 
 def test_tensor_stage_resumes_after_a_partial_run(pil_store: tuple[Path, Path], tiny_checkpoint: Path,
                                                   tmp_path: Path) -> None:
-    source, reference = pil_store
+    source, _ = pil_store
     partial = tmp_path / "partial"
     shutil.copytree(source, partial)
     for path in sorted(partial.iterdir())[::2]:
@@ -191,11 +185,11 @@ def test_tensor_stage_resumes_after_a_partial_run(pil_store: tuple[Path, Path], 
 
 
 def test_multi_device_workers_commit_through_one_writer(pil_store: tuple[Path, Path], tiny_checkpoint: Path,
-                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                        tmp_path: Path) -> None:
     """Two spawned device workers (both on CPU here) over disjoint units; the parent writes."""
     source, reference = pil_store
-    monkeypatch.setenv("PNSFW_GPU_WORKERS", "2")
-    _index(source, tmp_path / "multi", tiny_checkpoint, reader="tensor", workers=-1, batch_size=4)
+    _index(source, tmp_path / "multi", tiny_checkpoint, reader="tensor", workers=-1, batch_size=4,
+           gpu=GpuOptions(workers=2))
     _assert_same(reference, tmp_path / "multi", 0.995)
     ids = Store(tmp_path / "multi").table(["id"]).column("id").to_pylist()
     assert sorted(ids) == list(range(21))
@@ -203,7 +197,7 @@ def test_multi_device_workers_commit_through_one_writer(pil_store: tuple[Path, P
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (nvJPEG)")
 def test_nvjpeg_decode_close_to_pil() -> None:
-    from pnsfw.indexer.gpu import _decode_jpegs
+    from pnsfw.indexer.gpu.decode import decode_jpegs as _decode_jpegs
 
     images = [_photo(w, h, i) for i, (w, h) in enumerate([(400, 300), (256, 341), (1632, 1224)])]
     data = [torch.frombuffer(bytearray(_encoded(img, quality=90)), dtype=torch.uint8) for img in images]
@@ -225,3 +219,12 @@ def test_cuda_index_equals_cpu_path(pil_store: tuple[Path, Path], tiny_checkpoin
     _index(source, tmp_path / "cuda", tiny_checkpoint, device="cuda", workers=2, batch_size=8)
     _assert_same(reference, tmp_path / "cuda", 0.99)
 
+
+
+def test_gpu_options_refuse_unknown_values() -> None:
+    from pnsfw.errors import BadInput
+
+    with pytest.raises(BadInput, match="resize"):
+        GpuOptions(resize="sideways")
+    with pytest.raises(BadInput, match="tower"):
+        GpuOptions(tower="slow")

@@ -16,6 +16,7 @@ from ..errors import BadInput
 from ..store import Projection, Store, StoreWriter
 from .decode import DEFAULT_MAX_PIXELS
 from .encoder import Encoder, load_encoder, resolve_device
+from .gpu.options import GpuOptions
 from .projection import make_projection, needs_sample
 from .reader import Result, decoded_stream, process_chunk
 from .sources import Item, iter_items
@@ -41,6 +42,7 @@ class IndexOptions:
     timeout: float = 10.0
     progress: bool = False
     reader: str = "auto"  # a key of READERS; auto: tensor on CUDA, pil on CPU
+    gpu: GpuOptions = field(default_factory=GpuOptions)  # the tensor reader's (--gpu-*)
 
 
 @dataclass

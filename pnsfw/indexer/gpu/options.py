@@ -1,0 +1,26 @@
+"""Options of the GPU indexing path (`pnsfw index --gpu-*`); torch-free, so the CLI can build them."""
+
+from dataclasses import dataclass
+
+from ...errors import BadInput
+
+RESIZES = ("auto", "decoder", "encoder", "thread")
+TOWERS = ("fast", "reference")
+COMPILES = ("auto", "on", "off")
+
+
+@dataclass
+class GpuOptions:
+    """How `--device cuda` (the tensor reader) decodes, resizes and encodes."""
+
+    workers: int = 0  # device worker processes; 0: one per visible GPU for cuda/auto, else one
+    cpu_share: int = 0  # images the CPU workers may decode at once as whole units, besides fallbacks
+    resize: str = "auto"  # where the batched resize runs: auto (by image size), decoder, encoder, thread
+    tower: str = "fast"  # fast: SDPA/fp16 LayerNorm/GEMM patch embedding; reference: CLIP's own modules
+    compile: str = "auto"  # torch.compile the tower: auto (jobs large enough to pay it back), on, off
+    stage_stats: str | None = None  # write per-stage busy seconds (JSON) to this file
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("resize", RESIZES), ("tower", TOWERS), ("compile", COMPILES)):
+            if getattr(self, name) not in allowed:
+                raise BadInput(f"unknown GPU {name} {getattr(self, name)!r} ({', '.join(allowed)})")

@@ -1,0 +1,165 @@
+"""Routing: each unit's items to the device decoder or to the CPU worker processes, and the stages' busy time."""
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, NamedTuple
+
+from ..reader import Result, process_chunk
+from ..sources import Item
+from ..timeline import mark
+from .probe import Packed, probe_row, read_chunk, read_local, read_probe
+
+CPU_CHUNK = 16  # items per CPU-worker task, as on the CPU path
+READ_CHUNK = 32  # items per read-hash-probe task of the worker processes
+
+
+class Unit(NamedTuple):
+    index: int
+    items: list[Item]
+
+
+class Done:
+    """A finished result with a future's `.get()`."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def get(self) -> Any:
+        return self.value
+
+
+@dataclass
+class Stats:
+    """Busy seconds per stage (threads overlap, so they add up to more than the wall time)."""
+
+    read_s: float = 0.0
+    decode_s: float = 0.0
+    device_decode_call_s: float = 0.0  # of decode_s: the batched decode call (nvJPEG's host part), the rest resize
+    wait_input_s: float = 0.0
+    encode_s: float = 0.0
+    write_s: float = 0.0
+    device_images: int = 0
+    cpu_images: int = 0
+    rejected_batches: int = 0
+    lock: Any = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, value: float) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(self).items() if k != "lock"}
+
+
+class Router:
+    """Sends items to the CPU workers (with their results' futures) and keeps count of what is in flight there.
+
+    `read`: the workers' read-hash-probe task (`read_chunk`); None reads in this process's threads."""
+
+    def __init__(self, pool: Any, work: Callable[[list[Item]], list[Result]], share: int, stats: Stats,
+                 read: Callable[[list[Item]], Packed] | None = None):
+        self.pool, self.work, self.share, self.stats, self.read = pool, work, share, stats, read
+        self.in_flight = 0
+        self.lock = threading.Lock()
+
+    def _done(self, count: int, _: Any = None) -> None:
+        with self.lock:
+            self.in_flight -= count
+
+    def submit(self, items: list[Item]) -> list[Any]:
+        self.stats.add("cpu_images", len(items))
+        chunks = [items[i:i + CPU_CHUNK] for i in range(0, len(items), CPU_CHUNK)]
+        if self.pool is None:
+            return [Done(self.work(chunk)) for chunk in chunks]
+        with self.lock:
+            self.in_flight += len(items)
+        return [self.pool.apply_async(self.work, (chunk,), callback=partial(self._done, len(chunk)),
+                                      error_callback=partial(self._done, len(chunk))) for chunk in chunks]
+
+    def submit_reads(self, items: list[Item]) -> list[Any]:
+        """Futures of `read` over chunks of items, run by the worker processes (inline without a pool)."""
+        assert self.read is not None
+        chunks = [items[i:i + READ_CHUNK] for i in range(0, len(items), READ_CHUNK)]
+        if self.pool is None:
+            return [Done(self.read(chunk)) for chunk in chunks]
+        return [self.pool.apply_async(self.read, (chunk,)) for chunk in chunks]
+
+    def take_whole(self, count: int) -> bool:
+        """Whether a whole unit should decode on the CPU workers (they have room for it)."""
+        with self.lock:
+            return self.pool is not None and self.in_flight + count <= self.share
+
+
+@dataclass
+class Prepared:
+    unit: Unit
+    rows: list[Result]  # to decode on the device; pixels stay None (they live on the device)
+    data: list[Any]  # uint8 CPU tensors of their encoded bytes
+    fallback: list[Any]  # futures of CPU-worker results
+
+
+def _read_in_workers(unit: Unit, router: Router) -> Prepared:
+    import torch
+
+    prepared, again = Prepared(unit, [], [], []), []
+    for future in router.submit_reads(unit.items):
+        packed = future.get()
+        router.stats.add("cpu_images", len(packed.cpu))
+        prepared.fallback.append(Done(packed.cpu))
+        whole = torch.frombuffer(packed.data, dtype=torch.uint8) if packed.data else None
+        for row, offset, length in packed.rows:
+            try:
+                data = whole[offset:offset + length] if offset >= 0 and whole is not None else torch.frombuffer(
+                    read_local(row.item), dtype=torch.uint8)  # large files: a read here beats a pipe
+            except OSError:
+                again.append(row.item)
+                continue
+            prepared.rows.append(row)
+            prepared.data.append(data)
+    if again:
+        prepared.fallback += router.submit(again)
+    return prepared
+
+
+def _read_in_threads(unit: Unit, router: Router, max_pixels: int) -> Prepared:
+    import torch
+
+    rows, data, cpu = [], [], []
+    for item in unit.items:
+        buf, dims = read_probe(item, max_pixels)
+        if buf is None or dims is None:
+            cpu.append(item)
+            continue
+        rows.append(probe_row(item, buf, dims))
+        data.append(torch.frombuffer(buf, dtype=torch.uint8))
+    return Prepared(unit, rows, data, router.submit(cpu) if cpu else [])
+
+
+def prepare(unit: Unit, router: Router, max_pixels: int) -> Prepared:
+    """Reader thread: the unit's items read, hashed and probed (by the worker processes, or here) and routed
+    to the device decoder or the CPU path; or the whole unit to the CPU workers while they have room."""
+    started = time.perf_counter()
+    if router.take_whole(len(unit.items)):
+        return Prepared(unit, [], [], router.submit(unit.items))
+    if router.read is not None:
+        prepared = _read_in_workers(unit, router)
+    else:
+        prepared = _read_in_threads(unit, router, max_pixels)
+    router.stats.add("read_s", time.perf_counter() - started)
+    mark("first unit read", once=True)
+    return prepared
+
+
+def make_router(pool: Any, resolution: int, options: Any, stats: Stats) -> Router:
+    """With a pool, files are read, hashed and probed in the worker processes (keeping that Python work off
+    this process's GIL: measured faster on an H100, docs/benchmarks.md); without one, in reader threads here.
+    The CPU share defaults to 0: on an H100 with 16 cores a share of 64 per worker cost thumbnails 35% of
+    their rate (the parent unpickles every decoded image) and gained 2 MP photos ~10%."""
+    work = partial(process_chunk, size=resolution, max_pixels=options.max_pixels, timeout=options.timeout)
+    read = partial(read_chunk, size=resolution, max_pixels=options.max_pixels,
+                   timeout=options.timeout) if pool is not None else None
+    share = options.gpu.cpu_share if pool is not None else 0
+    return Router(pool, work, share, stats, read)

@@ -1,0 +1,214 @@
+"""The tensor reader/encoder stage on one device: reader threads -> decode thread -> (resize thread) -> encode."""
+
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from functools import partial
+from itertools import islice
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..encoder import Encoder
+from ..reader import Result
+from ..sources import Item
+from ..timeline import mark
+from .decode import Decoded, decode_unit
+from .resize import device_pixels, put, resize_later, resize_thread
+from .route import Prepared, Router, Stats, Unit, make_router, prepare
+from .tower import image_model
+
+READ_THREADS = 4  # hashing and reads release the GIL; more threads only contend for it
+# every torch op releases the GIL; with Python's default 5 ms switch interval the decode thread then waits up
+# to 5 ms per op behind the reader threads (seen on an H100: 3 s per batch of 1024)
+GIL_SWITCH_S = 5e-5
+
+
+class UnitResult(NamedTuple):
+    index: int
+    rows: list[Result]
+    features: np.ndarray  # float32 (len(rows), width)
+    errors: list[Result]
+
+
+def _ordered(executor: ThreadPoolExecutor, fn: Callable[[Unit], Prepared], units: Iterable[Unit],
+             depth: int) -> Iterator[Prepared]:
+    """fn over units on the executor, in order, at most `depth` ahead."""
+    pending: deque = deque()
+    for unit in units:
+        pending.append(executor.submit(fn, unit))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _decode_thread(units: Iterable[Unit], router: Router, encoder: Encoder, options: Any,
+                   out: queue.Queue, stop: threading.Event) -> None:
+    """Reader pool + decoder; puts Decoded units in order, then None (or the exception that stopped it)."""
+    import torch
+
+    device, size = encoder.device, encoder.resolution
+    stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
+    try:
+        with ThreadPoolExecutor(READ_THREADS) as readers, torch.cuda.stream(stream) if stream else nullcontext():
+            read = partial(prepare, router=router, max_pixels=options.max_pixels)
+            for prepared in _ordered(readers, read, units, 2 * READ_THREADS):
+                later = resize_later(prepared.rows, options.gpu.resize)
+                if not put(out, decode_unit(prepared, device, size, router, later), stop):
+                    return
+        put(out, None, stop)
+    except BaseException as exc:  # handed to the consumer, which re-raises it
+        put(out, exc, stop)
+
+
+def _start_threads(units: Iterable[Unit], router: Router, encoder: Encoder, options: Any, out: queue.Queue,
+                   stop: threading.Event) -> list[threading.Thread]:
+    middle: queue.Queue = queue.Queue(maxsize=4) if options.gpu.resize == "thread" else out
+    threads = [threading.Thread(target=_decode_thread, daemon=True, name="pnsfw-decode",
+                                args=(units, router, encoder, options, middle, stop))]
+    if middle is not out:
+        threads.append(threading.Thread(target=resize_thread, daemon=True, name="pnsfw-resize",
+                                        args=(middle, out, stop, encoder.device, encoder.resolution)))
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _join(decoded: Decoded, device: str, size: int) -> tuple[list[Result], list[Result], Any]:
+    """Rows, error rows and the (n, 3, R, R) 0..255 pixels of one unit, device part first."""
+    import torch
+
+    prepared = decoded.prepared
+    rows, parts, errors, cpu_rows = list(prepared.rows), [], [], []
+    if decoded.pixels is not None:
+        parts.append(device_pixels(decoded, device, size))
+    for future in prepared.fallback:
+        for result in future.get():
+            (errors if result.pixels is None else cpu_rows).append(result)
+    if cpu_rows:
+        host = torch.from_numpy(np.stack([r.pixels for r in cpu_rows]))
+        host = host.pin_memory() if device.startswith("cuda") else host
+        parts.append(host.to(device, non_blocking=True).permute(0, 3, 1, 2))
+        rows += [r._replace(pixels=None) for r in cpu_rows]
+    return rows, errors, torch.cat([p.float() for p in parts]) if parts else None
+
+
+class _Features:
+    """Features copied to host memory without blocking; `.get()` waits for them."""
+
+    def __init__(self, features: Any):
+        import torch
+
+        cuda = features.is_cuda
+        self.host = torch.empty(features.shape, dtype=torch.float32, pin_memory=cuda)
+        self.host.copy_(features, non_blocking=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+        if self.event is not None:
+            self.event.record()
+
+    def get(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()
+
+
+def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[Any], Any],
+                 stats: Stats) -> Iterator[UnitResult]:
+    """Encode each unit; a unit's features are fetched while the next one encodes."""
+    import torch
+
+    from ..tensor_preprocess import normalize
+
+    pending: tuple[Decoded, list[Result], list[Result], Any] | None = None
+    while True:
+        started = time.perf_counter()
+        unit = next(decoded, None)
+        stats.add("wait_input_s", time.perf_counter() - started)
+        started = time.perf_counter()
+        current = None
+        if unit is not None:
+            rows, errors, pixels = _join(unit, encoder.device, encoder.resolution)
+            features = None
+            if pixels is not None:
+                with torch.inference_mode():
+                    features = _Features(model(normalize(pixels)))
+            current = (unit, rows, errors, features)
+        stats.add("encode_s", time.perf_counter() - started)
+        if pending is not None:
+            done, rows_done, errors_done, features_done = pending
+            vectors = features_done.get() if features_done else np.zeros((0, encoder.width), np.float32)
+            started = time.perf_counter()
+            yield UnitResult(done.prepared.unit.index, rows_done, vectors, errors_done)
+            stats.add("write_s", time.perf_counter() - started)
+        if current is None:
+            return
+        pending = current
+
+
+def _from_queue(out: queue.Queue) -> Iterator[Decoded]:
+    while (value := out.get()) is not None:
+        if isinstance(value, BaseException):
+            raise value
+        yield value
+
+
+def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, options: Any, items: int,
+                 batch: int) -> Iterator[UnitResult]:
+    """Decode, resize and encode units on the encoder's device; results in unit order."""
+    out: queue.Queue = queue.Queue(maxsize=4)
+    stop = threading.Event()
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_S)
+    threads = _start_threads(units, router, encoder, options, out, stop)
+    try:
+        model = image_model(encoder, options.gpu, items, batch)
+        mark("image tower ready")
+        yield from encode_units(_from_queue(out), encoder, model, router.stats)
+    finally:
+        sys.setswitchinterval(previous)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+
+
+def units(items: list[Item], size: int) -> Iterator[Unit]:
+    """Items cut into numbered units of `size`."""
+    iterator = iter(items)
+    index = 0
+    while chunk := list(islice(iterator, size)):
+        yield Unit(index, chunk)
+        index += 1
+
+
+def _stats_out(stats: Stats, path: str | None) -> None:
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(stats.as_dict(), f)
+
+
+def tensor_stage(items: list[Item], options: Any, encoder: Encoder, pool: Any,
+                 on_error: Callable[[Result], None], batch: int) -> Iterator[tuple[list[Result], np.ndarray]]:
+    """The pipeline's stage for `--device cuda` (or `reader="tensor"`): (rows, features) per batch. `pool`:
+    the run's CPU worker pool, or the DeviceWorkers that the run started for several devices."""
+    from .workers import DeviceWorkers
+
+    stats = Stats()
+    if isinstance(pool, DeviceWorkers):
+        results = pool.run(items, stats)
+    else:
+        router = make_router(pool, encoder.resolution, options, stats)
+        results = device_stage(units(items, batch), encoder, router, options, len(items), batch)
+    for result in results:
+        for error in result.errors:
+            on_error(error)
+        if result.rows:
+            yield result.rows, result.features
+    _stats_out(stats, options.gpu.stage_stats)
