@@ -7,9 +7,10 @@ warm-up batch), images/s:
 * read: read + sha256 + JPEG probe, one thread (the GIL-bound part of the readers);
 * decode: nvJPEG batch decode (`torchvision.io.decode_jpeg(list, device="cuda")`);
 * resize: the batched bicubic resize + crop (`tensor_preprocess.resize_crop`, fp16);
-* encode: the CLIP image tower (fp16 weights) on normalised input, and with torch.compile if --compile;
+* encode: the image tower the pipeline runs (the fast tower, CUDA graph) on normalised input;
 * decode+resize+encode chained on one stream (no overlap, no CPU work);
-* the tower with cuDNN autotuning, at twice the batch, and under bf16 autocast;
+* the tower variants (CLIP's own modules at fp16, fast eager, fast CUDA graph, with --compile max-autotune),
+  by CUDA events (median), each with its min cosine to the fp32 forward on the same images;
 * decode+resize and encode at the same time on two threads and streams (does the GPU overlap them?).
 
 Example::
@@ -41,27 +42,48 @@ def timed(fn: Callable[[], Any], repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def tower_variants(encoder: Any, pixels: Any, repeats: int) -> dict[str, float]:
-    """The image tower in other set-ups: cuDNN autotuned patch conv, bf16 autocast on fp32 weights, batch x2."""
-    from pnsfw.indexer.gpu.tower import reference_model as _half_model
+def event_timed(fn: Callable[[], Any], repeats: int) -> float:
+    """Seconds per call by CUDA events: three warm-ups, then the median of `repeats` calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def tower_variants(encoder: Any, pixels: Any, repeats: int, compile_too: bool) -> dict[str, Any]:
+    """img/s (CUDA events) and min cosine to the fp32 forward (TF32 off) of each image-tower variant."""
+    from pnsfw.indexer.gpu.tower import Graphed, fast_visual, reference_model
     from pnsfw.indexer.tensor_preprocess import normalize
 
     images = normalize(pixels)
-    model = _half_model(encoder)
-    out: dict[str, float] = {}
+    visual = encoder.model.visual
+    torch.backends.cudnn.allow_tf32 = False
     with torch.inference_mode():
-        torch.backends.cudnn.benchmark = True
-        out["encode_fp16_cudnn_benchmark"] = len(images) / timed(lambda: model(images), repeats)
-        double = torch.cat([images, images])
-        out["encode_fp16_cudnn_benchmark_batch_x2"] = len(double) / timed(lambda: model(double), repeats)
-        torch.backends.cudnn.benchmark = False
-        visual = encoder.model.visual
-
-        def bf16() -> Any:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return visual(images)
-
-        out["encode_bf16_autocast"] = len(images) / timed(bf16, repeats)
+        want = visual(images.float()).float()
+    torch.backends.cudnn.allow_tf32 = True
+    fast = fast_visual(visual)
+    variants = {"reference_fp16": reference_model(encoder), "fast_eager": fast,
+                "fast_graph": Graphed(fast, len(images))}
+    if compile_too:
+        variants["fast_compiled_max_autotune"] = torch.compile(fast, mode="max-autotune-no-cudagraphs")
+    out: dict[str, Any] = {}
+    for name, model in variants.items():
+        started = time.perf_counter()
+        with torch.inference_mode():
+            got = model(images).float()
+            cosine = torch.nn.functional.cosine_similarity(got, want, dim=1).min().item()
+            first_s = time.perf_counter() - started
+            out[f"tower_{name}"] = {"images_per_s": round(len(images) / event_timed(lambda m=model: m(images),
+                                                                                      repeats), 1),
+                                    "min_cosine_vs_fp32": round(cosine, 7), "first_call_s": round(first_s, 2)}
+        print(f"tower {name:28s} {out[f'tower_{name}']}", flush=True)
     return out
 
 
@@ -93,9 +115,10 @@ def concurrent(decode: Callable[[], Any], encode: Callable[[], Any], batch: int,
 def main(argv: list[str] | None = None) -> int:
     from pnsfw.indexer.encoder import load_encoder
     from pnsfw.indexer.gpu.decode import decode_jpegs as _decode_jpegs
+    from pnsfw.indexer.gpu.options import GpuOptions
     from pnsfw.indexer.gpu.probe import jpeg_size
     from pnsfw.indexer.gpu.probe import read_local as _read_local
-    from pnsfw.indexer.gpu.tower import reference_model as _half_model
+    from pnsfw.indexer.gpu.tower import image_model
     from pnsfw.indexer.sources import iter_items
     from pnsfw.indexer.tensor_preprocess import normalize, resize_crop
 
@@ -119,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     size, batch = encoder.resolution, len(data)
     decoded = _decode_jpegs(data, "cuda")
     pixels = resize_crop(decoded, size, torch.float16)
-    model = _half_model(encoder)
-    model = torch.compile(model) if args.compile else model
+    model = image_model(encoder, GpuOptions(compile="off"), 0, batch)
 
     def encode(images: Any) -> Any:
         with torch.inference_mode():
@@ -132,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
                "encode_fp16": batch / timed(lambda: encode(pixels), args.repeats),
                "chain_decode_resize_encode": batch / timed(
                    lambda: encode(resize_crop(_decode_jpegs(data, "cuda"), size, torch.float16)), args.repeats)}
-    results.update(tower_variants(encoder, pixels, args.repeats))
+    towers = tower_variants(encoder, pixels, max(args.repeats, 10), args.compile)
     results.update(concurrent(lambda: resize_crop(_decode_jpegs(data, "cuda"), size, torch.float16),
                               lambda: encode(pixels), batch, args.repeats))
     report = {"folder": args.folder, "batch": batch, "compile": args.compile, "device": torch.cuda.get_device_name(),
               "torch": torch.__version__, "images_per_s": {k: round(v, 1) for k, v in results.items()},
-              "mean_kib": round(sum(len(b) for b in blobs) / len(blobs) / 1024, 1)}
+              "towers": towers, "mean_kib": round(sum(len(b) for b in blobs) / len(blobs) / 1024, 1)}
     for name, value in report["images_per_s"].items():
         print(f"{name:32s} {value:12,.0f} img/s")
     if args.out:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from ...errors import BadInput
 
 RESIZES = ("auto", "decoder", "encoder", "thread")
-TOWERS = ("fast", "reference")
+TOWERS = ("fast", "eager", "reference")
 COMPILES = ("auto", "on", "off")
 
 
@@ -16,7 +16,8 @@ class GpuOptions:
     workers: int = 0  # device worker processes; 0: one per visible GPU for cuda/auto, else one
     cpu_share: int = 0  # images the CPU workers may decode at once as whole units, besides fallbacks
     resize: str = "auto"  # where the batched resize runs: auto (by image size), decoder, encoder, thread
-    tower: str = "fast"  # fast: SDPA/fp16 LayerNorm/GEMM patch embedding; reference: CLIP's own modules
+    tower: str = "fast"  # fast: SDPA, fp16 LayerNorm, patch GEMM, CUDA graph; eager: the same without graph;
+    # reference: CLIP's own modules at fp16
     compile: str = "auto"  # torch.compile the tower: auto (jobs large enough to pay it back), on, off
     stage_stats: str | None = None  # write per-stage busy seconds (JSON) to this file
 

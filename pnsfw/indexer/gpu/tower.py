@@ -1,11 +1,36 @@
-"""The image tower the GPU path runs: CLIP's visual module at fp16, optionally compiled."""
+"""The image tower the GPU path runs: CLIP's ViT rewritten for speed, or CLIP's own modules (the reference).
 
+The fast tower holds the same weights as a loaded `clip.model.VisionTransformer`
+and computes the same function (tests/test_gpu_tower.py: min cosine >= 0.9999
+against the fp32 forward), with what an H200 measured faster
+(../shared/notes/gpu-ceilings.md; docs/benchmarks.md): attention through
+`F.scaled_dot_product_attention` on batch-first tensors instead of
+`nn.MultiheadAttention`; LayerNorm in the compute dtype (CLIP casts to fp32);
+the patch embedding (a conv with kernel = stride = patch) as one GEMM over
+unfolded patches instead of cuDNN's conv; in the last block only the class
+token's query, MLP and output (nothing else is read). Full batches on CUDA
+replay a CUDA graph (one launch per batch, so a busy GIL cannot starve the
+tower); torch.compile only when asked or for jobs that pay its compile time,
+with a persistent kernel cache.
+"""
+
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 from ..encoder import Encoder
 
-COMPILE_MIN_ITEMS = 20_000_000  # torch.compile saved ~6% of the ViT's time (DESIGN §9): pays only past ~20M images
+log = logging.getLogger("pnsfw")
+COMPILE_MIN_ITEMS = 20_000_000  # max-autotune compile: ~117 s for +31% (35k -> 46k img/s): pays past ~17M images
+INDUCTOR_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "pnsfw", "inductor")
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("GPU tower: %s", reason)
 
 
 def reference_model(encoder: Encoder) -> Callable[[Any], Any]:
@@ -27,10 +52,141 @@ def reference_model(encoder: Encoder) -> Callable[[Any], Any]:
     return lambda images: visual(images.to(torch.float16))
 
 
-def _compiled(model: Callable[[Any], Any], batch: int) -> Callable[[Any], Any]:
+def fast_supported(visual: Any) -> str | None:
+    """Why `visual` cannot be rewritten (None: it can): only CLIP's ViT towers without attention masks."""
+    needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj")
+    if not all(hasattr(visual, name) for name in needed):
+        return f"{type(visual).__name__} is not a CLIP ViT tower"
+    conv = visual.conv1
+    if conv.kernel_size != conv.stride or conv.bias is not None or conv.padding != (0, 0):
+        return "patch embedding is not a plain patch convolution"
+    if any(block.attn_mask is not None for block in visual.transformer.resblocks):
+        return "attention mask in the image tower"
+    return None
+
+
+def _layer_norm(x: Any, norm: Any) -> Any:
+    import torch.nn.functional as F
+
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _attention(block: Any, h: Any, last: bool) -> Any:
+    """Multi-head self-attention of (n, L, w) tokens, batch-first through SDPA; `last`: the class token's only."""
+    import torch.nn.functional as F
+
+    attn = block.attn
+    n, length, width = h.shape
+    heads = attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if last:
+        q = F.linear(h[:, :1], weight[:width], bias[:width]).view(n, 1, heads, -1).transpose(1, 2)
+        kv = F.linear(h, weight[width:], bias[width:]).view(n, length, 2, heads, -1).permute(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]
+    else:
+        q, k, v = F.linear(h, weight, bias).view(n, length, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v)
+    out = out.transpose(1, 2).reshape(n, q.shape[2], width)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+
+def _block(block: Any, x: Any, last: bool) -> Any:
+    x = (x[:, :1] if last else x) + _attention(block, _layer_norm(x, block.ln_1), last)
+    return x + block.mlp(_layer_norm(x, block.ln_2))
+
+
+def _fast_class() -> type:
+    import copy
+
     import torch
 
-    compiled = torch.compile(model, dynamic=False)
+    class FastVisual(torch.nn.Module):
+        """CLIP's ViT image tower, the same weights in `dtype`, computed the fast way (module docstring)."""
+
+        def __init__(self, visual: Any, dtype: Any):
+            super().__init__()
+            conv = visual.conv1
+            self.patch, self.dtype = conv.kernel_size[0], dtype
+            self.grid = visual.input_resolution // self.patch
+            width = conv.out_channels
+            with torch.no_grad():
+                pos = visual.positional_embedding.detach().float()
+                self.patch_weight = torch.nn.Parameter(conv.weight.detach().reshape(width, -1).to(dtype), False)
+                self.class_pos = torch.nn.Parameter((visual.class_embedding.detach().float() + pos[0]).to(dtype)
+                                                    .view(1, 1, width), False)
+                self.patch_pos = torch.nn.Parameter(pos[1:].to(dtype), False)
+                self.proj = torch.nn.Parameter(visual.proj.detach().to(dtype), False)
+            self.ln_pre, self.ln_post = copy.deepcopy(visual.ln_pre).to(dtype), copy.deepcopy(visual.ln_post).to(dtype)
+            self.blocks = copy.deepcopy(visual.transformer.resblocks).to(dtype)
+
+        def forward(self, images: Any) -> Any:
+            n, p, g = images.shape[0], self.patch, self.grid
+            x = images.to(self.dtype).reshape(n, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, -1)
+            x = torch.nn.functional.linear(x, self.patch_weight) + self.patch_pos
+            x = _layer_norm(torch.cat([self.class_pos.expand(n, -1, -1), x], dim=1), self.ln_pre)
+            last = len(self.blocks) - 1
+            for i, block in enumerate(self.blocks):
+                x = _block(block, x, i == last)
+            return _layer_norm(x[:, 0], self.ln_post) @ self.proj
+
+    return FastVisual
+
+
+def fast_visual(visual: Any, dtype: Any = None) -> Any:
+    """The fast rewrite of a loaded CLIP ViT tower (on its device; dtype: fp16 on CUDA, fp32 on CPU)."""
+    import torch
+
+    device = visual.conv1.weight.device
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    return _fast_class()(visual, dtype).eval()
+
+
+class Graphed:
+    """`model` replayed from a CUDA graph for CUDA batches of exactly `batch` images (others run eagerly).
+    Captured on the first such batch; a failed capture is logged once and the model then runs eagerly."""
+
+    def __init__(self, model: Callable[[Any], Any], batch: int):
+        self.model, self.batch = model, batch
+        self.graph: Any = None
+        self.failed = False
+        self.static_in: Any = None
+        self.static_out: Any = None
+
+    def _capture(self, images: Any) -> None:
+        import torch
+
+        self.static_in = images.clone()
+        side = torch.cuda.Stream(images.device)
+        side.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the graph (cuBLAS workspaces, lazy inits)
+                self.model(self.static_in)
+        torch.cuda.current_stream(images.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.static_out = self.model(self.static_in)
+        self.graph = graph
+
+    def __call__(self, images: Any) -> Any:
+        if self.failed or not images.is_cuda or images.shape[0] != self.batch:
+            return self.model(images)
+        if self.graph is None:
+            try:
+                self._capture(images)
+            except RuntimeError as exc:
+                self.failed = True
+                _warn_once(f"CUDA graph capture failed, running eagerly ({str(exc).splitlines()[0]})")
+                return self.model(images)
+        self.static_in.copy_(images)
+        self.graph.replay()
+        return self.static_out  # overwritten by the next replay: the caller copies it out on this stream first
+
+
+def _compiled(model: Callable[[Any], Any], batch: int) -> Callable[[Any], Any]:
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", INDUCTOR_CACHE)  # kept across runs: later compiles hit it
+    import torch
+
+    compiled = torch.compile(model, dynamic=False, mode="max-autotune-no-cudagraphs")
 
     def fixed(images: Any) -> Any:  # one shape: the last, short batch is padded, not recompiled
         count = len(images)
@@ -41,9 +197,26 @@ def _compiled(model: Callable[[Any], Any], batch: int) -> Callable[[Any], Any]:
     return fixed
 
 
+def _fast_model(encoder: Encoder, graphs: bool, batch: int) -> Callable[[Any], Any] | None:
+    import torch
+
+    reason = fast_supported(encoder.model.visual)
+    if reason is not None:
+        _warn_once(f"the reference tower runs: {reason}")
+        return None
+    cuda = encoder.device.startswith("cuda")
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    model = fast_visual(encoder.model.visual, dtypes.get(encoder.precision) if cuda else torch.float32)
+    return Graphed(model, batch) if cuda and graphs else model
+
+
 def image_model(encoder: Encoder, gpu: Any, items: int, batch: int) -> Callable[[Any], Any]:
-    """The image tower (gpu.tower), compiled for jobs large enough to pay back the compile time (gpu.compile)."""
-    wanted = gpu.compile
+    """The image tower of gpu.tower (fast: CUDA graph; eager: no graph; reference), compiled for jobs large
+    enough to pay back the compile time, or as gpu.compile says."""
     auto = items >= COMPILE_MIN_ITEMS and encoder.device.startswith("cuda")
-    model = reference_model(encoder)
-    return _compiled(model, batch) if wanted == "on" or (wanted == "auto" and auto) else model
+    compile_it = gpu.compile == "on" or (gpu.compile == "auto" and auto)
+    model = None
+    if gpu.tower != "reference":
+        model = _fast_model(encoder, gpu.tower == "fast" and not compile_it, batch)
+    model = model or reference_model(encoder)
+    return _compiled(model, batch) if compile_it else model

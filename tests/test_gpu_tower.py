@@ -1,0 +1,61 @@
+"""The GPU path's fast image tower equals CLIP's own ViT forward (fp32 on CPU here; fp16 on the GPU by
+scripts/bench_gpu_stages.py), for any width, patch size, resolution and depth."""
+
+import pytest
+import torch
+
+from pnsfw.indexer.gpu.tower import Graphed, fast_supported, fast_visual
+
+SHAPES = [dict(image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8),
+          dict(image_resolution=48, vision_layers=3, vision_width=128, vision_patch_size=16),
+          dict(image_resolution=28, vision_layers=1, vision_width=192, vision_patch_size=7)]
+
+
+def _visual(seed: int, **shape: int) -> torch.nn.Module:
+    from clip.model import CLIP
+
+    torch.manual_seed(seed)
+    model = CLIP(embed_dim=48, context_length=8, vocab_size=64, transformer_width=32, transformer_heads=2,
+                 transformer_layers=1, **shape)
+    visual = model.visual.float().eval()
+    with torch.no_grad():  # LayerNorms start as identity (1, 0): random ones test that the rewrite applies them
+        for module in visual.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+    return visual
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"w{s['vision_width']}-p{s['vision_patch_size']}")
+def test_fast_tower_equals_the_reference_forward(shape: dict[str, int]) -> None:
+    visual = _visual(1, **shape)
+    assert fast_supported(visual) is None
+    images = torch.randn(5, 3, shape["image_resolution"], shape["image_resolution"])
+    with torch.inference_mode():
+        want, got = visual(images), fast_visual(visual)(images)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(got, want, dim=1)
+    assert cosine.min().item() >= 0.9999
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_tower_keeps_the_loaded_model_untouched() -> None:
+    visual = _visual(2, **SHAPES[0])
+    before = {k: v.clone() for k, v in visual.state_dict().items()}
+    fast_visual(visual, torch.float64)
+    assert all(torch.equal(before[k], v) for k, v in visual.state_dict().items())
+
+
+def test_unsupported_towers_are_named() -> None:
+    from clip.model import ModifiedResNet
+
+    assert "not a CLIP ViT" in str(fast_supported(ModifiedResNet((1, 1, 1, 1), 32, 2, 64, 8)))
+
+
+def test_graph_wrapper_runs_cpu_batches_eagerly() -> None:
+    visual = _visual(3, **SHAPES[0])
+    model = Graphed(fast_visual(visual), batch=4)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(images), model.model(images))
+    assert model.graph is None
