@@ -285,7 +285,7 @@ def search(store: str, item_id: "int | None", image: "str | None", text: "str | 
 
 def _explain_text(result: dict[str, Any]) -> str:
     verdict = result["verdict"]
-    classes = ", ".join(f"{c} {p:.3f}" for c, p in verdict["classes"].items())
+    classes = ", ".join(f"{c} {p:.3f}" for c, p in verdict["probabilities"].items())
     lines = [f"verdict: {'NSFW' if verdict['nsfw'] else 'safe'}  p_nsfw {verdict['p_nsfw']:.3f} "
              f"(threshold {verdict['threshold']:.3f}; {classes})",
              f"{result['agree']} of {result['k']} nearest training examples agree:",
@@ -533,7 +533,8 @@ def predict(inputs: tuple[str, ...], store: str, model_name: str, clip_model: "s
         if "error" in r:
             click.echo(f"{'error':<6} {'':>6}  {r['path']}  ({r['error']})")
         else:
-            click.echo(f"{r['verdict']:<6} {r['p_nsfw']:>6.3f}  {r['path']}")
+            verdict = r["verdict"]
+            click.echo(f"{'nsfw' if verdict['nsfw'] else 'safe':<6} {verdict['p_nsfw']:>6.3f}  {r['path']}")
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import io
+import json
 import re
 import socket
 from pathlib import Path
@@ -314,3 +315,36 @@ def test_exact_search_backend_serves_the_index_hits(api_server: Server, exact_se
             np.testing.assert_allclose([h["similarity"] for h in a["hits"]],
                                        [h["similarity"] for h in b["hits"]], atol=1e-5)
             assert a["verdict"] == b["verdict"] and [h["p_nsfw"] for h in a["hits"]] == [h["p_nsfw"] for h in b["hits"]]
+
+
+def _shape(verdict: dict) -> dict:
+    """Keys, value types and class names of a verdict: what must be the same on every route and command."""
+    return {"keys": list(verdict), "types": {k: type(v).__name__ for k, v in verdict.items()},
+            "classes": list(verdict["probabilities"])}
+
+
+def test_one_verdict_shape_on_every_route_and_command(api_server: Server) -> None:
+    from click.testing import CliRunner
+
+    from pnsfw.cli import cli
+
+    item_id, uri = uri_of(api_server, "nsfw")
+    vector = stored(api_server)[2][0].tolist()
+    with api_server.client() as client:
+        found = {"/v1/score": client.post("/v1/score", json={"embedding": vector}).json(),
+                 "/v1/score upload": client.post("/v1/score", files={"image": ("a.jpg", Path(uri).read_bytes())}).json(),
+                 "/v1/search": client.post("/v1/search", json={"id": item_id, "k": 2}).json()["verdict"],
+                 "/v1/explain": client.post("/v1/explain", json={"id": item_id, "k": 2}).json()["verdict"],
+                 "/v1/items": client.get(f"/v1/items/{item_id}").json()["verdict"]}
+    runner, store = CliRunner(), str(api_server.store)
+    predict = runner.invoke(cli, ["predict", uri, "--store", store, "--device", "cpu", "--json"])
+    explain = runner.invoke(cli, ["explain", "--store", store, "--model", "default", "--id", str(item_id), "--json"])
+    assert predict.exit_code == 0 and explain.exit_code == 0, predict.output + explain.output
+    found["predict --json"] = json.loads(predict.stdout)[0]["verdict"]
+    found["explain --json"] = json.loads(explain.stdout)["verdict"]
+    expected = {"keys": ["model", "p_nsfw", "threshold", "nsfw", "label", "probabilities"],
+                "types": {"model": "str", "p_nsfw": "float", "threshold": "float", "nsfw": "bool", "label": "str",
+                          "probabilities": "dict"}, "classes": ["nsfw", "sfw"]}
+    assert {where: _shape(v) for where, v in found.items()} == {where: expected for where in found}
+    assert found["/v1/explain"]["p_nsfw"] == pytest.approx(found["explain --json"]["p_nsfw"], abs=1e-6)
+    assert found["/v1/score upload"]["p_nsfw"] == pytest.approx(found["predict --json"]["p_nsfw"], abs=1e-5)

@@ -292,9 +292,10 @@ def test_predict_images_and_npy(trained: Path, tmp_path: Path, labelled_store: P
     assert [r["path"] for r in rows] == [image, *(f"{tmp_path / 'v.npy'}[{i}]" for i in range(3)), str(tmp_path / "broken.jpg")]
     clf = load_classifier(store, "default")
     expected = clf.p_nsfw(vectors[:3])
-    assert np.allclose([r["p_nsfw"] for r in rows[1:4]], expected, atol=1e-6)
-    assert abs(rows[0]["p_nsfw"] - clf.p_nsfw(vectors[ids == image_id])[0]) < 1e-2  # fp16 storage
-    assert rows[0]["verdict"] == ("nsfw" if rows[0]["p_nsfw"] >= clf.threshold else "safe")
-    assert "error" in rows[-1] and set(rows[0]["probabilities"]) == {"nsfw", "sfw"}
+    verdicts = [r["verdict"] for r in rows[:4]]
+    assert np.allclose([v["p_nsfw"] for v in verdicts[1:4]], expected, atol=1e-6)
+    assert abs(verdicts[0]["p_nsfw"] - clf.p_nsfw(vectors[ids == image_id])[0]) < 1e-2  # fp16 storage
+    assert verdicts[0]["nsfw"] == (verdicts[0]["p_nsfw"] >= clf.threshold) and verdicts[0]["model"] == "default"
+    assert "error" in rows[-1] and set(verdicts[0]["probabilities"]) == {"nsfw", "sfw"}
     text = run_cli("predict", tmp_path / "v.npy", "--store", trained)
     assert text.stdout.count("\n") == 3

@@ -195,7 +195,7 @@ def test_explain_lists_labelled_neighbours(trained_store: Path) -> None:
     item_id = int(train.id.iloc[0])
     result = explain_vector(searcher, searcher.vector_of(item_id), 6, exclude_id=item_id)
     verdict = result["verdict"]
-    assert set(verdict["classes"]) == {"nsfw", "sfw"} and 0.0 <= verdict["p_nsfw"] <= 1.0
+    assert set(verdict["probabilities"]) == {"nsfw", "sfw"} and 0.0 <= verdict["p_nsfw"] <= 1.0
     assert len(result["neighbours"]) == 6 and item_id not in {n["id"] for n in result["neighbours"]}
     for n in result["neighbours"]:
         assert n["id"] in train_ids and f"/{n['label']}/" in n["uri"] and 0.0 <= n["p_nsfw"] <= 1.0

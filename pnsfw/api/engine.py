@@ -188,15 +188,7 @@ class Engine:
                 for i, (_, _, want) in enumerate(items)]
 
     def _verdicts(self, matrix: np.ndarray) -> list[dict[str, Any]]:
-        classifier = self.classifier
-        probs = np.asarray(classifier.probabilities(matrix), dtype=np.float64)
-        nsfw = [classifier.classes.index(c) for c in classifier.nsfw_classes]
-        p_nsfw = probs[:, nsfw].sum(axis=1).tolist()
-        labels = [classifier.classes[t] for t in probs.argmax(axis=1).tolist()]
-        name, threshold, classes = classifier.name, float(classifier.threshold), classifier.classes
-        return [{"model": name, "p_nsfw": p, "threshold": threshold, "nsfw": p >= threshold, "label": label,
-                 "probabilities": dict(zip(classes, row))}
-                for p, label, row in zip(p_nsfw, labels, probs.tolist())]
+        return self.classifier.verdicts(matrix)
 
     def check_vector(self, values: list[float]) -> np.ndarray:
         vector = np.asarray(values, dtype=np.float32)

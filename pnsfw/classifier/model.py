@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import BadInput, ModelNotFound
 from ..store import Store
 from ..store.files import sha256_file
+from .verdict import verdict_dicts
 from .weights import ACTIVATIONS, DenseStep, fold, forward, load_weights, save_weights
 
 __all__ = ["ACTIVATIONS", "DEFAULT_NAME", "Classifier", "DenseStep", "forward", "load_classifier", "model_paths"]
@@ -93,6 +94,10 @@ class Classifier:
             return out[:, 0].astype(np.float32, copy=True)
         columns = [self.classes.index(c) for c in self.nsfw_classes]
         return out[:, columns].sum(axis=1).astype(np.float32)
+
+    def verdicts(self, vectors: np.ndarray, threshold: "float | None" = None) -> list[dict[str, Any]]:
+        """The verdict (pnsfw.classifier.verdict) of each row, as JSON-ready dicts."""
+        return verdict_dicts(self, vectors, threshold)
 
     def keras_outputs(self, vectors: np.ndarray) -> np.ndarray:
         """The saved Keras model's own forward pass (imports Keras: the reference the numpy one is tested on)."""

@@ -75,15 +75,11 @@ def _encode_images(store: Store, paths: list[str], options: PredictOptions) -> t
 
 
 def _verdicts(clf: Classifier, names: list[str], vectors: np.ndarray, threshold: float) -> list[dict[str, Any]]:
-    out = clf.outputs(vectors)
-    probs, p = clf.to_probabilities(out), clf.to_p_nsfw(out)
-    return [{"path": name, "p_nsfw": float(p[i]), "probabilities": dict(zip(clf.classes, map(float, probs[i]))),
-             "threshold": threshold, "verdict": "nsfw" if p[i] >= threshold else "safe"}
-            for i, name in enumerate(names)]
+    return [{"path": name, "verdict": verdict} for name, verdict in zip(names, clf.verdicts(vectors, threshold))]
 
 
 def predict_paths(store_root: "str | Path", inputs: list[str], options: PredictOptions | None = None) -> list[dict[str, Any]]:
-    """One result per image or embedding row: p_nsfw, class probabilities, threshold, verdict (or error)."""
+    """One result per image or embedding row: {path, verdict} (the one verdict shape) or {path, error}."""
     options = options or PredictOptions()
     store = Store.open(store_root)
     clf = load_classifier(store, options.name)

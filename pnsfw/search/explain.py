@@ -41,13 +41,8 @@ def _labelled_index(searcher: Searcher) -> tuple[Any, np.ndarray, list[str]]:
 
 
 def verdict(searcher: Searcher, vector: np.ndarray) -> dict[str, Any]:
-    """p_nsfw, threshold, per-class probabilities and the yes/no call for one vector."""
-    classifier = searcher.classifier
-    probs = classifier.probabilities(vector[None, :])[0]
-    p_nsfw = float(classifier.p_nsfw(vector[None, :])[0])
-    return {"p_nsfw": p_nsfw, "threshold": float(classifier.threshold),
-            "classes": {c: float(p) for c, p in zip(classifier.classes, probs)},
-            "nsfw": bool(p_nsfw >= classifier.threshold)}
+    """The classifier's verdict (its one shape) for one vector."""
+    return searcher.classifier.verdicts(vector[None, :])[0]
 
 
 def explain_vector(searcher: Searcher, vector: np.ndarray, k: int, exclude_id: "int | None" = None) -> dict[str, Any]:
