@@ -72,8 +72,8 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
                      help="GPU path, experiment: where the batched resize runs (auto: the decode thread for small "
                           "images, the encoding thread for large ones)."),
         click.option("--gpu-tower", default="fast", show_default=True, type=click.Choice(TOWERS),
-                     help="GPU path: fast (SDPA attention, fp16 LayerNorm, patch GEMM, CUDA graph) or reference "
-                          "(CLIP's own modules at fp16)."),
+                     help="GPU path: fast (SDPA attention, fp16 LayerNorm, patch GEMM, CUDA graph), eager (the "
+                          "same without the graph) or reference (CLIP's own modules at fp16)."),
         click.option("--compile", "gpu_compile", default="auto", show_default=True, type=click.Choice(COMPILES),
                      help="torch.compile the image tower (auto: CUDA jobs of 20M+ images; the compiled kernels "
                           "are cached in ~/.cache/pnsfw/inductor)."),

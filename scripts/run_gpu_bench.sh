@@ -1,14 +1,18 @@
 #!/bin/bash
 # GPU indexing benchmark, run from the repo root on the GPU machine (see docs/benchmarks.md, "GPU indexing").
 # Needs python3 with torch + torchvision (CUDA), pillow, pyarrow, numpy, click, tqdm, scikit-image, and the
-# pure-Python packages carried in .whl/site (clip-anytorch, ftfy, wcwidth, clip-retrieval 2.45.0, all_clip,
-# fire, termcolor, braceexpand, webdataset; copied from the CPU benchmark's clip-retrieval venv).
-# Usage: [TESTS=0] [STAGES=0] [VARIANTS="'' '--gpu-tower=reference' ..."] scripts/run_gpu_bench.sh THUMBS PHOTOS [OUTDIR]
+# pure-Python wheels in .whl/ (installed into /tmp/site here): clip-anytorch, ftfy, wcwidth, and for the
+# anchor clip-retrieval 2.45.0, all_clip, fire, termcolor, braceexpand, webdataset 0.2.111.
+# Usage: [TESTS=0] [STAGES=0] [ANCHOR=0] [VARIANTS="'' '--gpu-tower=reference' ..."] \
+#        scripts/run_gpu_bench.sh THUMBS PHOTOS [OUTDIR]
 # (VARIANTS: one pnsfw run per corpus for each quoted set of extra `pnsfw index` options; '' = the defaults)
 set -u
 THUMBS=${1:-100000}; PHOTOS=${2:-10000}; OUTDIR=${3:-${OUT:-/tmp/out}}
 mkdir -p "$OUTDIR" /tmp/crbin /tmp/bin
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/.whl/site:$PWD PYTHONUNBUFFERED=1 PNSFW_TRACE=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site:$PWD PYTHONUNBUFFERED=1 PNSFW_TRACE=1
 # a wrapper, not a symlink: a symlinked venv interpreter outside its venv loses the venv's packages
 PY=$(python3 -c 'import sys; print(sys.executable)')
 printf '#!/bin/sh\nexec %s "$@"\n' "$PY" > /tmp/crbin/python && chmod +x /tmp/crbin/python
@@ -16,15 +20,21 @@ printf '#!/bin/sh\nexec %s -c "import sys; from pnsfw.cli import main; sys.argv[
     "$PY" > /tmp/bin/pnsfw && chmod +x /tmp/bin/pnsfw
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 nproc; python3 -c "import torch, torchvision, numpy; print(torch.__version__, torchvision.__version__, numpy.__version__)"
-[ "${TESTS:-1}" = 1 ] && timeout 150 python3 -m pytest tests/test_gpu_path.py -x -q -s -p no:cacheprovider -W ignore 2>&1 | grep -E "nvJPEG|after resize|passed|failed|Error" | tail -12
+[ "${TESTS:-1}" = 1 ] && timeout 180 python3 -m pytest tests/test_gpu_path.py tests/test_gpu_tower.py -x -q -s \
+    -p no:cacheprovider -W ignore 2>&1 | grep -E "nvJPEG|after resize|passed|failed|Error" | tail -12
 WORK=/tmp/pnsfw-bench
-eval "set -- ${VARIANTS:-\"\"}"
-python3 scripts/bench_index.py --device cuda --thumbs "$THUMBS" --photos "$PHOTOS" --workers 16 --no-faiss \
-    --cr-python /tmp/crbin --pnsfw /tmp/bin/pnsfw --workdir $WORK --out "$OUTDIR/bench_index_gpu.json" \
-    --ours-variants "$@" 2>&1 | grep -v '^\s*$' | tail -20
+BENCH="scripts/bench_index.py --device cuda --thumbs $THUMBS --photos $PHOTOS --workers 16 --no-faiss --workdir $WORK"
+python3 $BENCH --skip-anchor --skip-ours --out "$OUTDIR/corpora.json" | tail -3  # corpora + checkpoint first
 [ "${STAGES:-1}" = 1 ] && for kind in thumbs photos; do
-    python3 scripts/bench_gpu_stages.py $WORK/$kind --model $WORK/vit-b-32-seed0.pt --batch 512 \
-        --out "$OUTDIR/stages_$kind.json" 2>&1 | grep -v Warning | tail -6
+    [ -d $WORK/$kind ] && python3 scripts/bench_gpu_stages.py $WORK/$kind --model $WORK/vit-b-32-seed0.pt \
+        --batch 1024 --out "$OUTDIR/stages_$kind.json" 2>&1 | grep -v Warning | tail -16
 done
+nvidia-smi dmon -s u -d 1 > "$OUTDIR/dmon.txt" 2>&1 &  # sm/mem/enc/dec/jpg utilisation, one line a second
+DMON=$!
+eval "set -- ${VARIANTS:-\"\"}"
+timeout "${BENCH_TIMEOUT:-1800}" python3 $BENCH --cr-python /tmp/crbin --pnsfw /tmp/bin/pnsfw \
+    --out "$OUTDIR/bench_index_gpu.json" $([ "${ANCHOR:-1}" = 1 ] || echo --skip-anchor) --ours-variants "$@" 2>&1 \
+    | grep -v '^\s*$' | tail -20
+kill $DMON
 for f in $WORK/runs/*.log; do echo "== $f"; grep "pnsfw trace" "$f"; tail -c 600 "$f"; done > "$OUTDIR/run_logs.txt"
 grep -h -B1 "pnsfw trace" $WORK/runs/*.log | head -60
