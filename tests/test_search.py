@@ -139,7 +139,8 @@ def test_auto_picks_by_size_and_memory() -> None:
 @pytest.mark.parametrize("method", ["exact", "knn"])
 def test_exact_copies_land_in_one_dedup_group(block_store: Path, method: str) -> None:
     store = Store(block_store)
-    groups, used = find_groups(store, 0.999, method)
+    found = find_groups(store, 0.999, method)
+    groups, used = found.groups, found.method
     uris = store.table(["uri"]).column("uri").to_pylist()
     by_uri = dict(zip(uris, groups))
     group_a = {by_uri[u] for u in uris if u.endswith(("0-004.png", "copy-a1.png", "copy-a2.png"))}
@@ -153,8 +154,15 @@ def test_dedup_cli_writes_parquet_and_csv(block_store: Path, tmp_path: Path) -> 
         result = run("dedup", "--store", block_store, "--threshold", "0.999", "--out", out)
         assert result.exit_code == 0, result.output
         table = pq.read_table(out) if out.suffix == ".parquet" else pcsv.read_csv(out)
-        assert table.column_names == ["group", "id", "uri"] and table.num_rows == 5
+        assert table.column_names == ["group", "id", "uri", "keep", "keeper", "keeper_similarity", "nearest",
+                                      "similarity"] and table.num_rows == 5
         assert sorted(set(table.column("group").to_pylist())) == [0, 1]
+        for group in (0, 1):  # same-size images: the lowest id is kept; the keeper's row comes first
+            rows = [r for r in table.to_pylist() if r["group"] == group]
+            members = {r["id"] for r in rows}
+            assert rows[0]["keep"] and rows[0]["id"] == min(members) and sum(r["keep"] for r in rows) == 1
+            assert all(r["keeper"] == min(members) and r["nearest"] in members - {r["id"]} for r in rows)
+            assert all(r["similarity"] >= 0.998 and r["keeper_similarity"] >= 0.998 for r in rows)
     assert run("dedup", "--store", block_store, "--out", tmp_path / "d.txt").exit_code == 1
 
 

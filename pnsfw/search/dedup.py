@@ -2,13 +2,19 @@
 
 Pairs come in batches and are folded into components as they arrive, so memory
 stays O(n) however many pairs there are. Three pair finders:
-`exact-gpu` (torch fp16 tiles on CUDA), `exact` (FAISS range search, CPU), and
-`knn` (the store's FAISS index, k neighbours each, re-checked exactly) for
-stores too large for exact all-pairs work on a CPU.
+`exact-gpu` (the tiled GEMM kernel of exact.py / tiles.py on CUDA: only groups of rows whose best
+similarity reaches T are scored again, only pairs above T leave the GPU), `exact` (FAISS range search,
+CPU), and `knn` (the store's FAISS index, k neighbours each, re-checked exactly) for stores too large
+for exact all-pairs work on a CPU.
+
+Every row of a group carries its nearest other member and their similarity (a pair that reached T),
+and the group's suggested keeper: the largest image (width x height; rows without a size count as 0),
+ties to the lowest id, with each row's similarity to it.
 """
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +24,8 @@ from ..errors import BadInput, StoreError
 from ..store import Store
 from ..store.files import atomic_write
 
-Pairs = Iterator[tuple[np.ndarray, np.ndarray]]  # (row i, row j) arrays, i < j
+Pairs = Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (row i, row j, similarity) arrays, i < j
 QUERY_BATCH = 4096
-GPU_TILE = 1 << 28  # similarity entries per GPU tile (512 MB in fp16)
 EXACT_CPU_MAX = 300_000
 COMPRESS_EDGES = 1 << 24
 
@@ -56,6 +61,24 @@ class Components:
         return connected_components(graph, directed=False)[1]
 
 
+class Nearest:
+    """Each row's most similar partner among the pairs seen so far (-1 / -inf: none)."""
+
+    def __init__(self, n: int):
+        self.row = np.full(n, -1, np.int64)
+        self.similarity = np.full(n, -np.inf, np.float32)
+
+    def add(self, i: np.ndarray, j: np.ndarray, sim: np.ndarray) -> None:
+        a, b = np.concatenate([i, j]), np.concatenate([j, i])
+        s = np.concatenate([sim, sim]).astype(np.float32)
+        order = np.lexsort((-s, a))
+        a, b, s = a[order], b[order], s[order]
+        first = np.r_[True, a[1:] != a[:-1]] if len(a) else np.zeros(0, bool)
+        a, b, s = a[first], b[first], s[first]
+        better = s > self.similarity[a]
+        self.row[a[better]], self.similarity[a[better]] = b[better], s[better]
+
+
 def exact_cpu_pairs(vectors: np.ndarray, threshold: float, **_: Any) -> Pairs:
     """FAISS range search of every row against all rows, a batch of queries at a time."""
     import faiss
@@ -64,27 +87,35 @@ def exact_cpu_pairs(vectors: np.ndarray, threshold: float, **_: Any) -> Pairs:
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
     for start in range(0, len(vectors), QUERY_BATCH):
-        lims, _, found = index.range_search(vectors[start:start + QUERY_BATCH], threshold)
+        lims, sims, found = index.range_search(vectors[start:start + QUERY_BATCH], threshold)
         rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)))
         keep = found > rows
-        yield rows[keep], found[keep]
+        yield rows[keep], found[keep], sims[keep]
 
 
-def exact_gpu_pairs(vectors: np.ndarray, threshold: float, **_: Any) -> Pairs:
-    """Torch fp16 tiles on CUDA: only the upper triangle, only pairs above the threshold leave the GPU."""
+def exact_torch_pairs(vectors: Any, threshold: float, device: str = "cuda", kernel: str = "auto",
+                      block_rows: "int | None" = None, **_: Any) -> Pairs:
+    """GEMM tiles of the upper triangle on `device` (exact.py / tiles.py); only pairs above the threshold
+    leave it. `vectors` may already be a tensor on the device (no copy then)."""
     import torch
 
-    data = torch.as_tensor(vectors, dtype=torch.float16, device="cuda")
-    n = len(data)
-    cols = max(QUERY_BATCH, GPU_TILE // QUERY_BATCH)
-    for start in range(0, n, QUERY_BATCH):
-        query = data[start:start + QUERY_BATCH]
-        for col in range(start, n, cols):
-            sims = query @ data[col:col + cols].T
-            i, j = torch.nonzero(sims >= threshold, as_tuple=True)
-            i, j = i + start, j + col
-            keep = j > i
-            yield i[keep].cpu().numpy(), j[keep].cpu().numpy()
+    from .exact import QUERY_BLOCK, SCORES_BUDGET, padded_rows, resolve_devices, resolve_kernel
+    from .tiles import GROUP, pairs_above
+
+    dev = resolve_devices(device)[0]
+    data = padded_rows(vectors, dev, torch.float16 if dev.type == "cuda" else torch.float32, pin=False)
+    n, kernel = len(vectors), resolve_kernel(kernel, dev, vectors.shape[1])
+    rows = block_rows or int(SCORES_BUDGET / (QUERY_BLOCK * (4 / GROUP if kernel == "triton" else 6)))
+    rows = max(GROUP, rows // GROUP * GROUP)
+    with torch.inference_mode():
+        for start in range(0, n, QUERY_BLOCK):
+            q = data[start:min(start + QUERY_BLOCK, n)]
+            q32 = q.to(torch.float32)
+            for col in range(start, n, rows):
+                for qi, row, sim in pairs_above(q, q32, data[col:col + rows], min(rows, n - col), threshold, kernel):
+                    i, j = qi + start, row + col
+                    keep = j > i
+                    yield i[keep].cpu().numpy(), j[keep].cpu().numpy(), sim[keep].cpu().numpy()
 
 
 def knn_pairs(vectors: np.ndarray, threshold: float, store: Store, neighbours: int = 32, **_: Any) -> Pairs:
@@ -101,42 +132,65 @@ def knn_pairs(vectors: np.ndarray, threshold: float, store: Store, neighbours: i
         rows, found = rows[valid], found[valid]
         exact = np.einsum("ij,ij->i", vectors[rows].astype(np.float32), vectors[found].astype(np.float32))
         keep = exact >= threshold
-        yield rows[keep], found[keep]
+        yield rows[keep], found[keep], exact[keep]
 
 
-METHODS: dict[str, Callable[..., Pairs]] = {"exact": exact_cpu_pairs, "exact-gpu": exact_gpu_pairs, "knn": knn_pairs}
+METHODS: dict[str, Callable[..., Pairs]] = {"exact": exact_cpu_pairs, "exact-gpu": exact_torch_pairs,
+                                            "knn": knn_pairs}
 
 
 def pick_method(method: str, n: int) -> str:
-    if method != "auto":
-        if method not in METHODS:
-            raise BadInput(f"unknown dedup method {method!r} (auto, {', '.join(METHODS)})")
+    """auto: the GPU kernel when torch sees CUDA, else FAISS range search up to EXACT_CPU_MAX rows, else kNN."""
+    if method != "auto" and method not in METHODS:
+        raise BadInput(f"unknown dedup method {method!r} (auto, {', '.join(METHODS)})")
+    if method in ("exact", "knn"):
         return method
     import torch
 
     if torch.cuda.is_available():
         return "exact-gpu"
+    if method == "exact-gpu":
+        raise BadInput("--method exact-gpu needs a CUDA GPU that torch can see")
     return "exact" if n <= EXACT_CPU_MAX else "knn"
 
 
-def find_groups(store: Store, threshold: float, method: str = "auto", neighbours: int = 32) -> tuple[np.ndarray, str]:
-    """Group number per store row (-1: no near-duplicate), numbered by first appearance; and the method used."""
+@dataclass
+class Duplicates:
+    """Per store row: its group (-1: none), its nearest other member (row, -1: none) and their similarity."""
+
+    groups: np.ndarray
+    nearest: np.ndarray
+    similarity: np.ndarray
+    method: str
+
+
+def group_pairs(n: int, pairs: Pairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group per row numbered by first appearance or -1, nearest partner row, its similarity) from pairs."""
+    components, nearest = Components(n), Nearest(n)
+    for i, j, sim in pairs:
+        components.add(i, j)
+        nearest.add(i, j, sim)
+    labels = components.labels()
+    grouped = np.bincount(labels)[labels] > 1
+    groups = np.full(n, -1, np.int64)
+    groups[grouped] = _renumber(labels[grouped])
+    return groups, nearest.row, nearest.similarity
+
+
+def find_groups(store: Store, threshold: float, method: str = "auto", neighbours: int = 32,
+                vectors: "np.ndarray | None" = None) -> Duplicates:
+    """Near-duplicate groups of the store's rows (see `Duplicates`) and the method used; `vectors`: the
+    store's, when the caller has read them already."""
     if not 0.0 < threshold <= 1.0:
         raise BadInput(f"--threshold must be in (0, 1], got {threshold}")
     if not store.exists or not store.rows:
         raise StoreError(f"store {store.root} is empty")
-    vectors = store.vectors()[1]  # fp16; each method widens only what it needs
+    if vectors is None:
+        vectors = store.vectors()[1]  # fp16; each method widens only what it needs
     method = pick_method(method, len(vectors))
-    components = Components(len(vectors))
     # fp16 storage rounds exact copies' self-similarity to ~1 +- 1e-3: allow that slack at the top
-    for i, j in METHODS[method](vectors, min(threshold, 1.0 - 2e-3), store=store, neighbours=neighbours):
-        components.add(i, j)
-    labels = components.labels()
-    sizes = np.bincount(labels)
-    grouped = sizes[labels] > 1
-    groups = np.full(len(labels), -1, np.int64)
-    groups[grouped] = _renumber(labels[grouped])
-    return groups, method
+    pairs = METHODS[method](vectors, min(threshold, 1.0 - 2e-3), store=store, neighbours=neighbours)
+    return Duplicates(*group_pairs(len(vectors), pairs), method=method)
 
 
 def _renumber(labels: np.ndarray) -> np.ndarray:
@@ -145,6 +199,18 @@ def _renumber(labels: np.ndarray) -> np.ndarray:
     rank = np.empty(len(first_pos), np.int64)
     rank[np.argsort(first_pos)] = np.arange(len(first_pos))
     return rank[inverse]
+
+
+def keepers(groups: np.ndarray, ids: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """Row of each row's suggested keeper (-1 outside groups): the group's largest image, ties to the lowest id."""
+    rows = np.flatnonzero(groups >= 0)
+    order = rows[np.lexsort((ids[rows], -area[rows], groups[rows]))]
+    first = np.r_[True, groups[order][1:] != groups[order][:-1]] if len(order) else np.zeros(0, bool)
+    keeper_of_group = np.empty(int(groups.max()) + 1 if len(rows) else 0, np.int64)
+    keeper_of_group[groups[order[first]]] = order[first]
+    out = np.full(len(groups), -1, np.int64)
+    out[rows] = keeper_of_group[groups[rows]]
+    return out
 
 
 def _write_parquet(table: Any, path: Path) -> None:
@@ -160,25 +226,40 @@ def _write_csv(table: Any, path: Path) -> None:
 
 
 WRITERS: dict[str, Callable[[Any, Path], None]] = {".parquet": _write_parquet, ".csv": _write_csv}
+COLUMNS = ["group", "id", "uri", "keep", "keeper", "keeper_similarity", "nearest", "similarity"]
+
+
+def duplicates_table(store: Store, found: Duplicates, vectors: np.ndarray) -> Any:
+    """One row per image in a group (COLUMNS), sorted by group, then keeper first, then id."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = store.table(["id", "uri", "width", "height"])
+    ids = table.column("id").to_numpy()
+    width, height = (pc.fill_null(table.column(c), 0).to_numpy().astype(np.int64) for c in ("width", "height"))
+    keeper = keepers(found.groups, ids, width * height)
+    rows = np.flatnonzero(found.groups >= 0)
+    rows = rows[np.lexsort((ids[rows], keeper[rows] != rows, found.groups[rows]))]
+    mine, theirs = vectors[rows].astype(np.float32), vectors[keeper[rows]].astype(np.float32)
+    return pa.table({"group": found.groups[rows], "id": ids[rows], "uri": table.column("uri").take(rows),
+                     "keep": keeper[rows] == rows, "keeper": ids[keeper[rows]],
+                     "keeper_similarity": np.einsum("nd,nd->n", mine, theirs),
+                     "nearest": ids[found.nearest[rows]], "similarity": found.similarity[rows]})
 
 
 def dedup(store_root: str, out: str, threshold: float = 0.95, method: str = "auto",
           neighbours: int = 32) -> dict[str, Any]:
-    """`pnsfw dedup`: write (group, id, uri) for every row in a near-duplicate group to OUT (.parquet/.csv)."""
-    import pyarrow as pa
-
+    """`pnsfw dedup`: write COLUMNS for every row in a near-duplicate group to OUT (.parquet/.csv)."""
     started = time.perf_counter()
     writer = WRITERS.get(Path(out).suffix.lower())
     if writer is None:
         raise BadInput(f"--out must end in {' or '.join(WRITERS)}, got {out}")
     store = Store.open(store_root)
-    groups, used = find_groups(store, threshold, method, neighbours)
-    table = store.table(["id", "uri"])
-    rows = np.flatnonzero(groups >= 0)
-    rows = rows[np.lexsort((table.column("id").to_numpy()[rows], groups[rows]))]
-    result = pa.table({"group": pa.array(groups[rows]), "id": table.column("id").take(rows),
-                       "uri": table.column("uri").take(rows)})
+    vectors = store.vectors()[1] if store.exists else None
+    found = find_groups(store, threshold, method, neighbours, vectors)
+    result = duplicates_table(store, found, vectors)
     atomic_write(Path(out), lambda tmp: writer(result, tmp))
-    return {"rows": int(len(groups)), "groups": int(groups.max() + 1) if len(rows) else 0,
-            "duplicates": int(len(rows)), "method": used, "threshold": threshold, "out": out,
+    groups = int(found.groups.max() + 1) if result.num_rows else 0
+    return {"rows": int(len(found.groups)), "groups": groups, "duplicates": int(result.num_rows),
+            "removable": int(result.num_rows) - groups, "method": found.method, "threshold": threshold, "out": out,
             "seconds": round(time.perf_counter() - started, 3)}
