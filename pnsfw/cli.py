@@ -98,6 +98,12 @@ def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_resize: str, gpu_tower
                       compile=gpu_compile, stage_stats=stage_stats)
 
 
+RAY_LOCAL = "local"
+RAY = click.option("--ray", "ray_address", default=None, is_flag=False, flag_value=RAY_LOCAL, metavar="[ADDRESS]",
+                   help="Run on Ray: alone, a new local Ray; with ADDRESS (host:port or ray://host:port), join "
+                        "that cluster. Rows and ids equal a local run.")
+
+
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
 @STORE
@@ -121,9 +127,13 @@ def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_resize: str, gpu_tower
 @click.option("--no-faiss", is_flag=True, help="Do not build/update the FAISS index.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), help="Also write the summary as JSON here.")
 @_with_gpu_options
+@RAY
+@click.option("--actors", default=0, show_default=True, type=click.IntRange(0),
+              help="With --ray: embedding actors (0: one per GPU of the cluster, else one per 2 CPUs).")
 def index(sources: tuple[str, ...], store: str, model: str, device: str, batch_size: int, workers: int,
           shard_size: int, commit_every: float, precision: str, projection: str, pca_rows: int, seed: int,
-          max_pixels: int, timeout: float, no_faiss: bool, summary_json: str, **gpu: Any) -> None:
+          max_pixels: int, timeout: float, no_faiss: bool, summary_json: str, ray_address: str | None,
+          actors: int, **gpu: Any) -> None:
     """Embed images from SOURCEs into the store (resumable and incremental).
 
     SOURCE is a folder (walked recursively), a .txt list of paths or http(s) URLs,
@@ -145,7 +155,14 @@ def index(sources: tuple[str, ...], store: str, model: str, device: str, batch_s
                            workers=workers, shard_size=max(1, shard_size), commit_interval=commit_every,
                            projection=projection, pca_rows=pca_rows, seed=seed, max_pixels=max_pixels,
                            timeout=timeout, progress=sys.stderr.isatty(), gpu=gpu_options(**gpu))
-    summary = run_index(list(sources), store, options, finish=None if no_faiss else update_index)
+    finish = None if no_faiss else update_index
+    if ray_address is None:
+        summary = run_index(list(sources), store, options, finish=finish)
+    else:
+        from .distributed.index import RayOptions, index_with_ray
+
+        ray_options = RayOptions(address=None if ray_address == RAY_LOCAL else ray_address, actors=actors)
+        summary = index_with_ray(list(sources), store, options, ray_options, finish=finish)
     _print_index_summary(summary, store)
     if summary_json:
         with open(summary_json, "w") as f:

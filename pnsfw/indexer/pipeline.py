@@ -153,7 +153,9 @@ def _tensor_stage(*args: Any) -> Iterator[tuple[list[Result], np.ndarray]]:
     return tensor_stage(*args)
 
 
-READERS: dict[str, Callable[..., Iterator[tuple[list[Result], np.ndarray]]]] = {
+# a reader/encoder stage: (items, options, encoder, pool, on_error, batch) -> (rows, raw features) per batch
+Stage = Callable[..., Iterator[tuple[list[Result], np.ndarray]]]
+READERS: dict[str, Stage] = {
     "pil": _pil_stage, "tensor": _tensor_stage}
 
 
@@ -199,7 +201,7 @@ def _encode_all(writer: ShardWriter, batches: Iterator[tuple[list[Result], np.nd
 
 
 def _index_items(writer: StoreWriter, items: list[Item], options: IndexOptions, encoder: Encoder,
-                 pool: Any, summary: IndexSummary) -> None:
+                 pool: Any, summary: IndexSummary, stage: Stage | None = None) -> None:
     projection = _projection_for(writer, options, encoder)
     if projection is not None:
         writer.set_space(encoder.describe(), projection)
@@ -217,7 +219,7 @@ def _index_items(writer: StoreWriter, items: list[Item], options: IndexOptions, 
         shards.add_error(result)
         bar.update(1)
 
-    stage = reader_stage(options, encoder)
+    stage = stage or reader_stage(options, encoder)
     with _progress(len(items), options.progress) as bar:
         batches = stage(items, options, encoder, pool, on_error, _default_batch(options, encoder))
         _encode_all(shards, batches, encoder, summary, bar)
@@ -282,10 +284,11 @@ class _Startup:
 
 def run_index(sources: list[str], store_root: str, options: IndexOptions | None = None,
               encoder: Encoder | None = None,
-              finish: Callable[[Store], dict[str, Any]] | None = None) -> IndexSummary:
+              finish: Callable[[Store], dict[str, Any]] | None = None, stage: Stage | None = None) -> IndexSummary:
     """Index SOURCEs into the store; resumable, incremental, one writer at a time.
 
-    `finish` runs under the write lock after the last commit (the CLI passes the FAISS update).
+    `finish` runs under the write lock after the last commit (the CLI passes the FAISS update); `stage`
+    replaces the reader/encoder stage (the Ray runner injects its own).
     """
     options = options or IndexOptions()
     started = time.perf_counter()
@@ -299,7 +302,7 @@ def run_index(sources: list[str], store_root: str, options: IndexOptions | None 
             items, summary.already_present = collect_items(sources, store.known_uris(), startup.start)
             mark(f"{len(items)} items listed")
             if items:
-                _index_items(writer, items, options, startup.get(), startup.pool, summary)
+                _index_items(writer, items, options, startup.get(), startup.pool, summary, stage)
         finally:
             startup.close()
         summary.seconds = time.perf_counter() - started

@@ -1,0 +1,70 @@
+"""Joining a Ray cluster (an address) or starting a local one (no address)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PnsfwError
+
+log = logging.getLogger("pnsfw.distributed")
+
+
+class RayUnavailable(PnsfwError):
+    """Ray is not installed, or the cluster cannot be reached."""
+
+
+@dataclass
+class RayCluster:
+    """What the driver knows about the cluster it runs on."""
+
+    address: str
+    cpus: int
+    gpus: int
+
+    def actors(self, wanted: int, device: str) -> int:
+        """Embedding actors: `wanted`, else one per GPU on a GPU cluster, else one per 2 CPUs (at least 1)."""
+        if wanted > 0:
+            return wanted
+        if self.gpus and device != "cpu":
+            return self.gpus
+        return max(1, self.cpus // 2)
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise RayUnavailable("--ray needs Ray: pip install 'pnsfw[ray]'") from None
+    return ray
+
+
+def connect(address: str | None) -> RayCluster:
+    """`ray.init` on ADDRESS (`ray://host:port` or `host:port`), or a new local Ray when it is None or empty."""
+    ray = _import_ray()
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False,
+                                  "include_dashboard": False} if not address else \
+            {"logging_level": logging.WARNING, "log_to_driver": False}
+        try:
+            ray.init(address=address or None, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RayUnavailable(f"cannot join the Ray cluster at {address or 'a new local cluster'}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    resources = ray.cluster_resources()
+    cluster = RayCluster(address or "local", int(resources.get("CPU", 0)), int(resources.get("GPU", 0)))
+    log.info("ray: %s, %d CPUs, %d GPUs", cluster.address, cluster.cpus, cluster.gpus)
+    _quiet_data_context()
+    return cluster
+
+
+def _quiet_data_context() -> None:
+    """Ordered output (the driver commits in unit order) and no Ray progress bars on the user's terminal."""
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # "execution finished" lines are not for users
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False

@@ -1,0 +1,152 @@
+"""`pnsfw index --ray`: the reader/encoder stage of a local run, executed on Ray Data.
+
+The driver lists the sources as a local run does, cuts the new items into units in stream order, and
+Ray Data runs CPU decode tasks and embedding actors over them. Rows come back in unit order and go
+through the local run's writer, so ids, rows and error rows equal a local run of the same sources; a
+rerun after a crash skips what was committed, exactly like a local resume.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pickle
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ..indexer.encoder import Encoder, load_encoder
+from ..indexer.pipeline import IndexOptions, IndexSummary, run_index
+from ..indexer.reader import Result, process_chunk
+from ..indexer.sources import Item
+from .cluster import RayCluster, connect
+
+log = logging.getLogger("pnsfw.distributed")
+PROGRESS_EVERY_S = 10.0
+FAILED_UNIT = "worker_failed"  # reason of the rows of a unit that Ray could not finish after its retries
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """`--ray [ADDRESS]` and `--actors N` of `pnsfw index`."""
+
+    address: str | None = None  # None or "": a new local Ray
+    actors: int = 0  # 0: one per GPU, else one per 2 CPUs
+    unit_size: int = 0  # items per work unit; 0: the encoder's batch size
+
+
+def index_with_ray(sources: list[str], store: str, options: IndexOptions, on_ray: RayOptions,
+                   finish: Callable[[Any], dict[str, Any]] | None = None) -> IndexSummary:
+    """Index SOURCEs into STORE with decode and embedding on Ray; the driver commits."""
+    cluster = connect(on_ray.address)
+    # the driver only lists, describes the encoder and commits: no decode workers, no GPU of its own
+    driver = replace(options, workers=-1, device="cpu", precision="fp32")
+    stage = _stage(cluster, options, on_ray)
+    return run_index(sources, store, driver, finish=finish, stage=stage)
+
+
+def _stage(cluster: RayCluster, options: IndexOptions, on_ray: RayOptions) -> Callable[..., Iterator[Any]]:
+    def stage(items: list[Item], _options: IndexOptions, encoder: Encoder, _pool: Any,
+              on_error: Callable[[Result], None], batch: int) -> Iterator[tuple[list[Result], np.ndarray]]:
+        units = _units(items, on_ray.unit_size or batch)
+        rows = _dataset(units, cluster, options, on_ray, encoder).iter_rows()
+        yield from _ordered(rows, units, encoder.width, on_error)
+
+    return stage
+
+
+def _units(items: list[Item], size: int) -> list[list[Item]]:
+    return [items[start:start + size] for start in range(0, len(items), max(1, size))]
+
+
+def _dataset(units: list[list[Item]], cluster: RayCluster, options: IndexOptions, on_ray: RayOptions,
+             encoder: Encoder) -> Any:
+    import ray.data
+
+    gpu = cluster.gpus > 0 and options.device != "cpu"
+    rows = [{"unit": number, "items": pickle.dumps(unit)} for number, unit in enumerate(units)]
+    decode = functools.partial(_decode_unit, size=encoder.resolution, max_pixels=options.max_pixels,
+                               timeout=options.timeout)
+    # the actors run in other folders (and on other nodes): a checkpoint path must be absolute
+    model = os.path.abspath(options.model) if os.path.isfile(options.model) else options.model
+    embed = {"model": model, "device": "cuda" if gpu else "cpu",
+             "precision": options.precision if gpu else "auto", "width": encoder.width}
+    return (ray.data.from_items(rows, override_num_blocks=len(rows))
+            .map(decode, num_cpus=1)
+            .map_batches(_Embedder, fn_constructor_kwargs=embed, batch_size=1, batch_format="numpy",
+                         concurrency=cluster.actors(on_ray.actors, options.device), num_gpus=1 if gpu else 0,
+                         num_cpus=0 if gpu else 1))
+
+
+def _decode_unit(row: dict[str, Any], size: int, max_pixels: int, timeout: float) -> dict[str, Any]:
+    """A CPU task: read and decode a unit's items; failures stay rows with reasons."""
+    results = process_chunk(pickle.loads(row["items"]), size, max_pixels, timeout)
+    good = [r.pixels for r in results if r.pixels is not None]
+    pixels = np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)
+    meta = [r._replace(pixels=None) for r in results]
+    return {"unit": row["unit"], "results": pickle.dumps(meta), "pixels": pixels.tobytes(),
+            "count": len(good), "size": size}
+
+
+class _Embedder:
+    """An embedding actor: the CLIP encoder loaded once, a unit's pixels -> raw features."""
+
+    def __init__(self, model: str, device: str, precision: str, width: int):
+        self.encoder = load_encoder(model, device, precision)
+        self.width = width
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        features = []
+        for data, count, size in zip(batch["pixels"], batch["count"], batch["size"]):
+            pixels = np.frombuffer(data, np.uint8).reshape(int(count), int(size), int(size), 3)
+            out = self.encoder.encode_pixels(pixels) if count else np.zeros((0, self.width), np.float32)
+            features.append(np.ascontiguousarray(out, np.float32).tobytes())
+        return {"unit": batch["unit"], "results": batch["results"], "features": np.array(features, dtype=object)}
+
+
+def _ordered(rows: Iterator[dict[str, Any]], units: list[list[Item]], width: int,
+             on_error: Callable[[Result], None]) -> Iterator[tuple[list[Result], np.ndarray]]:
+    """Rows in unit order; a unit that never came back becomes error rows."""
+    expected, progress = 0, _Progress(len(units))
+    for row in rows:
+        number = int(row["unit"])
+        for missing in range(expected, number):
+            _fail_unit(units[missing], on_error)
+        expected = number + 1
+        results: list[Result] = pickle.loads(row["results"])
+        for result in results:
+            if result.reason:
+                on_error(result)
+        good = [r for r in results if not r.reason]
+        features = np.frombuffer(row["features"], np.float32).reshape(len(good), width)
+        progress.update(len(results))
+        if good:
+            yield good, features
+    for missing in range(expected, len(units)):
+        _fail_unit(units[missing], on_error)
+
+
+def _fail_unit(unit: list[Item], on_error: Callable[[Result], None]) -> None:
+    log.warning("a unit of %d items failed on every retry; its items become %s error rows", len(unit), FAILED_UNIT)
+    for item in unit:
+        on_error(Result(item, None, stage="ray", reason=FAILED_UNIT, detail="the unit failed on every retry"))
+
+
+class _Progress:
+    """Units done and images/s on the driver, logged every PROGRESS_EVERY_S."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.images = total, 0, 0
+        self.started = self.last = time.monotonic()
+
+    def update(self, images: int) -> None:
+        self.done, self.images = self.done + 1, self.images + images
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S or self.done == self.total:
+            rate = self.images / max(now - self.started, 1e-9)
+            log.info("ray: %d/%d units, %d images, %.1f img/s", self.done, self.total, self.images, rate)
+            self.last = now

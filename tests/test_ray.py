@@ -1,0 +1,114 @@
+"""`index --ray` on a real Ray cluster (ray start --head): rows, ids, embeddings and errors equal a local run."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import index_folder, make_labelled_folder
+from ray_cluster import Cluster, start_cluster
+
+from pnsfw.store import Store
+
+pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    yield from start_cluster(tmp_path_factory.mktemp("ray"))
+
+
+@pytest.fixture(scope="module")
+def ray_address(cluster: Cluster) -> str:
+    return cluster.address
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_labelled_folder(tmp_path_factory.mktemp("corpus") / "data", per_class=16)
+    (root / "sfw" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "nsfw" / "empty.png").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tiny_checkpoint: Path) -> Path:
+    store = tmp_path_factory.mktemp("local") / "store"
+    index_folder(corpus, store, tiny_checkpoint, "--batch-size", "8")
+    return store
+
+
+def ray_index(corpus: Path, store: Path, ckpt: Path, address: str, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pnsfw.cli", "index", str(corpus), "--store", str(store), "--model", str(ckpt),
+               "--device", "cpu", "--batch-size", "8", "--ray", address, *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return out
+
+
+def assert_same_store(got: Path, want: Path) -> None:
+    a, b = Store(got), Store(want)
+    columns = ["id", "uri", "sha256", "width", "height"]
+    assert a.table(columns).to_pylist() == b.table(columns).to_pylist()
+    (ids_a, va), (ids_b, vb) = a.vectors(), b.vectors()
+    assert ids_a.tolist() == ids_b.tolist()
+    np.testing.assert_allclose(va.astype(np.float32), vb.astype(np.float32), atol=2e-3)
+    def errors(store: Store) -> list[tuple]:
+        return sorted(tuple(r.values()) for r in store.errors().select(["uri", "reason"]).to_pylist())
+
+    assert errors(a) == errors(b)
+
+
+def test_index_on_ray_equals_local(ray_address: str, corpus: Path, local_store: Path, tiny_checkpoint: Path,
+                                   tmp_path: Path) -> None:
+    out = finished(ray_index(corpus, tmp_path / "store", tiny_checkpoint, ray_address))
+    assert "indexed 32 images" in out and "failed: 2" in out
+    assert "Traceback" not in out and "execution finished" not in out
+    assert_same_store(tmp_path / "store", local_store)
+    again = finished(ray_index(corpus, tmp_path / "store", tiny_checkpoint, ray_address))
+    assert "indexed 0 images" in again and "already present: 34" in again
+
+
+def _wait(predicate, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_driver_killed_mid_run_then_rerun_equals_local(ray_address: str, corpus: Path, local_store: Path,
+                                                       tiny_checkpoint: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    proc = ray_index(corpus, store, tiny_checkpoint, ray_address, "--shard-size", "8", "--commit-every", "0s")
+    _wait(lambda: store.exists() and Store(store).rows >= 8, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert Store(store).rows < 32  # it really died mid-run
+    finished(ray_index(corpus, store, tiny_checkpoint, ray_address, "--shard-size", "8"))
+    assert_same_store(store, local_store)
+
+
+def test_lost_actor_is_retried_and_the_store_is_exact(cluster: Cluster, corpus: Path, tiny_checkpoint: Path,
+                                                      tmp_path: Path) -> None:
+    many = tmp_path / "many"
+    shutil.copytree(corpus, many)
+    store = tmp_path / "store"
+    proc = ray_index(many, store, tiny_checkpoint, cluster.address, "--batch-size", "2")
+    pids: list[int] = []
+    _wait(lambda: bool(pids.extend(cluster.processes("Embedder")) or pids), proc)
+    os.kill(pids[0], signal.SIGKILL)  # a lost worker: Ray restarts the actor and retries its unit
+    assert proc.poll() is None
+    finished(proc)
+    want = tmp_path / "want"
+    index_folder(many, want, tiny_checkpoint, "--batch-size", "8")
+    assert_same_store(store, want)
