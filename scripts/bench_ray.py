@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""The Ray path against the local path on the same machine and the same files (DESIGN §10: overhead <= 15 %).
+
+Index: the same thumbnail corpus (scripts/bench_index.py's generator) with the same full-size random
+ViT-B/32 checkpoint, once locally and once with `--ray ADDRESS` on a local cluster started by this script
+(`ray start --head`), runs interleaved (local, ray, local, ray, ...). Ray's own start-up is outside the
+figures (the cluster is up before the runs; a new local Ray adds its start-up once per job). Score: the
+same for `pnsfw score` on a synthetic store when `--score-rows` > 0 and the CLI has `score --ray`.
+
+    .venv/bin/python scripts/bench_ray.py --thumbs 2000 --runs 2 --out docs/bench_ray.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+sys.path.insert(0, str(SCRIPTS.parent / "tests"))
+
+from bench_index import cpu_info, ensure_checkpoint, ensure_corpus  # noqa: E402
+from ray_cluster import start_cluster  # noqa: E402
+
+
+def index_once(corpus: Path, store: Path, ckpt: Path, extra: list[str]) -> dict[str, Any]:
+    shutil.rmtree(store, ignore_errors=True)
+    summary = store.with_suffix(".summary.json")
+    command = [sys.executable, "-m", "pnsfw.cli", "index", str(corpus), "--store", str(store), "--model", str(ckpt),
+               "--device", "cpu", "--no-faiss", "--summary-json", str(summary), *extra]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    data = json.loads(summary.read_text())
+    return {"e2e_s": wall, "images": data["indexed"], "e2e_img_s": data["indexed"] / wall,
+            "steady_img_s": data["steady_images_per_s"]}
+
+
+def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    return {"runs": runs, "e2e_img_s": median("e2e_img_s"), "steady_img_s": median("steady_img_s")}
+
+
+def bench_index(args: argparse.Namespace, address: str, work: Path) -> dict[str, Any]:
+    corpus, meta = ensure_corpus(args.workdir, "thumbs", args.thumbs, args.seed)
+    ckpt = ensure_checkpoint(args.workdir, args.seed, Path(sys.executable).parent)
+    local, ray = [], []
+    for _ in range(args.runs):
+        local.append(index_once(corpus, work / "local", ckpt, []))
+        ray.append(index_once(corpus, work / "ray", ckpt, ["--ray", address, *args.ray_extra.split()]))
+    result = {"corpus": meta, "local": compare(local), "ray": compare(ray)}
+    for key in ("e2e_img_s", "steady_img_s"):
+        result[f"overhead_{key}"] = 1 - result["ray"][key] / result["local"][key]
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'path':<8} {'e2e img/s':>10} {'steady img/s':>13}")
+    for path in ("local", "ray"):
+        print(f"{path:<8} {result[path]['e2e_img_s']:10.1f} {result[path]['steady_img_s']:13.1f}")
+    print(f"Ray overhead: e2e {result['overhead_e2e_img_s']:+.1%}, steady {result['overhead_steady_img_s']:+.1%} "
+          "(target <= 15 %)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--thumbs", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/pnsfw-bench"))
+    parser.add_argument("--ray-extra", default="", help="extra options of the --ray runs (e.g. '--actors 2')")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        clusters = start_cluster(Path(tmp))
+        cluster = next(clusters)
+        try:
+            result = {"index": bench_index(args, cluster.address, Path(tmp))}
+        finally:
+            clusters.close()
+    print_table(result["index"])
+    if args.out:
+        import ray
+
+        report = {"machine": cpu_info(), "python": sys.version.split()[0], "ray": ray.__version__,
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv), **result}
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
