@@ -250,7 +250,9 @@ def reindex(store: str, kind: str, max_memory: "int | None") -> None:
                f"{summary['ntotal']:,} vectors in {summary['seconds']:.1f} s")
 
 
-K_OPTION = click.option("-k", "k", default=10, show_default=True, type=int, help="Neighbours to return (1..1000).")
+ITEM_ID = click.IntRange(0, 2**63 - 1)
+K_OPTION = click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000),
+                        help="Neighbours to return (1..1000).")
 CLIP_MODEL = click.option("--clip-model", default=None, help="CLIP name or checkpoint to encode the query with "
                           "(default: the one the store's manifest records; it must have the same weights).")
 
@@ -271,7 +273,7 @@ def _hits_table(hits: list[Any]) -> str:
 
 @cli.command()
 @STORE
-@click.option("--id", "item_id", type=int, help="A store id: its stored vector is the query.")
+@click.option("--id", "item_id", type=ITEM_ID, help="A store id: its stored vector is the query (listed first).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="An image file (encoded + projected).")
 @click.option("--text", help="A text (CLIP text encoder + the store's projection).")
 @click.option("--vector", "vector_file", type=click.Path(exists=True, dir_okay=False),
@@ -293,11 +295,36 @@ def search(store: str, item_id: "int | None", image: "str | None", text: "str | 
     from dataclasses import asdict
 
     from .search.query import run_search
+    from .store import Store
+    from .userio import load_vectors
 
     _one_query(id=item_id, image=image, text=text, vector=vector_file)
-    hits = run_search(store, item_id=item_id, image=image, text=text, vector_file=vector_file, k=k,
-                      model=model_name, clip_model=clip_model, device=device)
+    opened = Store.open(store)
+    vector = _one_vector(load_vectors(vector_file, opened.dim), vector_file) if vector_file else None
+    hits = run_search(store, item_id=item_id, image=image, text=text, vector=vector, k=k,
+                      scorer=_scorer(opened, model_name),
+                      encoder=_encoder(opened, clip_model, device) if image or text else None)
     click.echo(json.dumps([asdict(h) for h in hits], indent=2) if as_json else _hits_table(hits))
+
+
+def _scorer(store: Any, model_name: "str | None") -> Any:
+    """Classifier NAME as search's Scorer (search never imports the classifier itself)."""
+    from .classifier.scorer import StoreScorer
+
+    return StoreScorer.open(store, model_name) if model_name else None
+
+
+def _encoder(store: Any, clip_model: "str | None", device: str) -> Any:
+    """The store's embedding service as search's Encoder."""
+    from .indexer.embedding import EmbeddingService
+
+    return EmbeddingService.open(store, clip_model, device)
+
+
+def _one_vector(vectors: Any, path: str) -> Any:
+    if len(vectors) != 1:
+        raise click.UsageError(f"--vector {path} holds {len(vectors)} vectors; search takes one")
+    return vectors[0]
 
 
 def _explain_text(result: dict[str, Any]) -> str:
@@ -316,7 +343,7 @@ def _explain_text(result: dict[str, Any]) -> str:
 @cli.command()
 @STORE
 @click.option("--model", "model_name", required=True, help="Classifier NAME in STORE/models.")
-@click.option("--id", "item_id", type=int, help="A store id.")
+@click.option("--id", "item_id", type=ITEM_ID, help="A store id.")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="An image file.")
 @K_OPTION
 @CLIP_MODEL
@@ -331,9 +358,12 @@ def explain(store: str, model_name: str, item_id: "int | None", image: "str | No
       pnsfw explain --store store/ --model default --image photo.jpg -k 10
     """
     from .search.explain import run_explain
+    from .store import Store
 
     _one_query(id=item_id, image=image)
-    result = run_explain(store, model_name, item_id=item_id, image=image, k=k, clip_model=clip_model, device=device)
+    opened = Store.open(store)
+    result = run_explain(store, _scorer(opened, model_name), item_id=item_id, image=image, k=k,
+                         encoder=_encoder(opened, clip_model, device) if image else None)
     click.echo(json.dumps(result, indent=2) if as_json else _explain_text(result))
 
 
@@ -507,17 +537,22 @@ def score(store: str, model_name: str, device: str, engine: str, precision: str,
 @click.option("--threshold", default=None, type=float, help="Default: the model's stored threshold.")
 @click.option("--keep", default="safe", show_default=True, type=click.Choice(["safe", "unsafe"]),
               help="safe: p_nsfw < threshold; unsafe: p_nsfw >= threshold.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help=".parquet/.csv (id, uri, p_nsfw) or .txt (uris).")
-def filter_command(store: str, model_name: str, threshold: "float | None", keep: str, out: str) -> None:
+@click.option("--columns", default="", help="Comma-separated extra columns: p_<class> of the model, and stored "
+                                             "metadata such as caption, url, width, height, sha256, source.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help=".parquet, .csv or .jsonl (id, uri, p_nsfw + --columns), or .txt (uris).")
+def filter_command(store: str, model_name: str, threshold: "float | None", keep: str, columns: str, out: str) -> None:
     """Write the ids and uris kept by the threshold (scoring any unscored shards first).
 
     \b
     Example:
       pnsfw filter --store store/ --model default --keep safe --out safe.parquet
+      pnsfw filter --store store/ --keep unsafe --columns p_porn,p_sexy,caption --out unsafe.jsonl
     """
     from .classifier.filter import filter_store
 
-    summary = filter_store(store, out, model_name, threshold, keep)
+    extra = [c.strip() for c in columns.split(",") if c.strip()]
+    summary = filter_store(store, out, model_name, threshold, keep, extra)
     click.echo(f"kept {summary.kept:,} {keep} images, dropped {summary.dropped:,} (threshold {summary.threshold:.4f}) "
                f"-> {out}")
 
@@ -529,22 +564,35 @@ def filter_command(store: str, model_name: str, threshold: "float | None", keep:
 @CLIP_MODEL
 @DEVICE
 @click.option("--threshold", default=None, type=float, help="Default: the model's stored threshold.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {path, verdict} or {path, error}.")
+@click.option("--json-lines", is_flag=True, help="Print the same records one JSON object per line.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write a flat table instead (path, p_nsfw, nsfw, label, p_<class>, error): .parquet, .csv, .jsonl.")
 def predict(inputs: tuple[str, ...], store: str, model_name: str, clip_model: "str | None", device: str,
-            threshold: "float | None", as_json: bool) -> None:
+            threshold: "float | None", as_json: bool, json_lines: bool, out: "str | None") -> None:
     """Score images, folders or .npy embeddings (of the store's space) without adding them to the store.
 
     \b
     Example:
       pnsfw predict photo.jpg uploads/ --store store/ --model default
       pnsfw predict vectors.npy --store store/ --json
+      pnsfw predict uploads/ --store store/ --out verdicts.parquet
     """
-    from .classifier.predict import PredictOptions, predict_paths
+    from .classifier.predict import PredictOptions, predict_paths, results_table
+    from .userio import check_output, write_table
 
+    tables = (".parquet", ".pq", ".csv", ".jsonl")
+    if out:
+        check_output(out, tables)
     options = PredictOptions(name=model_name, clip_model=clip_model, device=device, threshold=threshold)
     results = predict_paths(store, list(inputs), options)
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
+    if out:
+        write_table(results_table(results), out, tables)
+        errors = sum("error" in r for r in results)
+        click.echo(f"wrote {len(results):,} results ({errors:,} errors) -> {out}", err=True)
+        return
+    if as_json or json_lines:
+        click.echo(json.dumps(results, indent=2) if as_json else "\n".join(json.dumps(r) for r in results))
         return
     for r in results:
         if "error" in r:

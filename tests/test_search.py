@@ -60,6 +60,29 @@ def test_self_is_first_hit_for_ids(block_store: Path) -> None:
     assert set(searcher.item(int(ids[0]))) == {"id", "uri", "source", "sha256", "width", "height"}
 
 
+def test_search_by_id_lists_the_item_first_even_among_exact_copies(block_store: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from pnsfw.api.app import create_app
+    from pnsfw.api.engine import Settings
+
+    table = Store(block_store).table(["id", "uri"])
+    copied = {i: u for i, u in zip(table.column("id").to_pylist(), table.column("uri").to_pylist())
+              if u.endswith(("0-004.png", "copy-a1.png", "copy-a2.png"))}
+    assert len(copied) == 3  # three rows with the very same vector: any could rank first at fp16 noise
+    app = create_app(block_store, None, Settings(device="cpu", token=None, preload=False))
+    with TestClient(app) as client:
+        for item_id in copied:
+            cli_hits = json.loads(run("search", "--store", block_store, "--id", item_id, "-k", "4", "--json").output)
+            api_hits = client.post("/v1/search", json={"id": item_id, "k": 4}).json()["hits"]
+            for hits in (cli_hits, api_hits):
+                assert hits[0]["id"] == item_id and hits[0]["similarity"] == 1.0 and len(hits) == 4
+                assert {h["id"] for h in hits[1:3]} == set(copied) - {item_id}  # the copies come next
+                assert len({h["id"] for h in hits}) == 4
+            assert [h["id"] for h in cli_hits] == [h["id"] for h in api_hits]
+        assert len(client.post("/v1/search", json={"id": item_id, "k": 1}).json()["hits"]) == 1
+
+
 def test_indexed_image_is_first_hit(block_store: Path) -> None:
     image = Store(block_store).table(["uri"]).column("uri")[7].as_py()
     result = run("search", "--store", block_store, "--image", image, "-k", "3", "--json", "--device", "cpu")
@@ -173,14 +196,19 @@ def test_bad_input_gives_one_line_errors(block_store: Path, tmp_path: Path) -> N
     for k in (0, 1001):
         with pytest.raises(BadInput):
             searcher.search_vectors(searcher.vector_of(0)[None, :], k)
-    with pytest.raises(BadInput):
-        searcher.search_vectors(np.zeros((1, 7), np.float32), 3)
+    for bad in (np.zeros((1, 7)), np.zeros((1, 256)), np.full((1, 256), np.nan)):
+        with pytest.raises(BadInput):
+            searcher.search_vectors(bad, 3)
+    huge = searcher.vector_of(4)[None, :].astype(np.float64) * 1e30  # finite in float32, its norm is not
+    assert searcher.search_vectors(huge, 1)[0][0].similarity == pytest.approx(1.0, abs=2e-3)
     (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
-    cases = {("--id", "999999"): "not in store", ("--id", "1", "-k", "0"): "1..1000",
-             ("--image", tmp_path / "broken.jpg"): "cannot decode"}
-    for args, message in cases.items():
+    np.save(tmp_path / "zero.npy", np.zeros(256, np.float32))
+    cases = {("--id", "999999"): (1, "not in store"), ("--id", "1", "-k", "0"): (2, "1<=x<=1000"),
+             ("--image", tmp_path / "broken.jpg"): (1, "cannot use image"), ("--id", str(2**70)): (2, "--id"),
+             ("--vector", tmp_path / "zero.npy"): (1, "all zeros")}
+    for args, (code, message) in cases.items():
         result = run("search", "--store", block_store, *args, "--device", "cpu")
-        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+        assert result.exit_code == code and message in result.output and "Traceback" not in result.output, args
     empty = run("search", "--store", tmp_path / "nothing", "--id", "1")
     assert empty.exit_code == 1 and "Error:" in empty.output
     with pytest.raises(StoreError):
@@ -197,7 +225,9 @@ def trained_store(tmp_path_factory: pytest.TempPathFactory, labelled_store: Path
 
 
 def test_explain_lists_labelled_neighbours(trained_store: Path) -> None:
-    searcher = Searcher.open(Store(trained_store), model="m")
+    from pnsfw.classifier.scorer import StoreScorer
+
+    searcher = Searcher.open(Store(trained_store), StoreScorer.open(Store(trained_store), "m"))
     train = pq.read_table(trained_store / "models" / "m.labels.parquet").to_pandas()
     train_ids = set(train.loc[train.split == "train", "id"])
     item_id = int(train.id.iloc[0])

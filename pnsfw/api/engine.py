@@ -78,7 +78,14 @@ def decode_error(message: str) -> Exception:
     return NotAnImage(f"not a usable image: {message}")
 
 
-def open_searcher(store: Store, model: str | None, settings: Settings) -> Any:
+def open_scorer(store: Store, model: str | None) -> Any:
+    """The classifier NAME as search's Scorer (None without a model)."""
+    from ..classifier.scorer import StoreScorer
+
+    return None if model is None else StoreScorer.open(store, model)
+
+
+def open_searcher(store: Store, scorer: Any, settings: Settings) -> Any:
     """The searcher of `settings.search`; `auto` tries exact torch search on CUDA and falls back to the index."""
     from ..search.exact import resolve_device
     from ..search.query import Searcher
@@ -88,14 +95,14 @@ def open_searcher(store: Store, model: str | None, settings: Settings) -> Any:
     device = resolve_device(settings.device) if settings.search != "index" else "cpu"
     if settings.search == "exact" or (settings.search == "auto" and device == "cuda"):
         try:
-            return Searcher.open(store, model, exact_device=device)
+            return Searcher.open(store, scorer, exact_device=device)
         except RuntimeError as exc:  # e.g. CUDA out of memory: the FAISS index still answers
             if settings.search == "exact":
                 raise
-            searcher = Searcher.open(store, model)
+            searcher = Searcher.open(store, scorer)
             searcher.backend["fallback"] = f"exact search on {device} failed: {str(exc).splitlines()[0]}"
             return searcher
-    return Searcher.open(store, model)
+    return Searcher.open(store, scorer)
 
 
 @dataclass
@@ -110,12 +117,11 @@ class Engine:
     def __init__(self, store: Store, model: str | None, settings: Settings):
         self.store, self.settings, self.metrics = store, settings, Metrics()
         self.model_name = resolve_model(store, model)
-        self.searcher = open_searcher(store, self.model_name, settings)
-        self.classifier = self.searcher.classifier
+        self.classifier = open_scorer(store, self.model_name)
+        self.searcher = open_searcher(store, self.classifier, settings)
         if store.rows <= SCORE_ALL_MAX:  # hits then read p_nsfw from memory, with no forward pass per batch
             self.searcher.fill_scores()
         one_blas_thread()
-        self.projection = store.projection()
         self._encoder: Any = None
         self._encoder_lock = threading.Lock()
         window, size = settings.batch_window_ms / 1000.0, settings.max_batch
@@ -145,31 +151,29 @@ class Engine:
         return self._encoder is not None
 
     def encoder(self) -> Any:
-        """The CLIP encoder of the store's space, loaded on first use (on a batcher thread)."""
+        """The embedding service of the store's space, loaded on first use (on a batcher thread)."""
         with self._encoder_lock:
             if self._encoder is None:
                 self._encoder = self._load_encoder()
         return self._encoder
 
     def _load_encoder(self) -> Any:
-        from ..search.embed import load_store_encoder
+        from ..indexer.embedding import EmbeddingService
 
-        return load_store_encoder(self.store, self.settings.clip_model, self.settings.device)
+        return EmbeddingService.open(self.store, self.settings.clip_model, self.settings.device)
 
     def _encode_batch(self, items: list[tuple[str, Any]]) -> list[Any]:
         """[("image", bytes) | ("text", str)] -> one unit vector (or an exception) per item, one pass per kind."""
-        from ..search.embed import embed_images, embed_texts
-
-        encoder, projection = self.encoder(), self.projection
+        encoder = self.encoder()
         results: list[Any] = [None] * len(items)
         images = [i for i, (kind, _) in enumerate(items) if kind == "image"]
         if images:
-            vectors, errors = embed_images(encoder, projection, [items[i][1] for i in images])
+            vectors, errors = encoder.embed_images([items[i][1] for i in images])
             for i, vector, error in zip(images, vectors, errors):
                 results[i] = vector if error is None else decode_error(error)
         texts = [i for i, (kind, _) in enumerate(items) if kind == "text"]
         if texts:
-            for i, vector in zip(texts, embed_texts(encoder, projection, [items[i][1] for i in texts])):
+            for i, vector in zip(texts, encoder.embed_texts([items[i][1] for i in texts])):
                 results[i] = vector
         return results
 
@@ -191,10 +195,10 @@ class Engine:
         return self.classifier.verdicts(matrix)
 
     def check_vector(self, values: list[float]) -> np.ndarray:
-        vector = np.asarray(values, dtype=np.float32)
-        if vector.shape != (self.store.dim,) or not np.isfinite(vector).all():
-            raise BadInput(f"embedding must be {self.store.dim} finite numbers, got {vector.size}")
-        return vector
+        """A JSON embedding -> unit vector; BadInput (422) for a wrong length, NaN/inf or all zeros."""
+        from ..search.query import unit_vectors
+
+        return unit_vectors(values, self.store.dim)[0]
 
     def require_classifier(self) -> Any:
         if self.classifier is None:

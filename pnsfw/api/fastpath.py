@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from pydantic_core import from_json
 
-from ..errors import PnsfwError
+from ..errors import BadInput, PnsfwError
+from ..search.query import unit_vectors
 from .engine import Engine
 from .guards import ASGIApp, Receive, Scope, Send, send_json
 from .schemas import K_MAX
@@ -75,13 +76,12 @@ def parse(kind: str, body: bytes, dim: int) -> tuple[np.ndarray, int] | None:
     embedding, k = data.get("embedding"), data.get("k", 10)
     if type(embedding) is not list or len(embedding) != dim or type(k) is not int or not 1 <= k <= K_MAX:
         return None
+    if not all(type(x) is float or type(x) is int for x in embedding):  # strict, as the schema: no bool, no str
+        return None
     try:
-        vector = np.array(embedding, dtype=np.float32)
-    except (TypeError, ValueError, OverflowError):
+        return unit_vectors(embedding, dim)[0], k  # the route's own check and normalisation
+    except BadInput:
         return None
-    if vector.shape != (dim,) or not np.isfinite(vector).all():
-        return None
-    return vector, k
 
 
 @dataclass(frozen=True)

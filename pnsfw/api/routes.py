@@ -15,6 +15,7 @@ from . import images
 from .engine import Engine
 from .fastpath import dumps
 from .schemas import (
+    ID_MAX,
     K_MAX,
     ExplainRequest,
     HealthResponse,
@@ -27,7 +28,7 @@ from .schemas import (
 )
 
 router = APIRouter()
-ItemId = Path(..., ge=0, description="A store id.")
+ItemId = Path(..., ge=0, le=ID_MAX, description="A store id (0 .. 2**63 - 1).")
 
 
 def _body(schema: type[BaseModel]) -> dict[str, Any]:
@@ -127,8 +128,10 @@ async def search(request: Request) -> Response:
     data, parsed, k = await read_input(request, SearchRequest)
     vector, query = await query_vector(engine, data, parsed)
     by_id = query["kind"] == "id"
-    result = await engine.vectors.submit((vector, min(k + by_id, engine.store.rows), query["kind"] != "text"))
-    hits = [h for h in result.hits if not (by_id and h["id"] == parsed.id)][:k]
+    result = await engine.vectors.submit((vector, min(k + by_id, engine.store.rows, K_MAX), query["kind"] != "text"))
+    hits = result.hits[:k]
+    if by_id:  # the item itself first, as in the CLI (similarity 1, even with exact copies in the store)
+        hits = await engine.vectors.call(engine.searcher.item_first, parsed.id, result.hits, k)
     return json_response({"query": query, "k": k, "verdict": result.verdict, "hits": hits})
 
 

@@ -2,10 +2,15 @@
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
 
 K_MAX = 1000
+ID_MAX = 2**63 - 1  # ids are int64
 KField = Field(10, ge=1, le=K_MAX, description="Number of neighbours (1..1000).")
+IdField = Field(..., ge=0, le=ID_MAX, description="A store id (a JSON integer; not a string, float or boolean).")
+Number = StrictFloat | StrictInt  # a JSON number; booleans and strings are refused
+EmbeddingField = Field(..., description="One vector of the store's space (its dim numbers, finite, not all zero); "
+                                        "it is L2-normalised before use.")
 
 
 class _Strict(BaseModel):
@@ -13,14 +18,14 @@ class _Strict(BaseModel):
 
 
 class ScoreRequest(_Strict):
-    embedding: list[float] = Field(..., description="One projected vector of the store's space (its dim).")
+    embedding: list[Number] = EmbeddingField
 
 
 class SearchRequest(_Strict):
-    text: str | None = Field(None, min_length=1, max_length=2000)
-    id: int | None = None
-    embedding: list[float] | None = None
-    k: int = KField
+    text: StrictStr | None = Field(None, min_length=1, max_length=2000)
+    id: StrictInt | None = Field(None, ge=0, le=ID_MAX, description="A store id (a JSON integer).")
+    embedding: list[Number] | None = Field(None, description=EmbeddingField.description)
+    k: StrictInt = KField
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
@@ -31,8 +36,8 @@ class SearchRequest(_Strict):
 
 
 class ExplainRequest(_Strict):
-    id: int
-    k: int = KField
+    id: StrictInt = IdField
+    k: StrictInt = KField
 
 
 class ErrorResponse(BaseModel):

@@ -1,4 +1,4 @@
-"""`pnsfw filter`: the ids and uris kept by a threshold on the bulk scores, to Parquet, CSV or a uri list."""
+"""`pnsfw filter`: the rows kept by a threshold on the bulk scores, to Parquet, CSV, JSON lines or a uri list."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,32 +10,14 @@ import pyarrow as pa
 from ..errors import BadInput, StoreError
 from ..store import Store
 from ..store import shards as shard_io
-from ..store.files import atomic_write
+from ..userio import check_output, write_table
 from .model import DEFAULT_NAME, read_meta
 from .scoring import score_store, scored_parts, scores_dir
 
-
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-
-
-def _write_csv(table: pa.Table, path: Path) -> None:
-    import pyarrow.csv as pcsv
-
-    atomic_write(path, lambda tmp: pcsv.write_csv(table, tmp))
-
-
-def _write_txt(table: pa.Table, path: Path) -> None:
-    lines = "".join(f"{uri}\n" for uri in table.column("uri").to_pylist())
-    atomic_write(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
-
-
-WRITERS: dict[str, Callable[[pa.Table, Path], None]] = {
-    ".parquet": _write_parquet, ".pq": _write_parquet, ".csv": _write_csv, ".txt": _write_txt}
 KEEP: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     "safe": lambda p, t: p < t, "unsafe": lambda p, t: p >= t}
+BASE = ["id", "uri", "p_nsfw"]
+HIDDEN = {"embedding"}  # never copied into an output table
 
 
 @dataclass
@@ -46,35 +28,54 @@ class FilterSummary:
     keep: str
     out: str
     newly_scored: int
+    columns: list[str]
 
 
-def _kept_rows(store: Store, folder: Path, part: str, keep: str, threshold: float) -> pa.Table:
-    rows = shard_io.read_table(store.root / "shards" / part, ["id", "uri"])
-    scores = shard_io.read_table(folder / part, ["id", "p_nsfw"])
+def _split_columns(store: Store, classes: list[str], extra: list[str]) -> tuple[list[str], list[str]]:
+    """--columns -> (score columns p_<class>, shard metadata columns); one line naming the choices otherwise."""
+    import pyarrow.parquet as pq
+
+    paths = store.shard_paths()
+    stored = [c for c in pq.read_schema(paths[0]).names if c not in HIDDEN] if paths else []
+    scores = [f"p_{c}" for c in classes]
+    unknown = [c for c in extra if c not in scores and c not in stored and c not in BASE]
+    if unknown:
+        raise BadInput(f"--columns {', '.join(unknown)}: not a column; choose from {', '.join(scores + stored)}")
+    return [c for c in extra if c in scores], [c for c in extra if c in stored and c not in BASE]
+
+
+def _kept_rows(store: Store, folder: Path, part: str, keep: str, threshold: float, score_cols: list[str],
+               meta_cols: list[str]) -> pa.Table:
+    rows = shard_io.read_table(store.root / "shards" / part, ["id", "uri", *meta_cols])
+    scores = shard_io.read_table(folder / part, ["id", "p_nsfw", *score_cols])
     if not rows.column("id").equals(scores.column("id")):
         raise StoreError(f"scores {folder / part} do not match shard {part}; rerun `pnsfw score`")
-    p = scores.column("p_nsfw").to_numpy()
-    mask = pa.array(KEEP[keep](p, threshold))
-    return pa.table({"id": rows.column("id"), "uri": rows.column("uri"), "p_nsfw": scores.column("p_nsfw")}).filter(mask)
+    mask = pa.array(KEEP[keep](scores.column("p_nsfw").to_numpy(), threshold))
+    columns = {"id": rows.column("id"), "uri": rows.column("uri"), "p_nsfw": scores.column("p_nsfw")}
+    columns.update({c: scores.column(c) for c in score_cols})
+    columns.update({c: rows.column(c) for c in meta_cols})
+    return pa.table(columns).filter(mask)
 
 
 def filter_store(store_root: "str | Path", out: "str | Path", name: str = DEFAULT_NAME,
-                 threshold: float | None = None, keep: str = "safe") -> FilterSummary:
-    """Score any unscored shards, then write the rows with p_nsfw < T (safe) or >= T (unsafe) to OUT."""
-    out = Path(out)
-    writer = WRITERS.get(out.suffix.lower())
-    if writer is None:
-        raise BadInput(f"--out {out}: use a .parquet, .csv or .txt file")
+                 threshold: float | None = None, keep: str = "safe",
+                 columns: "list[str] | None" = None) -> FilterSummary:
+    """Score any unscored shards, then write the rows with p_nsfw < T (safe) or >= T (unsafe) to OUT:
+    id, uri, p_nsfw, then the --columns asked for (p_<class> and stored metadata such as caption)."""
+    check_output(out)
     if keep not in KEEP:
         raise BadInput(f"--keep {keep!r}: use safe or unsafe")
+    store = Store.open(store_root)
+    meta = read_meta(store, name)
+    score_cols, meta_cols = _split_columns(store, list(meta["classes"]), list(columns or []))
     scored = score_store(store_root, name).scored
     store = Store.open(store_root)
-    threshold = float(read_meta(store, name)["threshold"] if threshold is None else threshold)
+    threshold = float(meta["threshold"] if threshold is None else threshold)
     folder = scores_dir(store, name)
-    parts = [_kept_rows(store, folder, part, keep, threshold) for part in scored_parts(store, name)]
-    table = pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.int64()),
-                                                            "uri": pa.array([], pa.string()),
-                                                            "p_nsfw": pa.array([], pa.float32())})
-    writer(table, out)
-    return FilterSummary(table.num_rows, store.rows - table.num_rows, threshold, keep, str(out), scored)
-
+    parts = [_kept_rows(store, folder, p, keep, threshold, score_cols, meta_cols) for p in scored_parts(store, name)]
+    if not parts:
+        raise StoreError(f"store {store.root} has no rows to filter")
+    table = pa.concat_tables(parts)
+    write_table(table, out)
+    return FilterSummary(table.num_rows, store.rows - table.num_rows, threshold, keep, str(out), scored,
+                         table.column_names)

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadInput, SpaceMismatch
+from ..errors import BadInput
 from ..store import Store
+from ..userio import load_vectors
 from .model import DEFAULT_NAME, Classifier, load_classifier
 
 
@@ -20,7 +21,7 @@ class PredictOptions:
     batch_size: int = 64
 
 
-def _expand(inputs: list[str]) -> list[str]:
+def expand_inputs(inputs: list[str]) -> list[str]:
     """Files as given; folders walked recursively (hidden files skipped), in a stable order."""
     from ..indexer.sources import iter_items
 
@@ -39,38 +40,25 @@ def _expand(inputs: list[str]) -> list[str]:
 
 
 def _npy_rows(path: str, dim: int) -> tuple[list[str], np.ndarray]:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"cannot read {path}: {exc}") from None
-    array = array[None, :] if array.ndim == 1 else array
-    if array.ndim != 2 or array.shape[1] != dim:
-        raise BadInput(f"{path}: expected embeddings of the store's space, shape (n, {dim}), got {array.shape}")
-    names = [path] if len(array) == 1 else [f"{path}[{i}]" for i in range(len(array))]
-    return names, array.astype(np.float32)
+    array = load_vectors(path, dim)
+    return ([path] if len(array) == 1 else [f"{path}[{i}]" for i in range(len(array))]), array
 
 
-def _encode_images(store: Store, paths: list[str], options: PredictOptions) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Image path -> projected vector, and path -> error for files that could not be used."""
-    from ..indexer.encoder import load_encoder
-    from ..indexer.reader import process_item
-    from ..indexer.sources import Item
+def _encode_images(store: Store, paths: list[str], options: PredictOptions) -> tuple[dict[str, np.ndarray],
+                                                                                     dict[str, str]]:
+    """Image path -> vector in the store's space, and path -> error for files that could not be used."""
+    from ..indexer.embedding import EmbeddingService
 
-    recorded = store.manifest["encoder"]
-    encoder = load_encoder(options.clip_model or recorded["name"], options.device)
-    if encoder.fingerprint != recorded["fingerprint"]:
-        raise SpaceMismatch(f"CLIP model {encoder.name} is not the one store {store.root} was built with "
-                            f"({recorded['name']}); pass the right --clip-model")
-    projection, vectors, errors = store.projection(), {}, {}
-    results = [process_item(Item(p, str(Path(p).parent)), encoder.resolution) for p in paths]
-    for result in results:
-        if result.pixels is None:
-            errors[result.item.uri] = f"{result.reason}: {result.detail}" if result.detail else result.reason
-    good = [r for r in results if r.pixels is not None]
-    for start in range(0, len(good), options.batch_size):
-        batch = good[start:start + options.batch_size]
-        features = encoder.encode_pixels(np.stack([r.pixels for r in batch]))
-        vectors.update(zip([r.item.uri for r in batch], projection.apply(features)))
+    service = EmbeddingService.open(store, options.clip_model, options.device)
+    vectors, errors = {}, {}
+    for start in range(0, len(paths), options.batch_size):
+        batch = paths[start:start + options.batch_size]
+        embedded, problems = service.embed_files(batch)
+        for path, vector, problem in zip(batch, embedded, problems):
+            if problem is None:
+                vectors[path] = vector
+            else:
+                errors[path] = problem
     return vectors, errors
 
 
@@ -78,18 +66,38 @@ def _verdicts(clf: Classifier, names: list[str], vectors: np.ndarray, threshold:
     return [{"path": name, "verdict": verdict} for name, verdict in zip(names, clf.verdicts(vectors, threshold))]
 
 
-def predict_paths(store_root: "str | Path", inputs: list[str], options: PredictOptions | None = None) -> list[dict[str, Any]]:
+def predict_paths(store_root: "str | Path", inputs: list[str],
+                  options: PredictOptions | None = None) -> list[dict[str, Any]]:
     """One result per image or embedding row: {path, verdict} (the one verdict shape) or {path, error}."""
     options = options or PredictOptions()
     store = Store.open(store_root)
     clf = load_classifier(store, options.name)
     threshold = clf.threshold if options.threshold is None else float(options.threshold)
-    paths = _expand(inputs)
+    paths = expand_inputs(inputs)
     npy = {p: _npy_rows(p, clf.dim) for p in paths if p.lower().endswith(".npy")}
     images = [p for p in paths if p not in npy]
     vectors, errors = _encode_images(store, images, options) if images else ({}, {})
     results = {p: _verdicts(clf, names, array, threshold) for p, (names, array) in npy.items()}
     if vectors:
-        results.update({r["path"]: [r] for r in _verdicts(clf, list(vectors), np.stack(list(vectors.values())), threshold)})
+        found = _verdicts(clf, list(vectors), np.stack(list(vectors.values())), threshold)
+        results.update({r["path"]: [r] for r in found})
     results.update({p: [{"path": p, "error": reason}] for p, reason in errors.items()})
     return [r for p in paths for r in results[p]]
+
+
+def results_table(results: list[dict[str, Any]]) -> Any:
+    """predict's results as one flat table (path, model, p_nsfw, threshold, nsfw, label, p_<class>..., error),
+    for `--out FILE`."""
+    import pyarrow as pa
+
+    classes = next((list(r["verdict"]["probabilities"]) for r in results if "verdict" in r), [])
+    rows = []
+    for r in results:
+        v = r.get("verdict") or {}
+        row = {"path": r["path"], **{k: v.get(k) for k in ("model", "p_nsfw", "threshold", "nsfw", "label")}}
+        row.update({f"p_{c}": v.get("probabilities", {}).get(c) for c in classes})
+        rows.append(dict(row, error=r.get("error")))
+    types = {"path": pa.string(), "model": pa.string(), "p_nsfw": pa.float32(), "threshold": pa.float32(),
+             "nsfw": pa.bool_(), "label": pa.string(), **{f"p_{c}": pa.float32() for c in classes},
+             "error": pa.string()}
+    return pa.Table.from_pylist(rows, schema=pa.schema(list(types.items())))

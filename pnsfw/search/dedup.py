@@ -15,14 +15,13 @@ ties to the lowest id, with each row's similarity to it.
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import BadInput, StoreError
 from ..store import Store
-from ..store.files import atomic_write
+from ..userio import check_output, write_table
 
 Pairs = Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (row i, row j, similarity) arrays, i < j
 QUERY_BATCH = 4096
@@ -213,19 +212,7 @@ def keepers(groups: np.ndarray, ids: np.ndarray, area: np.ndarray) -> np.ndarray
     return out
 
 
-def _write_parquet(table: Any, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    pq.write_table(table, path)
-
-
-def _write_csv(table: Any, path: Path) -> None:
-    import pyarrow.csv as pcsv
-
-    pcsv.write_csv(table, path)
-
-
-WRITERS: dict[str, Callable[[Any, Path], None]] = {".parquet": _write_parquet, ".csv": _write_csv}
+TABLES = (".parquet", ".pq", ".csv", ".jsonl")  # a uri list (.txt) would lose the groups
 COLUMNS = ["group", "id", "uri", "keep", "keeper", "keeper_similarity", "nearest", "similarity"]
 
 
@@ -251,14 +238,12 @@ def dedup(store_root: str, out: str, threshold: float = 0.95, method: str = "aut
           neighbours: int = 32) -> dict[str, Any]:
     """`pnsfw dedup`: write COLUMNS for every row in a near-duplicate group to OUT (.parquet/.csv)."""
     started = time.perf_counter()
-    writer = WRITERS.get(Path(out).suffix.lower())
-    if writer is None:
-        raise BadInput(f"--out must end in {' or '.join(WRITERS)}, got {out}")
+    check_output(out, TABLES)
     store = Store.open(store_root)
     vectors = store.vectors()[1] if store.exists else None
     found = find_groups(store, threshold, method, neighbours, vectors)
     result = duplicates_table(store, found, vectors)
-    atomic_write(Path(out), lambda tmp: writer(result, tmp))
+    write_table(result, out, TABLES)
     groups = int(found.groups.max() + 1) if result.num_rows else 0
     return {"rows": int(len(found.groups)), "groups": groups, "duplicates": int(result.num_rows),
             "removable": int(result.num_rows) - groups, "method": found.method, "threshold": threshold, "out": out,

@@ -1,4 +1,7 @@
-"""kNN queries over the store: by vector, by store id; every hit with its uri and, given a model, p_nsfw."""
+"""kNN queries over the store: by vector, by store id; every hit with its uri and, given a scorer, p_nsfw.
+
+The scorer and the encoder are handed in (protocols.py): search imports neither the classifier nor the indexer.
+"""
 
 from dataclasses import dataclass
 from typing import Any
@@ -7,8 +10,8 @@ import numpy as np
 
 from ..errors import BadInput, NotFound, StoreError
 from ..store import Store
-from ..store.projection import l2_normalize
 from .index import add_shards, gpu_count, load_index, read_meta
+from .protocols import Encoder, Scorer
 
 K_MAX = 1000
 ITEM_COLUMNS = ["id", "uri", "source", "sha256", "width", "height"]
@@ -42,6 +45,25 @@ class Hit:
     label: "str | None" = None
 
 
+def unit_vectors(vectors: Any, dim: int) -> np.ndarray:
+    """Query vectors (n, dim) or (dim,) -> (n, dim) float32 of norm 1 (normalised in float64, so huge values
+    keep their direction); BadInput for a wrong shape, NaN/inf, or a zero vector."""
+    try:
+        x = np.asarray(vectors, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise BadInput(f"a query vector must be {dim} numbers") from None
+    x = x[None, :] if x.ndim == 1 else x
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise BadInput(f"a query vector must have {dim} values (the store's space), got shape {x.shape}")
+    if not np.isfinite(x).all() or not np.isfinite(x.astype(np.float32)).all():
+        raise BadInput("a query vector must be finite (no NaN, no infinity, within float32)")
+    scale = np.abs(x).max(axis=1, keepdims=True)
+    if (scale == 0).any():
+        raise BadInput("a query vector must not be all zeros (it has no direction)")
+    x /= scale
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
 def check_k(k: int) -> int:
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= K_MAX:
         raise BadInput(f"k must be an integer in 1..{K_MAX}, got {k!r}")
@@ -61,10 +83,10 @@ def _to_gpu(index: Any, kind: str) -> Any:
 
 
 class Searcher:
-    """The store's index, item table and (optionally) classifier, loaded once; thread-safe reads."""
+    """The store's index, item table and (optionally) a scorer, loaded once; thread-safe reads."""
 
-    def __init__(self, store: Store, index: Any, meta: dict[str, Any], classifier: Any = None):
-        self.store, self.index, self.meta, self.classifier = store, index, meta, classifier
+    def __init__(self, store: Store, index: Any, meta: dict[str, Any], scorer: "Scorer | None" = None):
+        self.store, self.index, self.meta, self.scorer = store, index, meta, scorer
         self.table = store.table(ITEM_COLUMNS)
         ids = self.table.column("id").to_numpy()
         self.uris = StringColumn(self.table.column("uri"))
@@ -77,8 +99,8 @@ class Searcher:
         self.backend: dict[str, Any] = _describe_index(index, meta)
 
     @classmethod
-    def open(cls, store: Store, model: "str | None" = None, exact_device: "str | None" = None) -> "Searcher":
-        """Load the index (plus shards it does not cover yet, in memory) and the classifier NAME.
+    def open(cls, store: Store, scorer: "Scorer | None" = None, exact_device: "str | None" = None) -> "Searcher":
+        """Load the index (plus shards it does not cover yet, in memory); hits get p_nsfw from `scorer`.
 
         `exact_device` (cuda, cpu, auto = cuda when torch sees one) searches exactly with torch on that
         device instead of the FAISS index (see exact.py); None searches the FAISS index.
@@ -93,8 +115,8 @@ class Searcher:
             todo = [s["name"] for s in store.manifest["shards"] if s["name"] not in set(meta["shards"])]
             add_shards(index, store, todo)
             searcher = cls(store, _to_gpu(index, meta["kind"]), meta)
-        if model is not None:
-            searcher.attach_model(model)
+        if scorer is not None:
+            searcher.attach_scorer(scorer)
         return searcher
 
     def use_exact(self, device: str = "auto") -> None:
@@ -105,14 +127,10 @@ class Searcher:
         self.index = TorchExact(ids, self.vectors(), resolve_device(device))
         self.backend = self.index.describe()
 
-    def attach_model(self, name: str) -> None:
-        """Use classifier NAME for p_nsfw (bulk scores when present) and its training labels."""
-        from ..classifier.model import load_classifier
-
-        classifier = load_classifier(self.store, name)
-        self.store.check_space(classifier.space, f"model {name}")
-        self.classifier = classifier
-        self.labels = training_labels(self.store, name)
+    def attach_scorer(self, scorer: Scorer) -> None:
+        """Use `scorer` for p_nsfw (its bulk scores when present) and its training labels."""
+        self.scorer, self._scores = scorer, None
+        self.labels = scorer.training_labels()
 
     @property
     def dim(self) -> int:
@@ -142,42 +160,35 @@ class Searcher:
 
     def p_nsfw_of_rows(self, rows: np.ndarray) -> "np.ndarray | None":
         """p_nsfw of stored rows: the bulk scores where scored, else computed (and kept) for just these rows."""
-        from ..classifier.scoring import lookup_scores
-
-        if self.classifier is None:
+        if self.scorer is None:
             return None
         if self._scores is None:
             ids = self.table.column("id").to_numpy()
-            self._scores = np.asarray(lookup_scores(self.store, self.classifier.name, ids), dtype=np.float32)
+            self._scores = np.asarray(self.scorer.stored_p_nsfw(ids), dtype=np.float32)
         rows = np.asarray(rows, dtype=np.int64)
         scores = self._scores[rows]
         missing = np.isnan(scores)
         if missing.any():
-            scores[missing] = self.classifier.p_nsfw(self.vectors()[rows[missing]].astype(np.float32))
+            scores[missing] = self.scorer.p_nsfw(self.vectors()[rows[missing]].astype(np.float32))
             self._scores[rows[missing]] = scores[missing]
         return scores
 
     def fill_scores(self, chunk: int = 65536) -> int:
         """p_nsfw of every row without a bulk score, computed now (so hits need no forward pass); the count."""
-        if self.classifier is None:
+        if self.scorer is None:
             return 0
         self.p_nsfw_of_rows(np.zeros(0, np.int64))  # reads the bulk scores
         assert self._scores is not None
         missing, vectors = np.flatnonzero(np.isnan(self._scores)), self.vectors()
         for start in range(0, len(missing), chunk):
             rows = missing[start:start + chunk]
-            self._scores[rows] = self.classifier.p_nsfw(vectors[rows].astype(np.float32))
+            self._scores[rows] = self.scorer.p_nsfw(vectors[rows].astype(np.float32))
         return int(len(missing))
 
     def search_arrays(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities (n, k'), store ids (n, k')) of the nearest items, k' = min(k, ntotal); -1 ids: none."""
         k = check_k(k)
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.ndim == 1:
-            vectors = vectors[None, :]
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim or not np.isfinite(vectors).all():
-            raise BadInput(f"query vectors must be finite, of shape (n, {self.dim}); got {vectors.shape}")
-        return self.index.search(np.ascontiguousarray(l2_normalize(vectors)), min(k, self.index.ntotal))
+        return self.index.search(np.ascontiguousarray(unit_vectors(vectors, self.dim)), min(k, self.index.ntotal))
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """k nearest stored items for each query vector (n, dim); one batched search."""
@@ -203,13 +214,21 @@ class Searcher:
         return out
 
     def search_id(self, item_id: int, k: int) -> list[Hit]:
-        return self.search_vectors(self.vector_of(item_id)[None, :], k)[0]
+        """The item itself first (similarity 1), then its k - 1 nearest others."""
+        sims, ids = self.search_arrays(self.vector_of(item_id)[None, :], min(check_k(k) + 1, K_MAX))
+        return [Hit(**h) for h in self.item_first(item_id, self.hit_rows(ids, sims)[0], k)]
+
+    def item_first(self, item_id: int, hits: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+        """Hits of a query by id: the item itself first with similarity 1 (exact copies or fp16 noise could
+        outrank it), then the others in order; k in all."""
+        own = self.hit_rows(np.array([[item_id]], np.int64), np.ones((1, 1), np.float32))[0]
+        return (own + [h for h in hits if h["id"] != item_id])[:k]
 
     def item(self, item_id: int) -> dict[str, Any]:
         """Metadata of a stored item (+ p_nsfw and training label with a model)."""
         row = self._row(item_id)
         item = self.table.slice(row, 1).to_pylist()[0]
-        if self.classifier is not None:
+        if self.scorer is not None:
             item["p_nsfw"] = float(self.p_nsfw_of_rows(np.array([row]))[0])
             item["label"] = self.labels.get(int(item_id))
         return item
@@ -238,29 +257,16 @@ def _use_all_cores() -> int:
     return threads
 
 
-def training_labels(store: Store, name: str) -> dict[int, str]:
-    """id -> label of the examples model NAME was trained on (models/NAME.labels.parquet)."""
-    import pyarrow.parquet as pq
-
-    from ..classifier.model import model_paths
-
-    path = model_paths(store, name)["labels"]
-    if not path.exists():
-        return {}
-    table = pq.read_table(path, columns=["id", "label"])
-    return dict(zip(table.column("id").to_pylist(), table.column("label").to_pylist()))
-
-
 def run_search(store_root: str, *, item_id: "int | None" = None, image: "str | None" = None,
-               text: "str | None" = None, vector_file: "str | None" = None, k: int = 10,
-               model: "str | None" = None, clip_model: "str | None" = None, device: str = "auto") -> list[Hit]:
-    """`pnsfw search`: the k nearest items to a store id, an image file, a text or a .npy vector."""
-    from .embed import query_vector
-
+               text: "str | None" = None, vector: "np.ndarray | None" = None, k: int = 10,
+               scorer: "Scorer | None" = None, encoder: "Encoder | None" = None) -> list[Hit]:
+    """`pnsfw search`: the k nearest items to a store id, an image file, a text or a vector (one query)."""
     k = check_k(k)
-    searcher = Searcher.open(Store.open(store_root), model)
+    searcher = Searcher.open(Store.open(store_root), scorer)
     if item_id is not None:
         return searcher.search_id(item_id, k)
-    vector = query_vector(searcher.store, image=image, text=text, vector_file=vector_file,
-                          clip_model=clip_model, device=device)
-    return searcher.search_vectors(vector[None, :], k)[0]
+    if vector is None:
+        if encoder is None:
+            raise BadInput("an --image or --text query needs the store's CLIP encoder")
+        vector = encoder.embed_texts([text])[0] if text is not None else encoder.embed_image_file(str(image))
+    return searcher.search_vectors(np.asarray(vector, np.float32).reshape(1, -1), k)[0]
