@@ -86,3 +86,23 @@ def test_search_by_id_and_text_from_the_page(api_server: Server, page) -> None:
     page.click("#by-id button")
     page.wait_for_function("document.getElementById('status').classList.contains('error')")
     assert "404" in page.inner_text("#status")
+
+
+def test_docs_render_with_the_network_blocked(api_server: Server, page) -> None:
+    outside: list[str] = []
+
+    def only_local(route) -> None:
+        url = route.request.url
+        if url.startswith(api_server.base):
+            return route.continue_()
+        outside.append(url)
+        return route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(api_server.base + "/docs")
+    page.wait_for_selector(".swagger-ui .opblock-summary-path", timeout=30_000)
+    assert "/v1/items/{item_id}/thumb" in page.inner_text(".swagger-ui")
+    page.goto(api_server.base + "/redoc")
+    page.wait_for_selector("[role=navigation], .menu-content", timeout=30_000)
+    assert "thumb" in page.inner_text("body").lower()
+    assert not outside, outside

@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import PnsfwError
 from ..store import Store
-from . import routes
+from . import review, routes
+from .docs import add_docs
 from .engine import Engine, Settings
 from .fastpath import FastPath
 from .guards import BodyLimit, BodyTooLarge, MetricsMiddleware, TokenGuard
@@ -37,6 +38,7 @@ def create_app(store: "Store | str | Path", model: str | None = None, settings: 
         await engine.stop()
 
     app = FastAPI(title="pnsfw", version=__version__, lifespan=lifespan, responses=ERRORS,
+                  docs_url=None, redoc_url=None,  # docs.py serves both without a CDN
                   description="NSFW scores and nearest neighbours of a pnsfw store. Uploads: multipart field "
                               "`image`. With PNSFW_API_TOKEN set, send `Authorization: Bearer <token>`.")
     app.state.engine = engine
@@ -47,6 +49,8 @@ def create_app(store: "Store | str | Path", model: str | None = None, settings: 
     app.add_middleware(TokenGuard, token=settings.token)
     app.add_middleware(MetricsMiddleware, metrics=engine.metrics)
     app.include_router(routes.router)
+    review.install(app)
+    add_docs(app)
     _add_page(app, engine)
     return app
 

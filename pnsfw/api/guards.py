@@ -17,7 +17,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-PUBLIC_PATHS = ("/health", "/", "/docs", "/openapi.json", "/favicon.ico")
+PUBLIC_PATHS = ("/health", "/", "/docs", "/redoc", "/openapi.json", "/favicon.ico")
 PUBLIC_PREFIXES = ("/static/", "/docs/")
 
 

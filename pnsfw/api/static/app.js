@@ -54,7 +54,7 @@ function escapeHtml(text) {
 
 async function loadThumb(img, id) {
   try {
-    const response = await fetch("/v1/items/" + id + "/image", { headers: headers() });
+    const response = await fetch("/v1/items/" + id + "/thumb", { headers: headers() });
     if (!response.ok) { img.alt = "no image (" + response.status + ")"; return; }
     img.src = URL.createObjectURL(await response.blob());
   } catch (err) { img.alt = "no image"; }
