@@ -106,3 +106,91 @@ def test_docs_render_with_the_network_blocked(api_server: Server, page) -> None:
     page.wait_for_selector("[role=navigation], .menu-content", timeout=30_000)
     assert "thumb" in page.inner_text("body").lower()
     assert not outside, outside
+
+
+def with_token(page) -> None:
+    page.add_init_script(f"localStorage.setItem('pnsfw-token', {TOKEN!r})")
+
+
+def wait_for_cards(page, count: int) -> None:
+    page.wait_for_function(f"document.querySelectorAll('#grid .card').length === {count}")
+    page.wait_for_function("[...document.querySelectorAll('.thumb')].every(i => i.complete && i.naturalWidth > 0)")
+
+
+def card_ids(page) -> list[str]:
+    return page.locator("#grid .card").evaluate_all("cards => cards.map(c => c.dataset.id)")
+
+
+def test_a_shared_url_restores_the_query_and_back_returns(api_server: Server, page) -> None:
+    with_token(page)
+    page.goto(api_server.base + "/?id=3&k=5&page=1")
+    page.wait_for_function("document.getElementById('status').textContent.includes('item #3 (page 2)')")
+    wait_for_cards(page, 5)
+    first = card_ids(page)
+    assert page.input_value("#id") == "3" and page.input_value("#k") == "5"
+    page.wait_for_selector("#query-item:not([hidden])")
+    query = page.inner_text("#query-item")
+    assert "Query: item #3" in query and "label" in query and "/" in query  # its own label and its uri
+    assert all("/" in page.locator("#grid .card .uri").nth(i).inner_text() for i in range(5))
+    second = page.context.browser.new_context().new_page()  # another browser: only the link is shared
+    with_token(second)
+    second.goto(api_server.base + "/?id=3&k=5&page=1")
+    second.wait_for_function("document.querySelectorAll('#grid .card').length === 5")
+    assert card_ids(second) == first
+    page.click("#grid .card >> nth=0 >> a.id")
+    page.wait_for_function(f"location.search.includes('id={first[0]}')")
+    page.wait_for_function(f"document.getElementById('status').textContent.includes('item #{first[0]}')")
+    page.go_back()
+    page.wait_for_function("document.getElementById('status').textContent.includes('item #3 (page 2)')")
+    assert page.input_value("#id") == "3"
+    page.click("#prev")
+    page.wait_for_function("new URLSearchParams(location.search).get('page') === null")
+    wait_for_cards(page, 5)
+    assert card_ids(page) != first
+
+
+def test_safe_mode_hides_and_the_blur_is_strong_and_explained(api_server: Server, page) -> None:
+    image = nsfw_file(api_server)
+    nsfw_id = next(i for i, u in enumerate(Store.open(api_server.store).table(["uri"]).column("uri").to_pylist())
+                   if u == str(image))
+    with_token(page)
+    page.goto(api_server.base + f"/?id={nsfw_id}")
+    wait_for_cards(page, 12)
+    blurred = page.locator("#grid .thumb.blurred").count()
+    assert blurred > 0
+    assert "blur(28px)" in page.locator("#grid .thumb.blurred").first.evaluate("i => getComputedStyle(i).filter")
+    explain = page.inner_text("#verdict-explain")
+    assert "sum of the probabilities of the NSFW classes" in explain and "threshold" in explain
+    page.check("#safe")
+    page.wait_for_function("new URLSearchParams(location.search).get('safe') === '1'")
+    visible = page.locator("#grid .card:not([hidden])")
+    assert visible.count() == 12 - blurred and page.locator("#grid .card:not([hidden]) .thumb.blurred").count() == 0
+    assert f"{blurred} hidden by safe mode" in page.inner_text("#hidden-note")
+    page.reload()
+    wait_for_cards(page, 12)
+    assert page.is_checked("#safe") and page.locator("#grid .card:not([hidden])").count() == 12 - blurred
+    page.uncheck("#safe")
+    page.check("#dedup")
+    assert page.locator("#grid .card:not([hidden])").count() <= 12
+
+
+def test_phone_width_has_no_sideways_scroll(api_server: Server, page) -> None:
+    with_token(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(api_server.base + "/?id=3")
+    wait_for_cards(page, 12)
+    page.screenshot(path=str(ARTIFACTS / "audit-desktop.png"), full_page=True)
+    for width in (390, 360):
+        page.set_viewport_size({"width": width, "height": 844})
+        page.reload()
+        wait_for_cards(page, 12)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        # and no element sticks out (the scaled, blurred thumbnails are clipped by their .frame)
+        outside = page.evaluate(f"[...document.querySelectorAll('body *')].filter(e => e.offsetParent && !e.closest('.frame') && "
+                                f"e.getBoundingClientRect().right > {width} + 0.5).map(e => e.tagName + '#' + e.id + "
+                                f"'.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))")
+        assert not outside, (width, outside)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.reload()
+    wait_for_cards(page, 12)
+    page.screenshot(path=str(ARTIFACTS / "audit-phone.png"), full_page=True)

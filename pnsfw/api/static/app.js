@@ -1,8 +1,11 @@
 // pnsfw audit page: plain JS, no build step. Talks to the JSON API of the same server.
+// The query, page, toggles and mode live in the URL (?id=3&k=12&page=1&safe=1&dedup=1, ?text=..., ?mode=review),
+// so a link restores the same view and Back goes to the previous query.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { threshold: null };
+const DUP_SIMILARITY = 0.99;
+const state = { threshold: null, nsfwClasses: [], classes: [], result: null, view: {}, items: {} };
 
 function headers(extra) {
   const h = Object.assign({}, extra || {});
@@ -22,18 +25,94 @@ async function api(path, options) {
   return body;
 }
 
-function k() { return Math.max(1, Math.min(1000, parseInt($("k").value, 10) || 12)); }
+function jsonBody(data) {
+  return { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(data) };
+}
+
 function pct(p) { return (100 * p).toFixed(1) + "%"; }
 function setStatus(text, isError) { $("status").textContent = text; $("status").className = isError ? "error" : "muted"; }
+function overThreshold(p) { return p !== null && p !== undefined && state.threshold !== null && p >= state.threshold; }
+
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+}
+
+// ---- the view <-> the URL
+
+function viewFromUrl() {
+  const q = new URLSearchParams(location.search);
+  const int = (name, fallback) => { const v = parseInt(q.get(name), 10); return Number.isFinite(v) ? v : fallback; };
+  return {
+    mode: q.get("mode") === "review" ? "review" : "audit",
+    id: q.has("id") ? int("id", null) : null,
+    text: q.get("text"),
+    k: Math.max(1, Math.min(200, int("k", 12))),
+    page: Math.max(0, int("page", 0)),
+    safe: q.get("safe") === "1",
+    dedup: q.get("dedup") === "1",
+  };
+}
+
+function urlOf(view) {
+  const q = new URLSearchParams();
+  if (view.mode === "review") q.set("mode", "review");
+  if (view.id !== null && view.id !== undefined) q.set("id", view.id);
+  else if (view.text) q.set("text", view.text);
+  if (view.k !== 12) q.set("k", view.k);
+  if (view.page) q.set("page", view.page);
+  if (view.safe) q.set("safe", "1");
+  if (view.dedup) q.set("dedup", "1");
+  const s = q.toString();
+  return location.pathname + (s ? "?" + s : "");
+}
+
+// A new query is a new history entry (Back returns to the previous one); toggles replace the current entry.
+function go(changes, push) {
+  const view = Object.assign({}, state.view, changes);
+  const url = urlOf(view);
+  if (url !== location.pathname + location.search) history[push ? "pushState" : "replaceState"](null, "", url);
+  show(view);
+}
+
+function show(view) {
+  state.view = view;
+  $("id").value = view.id !== null ? view.id : "";
+  $("text").value = view.text || "";
+  $("k").value = view.k;
+  $("safe").checked = view.safe;
+  $("dedup").checked = view.dedup;
+  document.querySelectorAll("#modes .mode").forEach((a) => a.classList.toggle("active", a.dataset.mode === view.mode));
+  $("audit").hidden = view.mode !== "audit";
+  $("review").hidden = view.mode !== "review";
+  document.title = view.mode === "review" ? "pnsfw review" : "pnsfw audit";
+  if (view.mode === "review") { if (window.startReview) window.startReview(); return; }
+  if (view.id !== null) searchJson({ id: view.id });
+  else if (view.text) searchJson({ text: view.text });
+  else if ($("preview").hidden) idle();
+}
+
+function idle() {
+  clearResult("Upload an image, or search by id or text.");
+  $("status").className = "muted";
+}
+
+// ---- store, model
 
 async function loadStats() {
   try {
     const stats = await api("/v1/stats");
-    state.threshold = stats.model ? stats.model.threshold : null;
+    const model = stats.model;
+    state.threshold = model ? model.threshold : null;
+    state.nsfwClasses = model ? model.nsfw_classes : [];
+    state.classes = model ? model.classes : [];
+    state.stats = stats;
     $("store-info").textContent = stats.vectors.toLocaleString() + " vectors" +
-      (stats.model ? " · model " + stats.model.name + " (threshold " + stats.model.threshold.toFixed(3) + ")" : " · no classifier");
-  } catch (err) { setStatus(err.message, true); }
+      (model ? " · model " + model.name + " (threshold " + model.threshold.toFixed(3) + ")" : " · no classifier");
+    return stats;
+  } catch (err) { setStatus(err.message, true); return null; }
 }
+
+// ---- the verdict, explained
 
 function showVerdict(verdict) {
   $("verdict").hidden = !verdict;
@@ -43,14 +122,27 @@ function showVerdict(verdict) {
   $("badge").className = verdict.nsfw ? "nsfw" : "sfw";
   $("p-nsfw").textContent = "p_nsfw " + verdict.p_nsfw.toFixed(3);
   $("verdict-detail").textContent = "threshold " + verdict.threshold.toFixed(3) + " · model " + verdict.model + " · top class " + verdict.label;
+  const nsfw = new Set(state.nsfwClasses);
   const rows = Object.entries(verdict.probabilities).map(([name, p]) =>
-    "<tr><td>" + escapeHtml(name) + "</td><td><span class=bar style='width:" + Math.round(120 * p) + "px'></span></td><td>" + pct(p) + "</td></tr>");
+    "<tr" + (nsfw.has(name) ? " class=nsfw-class" : "") + "><td>" + escapeHtml(name) + (nsfw.has(name) ? " <small>NSFW class</small>" : "") +
+    "</td><td class=bar-cell><span class=bar style='width:" + Math.round(100 * p) + "%'></span></td><td>" + pct(p) + "</td></tr>");
   $("probs").innerHTML = rows.join("");
+  $("verdict-explain").textContent = explainVerdict(verdict, nsfw);
 }
 
-function escapeHtml(text) {
-  return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+function explainVerdict(verdict, nsfw) {
+  const parts = Object.entries(verdict.probabilities).filter(([name]) => nsfw.has(name));
+  const sum = parts.length ? parts.map(([name, p]) => name + " " + p.toFixed(3)).join(" + ") + " = " : "";
+  const cmp = verdict.nsfw ? "≥" : "<";
+  let text = "p_nsfw is the sum of the probabilities of the NSFW classes: " + sum + verdict.p_nsfw.toFixed(3) +
+    ", " + cmp + " the threshold " + verdict.threshold.toFixed(3) + ", so the verdict is " + (verdict.nsfw ? "NSFW" : "SFW") + ".";
+  if (nsfw.has(verdict.label) !== verdict.nsfw) {
+    text += " The top class (" + verdict.label + ") is only the single most probable class; the verdict follows the sum.";
+  }
+  return text;
 }
+
+// ---- cards
 
 async function loadThumb(img, id) {
   try {
@@ -60,41 +152,128 @@ async function loadThumb(img, id) {
   } catch (err) { img.alt = "no image"; }
 }
 
+function itemMeta(id) {  // metadata of a store item (uri, sha256, caption...), fetched once per page load
+  if (!state.items[id]) state.items[id] = api("/v1/items/" + id).catch(() => null);
+  return state.items[id];
+}
+
+function shortUri(uri) {  // the end of a long path is what tells items apart
+  const parts = String(uri).split(/[/\\]/);
+  return parts.length > 3 ? "…/" + parts.slice(-2).join("/") : String(uri);
+}
+
+function captionOf(meta) {
+  if (!meta) return null;
+  for (const key of ["caption", "text", "title", "alt"]) if (typeof meta[key] === "string" && meta[key]) return meta[key];
+  return null;
+}
+
+function thumbFrame(id, p) {
+  const img = document.createElement("img");
+  img.className = "thumb";
+  img.alt = "item " + id;
+  const frame = document.createElement("div");
+  frame.className = "frame";  // keeps the blur inside the thumbnail's square
+  if (overThreshold(p)) { img.classList.add("blurred"); frame.classList.add("veiled"); img.title = "above the threshold: click to show"; }
+  img.addEventListener("click", () => { img.classList.toggle("blurred"); frame.classList.toggle("veiled"); });
+  loadThumb(img, id);
+  frame.append(img);
+  return frame;
+}
+
 function card(hit) {
   const div = document.createElement("div");
   div.className = "card";
   div.dataset.id = hit.id;
-  const img = document.createElement("img");
-  img.className = "thumb";
-  img.alt = "item " + hit.id;
-  const high = hit.p_nsfw !== null && state.threshold !== null && hit.p_nsfw >= state.threshold;
-  if (high) { img.classList.add("blurred"); img.title = "above the threshold: click to show"; }
-  img.addEventListener("click", () => img.classList.toggle("blurred"));
-  loadThumb(img, hit.id);
+  div.dataset.p = hit.p_nsfw === null ? "" : hit.p_nsfw;
+  div.dataset.sim = hit.similarity;
+  const high = overThreshold(hit.p_nsfw);
   const meta = document.createElement("div");
   meta.className = "meta";
   const score = hit.p_nsfw === null ? "no score" : "p_nsfw " + hit.p_nsfw.toFixed(3);
-  meta.innerHTML = "<a href='#' class=id>#" + hit.id + "</a> · sim " + hit.similarity.toFixed(3) +
+  meta.innerHTML = "<a href='" + escapeHtml(urlOf(Object.assign({}, state.view, { id: hit.id, text: null, page: 0 }))) + "' class=id>#" + hit.id + "</a> · sim " + hit.similarity.toFixed(3) +
     "<br><span class='score" + (high ? " high" : "") + "'>" + score + "</span>" +
-    (hit.label ? " · label <b>" + escapeHtml(hit.label) + "</b>" : "");
-  meta.querySelector(".id").addEventListener("click", (e) => { e.preventDefault(); searchJson({ id: hit.id }); });
-  const frame = document.createElement("div");
-  frame.className = "frame";  // keeps the blur inside the thumbnail's square
-  frame.append(img);
-  div.append(frame, meta);
+    (hit.label ? " · label <b>" + escapeHtml(hit.label) + "</b>" : "") +
+    "<div class=uri title='" + escapeHtml(hit.uri) + "'>" + escapeHtml(shortUri(hit.uri)) + "</div><div class=caption></div>";
+  meta.querySelector(".id").addEventListener("click", (e) => { e.preventDefault(); go({ id: hit.id, text: null, page: 0 }, true); });
+  div.append(thumbFrame(hit.id, hit.p_nsfw), meta);
+  itemMeta(hit.id).then((item) => {
+    const caption = captionOf(item);
+    if (caption) meta.querySelector(".caption").textContent = caption;
+    if (item && item.sha256) { div.dataset.sha256 = item.sha256; applyFilters(); }
+  });
   return div;
 }
 
-function showResult(result) {
+async function showQueryItem(id) {
+  const box = $("query-item");
+  box.hidden = true;
+  const item = await itemMeta(id);
+  if (!item || state.view.id !== id) return;
+  const p = item.verdict ? item.verdict.p_nsfw : item.p_nsfw;
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const label = item.label ? "label <b>" + escapeHtml(item.label) + "</b>" : "<span class=muted>not labelled</span>";
+  meta.innerHTML = "<div class=query-title>Query: item #" + id + "</div>" +
+    (p !== undefined && p !== null ? "<span class='score" + (overThreshold(p) ? " high" : "") + "'>p_nsfw " + p.toFixed(3) + "</span> · " : "") +
+    label + "<div class=uri>" + escapeHtml(item.uri) + "</div><div class=caption>" + escapeHtml(captionOf(item) || "") + "</div>";
+  box.replaceChildren(thumbFrame(id, p), meta);
+  box.dataset.id = id;
+  box.dataset.sha256 = item.sha256 || "";
+  box.hidden = false;
+  applyFilters();
+}
+
+// Safe mode hides cards over the threshold; hide-duplicates hides copies of the query and repeats of one file.
+function applyFilters() {
+  const view = state.view, seen = new Set();
+  if (view.id !== null && $("query-item").dataset.sha256) seen.add($("query-item").dataset.sha256);
+  let unsafe = 0, dups = 0;
+  for (const div of $("grid").children) {
+    const isUnsafe = view.safe && div.dataset.p !== "" && overThreshold(parseFloat(div.dataset.p));
+    const sha = div.dataset.sha256;
+    const isDup = view.dedup && (parseFloat(div.dataset.sim) >= DUP_SIMILARITY || (sha && seen.has(sha)));
+    if (sha) seen.add(sha);
+    div.hidden = isUnsafe || isDup;
+    unsafe += isUnsafe ? 1 : 0;
+    dups += !isUnsafe && isDup ? 1 : 0;
+  }
+  const notes = [];
+  if (unsafe) notes.push(unsafe + " hidden by safe mode");
+  if (dups) notes.push(dups + " duplicates hidden");
+  $("hidden-note").textContent = notes.join(" · ");
+  $("hidden-note").hidden = !notes.length;
+}
+
+// ---- results and paging
+
+function showResult(result, view) {
   showVerdict(result.verdict);
-  $("grid").replaceChildren(...result.hits.map(card));
-  setStatus(result.hits.length + " neighbours of " + describe(result.query));
+  const start = view.page * view.k;
+  const hits = result.hits.slice(start, start + view.k);
+  $("grid").replaceChildren(...hits.map(card));
+  applyFilters();
+  const more = result.hits.length > start + view.k;
+  $("pager").hidden = !view.page && !more;
+  $("prev").disabled = !view.page;
+  $("next").disabled = !more;
+  $("page-info").textContent = "page " + (view.page + 1) + " · " + (hits.length ? (start + 1) + "–" + (start + hits.length) : "none");
+  setStatus(hits.length + " neighbours of " + describe(result.query) + (view.page ? " (page " + (view.page + 1) + ")" : ""));
 }
 
 function describe(query) {
   if (query.kind === "id") return "item #" + query.id;
   if (query.kind === "text") return "“" + query.text + "”";
   return "the uploaded image";
+}
+
+function clearResult(message) {
+  showVerdict(null);
+  $("grid").replaceChildren();
+  $("query-item").hidden = true;
+  $("pager").hidden = true;
+  $("hidden-note").hidden = true;
+  setStatus(message, true);
 }
 
 async function explainAgreement(body) {
@@ -105,35 +284,40 @@ async function explainAgreement(body) {
   } catch (err) { /* no classifier or no labelled examples: the grid is still shown */ }
 }
 
+function wanted(view) { return Math.min(1000, view.k * (view.page + 1) + 1); }  // one more: is there a next page?
+
 async function searchFile(file) {
   $("preview").src = URL.createObjectURL(file);
   $("preview").hidden = false;
+  $("query-item").hidden = true;
+  state.view = Object.assign({}, state.view, { id: null, text: null, page: 0 });
+  const url = urlOf(state.view);
+  if (url !== location.pathname + location.search) history.pushState(null, "", url);
   setStatus("searching…");
   const form = new FormData();
   form.append("image", file);
-  form.append("k", k());
+  form.append("k", wanted(state.view));
   try {
-    showResult(await api("/v1/search", { method: "POST", body: form }));
+    showResult(await api("/v1/search", { method: "POST", body: form }), state.view);
     const again = new FormData();
     again.append("image", file);
     again.append("k", 10);
     explainAgreement({ method: "POST", body: again });
-  }
-  catch (err) { showVerdict(null); $("grid").replaceChildren(); setStatus(err.message, true); }
+  } catch (err) { clearResult(err.message); }
 }
 
 async function searchJson(query) {
-  if (query.id !== undefined) { $("preview").hidden = true; }
+  const view = state.view;
+  $("preview").hidden = true;
   setStatus("searching…");
-  const body = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(Object.assign({ k: k() }, query)) };
+  if (query.id !== undefined) showQueryItem(query.id); else $("query-item").hidden = true;
   try {
-    const result = await api("/v1/search", body);
-    showResult(result);
-    if (result.verdict && query.id !== undefined) {
-      explainAgreement({ method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ id: query.id, k: 10 }) });
-    }
-  }
-  catch (err) { showVerdict(null); $("grid").replaceChildren(); setStatus(err.message, true); }
+    const result = await api("/v1/search", jsonBody(Object.assign({ k: wanted(view) }, query)));
+    if (state.view !== view) return;  // a newer query started meanwhile
+    showResult(result, view);
+    $("agreement").textContent = "";
+    if (result.verdict && query.id !== undefined) explainAgreement(jsonBody({ id: query.id, k: 10 }));
+  } catch (err) { if (state.view === view) clearResult(err.message); }
 }
 
 function wire() {
@@ -145,11 +329,20 @@ function wire() {
     e.preventDefault(); drop.classList.remove("over");
     if (e.dataTransfer.files[0]) searchFile(e.dataTransfer.files[0]);
   });
-  $("by-id").addEventListener("submit", (e) => { e.preventDefault(); searchJson({ id: parseInt($("id").value, 10) }); });
-  $("by-text").addEventListener("submit", (e) => { e.preventDefault(); if ($("text").value.trim()) searchJson({ text: $("text").value }); });
+  const perPage = () => Math.max(1, Math.min(200, parseInt($("k").value, 10) || 12));
+  $("by-id").addEventListener("submit", (e) => { e.preventDefault(); go({ id: parseInt($("id").value, 10), text: null, page: 0, k: perPage() }, true); });
+  $("by-text").addEventListener("submit", (e) => { e.preventDefault(); if ($("text").value.trim()) go({ text: $("text").value, id: null, page: 0, k: perPage() }, true); });
+  $("safe").addEventListener("change", () => { state.view.safe = $("safe").checked; history.replaceState(null, "", urlOf(state.view)); applyFilters(); });
+  $("dedup").addEventListener("change", () => { state.view.dedup = $("dedup").checked; history.replaceState(null, "", urlOf(state.view)); applyFilters(); });
+  $("prev").addEventListener("click", () => go({ page: Math.max(0, state.view.page - 1) }, true));
+  $("next").addEventListener("click", () => go({ page: state.view.page + 1 }, true));
+  document.querySelectorAll("#modes .mode").forEach((a) => a.addEventListener("click", (e) => {
+    e.preventDefault(); go({ mode: a.dataset.mode }, true);
+  }));
+  window.addEventListener("popstate", () => show(viewFromUrl()));
   $("token").value = localStorage.getItem("pnsfw-token") || "";
-  $("token").addEventListener("change", () => { localStorage.setItem("pnsfw-token", $("token").value); loadStats(); });
-  loadStats();
+  $("token").addEventListener("change", () => { localStorage.setItem("pnsfw-token", $("token").value); loadStats().then(() => show(viewFromUrl())); });
+  loadStats().then(() => show(viewFromUrl()));
 }
 
 wire();
