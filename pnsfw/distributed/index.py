@@ -27,6 +27,7 @@ from .cluster import RayCluster, connect
 
 log = logging.getLogger("pnsfw.distributed")
 PROGRESS_EVERY_S = 10.0
+DECODE_CPUS = 0.5
 FAILED_UNIT = "worker_failed"  # reason of the rows of a unit that Ray could not finish after its retries
 
 
@@ -73,13 +74,16 @@ def _dataset(units: list[list[Item]], cluster: RayCluster, options: IndexOptions
                                timeout=options.timeout)
     # the actors run in other folders (and on other nodes): a checkpoint path must be absolute
     model = os.path.abspath(options.model) if os.path.isfile(options.model) else options.model
+    actors = cluster.actors(on_ray.actors, options.device)
     embed = {"model": model, "device": "cuda" if gpu else "cpu",
-             "precision": options.precision if gpu else "auto", "width": encoder.width}
+             "precision": options.precision if gpu else "auto", "width": encoder.width,
+             "threads": 0 if gpu else max(1, cluster.cpus // actors)}
+    # decode asks for less than an actor's CPU so Ray Data does not fuse it into the actor: decode tasks run
+    # beside the encoders instead of between their batches
     return (ray.data.from_items(rows, override_num_blocks=len(rows))
-            .map(decode, num_cpus=1)
+            .map(decode, num_cpus=DECODE_CPUS)
             .map_batches(_Embedder, fn_constructor_kwargs=embed, batch_size=1, batch_format="numpy",
-                         concurrency=cluster.actors(on_ray.actors, options.device), num_gpus=1 if gpu else 0,
-                         num_cpus=0 if gpu else 1))
+                         concurrency=actors, num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1))
 
 
 def _decode_unit(row: dict[str, Any], size: int, max_pixels: int, timeout: float) -> dict[str, Any]:
@@ -95,7 +99,11 @@ def _decode_unit(row: dict[str, Any], size: int, max_pixels: int, timeout: float
 class _Embedder:
     """An embedding actor: the CLIP encoder loaded once, a unit's pixels -> raw features."""
 
-    def __init__(self, model: str, device: str, precision: str, width: int):
+    def __init__(self, model: str, device: str, precision: str, width: int, threads: int):
+        if threads:  # Ray pins a 1-CPU actor to one thread; a CPU encoder uses its share of the node, as locally
+            import torch
+
+            torch.set_num_threads(threads)
         self.encoder = load_encoder(model, device, precision)
         self.width = width
 
