@@ -454,11 +454,17 @@ def main() -> None:
     parser.add_argument("--recall-queries", type=int, default=100, help="GPU: queries checked against flat fp32.")
     parser.add_argument("--profile-size", type=parse_size, default=parse_size("10M"),
                         help="GPU: the size profiled at batch 1024 (previous path vs tiled).")
+    parser.add_argument("--programs-per-sm", type=int, default=0,
+                        help="GPU: override the Triton kernel's grid (programs per SM; 0: the package's default).")
     parser.add_argument("--device", default="cuda", help="GPU mode on cpu: a dry run of the code at small sizes.")
     parser.add_argument("--out", default="bench_search.json")
     args = parser.parse_args()
     global DEV
     DEV = args.device
+    if args.programs_per_sm:
+        from pnsfw.search import triton_kernel
+
+        triton_kernel.PROGRAMS_PER_SM = args.programs_per_sm
     report = {"machine": machine(), "mode": "gpu" if args.gpu else "cpu", "k": args.k,
               "args": {k: v for k, v in vars(args).items()}}
     report["results"] = bench_gpu(args, report) if args.gpu else bench_cpu(args)

@@ -47,7 +47,7 @@ CONFIGS = {
 }
 TUNED = {bucket: triton.autotune(configs, key=["D", "G"])(_group_max_kernel) for bucket, configs in CONFIGS.items()}
 INTERPRETED = {"BQ": 16, "BN": 64}
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 1  # programs per SM in the grid (rounded down to whole query blocks)
 
 
 def _bucket(n_queries: int) -> int:
@@ -57,7 +57,8 @@ def _bucket(n_queries: int) -> int:
 def _grid(n_queries: int, n_valid: int, sms: int) -> Any:
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         blocks = triton.cdiv(n_queries, meta["BQ"])
-        return blocks, max(1, min(triton.cdiv(n_valid, meta["BN"]), triton.cdiv(sms * PROGRAMS_PER_SM, blocks)))
+        # whole waves: a program holds 100-200 KB of shared memory, one per SM; a last partial wave idles SMs
+        return blocks, max(1, min(triton.cdiv(n_valid, meta["BN"]), sms * PROGRAMS_PER_SM // blocks))
     return grid
 
 
