@@ -60,7 +60,7 @@ def cli() -> None:
 
 
 def _gpu_option_list() -> list[Callable[[Any], Any]]:
-    from .indexer.gpu.options import COMPILES, RESIZES, TOWERS
+    from .indexer.gpu.options import COMPILES, DECODERS, RESIZES, TOWERS
 
     return [
         click.option("--gpu-workers", default=0, type=int,
@@ -68,6 +68,9 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
         click.option("--gpu-cpu-share", default=0, type=int,
                      help="GPU path: images the CPU decode workers may take at once as whole batches, besides the "
                           "files the GPU cannot decode (0: those only; fastest for thumbnails)."),
+        click.option("--gpu-decoder", default="auto", show_default=True, type=click.Choice(DECODERS),
+                     help="GPU path: auto (nvJPEG's hardware JPEG engines through handles of our own, two decode "
+                          "threads; else torchvision.io, else the CPU workers) or torchvision (torchvision.io only)."),
         click.option("--gpu-resize", default="auto", show_default=True, type=click.Choice(RESIZES),
                      help="GPU path, experiment: where the batched resize runs (auto: the decode thread for small "
                           "images, the encoding thread for large ones)."),
@@ -89,13 +92,13 @@ def _with_gpu_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_resize: str, gpu_tower: str, gpu_compile: str,
-                stage_stats: "str | None") -> Any:
+def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_decoder: str, gpu_resize: str, gpu_tower: str,
+                gpu_compile: str, stage_stats: "str | None") -> Any:
     """The GpuOptions of `pnsfw index`'s --gpu-* options."""
     from .indexer.gpu.options import GpuOptions
 
-    return GpuOptions(workers=gpu_workers, cpu_share=gpu_cpu_share, resize=gpu_resize, tower=gpu_tower,
-                      compile=gpu_compile, stage_stats=stage_stats)
+    return GpuOptions(workers=gpu_workers, cpu_share=gpu_cpu_share, decoder=gpu_decoder, resize=gpu_resize,
+                      tower=gpu_tower, compile=gpu_compile, stage_stats=stage_stats)
 
 
 RAY_LOCAL = "local"

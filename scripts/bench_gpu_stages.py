@@ -5,7 +5,8 @@ Stages, each timed alone (CUDA synchronised around the timed region, after a
 warm-up batch), images/s:
 
 * read: read + sha256 + JPEG probe, one thread (the GIL-bound part of the readers);
-* decode: nvJPEG batch decode (`torchvision.io.decode_jpeg(list, device="cuda")`);
+* decode: nvJPEG batch decode (`torchvision.io.decode_jpeg(list, device="cuda")`), and nvJPEG's hardware
+  engines through our own handles (pnsfw/indexer/gpu/nvjpeg.py) on 1 and 2 threads;
 * resize: the batched bicubic resize + crop (`tensor_preprocess.resize_crop`, fp16);
 * encode: the image tower the pipeline runs (the fast tower, CUDA graph) on normalised input;
 * decode+resize+encode chained on one stream (no overlap, no CPU work);
@@ -87,6 +88,46 @@ def tower_variants(encoder: Any, pixels: Any, repeats: int, compile_too: bool) -
     return out
 
 
+def hardware_decode(data: list[Any], sizes: list[tuple[int, int]], threads: int, repeats: int) -> float | None:
+    """img/s of nvJPEG's hardware engines through our own handles, one per thread (None: unavailable)."""
+    import threading
+
+    from pnsfw.indexer.gpu.nvjpeg import HardwareDecoder, NvjpegError
+
+    try:
+        decoders = [HardwareDecoder() for _ in range(threads)]
+    except NvjpegError as exc:
+        print(f"hardware decoder unavailable: {exc}")
+        return None
+    streams = [torch.cuda.Stream() for _ in range(threads)]
+
+    failed: list[str] = []
+
+    def loop(i: int, count: int) -> None:
+        try:
+            with torch.cuda.stream(streams[i]):
+                for _ in range(count):
+                    decoders[i].decode(data, sizes, "cuda")
+            streams[i].synchronize()
+        except NvjpegError as exc:
+            failed.append(str(exc))
+
+    for i in range(threads):
+        loop(i, 1)
+    workers = [threading.Thread(target=loop, args=(i, repeats)) for i in range(threads)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    rate = threads * repeats * len(data) / (time.perf_counter() - started)
+    for decoder in decoders:
+        decoder.close()
+    if failed:
+        print(f"hardware decode failed: {failed[0]}")
+    return None if failed else rate
+
+
 def concurrent(decode: Callable[[], Any], encode: Callable[[], Any], batch: int, repeats: int) -> dict[str, float]:
     """decode+resize on one thread and stream while encode runs on another: images/s of each side, to see
     whether the GPU overlaps them (each near its rate alone) or serialises them (the rates add up as times)."""
@@ -154,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                "encode_fp16": batch / timed(lambda: encode(pixels), args.repeats),
                "chain_decode_resize_encode": batch / timed(
                    lambda: encode(resize_crop(_decode_jpegs(data, "cuda"), size, torch.float16)), args.repeats)}
+    sizes = [jpeg_size(bytes(b)) for b in blobs[:batch]]
+    for threads in (1, 2):
+        rate = hardware_decode(data, sizes, threads, args.repeats)
+        if rate is not None:
+            results[f"decode_nvjpeg_hardware_{threads}thread"] = rate
     towers = tower_variants(encoder, pixels, max(args.repeats, 10), args.compile)
     results.update(concurrent(lambda: resize_crop(_decode_jpegs(data, "cuda"), size, torch.float16),
                               lambda: encode(pixels), batch, args.repeats))

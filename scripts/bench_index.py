@@ -413,7 +413,7 @@ def ours_command(args: argparse.Namespace, corpus: Path, store: Path, ckpt: Path
 
 def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
              variant: str = "") -> dict[str, Any]:
-    """Run ``pnsfw index`` into a fresh store; return its figures (variant: extra options, '--gpu-tower=reference')."""
+    """Run ``pnsfw index`` into a fresh store; return its figures (variant: extra options, 'gpu-tower=reference')."""
     tag = f"ours{'-' + ''.join(c if c.isalnum() else '-' for c in variant).strip('-') if variant else ''}"
     store = args.workdir / "runs" / f"{name}-{tag}-store"
     summary = args.workdir / "runs" / f"{name}-{tag}.summary.json"
@@ -424,7 +424,8 @@ def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
     log = args.workdir / "runs" / f"{name}-{tag}.log"
     if not Path(args.pnsfw).exists():
         return {"tool": "pnsfw", "rc": None, "command": cmd, "error": f"{args.pnsfw} not found"}
-    cmd += variant.split() + (["--stage-stats", str(stats)] if args.device == "cuda" else [])
+    cmd += [word if word.startswith("-") else f"--{word}" for word in variant.split()]  # argparse-safe form
+    cmd += ["--stage-stats", str(stats)] if args.device == "cuda" else []
     rc, wall, _ = run_timed(cmd, {}, log)
     res: dict[str, Any] = {"tool": f"pnsfw{' ' + variant if variant else ''}", "rc": rc, "seconds": wall,
                            "command": cmd, "log": str(log), "gpu": dict(LAST_GPU)}
@@ -581,8 +582,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="corpus and checkpoint seed")
     ap.add_argument("--no-faiss", action="store_true", help="pass --no-faiss to pnsfw (shards only)")
     ap.add_argument("--ours-variants", nargs="*", default=[""],
-                    help="pnsfw runs per corpus, each with extra `pnsfw index` options, e.g. "
-                         "'--gpu-tower=reference --gpu-resize=thread' ('' = defaults)")
+                    help="pnsfw runs per corpus, each with extra `pnsfw index` options without their dashes "
+                         "(argparse takes no dashed values), e.g. 'gpu-tower=reference gpu-resize=thread' "
+                         "('' = defaults)")
     ap.add_argument("--out", type=Path, default=Path("bench_index.json"))
     args = ap.parse_args(argv)
     if args.batch_size is None:

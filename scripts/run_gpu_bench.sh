@@ -3,9 +3,10 @@
 # Needs python3 with torch + torchvision (CUDA), pillow, pyarrow, numpy, click, tqdm, scikit-image, and the
 # pure-Python wheels in .whl/ (installed into /tmp/site here): clip-anytorch, ftfy, wcwidth, and for the
 # anchor clip-retrieval 2.45.0, all_clip, fire, termcolor, braceexpand, webdataset 0.2.111.
-# Usage: [TESTS=0] [STAGES=0] [ANCHOR=0] [VARIANTS="'' '--gpu-tower=reference' ..."] \
+# Usage: [TESTS=0] [STAGES=0] [ANCHOR=0] [VARIANTS="'' 'gpu-tower=reference' ..."] \
 #        scripts/run_gpu_bench.sh THUMBS PHOTOS [OUTDIR]
-# (VARIANTS: one pnsfw run per corpus for each quoted set of extra `pnsfw index` options; '' = the defaults)
+# (VARIANTS: one pnsfw run per corpus for each quoted set of extra `pnsfw index` options, dashes left out;
+# '' = the defaults)
 set -u
 THUMBS=${1:-100000}; PHOTOS=${2:-10000}; OUTDIR=${3:-${OUT:-/tmp/out}}
 mkdir -p "$OUTDIR" /tmp/crbin /tmp/bin

@@ -7,6 +7,7 @@ from ...errors import BadInput
 RESIZES = ("auto", "decoder", "encoder", "thread")
 TOWERS = ("fast", "eager", "reference")
 COMPILES = ("auto", "on", "off")
+DECODERS = ("auto", "torchvision")
 
 
 @dataclass
@@ -15,6 +16,7 @@ class GpuOptions:
 
     workers: int = 0  # device worker processes; 0: one per visible GPU for cuda/auto, else one
     cpu_share: int = 0  # images the CPU workers may decode at once as whole units, besides fallbacks
+    decoder: str = "auto"  # auto: nvJPEG's hardware engines (own handles) where they work; torchvision: its io
     resize: str = "auto"  # where the batched resize runs: auto (by image size), decoder, encoder, thread
     tower: str = "fast"  # fast: SDPA, fp16 LayerNorm, patch GEMM, CUDA graph; eager: the same without graph;
     # reference: CLIP's own modules at fp16
@@ -22,6 +24,6 @@ class GpuOptions:
     stage_stats: str | None = None  # write per-stage busy seconds (JSON) to this file
 
     def __post_init__(self) -> None:
-        for name, allowed in (("resize", RESIZES), ("tower", TOWERS), ("compile", COMPILES)):
+        for name, allowed in (("resize", RESIZES), ("tower", TOWERS), ("compile", COMPILES), ("decoder", DECODERS)):
             if getattr(self, name) not in allowed:
                 raise BadInput(f"unknown GPU {name} {getattr(self, name)!r} ({', '.join(allowed)})")

@@ -12,6 +12,7 @@ from ..sources import TAR_SEPARATOR, Item
 INLINE_BYTES = 128 * 1024  # files up to this size come back through the pool's pipe; larger are read again here
 MAX_DEVICE_PIXELS = 40_000_000  # larger images decode on CPU, where the DCT downscale shrinks them first
 _SOF = {0xC0, 0xC1, 0xC2}  # Huffman baseline / extended / progressive: what nvJPEG decodes
+_BASELINE = {0xC0, 0xC1}  # what its hardware engines decode
 _OTHER_SOF = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -32,6 +33,13 @@ def _exif_orientation(data: bytes, start: int, end: int) -> int:
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG the device decoder handles as the CPU path would, else None."""
+    header = jpeg_header(data)
+    return header[:2] if header else None
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, bool] | None:
+    """(width, height, whether nvJPEG's hardware engines take it: baseline, 3 components) of a JPEG the
+    device decoder handles as the CPU path would, else None."""
     if data[:3] != b"\xff\xd8\xff" or data.rfind(b"\xff\xd9", max(0, len(data) - 64)) < 0:
         return None  # not a JPEG, or truncated (the CPU path reports those)
     pos, end = 2, len(data)
@@ -49,7 +57,8 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         elif marker in _SOF and pos + 10 <= end:
             height, width = (data[pos + 5] << 8) | data[pos + 6], (data[pos + 7] << 8) | data[pos + 8]
             plain = data[pos + 4] == 8 and data[pos + 9] in (1, 3)
-            return (width, height) if plain and width and height else None
+            hardware = marker in _BASELINE and data[pos + 9] == 3
+            return (width, height, hardware) if plain and width and height else None
         elif marker in _OTHER_SOF or marker == 0xDA:
             return None
         pos += 2 + length
@@ -76,28 +85,29 @@ def read_local(item: Item) -> bytearray:
     return buf if got == size else buf[:got]
 
 
-def read_probe(item: Item, max_pixels: int) -> tuple[bytearray | None, tuple[int, int] | None]:
-    """The bytes of a local JPEG the device decodes, with its size; (None, None) for anything else."""
+def read_probe(item: Item, max_pixels: int) -> tuple[bytearray | None, tuple[int, int, bool] | None]:
+    """The bytes of a local JPEG the device decodes, with its jpeg_header; (None, None) for anything else."""
     if item.uri.startswith(("http://", "https://")):
         return None, None
     try:
         buf = read_local(item)
     except OSError:
         return None, None  # the CPU path reads it again and reports why it failed
-    size = jpeg_size(buf)
-    return (buf, size) if device_ok(size, max_pixels) else (None, None)
+    header = jpeg_header(buf)
+    return (buf, header) if header and device_ok(header[:2], max_pixels) else (None, None)
 
 
-def probe_row(item: Item, buf: bytes, size: tuple[int, int]) -> Result:
+def probe_row(item: Item, buf: bytes, header: tuple[int, int, bool]) -> Result:
     """The row of a file the device decodes (its pixels stay on the device)."""
-    return Result(item, None, hashlib.sha256(buf).hexdigest(), size[0], size[1])
+    return Result(item, None, hashlib.sha256(buf).hexdigest(), header[0], header[1])
 
 
 class Packed(NamedTuple):
     """What a worker's `read_chunk` sends back: the device's JPEGs end to end in one buffer, the rest decoded."""
 
     data: bytearray
-    rows: list[tuple[Result, int, int]]  # (row without pixels, offset in data or -1: read it again, length)
+    rows: list[tuple[Result, int, int, bool]]  # (row without pixels, offset in data or -1: read it again,
+    # length, whether the hardware engines take it)
     cpu: list[Result]  # items the device decoder does not take, decoded (or failed) by the CPU path
 
 
@@ -111,7 +121,7 @@ def read_chunk(items: list[Item], size: int, max_pixels: int, timeout: float) ->
             cpu.append(item)
             continue
         inline = len(buf) <= INLINE_BYTES
-        rows.append((probe_row(item, buf, dims), len(data) if inline else -1, len(buf)))
+        rows.append((probe_row(item, buf, dims), len(data) if inline else -1, len(buf), dims[2]))
         if inline:
             data += buf
     return Packed(data, rows, process_chunk(cpu, size, max_pixels, timeout))

@@ -99,6 +99,7 @@ class Prepared:
     rows: list[Result]  # to decode on the device; pixels stay None (they live on the device)
     data: list[Any]  # uint8 CPU tensors of their encoded bytes
     fallback: list[Any]  # futures of CPU-worker results
+    hardware: list[bool] = field(default_factory=list)  # per row: nvJPEG's hardware engines take it
 
 
 def _read_in_workers(unit: Unit, router: Router) -> Prepared:
@@ -110,7 +111,7 @@ def _read_in_workers(unit: Unit, router: Router) -> Prepared:
         router.stats.add("cpu_images", len(packed.cpu))
         prepared.fallback.append(Done(packed.cpu))
         whole = torch.frombuffer(packed.data, dtype=torch.uint8) if packed.data else None
-        for row, offset, length in packed.rows:
+        for row, offset, length, hardware in packed.rows:
             try:
                 data = whole[offset:offset + length] if offset >= 0 and whole is not None else torch.frombuffer(
                     read_local(row.item), dtype=torch.uint8)  # large files: a read here beats a pipe
@@ -119,6 +120,7 @@ def _read_in_workers(unit: Unit, router: Router) -> Prepared:
                 continue
             prepared.rows.append(row)
             prepared.data.append(data)
+            prepared.hardware.append(hardware)
     if again:
         prepared.fallback += router.submit(again)
     return prepared
@@ -127,7 +129,7 @@ def _read_in_workers(unit: Unit, router: Router) -> Prepared:
 def _read_in_threads(unit: Unit, router: Router, max_pixels: int) -> Prepared:
     import torch
 
-    rows, data, cpu = [], [], []
+    rows, data, cpu, hardware = [], [], [], []
     for item in unit.items:
         buf, dims = read_probe(item, max_pixels)
         if buf is None or dims is None:
@@ -135,7 +137,8 @@ def _read_in_threads(unit: Unit, router: Router, max_pixels: int) -> Prepared:
             continue
         rows.append(probe_row(item, buf, dims))
         data.append(torch.frombuffer(buf, dtype=torch.uint8))
-    return Prepared(unit, rows, data, router.submit(cpu) if cpu else [])
+        hardware.append(dims[2])
+    return Prepared(unit, rows, data, router.submit(cpu) if cpu else [], hardware)
 
 
 def prepare(unit: Unit, router: Router, max_pixels: int) -> Prepared:

@@ -18,7 +18,7 @@ from ..encoder import Encoder
 from ..reader import Result
 from ..sources import Item
 from ..timeline import mark
-from .decode import Decoded, decode_unit
+from .decode import Decoded, DecoderPool, decode_unit
 from .resize import device_pixels, put, resize_later, resize_thread
 from .route import Prepared, Router, Stats, Unit, make_router, prepare
 from .tower import image_model
@@ -36,8 +36,8 @@ class UnitResult(NamedTuple):
     errors: list[Result]
 
 
-def _ordered(executor: ThreadPoolExecutor, fn: Callable[[Unit], Prepared], units: Iterable[Unit],
-             depth: int) -> Iterator[Prepared]:
+def _ordered(executor: ThreadPoolExecutor, fn: Callable[[Any], Any], units: Iterable[Any],
+             depth: int) -> Iterator[Any]:
     """fn over units on the executor, in order, at most `depth` ahead."""
     pending: deque = deque()
     for unit in units:
@@ -48,23 +48,35 @@ def _ordered(executor: ThreadPoolExecutor, fn: Callable[[Unit], Prepared], units
         yield pending.popleft().result()
 
 
-def _decode_thread(units: Iterable[Unit], router: Router, encoder: Encoder, options: Any,
-                   out: queue.Queue, stop: threading.Event) -> None:
-    """Reader pool + decoder; puts Decoded units in order, then None (or the exception that stopped it)."""
+def _decode_on_stream(prepared: Prepared, decoders: DecoderPool, router: Router, encoder: Encoder,
+                      mode: str) -> Decoded:
     import torch
 
-    device, size = encoder.device, encoder.resolution
-    stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
+    stream = decoders.stream()
+    with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        later = resize_later(prepared.rows, mode)
+        return decode_unit(prepared, encoder.device, encoder.resolution, router, later, decoders.decoder())
+
+
+def _decode_thread(units: Iterable[Unit], router: Router, encoder: Encoder, options: Any,
+                   out: queue.Queue, stop: threading.Event) -> None:
+    """Reader pool + decode threads (each its own stream and decoder); puts Decoded units in order, then None
+    (or the exception that stopped it)."""
+    decoders = DecoderPool(encoder.device, options.gpu.decoder)
+    count = decoders.threads
     try:
-        with ThreadPoolExecutor(READ_THREADS) as readers, torch.cuda.stream(stream) if stream else nullcontext():
+        with ThreadPoolExecutor(READ_THREADS) as readers, ThreadPoolExecutor(count, "pnsfw-decode") as decode:
             read = partial(prepare, router=router, max_pixels=options.max_pixels)
-            for prepared in _ordered(readers, read, units, 2 * READ_THREADS):
-                later = resize_later(prepared.rows, options.gpu.resize)
-                if not put(out, decode_unit(prepared, device, size, router, later), stop):
+            work = partial(_decode_on_stream, decoders=decoders, router=router, encoder=encoder,
+                           mode=options.gpu.resize)
+            for decoded in _ordered(decode, work, _ordered(readers, read, units, 2 * READ_THREADS), count + 1):
+                if not put(out, decoded, stop):
                     return
         put(out, None, stop)
     except BaseException as exc:  # handed to the consumer, which re-raises it
         put(out, exc, stop)
+    finally:
+        decoders.close()
 
 
 def _start_threads(units: Iterable[Unit], router: Router, encoder: Encoder, options: Any, out: queue.Queue,

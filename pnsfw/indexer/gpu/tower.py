@@ -14,24 +14,15 @@ tower); torch.compile only when asked or for jobs that pay its compile time,
 with a persistent kernel cache.
 """
 
-import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 from ..encoder import Encoder
+from .fallback import warn_once as _warn_once
 
-log = logging.getLogger("pnsfw")
 COMPILE_MIN_ITEMS = 20_000_000  # max-autotune compile: ~117 s for +31% (35k -> 46k img/s): pays past ~17M images
 INDUCTOR_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "pnsfw", "inductor")
-_warned: set[str] = set()
-
-
-def _warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        log.warning("GPU tower: %s", reason)
-
 
 def reference_model(encoder: Encoder) -> Callable[[Any], Any]:
     """Normalised images -> features. On CUDA at fp16, a copy of the image tower with fp16 weights, as
@@ -202,7 +193,7 @@ def _fast_model(encoder: Encoder, graphs: bool, batch: int) -> Callable[[Any], A
 
     reason = fast_supported(encoder.model.visual)
     if reason is not None:
-        _warn_once(f"the reference tower runs: {reason}")
+        _warn_once(f"the reference image tower runs: {reason}")
         return None
     cuda = encoder.device.startswith("cuda")
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}

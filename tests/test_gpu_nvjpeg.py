@@ -1,0 +1,80 @@
+"""nvJPEG's hardware decoder (ctypes, own handles): routing by JPEG header, clean failure without a GPU,
+and on a CUDA machine the decoded pixels (close to PIL, as torchvision's nvJPEG decode is)."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pnsfw.indexer.gpu.decode import DecoderPool, _hardware_first, device_decode
+from pnsfw.indexer.gpu.nvjpeg import HardwareDecoder, NvjpegError
+from pnsfw.indexer.gpu.nvjpeg import Image as NvImage
+from pnsfw.indexer.gpu.probe import jpeg_header
+from pnsfw.indexer.gpu.route import Prepared, Unit
+from pnsfw.indexer.reader import Result
+from pnsfw.indexer.sources import Item
+
+CUDA = torch.cuda.is_available()
+
+
+def _jpeg(width: int, height: int, seed: int, **kw: object) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((width, height), Image.BILINEAR)
+    if kw.pop("grey", False):
+        img = img.convert("L")
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def test_header_says_what_the_hardware_engines_take() -> None:
+    assert jpeg_header(_jpeg(64, 48, 0)) == (64, 48, True)
+    assert jpeg_header(_jpeg(64, 48, 0, progressive=True)) == (64, 48, False)
+    assert jpeg_header(_jpeg(64, 48, 0, grey=True)) == (64, 48, False)
+
+
+def _prepared(blobs: list[bytes], hardware: list[bool]) -> Prepared:
+    rows = [Result(Item(f"{i}.jpg", "test"), None, str(i), *jpeg_header(b)[:2]) for i, b in enumerate(blobs)]
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    return Prepared(Unit(0, [r.item for r in rows]), rows, data, [], list(hardware))
+
+
+def test_hardware_rows_go_first_with_their_bytes() -> None:
+    blobs = [_jpeg(32 + 8 * i, 24, i) for i in range(4)]
+    prepared = _prepared(blobs, [False, True, False, True])
+    assert _hardware_first(prepared, True) == 2
+    assert [r.sha256 for r in prepared.rows] == ["1", "3", "0", "2"]
+    assert [bytes(d.numpy()) for d in prepared.data] == [blobs[1], blobs[3], blobs[0], blobs[2]]
+    assert prepared.hardware == [True, True, False, False]
+
+
+def test_without_a_gpu_the_binding_fails_cleanly() -> None:
+    import ctypes
+
+    assert ctypes.sizeof(NvImage) == 64  # nvjpegImage_t: 4 plane pointers + 4 pitches
+    pool = DecoderPool("cpu", "auto")
+    assert pool.threads == 1 and pool.decoder() is None and pool.stream() is None
+    if not CUDA:
+        with pytest.raises(NvjpegError):
+            HardwareDecoder()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with JPEG engines")
+def test_hardware_decode_close_to_pil() -> None:
+    blobs = [_jpeg(w, h, i) for i, (w, h) in enumerate([(400, 300), (256, 341), (1632, 1224), (97, 61)])]
+    blobs.append(_jpeg(120, 90, 9, progressive=True))  # torchvision's share of the batch
+    prepared = _prepared(blobs, [jpeg_header(b)[2] for b in blobs])
+    pool = DecoderPool("cuda", "auto")
+    decoder = pool.decoder()
+    assert decoder is not None, "no hardware decoder on this GPU"
+    images = device_decode(prepared, "cuda", decoder)
+    pool.close()
+    torch.cuda.synchronize()
+    for row, data, image in zip(prepared.rows, prepared.data, images):
+        ref = torch.from_numpy(np.asarray(Image.open(io.BytesIO(bytes(data.numpy()))).convert("RGB")).copy())
+        diff = (image.cpu().int() - ref.permute(2, 0, 1).int()).abs().float()
+        print(f"hardware nvJPEG vs PIL {tuple(image.shape)}: max {diff.max():.0f}, mean {diff.mean():.3f}")
+        assert image.shape == (3, row.height, row.width) and diff.mean().item() < 8
