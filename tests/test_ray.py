@@ -112,3 +112,22 @@ def test_lost_actor_is_retried_and_the_store_is_exact(cluster: Cluster, corpus: 
     want = tmp_path / "want"
     index_folder(many, want, tiny_checkpoint, "--batch-size", "8")
     assert_same_store(store, want)
+
+
+def test_units_are_cut_from_a_stream_one_window_at_a_time() -> None:
+    from pnsfw.distributed.index import _windows
+    from pnsfw.indexer.sources import Item
+
+    pulled: list[int] = []
+
+    def stream():
+        for i in range(23):
+            pulled.append(i)
+            yield Item(f"/x/{i}.jpg", "/x")
+
+    windows = _windows(stream(), 4, 3)
+    first = next(windows)
+    assert [[int(i.uri[3:-4]) for i in unit] for unit in first] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert len(pulled) == 12  # nothing beyond the window was listed yet
+    rest = list(windows)
+    assert [len(u) for w in rest for u in w] == [4, 4, 3]

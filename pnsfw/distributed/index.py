@@ -9,11 +9,12 @@ rerun after a crash skips what was committed, exactly like a local resume.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,6 +29,7 @@ from .cluster import RayCluster, connect
 log = logging.getLogger("pnsfw.distributed")
 PROGRESS_EVERY_S = 10.0
 DECODE_CPUS = 0.5
+WINDOW_UNITS = 1024  # units per Ray dataset: bounds the driver's memory on endless sources
 FAILED_UNIT = "worker_failed"  # reason of the rows of a unit that Ray could not finish after its retries
 
 
@@ -51,17 +53,20 @@ def index_with_ray(sources: list[str], store: str, options: IndexOptions, on_ray
 
 
 def _stage(cluster: RayCluster, options: IndexOptions, on_ray: RayOptions) -> Callable[..., Iterator[Any]]:
-    def stage(items: list[Item], _options: IndexOptions, encoder: Encoder, _pool: Any,
+    def stage(items: Iterable[Item], _options: IndexOptions, encoder: Encoder, _pool: Any,
               on_error: Callable[[Result], None], batch: int) -> Iterator[tuple[list[Result], np.ndarray]]:
-        units = _units(items, on_ray.unit_size or batch)
-        rows = _dataset(units, cluster, options, on_ray, encoder).iter_rows()
-        yield from _ordered(rows, units, encoder.width, on_error)
+        for window in _windows(items, on_ray.unit_size or batch, WINDOW_UNITS):
+            rows = _dataset(window, cluster, options, on_ray, encoder).iter_rows()
+            yield from _ordered(rows, window, encoder.width, on_error)
 
     return stage
 
 
-def _units(items: list[Item], size: int) -> list[list[Item]]:
-    return [items[start:start + size] for start in range(0, len(items), max(1, size))]
+def _windows(items: Iterable[Item], size: int, units: int) -> Iterator[list[list[Item]]]:
+    """Units of `size` items, `units` at a time: the driver never holds more than one window of the stream."""
+    iterator = iter(items)
+    while window := [unit for unit in (list(itertools.islice(iterator, max(1, size))) for _ in range(units)) if unit]:
+        yield window
 
 
 def _dataset(units: list[list[Item]], cluster: RayCluster, options: IndexOptions, on_ray: RayOptions,
@@ -73,7 +78,7 @@ def _dataset(units: list[list[Item]], cluster: RayCluster, options: IndexOptions
     decode = functools.partial(_decode_unit, size=encoder.resolution, max_pixels=options.max_pixels,
                                timeout=options.timeout)
     # the actors run in other folders (and on other nodes): a checkpoint path must be absolute
-    model = os.path.abspath(options.model) if os.path.isfile(options.model) else options.model
+    model = os.path.abspath(encoder.name) if os.path.isfile(encoder.name) else encoder.name
     actors = cluster.actors(on_ray.actors, options.device)
     embed = {"model": model, "device": "cuda" if gpu else "cpu",
              "precision": options.precision if gpu else "auto", "width": encoder.width,
