@@ -622,6 +622,101 @@ def export(store: str, model_name: str, fmt: str, out: "str | None") -> None:
     click.echo(f"wrote {EXPORTERS[fmt](store, model_name, out)}")
 
 
+@cli.command()
+@STORE
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(store: str, as_json: bool) -> None:
+    """What the store holds: rows, space, shards, errors by reason, index, models, scores.
+
+    \b
+    Example:
+      pnsfw info --store store/
+      pnsfw info --store s3://bucket/store --json
+    """
+    from .store.maintenance import store_info
+
+    result = store_info(store)
+    click.echo(json.dumps(result, indent=2) if as_json else _info_text(result))
+
+
+def _info_text(r: dict[str, Any]) -> str:
+    space = r["space"] or {}
+    lines = [f"store {r['store']} (format {r['format']}, version {r['version']})",
+             f"rows: {r['rows']:,} in {r['shards']} shards ({r['bytes'] / 1e6:,.1f} MB), next id {r['next_id']}",
+             f"space: {space.get('fingerprint')} ({space.get('encoder')}, {space.get('projection')} projection, "
+             f"dim {space.get('dim')})" if space else "space: none yet",
+             f"errors: {r['errors']['rows']:,}" + "".join(f", {k} {v:,}" for k, v in r["errors"]["by_reason"].items())]
+    index = r["index"]
+    lines.append("index: none" if index is None else f"index: {index['kind']} ({index['factory']}), "
+                 f"{index['ntotal']:,} vectors, {index['coverage']:.0%} of shards covered")
+    for name, m in r["models"].items():
+        test = next(iter((m.get("metrics") or {}).values()), {}) or {}
+        lines.append(f"model {name}: classes {m.get('classes')}, threshold {m.get('threshold')}, "
+                     f"PR-AUC {test.get('pr_auc', '?')}")
+    for name, sc in r["scores"].items():
+        lines.append(f"scores {name}: {sc['shards_scored']}/{sc['shards']} shards")
+    lines.append(f"labels: {r['labels']:,}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@STORE
+def verify(store: str) -> None:
+    """Check every shard (size, sha256, footer, id range, vector norms), the parts, the index and the models.
+
+    Exit 1 and one line per damaged file when something fails.
+
+    \b
+    Example:
+      pnsfw verify --store store/
+    """
+    from .store.maintenance import verify_store
+
+    report = verify_store(store)
+    for problem in report.problems:
+        click.echo(problem, err=True)
+    checked = ", ".join(f"{v} {k}" for k, v in report.checked.items())
+    if not report.ok:
+        raise click.ClickException(f"{len(report.problems)} problems in {store} (checked {checked}); "
+                                   f"run `pnsfw repair --store {store}`")
+    click.echo(f"ok: {checked}")
+
+
+@cli.command()
+@STORE
+def repair(store: str) -> None:
+    """Rebuild the manifest from the intact shards, drop damaged parts, rebuild the index; says what it dropped.
+
+    \b
+    Example:
+      pnsfw repair --store store/
+    """
+    from .search.index import build_index
+    from .store.maintenance import repair_store
+
+    report = repair_store(store, rebuild_index=build_index)
+    for line in report.dropped:
+        click.echo(f"dropped {line}", err=True)
+    click.echo(f"repaired: {report.kept} shards, {report.rows:,} rows kept, {len(report.dropped)} dropped, "
+               f"index {report.index}")
+
+
+@cli.command()
+@STORE
+def migrate(store: str) -> None:
+    """Convert a format-1 store (manifest.json) to the versioned format 2 in place (same ids and rows).
+
+    Any write command does this on its own first; this command only does it now.
+
+    \b
+    Example:
+      pnsfw migrate --store store/
+    """
+    from .store.maintenance import migrate_store
+
+    click.echo(f"migrated {store} to format 2" if migrate_store(store) else f"{store} already is format 2")
+
+
 def main() -> None:
     cli(prog_name="pnsfw")
 

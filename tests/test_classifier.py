@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 from pnsfw.classifier.data import stratified_split
 from pnsfw.classifier.labels import folder_label, load_labels, read_labels
-from pnsfw.classifier.model import list_models, load_classifier
-from pnsfw.classifier.scoring import lookup_scores, read_progress, score_store, scores_dir
+from pnsfw.classifier.model import list_models, load_classifier, model_paths
+from pnsfw.classifier.scoring import lookup_scores, score_store, scores_of
 from pnsfw.cli import cli
-from pnsfw.store import Projection, Store
+from pnsfw.store import Projection, Store, artifacts
 
 FAST = ["--epochs", "15", "--batch-size", "16"]
 
@@ -40,7 +40,7 @@ def sharded_copy(src: Path, dst: Path, rows: int, projection: "Projection | None
         parents = [os.path.dirname(u) for u in table.column("uri").to_pylist()]
         table = table.set_column(2, "source", pa.array(parents, pa.string()))
     with Store(dst).writer() as writer:
-        writer.set_space(store.manifest["encoder"], projection or store.projection())
+        writer.set_space(store.encoder, projection or store.projection())
         for start in range(0, table.num_rows, rows):
             writer.commit(table.slice(start, rows), None)
     return dst
@@ -97,8 +97,17 @@ def test_split_is_deterministic_and_stratified() -> None:
         assert (rows == "test").sum() == round(n * 0.15) and (rows == "val").sum() == round(n * 0.15)
 
 
+def copy_models(src: Path, dst: Path) -> None:
+    """Commit the models of store src into store dst (as generations of dst)."""
+    source, target = Store.open(src), Store.open(dst)
+    for name in artifacts.model_names(source):
+        stage = artifacts.ModelStage(target, name)
+        shutil.copytree(artifacts.model_folder(source, name), stage.folder, dirs_exist_ok=True)
+        stage.commit()
+
+
 def test_binary_model_saved_with_metrics(trained: Path) -> None:
-    models = trained / "models"
+    models = model_paths(Store.open(trained), "default")["keras"].parent
     meta = json.loads((models / "default.json").read_text())
     assert meta["classes"] == ["nsfw", "sfw"] and meta["nsfw_classes"] == ["nsfw"] and meta["output"] == "sigmoid"
     test = meta["metrics"]["test"]
@@ -135,20 +144,19 @@ def test_five_class_softmax(five_trained: Path) -> None:
 
 
 def _all_scores(root: Path) -> np.ndarray:
-    folder = scores_dir(Store.open(root), "default")
-    return np.concatenate([pq.read_table(folder / n, columns=["id"]).column("id").to_numpy()
-                           for n in read_progress(folder)["shards"]])
+    scores = scores_of(Store.open(root), "default")
+    return np.concatenate([pq.read_table(scores.part_source(n), columns=["id"]).column("id").to_numpy()
+                           for n in scores.state().shards])
 
 
 def test_score_resumes_and_covers_every_id_once(trained: Path, tmp_path: Path) -> None:
     root = sharded_copy(trained, tmp_path / "sharded", rows=25)  # 4 shards: 25, 25, 25, 5
-    shutil.copytree(trained / "models", root / "models")
+    copy_models(trained, root)
     assert score_store(root, "default").shards_scored == 4
-    folder = scores_dir(Store.open(root), "default")
-    (folder / "part-00003.parquet").unlink()  # a crash between the part and its progress entry, or a lost file
-    progress = read_progress(folder)
-    del progress["shards"]["part-00002.parquet"]
-    (folder / "progress.json").write_text(json.dumps(progress))
+    store = Store.open(root)
+    scores = scores_of(store, "default")
+    Path(scores.part_source(store.shards[3].name)).unlink()  # a crash between the part and its progress, or a lost file
+    scores.commit(lambda state: state.shards.pop(store.shards[2].name) and state)
     again = score_store(root, "default")
     assert (again.shards_scored, again.shards_present, again.scored) == (2, 2, 30)
     ids = _all_scores(root)
@@ -188,7 +196,7 @@ def test_other_space_is_refused(trained: Path, tmp_path: Path) -> None:
     other = Projection(np.linalg.qr(np.random.default_rng(5).normal(size=(512, 256)))[0].astype(np.float32),
                        np.zeros(256, np.float32), "random")
     root = sharded_copy(trained, tmp_path / "other", rows=80, projection=other)
-    shutil.copytree(trained / "models", root / "models")
+    copy_models(trained, root)
     result = run_cli("score", "--store", root, ok=False)
     assert result.exit_code == 1 and "embedding space" in result.stderr and "Traceback" not in result.stderr
 

@@ -61,10 +61,10 @@ def test_rerun_adds_nothing_and_new_files_are_added(tmp_path, tiny_checkpoint):
     write_images(tmp_path / "src", 12)
     first = run(tmp_path / "store", tiny_checkpoint, str(tmp_path / "src"))
     assert "indexed 12 images" in first.output and "index: flat, 12 vectors" in first.output
-    manifest = (tmp_path / "store" / "manifest.json").read_text()
+    version = Store.open(tmp_path / "store").version
     again = run(tmp_path / "store", tiny_checkpoint, str(tmp_path / "src"))
     assert "indexed 0 images" in again.output and "already present: 12" in again.output
-    assert (tmp_path / "store" / "manifest.json").read_text() == manifest
+    assert Store.open(tmp_path / "store").version == version  # nothing committed
     write_images(tmp_path / "src" / "more", 5, start=100)
     more = run(tmp_path / "store", tiny_checkpoint, str(tmp_path / "src"))
     assert "indexed 5 images" in more.output and "index: flat, 17 vectors (+5)" in more.output
@@ -136,7 +136,7 @@ def test_second_writer_fails_clearly_and_changes_nothing(tmp_path, tiny_checkpoi
     with WriteLock(tmp_path / "store"):
         result = run(tmp_path / "store", tiny_checkpoint, str(tmp_path / "src"))
     assert result.exit_code == 1 and "being written by another process" in result.output
-    assert not (tmp_path / "store" / "manifest.json").exists()
+    assert not Store(tmp_path / "store").exists
 
 
 def test_pca_projection_and_summary_json(tmp_path, tiny_checkpoint):
@@ -146,8 +146,8 @@ def test_pca_projection_and_summary_json(tmp_path, tiny_checkpoint):
                  "--pca-rows", "12", "--shard-size", "8", "--summary-json", str(summary))
     assert result.exit_code == 0, result.output
     store = Store.open(tmp_path / "store")
-    assert store.manifest["projection"]["kind"] == "pca" and store.rows == 20
-    assert [s["rows"] for s in store.manifest["shards"]] == [8, 8, 4]
+    assert store.projection_info["kind"] == "pca" and store.rows == 20
+    assert [s.rows for s in store.shards] == [8, 8, 4]
     assert json.loads(summary.read_text())["indexed"] == 20
     conflict = run(tmp_path / "store", tiny_checkpoint, str(tmp_path / "src"), "--projection", "random")
     assert conflict.exit_code == 1 and "already uses a pca projection" in conflict.output
@@ -162,9 +162,11 @@ def _spawn(source: Path, store: Path, ckpt: Path) -> subprocess.Popen:
 def _wait_for_shards(store: Path, count: int, proc: subprocess.Popen) -> None:
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        manifest = store / "manifest.json"
-        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= count:
-            return
+        try:
+            if len(Store(store).shards) >= count:
+                return
+        except Exception:  # noqa: BLE001 - the store is being created
+            pass
         time.sleep(0.02)
 
 

@@ -116,7 +116,7 @@ def test_each_kind_round_trips_through_save_and_load(block_store: Path, tmp_path
     store = Store(store_dir)
     loaded, meta = faiss_index.load_index(store)
     assert meta["spec"] == kind and meta["space"] == store.space and meta["ntotal"] == store.rows
-    assert meta["shards"] == [s["name"] for s in store.manifest["shards"]]
+    assert meta["shards"] == [s.name for s in store.shards]
     plan = faiss_index.make_plan(kind, store.rows, store.dim, 1 << 30)
     built = faiss_index.create_index(store, plan)
     queries = np.ascontiguousarray(store.vectors()[1][:8], dtype=np.float32)
@@ -141,7 +141,7 @@ def test_incremental_add_equals_rebuild_for_flat(tmp_path: Path, tiny_checkpoint
 
 def test_index_from_another_space_is_refused(block_store: Path, tmp_path: Path) -> None:
     store_dir = shutil.copytree(block_store, tmp_path / "store")
-    meta_path = store_dir / "index" / "index.json"
+    meta_path = store_dir / Store(store_dir).manifest.index.folder / "index.json"
     meta_path.write_text(json.dumps(dict(json.loads(meta_path.read_text()), space="0123456789abcdef")))
     with pytest.raises(SpaceMismatch):
         Searcher.open(Store(store_dir))
@@ -225,10 +225,11 @@ def trained_store(tmp_path_factory: pytest.TempPathFactory, labelled_store: Path
 
 
 def test_explain_lists_labelled_neighbours(trained_store: Path) -> None:
+    from pnsfw.classifier.model import model_paths
     from pnsfw.classifier.scorer import StoreScorer
 
     searcher = Searcher.open(Store(trained_store), StoreScorer.open(Store(trained_store), "m"))
-    train = pq.read_table(trained_store / "models" / "m.labels.parquet").to_pandas()
+    train = pq.read_table(model_paths(Store(trained_store), "m")["labels"]).to_pandas()
     train_ids = set(train.loc[train.split == "train", "id"])
     item_id = int(train.id.iloc[0])
     result = explain_vector(searcher, searcher.vector_of(item_id), 6, exclude_id=item_id)

@@ -8,7 +8,7 @@ from pnsfw.errors import BadInput, SpaceMismatch, StoreError, StoreLocked
 from pnsfw.indexer.projection import make_projection, pca_projection, random_projection
 from pnsfw.store import Projection, Store
 from pnsfw.store.lock import WriteLock
-from pnsfw.store.shards import ERROR_SCHEMA, embedding_array, shard_schema
+from pnsfw.store.shards import ERROR_SCHEMA, embedding_array
 from pnsfw.store.sizes import parse_duration, parse_size
 
 ENCODER = {"name": "test", "fingerprint": "f" * 64, "resolution": 32, "width": 512}
@@ -16,10 +16,11 @@ ENCODER = {"name": "test", "fingerprint": "f" * 64, "resolution": 32, "width": 5
 
 def _rows(writer, n: int, dim: int = 256) -> pa.Table:
     ids = writer.next_ids(n)
-    vectors = np.random.default_rng(len(ids)).standard_normal((n, dim)).astype(np.float16)
+    vectors = np.random.default_rng(len(ids)).standard_normal((n, dim))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
     return pa.table({"id": ids, "uri": [f"u{i}" for i in ids], "source": ["s"] * n, "sha256": ["x"] * n,
                      "width": pa.array([1] * n, pa.int32()), "height": pa.array([1] * n, pa.int32()),
-                     "embedding": embedding_array(vectors)}, schema=shard_schema(dim))
+                     "embedding": embedding_array(vectors)})
 
 
 def test_commit_lists_shards_and_ids_continue(tmp_path):
@@ -36,17 +37,32 @@ def test_commit_lists_shards_and_ids_continue(tmp_path):
     assert reopened.known_uris() == {f"u{i}" for i in range(8)} | {"bad"}
 
 
-def test_unlisted_files_are_not_part_of_the_store_and_are_cleaned(tmp_path):
+def test_unlisted_files_are_not_part_of_the_store_and_only_dead_ones_are_cleaned(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pnsfw.store.store import writer_token
+
     store = Store(tmp_path / "s")
     with store.writer() as writer:
         writer.set_space(ENCODER, random_projection(512))
         writer.commit(_rows(writer, 4), None)
-    orphan = tmp_path / "s" / "shards" / "part-00001.parquet"
-    orphan.write_bytes(b"half-written shard of a crashed run")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    shards = tmp_path / "s" / "shards"
+    orphan = shards / f"part-00001-{writer_token().replace(str(os.getpid()), dead)}.parquet"
+    tmp = shards / f".part-00002-x.parquet.tmp-{dead}"
+    live = shards / f"part-00001-{writer_token()}.parquet"  # a live writer (this process) is about to commit it
+    unknown = shards / "part-00009.parquet"  # no writer token and young: cannot be proven dead
+    for path in (orphan, tmp, live, unknown):
+        path.write_bytes(b"half-written shard of a crashed run")
     assert Store.open(tmp_path / "s").rows == 4
     with Store(tmp_path / "s").writer():
         pass
-    assert not orphan.exists()
+    assert not orphan.exists() and not tmp.exists()
+    assert live.exists() and unknown.exists()
+    assert Store.open(tmp_path / "s").rows == 4
 
 
 def test_second_writer_is_refused(tmp_path):

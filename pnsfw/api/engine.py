@@ -214,14 +214,15 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         from ..search.index import read_meta
 
-        manifest, classifier = self.store.manifest, self.classifier
+        classifier = self.classifier
         index = {key: v for key, v in (read_meta(self.store) or {}).items() if key != "shards"}
         model = None if classifier is None else {
             "name": classifier.name, "classes": classifier.classes, "nsfw_classes": classifier.nsfw_classes,
             "threshold": classifier.threshold, "metrics": classifier.meta.get("metrics")}
         return {"store": str(self.store.root), "vectors": self.store.rows, "dim": self.store.dim,
-                "space": self.store.space, "encoder": manifest["encoder"], "projection": manifest["projection"],
-                "index": index or None, "search": self.searcher.backend, "model": model, "errors": sum(e["rows"] for e in manifest["errors"]),
+                "space": self.store.space, "encoder": self.store.encoder, "projection": self.store.projection_info,
+                "index": index or None, "search": self.searcher.backend, "model": model,
+                "errors": sum(e.rows for e in self.store.manifest.errors),
                 "settings": self.settings.public()}
 
     def item(self, item_id: int) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ from ..store import Store
 from ..store import shards as shard_io
 from ..userio import check_output, write_table
 from .model import DEFAULT_NAME, read_meta
-from .scoring import score_store, scored_parts, scores_dir
+from .scoring import score_store, scored_parts, scores_of
 
 KEEP: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     "safe": lambda p, t: p < t, "unsafe": lambda p, t: p >= t}
@@ -33,10 +34,7 @@ class FilterSummary:
 
 def _split_columns(store: Store, classes: list[str], extra: list[str]) -> tuple[list[str], list[str]]:
     """--columns -> (score columns p_<class>, shard metadata columns); one line naming the choices otherwise."""
-    import pyarrow.parquet as pq
-
-    paths = store.shard_paths()
-    stored = [c for c in pq.read_schema(paths[0]).names if c not in HIDDEN] if paths else []
+    stored = [c for c in store.shard_columns() if c not in HIDDEN]
     scores = [f"p_{c}" for c in classes]
     unknown = [c for c in extra if c not in scores and c not in stored and c not in BASE]
     if unknown:
@@ -44,12 +42,12 @@ def _split_columns(store: Store, classes: list[str], extra: list[str]) -> tuple[
     return [c for c in extra if c in scores], [c for c in extra if c in stored and c not in BASE]
 
 
-def _kept_rows(store: Store, folder: Path, part: str, keep: str, threshold: float, score_cols: list[str],
+def _kept_rows(store: Store, folder: Any, part: str, keep: str, threshold: float, score_cols: list[str],
                meta_cols: list[str]) -> pa.Table:
-    rows = shard_io.read_table(store.root / "shards" / part, ["id", "uri", *meta_cols])
-    scores = shard_io.read_table(folder / part, ["id", "p_nsfw", *score_cols])
+    rows = shard_io.read_table(store.shard_source(part), ["id", "uri", *meta_cols])
+    scores = shard_io.read_table(folder.part_source(part), ["id", "p_nsfw", *score_cols])
     if not rows.column("id").equals(scores.column("id")):
-        raise StoreError(f"scores {folder / part} do not match shard {part}; rerun `pnsfw score`")
+        raise StoreError(f"scores {folder.part(part)} do not match shard {part}; rerun `pnsfw score`")
     mask = pa.array(KEEP[keep](scores.column("p_nsfw").to_numpy(), threshold))
     columns = {"id": rows.column("id"), "uri": rows.column("uri"), "p_nsfw": scores.column("p_nsfw")}
     columns.update({c: scores.column(c) for c in score_cols})
@@ -71,7 +69,7 @@ def filter_store(store_root: "str | Path", out: "str | Path", name: str = DEFAUL
     scored = score_store(store_root, name).scored
     store = Store.open(store_root)
     threshold = float(meta["threshold"] if threshold is None else threshold)
-    folder = scores_dir(store, name)
+    folder = scores_of(store, name)
     parts = [_kept_rows(store, folder, p, keep, threshold, score_cols, meta_cols) for p in scored_parts(store, name)]
     if not parts:
         raise StoreError(f"store {store.root} has no rows to filter")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInput, ModelNotFound
-from ..store import Store
+from ..store import Store, artifacts
 from ..store.files import sha256_file
 from .verdict import verdict_dicts
 from .weights import ACTIVATIONS, DenseStep, fold, forward, load_weights, save_weights
@@ -26,13 +26,13 @@ DEFAULT_NAME = "default"
 CHUNK_ROWS = 1 << 16
 
 
-def models_dir(store: Store) -> Path:
-    return store.root / "models"
-
-
-def model_paths(store: Store, name: str) -> dict[str, Path]:
-    """Every file a model NAME owns in STORE/models/ (weights: what scoring reads; keras: what training saved)."""
-    folder = models_dir(store)
+def model_paths(store: "Store | Path", name: str) -> dict[str, Path]:
+    """Every file model NAME owns, in its current generation folder (or in a folder being staged)
+    (weights: what scoring reads; keras: what training saved)."""
+    folder = store if isinstance(store, Path) else artifacts.model_folder(store, name)
+    if folder is None:
+        available = ", ".join(list_models(store)) or "none; run `pnsfw train` first"  # type: ignore[arg-type]
+        raise ModelNotFound(f"no model {name!r} in store {store.root} (available: {available})")  # type: ignore[union-attr]
     return {"weights": folder / f"{name}.weights.npz", "keras": folder / f"{name}.keras",
             "meta": folder / f"{name}.json", "labels": folder / f"{name}.labels.parquet",
             "plots": folder / f"{name}.plots", "logs": folder / f"{name}.logs", "onnx": folder / f"{name}.onnx"}
@@ -113,18 +113,14 @@ def _has_model(paths: dict[str, Path]) -> bool:
 
 
 def list_models(store: Store) -> list[str]:
-    folder = models_dir(store)
-    if not folder.is_dir():
-        return []
-    names = {p.name[: -len(".json")] for p in folder.glob("*.json")}
-    return sorted(n for n in names if _has_model(model_paths(store, n)))
+    return artifacts.model_names(store)
 
 
 def read_meta(store: Store, name: str) -> dict[str, Any]:
     paths = model_paths(store, check_name(name))
     if not _has_model(paths):
-        available = ", ".join(list_models(store)) or "none; run `pnsfw train` first"
-        raise ModelNotFound(f"no model {name!r} in {models_dir(store)} (available: {available})")
+        raise ModelNotFound(f"model {name!r} of store {store.root} is incomplete ({paths['meta'].parent}); "
+                            f"run `pnsfw repair --store {store.root}` or train it again")
     try:
         meta = json.loads(paths["meta"].read_text())
     except ValueError as exc:

@@ -1,12 +1,11 @@
 """`pnsfw score`: every vector of the store through the model, shard by shard, resumable.
 
-STORE/scores/NAME/part-NNNNN.parquet mirrors STORE/shards/part-NNNNN.parquet
-row for row (id, p_nsfw, p_<class>...). progress.json lists the parts done and
-the fingerprint of the weights file that scored them: a rerun scores only new
-shards, and a retrained model starts over.
+STORE/scores/NAME/<shard name> mirrors the shard row for row (id, uri, p_nsfw,
+p_<class>...). The store's score progress log (scores/NAME/_progress/) lists the
+parts done and the fingerprint of the weights file that scored them: a rerun
+scores only new shards, and a retrained model starts over.
 """
 
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -18,15 +17,15 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import StoreError
-from ..store import Store
+from ..store import Store, artifacts
 from ..store import shards as shard_io
-from ..store.files import atomic_write, atomic_write_json, fsync_dir, sha256_file
+from ..store.files import sha256_file
 from ..store.lock import WriteLock
+from ..store.records import ScoreState, Shard
 from .engines import BATCH_ROWS, TORCH_DTYPES, Engine, check_options, make_engine
 from .model import DEFAULT_NAME, Classifier, check_name, load_classifier, model_paths
 from .pipeline import Pipeline
 
-PROGRESS = "progress.json"
 __all__ = ["BATCH_ROWS", "TORCH_DTYPES", "Engine", "lookup_scores", "make_engine", "score_store", "scored_parts"]
 
 
@@ -50,81 +49,94 @@ class ScoreSummary:
         return dict(asdict(self), vectors_per_s=self.vectors_per_s)
 
 
-def scores_dir(store: Store, name: str) -> Path:
-    return store.root / "scores" / check_name(name)
+def scores_of(store: Store, name: str) -> artifacts.Scores:
+    return store.scores(check_name(name))
 
 
-def score_table(clf: Classifier, ids: np.ndarray, out: np.ndarray) -> pa.Table:
-    """id, p_nsfw, then p_<class> per class."""
-    columns = {"id": pa.array(ids, pa.int64()), "p_nsfw": pa.array(clf.to_p_nsfw(out), pa.float32())}
+def score_table(clf: Classifier, ids: np.ndarray, out: np.ndarray, uris: "pa.Array | None" = None) -> pa.Table:
+    """id, uri (when given), p_nsfw, then p_<class> per class."""
+    columns: dict[str, Any] = {"id": pa.array(ids, pa.int64())}
+    if uris is not None:
+        columns["uri"] = uris
+    columns["p_nsfw"] = pa.array(clf.to_p_nsfw(out), pa.float32())
     probs = clf.to_probabilities(out)
     columns.update({f"p_{c}": pa.array(probs[:, i], pa.float32()) for i, c in enumerate(clf.classes)})
     return pa.table(columns)
 
 
-def read_progress(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / PROGRESS).read_text())
-    except (OSError, ValueError):
-        return {}
+def _pending_shards(store: Store, scores: artifacts.Scores, state: "ScoreState | None") -> list[Shard]:
+    done = {} if state is None else state.shards
+    present = set(scores.part_names())
+    return [s for s in store.shards if done.get(s.name) != s.sha256 or s.name not in present]
 
 
-def _pending_shards(store: Store, folder: Path, progress: dict[str, Any]) -> list[dict[str, Any]]:
-    done = progress.get("shards", {})
-    return [s for s in store.manifest["shards"]
-            if done.get(s["name"]) != s["sha256"] or not (folder / s["name"]).is_file()]
+def _start(store: Store, scores: artifacts.Scores, clf: Classifier, state: "ScoreState | None",
+           precision: str) -> tuple[ScoreState, bool]:
+    """The state to continue from, or a fresh one (deleting old parts) for another model or precision."""
+    generation = artifacts.model_generation(store, clf.name)
+    if state is not None and state.fingerprint == clf.fingerprint and state.precision == precision:
+        return state, False
+    scores.delete_parts(keep=set())
+    fresh = ScoreState(clf.name, clf.fingerprint, clf.space, list(clf.classes), list(clf.nsfw_classes),
+                       float(clf.threshold), precision, generation, {})
+    return fresh, state is not None
 
 
-def _start(folder: Path, clf: Classifier, progress: dict[str, Any], precision: str) -> tuple[dict[str, Any], bool]:
-    """The progress to continue from, or a fresh one (deleting old parts) for another model or precision."""
-    if progress.get("fingerprint") == clf.fingerprint and progress.get("precision", "fp32") == precision:
-        return progress, False
-    for path in folder.glob("part-*.parquet"):
-        path.unlink()
-    fresh = {"model": clf.name, "fingerprint": clf.fingerprint, "space": clf.space, "classes": clf.classes,
-             "nsfw_classes": clf.nsfw_classes, "threshold": clf.threshold, "precision": precision, "shards": {}}
-    return fresh, bool(progress)
-
-
-def _write_part(clf: Classifier, folder: Path) -> Callable[[str, np.ndarray, np.ndarray], None]:
-    """The part, fsynced and renamed; the folder is fsynced once per progress write (see _commit_parts).
+def _write_part(clf: Classifier, scores: artifacts.Scores,
+                uris: Callable[[str], "pa.Array | None"]) -> Callable[[str, np.ndarray, np.ndarray], None]:
+    """The part, fsynced and renamed; the folder is made durable once per progress write (see _commit_parts).
     No dictionary (unique floats: it made a 50k-row part 5x slower to write and bigger), delta-coded ids."""
     def write(name: str, ids: np.ndarray, out: np.ndarray) -> None:
         import pyarrow.parquet as pq
 
-        table = score_table(clf, ids, out)
-        atomic_write(folder / name, lambda tmp: pq.write_table(
-            table, tmp, compression="zstd", use_dictionary=False, column_encoding={"id": "DELTA_BINARY_PACKED"},
-            row_group_size=shard_io.ROW_GROUP), sync_dir=False)
+        table = score_table(clf, ids, out, uris(name))
+        scores.write_part(name, lambda tmp: pq.write_table(
+            table, tmp, compression="zstd", use_dictionary=["uri"] if "uri" in table.column_names else False,
+            column_encoding={"id": "DELTA_BINARY_PACKED"}, row_group_size=shard_io.ROW_GROUP))
 
     return write
 
 
-def _commit_parts(folder: Path, progress: dict[str, Any], sha256: dict[str, str],
+def _commit_parts(scores: artifacts.Scores, fresh: ScoreState, sha256: dict[str, str],
                   on_shard: "Callable[[int], None] | None") -> Callable[[list[tuple[str, int]]], None]:
     """Parts first, then their progress entries: a crash in between only re-scores those shards."""
     def commit(parts: list[tuple[str, int]]) -> None:
-        fsync_dir(folder)  # the parts' renames are durable before progress lists them
-        progress["shards"].update((name, sha256[name]) for name, _ in parts)
-        atomic_write_json(folder / PROGRESS, progress)
+        scores.sync()  # the parts' renames are durable before progress lists them
+
+        def change(state: "ScoreState | None") -> ScoreState:
+            same = state is not None and (state.fingerprint, state.precision) == (fresh.fingerprint, fresh.precision)
+            base = state if same and state is not None else ScoreState(**{**fresh.to_json(), "shards": {}})
+            base.shards.update((name, sha256[name]) for name, _ in parts)
+            return base
+
+        scores.commit(change)
         for _, rows in parts if on_shard is not None else ():
             on_shard(rows)
 
     return commit
 
 
-def _read_shard(store: Store) -> Callable[[Path], tuple[np.ndarray, list[np.ndarray]]]:
+def _read_shard(store: Store) -> Callable[[Shard], tuple[np.ndarray, list[np.ndarray]]]:
     """One thread per shard: the pipeline runs several readers, and Arrow's own threads on top were 2x slower
     (ParquetFile, not read_table: no dataset layer, ~0.4 ms less per shard)."""
-    def read(path: Path) -> tuple[np.ndarray, list[np.ndarray]]:
+    def read(shard: Shard) -> tuple[np.ndarray, list[np.ndarray]]:
         """ids, and the fp16 rows per row group (zero-copy views; Engine.prepare joins them)."""
-        import pyarrow.parquet as pq
-
-        table = pq.ParquetFile(path, memory_map=True).read(["id", "embedding"], use_threads=False)
+        try:
+            table = shard_io.parquet_file(store.shard_source(shard)).read(["id", "embedding"], use_threads=False)
+        except (pa.ArrowException, OSError) as exc:
+            raise store.damaged(shard.name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
         blocks = [shard_io.embedding_matrix(c, store.dim) for c in table.column("embedding").chunks]
         return table.column("id").to_numpy(), blocks or [np.zeros((0, store.dim), np.float16)]
 
     return read
+
+
+def _uris(store: Store) -> Callable[[str], "pa.Array | None"]:
+    """The uri column of a shard, for the score part (so a scores folder reads on its own)."""
+    def uris(name: str) -> "pa.Array | None":
+        return shard_io.read_table(store.shard_source(name, check=False), ["uri"]).column("uri").combine_chunks()
+
+    return uris
 
 
 def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str = "cpu",
@@ -136,53 +148,66 @@ def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str 
     engine: a name (auto, numpy, torch) or an Engine; readers/writers: threads (0: from the core count)."""
     store = Store.open(store_root)
     clf = load_classifier(store, name)
-    folder = scores_dir(store, name)
-    folder.mkdir(parents=True, exist_ok=True)
-    with WriteLock(folder):
+    store.ensure_v2()
+    scores = scores_of(store, name)
+    lock = WriteLock(store.fs.local_path(scores.folder), "_LOCK") if store.fs.local else None
+    if lock is not None:
+        lock.path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
         if isinstance(engine, str):
             check_options(engine, device, precision)
-        progress, reset = _start(folder, clf, read_progress(folder), precision if isinstance(engine, str)
-                                 else engine.precision)
-        todo = _pending_shards(store, folder, progress)
+        state, reset = _start(store, scores, clf, scores.state(), precision if isinstance(engine, str)
+                              else engine.precision)
+        todo = _pending_shards(store, scores, state)
         if isinstance(engine, str):  # built only when there is work: torch is not imported for nothing
             engine = make_engine(clf, engine, device, precision, batch_rows) if todo else Engine(engine, precision, 0)
-        summary = ScoreSummary(name, shards_present=len(store.manifest["shards"]) - len(todo), rescored_all=reset,
+        summary = ScoreSummary(name, shards_present=len(store.shards) - len(todo), rescored_all=reset,
                                engine=engine.name, precision=engine.precision)
-        commit = _commit_parts(folder, progress, {s["name"]: s["sha256"] for s in todo}, on_shard)
-        pipeline = Pipeline(engine, _read_shard(store), _write_part(clf, folder), commit, readers, writers)
+        commit = _commit_parts(scores, state, {s.name: s.sha256 for s in todo}, on_shard)
+        pipeline = Pipeline(engine, _read_shard(store), _write_part(clf, scores, _uris(store)), commit,
+                            readers, writers)
         started = time.perf_counter()
-        stages = pipeline.run([store.root / "shards" / s["name"] for s in todo])
+        stages = pipeline.run(todo)  # type: ignore[arg-type]  # a Shard has the .name the pipeline uses
         summary.seconds = time.perf_counter() - started
-        summary.scored, summary.shards_scored = sum(s["rows"] for s in todo), len(todo)
+        summary.scored, summary.shards_scored = sum(s.rows for s in todo), len(todo)
         summary.stages = stages.as_dict()
+    finally:
+        if lock is not None:
+            lock.release()
     return summary
 
 
 class _ScoreCache:
-    """Sorted (ids, p_nsfw) of one scores folder, reloaded when progress.json or the model file changes."""
+    """Sorted (ids, p_nsfw) of one scores folder, reloaded when its progress or the model generation changes."""
 
     def __init__(self) -> None:
-        self._entries: dict[Path, tuple[Any, np.ndarray, np.ndarray]] = {}
+        self._entries: dict[tuple[str, str], tuple[Any, np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
 
     def get(self, store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
-        folder, model = scores_dir(store, name), model_paths(store, name)["weights"]
-        key = tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in (folder / PROGRESS, model))
+        store.follow()
+        scores = scores_of(store, name)
+        key = (scores.version(), artifacts.model_generation(store, name))
         with self._lock:
-            cached = self._entries.get(folder)
+            cached = self._entries.get((store.root, name))
             if cached is None or cached[0] != key:
                 cached = (key, *_load_scores(store, name))
-                self._entries[folder] = cached
+                self._entries[(store.root, name)] = cached
         return cached[1], cached[2]
 
 
 def _load_scores(store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
-    folder, model = scores_dir(store, name), model_paths(store, name)["weights"]
-    progress = read_progress(folder)
+    scores = scores_of(store, name)
+    state = scores.state()
     empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
-    if not model.is_file() or progress.get("fingerprint") != sha256_file(model)[:16]:
-        return empty  # never scored, or scored by an older model: nothing is current
-    parts = [shard_io.read_table(folder / n, ["id", "p_nsfw"]) for n in progress["shards"] if (folder / n).is_file()]
+    if state is None or name not in artifacts.model_names(store):
+        return empty
+    model = model_paths(store, name)["weights"]
+    if not model.is_file() or state.fingerprint != sha256_file(model)[:16]:
+        return empty  # scored by an older model: nothing is current
+    present = set(scores.part_names())
+    parts = [shard_io.read_table(scores.part_source(n), ["id", "p_nsfw"]) for n in state.shards if n in present]
     if not parts:
         return empty
     table = pa.concat_tables(parts)
@@ -208,10 +233,12 @@ def lookup_scores(store: Store, name: str, ids: np.ndarray) -> np.ndarray:
 
 def scored_parts(store: Store, name: str) -> list[str]:
     """Names of the current score parts, in shard order; StoreError if scores are missing or stale."""
-    folder = scores_dir(store, name)
-    progress = read_progress(folder)
-    names = [s["name"] for s in store.manifest["shards"]]
-    missing = [n for n in names if n not in progress.get("shards", {}) or not (folder / n).is_file()]
+    scores = scores_of(store, name)
+    state = scores.state()
+    done = {} if state is None else state.shards
+    present = set(scores.part_names())
+    names = [s.name for s in store.shards]
+    missing = [n for n in names if n not in done or n not in present]
     if missing:
         raise StoreError(f"{len(missing)} shards of {store.root} are not scored by model {name!r}; "
                          f"run `pnsfw score --store {store.root} --model {name}`")

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInput
-from ..store import Store
+from ..store import Store, artifacts
 from ..store.files import atomic_write, atomic_write_json
+from ..store.maintenance import check_shards
 from . import metrics as M
 from .data import SPLITS, LabelledData, labelled_vectors, nsfw_truth, resolve_classes, stratified_split
 from .labels import LabelSet, read_labels
@@ -159,6 +160,7 @@ def train_classifier(store_root: "str | Path", labels_spec: str, options: TrainO
     check_options(options)
     started = time.time()
     store = Store.open(store_root)
+    check_shards(store)
     label_set = read_labels(store, labels_spec)
     classes, nsfw = resolve_classes(label_set.labels, options.nsfw_classes)
     labelled = labelled_vectors(store, label_set.labels)
@@ -166,8 +168,8 @@ def train_classifier(store_root: "str | Path", labels_spec: str, options: TrainO
     data = split_arrays(labelled, split, targets(labelled.labels, classes, nsfw))
     outputs = 1 if len(classes) == 2 else len(classes)
     hyper, tuning = _choose_hyper(data, outputs, options)
-    paths = model_paths(store, options.name)
-    paths["keras"].parent.mkdir(parents=True, exist_ok=True)
+    staged = artifacts.ModelStage(store, options.name)  # every file of the model: one generation
+    paths = model_paths(staged.folder, options.name)
     model, history = fit(data, outputs, hyper, options, paths["logs"])
     from .keras_io import keras_layers, save_keras
 
@@ -184,7 +186,9 @@ def train_classifier(store_root: "str | Path", labels_spec: str, options: TrainO
     _save_labels(paths["labels"], labelled, split)
     meta = _metadata(store, options, classes, nsfw, threshold, hyper, history, metrics, label_set, labelled, split)
     meta.update(tuning=tuning, evaluated_on=eval_split, seconds=round(time.time() - started, 2))
+    meta = staged.relocate(meta)  # plot paths as they will be once committed
     atomic_write_json(paths["meta"], meta)
+    staged.commit()
     return meta
 
 
@@ -198,7 +202,7 @@ def _metadata(store: Store, options: TrainOptions, classes: list[str], nsfw: lis
         "name": options.name, "created": time.time(), "classes": classes, "nsfw_classes": nsfw,
         "output": "sigmoid" if len(classes) == 2 else "softmax", "threshold": threshold,
         "threshold_for": options.threshold_for, "space": store.space, "dim": store.dim,
-        "encoder": store.manifest["encoder"], "projection": store.manifest["projection"],
+        "encoder": store.encoder, "projection": store.projection_info,
         "config": dict(asdict(options), **hyper), "history": history,
         "data": {"labels": len(label_set.labels), "unknown": len(label_set.unknown),
                  "unknown_examples": label_set.unknown[:5], "unlabelled": label_set.unlabelled,

@@ -27,7 +27,7 @@ class EmbeddingService:
         """The encoder the store records (manifest), or `clip_model` if it has the same weights."""
         from .encoder import load_encoder
 
-        recorded = store.manifest.get("encoder")
+        recorded = store.encoder
         if not recorded:
             raise StoreError(f"store {store.root} has no vectors yet")
         encoder = load_encoder(clip_model or recorded["name"], device)

@@ -87,7 +87,7 @@ def collect_items(sources: list[str], known: set[str],
 
 def check_projection_option(writer: StoreWriter, spec: str | None) -> None:
     """An explicit --projection must agree with the one an existing store already uses."""
-    if not spec or not writer.manifest["projection"]:
+    if not spec or not writer.store.projection_info:
         return
     current = writer.store.projection()
     same_file = os.path.isfile(spec) and Projection.load(spec).fingerprint == current.fingerprint
@@ -98,7 +98,7 @@ def check_projection_option(writer: StoreWriter, spec: str | None) -> None:
 
 def _projection_for(writer: StoreWriter, options: IndexOptions, encoder: Encoder) -> Projection | None:
     """The store's projection, or a new one (None while a PCA waits for its sample)."""
-    if writer.manifest["projection"]:
+    if writer.store.projection_info:
         return writer.store.projection()
     if needs_sample(options.projection or "random"):
         return None
@@ -258,7 +258,7 @@ class _Startup:
         try:
             device = resolve_device(self.options.device)
             WARM_UPS.get(reader_name(self.options, device), lambda _: None)(device)
-        except Exception:  # noqa: BLE001 - the run itself reports what is wrong with the device or reader
+        except Exception:
             pass
 
     def get(self) -> Encoder:

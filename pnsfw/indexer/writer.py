@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..store import Projection, StoreWriter
-from ..store.shards import ERROR_SCHEMA, embedding_array, shard_schema
+from ..store.shards import ERROR_SCHEMA, embedding_array
 from .reader import Result
 
 
@@ -73,7 +73,7 @@ class ShardWriter:
             "height": pa.array([r.height for r in rows], pa.int32()),
             "embedding": embedding_array(vectors),
         }
-        return pa.table(columns, schema=shard_schema(self.projection.dim))
+        return pa.table(columns)  # the store adds uri_hash and writes its own schema
 
     @staticmethod
     def _errors(errors: list[Result]) -> pa.Table | None:

@@ -7,7 +7,6 @@ the embedding space and the shards covered, so `update_index` can add new
 shards without a rebuild (every kind here accepts adds once trained).
 """
 
-import json
 import math
 import os
 import time
@@ -19,11 +18,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInput, StoreError
-from ..store import Store
-from ..store.files import atomic_write, atomic_write_json
+from ..store import Store, artifacts
+from ..store.maintenance import check_shards
+from ..store.records import Generation
 
-INDEX_FILE = "faiss.index"
-META_FILE = "index.json"
 FLAT_MAX_CPU = 300_000  # above this, exact CPU search costs > ~10 ms per query: go approximate
 FLAT_MAX_GPU = 20_000_000  # exact fp16/fp32 GPU search stays in the ms range up to here
 HNSW_MAX = 5_000_000  # HNSW build time grows past what one machine does in an hour beyond this
@@ -42,18 +40,9 @@ class Plan:
     train_size: int = 0
 
 
-def index_dir(store: Store) -> Path:
-    return store.root / "index"
-
-
 def read_meta(store: Store) -> "dict[str, Any] | None":
-    path = index_dir(store) / META_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise StoreError(f"cannot read {path}: {exc}") from None
+    """index.json of the store's current index generation (None without an index)."""
+    return artifacts.index_meta(store)
 
 
 def default_memory() -> int:
@@ -183,18 +172,17 @@ def _train(index: Any, sample: Callable[[int], np.ndarray], plan: Plan, gpus: in
 def add_shards(index: Any, store: Store, names: list[str]) -> int:
     """Stream the named shards into the index; returns the rows added."""
     added = 0
-    for ids, vectors in store.iter_vectors([store.root / "shards" / n for n in names]):
+    for ids, vectors in store.iter_vectors([store.shard(n) for n in names]):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
         added += len(ids)
     return added
 
 
-def save_index(store: Store, index: Any, meta: dict[str, Any]) -> None:
+def save_index(store: Store, index: Any, meta: dict[str, Any], base: "Generation | None") -> bool:
+    """Commit the index and its metadata as one generation (False: another writer's index won meanwhile)."""
     import faiss
 
-    folder = index_dir(store)
-    atomic_write(folder / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
-    atomic_write_json(folder / META_FILE, meta)
+    return artifacts.commit_index(store, lambda path: faiss.write_index(index, str(path)), meta, base)
 
 
 def load_index(store: Store) -> tuple[Any, dict[str, Any]]:
@@ -204,8 +192,13 @@ def load_index(store: Store) -> tuple[Any, dict[str, Any]]:
     meta = read_meta(store)
     if meta is None:
         raise StoreError(f"store {store.root} has no index (run `pnsfw reindex --store {store.root}`)")
-    store.check_space(meta["space"], f"index {index_dir(store)}")
-    index = faiss.read_index(str(index_dir(store) / INDEX_FILE))
+    store.check_space(meta["space"], "the index")
+    path = artifacts.index_file(store)
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise StoreError(f"cannot read index {path}: {str(exc).splitlines()[0][:120]}; "
+                         f"run `pnsfw repair --store {store.root}`") from None
     set_search_params(index, meta.get("search_params", ""))
     return index, meta
 
@@ -238,10 +231,11 @@ def build_index(store: Store, kind: str = "auto", max_memory: "int | None" = Non
         raise StoreError(f"store {store.root} has no vectors to index")
     budget = max_memory or default_memory()
     plan = make_plan(kind, store.rows, store.dim, budget, gpu_count())
-    names = [s["name"] for s in store.manifest["shards"]]
+    names = [s.name for s in store.shards]
+    base = store.manifest.index
     index = create_index(store, plan)
     added = int(index.ntotal)
-    save_index(store, index, _meta(store, plan, kind, budget, index, names))
+    save_index(store, index, _meta(store, plan, kind, budget, index, names), base)
     return {"kind": plan.kind, "factory": plan.factory, "search_params": plan.search_params,
             "ntotal": int(index.ntotal), "added": added, "rebuilt": True,
             "seconds": round(time.perf_counter() - started, 3)}
@@ -251,13 +245,12 @@ def reindex(store_root: "str | Path", kind: str = "auto", max_memory: "int | Non
     """`pnsfw reindex`: rebuild under the store's write lock."""
     store = Store.open(store_root)
     with store.writer():
+        check_shards(store)
         return build_index(store, kind, max_memory)
 
 
 def _needs_rebuild(store: Store, meta: "dict[str, Any] | None", names: list[str]) -> bool:
     if meta is None or meta.get("space") != store.space or not set(meta["shards"]) <= set(names):
-        return True
-    if not (index_dir(store) / INDEX_FILE).exists():
         return True
     if meta.get("spec", "flat") != "auto":
         return False
@@ -270,16 +263,17 @@ def update_index(store: Store) -> dict[str, Any]:
     """Add shards the index does not cover yet; rebuild if missing, from another space, or outgrown."""
     started = time.perf_counter()
     meta = read_meta(store)
-    names = [s["name"] for s in store.manifest["shards"]]
+    names = [s.name for s in store.shards]
     if _needs_rebuild(store, meta, names):
         keep = meta is not None and meta.get("space") == store.space
         return build_index(store, meta.get("spec", "auto") if keep else "auto",
                            meta.get("max_memory") if keep else None)
+    base = store.manifest.index
     index, meta = load_index(store)
     todo = [n for n in names if n not in set(meta["shards"])]
     added = add_shards(index, store, todo)
     if todo:
         save_index(store, index, dict(meta, ntotal=int(index.ntotal), shards=meta["shards"] + todo,
-                                      updated=time.time()))
+                                      updated=time.time()), base)
     return {"kind": meta["kind"], "factory": meta.get("factory", ""), "ntotal": int(index.ntotal),
             "added": added, "rebuilt": False, "seconds": round(time.perf_counter() - started, 3)}

@@ -112,7 +112,7 @@ class Searcher:
             searcher.use_exact(exact_device)
         else:
             index, meta = load_index(store)
-            todo = [s["name"] for s in store.manifest["shards"] if s["name"] not in set(meta["shards"])]
+            todo = [s.name for s in store.shards if s.name not in set(meta["shards"])]
             add_shards(index, store, todo)
             searcher = cls(store, _to_gpu(index, meta["kind"]), meta)
         if scorer is not None:

@@ -35,7 +35,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], sync_dir: bool = Tru
 
 def atomic_write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    def write(tmp: Path) -> None:
+        tmp.write_text(text)
+
+    atomic_write(path, write)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

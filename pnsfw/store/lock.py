@@ -10,12 +10,17 @@ from ..errors import StoreLocked
 class WriteLock:
     """Exclusive, non-blocking flock; readers never take it."""
 
-    def __init__(self, root: Path):
-        self.path = Path(root) / "LOCK"
+    def __init__(self, root: Path, name: str = "LOCK") -> None:
+        self.path = Path(root) / name
         self._fd: int | None = None
 
     def acquire(self) -> "WriteLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            from .fs import write_failure
+
+            raise write_failure(str(self.path.parent), exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -16,7 +16,8 @@ from ..errors import BadInput
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
+    out: np.ndarray = x / np.maximum(norm, 1e-12)
+    return out
 
 
 @dataclass(frozen=True)

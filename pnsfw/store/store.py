@@ -1,83 +1,141 @@
-"""The store: a folder with a manifest that lists committed shards.
+"""The store: a folder or object-store prefix whose newest manifest version lists what is committed.
 
-A file becomes part of the store only when a manifest that lists it has been
-renamed into place, so a crash at any moment leaves the last commit intact.
+Read access is `Store`; appends go through `Store.writer()` (a StoreWriter). Every change is a function of
+the manifest applied by `Store.commit`, which re-applies it on top of a racing writer's commit.
 """
 
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from hashlib import blake2b
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from ..errors import SpaceMismatch, StoreError
-from . import shards
-from .files import atomic_write_json, sha256_file
-from .lock import WriteLock
-from .projection import Projection, space_fingerprint
+from . import hooks, shards
+from .fs import FileSystem, open_fs, read_text_or_none
+from .log import VersionLog
+from .projection import Projection
+from .records import Manifest, Shard, Space
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+if TYPE_CHECKING:
+    from .artifacts import Scores
+    from .writer import StoreWriter
+
+log = logging.getLogger("pnsfw.store")
+MANIFEST_DIR = "_manifest"
+LEGACY_MANIFEST = "manifest.json"
+NORM_TOLERANCE = 0.05  # fp16 unit vectors are within ~1e-3 of norm 1; flipped bits are far off
+_HOST = blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()
 
 
-def _empty_manifest() -> dict[str, Any]:
-    return {"format": FORMAT_VERSION, "created": time.time(), "encoder": None, "projection": None,
-            "next_id": 0, "shards": [], "errors": []}
+def writer_token() -> str:
+    """host-pid-random: unique per staged file, and tells the orphan sweep whose file it is."""
+    return f"{_HOST}-{os.getpid()}-{os.urandom(2).hex()}"
 
 
 class Store:
-    """Read access to a store folder; `writer()` gives the one write handle."""
+    """Read access to a store; `writer()` gives the write handle, `commit()` applies a change."""
 
-    def __init__(self, root: "str | Path"):
-        self.root = Path(root)
-        self.manifest = self._read_manifest()
+    def __init__(self, root: str | Path, fs: FileSystem | None = None, load: bool = True):
+        self.fs = fs or open_fs(root)
+        self.root = str(root)
+        self._lock = threading.Lock()
+        self._checked = time.monotonic()
+        self.version, self.manifest, self.legacy = self._load() if load else (0, Manifest(), False)
 
-    def _read_manifest(self) -> dict[str, Any]:
-        path = self.root / MANIFEST
-        if not path.exists():
-            return _empty_manifest()
-        import json
+    # ---- reading the manifest
+    def _load(self) -> tuple[int, Manifest, bool]:
+        latest = VersionLog(self.fs, MANIFEST_DIR).latest()
+        if latest is not None:
+            where = self.fs.url(f"{MANIFEST_DIR}/{latest[0]:010d}.json")
+            return latest[0], Manifest.from_json(latest[1], where, self.root), False
+        text = read_text_or_none(self.fs, LEGACY_MANIFEST)
+        if text is not None:
+            from .legacy import read_v1
 
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"cannot read {path}: {exc}") from None
-        if manifest.get("format") != FORMAT_VERSION:
-            raise StoreError(f"{path} has format {manifest.get('format')!r}; this pnsfw reads format {FORMAT_VERSION}")
-        return manifest
+            return 0, read_v1(self, text), True
+        if any(e.name.endswith(".parquet") for e in self.fs.list("shards")):
+            raise StoreError(f"store {self.root} has shards but no manifest; run `pnsfw repair --store {self.root}` "
+                             "to rebuild it from the intact shards")
+        return 0, Manifest(), False
 
     @classmethod
-    def open(cls, root: "str | Path") -> "Store":
-        """Open an existing, non-empty store or fail with a clear message."""
+    def open(cls, root: str | Path) -> Store:
+        """Open an existing store or fail with a clear message."""
         store = cls(root)
-        if not (store.root / MANIFEST).exists():
+        if not store.exists:
             raise StoreError(f"no store at {store.root} (run `pnsfw index SOURCE --store {store.root}` first)")
         return store
 
-    def refresh(self) -> None:
-        self.manifest = self._read_manifest()
+    def refresh(self) -> bool:
+        """Re-read the newest manifest; True when it changed."""
+        version, manifest, legacy = self._load()
+        changed = (version, legacy) != (self.version, self.legacy) or (legacy and manifest != self.manifest)
+        self.version, self.manifest, self.legacy = version, manifest, legacy
+        return changed
+
+    def follow(self, interval: float = 1.0) -> bool:
+        """Refresh when a newer version was committed, checking at most every `interval` seconds (long-lived
+        readers such as `serve` call this per request); True when the manifest changed."""
+        now = time.monotonic()
+        if now - self._checked < interval:
+            return False
+        self._checked = now
+        if self.latest_version() == self.version and not self.legacy:
+            return False
+        return self.refresh()
+
+    def latest_version(self) -> int:
+        """The newest committed version number (a cheap listing; 0 for none or a v1 store)."""
+        versions = VersionLog(self.fs, MANIFEST_DIR).versions()
+        return versions[-1] if versions else 0
 
     @property
     def exists(self) -> bool:
-        return (self.root / MANIFEST).exists()
+        return self.version > 0 or self.legacy
 
     @property
     def rows(self) -> int:
-        return sum(s["rows"] for s in self.manifest["shards"])
+        return self.manifest.rows
+
+    @property
+    def shards(self) -> list[Shard]:
+        return self.manifest.shards
+
+    @property
+    def space_info(self) -> Space:
+        if self.manifest.space is None:
+            raise StoreError(f"store {self.root} has no vectors yet")
+        return self.manifest.space
+
+    @property
+    def encoder(self) -> dict[str, Any] | None:
+        return None if self.manifest.space is None else self.manifest.space.encoder
+
+    @property
+    def projection_info(self) -> dict[str, Any] | None:
+        return None if self.manifest.space is None else self.manifest.space.projection
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["projection"]["dim"])
+        return self.space_info.dim
 
     @property
     def space(self) -> str:
         """Fingerprint of the embedding space (encoder + projection)."""
-        if not self.manifest["projection"]:
-            raise StoreError(f"store {self.root} has no vectors yet")
-        return space_fingerprint(self.manifest["encoder"]["fingerprint"], self.manifest["projection"]["fingerprint"])
+        return self.space_info.fingerprint
 
     def check_space(self, fingerprint: str, what: str) -> None:
         if fingerprint != self.space:
@@ -85,31 +143,106 @@ class Store:
                                 f"space {self.space} (another CLIP model or projection)")
 
     def projection(self) -> Projection:
-        return Projection.load(self.root / "projection.npy", self.manifest["projection"]["kind"])
+        info = self.space_info.projection
+        try:
+            packed = np.load(io.BytesIO(self.fs.read_bytes("projection.npy")), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read {self.fs.url('projection.npy')}: {exc}") from None
+        projection = Projection.from_array(packed, str(info["kind"]))
+        if projection.fingerprint != info["fingerprint"]:
+            raise StoreError(f"{self.fs.url('projection.npy')} is not the projection the manifest records "
+                             f"({projection.fingerprint} != {info['fingerprint']}); "
+                             f"run `pnsfw repair --store {self.root}`")
+        return projection
 
-    def shard_paths(self) -> list[Path]:
-        return [self.root / "shards" / s["name"] for s in self.manifest["shards"]]
+    # ---- reading shards
+    def shard(self, name: str) -> Shard:
+        for shard in self.manifest.shards:
+            if shard.name == name:
+                return shard
+        raise StoreError(f"shard {name} is not in store {self.root}")
 
-    def error_paths(self) -> list[Path]:
-        return [self.root / "errors" / e["name"] for e in self.manifest["errors"]]
+    def shard_source(self, shard: Shard | str, check: bool = True) -> Any:
+        """What pyarrow reads for a shard (a local path or a file object), after the cheap size check."""
+        entry = self.shard(shard) if isinstance(shard, str) else shard
+        rel = f"shards/{entry.name}"
+        if check:
+            try:
+                size = self.fs.size(rel)
+            except FileNotFoundError:
+                raise self.damaged(entry.name, "is missing") from None
+            if size != entry.bytes:
+                raise self.damaged(entry.name, f"has {size} bytes, the manifest says {entry.bytes}")
+        return self.fs.open_input(rel)
 
-    def table(self, columns: "list[str] | None" = None) -> pa.Table:
-        """All committed rows (without the embedding unless asked)."""
-        if columns is None:
-            columns = [n for n in shards.shard_schema(1).names if n != "embedding"]
-        tables = [shards.read_table(p, columns) for p in self.shard_paths()]
-        return pa.concat_tables(tables) if tables else shards.shard_schema(1).empty_table().select(columns)
+    def damaged(self, name: str, what: str) -> StoreError:
+        return StoreError(f"shard {name} of store {self.root} {what}; run `pnsfw repair --store {self.root}`")
+
+    def _read(self, shard: Shard, columns: list[str] | None) -> pa.Table:
+        try:
+            return shards.read_table(self.shard_source(shard), columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise self.damaged(shard.name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+
+    def table(self, columns: list[str] | None = None) -> pa.Table:
+        """All committed rows (without the embedding unless asked); metadata columns where present."""
+        wanted = shards.ITEM_COLUMNS if columns is None else columns
+        tables = [self._read(s, self._present(s, wanted)) for s in self.manifest.shards]
+        if not tables:
+            return shards.shard_schema(1).empty_table().select([c for c in wanted if c in shards.FIXED_COLUMNS])
+        return pa.concat_tables(tables, promote_options="default")
+
+    def _present(self, shard: Shard, wanted: list[str]) -> list[str]:
+        """The wanted columns this shard has (v1 shards lack uri_hash; metadata columns vary)."""
+        if all(c in ("id", "uri", "source", "sha256", "width", "height", "embedding") for c in wanted):
+            return wanted
+        try:
+            names = set(shards.parquet_file(self.shard_source(shard)).schema_arrow.names)
+        except (pa.ArrowException, OSError) as exc:
+            raise self.damaged(shard.name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+        return [c for c in wanted if c in names]
+
+    def shard_columns(self) -> list[str]:
+        """Column names of the newest shard (the fixed ones, then its metadata columns)."""
+        if not self.manifest.shards:
+            return []
+        shard = self.manifest.shards[-1]
+        try:
+            return list(shards.parquet_file(self.shard_source(shard)).schema_arrow.names)
+        except (pa.ArrowException, OSError) as exc:
+            raise self.damaged(shard.name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
 
     def errors(self) -> pa.Table:
-        tables = [shards.read_table(p) for p in self.error_paths()]
+        tables = []
+        for part in self.manifest.errors:
+            try:
+                tables.append(shards.read_table(self.fs.open_input(f"errors/{part.name}")))
+            except (pa.ArrowException, OSError) as exc:
+                raise StoreError(f"error part {part.name} of store {self.root} cannot be read ({exc}); "
+                                 f"run `pnsfw repair --store {self.root}`") from None
         return pa.concat_tables(tables) if tables else shards.ERROR_SCHEMA.empty_table()
 
-    def iter_vectors(self, paths: "list[Path] | None" = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream (ids int64, vectors fp16 (n, dim)) one row group at a time."""
-        for path in self.shard_paths() if paths is None else paths:
-            for batch in shards.iter_batches(path, ["id", "embedding"]):
-                ids = batch.column(0).to_numpy()
-                yield ids, shards.embedding_matrix(batch.column(1), self.dim)
+    def iter_vectors(self, selected: list[Shard] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream (ids int64, vectors fp16 (n, dim)) one row group at a time; norms checked."""
+        dim = self.dim
+        for shard in self.manifest.shards if selected is None else selected:
+            try:
+                for batch in shards.iter_batches(self.shard_source(shard), ["id", "embedding"]):
+                    ids, vectors = batch.column(0).to_numpy(), shards.embedding_matrix(batch.column(1), dim)
+                    self._check_norms(shard, vectors)
+                    yield ids, vectors
+            except (pa.ArrowException, OSError) as exc:
+                raise self.damaged(shard.name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+
+    def _check_norms(self, shard: Shard, vectors: np.ndarray) -> None:
+        if not len(vectors):
+            return
+        sample = vectors[:: max(1, len(vectors) // 256)].astype(np.float32)
+        norms = np.linalg.norm(sample, axis=1)
+        bad = ~(np.abs(norms - 1.0) <= NORM_TOLERANCE)
+        if bad.any():
+            raise self.damaged(shard.name, f"holds vectors of norm {float(norms[bad][0]):.4g} (not unit vectors: "
+                                           "flipped bits?)")
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         parts = list(self.iter_vectors())
@@ -123,71 +256,68 @@ class Store:
         uris.update(self.errors().column("uri").to_pylist())
         return uris
 
-    @contextmanager
-    def writer(self) -> Iterator["StoreWriter"]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with WriteLock(self.root):
+    # ---- artefacts (index generations, models, scores, labels): see artifacts.py
+    def scores(self, name: str) -> Scores:
+        from .artifacts import Scores
+
+        return Scores(self, name)
+
+    # ---- writing
+    def commit(self, change: Callable[[Manifest], Manifest | None], what: str) -> Manifest:
+        """Apply change(manifest copy) -> new manifest (None: nothing to do) as the next version.
+
+        On a lost race the newest manifest is re-read and `change` applied again on top of it."""
+        self.ensure_v2()
+        result: dict[str, Manifest] = {}
+
+        def read() -> tuple[int, Manifest]:
             self.refresh()
-            writer = StoreWriter(self)
-            writer.remove_orphans()
-            yield writer
+            return self.version, self.manifest
 
+        def apply(manifest: Manifest) -> dict[str, Any] | None:
+            new = change(manifest.copy())
+            if new is not None:
+                result["manifest"] = new
+            return None if new is None else new.to_json()
 
-class StoreWriter:
-    """Appends shards and error files; each `commit` is one atomic manifest update."""
+        version, _ = VersionLog(self.fs, MANIFEST_DIR).commit(read, apply, what)
+        if "manifest" in result and version != self.version:
+            self.version, self.manifest = version, result["manifest"]
+        return self.manifest
 
-    def __init__(self, store: Store):
-        self.store = store
+    def ensure_v2(self) -> None:
+        """Migrate a v1 store (manifest.json) to the versioned layout before its first write."""
+        if self.legacy:
+            from .legacy import migrate
 
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self.store.manifest
+            migrate(self)
 
-    def remove_orphans(self) -> None:
-        """Delete files a crashed writer left behind that no manifest lists."""
-        listed = {p.name for p in self.store.shard_paths() + self.store.error_paths()}
-        for folder in ("shards", "errors"):
-            for path in (self.store.root / folder).glob("*"):
-                if path.name not in listed:
-                    path.unlink()
+    def write_json(self, rel: str, data: Any) -> None:
+        self.fs.write_bytes(rel, (json.dumps(data, indent=1) + "\n").encode())
 
-    def set_space(self, encoder: dict[str, Any], projection: Projection) -> None:
-        """Record the encoder and projection once; later runs must match them."""
-        current = self.manifest["encoder"]
-        if current is not None:
-            if current["fingerprint"] != encoder["fingerprint"]:
-                raise SpaceMismatch(f"store {self.store.root} was built with CLIP model {current['name']} "
-                                    f"({current['fingerprint'][:12]}), not {encoder['name']} "
-                                    f"({encoder['fingerprint'][:12]}); use another --store")
-            return
-        projection.save(self.store.root / "projection.npy")
-        self.manifest["encoder"] = encoder
-        self.manifest["projection"] = {"kind": projection.kind, "fingerprint": projection.fingerprint,
-                                       "dim": projection.dim, "width": projection.width}
-        self._write_manifest()
+    @contextmanager
+    def writer(self) -> Iterator[StoreWriter]:
+        """The append handle. Locally an advisory lock keeps a second writer from duplicating work (an
+        optimisation: correctness comes from the commit protocol); object stores have no lock."""
+        from .lock import WriteLock
+        from .maintenance import remove_orphans
+        from .writer import StoreWriter
 
-    def next_ids(self, count: int) -> np.ndarray:
-        start = self.manifest["next_id"]
-        return np.arange(start, start + count, dtype=np.int64)
+        lock: Any = nullcontext()
+        if self.fs.local:
+            try:
+                Path(self.fs.local_path("")).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                from .fs import write_failure
 
-    def commit(self, rows: "pa.Table | None", errors: "pa.Table | None") -> None:
-        """Write a shard and/or an error file, then list them in the manifest in one rename."""
-        if rows is not None and rows.num_rows:
-            name = self._write("shards", rows)
-            ids = rows.column("id")
-            self.manifest["shards"].append(dict(name, min_id=ids[0].as_py(), max_id=ids[-1].as_py()))
-            self.manifest["next_id"] = ids[-1].as_py() + 1
-        if errors is not None and errors.num_rows:
-            self.manifest["errors"].append(self._write("errors", errors))
-        self._write_manifest()
+                raise write_failure(self.root, exc) from None
+            lock = WriteLock(self.fs.local_path(""))
+        with lock:
+            self.refresh()
+            self.ensure_v2()
+            remove_orphans(self)
+            hooks.pause("writer:open")
+            yield StoreWriter(self)
 
-    def _write(self, folder: str, table: pa.Table) -> dict[str, Any]:
-        entries = self.manifest[folder]
-        number = int(entries[-1]["name"][5:10]) + 1 if entries else 0
-        path = self.store.root / folder / f"part-{number:05d}.parquet"
-        shards.write_parquet(table, path)
-        return {"name": path.name, "rows": table.num_rows, "sha256": sha256_file(path),
-                "bytes": path.stat().st_size, "committed": time.time()}
-
-    def _write_manifest(self) -> None:
-        atomic_write_json(self.store.root / MANIFEST, self.manifest)
+    def age(self) -> float:
+        return time.time() - self.manifest.created

@@ -1,0 +1,254 @@
+"""Multi-file artefacts and bookkeeping: index generations, model generations, scores, labels.
+
+An index (faiss.index + index.json) or a model (NAME.keras, NAME.json, its weights, labels, plots) is
+written into a fresh folder (`index/GEN/`, `models/NAME/GEN/`) and becomes current when a manifest version
+points at it, so a reader never pairs files of two generations. Scores live in `scores/NAME/part-*.parquet`
+(named after the shard they mirror) with their progress in the versioned log `scores/NAME/_progress/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..errors import StoreError
+from . import hooks, shards
+from .log import VersionLog
+from .records import Generation, Manifest, Part, ScoreState
+from .store import Store, writer_token
+
+log = logging.getLogger("pnsfw.store")
+INDEX_FILE = "faiss.index"
+INDEX_META = "index.json"
+
+
+@contextmanager
+def _staging(store: Store, parent: str) -> Iterator[Path]:
+    """A local folder to fill; inside the store for a local one (published by one rename)."""
+    local = store.fs.staging_dir(parent)
+    try:
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def publish(store: Store, parent: str, fill: Callable[[Path], None]) -> str:
+    """fill(local folder), then make it appear as PARENT/GEN; returns the folder (not yet referenced)."""
+    folder = f"{parent}/{writer_token()}"
+    with _staging(store, parent) as local:
+        fill(local)
+        hooks.pause(f"generation:{parent}:filled")
+        store.fs.put_tree(local, folder)
+    hooks.pause(f"generation:{parent}:published")
+    return folder
+
+
+# ---- the FAISS index
+def index_meta(store: Store) -> dict[str, Any] | None:
+    """index.json of the current index generation (None without an index)."""
+    gen = store.manifest.index
+    if gen is None:
+        return None
+    rel = f"{gen.folder}/{INDEX_META}"
+    try:
+        meta: dict[str, Any] = json.loads(store.fs.read_bytes(rel))
+        return meta
+    except FileNotFoundError:
+        raise StoreError(f"index {store.fs.url(gen.folder)} is missing; "
+                         f"run `pnsfw repair --store {store.root}`") from None
+    except ValueError as exc:
+        raise StoreError(f"cannot read {store.fs.url(rel)}: {exc}; "
+                         f"run `pnsfw repair --store {store.root}`") from None
+
+
+def index_file(store: Store) -> Path:
+    """A local path of the current generation's faiss.index."""
+    gen = store.manifest.index
+    if gen is None:
+        raise StoreError(f"store {store.root} has no index (run `pnsfw reindex --store {store.root}`)")
+    return store.fs.local_path(f"{gen.folder}/{INDEX_FILE}")
+
+
+def commit_index(store: Store, write: Callable[[Path], None], meta: dict[str, Any],
+                 base: Generation | None) -> bool:
+    """Write faiss.index (via write(path)) and index.json as one new generation, current if the index is still
+    `base` (the one this update started from); False (and nothing kept) when another writer replaced it first."""
+    def fill(local: Path) -> None:
+        write(local / INDEX_FILE)
+        (local / INDEX_META).write_text(json.dumps(meta, indent=1) + "\n")
+
+    folder = publish(store, "index", fill)
+    info = {k: meta.get(k) for k in ("kind", "factory", "ntotal", "space")} | {"shards": len(meta.get("shards", []))}
+    lost: list[bool] = []
+
+    def change(manifest: Manifest) -> Manifest | None:
+        current = manifest.index.folder if manifest.index else None
+        if current != (base.folder if base else None):
+            lost.append(True)
+            return None
+        manifest.index = Generation(folder, time.time(), info)
+        return manifest
+
+    store.commit(change, "the index")
+    if lost:
+        log.info("another writer replaced the index meanwhile; keeping theirs")
+        store.fs.delete(folder)
+    return not lost
+
+
+# ---- models
+def model_names(store: Store) -> list[str]:
+    return sorted(store.manifest.models)
+
+
+def model_folder(store: Store, name: str) -> Path | None:
+    """A local folder holding the current generation of model NAME's files (None when there is none)."""
+    gen = store.manifest.models.get(name)
+    if gen is None and store.follow(0.0):  # committed since this store was opened?
+        gen = store.manifest.models.get(name)
+    return None if gen is None else store.fs.local_path(gen.folder)
+
+
+def model_generation(store: Store, name: str) -> str:
+    """The folder of model NAME's current generation ("" when there is none): changes on every train."""
+    gen = store.manifest.models.get(name)
+    return "" if gen is None else gen.folder
+
+
+class ModelStage:
+    """A local folder to write model NAME's files into; `commit()` makes them its current generation in one
+    manifest commit (a later train of the same name wins). Never committed: the next writer sweeps it."""
+
+    def __init__(self, store: Store, name: str):
+        store.ensure_v2()
+        self.store, self.name = store, name
+        self.target = f"models/{name}/{writer_token()}"
+        self.remote = not store.fs.local
+        parent = f"models/{name}"
+        self.folder = store.fs.staging_dir(parent)
+
+    def relocate(self, data: Any) -> Any:
+        """data (JSON-able) with paths into the staging folder pointing at the committed generation instead."""
+        final = str(self.store.fs.local_path(self.target)) if self.store.fs.local else self.store.fs.url(self.target)
+        return json.loads(json.dumps(data).replace(json.dumps(str(self.folder))[1:-1], json.dumps(final)[1:-1]))
+
+    def commit(self, info: dict[str, Any] | None = None) -> Generation:
+        hooks.pause("generation:model:filled")
+        try:
+            self.store.fs.put_tree(self.folder, self.target)
+        finally:
+            if self.remote:
+                shutil.rmtree(self.folder, ignore_errors=True)
+        hooks.pause("generation:model:published")
+        gen = Generation(self.target, time.time(), info or {})
+
+        def change(manifest: Manifest) -> Manifest:
+            manifest.models[self.name] = gen
+            return manifest
+
+        self.store.commit(change, f"model {self.name}")
+        return gen
+
+
+# ---- labels
+def append_labels(store: Store, table: pa.Table) -> Part:
+    """Commit labels (id, label, source, at) as one labels part."""
+    from .writer import stage_table
+
+    table = table.select(shards.LABEL_SCHEMA.names).cast(shards.LABEL_SCHEMA)
+    base = store.manifest
+    staged = stage_table(store, "labels", base.next_part(base.labels), table, {})
+    part = Part(staged.name, staged.rows, staged.sha256, staged.bytes, time.time())
+
+    def change(manifest: Manifest) -> Manifest:
+        manifest.labels.append(part)
+        return manifest
+
+    store.commit(change, "labels")
+    return part
+
+
+def read_labels(store: Store) -> pa.Table:
+    """Every committed label, oldest first (a later label of an id overrides an earlier one)."""
+    tables = [shards.read_table(store.fs.open_input(f"labels/{p.name}")) for p in store.manifest.labels]
+    return pa.concat_tables(tables) if tables else shards.LABEL_SCHEMA.empty_table()
+
+
+# ---- scores
+class Scores:
+    """scores/NAME/: one part per shard (same name) and the progress log that says which are current."""
+
+    def __init__(self, store: Store, name: str):
+        self.store, self.name = store, name
+        self.folder = f"scores/{name}"
+        self.log = VersionLog(store.fs, f"{self.folder}/_progress")
+
+    def state(self) -> ScoreState | None:
+        latest = self.log.latest()
+        if latest is None:
+            from .legacy import legacy_score_state
+
+            return legacy_score_state(self.store, self.name) if self.store.legacy else None
+        return ScoreState.from_json(latest[1], self.store.fs.url(f"{self.folder}/_progress"))
+
+    def version(self) -> int:
+        versions = self.log.versions()
+        return versions[-1] if versions else (-1 if self.store.fs.exists(f"{self.folder}/progress.json") else 0)
+
+    def part(self, shard: str) -> str:
+        return f"{self.folder}/{shard}"
+
+    def part_names(self) -> list[str]:
+        """Score parts present in the folder (one listing)."""
+        return [e.name for e in self.store.fs.list(self.folder) if e.name.endswith(".parquet")
+                and not e.name.startswith((".", "_"))]
+
+    def has_part(self, shard: str) -> bool:
+        return self.store.fs.exists(self.part(shard))
+
+    def part_source(self, shard: str) -> Any:
+        return self.store.fs.open_input(self.part(shard))
+
+    def write_part(self, shard: str, write: Callable[[Path], None]) -> None:
+        """Written and renamed; `sync()` makes a batch of them durable before `commit` lists them."""
+        self.store.fs.write_file(self.part(shard), write, sync=False)
+
+    def sync(self) -> None:
+        self.store.fs.sync_dir(self.folder)
+
+    def commit(self, change: Callable[[ScoreState | None], ScoreState | None]) -> ScoreState | None:
+        """Apply change(current state) as the next progress version (re-applied on a lost race)."""
+        self.store.ensure_v2()
+        result: list[ScoreState] = []
+
+        def read() -> tuple[int, ScoreState | None]:
+            latest = self.log.latest()
+            if latest is None:
+                return 0, None
+            return latest[0], ScoreState.from_json(latest[1], self.store.fs.url(f"{self.folder}/_progress"))
+
+        def apply(state: ScoreState | None) -> dict[str, Any] | None:
+            new = change(state)
+            if new is not None:
+                result.append(new)
+            return None if new is None else new.to_json()
+
+        self.log.commit(read, apply, f"scores of {self.name}")
+        return result[-1] if result else self.state()
+
+    def delete_parts(self, keep: set[str]) -> None:
+        """Remove score parts not in keep (old parts after a model change)."""
+        for entry in self.store.fs.list(self.folder):
+            if entry.name.endswith(".parquet") and entry.name not in keep:
+                self.store.fs.delete(f"{self.folder}/{entry.name}")
+
+    def names(self) -> list[str]:
+        return sorted(e.name for e in self.store.fs.list("scores") if e.is_dir and not e.name.startswith((".", "_")))
