@@ -40,7 +40,7 @@ from make_checkpoint import make_checkpoint
 
 from pnsfw.indexer.projection import random_projection
 from pnsfw.store import Store
-from pnsfw.store.shards import embedding_array, shard_schema
+from pnsfw.store.shards import embedding_array
 from pnsfw.store.sizes import parse_size
 
 SHARD = 250_000
@@ -53,7 +53,7 @@ def _shard(writer: Any, count: int, rng: np.random.Generator) -> pa.Table:
     columns = {"id": ids, "uri": [f"bench://{i}" for i in ids], "source": ["bench://"] * count,
                "sha256": [""] * count, "width": pa.array(np.zeros(count, np.int32)),
                "height": pa.array(np.zeros(count, np.int32)), "embedding": embedding_array(vectors.astype(np.float16))}
-    return pa.table(columns, schema=shard_schema(256))
+    return pa.table(columns)  # the store adds uri_hash
 
 
 def build_store(root: Path, count: int, kind: str) -> Path:
@@ -61,7 +61,7 @@ def build_store(root: Path, count: int, kind: str) -> Path:
     from pnsfw.indexer.encoder import load_encoder
     from pnsfw.search.index import reindex
 
-    if (root / "models" / "bench.weights.npz").exists() and Store.open(root).rows == count:
+    if Store(root).exists and "bench" in Store(root).manifest.models and Store.open(root).rows == count:
         return root
     checkpoint = make_checkpoint("tiny", root.parent / "tiny-clip.pt")
     encoder = load_encoder(str(checkpoint), "cpu", "fp32")
@@ -97,12 +97,15 @@ def train(root: Path, picked: np.ndarray) -> None:
     y = (picked % 2).astype(np.float32)[:, None]
     model = build_model(store.dim, 1)
     model.fit(x, y, epochs=1, batch_size=256, verbose=0)
-    paths = model_paths(store, "bench")
-    paths["keras"].parent.mkdir(parents=True, exist_ok=True)
+    from pnsfw.store.artifacts import ModelStage
+
+    staged = ModelStage(store, "bench")
+    paths = model_paths(staged.folder, "bench")
     model.save(paths["keras"])
     save_weights(paths["weights"], keras_layers(model))
     paths["meta"].write_text(json.dumps({"name": "bench", "classes": ["nsfw", "sfw"], "nsfw_classes": ["nsfw"],
                                          "threshold": 0.5, "space": store.space, "dim": store.dim}))
+    staged.commit()
 
 
 def free_port() -> int:
@@ -312,7 +315,9 @@ def report(args: argparse.Namespace, root: Path, stats: dict[str, Any], results:
         cpu, loop = r["server_cpu_ms_per_req"] or float("nan"), r["server_loop_cpu_ms_per_req"] or float("nan")
         print(f"{path:12} {r['req_per_s']:8.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['non_200']:8d} "
               f"{cpu:11.3f} {loop:12.3f}  {r['codes']}")
-    index = json.loads((root / "index" / "index.json").read_text())
+    from pnsfw.store.artifacts import index_meta
+
+    index = index_meta(Store.open(root)) or {}
     info = {"machine": machine_info(), "vectors": args.vectors,
             "index": {k: index.get(k) for k in ("kind", "factory", "search_params")},
             "search_backend": stats.get("search"), "device": args.device, "search": args.search,

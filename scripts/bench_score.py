@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +37,21 @@ from pnsfw.store.sizes import parse_size
 
 
 def random_fp16(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
-    """Random bits with the exponent pinned: |x| in [1/32, 1/16), random sign; norms ~0.8, like the unit
-    vectors of a real store (values do not change the speed), ~10x cheaper than normal draws."""
+    """Random bits with the exponent pinned: |x| in [1/32, 1/16), random sign, then rows scaled to unit norm like
+    the vectors of a real store (values do not change the speed), cheaper than normal draws."""
     bits = rng.bit_generator.random_raw(-(-rows * dim // 4)).view(np.uint16)[:rows * dim]
     bits &= 0x83FF  # keep sign and mantissa
     bits |= 0x2800  # exponent 01010: 2^-5
-    return bits.view(np.float16).reshape(rows, dim)
+    vectors = bits.view(np.float16).reshape(rows, dim)
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float32))
+    vectors *= (1.0 / norms)[:, None].astype(np.float16)  # unit rows: the store checks norms on reads
+    return vectors
 
 
 def shard_table(first_id: int, rows: int, dim: int, seed: int) -> pa.Table:
     import pyarrow.compute as pc
 
-    from pnsfw.store.shards import embedding_array, shard_schema
+    from pnsfw.store.shards import ITEM_COLUMNS, embedding_array
 
     ids = pa.array(np.arange(first_id, first_id + rows, dtype=np.int64))
     constant = pa.repeat(pa.scalar("bench"), rows)
@@ -57,17 +59,7 @@ def shard_table(first_id: int, rows: int, dim: int, seed: int) -> pa.Table:
     vectors = random_fp16(np.random.default_rng(seed), rows, dim)
     columns = [ids, pc.binary_join_element_wise("bench/", pc.cast(ids, pa.string()), ".jpg", ""), constant,
                pa.repeat(pa.scalar(""), rows), size, size, embedding_array(vectors)]
-    return pa.Table.from_arrays(columns, schema=shard_schema(dim))
-
-
-def write_shard(root: Path, number: int, first_id: int, rows: int, dim: int) -> dict[str, Any]:
-    from pnsfw.store.files import sha256_file
-    from pnsfw.store.shards import write_parquet
-
-    path = root / "shards" / f"part-{number:05d}.parquet"
-    write_parquet(shard_table(first_id, rows, dim, seed=number), path)
-    return {"name": path.name, "rows": rows, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-            "committed": time.time(), "min_id": first_id, "max_id": first_id + rows - 1}
+    return pa.Table.from_arrays(columns, names=[*ITEM_COLUMNS, "embedding"])  # the store adds uri_hash
 
 
 def make_store(root: Path, rows: int, shard_rows: int, dim: int = 256) -> Store:
@@ -76,13 +68,10 @@ def make_store(root: Path, rows: int, shard_rows: int, dim: int = 256) -> Store:
 
     encoder = {"name": "bench-random", "fingerprint": "bench-random-0", "resolution": 224, "width": 512}
     starts = range(0, rows, shard_rows)
-    with Store(root).writer() as writer, ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+    with Store(root).writer() as writer:
         writer.set_space(encoder, random_projection(512, dim, 0))
-        futures = [pool.submit(write_shard, root, n, start, min(shard_rows, rows - start), dim)
-                   for n, start in enumerate(starts)]
-        writer.manifest["shards"].extend(f.result() for f in futures)
-        writer.manifest["next_id"] = rows
-        writer.commit(None, None)
+        tables = [shard_table(start, min(shard_rows, rows - start), dim, seed=n) for n, start in enumerate(starts)]
+        writer.commit_shards(tables, threads=len(os.sched_getaffinity(0)))
     return Store.open(root)
 
 
@@ -98,7 +87,7 @@ def train_real(store: Store, args: argparse.Namespace) -> None:
     from pnsfw.classifier.train import TrainOptions, train_classifier
 
     ids, labels = _random_labels(store)
-    path = store.root / "bench-labels.parquet"
+    path = Path(store.root) / "bench-labels.parquet"
     pq.write_table(pa.table({"id": ids, "label": labels}), path)
     train_classifier(store.root, str(path), TrainOptions(name="bench", epochs=2, units=args.units,
                                                          layers=args.layers, activation=args.activation))
@@ -110,19 +99,21 @@ def train_fit(store: Store, args: argparse.Namespace) -> None:
     from pnsfw.classifier.model import model_paths
     from pnsfw.classifier.train import TrainOptions, fit
     from pnsfw.classifier.weights import save_weights
+    from pnsfw.store.artifacts import ModelStage
 
     ids, labels = _random_labels(store)
-    x = np.concatenate([v for _, v in store.iter_vectors(store.shard_paths()[:1])])[:len(ids)].astype(np.float32)
+    x = np.concatenate([v for _, v in store.iter_vectors(store.shards[:1])])[:len(ids)].astype(np.float32)
     y = (labels == "nsfw").astype(np.float32)[:, None]
     options = TrainOptions(name="bench", epochs=2, units=args.units, layers=args.layers, activation=args.activation)
     model, _ = fit({"train": (x, y), "val": (x[:512], y[:512])}, 1, options.hyper(), options)
-    paths = model_paths(store, "bench")
-    paths["keras"].parent.mkdir(parents=True, exist_ok=True)
+    staged = ModelStage(store, "bench")
+    paths = model_paths(staged.folder, "bench")
     model.save(paths["keras"])
     save_weights(paths["weights"], keras_layers(model))
     meta = {"name": "bench", "classes": ["nsfw", "sfw"], "nsfw_classes": ["nsfw"], "threshold": 0.5,
             "space": store.space, "dim": store.dim}
     paths["meta"].write_text(json.dumps(meta))
+    staged.commit()
 
 
 def train_model(store: Store, args: argparse.Namespace) -> str:
@@ -173,18 +164,18 @@ def max_error(store: Store) -> float:
     import pyarrow.parquet as pq
 
     from pnsfw.classifier.model import load_classifier
-    from pnsfw.classifier.scoring import scores_dir
+    from pnsfw.classifier.scoring import scores_of
 
-    path = store.shard_paths()[0]
-    _, vectors = next(store.iter_vectors([path]))
-    p = pq.read_table(scores_dir(store, "bench") / path.name, columns=["p_nsfw"]).column("p_nsfw").to_numpy()
+    shard = store.shards[0]
+    _, vectors = next(store.iter_vectors([shard]))
+    p = pq.read_table(scores_of(store, "bench").part_source(shard.name), columns=["p_nsfw"]).column("p_nsfw").to_numpy()
     return float(np.abs(p[:len(vectors)] - load_classifier(store, "bench").p_nsfw(vectors)).max())
 
 
 def time_score(store: Store, engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
-    from pnsfw.classifier.scoring import score_store, scores_dir
+    from pnsfw.classifier.scoring import score_store, scores_of
 
-    shutil.rmtree(scores_dir(store, "bench"), ignore_errors=True)
+    store.fs.delete(scores_of(store, "bench").folder)
     started = time.perf_counter()
     summary = score_store(store.root, "bench", engine=engine, readers=args.readers, writers=args.writers)
     return {"vectors": summary.scored, "loop_s": round(summary.seconds, 3),

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pnsfw.classifier.model import model_paths
 from pnsfw.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +62,7 @@ def model_store(labelled_store: Path, tmp_path_factory: pytest.TempPathFactory) 
     assert "tensorflow" in imported or "keras" in imported  # training does use Keras ...
     noise = [x for x in done.stderr.splitlines() if "absl" in x or "oneDNN" in x or "cpu_feature_guard" in x]
     assert not noise, noise  # ... without TensorFlow's start-up lines reaching the user
-    assert (store / "models" / "default.weights.npz").is_file()
+    assert model_paths(Store(store), "default")["weights"].is_file()
     return store
 
 
@@ -110,7 +111,7 @@ def test_wrong_arguments_fail_before_heavy_imports(model_store: Path, tmp_path: 
 def test_model_with_only_a_keras_file_is_converted_once(model_store: Path, tmp_path: Path) -> None:
     root = tmp_path / "store"
     shutil.copytree(model_store, root)
-    weights = root / "models" / "default.weights.npz"
+    weights = model_paths(Store(root), "default")["weights"]
     expected = np.load(weights)["0.gamma"]
     weights.unlink()  # a model saved by an older pnsfw
     done, imported = pnsfw("score", "--store", root, "--device", "cpu")
@@ -123,11 +124,11 @@ def test_model_with_only_a_keras_file_is_converted_once(model_store: Path, tmp_p
 def test_weights_and_description_must_agree(model_store: Path, tmp_path: Path) -> None:
     root = tmp_path / "store"
     shutil.copytree(model_store, root)
-    meta_path = root / "models" / "default.json"
+    meta_path = model_paths(Store(root), "default")["meta"]
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps(dict(meta, classes=["a", "b", "c"], nsfw_classes=["a"])))
     done, _ = pnsfw("score", "--store", root, ok=False)
     assert "1 outputs" in done.stderr and "a, b, c" in done.stderr and "Traceback" not in done.stderr
-    (root / "models" / "default.weights.npz").write_bytes(b"not a zip")
+    model_paths(Store(root), "default")["weights"].write_bytes(b"not a zip")
     done, _ = pnsfw("score", "--store", root, ok=False)
     assert "cannot read model weights" in done.stderr and "Traceback" not in done.stderr

@@ -3,7 +3,7 @@
 Keras trains it (keras_io.py); scoring, search, the API and evaluation read the
 plain weights file (weights.py) into numpy with every BatchNorm folded into the
 Dense after it, so no command but `train` imports TensorFlow or Keras.
-Where a model's files live is decided by `models_dir` and `model_paths` alone.
+Where a model's files live is decided by the store (its current generation) through `model_paths` alone.
 """
 
 import json

@@ -128,6 +128,29 @@ class StoreWriter:
 
         self.store.commit(change, "a shard")
 
+    def commit_shards(self, tables: list[pa.Table], threads: int = 1) -> None:
+        """Several shards (ids contiguous from next_id) staged by `threads` threads, listed by one version."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        base = self.manifest
+        first = base.next_part(base.shards)
+        meta = {b"pnsfw.space": json.dumps(self.store.space_info.__dict__).encode()}
+        normal = [shards.normalize_rows(t, self.store.dim) for t in tables]
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            staged = list(pool.map(lambda a: stage_table(self.store, "shards", first + a[0], a[1], meta),
+                                   enumerate(normal)))
+        pending = [_Pending(s, t) for s, t in zip(staged, normal)]
+
+        def change(manifest: Manifest) -> Manifest:
+            for item in pending:
+                assert item.shard is not None and item.table is not None
+                if int(item.table.column("id")[0].as_py()) != manifest.next_id:
+                    item.table, item.shard = self._renumber(item.table, item.shard, manifest)
+                self._append_shard(manifest, item.shard, item.table)
+            return manifest
+
+        self.store.commit(change, f"{len(tables)} shards")
+
     def _stage_rows(self, rows: pa.Table, base: Manifest) -> Staged:
         table = shards.normalize_rows(rows, self.store.dim)
         meta = {b"pnsfw.space": json.dumps(self.store.space_info.__dict__).encode()}
