@@ -1,0 +1,172 @@
+"""Stores on object storage (s3://, gs://, ...) through fsspec.
+
+Credentials and endpoints come from the usual environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_ENDPOINT_URL, ...). Put-if-absent on S3 is PutObject with `If-None-Match: *` (s3fs `mode="create"`):
+a 412 means another writer created the object first. Listings are never cached (a commit protocol must see
+other writers' versions). Files that libraries want on local disk (a FAISS index, a model generation) are
+downloaded once into a per-process cache: generations are immutable, so a cached copy never goes stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreError
+from . import hooks
+from .fs import Entry, FileSystem, write_failure
+
+log = logging.getLogger("pnsfw.store")
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    """True when a conditional put lost to an object that exists (or is being created)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict) and str(response.get("Error", {}).get("Code")) in _CONFLICT_CODES:
+            return True
+        if "pre-condition" in str(seen).lower() or "precondition" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(exc, FileExistsError)
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    for key in ("LastModified", "mtime", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            continue
+    return 0.0
+
+
+class FsspecFS(FileSystem):
+    """A store under an fsspec URL; object stores are atomic per object, so writes are plain uploads."""
+
+    def __init__(self, url: str):
+        import fsspec
+
+        self.root = url.rstrip("/")
+        protocol = url.split("://", 1)[0]
+        options: dict[str, Any] = {"skip_instance_cache": True}
+        if protocol in ("s3", "s3a"):
+            options["use_listings_cache"] = False
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            if endpoint:
+                options["client_kwargs"] = {"endpoint_url": endpoint}
+        try:
+            self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
+        except (ImportError, ValueError) as exc:
+            raise StoreError(f"cannot open store {url}: {exc}") from None
+        self.protocol = protocol
+        self._cache: Path | None = None
+
+    def _p(self, rel: str) -> str:
+        return f"{self.base.rstrip('/')}/{rel}" if rel else self.base
+
+    def read_bytes(self, rel: str) -> bytes:
+        data: bytes = self.fs.cat_file(self._p(rel))
+        return data
+
+    def write_file(self, rel: str, write: Callable[[Path], None], sync: bool = True) -> None:
+        with tempfile.TemporaryDirectory(prefix="pnsfw-up-") as tmp:
+            local = Path(tmp) / rel.rsplit("/", 1)[-1]
+            write(local)
+            try:
+                hooks.pause(f"write:{rel}")
+                self.fs.put_file(str(local), self._p(rel))
+            except OSError as exc:
+                raise write_failure(self.url(rel), exc) from None
+
+    def put_if_absent(self, rel: str, data: bytes) -> bool:
+        try:
+            hooks.pause(f"write:{rel}")
+            if self.protocol in ("s3", "s3a"):
+                self.fs.pipe_file(self._p(rel), data, mode="create")
+                return True
+            with self.fs.open(self._p(rel), "xb") as f:  # backends that support exclusive creation
+                f.write(data)
+            return True
+        except Exception as exc:
+            if _is_conflict(exc):
+                return False
+            if isinstance(exc, OSError):
+                raise write_failure(self.url(rel), exc) from None
+            raise
+
+    def list(self, rel: str) -> list[Entry]:
+        path = self._p(rel)
+        try:
+            infos = self.fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        entries = []
+        for info in infos:
+            name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if not name or str(info["name"]).rstrip("/") == path.rstrip("/"):
+                continue
+            entries.append(Entry(name, int(info.get("size") or 0), _mtime(info), info.get("type") == "directory"))
+        return sorted(entries, key=lambda e: e.name)
+
+    def exists(self, rel: str) -> bool:
+        return bool(self.fs.exists(self._p(rel)))
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self._p(rel)))
+
+    def delete(self, rel: str) -> None:
+        try:
+            self.fs.rm(self._p(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def open_input(self, rel: str) -> Any:
+        return self.fs.open(self._p(rel), "rb")
+
+    def local_path(self, rel: str) -> Path:
+        if self._cache is None:
+            self._cache = Path(tempfile.mkdtemp(prefix="pnsfw-cache-"))
+        local = self._cache / rel
+        if local.exists():
+            return local
+        files = [f for f in self.walk_files(rel)] if not self.fs.isfile(self._p(rel)) else [rel]
+        for file in files:
+            target = self._cache / file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(self._p(file), str(target))
+        local.mkdir(parents=True, exist_ok=True) if not files else None
+        return local
+
+    def put_tree(self, local_dir: Path, rel: str) -> None:
+        try:
+            hooks.pause(f"write:{rel}")
+            for path in sorted(local_dir.rglob("*")):
+                if path.is_file():
+                    self.fs.put_file(str(path), self._p(f"{rel}/{path.relative_to(local_dir).as_posix()}"))
+        except OSError as exc:
+            raise write_failure(self.url(rel), exc) from None
+        finally:
+            shutil.rmtree(local_dir, ignore_errors=True)
+
+    def copy(self, src: str, dst: str) -> None:
+        try:
+            hooks.pause(f"write:{dst}")
+            if self.fs.isfile(self._p(src)):
+                self.fs.copy(self._p(src), self._p(dst))
+                return
+            for file in self.walk_files(src):
+                self.fs.copy(self._p(file), self._p(dst + file[len(src):]))
+        except OSError as exc:
+            raise write_failure(self.url(dst), exc) from None

