@@ -1,14 +1,18 @@
 """The `pnsfw` command line: each command parses options and calls one function of a stage."""
 
 import json
+import logging
+import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
 from . import __version__
-from .errors import PnsfwError
+from .errors import Interrupted, PnsfwError
 from .store.sizes import parse_duration, parse_size
 
 STORE = click.option("--store", required=True, envvar="PNSFW_STORE", type=click.Path(file_okay=False),
@@ -35,19 +39,77 @@ class _Parsed(click.ParamType):
 SIZE, DURATION = _Parsed("size", parse_size), _Parsed("duration", parse_duration)
 
 
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+
+
+def configure_logging(level: str) -> None:
+    """The `pnsfw` logger (and its children) to stderr at `level`; idempotent."""
+    logger = logging.getLogger("pnsfw")
+    for handler in [h for h in logger.handlers if getattr(h, "pnsfw_cli", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pnsfw %(levelname)s [%(name)s] %(message)s"))
+    handler.pnsfw_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C (so commands stop cleanly) while a command runs in the main thread."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _Group(click.Group):
-    """Shows domain errors as one-line `Error: ...` messages with exit code 1."""
+    """Domain errors as one-line `Error: ...` messages with exit code 1 (--debug: with the traceback);
+    SIGINT/SIGTERM as one line saying how far the command got, exit 128 + signal."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with _sigterm_raises():
+                return super().invoke(ctx)
         except PnsfwError as exc:
+            if ctx.params.get("debug"):
+                import traceback
+
+                traceback.print_exception(exc, file=sys.stderr)
             raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            _stopped(Interrupted(signal.SIGINT))
+        except Interrupted as exc:
+            _stopped(exc)
+
+
+_interrupted: list[int] = []  # set when a command was stopped by a signal (main() then exits at once)
+
+
+def _stopped(exc: Interrupted) -> None:
+    click.echo(f"Interrupted by {exc.progress or signal.Signals(exc.signum).name}", err=True)
+    _interrupted.append(exc.signum)
+    raise click.exceptions.Exit(128 + exc.signum)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pnsfw")
-def cli() -> None:
+@click.option("-v", "--verbose", count=True, help="Diagnostics of the `pnsfw` logger: -v info, -vv debug.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default=None,
+              help="Level of the `pnsfw` logger (default warning; overrides -v). debug includes the timeline "
+                   "of an index run's start-up.")
+@click.option("--debug", is_flag=True, help="Show the traceback of a domain error (and debug logging).")
+def cli(verbose: int, log_level: str | None, debug: bool) -> None:
     """Index images into a searchable, NSFW-scored CLIP embedding store.
 
     \b
@@ -56,7 +118,9 @@ def cli() -> None:
       pnsfw train --store store/ --labels folders
       pnsfw score --store store/ --model default
       pnsfw search --store store/ --text "a beach" -k 5
+      pnsfw -v --debug index photos/ --store store/
     """
+    configure_logging(log_level or ("debug" if debug or verbose > 1 else "info" if verbose else "warning"))
 
 
 def _gpu_option_list() -> list[Callable[[Any], Any]]:
@@ -110,10 +174,15 @@ RAY = click.option("--ray", "ray_address", default=None, is_flag=False, flag_val
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
 @STORE
-@MODEL
+@click.option("--model", default=None, envvar="PNSFW_MODEL",
+              help="CLIP model name (downloaded once) or a checkpoint file (env PNSFW_MODEL). Default: the "
+                   "store's own encoder, or ViT-B/32 for a new store.")
 @DEVICE
 @click.option("--batch-size", default=0, type=int, help="Images per forward pass (0: 64 on CPU, 1024 on CUDA).")
 @click.option("--workers", default=0, type=int, help="Decode processes (0: one per core; -1: none, decode inline).")
+@click.option("--reader", default="auto", show_default=True, type=click.Choice(["auto", "pil", "tensor"]),
+              help="pil: PIL decode in the worker processes; tensor: decode/resize on the device (nvJPEG on "
+                   "CUDA); auto: tensor on CUDA, pil on CPU.")
 @click.option("--shard-size", default="50k", type=SIZE, show_default=True, help="Rows per shard at most.")
 @click.option("--commit-every", default="60s", type=DURATION, show_default=True,
               help="Commit a shard at least this often, so a crash loses little.")
@@ -126,27 +195,37 @@ RAY = click.option("--ray", "ray_address", default=None, is_flag=False, flag_val
 @click.option("--seed", default=0, show_default=True, help="Seed of the random projection.")
 @click.option("--max-pixels", default="89M", type=SIZE, show_default=True,
               help="Larger images are refused as decompression bombs.")
-@click.option("--timeout", default="10s", type=DURATION, show_default=True, help="Per-URL fetch timeout.")
+@click.option("--timeout", default="10s", type=DURATION, show_default=True,
+              help="Total time per URL (connect, headers and body); slower ones become `timeout` error rows.")
+@click.option("--max-download", default="20M", type=SIZE, show_default=True,
+              help="Largest body fetched per URL; larger ones become `too_large` error rows.")
+@click.option("--uri-column", default=None,
+              help="Column of Parquet/CSV sources holding the paths or URLs (default: uri, url or image_path); "
+                   "their other columns are kept as metadata.")
+@click.option("--retry-errors", is_flag=True, help="Try the uris of earlier error rows again.")
 @click.option("--no-faiss", is_flag=True, help="Do not build/update the FAISS index.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), help="Also write the summary as JSON here.")
 @_with_gpu_options
 @RAY
 @click.option("--actors", default=0, show_default=True, type=click.IntRange(0),
               help="With --ray: embedding actors (0: one per GPU of the cluster, else one per 2 CPUs).")
-def index(sources: tuple[str, ...], store: str, model: str, device: str, batch_size: int, workers: int,
-          shard_size: int, commit_every: float, precision: str, projection: str, pca_rows: int, seed: int,
-          max_pixels: int, timeout: float, no_faiss: bool, summary_json: str, ray_address: str | None,
-          actors: int, **gpu: Any) -> None:
+def index(sources: tuple[str, ...], store: str, model: str | None, device: str, batch_size: int, workers: int,
+          reader: str, shard_size: int, commit_every: float, precision: str, projection: str, pca_rows: int,
+          seed: int, max_pixels: int, timeout: float, max_download: int, uri_column: str | None,
+          retry_errors: bool, no_faiss: bool, summary_json: str, ray_address: str | None, actors: int,
+          **gpu: Any) -> None:
     """Embed images from SOURCEs into the store (resumable and incremental).
 
-    SOURCE is a folder (walked recursively), a .txt list of paths or http(s) URLs,
-    a webdataset .tar, a .parquet file with a `uri` column, or one image.
-    Files already in the store are skipped; files that cannot be used become
-    rows of STORE/errors/ with a reason.
+    SOURCE is a folder (walked recursively), a .txt list of paths or http(s)/file:// URLs, a webdataset
+    .tar (.txt/.json/.cls members become caption/json/cls columns), a .parquet or .csv file with a uri
+    column (other columns kept), or one image. Files already in the store are skipped; entries that cannot
+    be used become rows of STORE/errors/ with a reason. Ctrl-C or SIGTERM stops within seconds, keeping
+    what was committed; the same command then continues.
 
     \b
     Example:
       pnsfw index dataset/ urls.txt --store store/ --model ViT-B/32
+      pnsfw index laion.parquet --store store/ --uri-column url --timeout 5s --max-download 10M
     """
     from .indexer.pipeline import IndexOptions, run_index
     from .indexer.timeline import mark
@@ -157,7 +236,8 @@ def index(sources: tuple[str, ...], store: str, model: str, device: str, batch_s
     options = IndexOptions(model=model, device=device, precision=precision, batch_size=batch_size,
                            workers=workers, shard_size=max(1, shard_size), commit_interval=commit_every,
                            projection=projection, pca_rows=pca_rows, seed=seed, max_pixels=max_pixels,
-                           timeout=timeout, progress=sys.stderr.isatty(), gpu=gpu_options(**gpu))
+                           timeout=timeout, max_download=max_download, progress=sys.stderr.isatty(),
+                           reader=reader, uri_column=uri_column, retry_errors=retry_errors, gpu=gpu_options(**gpu))
     finish = None if no_faiss else update_index
     if ray_address is None:
         summary = run_index(list(sources), store, options, finish=finish)
@@ -718,7 +798,14 @@ def migrate(store: str) -> None:
 
 
 def main() -> None:
-    cli(prog_name="pnsfw")
+    try:
+        cli(prog_name="pnsfw")
+    except SystemExit as exc:
+        if _interrupted:  # threads may still be inside torch (a model load): finalizing would abort on them
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code if isinstance(exc.code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":

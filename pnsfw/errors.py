@@ -55,3 +55,17 @@ class TooLarge(BadInput):
     """An upload or image is over a size limit."""
 
     http_status = 413
+
+
+class WorkerLost(PnsfwError):
+    """A worker process died (killed, out of memory) while it held work."""
+
+    http_status = 500
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM stopped a command; `progress` says how far it got. Not a PnsfwError: exit 128 + signal."""
+
+    def __init__(self, signum: int, progress: str = ""):
+        super().__init__(signum, progress)
+        self.signum, self.progress = signum, progress

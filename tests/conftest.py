@@ -30,7 +30,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test reads the user's cache or store settings."""
-    monkeypatch.setenv("PNSFW_CLIP_CACHE", str(tmp_path / "clip-cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # CLIP checkpoints: $XDG_CACHE_HOME/clip
     for name in ("PNSFW_STORE", "PNSFW_MODEL", "PNSFW_API_TOKEN"):
         monkeypatch.delenv(name, raising=False)
 

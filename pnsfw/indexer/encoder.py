@@ -4,13 +4,14 @@ Resolution, embedding width and the weights fingerprint come from the loaded
 model, never from constants.
 """
 
-import contextlib
 import functools
 import importlib.util
+import logging
 import os
-import socket
+import shutil
+import tempfile
+import urllib.request
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,29 @@ from ..store.files import sha256_file
 from .decode import mean_std
 from .timeline import mark
 
-DOWNLOAD_TIMEOUT_S = 30
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "ViT-B/32"
+DOWNLOAD_TIMEOUT_S = 30  # per socket operation of the checkpoint download
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+_OPENAI = "https://openaipublic.azureedge.net/clip/models"
+# OpenAI's releases, as openai/CLIP lists them: the sha256 of each file is the folder of its URL
+CHECKPOINTS: dict[str, str] = {
+    "RN50": f"{_OPENAI}/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+    "RN101": f"{_OPENAI}/8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
+    "RN50x4": f"{_OPENAI}/7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
+    "RN50x16": f"{_OPENAI}/52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
+    "RN50x64": f"{_OPENAI}/be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
+    "ViT-B/32": f"{_OPENAI}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": f"{_OPENAI}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": f"{_OPENAI}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": f"{_OPENAI}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/"
+                      "ViT-L-14-336px.pt",
+}
 
 
 def cache_dir() -> str:
-    return os.environ.get("PNSFW_CLIP_CACHE", os.path.expanduser("~/.cache/clip"))
+    """Where named checkpoints are kept: $XDG_CACHE_HOME/clip (~/.cache/clip, as openai/CLIP uses)."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "clip")
 
 
 def resolve_device(device: str) -> str:
@@ -65,6 +83,11 @@ def _import_clip() -> Any:
     return clip
 
 
+def import_clip() -> Any:
+    """The clip package (torch and torchvision with it)."""
+    return _import_clip()
+
+
 @functools.lru_cache(maxsize=1)
 def _clip_model() -> Any:
     """clip/model.py on its own. Building a model needs only it; `import clip` also loads torchvision, the
@@ -83,27 +106,45 @@ def _clip_model() -> Any:
 def _fingerprint(model: str) -> str:
     if os.path.isfile(model):
         return sha256_file(Path(model))
-    clip = _import_clip()
+    return CHECKPOINTS[model].split("/")[-2]
 
-    return clip.clip._MODELS[model].split("/")[-2]  # OpenAI's URLs carry the sha256 of the file
+
+def _download(url: str, target: Path) -> None:
+    """url -> target through a temporary file in the same folder, checksum verified before the rename."""
+    expected = url.split("/")[-2]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as out:
+        try:
+            log.info("downloading %s to %s", url, target)
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as source:
+                shutil.copyfileobj(source, out, 1 << 20)
+            out.close()
+            if sha256_file(Path(out.name)) != expected:
+                raise OSError(f"the download of {url} does not match its sha256 {expected[:12]}")
+            os.replace(out.name, target)
+        finally:
+            if os.path.exists(out.name):
+                os.unlink(out.name)
 
 
 def _checkpoint_path(model: str) -> str:
     """The checkpoint file of a path or a CLIP name (downloaded once into the cache, checksum verified)."""
     if os.path.isfile(model):
         return model
-    clip = _import_clip()
-    if model not in clip.available_models():
-        raise ModelNotFound(f"unknown CLIP model {model!r}: not a file, and not one of {', '.join(clip.available_models())}")
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    if model not in CHECKPOINTS:
+        raise ModelNotFound(f"unknown CLIP model {model!r}: not a file, and not one of {', '.join(CHECKPOINTS)}")
+    url = CHECKPOINTS[model]
+    target = Path(cache_dir()) / os.path.basename(url)
+    if target.is_file() and sha256_file(target) == url.split("/")[-2]:
+        return str(target)
+    if target.is_file():
+        log.warning("%s does not match its sha256: downloading it again", target)
     try:
-        return clip.clip._download(clip.clip._MODELS[model], cache_dir())  # what clip.load itself calls
-    except (OSError, RuntimeError) as exc:
+        _download(url, target)
+    except (OSError, ValueError) as exc:
         raise ModelNotFound(f"cannot download CLIP model {model!r} ({str(exc).splitlines()[0]}); offline? pass a "
                             f"checkpoint file: --model /path/to/checkpoint.pt (or set PNSFW_MODEL)") from None
-    finally:
-        socket.setdefaulttimeout(previous)
+    return str(target)
 
 
 def _state_dict(path: str) -> dict[str, Any]:
@@ -120,31 +161,25 @@ def _state_dict(path: str) -> dict[str, Any]:
             return torch.jit.load(f, map_location="cpu").eval().state_dict()
 
 
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
-
-
-@contextlib.contextmanager
-def _no_init() -> Iterator[None]:
-    """torch.nn.init's functions as no-ops (as transformers' no_init_weights does): the checkpoint overwrites
-    every weight, so random initialisation (seconds for ViT-B/32) would be thrown away."""
+def _build(state_dict: dict[str, Any]) -> Any:
+    """clip.model.build_model's model, built on the meta device (no random initialisation: seconds for
+    ViT-B/32) and then given the checkpoint's tensors (`load_state_dict(assign=True)`); the same fp16
+    rounding of the weights as build_model's, so it equals clip.load's model bit for bit."""
     import torch
 
-    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-    try:
-        for name in saved:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
-
-
-def _build(state_dict: dict[str, Any]) -> Any:
-    """clip.model.build_model (fp16 rounding of the weights included, so the model equals clip.load's) without
-    its random initialisation."""
-    with _no_init():
-        return _clip_model().build_model(dict(state_dict)).float().eval()
+    clip_model = _clip_model()
+    weights = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    with torch.device("meta"):
+        model = clip_model.build_model(dict(state_dict))  # its own load into meta tensors does nothing
+    model.load_state_dict(weights, assign=True)
+    clip_model.convert_weights(model)
+    mask = model.build_attention_mask()  # a plain attribute, not in the state dict: still on meta
+    for block in model.transformer.resblocks:
+        block.attn_mask = mask
+    model = model.float().eval()
+    if any(t.is_meta for t in model.state_dict().values()):
+        raise ValueError("the checkpoint does not set every weight of the model")
+    return model
 
 
 def _load_clip(model: str) -> Any:

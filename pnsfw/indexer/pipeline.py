@@ -1,34 +1,41 @@
 """The runner: sources -> reader/decoder workers -> CLIP encoder -> projection -> shards -> commit."""
 
+import dataclasses
 import functools
-import multiprocessing
+import hashlib
+import itertools
+import logging
 import os
+import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..errors import BadInput
+from ..concurrency import ProcessPool, cpu_count
+from ..errors import BadInput, Interrupted, SourceError
 from ..store import Projection, Store, StoreWriter
 from .decode import DEFAULT_MAX_PIXELS
-from .encoder import Encoder, load_encoder, resolve_device
+from .encoder import DEFAULT_MODEL, Encoder, load_encoder, resolve_device
 from .gpu.options import GpuOptions
 from .projection import make_projection, needs_sample
-from .reader import Result, decoded_stream, process_chunk
-from .sources import Item, iter_items
+from .reader import DEFAULT_MAX_DOWNLOAD, Result, decoded_stream, process_chunk
+from .sources import Item, check_sources, iter_items
 from .timeline import mark
 from .writer import ShardWriter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class IndexOptions:
     """Options of `pnsfw index` (see its --help)."""
 
-    model: str = "ViT-B/32"
+    model: str | None = None  # None: the store's own encoder, or DEFAULT_MODEL for a new store
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 0  # 0: 64 on CPU, 1024 on CUDA
@@ -39,9 +46,12 @@ class IndexOptions:
     pca_rows: int = 10_000
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
-    timeout: float = 10.0
+    timeout: float = 10.0  # per URL, in total
+    max_download: int = DEFAULT_MAX_DOWNLOAD
     progress: bool = False
     reader: str = "auto"  # a key of READERS; auto: tensor on CUDA, pil on CPU
+    uri_column: str | None = None  # of Parquet/CSV sources; None: uri, url or image_path
+    retry_errors: bool = False  # try the uris of error rows again
     gpu: GpuOptions = field(default_factory=GpuOptions)  # the tensor reader's (--gpu-*)
 
 
@@ -49,6 +59,8 @@ class IndexOptions:
 class IndexSummary:
     indexed: int = 0
     already_present: int = 0
+    committed: int = 0  # rows committed so far (what an interrupted run keeps)
+    committed_errors: int = 0
     failed: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     steady_seconds: float = 0.0
@@ -67,22 +79,66 @@ class IndexSummary:
         return dict(asdict(self), images_per_s=self.images_per_s, steady_images_per_s=self.steady_images_per_s)
 
 
-def collect_items(sources: list[str], known: set[str],
-                  on_first: Callable[[], None] | None = None) -> tuple[list[Item], int]:
-    """Every item of every source in order, minus uris already in the store (and repeats).
+def _uri_key(uri: str) -> int:
+    return int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+
+
+class NewItems:
+    """The items of SOURCEs not yet in the store (nor repeated), as a stream; counts the ones already present.
 
     `on_first` runs when the first new item is found (the runner starts loading the model then)."""
-    items, present, seen = [], 0, set(known)
-    for source in sources:
-        for item in iter_items(source):
-            if item.uri in seen:
-                present += item.uri in known
+
+    def __init__(self, entries: Iterator[Item], known: Callable[[str], bool], on_first: Callable[[], None]):
+        self.entries, self.known, self.on_first = entries, known, on_first
+        self.present = 0
+
+    def __iter__(self) -> Iterator[Item]:
+        seen: set[int] = set()  # this run's items only (64-bit keys), never the store's
+        for item in self.entries:
+            key = _uri_key(item.uri)
+            if key in seen:
                 continue
-            seen.add(item.uri)
-            if not items and on_first is not None:
-                on_first()
-            items.append(item)
-    return items, present
+            seen.add(key)
+            if self.known(item.uri):
+                self.present += 1
+                continue
+            if self.on_first is not None:
+                self.on_first()
+                self.on_first = None
+            yield item
+
+
+def _entries(sources: list[str], column: str | None) -> Iterator[Item]:
+    for source in sources:
+        yield from iter_items(source, column)
+
+
+def _listing(sources: list[str], column: str | None) -> Iterator[Item]:
+    """Every entry of SOURCEs; SourceError before any work when they hold nothing at all."""
+    check_sources(sources, column)
+    entries = _entries(sources, column)
+    first = next(entries, None)
+    if first is None:
+        raise SourceError(f"no images in {', '.join(sources)}: nothing to index")
+    return itertools.chain([first], entries)
+
+
+def _known(store: Store, retry_errors: bool) -> Callable[[str], bool]:
+    """Whether a uri is already committed (as a row, or as an error row unless they are retried)."""
+    if not store.exists:
+        return lambda uri: False
+    uris = set(store.table(["uri"]).column("uri").to_pylist())
+    if not retry_errors:
+        uris.update(store.errors().column("uri").to_pylist())
+    return uris.__contains__
+
+
+def store_model(store: Store, model: str | None) -> str:
+    """--model, else the encoder the store was built with, else DEFAULT_MODEL."""
+    if model:
+        return model
+    encoder = store.manifest.get("encoder") if store.exists else None
+    return str(encoder["name"]) if encoder else DEFAULT_MODEL
 
 
 def check_projection_option(writer: StoreWriter, spec: str | None) -> None:
@@ -123,26 +179,25 @@ def _default_batch(options: IndexOptions, encoder: Encoder) -> int:
     return options.batch_size or (1024 if encoder.device.startswith("cuda") else 64)
 
 
-def _make_pool(workers: int) -> Any | None:
+def _make_pool(workers: int) -> ProcessPool | None:
     """Fork the decode workers before torch starts threads; -1 decodes inline."""
     if workers < 0:
         return None
-    count = workers or max(1, len(os.sched_getaffinity(0)))
-    return multiprocessing.get_context("fork").Pool(count)
+    return ProcessPool(workers or cpu_count(), name="pnsfw-decode")
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(enabled: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.05)
+    return tqdm(unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.05)
 
 
-def _pil_stage(items: list[Item], options: IndexOptions, encoder: Encoder, pool: Any,
+def _pil_stage(items: Iterable[Item], options: IndexOptions, encoder: Encoder, pool: Any,
                on_error: Callable[[Result], None], batch: int) -> Iterator[tuple[list[Result], np.ndarray]]:
     """CPU reader: PIL decode + resize in the worker processes, then encode (rows, features) per batch."""
     work = functools.partial(process_chunk, size=encoder.resolution, max_pixels=options.max_pixels,
-                             timeout=options.timeout)
-    stream = decoded_stream(items, work, pool, chunk=16, depth=4 * max(1, getattr(pool, "_processes", 1)))
+                             timeout=options.timeout, max_download=options.max_download)
+    stream = decoded_stream(items, work, pool, chunk=16, depth=4 * getattr(pool, "workers", 1))
     for rows in _batches(stream, batch, on_error):
         yield rows, encoder.encode_pixels(np.stack([r.pixels for r in rows]))
 
@@ -169,8 +224,8 @@ WARM_UPS: dict[str, Callable[[str], None]] = {"tensor": _tensor_warm_up}
 
 
 def reader_name(options: IndexOptions, device: str) -> str:
-    """options.reader, or by device (PNSFW_READER overrides auto)."""
-    name = options.reader if options.reader != "auto" else os.environ.get("PNSFW_READER", "auto")
+    """options.reader, or by device."""
+    name = options.reader
     if name == "auto":
         name = "tensor" if device.startswith("cuda") else "pil"
     if name not in READERS:
@@ -200,7 +255,7 @@ def _encode_all(writer: ShardWriter, batches: Iterator[tuple[list[Result], np.nd
         summary.steady_images = summary.indexed - first_count
 
 
-def _index_items(writer: StoreWriter, items: list[Item], options: IndexOptions, encoder: Encoder,
+def _index_items(writer: StoreWriter, items: Iterable[Item], options: IndexOptions, encoder: Encoder,
                  pool: Any, summary: IndexSummary, stage: Stage | None = None) -> None:
     projection = _projection_for(writer, options, encoder)
     if projection is not None:
@@ -211,7 +266,12 @@ def _index_items(writer: StoreWriter, items: list[Item], options: IndexOptions, 
         writer.set_space(encoder.describe(), fitted)
         return fitted
 
-    shards = ShardWriter(writer, options.shard_size, options.commit_interval, projection, fit, options.pca_rows)
+    def committed(rows: int, errors: int) -> None:
+        summary.committed += rows
+        summary.committed_errors += errors
+
+    shards = ShardWriter(writer, options.shard_size, options.commit_interval, projection, fit, options.pca_rows,
+                         committed)
     failures: Counter = Counter()
 
     def on_error(result: Result) -> None:
@@ -220,10 +280,12 @@ def _index_items(writer: StoreWriter, items: list[Item], options: IndexOptions, 
         bar.update(1)
 
     stage = stage or reader_stage(options, encoder)
-    with _progress(len(items), options.progress) as bar:
-        batches = stage(items, options, encoder, pool, on_error, _default_batch(options, encoder))
-        _encode_all(shards, batches, encoder, summary, bar)
-    summary.failed = dict(failures.most_common())
+    try:
+        with _progress(options.progress) as bar:
+            batches = stage(items, options, encoder, pool, on_error, _default_batch(options, encoder))
+            _encode_all(shards, batches, encoder, summary, bar)
+    finally:
+        summary.failed = dict(failures.most_common())
 
 
 class _Startup:
@@ -258,8 +320,8 @@ class _Startup:
         try:
             device = resolve_device(self.options.device)
             WARM_UPS.get(reader_name(self.options, device), lambda _: None)(device)
-        except Exception:
-            pass
+        except Exception as exc:
+            log.debug("reader warm-up failed (the run reports it if it matters): %s", exc)
 
     def get(self) -> Encoder:
         for thread in self._threads:
@@ -271,15 +333,25 @@ class _Startup:
         from .gpu import DeviceWorkers
 
         if isinstance(self.pool, DeviceWorkers) and reader_name(self.options, self.encoder.device) != "tensor":
-            self.pool.terminate()  # started for GPUs that torch does not see: decode on the CPU instead
+            log.warning("device workers were started, but torch sees no CUDA GPU: decoding on the CPU instead")
+            self.pool.terminate()
             self.pool = _make_pool(self.options.workers)
         return self.encoder
 
-    def close(self) -> None:
-        for thread in self._threads:
-            thread.join()  # a failed run still waits for the load, so nothing dies mid-import
+    def close(self, interrupted: bool = False) -> None:
         if self.pool is not None:
             self.pool.terminate()
+        for thread in () if interrupted else self._threads:
+            thread.join()  # a failed run still waits for the load, so nothing dies mid-import; Ctrl-C does not
+
+
+def _stopped(summary: IndexSummary, store: Store, signum: int) -> Interrupted:
+    """The one line an interrupted run ends with."""
+    name = signal.Signals(signum).name
+    store.refresh()
+    where = f"{store.rows:,} rows in {store.root}" if store.exists else f"nothing in {store.root}"
+    return Interrupted(signum, f"{name}: stopped after committing {summary.committed:,} new rows and "
+                               f"{summary.committed_errors:,} error rows ({where}); rerun the same command to go on")
 
 
 def run_index(sources: list[str], store_root: str, options: IndexOptions | None = None,
@@ -289,23 +361,44 @@ def run_index(sources: list[str], store_root: str, options: IndexOptions | None 
 
     `finish` runs under the write lock after the last commit (the CLI passes the FAISS update); `stage`
     replaces the reader/encoder stage (the Ray runner injects its own).
+    SIGINT (KeyboardInterrupt) and SIGTERM (Interrupted, raised by the CLI's handler) stop it within a
+    moment: committed rows are kept and `Interrupted` says how far it got.
     """
     options = options or IndexOptions()
     started = time.perf_counter()
     summary = IndexSummary()
     store = Store(store_root)
-    with store.writer() as writer:
-        check_projection_option(writer, options.projection)
-        mark("store locked")
-        startup = _Startup(options, encoder)
-        try:
-            items, summary.already_present = collect_items(sources, store.known_uris(), startup.start)
-            mark(f"{len(items)} items listed")
-            if items:
-                _index_items(writer, items, options, startup.get(), startup.pool, summary, stage)
-        finally:
-            startup.close()
-        summary.seconds = time.perf_counter() - started
-        if finish is not None and store.rows:
-            summary.index = finish(store)
+    entries = _listing(sources, options.uri_column)  # before the store is created: no images, no store
+    try:
+        with store.writer() as writer:
+            _run(writer, store, entries, options, encoder, summary, stage)
+            summary.seconds = time.perf_counter() - started
+            if finish is not None and store.rows:
+                summary.index = finish(store)
+    except KeyboardInterrupt:
+        raise _stopped(summary, store, signal.SIGINT) from None
+    except Interrupted as exc:
+        raise _stopped(summary, store, exc.signum) from None
     return summary
+
+
+def _run(writer: StoreWriter, store: Store, entries: Iterator[Item], options: IndexOptions,
+         encoder: Encoder | None, summary: IndexSummary, stage: Stage | None) -> None:
+    check_projection_option(writer, options.projection)
+    mark("store locked")
+    options = dataclasses.replace(options, model=store_model(store, options.model))
+    startup = _Startup(options, encoder)
+    stopped = False
+    try:
+        items = NewItems(entries, _known(store, options.retry_errors), startup.start)
+        stream = iter(items)
+        first = next(stream, None)
+        if first is not None:
+            _index_items(writer, itertools.chain([first], stream), options, startup.get(), startup.pool, summary,
+                         stage)
+        summary.already_present = items.present
+    except (KeyboardInterrupt, Interrupted):
+        stopped = True
+        raise
+    finally:
+        startup.close(stopped)

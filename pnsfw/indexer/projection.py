@@ -50,5 +50,6 @@ def make_projection(spec: str, width: int, sample: np.ndarray | None = None, see
         raise BadInput(f"--projection must be random, pca or a .npy file; {spec!r} is none of these")
     projection = Projection.load(spec, "file")
     if projection.width != width:
-        raise BadInput(f"projection {spec} maps width {projection.width}, but the model's embeddings have width {width}")
+        raise BadInput(f"projection {spec} maps width {projection.width}, but the model's embeddings have width "
+                       f"{width}")
     return projection

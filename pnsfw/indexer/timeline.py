@@ -1,9 +1,11 @@
-"""Where an indexing run's wall time goes: PNSFW_TRACE=1 prints each phase's time since the process started."""
+"""Where an indexing run's wall time goes: each phase logged (logger `pnsfw.timeline`, debug level: `pnsfw
+--log-level debug index ...`) with its time since the process started."""
 
+import logging
 import os
-import sys
 import threading
 
+log = logging.getLogger(__name__)
 _seen: set[str] = set()
 _lock = threading.Lock()
 
@@ -21,13 +23,12 @@ def since_process_start() -> float:
 
 
 def mark(phase: str, once: bool = False) -> None:
-    """Print `phase` with the time since process start when PNSFW_TRACE is set; `once`: only its first time."""
-    if not os.environ.get("PNSFW_TRACE"):
+    """Log `phase` with the time since process start; `once`: only its first time."""
+    if not log.isEnabledFor(logging.DEBUG):
         return
     if once:
         with _lock:
             if phase in _seen:
                 return
             _seen.add(phase)
-    print(f"[pnsfw trace] {since_process_start():8.2f} s  {phase} ({threading.current_thread().name})",
-          file=sys.stderr, flush=True)
+    log.debug("%8.2f s  %s (%s)", since_process_start(), phase, threading.current_thread().name)

@@ -11,12 +11,25 @@ from ..store.shards import ERROR_SCHEMA, embedding_array
 from .reader import Result
 
 
+def metadata_columns(rows: list[Result]) -> dict[str, list[str | None]]:
+    """The sources' metadata (caption, key, json, extra Parquet/CSV columns) as string columns, in first-seen
+    order; a row without a column gets null."""
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update((name, None) for name, _ in row.item.meta)
+    if not names:
+        return {}
+    values = [dict(row.item.meta) for row in rows]
+    return {name: [v.get(name) for v in values] for name in names}
+
+
 class ShardWriter:
     """Commits a shard every `shard_size` rows or `interval` seconds; a commit covers a prefix of the stream."""
 
     def __init__(self, store: StoreWriter, shard_size: int, interval: float,
-                 projection: Projection | None, fit: Callable[[np.ndarray], Projection], fit_rows: int):
-        self.store, self.shard_size, self.interval = store, shard_size, interval
+                 projection: Projection | None, fit: Callable[[np.ndarray], Projection], fit_rows: int,
+                 on_commit: Callable[[int, int], None] = lambda rows, errors: None):
+        self.store, self.shard_size, self.interval, self.on_commit = store, shard_size, interval, on_commit
         self.projection, self.fit, self.fit_rows = projection, fit, fit_rows
         self.rows: list[Result] = []
         self.features: list[np.ndarray] = []
@@ -61,6 +74,7 @@ class ShardWriter:
         errors, self.errors = self._errors(self.errors), []
         self.store.commit(table, errors)
         self.committed_rows += count
+        self.on_commit(count, 0 if errors is None else errors.num_rows)
 
     def _table(self, rows: list[Result], features: np.ndarray) -> pa.Table:
         vectors = self.projection.apply(features).astype(np.float16)
@@ -73,7 +87,9 @@ class ShardWriter:
             "height": pa.array([r.height for r in rows], pa.int32()),
             "embedding": embedding_array(vectors),
         }
-        return pa.table(columns)  # the store adds uri_hash and writes its own schema
+        for name, values in metadata_columns(rows).items():
+            columns[name] = pa.array(values, pa.string())
+        return pa.table(columns)  # the store adds uri_hash and writes its own schema (metadata columns kept)
 
     @staticmethod
     def _errors(errors: list[Result]) -> pa.Table | None:

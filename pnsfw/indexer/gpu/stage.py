@@ -5,7 +5,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import partial
@@ -189,7 +189,7 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
             thread.join(timeout=10)
 
 
-def units(items: list[Item], size: int) -> Iterator[Unit]:
+def units(items: Iterable[Item], size: int) -> Iterator[Unit]:
     """Items cut into numbered units of `size`."""
     iterator = iter(items)
     index = 0
@@ -206,7 +206,7 @@ def _stats_out(stats: Stats, path: str | None) -> None:
             json.dump(stats.as_dict(), f)
 
 
-def tensor_stage(items: list[Item], options: Any, encoder: Encoder, pool: Any,
+def tensor_stage(items: Iterable[Item], options: Any, encoder: Encoder, pool: Any,
                  on_error: Callable[[Result], None], batch: int) -> Iterator[tuple[list[Result], np.ndarray]]:
     """The pipeline's stage for `--device cuda` (or `reader="tensor"`): (rows, features) per batch. `pool`:
     the run's CPU worker pool, or the DeviceWorkers that the run started for several devices."""
@@ -217,7 +217,8 @@ def tensor_stage(items: list[Item], options: Any, encoder: Encoder, pool: Any,
         results = pool.run(items, stats)
     else:
         router = make_router(pool, encoder.resolution, options, stats)
-        results = device_stage(units(items, batch), encoder, router, options, len(items), batch)
+        count = len(items) if isinstance(items, Sized) else 0  # the runner's stream: size unknown, no auto compile
+        results = device_stage(units(items, batch), encoder, router, options, count, batch)
     for result in results:
         for error in result.errors:
             on_error(error)

@@ -1,0 +1,251 @@
+"""One toolkit for bounded, ordered concurrency, used by the indexer, bulk scoring and the GPU path.
+
+- `ProcessPool(n)`: forked worker processes with the executor API (`submit(fn, *args) -> Future`); workers
+  ignore SIGINT (the parent decides what an interrupt means), exit when the parent dies, and a worker that
+  dies fails every pending task with `WorkerLost` instead of hanging. `close()` never blocks: it kills.
+- Thread pools are `concurrent.futures.ThreadPoolExecutor` (same `submit` API).
+- `read_ahead(pool, fn, items, ahead)`: (item, future) pairs in input order with at most `ahead` in flight;
+  `ordered_map(...)`: their results. `pool=None` runs `fn` inline (lazily, in order).
+
+A stage's exception reaches the consumer with its own type (the worker's traceback is attached as the
+cause, as concurrent.futures does), so a domain error raised in a worker is reported like any other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import queue
+import signal
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, Future
+from typing import Any, Protocol, TypeVar
+
+from .errors import WorkerLost
+
+T = TypeVar("T")
+R = TypeVar("R")
+__all__ = ["Executor", "ProcessPool", "Task", "WorkerLost", "cpu_count", "ordered_map", "read_ahead"]
+
+
+class Executor(Protocol):
+    """What `read_ahead` needs of a pool: ThreadPoolExecutor and ProcessPool both are."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]: ...
+
+
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+class Task(Future):
+    """A Future with multiprocessing.pool's `get()` spelling (for callers written against Pool.apply_async)."""
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self.result(timeout)
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker process (shown as the cause, with --debug)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """exc if it survives pickling (domain errors do), else a RuntimeError with its text; traceback attached."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+    exc.remote_traceback = text  # type: ignore[attr-defined]
+    return exc
+
+
+def _worker(tasks: Any, results: Any, parent: int, initializer: Callable[[], None] | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent handles it
+    if initializer is not None:
+        initializer()
+    while True:
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return  # the parent is gone (kill -9): do not linger
+            continue
+        if task is None:
+            return
+        seq, fn, args, kwargs = task
+        try:
+            reply = (seq, True, fn(*args, **kwargs))
+        except BaseException as exc:
+            reply = (seq, False, _portable(exc))
+        try:
+            results.send(reply)
+        except Exception as exc:
+            results.send((seq, False, _portable(exc)))
+
+
+class ProcessPool:
+    """Forked worker processes with `submit`; see the module docstring."""
+
+    def __init__(self, workers: int, initializer: Callable[[], None] | None = None, name: str = "pnsfw-worker"):
+        context = multiprocessing.get_context("fork")
+        self.workers = max(1, workers)
+        self._tasks = context.Queue()
+        self._futures: dict[int, Task] = {}
+        self._lock = threading.Lock()
+        self._seq = itertools.count()
+        self._closing = False
+        self._lost: WorkerLost | None = None
+        self._readers, self._processes = [], []
+        for rank in range(self.workers):
+            reader, writer = context.Pipe(duplex=False)
+            process = context.Process(target=_worker, args=(self._tasks, writer, os.getpid(), initializer),
+                                      name=f"{name}-{rank}", daemon=True)
+            process.start()
+            writer.close()
+            self._readers.append(reader)
+            self._processes.append(process)
+        self._collector = threading.Thread(target=self._collect, name=f"{name}-results", daemon=True)
+        self._collector.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Task:
+        future = Task()
+        with self._lock:
+            if self._lost is not None or self._closing:
+                future.set_exception(self._lost or CancelledError("the pool is closed"))
+                return future
+            seq = next(self._seq)
+            self._futures[seq] = future
+        self._tasks.put((seq, fn, args, kwargs))
+        return future
+
+    def apply_async(self, fn: Callable[..., Any], args: tuple = (), kwds: dict | None = None,
+                    callback: Callable[[Any], None] | None = None) -> Task:
+        """multiprocessing.pool.Pool's spelling of submit (the callback gets the result, on success only)."""
+        future = self.submit(fn, *args, **(kwds or {}))
+        if callback is not None:
+            future.add_done_callback(lambda f: None if f.exception() else callback(f.result()))
+        return future
+
+    def _collect(self) -> None:
+        sentinels = {p.sentinel: p for p in self._processes}
+        readers = list(self._readers)
+        while not self._closing and readers:
+            for ready in multiprocessing.connection.wait(readers + list(sentinels), timeout=0.5):
+                if isinstance(ready, int):
+                    self._fail(sentinels.pop(ready))
+                    continue
+                try:
+                    seq, ok, value = ready.recv()
+                except (EOFError, OSError):
+                    readers.remove(ready)
+                    continue
+                self._resolve(seq, ok, value)
+
+    def _resolve(self, seq: int, ok: bool, value: Any) -> None:
+        with self._lock:
+            future = self._futures.pop(seq, None)
+        if future is None or future.done():
+            return
+        if ok:
+            future.set_result(value)
+            return
+        if getattr(value, "remote_traceback", None):
+            value.__cause__ = RemoteTraceback(value.remote_traceback)
+        future.set_exception(value)
+
+    def _fail(self, process: Any) -> None:
+        """A worker died: its task is lost, and the shared task queue may be wedged, so fail everything."""
+        process.join(timeout=0.1)
+        if self._closing:
+            return
+        lost = WorkerLost(f"worker process {process.name} died (exit code {process.exitcode}); "
+                          f"out of memory? the run stopped, committed rows are kept")
+        with self._lock:
+            self._lost = lost
+            pending, self._futures = list(self._futures.values()), {}
+        for future in pending:
+            if not future.done():
+                future.set_exception(lost)
+
+    def close(self) -> None:
+        """Stop now: kill the workers (they hold nothing that needs a clean exit) and cancel pending tasks."""
+        self._closing = True
+        for process in self._processes:
+            if process.is_alive():
+                process.kill()
+        for process in self._processes:
+            process.join(timeout=2)
+        self._tasks.cancel_join_thread()  # never wait at exit to flush tasks nobody will read
+        self._tasks.close()
+        with self._lock:
+            pending, self._futures = list(self._futures.values()), {}
+        for future in pending:
+            future.cancel()
+        for reader in self._readers:
+            reader.close()
+
+    terminate = close  # multiprocessing.pool.Pool's name
+
+    def __enter__(self) -> ProcessPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _done(value: Any) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_result(value)
+    return future
+
+
+def _inline(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, Future[R]]]:
+    for item in items:
+        try:
+            yield item, _done(fn(item))
+        except Exception as exc:
+            failed: Future[R] = Future()
+            failed.set_exception(exc)
+            yield item, failed
+
+
+def read_ahead(pool: Executor | None, fn: Callable[[T], R], items: Iterable[T],
+               ahead: int) -> Iterator[tuple[T, Future[R]]]:
+    """(item, future of fn(item)) in input order, at most `ahead` submitted beyond the one being consumed.
+
+    Leaving the loop early cancels what was submitted and not started."""
+    if pool is None:
+        yield from _inline(fn, items)
+        return
+    pending: deque[tuple[T, Future[R]]] = deque()
+    upcoming = iter(items)
+    try:
+        while True:
+            while len(pending) < max(1, ahead) and (item := next(upcoming, _END)) is not _END:
+                pending.append((item, pool.submit(fn, item)))
+            if not pending:
+                return
+            yield pending.popleft()
+    finally:
+        for _, future in pending:
+            future.cancel()
+
+
+_END: Any = object()
+
+
+def ordered_map(pool: Executor | None, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
+    """fn over items in input order, bounded read-ahead; the first failure is raised with its own type."""
+    for _, future in read_ahead(pool, fn, items, ahead):
+        yield future.result()

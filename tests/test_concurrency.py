@@ -1,0 +1,127 @@
+"""The concurrency toolkit: ordered, bounded read-ahead over threads and processes; errors keep their type;
+a dead worker fails the run instead of hanging it; a domain error in a worker is one line at the CLI."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from pnsfw.concurrency import ProcessPool, ordered_map, read_ahead
+from pnsfw.errors import BadInput, WorkerLost
+
+
+def _square(x: int) -> int:
+    time.sleep(0.001 * (x % 3))  # finish out of order
+    return x * x
+
+
+def _fail_on(x: int) -> int:
+    if x == 5:
+        raise BadInput(f"item {x} is bad")
+    return x
+
+
+def _die_on(x: int) -> int:
+    if x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["inline", "threads", "processes"])
+def test_ordered_and_errors_keep_their_type(kind):
+    pools = {"inline": lambda: None, "threads": lambda: ThreadPoolExecutor(3), "processes": lambda: ProcessPool(2)}
+    pool = pools[kind]()
+    try:
+        assert list(ordered_map(pool, _square, range(40), ahead=4)) == [x * x for x in range(40)]
+        got = []
+        with pytest.raises(BadInput, match="item 5 is bad"):
+            for value in ordered_map(pool, _fail_on, range(10), ahead=3):
+                got.append(value)
+        assert got == [0, 1, 2, 3, 4]  # everything before the failure, in order
+    finally:
+        if pool is not None:
+            pool.shutdown() if kind == "threads" else pool.close()
+
+
+def test_read_ahead_is_bounded():
+    submitted, lock = [], threading.Lock()
+
+    def record(x: int) -> int:
+        with lock:
+            submitted.append(x)
+        return x
+
+    with ThreadPoolExecutor(2) as pool:
+        for item, future in read_ahead(pool, record, range(100), ahead=3):
+            future.result()
+            with lock:
+                assert len(submitted) <= item + 4  # the one consumed + 3 ahead
+            if item == 10:
+                break
+
+
+def test_a_dead_worker_fails_pending_work_instead_of_hanging():
+    pool = ProcessPool(2)
+    try:
+        with pytest.raises(WorkerLost, match="died"):
+            list(ordered_map(pool, _die_on, range(20), ahead=4))
+    finally:
+        started = time.monotonic()
+        pool.close()
+        assert time.monotonic() - started < 5
+
+
+def test_the_remote_traceback_is_the_cause():
+    with ProcessPool(1) as pool:
+        future = pool.submit(_fail_on, 5)
+        with pytest.raises(BadInput) as info:
+            future.result(timeout=30)
+    assert "_fail_on" in str(info.value.__cause__)
+
+
+_CLI = """
+import click
+from pnsfw import cli as cli_module
+from pnsfw.concurrency import ProcessPool, ordered_map
+from pnsfw.errors import BadInput
+
+def fail(x):
+    if x == 2:
+        raise BadInput("worker says: item 2 is not acceptable")
+    return x
+
+@cli_module.cli.command("probe-workers")
+def probe():
+    with ProcessPool(2) as pool:
+        click.echo(list(ordered_map(pool, fail, range(4), ahead=2)))
+
+cli_module.main()
+"""
+
+
+def test_a_domain_error_in_a_worker_process_is_one_line_at_the_cli():
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    plain = subprocess.run([sys.executable, "-c", _CLI, "probe-workers"], capture_output=True, text=True, env=env)
+    assert plain.returncode == 1
+    assert plain.stderr.strip() == "Error: worker says: item 2 is not acceptable" and plain.stdout == ""
+    debug = subprocess.run([sys.executable, "-c", _CLI, "--debug", "probe-workers"], capture_output=True, text=True,
+                           env=env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "in fail" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == "Error: worker says: item 2 is not acceptable"
+
+
+def test_every_pnsfw_environment_variable_is_documented():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    names = {name for path in (root / "pnsfw").rglob("*.py")
+             for name in re.findall(r"\bPNSFW_[A-Z0-9_]+", path.read_text())}
+    assert {"PNSFW_STORE", "PNSFW_MODEL", "PNSFW_API_TOKEN"} <= names
+    undocumented = sorted(n for n in names if not re.search(rf"`{n}[`=]", readme))
+    assert not undocumented, f"not documented in README.md: {undocumented}"
