@@ -130,11 +130,22 @@ class ProcessPool:
         return future
 
     def apply_async(self, fn: Callable[..., Any], args: tuple = (), kwds: dict | None = None,
-                    callback: Callable[[Any], None] | None = None) -> Task:
-        """multiprocessing.pool.Pool's spelling of submit (the callback gets the result, on success only)."""
+                    callback: Callable[[Any], None] | None = None,
+                    error_callback: Callable[[BaseException], None] | None = None) -> Task:
+        """multiprocessing.pool.Pool's spelling of submit: `callback(result)` on success, `error_callback(exc)`
+        on failure (a cancelled task calls neither)."""
         future = self.submit(fn, *args, **(kwds or {}))
-        if callback is not None:
-            future.add_done_callback(lambda f: None if f.exception() else callback(f.result()))
+
+        def done(f: Future) -> None:
+            if f.cancelled():
+                return
+            error = f.exception()
+            if error is None and callback is not None:
+                callback(f.result())
+            elif error is not None and error_callback is not None:
+                error_callback(error)
+
+        future.add_done_callback(done)
         return future
 
     def _collect(self) -> None:
