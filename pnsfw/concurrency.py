@@ -70,13 +70,27 @@ def _portable(exc: BaseException) -> BaseException:
     return exc
 
 
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker the moment its parent dies (a kill -9 of the run), so no worker
+    outlives it holding inherited files such as the store's write lock; elsewhere the poll below does it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(0)
+
+
 def _worker(tasks: Any, results: Any, parent: int, initializer: Callable[[], None] | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent handles it
+    _die_with_parent(parent)
     if initializer is not None:
         initializer()
     while True:
         try:
-            task = tasks.get(timeout=1.0)
+            task = tasks.get(timeout=0.2)
         except queue.Empty:
             if os.getppid() != parent:
                 return  # the parent is gone (kill -9): do not linger
