@@ -13,7 +13,6 @@ import click
 
 from . import __version__
 from .errors import Interrupted, PnsfwError
-from .store.sizes import parse_duration, parse_size
 
 STORE = click.option("--store", required=True, envvar="PNSFW_STORE", type=click.Path(file_okay=False),
                      help="The store folder (env PNSFW_STORE).")
@@ -24,19 +23,22 @@ DEVICE = click.option("--device", default="auto", show_default=True,
 
 
 class _Parsed(click.ParamType):
-    """An option value parsed by one of pnsfw.store.sizes' parsers ("50k", "16G", "90s")."""
+    """An option value parsed by one of pnsfw.store.sizes' parsers ("50k", "16G", "90s"), imported when a value
+    is parsed: importing the store (pyarrow, numpy) takes most of a second, too long for start-up and --help."""
 
-    def __init__(self, name: str, parse: Callable[[str], Any]):
-        self.name, self.parse = name, parse
+    def __init__(self, name: str, parser: str):
+        self.name, self.parser = name, parser
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from .store import sizes
+
         try:
-            return self.parse(value)
+            return getattr(sizes, self.parser)(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-SIZE, DURATION = _Parsed("size", parse_size), _Parsed("duration", parse_duration)
+SIZE, DURATION = _Parsed("size", "parse_size"), _Parsed("duration", "parse_duration")
 
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
@@ -55,7 +57,29 @@ def configure_logging(level: str) -> None:
     logger.propagate = False
 
 
+FORCED_EXIT_S = 5.0  # a signalled process that has not unwound by then (stuck in a C call) exits anyway
+_process: dict[str, bool] = {"own": False}  # True when main() runs the process (not an in-process CliRunner)
+
+
+def _force_exit(signum: int) -> None:
+    """The last resort of an interrupt: the main thread has not unwound in FORCED_EXIT_S (it is inside one long
+    C call); committed rows are durable, so end the process here with the same one line and exit code."""
+    if not _interrupted:
+        name = signal.Signals(signum).name
+        print(f"Interrupted by {name}: stopped (forced after {FORCED_EXIT_S:g} s); committed rows are kept; rerun "
+              f"the same command to go on", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    if _process["own"]:
+        import threading
+
+        timer = threading.Timer(FORCED_EXIT_S, _force_exit, (signum,))
+        timer.daemon = True
+        timer.start()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Interrupted(signum)
 
 
@@ -63,14 +87,15 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 def _sigterm_raises() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C (so commands stop cleanly) while a command runs in the main thread."""
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+        previous = {n: signal.signal(n, _raise_interrupted) for n in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class _Group(click.Group):
@@ -97,7 +122,8 @@ _interrupted: list[int] = []  # set when a command was stopped by a signal (main
 
 
 def _stopped(exc: Interrupted) -> None:
-    click.echo(f"Interrupted by {exc.progress or signal.Signals(exc.signum).name}", err=True)
+    progress = exc.progress or "stopped; what was committed is kept, rerun the same command to go on"
+    click.echo(f"Interrupted by {signal.Signals(exc.signum).name}: {progress}", err=True)
     _interrupted.append(exc.signum)
     raise click.exceptions.Exit(128 + exc.signum)
 
@@ -798,6 +824,7 @@ def migrate(store: str) -> None:
 
 
 def main() -> None:
+    _process["own"] = True
     try:
         cli(prog_name="pnsfw")
     except SystemExit as exc:

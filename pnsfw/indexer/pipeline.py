@@ -347,10 +347,9 @@ class _Startup:
 
 def _stopped(summary: IndexSummary, store: Store, signum: int) -> Interrupted:
     """The one line an interrupted run ends with."""
-    name = signal.Signals(signum).name
     store.refresh()
     where = f"{store.rows:,} rows in {store.root}" if store.exists else f"nothing in {store.root}"
-    return Interrupted(signum, f"{name}: stopped after committing {summary.committed:,} new rows and "
+    return Interrupted(signum, f"stopped after committing {summary.committed:,} new rows and "
                                f"{summary.committed_errors:,} error rows ({where}); rerun the same command to go on")
 
 
