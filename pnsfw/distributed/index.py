@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import os
 import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator
