@@ -12,7 +12,7 @@ Memory is bounded: readers + 2 shards of input, and 2 x writers shards of output
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..concurrency import read_ahead
 from .engines import Engine, Waiter
 
 PROGRESS_EVERY_S = 0.5
@@ -84,19 +85,6 @@ class _Progress:
             self.ready, self.last = [], time.perf_counter()
 
 
-def _read_ahead(pool: ThreadPoolExecutor, task: Callable[[Path], Any], paths: list[Path],
-                window: int) -> Iterator[tuple[Path, "Future[Any]"]]:
-    """Futures of task(path) in order, `window` submitted ahead."""
-    pending: deque[tuple[Path, Future[Any]]] = deque()
-    upcoming = iter(paths)
-    while True:
-        while len(pending) < window and (path := next(upcoming, None)) is not None:
-            pending.append((path, pool.submit(task, path)))
-        if not pending:
-            return
-        yield pending.popleft()
-
-
 class Pipeline:
     """One run of the pipeline over `paths` (see the module docstring)."""
 
@@ -133,7 +121,7 @@ class Pipeline:
         with ThreadPoolExecutor(t.readers, "score-read") as readers, \
                 ThreadPoolExecutor(t.writers, "score-write") as writers:
             try:
-                for path, future in _read_ahead(readers, self._read_task, paths, t.readers + 2):
+                for path, future in read_ahead(readers, self._read_task, paths, t.readers + 2):
                     (ids, staged, seconds), blocked = _timed(future.result)
                     t.read_s, t.wait_read_s = t.read_s + seconds, t.wait_read_s + blocked
                     wait, submitted = _timed(self.engine.submit, staged)

@@ -83,11 +83,6 @@ def _import_clip() -> Any:
     return clip
 
 
-def import_clip() -> Any:
-    """The clip package (torch and torchvision with it)."""
-    return _import_clip()
-
-
 @functools.lru_cache(maxsize=1)
 def _clip_model() -> Any:
     """clip/model.py on its own. Building a model needs only it; `import clip` also loads torchvision, the
