@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator

@@ -137,7 +137,7 @@ def store_model(store: Store, model: str | None) -> str:
     """--model, else the encoder the store was built with, else DEFAULT_MODEL."""
     if model:
         return model
-    encoder = store.manifest.get("encoder") if store.exists else None
+    encoder = store.encoder if store.exists else None
     return str(encoder["name"]) if encoder else DEFAULT_MODEL
 
 
