@@ -105,7 +105,7 @@ def test_webdataset_sidecars_and_table_columns_become_metadata(tmp_path, tiny_ch
     assert csv.exit_code == 0, csv.output
     store = Store.open(tmp_path / "store")
     assert store.errors().num_rows == 0  # sidecars are never error rows
-    shards = [pq.read_table(p).to_pylist() for p in store.shard_paths()]
+    shards = [pq.read_table(store.shard_source(s)).to_pylist() for s in store.shards]
     wds = {Path(r["uri"]).name: r for r in shards[0][:3]}
     first = wds["0000.jpg"]
     assert (first["key"], first["caption"], first["cls"], first["url"]) == (
