@@ -69,14 +69,15 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
                      help="GPU path: images the CPU decode workers may take at once as whole batches, besides the "
                           "files the GPU cannot decode (0: those only; fastest for thumbnails)."),
         click.option("--gpu-decoder", default="auto", show_default=True, type=click.Choice(DECODERS),
-                     help="GPU path: auto (nvJPEG's hardware JPEG engines through handles of our own, two decode "
-                          "threads; else torchvision.io, else the CPU workers) or torchvision (torchvision.io only)."),
+                     help="GPU path: auto (batches of images of 1 MP and more on nvJPEG's hardware JPEG engines "
+                          "through handles of our own, two decode threads; smaller ones, or all when the engines "
+                          "are missing, through torchvision.io; else the CPU workers) or torchvision (no engines)."),
         click.option("--gpu-resize", default="auto", show_default=True, type=click.Choice(RESIZES),
                      help="GPU path, experiment: where the batched resize runs (auto: the decode thread for small "
                           "images, the encoding thread for large ones)."),
-        click.option("--gpu-tower", default="fast", show_default=True, type=click.Choice(TOWERS),
-                     help="GPU path: fast (SDPA attention, fp16 LayerNorm, patch GEMM, CUDA graph), eager (the "
-                          "same without the graph) or reference (CLIP's own modules at fp16)."),
+        click.option("--gpu-tower", default="eager", show_default=True, type=click.Choice(TOWERS),
+                     help="GPU path: eager (SDPA attention, fp16 LayerNorm, patch GEMM), fast (the same from a "
+                          "CUDA graph) or reference (CLIP's own modules at fp16)."),
         click.option("--compile", "gpu_compile", default="auto", show_default=True, type=click.Choice(COMPILES),
                      help="torch.compile the image tower (auto: CUDA jobs of 20M+ images; the compiled kernels "
                           "are cached in ~/.cache/pnsfw/inductor)."),
