@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -67,16 +67,19 @@ class IndexSummary:
         return dict(asdict(self), images_per_s=self.images_per_s, steady_images_per_s=self.steady_images_per_s)
 
 
-def collect_items(sources: list[str], known: set[str],
+def collect_items(sources: list[str], known: Container[str],
                   on_first: Callable[[], None] | None = None) -> tuple[list[Item], int]:
     """Every item of every source in order, minus uris already in the store (and repeats).
 
-    `on_first` runs when the first new item is found (the runner starts loading the model then)."""
-    items, present, seen = [], 0, set(known)
+    `known` is the store's UriSet (uri hashes, not strings); `on_first` runs when the first new item is found
+    (the runner starts loading the model then)."""
+    items, present, seen = [], 0, set()
     for source in sources:
         for item in iter_items(source):
+            if item.uri in known:
+                present += 1
+                continue
             if item.uri in seen:
-                present += item.uri in known
                 continue
             seen.add(item.uri)
             if not items and on_first is not None:
