@@ -106,6 +106,8 @@ RAY_LOCAL = "local"
 RAY = click.option("--ray", "ray_address", default=None, is_flag=False, flag_value=RAY_LOCAL, metavar="[ADDRESS]",
                    help="Run on Ray: alone, a new local Ray; with ADDRESS (host:port or ray://host:port), join "
                         "that cluster. Rows and ids equal a local run.")
+ACTORS = click.option("--actors", default=0, show_default=True, type=click.IntRange(0),
+                      help="With --ray: actors (0: one per GPU of the cluster, else one per 2 CPUs).")
 
 
 @cli.command()
@@ -132,8 +134,7 @@ RAY = click.option("--ray", "ray_address", default=None, is_flag=False, flag_val
 @click.option("--summary-json", type=click.Path(dir_okay=False), help="Also write the summary as JSON here.")
 @_with_gpu_options
 @RAY
-@click.option("--actors", default=0, show_default=True, type=click.IntRange(0),
-              help="With --ray: embedding actors (0: one per GPU of the cluster, else one per 2 CPUs).")
+@ACTORS
 def index(sources: tuple[str, ...], store: str, model: str, device: str, batch_size: int, workers: int,
           shard_size: int, commit_every: float, precision: str, projection: str, pca_rows: int, seed: int,
           max_pixels: int, timeout: float, no_faiss: bool, summary_json: str, ray_address: str | None,
@@ -518,18 +519,27 @@ def evaluate(store: str, model_name: str, labels: str, as_json: bool) -> None:
               help="Shard reader threads (0: half the cores, 2 to 8).")
 @click.option("--writers", default=0, show_default=True, type=click.IntRange(0, 256),
               help="Score-part writer threads (0: one per core, 2 to 16).")
+@RAY
+@ACTORS
 def score(store: str, model_name: str, device: str, engine: str, precision: str, batch_size: int, readers: int,
-          writers: int) -> None:
+          writers: int, ray_address: str | None, actors: int) -> None:
     """Score every vector of the store into STORE/scores/NAME/ (resumable; a rerun scores new shards only).
 
     \b
     Example:
       pnsfw score --store store/ --model default
     """
-    from .classifier.scoring import score_store
+    options = {"device": device, "engine": engine, "batch_rows": max(1, batch_size), "precision": precision,
+               "readers": readers, "writers": writers}
+    if ray_address is None:
+        from .classifier.scoring import score_store
 
-    summary = score_store(store, model_name, device=device, engine=engine, batch_rows=max(1, batch_size),
-                          precision=precision, readers=readers, writers=writers)
+        summary = score_store(store, model_name, **options)
+    else:
+        from .distributed.score import score_with_ray
+
+        summary = score_with_ray(store, model_name, None if ray_address == RAY_LOCAL else ray_address, actors,
+                                 **options)
     note = " (model changed: rescored everything)" if summary.rescored_all else ""
     click.echo(f"scored {summary.scored:,} vectors in {summary.shards_scored} shards ({summary.vectors_per_s:,.0f} "
                f"vectors/s, {summary.engine} {summary.precision}); {summary.shards_present} shards already scored{note}")

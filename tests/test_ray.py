@@ -131,3 +131,34 @@ def test_units_are_cut_from_a_stream_one_window_at_a_time() -> None:
     assert len(pulled) == 12  # nothing beyond the window was listed yet
     rest = list(windows)
     assert [len(u) for w in rest for u in w] == [4, 4, 3]
+
+
+def _scores(store: Path, name: str) -> dict[int, list[float]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(store / "scores" / name)
+    probs = [c for c in table.column_names if c.startswith("p_")]
+    return {row["id"]: [row[c] for c in probs] for row in table.to_pylist()}
+
+
+def test_score_on_ray_equals_local(ray_address: str, local_store: Path, tmp_path: Path) -> None:
+    from pnsfw.classifier.scoring import score_store
+    from pnsfw.classifier.train import TrainOptions, train_classifier
+
+    trained = tmp_path / "trained"
+    shutil.copytree(local_store, trained)
+    train_classifier(trained, "folders", TrainOptions(epochs=2, name="m"))
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    shutil.copytree(trained, local)
+    shutil.copytree(trained, on_ray)
+    score_store(local, "m")
+    command = [sys.executable, "-m", "pnsfw.cli", "score", "--store", str(on_ray), "--model", "m",
+               "--ray", ray_address]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "on ray" in done.stdout
+    want, got = _scores(local, "m"), _scores(on_ray, "m")
+    assert sorted(got) == sorted(want) == list(range(32))
+    np.testing.assert_allclose([got[i] for i in want], [want[i] for i in want], atol=1e-5)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert "scored 0 vectors" in again.stdout, again.stdout + again.stderr
