@@ -431,7 +431,9 @@ def _skipped_labels(count: int, examples: list[str]) -> None:
 
 @cli.command()
 @STORE
-@click.option("--labels", required=True, help="`folders` (SOURCE/<label>/...) or a CSV/Parquet file of (uri or id, label).")
+@click.option("--labels", required=True, help="`folders` (SOURCE/<label>/...), `store` (`pnsfw label`, the review "
+                                               "page), a CSV/Parquet file of (uri or id, label), or several joined "
+                                               "by + (later wins: folders+store).")
 @click.option("--name", default="default", show_default=True, help="Model NAME: saved as STORE/models/NAME.keras.")
 @click.option("--epochs", default=40, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
@@ -488,8 +490,35 @@ def train(store: str, labels: str, name: str, epochs: int, batch_size: int, lr: 
 
 @cli.command()
 @STORE
+@click.option("--id", "ids", multiple=True, type=click.IntRange(0), help="A store id to label (repeatable).")
+@click.option("--label", default=None, help="The label of the --id items.")
+@click.option("--file", "file", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="A CSV/Parquet file of (id or uri, label) to import.")
+@click.option("--classes", default=None, help="Comma-separated allowed labels (default: the model's classes).")
+@click.option("--model", "model_name", default=None, help="Classifier whose classes are allowed (default: the "
+                                                          "store's default model; none: any plain word).")
+def label(store: str, ids: tuple[int, ...], label: "str | None", file: "str | None", classes: "str | None",
+          model_name: "str | None") -> None:
+    """Save labels in the store (labels/), as the review page does; `train --labels store` uses them.
+
+    \b
+    Example:
+      pnsfw label --store store/ --id 12 --id 40 --label nsfw
+      pnsfw label --store store/ --file corrections.csv
+    """
+    from .classifier.reviewed import run_label
+
+    allowed = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    result = run_label(store, list(ids), label, file, allowed, model_name)
+    _skipped_labels(result["unknown"], result["unknown_examples"])
+    click.echo(f"saved {result['saved']:,} labels; the store holds {result['labels']:,} labelled items")
+
+
+@cli.command()
+@STORE
 @CLASSIFIER
-@click.option("--labels", required=True, help="`folders` or a CSV/Parquet file of (uri or id, label).")
+@click.option("--labels", required=True, help="`folders`, `store`, a CSV/Parquet file of (uri or id, label), "
+                                               "or several joined by + (folders+store).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(store: str, model_name: str, labels: str, as_json: bool) -> None:
     """Metrics of a model on every labelled image of the store, at its stored threshold.

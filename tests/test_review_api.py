@@ -39,3 +39,49 @@ def test_thumb_cache_is_bounded_and_least_recently_used_goes_first() -> None:
     cache.get((1, "u"))
     cache.put((3, "u"), bytes(100))
     assert cache.get((2, "u")) is None and cache.get((1, "u")) is not None
+
+
+def test_labels_are_validated_saved_and_taken_back(api_server: Server) -> None:
+    with api_server.client() as client:
+        try:
+            assert client.post("/v1/labels", json={"id": 1, "label": "porn"}).status_code == 422  # not a class
+            assert client.post("/v1/labels", json={"id": 999999, "label": "sfw"}).status_code == 404
+            assert client.post("/v1/labels", json={"id": 1}).status_code == 422
+            assert client.post("/v1/labels", content=b"nope", headers={"content-type": "application/json"}
+                               ).status_code == 422
+            saved = client.post("/v1/labels", json={"id": 1, "label": "nsfw"})
+            assert saved.status_code == 200 and saved.json()["saved"] == 1
+            assert client.post("/v1/labels", json=[{"id": 2, "label": "sfw"}, {"id": 1, "label": "sfw"}]
+                               ).json() == {"saved": 2, "labels": 2}
+            listed = client.get("/v1/labels").json()
+            assert listed["count"] == 2 and sorted(listed["classes"]) == ["nsfw", "sfw"]
+            assert {(r["id"], r["label"], r["source"]) for r in listed["labels"]} == {(1, "sfw", "review"),
+                                                                                      (2, "sfw", "review")}
+            assert client.get("/v1/items/1").json()["label"] == "sfw"  # a person's label wins on items and hits
+            queue = client.get("/v1/review", params={"n": 200}).json()
+            ids = [item["id"] for item in queue["items"]]
+            assert 1 not in ids and 2 not in ids and queue["labelled"] == 2
+            assert client.delete("/v1/labels/1").status_code == 200
+            assert [r["id"] for r in client.get("/v1/labels").json()["labels"]] == [2]
+        finally:
+            client.delete("/v1/labels/1")
+            client.delete("/v1/labels/2")
+    with api_server.client(token=None) as anonymous:
+        assert anonymous.get("/v1/labels").status_code == 401
+        assert anonymous.post("/v1/labels", json={"id": 1, "label": "sfw"}).status_code == 401
+        assert anonymous.get("/v1/review").status_code == 401
+
+
+def test_review_queue_is_ranked_and_described(api_server: Server) -> None:
+    with api_server.client() as client:
+        queue = client.get("/v1/review", params={"n": 10}).json()
+        assert client.get("/v1/review", params={"n": 0}).status_code == 422
+        assert client.get("/v1/review", params={"model": "nope"}).status_code == 404
+    assert queue["model"] == "default" and len(queue["items"]) == 10 and queue["remaining"] >= 80
+    priorities = [item["priority"] for item in queue["items"]]
+    assert priorities == sorted(priorities, reverse=True)
+    first = queue["items"][0]
+    assert first["thumb"] == f"/v1/items/{first['id']}/thumb" and first["uri"]
+    assert set(first["verdict"]) >= {"p_nsfw", "threshold", "nsfw", "label", "probabilities"}
+    assert first["agreement"]["k"] == 10 and 0 <= first["agreement"]["agree"] <= 10
+    assert "sha256" in first["metadata"] and isinstance(first["reasons"], list)
