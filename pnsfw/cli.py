@@ -424,6 +424,18 @@ def _metrics_text(m: dict[str, Any], table: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _retrain_text(retrain: dict[str, Any]) -> str:
+    """The delta table of a retrain and the verdicts it changed (train's output and `pnsfw info`)."""
+    v = retrain["verdicts"]
+    lines = [f"beside the model it replaced (both on {retrain.get('delta_basis', 'the same rows')}):",
+             "metric                     previous       new     delta"]
+    lines += [f"{r['metric']:<24} {_fmt(r['previous']):>10} {_fmt(r['new']):>9} "
+              f"{'n/a' if r['delta'] is None else format(r['delta'], '+.4f'):>9}" for r in retrain["delta"]]
+    lines.append(f"verdicts changed: {v['changed']:,} of {v['compared']:,} items "
+                 f"({v['to_nsfw']:,} to NSFW, {v['to_sfw']:,} to SFW)")
+    return "\n".join(lines)
+
+
 def _skipped_labels(count: int, examples: list[str]) -> None:
     if count:
         click.echo(f"skipped {count:,} labels naming images not in the store (e.g. {', '.join(examples[:3])})", err=True)
@@ -486,6 +498,8 @@ def train(store: str, labels: str, name: str, epochs: int, batch_size: int, lr: 
                f"; {meta['history']['epochs_run']} epochs, best {meta['history']['best_epoch']}")
     click.echo(f"{meta['evaluated_on']} split: " + _metrics_text(meta["metrics"][meta["evaluated_on"]]))
     click.echo(f"saved {store}/models/{name}.keras ({meta['seconds']:.1f} s)")
+    if meta.get("retrain"):
+        click.echo(_retrain_text(meta["retrain"]))
 
 
 @cli.command()

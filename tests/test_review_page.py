@@ -103,4 +103,20 @@ def test_label_ten_items_with_the_keyboard_then_reload_and_train(review_server: 
                            "--val-ratio", "0.2", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert only.returncode == 0, only.stderr
     assert json.loads(only.stdout)["data"]["labels"] == 10
+
+    # a retrain of the served model: its metrics beside the previous model's, and the verdicts that changed
+    again = subprocess.run([sys.executable, "-m", "pnsfw.cli", "train", "--store", str(review_server.store),
+                            "--labels", "folders+store", "--epochs", "2"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "previous" in again.stdout and "verdicts changed:" in again.stdout and "of 83 items" in again.stdout
+    with review_server.client() as client:
+        served = next(m for m in client.get("/v1/models").json()["models"] if m["name"] == "default")
+    assert served["retrain"]["verdicts"]["compared"] == 83 and len(served["retrain"]["delta"]) == 8
+    page.reload()
+    page.wait_for_selector("#model-delta")
+    assert "pr_auc" in page.inner_text("#model-delta") and "verdicts changed" in page.inner_text("#verdicts-changed")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.screenshot(path=str(ARTIFACTS / "review-retrained.png"), full_page=True)
     assert httpx.get(f"{review_server.base}/health").status_code == 200

@@ -8,7 +8,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import BadInput
+from ..errors import BadInput, PnsfwError
 from . import images, thumbs
 from .engine import Engine
 from .routes import json_response
@@ -159,3 +159,44 @@ def _models(engine: Engine, model: str | None) -> tuple[Any, Any]:
             if other.classifier.space == engine.store.space:
                 others[name] = other
     return clf, Others(others)
+
+
+HEADLINE = ("count", "positives", "pr_auc", "roc_auc", "precision_at_recall_0.9", "threshold", "accuracy",
+            "precision", "recall", "f1", "fpr")
+
+
+def model_summaries(engine: Engine) -> dict[str, Any]:
+    """Each model of the store (re-read: a retrain shows without a restart) with its headline metrics and, after a
+    retrain, the delta table against the model it replaced and how many verdicts changed."""
+    from ..classifier.model import list_models, load_classifier
+
+    engine.store.refresh()
+    models = []
+    for name in list_models(engine.store):
+        try:
+            meta = load_classifier(engine.store, name, check_space=False).meta
+        except (PnsfwError, OSError, ValueError, KeyError) as exc:  # one unreadable model must not hide the others
+            models.append({"name": name, "error": str(exc).splitlines()[0]})
+            continue
+        split = meta.get("evaluated_on") or next(iter(meta.get("metrics") or {}), None)
+        metrics = (meta.get("metrics") or {}).get(split) or {}
+        models.append({"name": name, "created": meta.get("created"), "classes": meta.get("classes"),
+                       "nsfw_classes": meta.get("nsfw_classes"), "threshold": meta.get("threshold"),
+                       "evaluated_on": split, "metrics": {k: metrics.get(k) for k in HEADLINE},
+                       "labels": (meta.get("data") or {}).get("labels"), "retrain": _slim(meta.get("retrain"))})
+    return {"served": engine.model_name, "models": models}
+
+
+def _slim(retrain: dict[str, Any] | None) -> dict[str, Any] | None:
+    """retrain without the bulky threshold tables."""
+    if not retrain:
+        return None
+    previous = dict(retrain["previous"], metrics_saved=None,
+                    on_this_split={k: (retrain["previous"].get("on_this_split") or {}).get(k) for k in HEADLINE})
+    return dict(retrain, previous=previous)
+
+
+@router.get("/v1/models", tags=["service"])
+async def models(request: Request) -> Response:
+    """The store's classifiers: headline metrics, and after a retrain the delta against the replaced model."""
+    return json_response(images.jsonable(await run_in_threadpool(model_summaries, review_of(request).engine)))

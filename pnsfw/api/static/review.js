@@ -138,3 +138,39 @@ window.startReview = function () {
 $("undo").addEventListener("click", undoLast);
 $("skip").addEventListener("click", skip);
 document.addEventListener("keydown", onKey);
+
+// ---- the model: headline metrics, and after a retrain the delta against the model it replaced
+
+function better(d) { return d.delta === null ? 0 : d.metric === "fpr" ? -d.delta : d.delta; }  // fpr: lower is better
+function fmt(v) { return v === null || v === undefined ? "n/a" : Number(v).toFixed(4); }
+
+function modelPanel(m) {
+  const r = m.retrain;
+  let html = "<h2>model " + escapeHtml(m.name) + "</h2><p class=muted>" + (m.labels || 0) + " labels · evaluated on the " +
+    escapeHtml(m.evaluated_on || "?") + " split · threshold " + fmt(m.threshold) + "</p>";
+  if (!r) {
+    html += "<table id=model-metrics><tr><th>metric</th><th>value</th></tr>" +
+      ["pr_auc", "roc_auc", "precision", "recall", "f1"].map((k) => "<tr><td>" + k + "</td><td>" + fmt(m.metrics[k]) + "</td></tr>").join("") + "</table>";
+    return html;
+  }
+  const v = r.verdicts;
+  html += "<p>Retrained: beside the model it replaced (both on " + escapeHtml(r.delta_basis || "the same rows") + ")</p>" +
+    "<table id=model-delta><tr><th>metric</th><th>previous</th><th>new</th><th>delta</th></tr>" +
+    r.delta.map((d) => "<tr><td>" + escapeHtml(d.metric) + "</td><td>" + fmt(d.previous) + "</td><td>" + fmt(d.new) + "</td><td class='" +
+      (better(d) > 0 ? "up" : better(d) < 0 ? "down" : "") + "'>" + (d.delta === null ? "n/a" : (d.delta >= 0 ? "+" : "") + d.delta.toFixed(4)) + "</td></tr>").join("") +
+    "</table><p id=verdicts-changed><b>" + v.changed.toLocaleString() + "</b> of " + v.compared.toLocaleString() +
+    " verdicts changed (" + v.to_nsfw.toLocaleString() + " to NSFW, " + v.to_sfw.toLocaleString() + " to SFW)</p>";
+  return html;
+}
+
+async function loadModels() {
+  try {
+    const data = await api("/v1/models");
+    const shown = data.models.filter((m) => !m.error && (m.name === data.served || m.retrain));
+    $("model-panel").innerHTML = shown.map(modelPanel).join("");
+    $("model-panel").hidden = !shown.length;
+  } catch (err) { $("model-panel").hidden = true; }
+}
+
+const startQueue = window.startReview;
+window.startReview = function () { loadModels(); startQueue(); };
