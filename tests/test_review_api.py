@@ -85,3 +85,38 @@ def test_review_queue_is_ranked_and_described(api_server: Server) -> None:
     assert set(first["verdict"]) >= {"p_nsfw", "threshold", "nsfw", "label", "probabilities"}
     assert first["agreement"]["k"] == 10 and 0 <= first["agreement"]["agree"] <= 10
     assert "sha256" in first["metadata"] and isinstance(first["reasons"], list)
+
+
+def test_label_command_saves_checks_and_imports(tmp_path, labelled_store) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from api_server import REPO
+
+    from pnsfw.classifier.reviewed import current_rows
+    from pnsfw.store import Store
+
+    store = tmp_path / "store"
+    shutil.copytree(labelled_store, store)
+
+    def label(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pnsfw.cli", "label", "--store", str(store), *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    done = label("--id", "4", "--id", "5", "--label", "nsfw", "--classes", "sfw,nsfw")
+    assert done.returncode == 0, done.stderr
+    assert "saved 2 labels" in done.stdout
+    wrong = label("--id", "4", "--label", "porn", "--classes", "sfw,nsfw")
+    assert wrong.returncode == 1 and "not one of the classes sfw, nsfw" in wrong.stderr
+    missing = label("--id", "999999", "--label", "sfw")
+    assert missing.returncode == 1 and "id 999999 is not in store" in missing.stderr
+    assert label("--label", "sfw").returncode == 1
+    uri = Store.open(store).table(["uri"]).column("uri")[6].as_py()
+    (tmp_path / "fix.csv").write_text(f"uri,label\n{uri},sfw\n/not/there.jpg,sfw\n")
+    imported = label("--file", str(tmp_path / "fix.csv"))
+    assert imported.returncode == 0, imported.stderr
+    assert "skipped 1 labels" in imported.stderr
+    rows = current_rows(Store.open(store))
+    assert {i: (r["label"], r["source"]) for i, r in rows.items()} == {4: ("nsfw", "cli"), 5: ("nsfw", "cli"),
+                                                                       6: ("sfw", "file")}

@@ -53,9 +53,14 @@ def check_labels(items: list[tuple[int, "str | None"]], allowed: "Iterable[str] 
 
 
 def check_ids(store: Store, ids: list[int]) -> None:
-    """NotFound (404) naming the first id that is not in the store (id ranges of the manifest, no shard read)."""
-    known = store.table(["id"]).column("id").to_numpy()
-    missing = np.setdiff1d(np.asarray(ids, np.int64), known)
+    """NotFound (404) naming the first id that is not in the store (from the manifest's id ranges: no shard read)."""
+    ranges = sorted((s.min_id, s.max_id) for s in store.manifest.shards)
+    starts = np.array([a for a, _ in ranges], np.int64)
+    ends = np.array([b for _, b in ranges], np.int64)
+    wanted = np.asarray(ids, np.int64)
+    at = np.searchsorted(starts, wanted, side="right") - 1
+    known = (at >= 0) & (wanted <= ends[at.clip(0)]) if len(ranges) else np.zeros(len(wanted), bool)
+    missing = wanted[~known]
     if len(missing):
         raise NotFound(f"id {int(missing[0])} is not in store {store.root}"
                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
