@@ -707,6 +707,8 @@ def _info_text(r: dict[str, Any]) -> str:
         test = next(iter((m.get("metrics") or {}).values()), {}) or {}
         lines.append(f"model {name}: classes {m.get('classes')}, threshold {m.get('threshold')}, "
                      f"PR-AUC {test.get('pr_auc', '?')}")
+        if m.get("retrain"):
+            lines.append("  " + _retrain_text(m["retrain"]).replace("\n", "\n  "))
     for name, sc in r["scores"].items():
         lines.append(f"scores {name}: {sc['shards_scored']}/{sc['shards']} shards")
     lines.append(f"labels: {r['labels']:,}")

@@ -110,6 +110,9 @@ def test_label_ten_items_with_the_keyboard_then_reload_and_train(review_server: 
                            timeout=300)
     assert again.returncode == 0, again.stderr
     assert "previous" in again.stdout and "verdicts changed:" in again.stdout and "of 83 items" in again.stdout
+    info = subprocess.run([sys.executable, "-m", "pnsfw.cli", "info", "--store", str(review_server.store)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0 and "verdicts changed:" in info.stdout and "previous" in info.stdout, info.stderr
     with review_server.client() as client:
         served = next(m for m in client.get("/v1/models").json()["models"] if m["name"] == "default")
     assert served["retrain"]["verdicts"]["compared"] == 83 and len(served["retrain"]["delta"]) == 8
