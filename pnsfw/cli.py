@@ -159,14 +159,15 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
                      help="GPU path: images the CPU decode workers may take at once as whole batches, besides the "
                           "files the GPU cannot decode (0: those only; fastest for thumbnails)."),
         click.option("--gpu-decoder", default="auto", show_default=True, type=click.Choice(DECODERS),
-                     help="GPU path: auto (nvJPEG's hardware JPEG engines through handles of our own, two decode "
-                          "threads; else torchvision.io, else the CPU workers) or torchvision (torchvision.io only)."),
+                     help="GPU path: auto (batches of images of 1 MP and more on nvJPEG's hardware JPEG engines "
+                          "through handles of our own, two decode threads; smaller ones, or all when the engines "
+                          "are missing, through torchvision.io; else the CPU workers) or torchvision (no engines)."),
         click.option("--gpu-resize", default="auto", show_default=True, type=click.Choice(RESIZES),
                      help="GPU path, experiment: where the batched resize runs (auto: the decode thread for small "
                           "images, the encoding thread for large ones)."),
-        click.option("--gpu-tower", default="fast", show_default=True, type=click.Choice(TOWERS),
-                     help="GPU path: fast (SDPA attention, fp16 LayerNorm, patch GEMM, CUDA graph), eager (the "
-                          "same without the graph) or reference (CLIP's own modules at fp16)."),
+        click.option("--gpu-tower", default="eager", show_default=True, type=click.Choice(TOWERS),
+                     help="GPU path: eager (SDPA attention, fp16 LayerNorm, patch GEMM), fast (the same from a "
+                          "CUDA graph) or reference (CLIP's own modules at fp16)."),
         click.option("--compile", "gpu_compile", default="auto", show_default=True, type=click.Choice(COMPILES),
                      help="torch.compile the image tower (auto: CUDA jobs of 20M+ images; the compiled kernels "
                           "are cached in ~/.cache/pnsfw/inductor)."),
@@ -195,6 +196,8 @@ RAY_LOCAL = "local"
 RAY = click.option("--ray", "ray_address", default=None, is_flag=False, flag_value=RAY_LOCAL, metavar="[ADDRESS]",
                    help="Run on Ray: alone, a new local Ray; with ADDRESS (host:port or ray://host:port), join "
                         "that cluster. Rows and ids equal a local run.")
+ACTORS = click.option("--actors", default=0, show_default=True, type=click.IntRange(0),
+                      help="With --ray: actors (0: one per GPU of the cluster, else one per 2 CPUs).")
 
 
 @cli.command()
@@ -233,8 +236,7 @@ RAY = click.option("--ray", "ray_address", default=None, is_flag=False, flag_val
 @click.option("--summary-json", type=click.Path(dir_okay=False), help="Also write the summary as JSON here.")
 @_with_gpu_options
 @RAY
-@click.option("--actors", default=0, show_default=True, type=click.IntRange(0),
-              help="With --ray: embedding actors (0: one per GPU of the cluster, else one per 2 CPUs).")
+@ACTORS
 def index(sources: tuple[str, ...], store: str, model: str | None, device: str, batch_size: int, workers: int,
           reader: str, shard_size: int, commit_every: float, precision: str, projection: str, pca_rows: int,
           seed: int, max_pixels: int, timeout: float, max_download: int, uri_column: str | None,
@@ -528,6 +530,18 @@ def _metrics_text(m: dict[str, Any], table: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _retrain_text(retrain: dict[str, Any]) -> str:
+    """The delta table of a retrain and the verdicts it changed (train's output and `pnsfw info`)."""
+    v = retrain["verdicts"]
+    lines = [f"beside the model it replaced (both on {retrain.get('delta_basis', 'the same rows')}):",
+             "metric                     previous       new     delta"]
+    lines += [f"{r['metric']:<24} {_fmt(r['previous']):>10} {_fmt(r['new']):>9} "
+              f"{'n/a' if r['delta'] is None else format(r['delta'], '+.4f'):>9}" for r in retrain["delta"]]
+    lines.append(f"verdicts changed: {v['changed']:,} of {v['compared']:,} items "
+                 f"({v['to_nsfw']:,} to NSFW, {v['to_sfw']:,} to SFW)")
+    return "\n".join(lines)
+
+
 def _skipped_labels(count: int, examples: list[str]) -> None:
     if count:
         click.echo(f"skipped {count:,} labels naming images not in the store (e.g. {', '.join(examples[:3])})", err=True)
@@ -535,7 +549,9 @@ def _skipped_labels(count: int, examples: list[str]) -> None:
 
 @cli.command()
 @STORE
-@click.option("--labels", required=True, help="`folders` (SOURCE/<label>/...) or a CSV/Parquet file of (uri or id, label).")
+@click.option("--labels", required=True, help="`folders` (SOURCE/<label>/...), `store` (`pnsfw label`, the review "
+                                               "page), a CSV/Parquet file of (uri or id, label), or several joined "
+                                               "by + (later wins: folders+store).")
 @click.option("--name", default="default", show_default=True, help="Model NAME: saved as STORE/models/NAME.keras.")
 @click.option("--epochs", default=40, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
@@ -588,12 +604,41 @@ def train(store: str, labels: str, name: str, epochs: int, batch_size: int, lr: 
                f"; {meta['history']['epochs_run']} epochs, best {meta['history']['best_epoch']}")
     click.echo(f"{meta['evaluated_on']} split: " + _metrics_text(meta["metrics"][meta["evaluated_on"]]))
     click.echo(f"saved {store}/models/{name}.keras ({meta['seconds']:.1f} s)")
+    if meta.get("retrain"):
+        click.echo(_retrain_text(meta["retrain"]))
+
+
+@cli.command()
+@STORE
+@click.option("--id", "ids", multiple=True, type=click.IntRange(0), help="A store id to label (repeatable).")
+@click.option("--label", default=None, help="The label of the --id items.")
+@click.option("--file", "file", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="A CSV/Parquet file of (id or uri, label) to import.")
+@click.option("--classes", default=None, help="Comma-separated allowed labels (default: the model's classes).")
+@click.option("--model", "model_name", default=None, help="Classifier whose classes are allowed (default: the "
+                                                          "store's default model; none: any plain word).")
+def label(store: str, ids: tuple[int, ...], label: "str | None", file: "str | None", classes: "str | None",
+          model_name: "str | None") -> None:
+    """Save labels in the store (labels/), as the review page does; `train --labels store` uses them.
+
+    \b
+    Example:
+      pnsfw label --store store/ --id 12 --id 40 --label nsfw
+      pnsfw label --store store/ --file corrections.csv
+    """
+    from .classifier.reviewed import run_label
+
+    allowed = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    result = run_label(store, list(ids), label, file, allowed, model_name)
+    _skipped_labels(result["unknown"], result["unknown_examples"])
+    click.echo(f"saved {result['saved']:,} labels; the store holds {result['labels']:,} labelled items")
 
 
 @cli.command()
 @STORE
 @CLASSIFIER
-@click.option("--labels", required=True, help="`folders` or a CSV/Parquet file of (uri or id, label).")
+@click.option("--labels", required=True, help="`folders`, `store`, a CSV/Parquet file of (uri or id, label), "
+                                               "or several joined by + (folders+store).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(store: str, model_name: str, labels: str, as_json: bool) -> None:
     """Metrics of a model on every labelled image of the store, at its stored threshold.
@@ -623,18 +668,27 @@ def evaluate(store: str, model_name: str, labels: str, as_json: bool) -> None:
               help="Shard reader threads (0: half the cores, 2 to 8).")
 @click.option("--writers", default=0, show_default=True, type=click.IntRange(0, 256),
               help="Score-part writer threads (0: one per core, 2 to 16).")
+@RAY
+@ACTORS
 def score(store: str, model_name: str, device: str, engine: str, precision: str, batch_size: int, readers: int,
-          writers: int) -> None:
+          writers: int, ray_address: str | None, actors: int) -> None:
     """Score every vector of the store into STORE/scores/NAME/ (resumable; a rerun scores new shards only).
 
     \b
     Example:
       pnsfw score --store store/ --model default
     """
-    from .classifier.scoring import score_store
+    options = {"device": device, "engine": engine, "batch_rows": max(1, batch_size), "precision": precision,
+               "readers": readers, "writers": writers}
+    if ray_address is None:
+        from .classifier.scoring import score_store
 
-    summary = score_store(store, model_name, device=device, engine=engine, batch_rows=max(1, batch_size),
-                          precision=precision, readers=readers, writers=writers)
+        summary = score_store(store, model_name, **options)
+    else:
+        from .distributed.score import score_with_ray
+
+        summary = score_with_ray(store, model_name, None if ray_address == RAY_LOCAL else ray_address, actors,
+                                 **options)
     note = " (model changed: rescored everything)" if summary.rescored_all else ""
     click.echo(f"scored {summary.scored:,} vectors in {summary.shards_scored} shards ({summary.vectors_per_s:,.0f} "
                f"vectors/s, {summary.engine} {summary.precision}); {summary.shards_present} shards already scored{note}")
@@ -759,6 +813,8 @@ def _info_text(r: dict[str, Any]) -> str:
         test = next(iter((m.get("metrics") or {}).values()), {}) or {}
         lines.append(f"model {name}: classes {m.get('classes')}, threshold {m.get('threshold')}, "
                      f"PR-AUC {test.get('pr_auc', '?')}")
+        if m.get("retrain"):
+            lines.append("  " + _retrain_text(m["retrain"]).replace("\n", "\n  "))
     for name, sc in r["scores"].items():
         lines.append(f"scores {name}: {sc['shards_scored']}/{sc['shards']} shards")
     lines.append(f"labels: {r['labels']:,}")

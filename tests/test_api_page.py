@@ -77,7 +77,10 @@ def test_search_by_id_and_text_from_the_page(api_server: Server, page) -> None:
     page.click("#by-id button")
     page.wait_for_function("document.getElementById('status').textContent.includes('item #3')")
     assert page.locator("#grid .card").count() == 5
-    assert page.locator("#grid .card").evaluate_all("cards => cards.map(c => c.dataset.id)")[0] == "3"  # itself first
+    # the API lists the item itself first; the page shows it above the grid, with its own label
+    page.wait_for_selector("#query-item:not([hidden])")
+    assert page.get_attribute("#query-item", "data-id") == "3"
+    assert "3" not in page.locator("#grid .card").evaluate_all("cards => cards.map(c => c.dataset.id)")
     page.fill("#text", "a striped pattern")
     page.click("#by-text button")
     page.wait_for_function("document.getElementById('status').textContent.includes('striped')")
@@ -186,9 +189,10 @@ def test_phone_width_has_no_sideways_scroll(api_server: Server, page) -> None:
         wait_for_cards(page, 12)
         assert page.evaluate("document.documentElement.scrollWidth") <= width
         # and no element sticks out (the scaled, blurred thumbnails are clipped by their .frame)
-        outside = page.evaluate(f"[...document.querySelectorAll('body *')].filter(e => e.offsetParent && !e.closest('.frame') && "
-                                f"e.getBoundingClientRect().right > {width} + 0.5).map(e => e.tagName + '#' + e.id + "
-                                f"'.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))")
+        outside = page.evaluate(f"[...document.querySelectorAll('body *')].filter(e => e.offsetParent && "
+                                f"!e.closest('.frame') && e.getBoundingClientRect().right > {width} + 0.5)"
+                                ".map(e => e.tagName + '#' + e.id + '.' + e.className + ' ' + "
+                                "Math.round(e.getBoundingClientRect().right))")
         assert not outside, (width, outside)
     page.set_viewport_size({"width": 390, "height": 844})
     page.reload()

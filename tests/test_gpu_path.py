@@ -152,7 +152,7 @@ def test_tensor_stage_on_cpu_equals_cpu_path(pil_store: tuple[Path, Path], tiny_
         monkeypatch.setattr(probe, "INLINE_BYTES", 0)  # the workers are forked after this
     resize = {"threads-resize-on-decode": "decoder", "workers-resize-thread": "thread"}
     gpu = GpuOptions(resize=resize.get(read, "encoder"), stage_stats=str(tmp_path / "stats.json"),
-                     tower="reference" if read.endswith("reference-tower") else "fast")
+                     tower="reference" if read.endswith("reference-tower") else "fast")  # on CPU: eager
     workers = -1 if read.startswith("threads") else 1
     _index(source, tmp_path / "tensor", tiny_checkpoint, reader="tensor", workers=workers, batch_size=8, gpu=gpu)
     _assert_same(reference, tmp_path / "tensor", 0.995)

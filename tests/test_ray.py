@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import index_folder, make_labelled_folder
 from ray_cluster import Cluster, start_cluster
+from test_store_s3 import _s3_url, s3  # noqa: F401  (the SeaweedFS fixture)
 
 from pnsfw.store import Store
 
@@ -43,7 +44,7 @@ def local_store(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tiny_che
     return store
 
 
-def ray_index(corpus: Path, store: Path, ckpt: Path, address: str, *extra: str) -> subprocess.Popen:
+def ray_index(corpus: Path, store: Path | str, ckpt: Path, address: str, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "pnsfw.cli", "index", str(corpus), "--store", str(store), "--model", str(ckpt),
                "--device", "cpu", "--batch-size", "8", "--ray", address, *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -55,7 +56,7 @@ def finished(proc: subprocess.Popen) -> str:
     return out
 
 
-def assert_same_store(got: Path, want: Path) -> None:
+def assert_same_store(got: Path | str, want: Path | str) -> None:
     a, b = Store(got), Store(want)
     columns = ["id", "uri", "sha256", "width", "height"]
     assert a.table(columns).to_pylist() == b.table(columns).to_pylist()
@@ -131,3 +132,43 @@ def test_units_are_cut_from_a_stream_one_window_at_a_time() -> None:
     assert len(pulled) == 12  # nothing beyond the window was listed yet
     rest = list(windows)
     assert [len(u) for w in rest for u in w] == [4, 4, 3]
+
+
+def _scores(store: Path, name: str) -> dict[int, list[float]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(store / "scores" / name)
+    probs = [c for c in table.column_names if c.startswith("p_")]
+    return {row["id"]: [row[c] for c in probs] for row in table.to_pylist()}
+
+
+def test_score_on_ray_equals_local(ray_address: str, local_store: Path, tmp_path: Path) -> None:
+    from pnsfw.classifier.scoring import score_store
+    from pnsfw.classifier.train import TrainOptions, train_classifier
+
+    trained = tmp_path / "trained"
+    shutil.copytree(local_store, trained)
+    train_classifier(trained, "folders", TrainOptions(epochs=2, name="m"))
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    shutil.copytree(trained, local)
+    shutil.copytree(trained, on_ray)
+    score_store(local, "m")
+    command = [sys.executable, "-m", "pnsfw.cli", "score", "--store", str(on_ray), "--model", "m",
+               "--ray", ray_address]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "on ray" in done.stdout
+    want, got = _scores(local, "m"), _scores(on_ray, "m")
+    assert sorted(got) == sorted(want) == list(range(32))
+    np.testing.assert_allclose([got[i] for i in want], [want[i] for i in want], atol=1e-5)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert "scored 0 vectors" in again.stdout, again.stdout + again.stderr
+
+
+@pytest.mark.usefixtures("s3")
+def test_index_on_ray_into_an_s3_store(ray_address: str, corpus: Path, local_store: Path,
+                                       tiny_checkpoint: Path) -> None:
+    url = _s3_url("ray")
+    out = finished(ray_index(corpus, url, tiny_checkpoint, ray_address))
+    assert "indexed 32 images" in out
+    assert_same_store(url, local_store)

@@ -6,6 +6,7 @@ Everything here that touches a model runs on a batcher thread, never on the
 event loop.
 """
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from .batching import MicroBatcher
 from .metrics import Metrics
 
 SCORE_ALL_MAX = 20_000_000  # stores up to this size get every missing p_nsfw computed at startup
+FOLLOW_S = 1.0  # how often a running server checks the store for new commits
+log = logging.getLogger("pnsfw.api")
 
 
 @dataclass
@@ -116,11 +119,15 @@ class Engine:
 
     def __init__(self, store: Store, model: str | None, settings: Settings):
         self.store, self.settings, self.metrics = store, settings, Metrics()
+        self._asked_model = model
         self.model_name = resolve_model(store, model)
         self.classifier = open_scorer(store, self.model_name)
         self.searcher = open_searcher(store, self.classifier, settings)
         if store.rows <= SCORE_ALL_MAX:  # hits then read p_nsfw from memory, with no forward pass per batch
             self.searcher.fill_scores()
+        self._seen = self._commit_key(store)
+        self._stopping = threading.Event()
+        self._follower: threading.Thread | None = None
         one_blas_thread()
         self._encoder: Any = None
         self._encoder_lock = threading.Lock()
@@ -132,6 +139,8 @@ class Engine:
     async def start(self) -> None:
         self.encode.start()
         self.vectors.start()
+        self._follower = threading.Thread(target=self._follow, name="pnsfw-follow-store", daemon=True)
+        self._follower.start()
         await self.vectors.call(self._warm_up)
         if self.settings.preload:
             await self.encode.call(self.encoder)
@@ -142,7 +151,37 @@ class Engine:
         vector[0] = 1.0
         self._vector_batch([(vector, min(10, self.store.rows), True)])
 
+    def _commit_key(self, store: Store) -> tuple[int, int]:
+        """Changes with every commit that matters to the server: the manifest and the served model's scores."""
+        scores = store.scores(self.model_name).version() if self.model_name else 0
+        return store.latest_version(), scores
+
+    def _follow(self) -> None:
+        """Serve new commits (rows, index, model, scores) without a restart: a fresh searcher is built beside
+        the one serving, then swapped in; a state that cannot be opened keeps the last one serving."""
+        while not self._stopping.wait(FOLLOW_S):
+            try:
+                key = self._commit_key(self.store)
+                if key != self._seen:
+                    self.reload()
+                    self._seen = key
+            except Exception as exc:
+                log.warning("store %s changed but cannot be reloaded yet: %s", self.store.root, exc)
+
+    def reload(self) -> None:
+        """Open the store's newest state and swap it in (requests in flight finish on the old one)."""
+        store = Store.open(self.store.root)
+        name = resolve_model(store, self._asked_model)
+        classifier = open_scorer(store, name)
+        searcher = open_searcher(store, classifier, self.settings)
+        if store.rows <= SCORE_ALL_MAX:
+            searcher.fill_scores()
+        self.store, self.model_name, self.classifier, self.searcher = store, name, classifier, searcher
+        self.metrics.set_gauge("pnsfw_store_vectors", "Vectors in the served store.", store.rows)
+        log.info("serving store %s version %d: %d vectors", store.root, store.version, store.rows)
+
     async def stop(self) -> None:
+        self._stopping.set()
         await self.encode.stop()
         await self.vectors.stop()
 

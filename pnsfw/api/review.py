@@ -1,30 +1,83 @@
-"""Review endpoints beside routes.py: item thumbnails (and, with the store's labels, the review queue)."""
+"""Review endpoints beside routes.py: item thumbnails, labels saved in the store, and the review queue."""
 
-from fastapi import APIRouter, FastAPI, Path, Request
+import threading
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Path, Query, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from ..errors import BadInput, PnsfwError
 from . import images, thumbs
 from .engine import Engine
+from .routes import json_response
 
 router = APIRouter()
 ItemId = Path(..., ge=0, description="A store id.")
+N_MAX = 500
+
+
+class LabelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: int = Field(..., ge=0)
+    label: str | None = Field(..., description="A class of the model (or of --label-classes); null takes the "
+                                                "item's label back.")
+
+
+class Review:
+    """The app's review state: thumbnail cache, one writer at a time, the model's own training labels."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.thumbs, self.lock = engine, thumbs.ThumbCache(), threading.Lock()
+        self.training = dict(engine.searcher.labels)  # what hits showed before any person's label
+        self.show_store_labels()
+
+    def allowed(self) -> list[str] | None:
+        declared = getattr(self.engine.settings, "label_classes", None)
+        if declared:
+            return list(declared)
+        return list(self.engine.classifier.classes) if self.engine.classifier is not None else None
+
+    def current(self) -> dict[int, dict[str, Any]]:
+        from ..classifier.reviewed import current_rows
+
+        self.engine.store.refresh()  # labels another process committed since
+        return current_rows(self.engine.store)
+
+    def show_store_labels(self) -> None:
+        """Hits and items show a person's label where there is one, else the training label."""
+        labels = dict(self.training)
+        labels.update({i: row["label"] for i, row in self.current().items()})
+        self.engine.searcher.labels = labels
+
+    def save(self, items: list[tuple[int, str | None]]) -> dict[str, Any]:
+        from ..classifier.reviewed import save_labels
+
+        with self.lock:
+            rows = save_labels(self.engine.store, items, "review", self.allowed())
+            self.show_store_labels()
+        return {"saved": rows, "labels": len(self.current())}
 
 
 def install(app: FastAPI) -> None:
-    """Add the review routes and their state (the thumbnail cache) to the app."""
-    app.state.thumbs = thumbs.ThumbCache()
+    """Add the review routes and their state to the app."""
+    app.state.review = Review(app.state.engine)
     app.include_router(router)
 
 
-def thumbnail(engine: Engine, cache: thumbs.ThumbCache, item_id: int) -> bytes:
+def review_of(request: Request) -> Review:
+    return request.app.state.review
+
+
+def thumbnail(review: Review, item_id: int) -> bytes:
     """The cached thumbnail of a store item, made from its stored image on a miss."""
-    uri = engine.item(item_id)["uri"]
+    uri = review.engine.item(item_id)["uri"]
     key = (item_id, uri)
-    data = cache.get(key)
+    data = review.thumbs.get(key)
     if data is None:
         data = thumbs.make_thumb(images.read_store_image(uri)[0])
-        cache.put(key, data)
+        review.thumbs.put(key, data)
     return data
 
 
@@ -32,5 +85,118 @@ def thumbnail(engine: Engine, cache: thumbs.ThumbCache, item_id: int) -> bytes:
             responses={200: {"content": {"image/jpeg": {}}}})
 async def item_thumb(request: Request, item_id: int = ItemId) -> Response:
     """A small JPEG of the stored image (256 px on the long side), cached in memory; what the page shows."""
-    data = await run_in_threadpool(thumbnail, request.app.state.engine, request.app.state.thumbs, item_id)
+    data = await run_in_threadpool(thumbnail, review_of(request), item_id)
     return Response(data, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
+
+
+def parse_labels(body: bytes) -> list[tuple[int, str | None]]:
+    """`{id, label}` or a list of them -> [(id, label)]; 422 for anything else."""
+    import json
+
+    try:
+        data = json.loads(body or b"null")
+        entries = [LabelIn.model_validate(e) for e in (data if isinstance(data, list) else [data])]
+    except (ValueError, ValidationError) as exc:
+        raise BadInput(f"send JSON {{\"id\": ID, \"label\": LABEL}} or a list of them: {str(exc).splitlines()[0]}") \
+            from None
+    return [(e.id, e.label) for e in entries]
+
+
+@router.post("/v1/labels", tags=["labels"], openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"oneOf": [LabelIn.model_json_schema(),
+                                               {"type": "array", "items": LabelIn.model_json_schema()}]}}}}})
+async def post_labels(request: Request) -> Response:
+    """Save labels in the store (source `review`): 422 for a label not among the classes, 404 for an unknown id."""
+    items = parse_labels(await request.body())
+    return json_response(await run_in_threadpool(review_of(request).save, items))
+
+
+@router.delete("/v1/labels/{item_id}", tags=["labels"])
+async def delete_label(request: Request, item_id: int = ItemId) -> Response:
+    """Take a person's label of an item back (the review page's undo); the log keeps both rows."""
+    return json_response(await run_in_threadpool(review_of(request).save, [(item_id, None)]))
+
+
+@router.get("/v1/labels", tags=["labels"])
+async def get_labels(request: Request, source: str | None = Query(None, description="Only this source "
+                                                                  "(review, cli, file).")) -> Response:
+    """Every item's current label given by a person (latest wins), with its source and time."""
+    review = review_of(request)
+    rows = await run_in_threadpool(review.current)
+    labels = [dict(row, id=i) for i, row in sorted(rows.items()) if source is None or row["source"] == source]
+    return json_response({"count": len(labels), "classes": review.allowed(), "labels": labels})
+
+
+@router.get("/v1/review", tags=["labels"])
+async def review_queue(request: Request, n: int = Query(50, ge=1, le=N_MAX),
+                       model: str | None = Query(None, description="Review this model's verdicts "
+                                                                   "(default: the served one).")) -> Response:
+    """Unlabelled items ranked for review: near the threshold, disagreeing with their labelled neighbours, or
+    where the store's models disagree; each with its verdict, agreement, reasons, thumbnail URL and metadata."""
+    review = review_of(request)
+    engine = review.engine
+    engine.require_classifier()
+    labelled = set(await run_in_threadpool(review.current))
+    clf, others = await run_in_threadpool(_models, engine, model)
+    from .queue import build_queue
+
+    return json_response(images.jsonable(await engine.vectors.call(build_queue, engine.searcher, clf, others,
+                                                                   labelled, n)))
+
+
+def _models(engine: Engine, model: str | None) -> tuple[Any, Any]:
+    """The classifier to review (NAME or the served one) and the store's other models of the same space."""
+    from ..classifier.model import list_models
+    from ..classifier.scorer import StoreScorer
+    from .queue import Others
+
+    clf = engine.classifier if model in (None, engine.model_name) else StoreScorer.open(engine.store, model)
+    engine.store.check_space(clf.classifier.space, f"model {clf.name}")
+    others = {}
+    for name in list_models(engine.store):
+        if name != clf.name:
+            other = StoreScorer.open(engine.store, name)
+            if other.classifier.space == engine.store.space:
+                others[name] = other
+    return clf, Others(others)
+
+
+HEADLINE = ("count", "positives", "pr_auc", "roc_auc", "precision_at_recall_0.9", "threshold", "accuracy",
+            "precision", "recall", "f1", "fpr")
+
+
+def model_summaries(engine: Engine) -> dict[str, Any]:
+    """Each model of the store (re-read: a retrain shows without a restart) with its headline metrics and, after a
+    retrain, the delta table against the model it replaced and how many verdicts changed."""
+    from ..classifier.model import list_models, load_classifier
+
+    engine.store.refresh()
+    models = []
+    for name in list_models(engine.store):
+        try:
+            meta = load_classifier(engine.store, name, check_space=False).meta
+        except (PnsfwError, OSError, ValueError, KeyError) as exc:  # one unreadable model must not hide the others
+            models.append({"name": name, "error": str(exc).splitlines()[0]})
+            continue
+        split = meta.get("evaluated_on") or next(iter(meta.get("metrics") or {}), None)
+        metrics = (meta.get("metrics") or {}).get(split) or {}
+        models.append({"name": name, "created": meta.get("created"), "classes": meta.get("classes"),
+                       "nsfw_classes": meta.get("nsfw_classes"), "threshold": meta.get("threshold"),
+                       "evaluated_on": split, "metrics": {k: metrics.get(k) for k in HEADLINE},
+                       "labels": (meta.get("data") or {}).get("labels"), "retrain": _slim(meta.get("retrain"))})
+    return {"served": engine.model_name, "models": models}
+
+
+def _slim(retrain: dict[str, Any] | None) -> dict[str, Any] | None:
+    """retrain without the bulky threshold tables."""
+    if not retrain:
+        return None
+    previous = dict(retrain["previous"], metrics_saved=None,
+                    on_this_split={k: (retrain["previous"].get("on_this_split") or {}).get(k) for k in HEADLINE})
+    return dict(retrain, previous=previous)
+
+
+@router.get("/v1/models", tags=["service"])
+async def models(request: Request) -> Response:
+    """The store's classifiers: headline metrics, and after a retrain the delta against the replaced model."""
+    return json_response(images.jsonable(await run_in_threadpool(model_summaries, review_of(request).engine)))

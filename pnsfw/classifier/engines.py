@@ -197,6 +197,11 @@ def _resolve(engine: str, device: str, precision: str) -> tuple[str, str]:
     return engine, device
 
 
+def engine_name(engine: str, device: str, precision: str) -> str:
+    """The engine `make_engine` would build for these options, without building it."""
+    return _resolve(engine, device, precision)[0]
+
+
 def make_engine(clf: Classifier, engine: str = "auto", device: str = "cpu", precision: str = "fp32",
                 batch_rows: int = BATCH_ROWS) -> Engine:
     """auto: numpy for fp32 on CPU (exact, folded); torch on CUDA or for bf16. device auto: CUDA if torch sees one."""

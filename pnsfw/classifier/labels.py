@@ -106,22 +106,43 @@ def _from_file(store: Store, path: Path) -> LabelSet:
     return LabelSet(labels, unknown=unknown)
 
 
-def read_labels(store: Store, spec: str) -> LabelSet:
-    """Labels and the unmatched entries; raises BadInput when no label is found."""
+def _from_store(store: Store) -> LabelSet:
+    from .reviewed import current_labels
+
+    return LabelSet(current_labels(store))
+
+
+def _one_source(store: Store, spec: str) -> tuple[LabelSet, str]:
+    """The labels of one spec and a hint of why it may have none."""
+    if spec == "store":
+        return _from_store(store), "no labels were given yet (`pnsfw label` or the review page)"
     if spec == "folders":
-        result = _from_folders(store)
-        hint = "no image lies in a sub-folder of its source (expected SOURCE/<label>/...)"
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise BadInput(f"labels {spec!r}: not `folders` and not a file")
-        result = _from_file(store, path)
-        hint = f"none of the {len(result.unknown)} entries of {path} is in the store"
-    if not result.labels:
-        raise BadInput(f"no labels found in store {store.root}: {hint}")
-    return result
+        return _from_folders(store), "no image lies in a sub-folder of its source (expected SOURCE/<label>/...)"
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise BadInput(f"labels {spec!r}: not `folders`, not `store` and not a file")
+    result = _from_file(store, path)
+    return result, f"none of the {len(result.unknown)} entries of {path} is in the store"
+
+
+def read_labels(store: Store, spec: str) -> LabelSet:
+    """Labels and the unmatched entries; raises BadInput when no label is found.
+
+    spec: `folders`, `store` (labels given with `pnsfw label` or the review page) or a file; several joined by
+    `+` are merged, a later one winning for an id (`folders+store`: reviewed labels correct folder labels)."""
+    merged, hints = LabelSet({}), []
+    for part in [p.strip() for p in spec.split("+")]:
+        one, hint = _one_source(store, part)
+        merged.labels.update(one.labels)
+        merged.unknown += one.unknown
+        merged.unlabelled = max(merged.unlabelled, one.unlabelled)
+        hints.append(hint)
+    if not merged.labels:
+        raise BadInput(f"no labels found in store {store.root}: {'; '.join(hints)}")
+    return merged
 
 
 def load_labels(store: Store, spec: str) -> dict[int, str]:
-    """id -> label. spec: "folders" (first folder of the uri below its source) or a CSV/Parquet file."""
+    """id -> label. spec: "folders" (first folder of the uri below its source), "store", a CSV/Parquet file,
+    or several joined by "+"."""
     return read_labels(store, spec).labels

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,7 @@ from ..store import shards as shard_io
 from ..store.files import sha256_file
 from ..store.lock import WriteLock
 from ..store.records import ScoreState, Shard
-from .engines import BATCH_ROWS, TORCH_DTYPES, Engine, check_options, make_engine
+from .engines import BATCH_ROWS, TORCH_DTYPES, Engine, check_options, engine_name, make_engine
 from .model import DEFAULT_NAME, Classifier, check_name, load_classifier, model_paths
 from .pipeline import Pipeline
 
@@ -116,6 +116,11 @@ def _commit_parts(scores: artifacts.Scores, fresh: ScoreState, sha256: dict[str,
     return commit
 
 
+def shard_reader(store: Store) -> Callable[[Shard], tuple[np.ndarray, list[np.ndarray]]]:
+    """Reads a shard's ids and fp16 row blocks, as the local pipeline does (runners elsewhere use it too)."""
+    return _read_shard(store)
+
+
 def _read_shard(store: Store) -> Callable[[Shard], tuple[np.ndarray, list[np.ndarray]]]:
     """One thread per shard: the pipeline runs several readers, and Arrow's own threads on top were 2x slower
     (ParquetFile, not read_table: no dataset layer, ~0.4 ms less per shard)."""
@@ -142,10 +147,12 @@ def _uris(store: Store) -> Callable[[str], "pa.Array | None"]:
 def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str = "cpu",
                 engine: "str | Engine" = "auto", batch_rows: int = BATCH_ROWS, precision: str = "fp32",
                 on_shard: "Callable[[int], None] | None" = None, readers: int = 0,
-                writers: int = 0) -> ScoreSummary:
+                writers: int = 0, runner: "Runner | None" = None) -> ScoreSummary:
     """Score every committed shard not yet scored by this exact model file (at this precision).
 
-    engine: a name (auto, numpy, torch) or an Engine; readers/writers: threads (0: from the core count)."""
+    engine: a name (auto, numpy, torch) or an Engine; readers/writers: threads (0: from the core count);
+    runner: scores the pending shards in place of the local pipeline (the Ray runner), through the same
+    part writer and progress commits."""
     store = Store.open(store_root)
     clf = load_classifier(store, name)
     store.ensure_v2()
@@ -160,6 +167,14 @@ def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str 
         state, reset = _start(store, scores, clf, scores.state(), precision if isinstance(engine, str)
                               else engine.precision)
         todo = _pending_shards(store, scores, state)
+        if runner is not None and isinstance(engine, str):  # the runner builds the engines where they run
+            job = ScoreJob(store, clf, todo, (engine, device, precision, batch_rows),
+                           _write_part(clf, scores, _uris(store)),
+                           _commit_parts(scores, state, {s.name: s.sha256 for s in todo}, on_shard))
+            summary = ScoreSummary(name, shards_present=len(store.shards) - len(todo), rescored_all=reset,
+                                   engine=f"{engine_name(engine, device, precision)} on {runner.name}",
+                                   precision=precision)
+            return _timed_run(summary, todo, lambda: runner(job))
         if isinstance(engine, str):  # built only when there is work: torch is not imported for nothing
             engine = make_engine(clf, engine, device, precision, batch_rows) if todo else Engine(engine, precision, 0)
         summary = ScoreSummary(name, shards_present=len(store.shards) - len(todo), rescored_all=reset,
@@ -167,14 +182,40 @@ def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str 
         commit = _commit_parts(scores, state, {s.name: s.sha256 for s in todo}, on_shard)
         pipeline = Pipeline(engine, _read_shard(store), _write_part(clf, scores, _uris(store)), commit,
                             readers, writers)
-        started = time.perf_counter()
-        stages = pipeline.run(todo)  # type: ignore[arg-type]  # a Shard has the .name the pipeline uses
-        summary.seconds = time.perf_counter() - started
-        summary.scored, summary.shards_scored = sum(s.rows for s in todo), len(todo)
-        summary.stages = stages.as_dict()
+        # a Shard has the .name the pipeline uses
+        _timed_run(summary, todo, lambda: pipeline.run(todo).as_dict())  # type: ignore[arg-type]
     finally:
         if lock is not None:
             lock.release()
+    return summary
+
+
+@dataclass
+class ScoreJob:
+    """The pending shards of one `score` run, for a runner other than the local pipeline."""
+
+    store: Store
+    classifier: Classifier
+    shards: list[Shard]
+    engine: tuple[str, str, str, int]  # engine name, device, precision, batch rows (as make_engine takes them)
+    write: Callable[[str, np.ndarray, np.ndarray], None]  # the part of a shard: name, ids, model outputs
+    commit: Callable[[list[tuple[str, int]]], None]  # progress entries for written parts: (name, rows)
+
+
+
+class Runner(Protocol):
+    """Scores a job's shards, writing and committing each through the job; returns stage figures."""
+
+    name: str
+
+    def __call__(self, job: ScoreJob) -> dict[str, Any]: ...
+
+
+def _timed_run(summary: ScoreSummary, todo: list[Shard], run: Callable[[], dict[str, Any]]) -> ScoreSummary:
+    started = time.perf_counter()
+    summary.stages = run()
+    summary.seconds = time.perf_counter() - started
+    summary.scored, summary.shards_scored = sum(s.rows for s in todo), len(todo)
     return summary
 
 

@@ -12,6 +12,7 @@ from ..store import Store, artifacts
 from ..store.files import atomic_write, atomic_write_json
 from ..store.maintenance import check_shards
 from . import metrics as M
+from .compare import compare_with_previous, previous_model
 from .data import SPLITS, LabelledData, labelled_vectors, nsfw_truth, resolve_classes, stratified_split
 from .labels import LabelSet, read_labels
 from .model import DEFAULT_NAME, Classifier, check_name, load_classifier, model_paths
@@ -181,11 +182,13 @@ def train_classifier(store_root: "str | Path", labels_spec: str, options: TrainO
     threshold = M.pick_threshold(nsfw_truth(labelled.labels[pick_rows], classes, nsfw), pick, rule)
     eval_split = "test" if (split == "test").any() else "val" if (split == "val").any() else "train"
     metrics = {eval_split: report(clf, labelled, split == eval_split, threshold, paths["plots"])}
+    retrain = compare_with_previous(store, previous_model(store, options.name), clf, threshold, metrics[eval_split],
+                                    lambda prev: report(prev, labelled, split == eval_split, prev.threshold))
     save_weights(paths["weights"], layers)  # what every other command reads (numpy, no Keras)
     save_keras(model, paths["keras"])
     _save_labels(paths["labels"], labelled, split)
     meta = _metadata(store, options, classes, nsfw, threshold, hyper, history, metrics, label_set, labelled, split)
-    meta.update(tuning=tuning, evaluated_on=eval_split, seconds=round(time.time() - started, 2))
+    meta.update(tuning=tuning, evaluated_on=eval_split, seconds=round(time.time() - started, 2), retrain=retrain)
     meta = staged.relocate(meta)  # plot paths as they will be once committed
     atomic_write_json(paths["meta"], meta)
     staged.commit()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PnsfwError
 
 log = logging.getLogger("pnsfw.distributed")
+FORWARDED_PREFIXES = ("AWS_",)
+FORWARDED = ("GOOGLE_APPLICATION_CREDENTIALS",)
 
 
 class RayUnavailable(PnsfwError):
@@ -45,8 +48,9 @@ def connect(address: str | None) -> RayCluster:
     ray = _import_ray()
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False,
-                                  "include_dashboard": False} if not address else \
-            {"logging_level": logging.WARNING, "log_to_driver": False}
+                                  "runtime_env": {"env_vars": forwarded_env()}}
+        if not address:
+            kwargs["include_dashboard"] = False
         try:
             ray.init(address=address or None, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -57,6 +61,12 @@ def connect(address: str | None) -> RayCluster:
     log.info("ray: %s, %d CPUs, %d GPUs", cluster.address, cluster.cpus, cluster.gpus)
     _quiet_data_context()
     return cluster
+
+
+def forwarded_env() -> dict[str, str]:
+    """The object-store settings of the driver (AWS_*, GOOGLE_APPLICATION_CREDENTIALS), given to the job's
+    workers, so `--store s3://...` reaches the same endpoint with the same credentials from every node."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) or k in FORWARDED}
 
 
 def _quiet_data_context() -> None:

@@ -76,7 +76,7 @@ def _dataset(units: list[list[Item]], cluster: RayCluster, options: IndexOptions
     gpu = cluster.gpus > 0 and options.device != "cpu"
     rows = [{"unit": number, "items": pickle.dumps(unit)} for number, unit in enumerate(units)]
     decode = functools.partial(_decode_unit, size=encoder.resolution, max_pixels=options.max_pixels,
-                               timeout=options.timeout)
+                               timeout=options.timeout, max_download=options.max_download)
     # the actors run in other folders (and on other nodes): a checkpoint path must be absolute
     model = os.path.abspath(encoder.name) if os.path.isfile(encoder.name) else encoder.name
     actors = cluster.actors(on_ray.actors, options.device)
@@ -91,9 +91,10 @@ def _dataset(units: list[list[Item]], cluster: RayCluster, options: IndexOptions
                          concurrency=actors, num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1))
 
 
-def _decode_unit(row: dict[str, Any], size: int, max_pixels: int, timeout: float) -> dict[str, Any]:
+def _decode_unit(row: dict[str, Any], size: int, max_pixels: int, timeout: float,
+                 max_download: int) -> dict[str, Any]:
     """A CPU task: read and decode a unit's items; failures stay rows with reasons."""
-    results = process_chunk(pickle.loads(row["items"]), size, max_pixels, timeout)
+    results = process_chunk(pickle.loads(row["items"]), size, max_pixels, timeout, max_download)
     good = [r.pixels for r in results if r.pixels is not None]
     pixels = np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)
     meta = [r._replace(pixels=None) for r in results]

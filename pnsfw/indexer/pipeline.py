@@ -127,10 +127,7 @@ def _known(store: Store, retry_errors: bool) -> Callable[[str], bool]:
     """Whether a uri is already committed (as a row, or as an error row unless they are retried)."""
     if not store.exists:
         return lambda uri: False
-    uris = set(store.table(["uri"]).column("uri").to_pylist())
-    if not retry_errors:
-        uris.update(store.errors().column("uri").to_pylist())
-    return uris.__contains__
+    return store.known_uris(errors=not retry_errors).__contains__
 
 
 def store_model(store: Store, model: str | None) -> str:

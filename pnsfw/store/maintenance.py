@@ -427,7 +427,7 @@ def _model_info(store: Store, name: str) -> dict[str, Any]:
     except (FileNotFoundError, ValueError):
         return {"generation": gen.folder, "error": "metadata unreadable"}
     return {"generation": gen.folder, "classes": meta.get("classes"), "threshold": meta.get("threshold"),
-            "metrics": meta.get("metrics")}
+            "metrics": meta.get("metrics"), "retrain": meta.get("retrain")}
 
 
 def _scores_info(store: Store) -> dict[str, Any]:

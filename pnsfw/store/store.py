@@ -45,6 +45,23 @@ def writer_token() -> str:
     return f"{_HOST}-{os.getpid()}-{os.urandom(2).hex()}"
 
 
+class UriSet:
+    """Membership of uris by their uint64 uri_hash (sorted, unique): what `index` checks new items against."""
+
+    def __init__(self, hashes: np.ndarray):
+        self.hashes = np.unique(np.asarray(hashes, dtype="<u8"))
+
+    def __contains__(self, uri: object) -> bool:
+        if not isinstance(uri, str) or not len(self.hashes):
+            return False
+        value = shards.uri_hash([uri])[0]
+        at = int(np.searchsorted(self.hashes, value))
+        return at < len(self.hashes) and bool(self.hashes[at] == value)
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+
 class Store:
     """Read access to a store; `writer()` gives the write handle, `commit()` applies a change."""
 
@@ -250,11 +267,21 @@ class Store:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float16)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def known_uris(self) -> set[str]:
-        """Every uri already committed, as a row or an error (so it is not tried again)."""
-        uris = set(self.table(["uri"]).column("uri").to_pylist())
-        uris.update(self.errors().column("uri").to_pylist())
-        return uris
+    def known_uris(self, errors: bool = True) -> UriSet:
+        """Every uri already committed, as a row or (with `errors`) an error, so it is not tried again, as sorted
+        uri hashes: 8 bytes a row, never a set of strings (format-1 shards without uri_hash are hashed on the fly)."""
+        parts = [self._uri_hashes(s) for s in self.manifest.shards]
+        if errors:
+            failed = self.errors().column("uri").to_pylist()
+            parts.append(shards.uri_hash([u for u in failed if u is not None]))
+        return UriSet(np.concatenate(parts) if parts else np.zeros(0, "<u8"))
+
+    def _uri_hashes(self, shard: Shard) -> np.ndarray:
+        column = "uri_hash" if "uri_hash" in self._present(shard, ["uri_hash"]) else "uri"
+        values = self._read(shard, [column]).column(column)
+        if column == "uri":
+            return shards.uri_hash(values.to_pylist())
+        return np.asarray(values.to_numpy(), dtype="<u8")
 
     # ---- artefacts (index generations, models, scores, labels): see artifacts.py
     def scores(self, name: str) -> Scores:

@@ -250,10 +250,12 @@ function applyFilters() {
 function showResult(result, view) {
   showVerdict(result.verdict);
   const start = view.page * view.k;
-  const hits = result.hits.slice(start, start + view.k);
+  const query = result.query;  // an id search lists the item itself first: the page shows it above the grid
+  const all = query.kind === "id" ? result.hits.filter((h) => h.id !== query.id) : result.hits;
+  const hits = all.slice(start, start + view.k);
   $("grid").replaceChildren(...hits.map(card));
   applyFilters();
-  const more = result.hits.length > start + view.k;
+  const more = all.length > start + view.k;
   $("pager").hidden = !view.page && !more;
   $("prev").disabled = !view.page;
   $("next").disabled = !more;
@@ -284,7 +286,8 @@ async function explainAgreement(body) {
   } catch (err) { /* no classifier or no labelled examples: the grid is still shown */ }
 }
 
-function wanted(view) { return Math.min(1000, view.k * (view.page + 1) + 1); }  // one more: is there a next page?
+// one more: is there a next page? (and one for the item itself in an id search)
+function wanted(view) { return Math.min(1000, view.k * (view.page + 1) + 2); }
 
 async function searchFile(file) {
   $("preview").src = URL.createObjectURL(file);

@@ -16,7 +16,11 @@ from .resize import resize_dtype
 from .route import Prepared, Router
 
 _RGB = 3  # torchvision.io.ImageReadMode.RGB.value
-HARDWARE_THREADS = 2  # measured: 58.7k thumbnails/s with 2 private handles, 30.2k with 1, 55.2k with 4 (H200)
+HARDWARE_THREADS = 2  # our binding on an H200: 2 MP photos 6,383 img/s steady with 2 (torchvision.io: 4,822)
+# auto: the hardware engines for units of large images only. On 400 px thumbnails our binding's batched call
+# ran at ~10k img/s per thread (24k with 2, alone) against 23-34k for torchvision.io's one decoder, and the
+# whole run was slower (5,220 vs 7,954 img/s steady, docs/benchmarks.md).
+HARDWARE_FROM_PIXELS = 1_000_000  # mean pixels per image of a unit
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,6 +64,13 @@ class DecoderPool:
         self.made: list[Any] = []
         self.lock = threading.Lock()
         self.unavailable = not device.startswith("cuda") or mode != "auto"
+        self.serial = threading.Lock()  # torchvision.io's units, one at a time as with a single decode thread
+
+    def hardware_for(self, prepared: Prepared) -> bool:
+        """Whether this unit goes to the hardware engines (auto: units of large images)."""
+        rows = prepared.rows
+        return not self.unavailable and bool(rows) and sum(r.width * r.height for r in rows) >= \
+            HARDWARE_FROM_PIXELS * len(rows)
 
     @property
     def threads(self) -> int:

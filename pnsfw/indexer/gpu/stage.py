@@ -53,9 +53,12 @@ def _decode_on_stream(prepared: Prepared, decoders: DecoderPool, router: Router,
     import torch
 
     stream = decoders.stream()
-    with torch.cuda.stream(stream) if stream is not None else nullcontext():
+    hardware = decoders.hardware_for(prepared)
+    decoder = decoders.decoder() if hardware else None
+    with torch.cuda.stream(stream) if stream is not None else nullcontext(), \
+            decoders.serial if decoder is None else nullcontext():
         later = resize_later(prepared.rows, mode)
-        return decode_unit(prepared, encoder.device, encoder.resolution, router, later, decoders.decoder())
+        return decode_unit(prepared, encoder.device, encoder.resolution, router, later, decoder)
 
 
 def _decode_thread(units: Iterable[Unit], router: Router, encoder: Encoder, options: Any,

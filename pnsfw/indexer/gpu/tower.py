@@ -8,10 +8,10 @@ against the fp32 forward), with what an H200 measured faster
 `nn.MultiheadAttention`; LayerNorm in the compute dtype (CLIP casts to fp32);
 the patch embedding (a conv with kernel = stride = patch) as one GEMM over
 unfolded patches instead of cuDNN's conv; in the last block only the class
-token's query, MLP and output (nothing else is read). Full batches on CUDA
-replay a CUDA graph (one launch per batch, so a busy GIL cannot starve the
-tower); torch.compile only when asked or for jobs that pay its compile time,
-with a persistent kernel cache.
+token's query, MLP and output (nothing else is read). With `--gpu-tower fast`
+full batches on CUDA replay a CUDA graph (one launch per batch; equal to eager
+alone on an H200, so not the default); torch.compile only when asked or for
+jobs that pay its compile time, with a persistent kernel cache.
 """
 
 import os
@@ -202,7 +202,7 @@ def _fast_model(encoder: Encoder, graphs: bool, batch: int) -> Callable[[Any], A
 
 
 def image_model(encoder: Encoder, gpu: Any, items: int, batch: int) -> Callable[[Any], Any]:
-    """The image tower of gpu.tower (fast: CUDA graph; eager: no graph; reference), compiled for jobs large
+    """The image tower of gpu.tower (eager; fast: from a CUDA graph; reference), compiled for jobs large
     enough to pay back the compile time, or as gpu.compile says."""
     auto = items >= COMPILE_MIN_ITEMS and encoder.device.startswith("cuda")
     compile_it = gpu.compile == "on" or (gpu.compile == "auto" and auto)

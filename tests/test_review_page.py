@@ -1,0 +1,125 @@
+"""Review mode in headless Chromium against its own `pnsfw serve` (labels change the store: not the shared one)."""
+
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+from api_server import REPO, Server, prepare_store, start_server
+from test_api_page import ARGS, ARTIFACTS, CHROMIUM, with_token
+
+pytestmark = pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason=f"{CHROMIUM} missing")
+
+
+@pytest.fixture(scope="module")
+def review_server(tmp_path_factory: pytest.TempPathFactory, labelled_store, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("review")
+    yield from start_server(prepare_store(root, labelled_store, tiny_checkpoint), root / "server.log")
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def progress_says(page, text: str) -> None:
+    page.wait_for_function(f"document.getElementById('review-progress').textContent.includes({text!r})")
+
+
+def shown_id(page) -> str:
+    page.wait_for_function("document.getElementById('review-item').dataset.id !== undefined")
+    return page.get_attribute("#review-item", "data-id")
+
+
+def label_with_keys(page, keys: str) -> list[int]:
+    """Press one key per item; the ids labelled, in order."""
+    done = []
+    for key in keys:
+        item = shown_id(page)
+        page.keyboard.press(key)
+        page.wait_for_function(f"document.getElementById('review-item').dataset.id !== '{item}'")
+        done.append(int(item))
+    return done
+
+
+def test_label_ten_items_with_the_keyboard_then_reload_and_train(review_server: Server, browser) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    with_token(page)
+    page.goto(review_server.base + "/?mode=review")
+    page.wait_for_selector("#review:not([hidden]) #review-keys button")
+    assert page.locator("#audit").is_hidden()
+    keys = page.inner_text("#review-keys")
+    assert "nsfw" in keys and "sfw" in keys
+    labelled = label_with_keys(page, "1" * 5 + "2" * 5)  # classes in the model's order: nsfw, sfw
+    progress_says(page, "10 labelled this session")
+    undone = shown_id(page)
+    page.keyboard.press("2")
+    page.wait_for_function(f"document.getElementById('review-item').dataset.id !== '{undone}'")
+    page.keyboard.press("u")  # undo the eleventh: the item comes back, its label is taken back
+    page.wait_for_function(f"document.getElementById('review-item').dataset.id === '{undone}'")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "review-desktop.png"), full_page=True)
+
+    with review_server.client() as client:
+        stored = client.get("/v1/labels").json()
+    classes = stored["classes"]
+    assert {r["id"]: r["label"] for r in stored["labels"]} == {
+        i: classes[0] if n < 5 else classes[1] for n, i in enumerate(labelled)}
+    assert {r["source"] for r in stored["labels"]} == {"review"}
+
+    page.reload()
+    page.wait_for_selector("#review-keys button")
+    progress_says(page, "10 labelled in the store")
+    assert int(shown_id(page)) not in labelled  # the queue moved on
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(200)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=str(ARTIFACTS / "review-phone.png"), full_page=True)
+    assert not errors, errors
+
+    result = subprocess.run([sys.executable, "-m", "pnsfw.cli", "train", "--store", str(review_server.store),
+                             "--labels", "folders+store", "--name", "reviewed", "--epochs", "2", "--json"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads(result.stdout)
+    assert meta["data"]["labels"] == 83  # every item has a folder label; the store's labels replace ten of them
+    from pnsfw.classifier.scorer import StoreScorer
+    from pnsfw.store import Store
+
+    used = StoreScorer.open(Store.open(review_server.store), "reviewed").training_labels()
+    assert all(used[i] == (classes[0] if n < 5 else classes[1]) for n, i in enumerate(labelled))
+    only = subprocess.run([sys.executable, "-m", "pnsfw.cli", "train", "--store", str(review_server.store),
+                           "--labels", "store", "--name", "store-only", "--epochs", "2", "--test-ratio", "0.2",
+                           "--val-ratio", "0.2", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert only.returncode == 0, only.stderr
+    assert json.loads(only.stdout)["data"]["labels"] == 10
+
+    # a retrain of the served model: its metrics beside the previous model's, and the verdicts that changed
+    again = subprocess.run([sys.executable, "-m", "pnsfw.cli", "train", "--store", str(review_server.store),
+                            "--labels", "folders+store", "--epochs", "2"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "previous" in again.stdout and "verdicts changed:" in again.stdout and "of 83 items" in again.stdout
+    info = subprocess.run([sys.executable, "-m", "pnsfw.cli", "info", "--store", str(review_server.store)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0 and "verdicts changed:" in info.stdout and "previous" in info.stdout, info.stderr
+    with review_server.client() as client:
+        served = next(m for m in client.get("/v1/models").json()["models"] if m["name"] == "default")
+    assert served["retrain"]["verdicts"]["compared"] == 83 and len(served["retrain"]["delta"]) == 8
+    page.reload()
+    page.wait_for_selector("#model-delta")
+    assert "pr_auc" in page.inner_text("#model-delta") and "verdicts changed" in page.inner_text("#verdicts-changed")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.screenshot(path=str(ARTIFACTS / "review-retrained.png"), full_page=True)
+    assert httpx.get(f"{review_server.base}/health").status_code == 200
