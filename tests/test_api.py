@@ -188,6 +188,7 @@ BAD_REQUESTS = [
     (422, "get", "/v1/items/-1", {}),
     (422, "get", f"/v1/items/{2**70}", {}),  # beyond int64: once a 500
     (422, "get", f"/v1/items/{2**70}/image", {}),
+    (422, "get", f"/v1/items/{2**70}/thumb", {}),
     (422, "get", "/v1/items/1.5", {}),
     (422, "post", "/v1/search", {"json": {"id": 2**70}}),
     (422, "post", "/v1/explain", {"json": {"id": 2**70}}),

@@ -11,10 +11,9 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import BadInput, PnsfwError
 from . import images, thumbs
 from .engine import Engine
-from .routes import json_response
+from .routes import ItemId, json_response  # one item id: int64 (0 .. 2**63 - 1) on every route
 
 router = APIRouter()
-ItemId = Path(..., ge=0, description="A store id.")
 N_MAX = 500
 
 
