@@ -82,6 +82,18 @@ def test_score_embedding_matches_the_classifier(api_server: Server) -> None:
             assert sum(verdict["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_json_embeddings_are_normalised(api_server: Server) -> None:
+    _, _, vectors = stored(api_server)
+    with api_server.client() as client:
+        for scale in (1.0, 1e-20, 1e30):  # the direction is what counts: huge values once gave similarity 0
+            body = {"embedding": (vectors[5].astype(np.float64) * scale).tolist(), "k": 1}
+            search = client.post("/v1/search", json=body).json()
+            score = client.post("/v1/score", json={"embedding": body["embedding"]}).json()
+            assert search["hits"][0]["similarity"] == pytest.approx(1.0, abs=2e-3), scale
+            assert score["p_nsfw"] == pytest.approx(search["verdict"]["p_nsfw"], abs=1e-6)
+            assert score["p_nsfw"] == pytest.approx(float(classifier(api_server).p_nsfw(vectors[5:6])[0]), abs=1e-4)
+
+
 def test_upload_score_and_search_find_the_image_itself(api_server: Server) -> None:
     item_id, uri = uri_of(api_server, "nsfw")
     data = Path(uri).read_bytes()
@@ -174,6 +186,23 @@ BAD_REQUESTS = [
     (422, "post", "/v1/explain", {"json": {"id": "three"}}),
     (422, "get", "/v1/items/abc", {}),
     (422, "get", "/v1/items/-1", {}),
+    (422, "get", f"/v1/items/{2**70}", {}),  # beyond int64: once a 500
+    (422, "get", f"/v1/items/{2**70}/image", {}),
+    (422, "get", f"/v1/items/{2**70}/thumb", {}),
+    (422, "get", "/v1/items/1.5", {}),
+    (422, "post", "/v1/search", {"json": {"id": 2**70}}),
+    (422, "post", "/v1/explain", {"json": {"id": 2**70}}),
+    (422, "post", "/v1/search", {"json": {"id": True}}),  # once searched id 1
+    (422, "post", "/v1/explain", {"json": {"id": True}}),
+    (422, "post", "/v1/search", {"json": {"id": 1.5}}),
+    (422, "post", "/v1/search", {"json": {"id": "1"}}),
+    (422, "post", "/v1/search", {"json": {"id": -1}}),
+    (422, "post", "/v1/search", {"json": {"id": 1, "k": 2.0}}),
+    (422, "post", "/v1/score", {"json": {"embedding": [0.0] * 256}}),  # no direction
+    (422, "post", "/v1/search", {"json": {"embedding": [0] * 256, "k": 3}}),
+    (422, "post", "/v1/score", {"json": {"embedding": [True] * 256}}),
+    (422, "post", "/v1/score", {"content": b'{"embedding": [' + b", ".join([b"1e39"] * 256) + b"]}",
+                                "headers": {"content-type": "application/json"}}),  # beyond float32
 ]
 
 
@@ -348,3 +377,31 @@ def test_one_verdict_shape_on_every_route_and_command(api_server: Server) -> Non
     assert {where: _shape(v) for where, v in found.items()} == {where: expected for where in found}
     assert found["/v1/explain"]["p_nsfw"] == pytest.approx(found["explain --json"]["p_nsfw"], abs=1e-6)
     assert found["/v1/score upload"]["p_nsfw"] == pytest.approx(found["predict --json"]["p_nsfw"], abs=1e-5)
+
+
+def test_too_large_is_readable_by_every_common_client(api_server: Server, tmp_path: Path) -> None:
+    """The 413 arrives whole with urllib (which sends the entire body before reading), requests, httpx, curl."""
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    import requests
+
+    body, url = b"\0" * (40 << 20), f"{api_server.base}/v1/score"  # 40 MB: more than the socket buffers hold
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/octet-stream"}
+    answers = {}
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers, method="POST"), timeout=60)
+    except urllib.error.HTTPError as exc:
+        answers["urllib"] = (exc.code, json.loads(exc.read())["error"])
+    reply = requests.post(url, data=body, headers=headers, timeout=60)
+    answers["requests"] = (reply.status_code, reply.json()["error"])
+    with api_server.client() as client:
+        reply = client.post("/v1/score", content=body, headers={"Content-Type": "application/octet-stream"})
+    answers["httpx"] = (reply.status_code, reply.json()["error"])
+    (tmp_path / "big.bin").write_bytes(body)
+    done = subprocess.run(["curl", "-sS", "-o", str(tmp_path / "out.json"), "-w", "%{http_code}", "-X", "POST",
+                           "-H", f"Authorization: Bearer {TOKEN}", "--data-binary", f"@{tmp_path / 'big.bin'}", url],
+                          capture_output=True, text=True, timeout=60)
+    answers["curl"] = (int(done.stdout or 0), json.loads((tmp_path / "out.json").read_text())["error"])
+    assert answers == {name: (413, "too_large") for name in ("urllib", "requests", "httpx", "curl")}, done.stderr

@@ -18,7 +18,7 @@ from . import review, routes
 from .docs import add_docs
 from .engine import Engine, Settings
 from .fastpath import FastPath
-from .guards import BodyLimit, BodyTooLarge, MetricsMiddleware, TokenGuard
+from .guards import BodyLimit, MetricsMiddleware, TokenGuard
 from .schemas import ErrorResponse
 
 STATIC = Path(__file__).parent / "static"
@@ -88,8 +88,3 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, ERROR_KINDS.get(exc.status_code, "error"), exc.detail)
-
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        limit = request.app.state.engine.settings.max_upload_mb
-        return error_response(413, "too_large", f"request body over the {limit:g} MB limit (--max-upload-mb)")

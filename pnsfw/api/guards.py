@@ -5,6 +5,7 @@ Content-Length, or as soon as the streamed bytes pass the limit, before the
 whole body is read.
 """
 
+import asyncio
 import hmac
 import json
 import time
@@ -83,7 +84,14 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimit:
-    """413 for bodies over `limit` bytes: from Content-Length at once, or while streaming a chunked body."""
+    """413 for bodies over `limit` bytes: from Content-Length at once, or while streaming a chunked body.
+
+    The 413 goes out first, then the rest of the body is read and dropped (up to DRAIN_MAX bytes and
+    DRAIN_SECONDS) before the response ends and the connection closes: a client that sends its whole body before
+    reading (Python's urllib) would otherwise get "connection reset by peer" instead of the answer."""
+
+    DRAIN_MAX = 256 << 20
+    DRAIN_SECONDS = 30.0
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app, self.limit = app, limit
@@ -92,8 +100,9 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._refuse(send)
+        declared = int(length) if length is not None and length.isdigit() else None
+        if declared is not None and declared > self.limit:
+            return await self._refuse(send, receive, declared)
         seen, started = [0], [False]
 
         async def counted() -> dict[str, Any]:
@@ -111,9 +120,29 @@ class BodyLimit:
             await self.app(scope, counted, watched)
         except BodyTooLarge:
             if not started[0]:
-                await self._refuse(send)
+                await self._refuse(send, receive, None if declared is None else declared - seen[0])
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, receive: Receive, remaining: "int | None") -> None:
         mb = self.limit / (1024 * 1024)
-        await send_error(send, 413, "too_large", f"request body over the {mb:g} MB limit (--max-upload-mb)",
-                         ((b"connection", b"close"),))
+        body = json.dumps({"error": "too_large", "detail": f"request body over the {mb:g} MB limit "
+                                                           f"(--max-upload-mb)"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        if remaining is None or remaining <= self.DRAIN_MAX:  # a body of GBs is not read: that client gets a reset
+            try:
+                await asyncio.wait_for(_drain(receive, self.DRAIN_MAX), self.DRAIN_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _drain(receive: Receive, limit: int) -> None:
+    """Read and drop the request body until it ends, the client leaves, or `limit` bytes went by."""
+    total = 0
+    while total <= limit:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        total += len(message.get("body", b""))

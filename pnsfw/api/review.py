@@ -3,7 +3,7 @@
 import threading
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -11,10 +11,9 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import BadInput, PnsfwError
 from . import images, thumbs
 from .engine import Engine
-from .routes import json_response
+from .routes import ItemId, json_response  # one item id: int64 (0 .. 2**63 - 1) on every route
 
 router = APIRouter()
-ItemId = Path(..., ge=0, description="A store id.")
 N_MAX = 500
 
 
