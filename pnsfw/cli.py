@@ -175,6 +175,52 @@ def index(sources: tuple[str, ...], store: str, model: str, device: str, batch_s
             json.dump(summary.as_dict(), f, indent=2)
 
 
+@cli.command(name="import")
+@click.argument("paths", nargs=-1, required=True)
+@STORE
+@click.option("--layout", default="auto", show_default=True, type=click.Choice(["auto", "clip-retrieval", "parquet"]),
+              help="clip-retrieval: img_emb/img_emb_N.npy + metadata/metadata_N.parquet; parquet: files with an "
+                   "embedding column (list<float> or fixed-size binary) and a uri column; auto: by what is there.")
+@click.option("--model", default=None, help="The CLIP model that made the embeddings, recorded as the store's "
+              "space (default: the store's; for a new store ViT-B/32 for 512-d, ViT-L/14 for 768-d).")
+@click.option("--projection", default=None, help="none (default for a new store: the raw width), random, pca or a "
+              ".npy file. An existing store keeps its own.")
+@click.option("--embedding-column", default=None, help="parquet layout: the embedding column (default: embedding).")
+@click.option("--uri-column", default=None, help="The uri column (default: uri, image_path or url).")
+@click.option("--shard-size", default="100k", type=SIZE, show_default=True, help="Rows per shard at most.")
+@click.option("--no-faiss", is_flag=True, help="Do not build/update the FAISS index.")
+def import_command(paths: tuple[str, ...], store: str, layout: str, model: "str | None", projection: "str | None",
+                   embedding_column: "str | None", uri_column: "str | None", shard_size: int, no_faiss: bool) -> None:
+    """Import embeddings computed elsewhere (clip-retrieval / LAION folders, Parquet) into the store.
+
+    Resumable and idempotent: a rerun continues where the store's commits end and
+    adds nothing twice. Rows of another width, non-finite or zero vectors and rows
+    without a uri become rows of STORE/errors/ with a reason.
+
+    \b
+    Example:
+      pnsfw import laion-embeddings/ --store store/ --model ViT-L/14
+      pnsfw import vectors.parquet --store store/ --embedding-column emb --uri-column url
+    """
+    from .indexer.importer import ImportOptions, run_import
+    from .search.index import update_index
+    from .store import Store
+
+    options = ImportOptions(layout=layout, model=model, projection=projection, embedding_column=embedding_column,
+                            uri_column=uri_column, shard_size=max(1, shard_size))
+    summary = run_import(list(paths), store, options)
+    rate = summary.bytes_read / summary.seconds / 1e9 if summary.seconds else 0.0
+    click.echo(f"imported {summary.imported:,} embeddings from {summary.units:,} files in {summary.seconds:.1f} s "
+               f"({summary.rows_per_s:,.0f} rows/s, {rate:.2f} GB/s read)")
+    click.echo(f"already present: {summary.already_present:,}")
+    failed = sum(summary.failed.values())
+    reasons = ", ".join(f"{reason} {count:,}" for reason, count in summary.failed.items())
+    click.echo(f"failed: {failed:,} ({reasons}); see {store}/errors/" if failed else "failed: 0")
+    if summary.imported and not no_faiss:
+        index = update_index(Store.open(store))
+        click.echo(f"index: {index['kind']}, {index['ntotal']:,} vectors (+{index['added']:,})")
+
+
 def _print_index_summary(summary: Any, store: str) -> None:
     click.echo(f"indexed {summary.indexed:,} images in {summary.seconds:.1f} s "
                f"({summary.images_per_s:.1f} img/s; steady {summary.steady_images_per_s:.1f} img/s)")

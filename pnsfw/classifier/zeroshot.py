@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInput
-from ..store import Store
+from ..store import Store, artifacts
 from ..store.files import atomic_write, atomic_write_json
 from . import metrics as M
 from .data import LabelledData, labelled_vectors, nsfw_truth, resolve_classes
@@ -147,7 +147,8 @@ def train_zero_shot(store_root: "str | Path", concepts_path: "str | Path",
     centroids = class_centroids(_embed_concepts(store, concepts, options), concepts, classes)
     scale, bias, calibration, labelled, metrics = DEFAULT_SCALE, 0.0, None, None, {}
     threshold = 0.5
-    paths = model_paths(store, options.name)
+    staged = artifacts.ModelStage(store, options.name)  # every file of the model: one generation
+    paths = model_paths(staged.folder, options.name)
     if options.labels:
         labelled, label_set = _labelled(store, options.labels)
         truth = nsfw_truth(labelled.labels, classes, nsfw)
@@ -160,16 +161,16 @@ def train_zero_shot(store_root: "str | Path", concepts_path: "str | Path",
         metrics["labels"]["plots"] = M.save_plots(truth, p, paths["plots"])
         calibration = {"labels": options.labels, "count": len(truth), "log_loss": loss,
                        "unknown": len(label_set.unknown)}
-    paths["weights"].parent.mkdir(parents=True, exist_ok=True)
-    paths["keras"].unlink(missing_ok=True)  # a trained model of the same name is replaced, not mixed in
     save_weights(paths["weights"], zero_shot_layers(centroids, classes, nsfw, scale, bias))
     _save_labels(paths["labels"], labelled)
     meta = {"name": options.name, "kind": "zero-shot", "created": time.time(), "classes": classes,
             "nsfw_classes": nsfw, "output": "sigmoid" if len(classes) == 2 else "softmax", "threshold": threshold,
             "threshold_for": options.threshold_for, "space": store.space, "dim": store.dim,
-            "encoder": store.manifest["encoder"], "projection": store.manifest["projection"],
+            "encoder": store.encoder, "projection": store.projection_info,
             "concepts": [{"label": label, "prompt": prompt} for label, prompt in concepts],
             "scale": scale, "bias": bias, "calibration": calibration, "metrics": metrics,
             "seconds": round(time.time() - started, 2)}
+    meta = staged.relocate(meta)  # plot paths as they will be once committed
     atomic_write_json(paths["meta"], meta)
+    staged.commit()
     return meta
