@@ -218,8 +218,9 @@ ACTORS = click.option("--actors", default=0, show_default=True, type=click.IntRa
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="auto: fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32.")
 @click.option("--projection", default=None,
-              help="random (seeded orthogonal; default for a new store), pca (fitted on the first --pca-rows), "
-                   "or a .npy file. An existing store keeps its own.")
+              help="random (seeded orthogonal to 256-d; default for a new store), pca (fitted on the first "
+                   "--pca-rows), none (the raw CLIP width: 512 for B/32, 768 for L/14), or a .npy file. An "
+                   "existing store keeps its own.")
 @click.option("--pca-rows", default="10k", type=SIZE, show_default=True, help="Rows the PCA projection is fitted on.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random projection.")
 @click.option("--max-pixels", default="89M", type=SIZE, show_default=True,
@@ -278,6 +279,52 @@ def index(sources: tuple[str, ...], store: str, model: str | None, device: str, 
     if summary_json:
         with open(summary_json, "w") as f:
             json.dump(summary.as_dict(), f, indent=2)
+
+
+@cli.command(name="import")
+@click.argument("paths", nargs=-1, required=True)
+@STORE
+@click.option("--layout", default="auto", show_default=True, type=click.Choice(["auto", "clip-retrieval", "parquet"]),
+              help="clip-retrieval: img_emb/img_emb_N.npy + metadata/metadata_N.parquet; parquet: files with an "
+                   "embedding column (list<float> or fixed-size binary) and a uri column; auto: by what is there.")
+@click.option("--model", default=None, help="The CLIP model that made the embeddings, recorded as the store's "
+              "space (default: the store's; for a new store ViT-B/32 for 512-d, ViT-L/14 for 768-d).")
+@click.option("--projection", default=None, help="none (default for a new store: the raw width), random, pca or a "
+              ".npy file. An existing store keeps its own.")
+@click.option("--embedding-column", default=None, help="parquet layout: the embedding column (default: embedding).")
+@click.option("--uri-column", default=None, help="The uri column (default: uri, image_path or url).")
+@click.option("--shard-size", default="100k", type=SIZE, show_default=True, help="Rows per shard at most.")
+@click.option("--no-faiss", is_flag=True, help="Do not build/update the FAISS index.")
+def import_command(paths: tuple[str, ...], store: str, layout: str, model: "str | None", projection: "str | None",
+                   embedding_column: "str | None", uri_column: "str | None", shard_size: int, no_faiss: bool) -> None:
+    """Import embeddings computed elsewhere (clip-retrieval / LAION folders, Parquet) into the store.
+
+    Resumable and idempotent: a rerun continues where the store's commits end and
+    adds nothing twice. Rows of another width, non-finite or zero vectors and rows
+    without a uri become rows of STORE/errors/ with a reason.
+
+    \b
+    Example:
+      pnsfw import laion-embeddings/ --store store/ --model ViT-L/14
+      pnsfw import vectors.parquet --store store/ --embedding-column emb --uri-column url
+    """
+    from .indexer.importer import ImportOptions, run_import
+    from .search.index import update_index
+    from .store import Store
+
+    options = ImportOptions(layout=layout, model=model, projection=projection, embedding_column=embedding_column,
+                            uri_column=uri_column, shard_size=max(1, shard_size))
+    summary = run_import(list(paths), store, options)
+    rate = summary.bytes_read / summary.seconds / 1e9 if summary.seconds else 0.0
+    click.echo(f"imported {summary.imported:,} embeddings from {summary.units:,} files in {summary.seconds:.1f} s "
+               f"({summary.rows_per_s:,.0f} rows/s, {rate:.2f} GB/s read)")
+    click.echo(f"already present: {summary.already_present:,}")
+    failed = sum(summary.failed.values())
+    reasons = ", ".join(f"{reason} {count:,}" for reason, count in summary.failed.items())
+    click.echo(f"failed: {failed:,} ({reasons}); see {store}/errors/" if failed else "failed: 0")
+    if summary.imported and not no_faiss:
+        index = update_index(Store.open(store))
+        click.echo(f"index: {index['kind']}, {index['ntotal']:,} vectors (+{index['added']:,})")
 
 
 def _print_index_summary(summary: Any, store: str) -> None:
@@ -549,9 +596,13 @@ def _skipped_labels(count: int, examples: list[str]) -> None:
 
 @cli.command()
 @STORE
-@click.option("--labels", required=True, help="`folders` (SOURCE/<label>/...), `store` (`pnsfw label`, the review "
-                                               "page), a CSV/Parquet file of (uri or id, label), or several joined "
-                                               "by + (later wins: folders+store).")
+@click.option("--labels", default=None, help="`folders` (SOURCE/<label>/...), `store` (`pnsfw label`, the review "
+                                            "page), a CSV/Parquet file of (uri or id, label), or several joined "
+                                            "by + (later wins: folders+store). With --zero-shot: calibrate on them.")
+@click.option("--zero-shot", "zero_shot", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A text file of `label: prompt` lines: build the model from CLIP text embeddings, no training.")
+@CLIP_MODEL
+@DEVICE
 @click.option("--name", default="default", show_default=True, help="Model NAME: saved as STORE/models/NAME.keras.")
 @click.option("--epochs", default=40, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
@@ -571,7 +622,8 @@ def _skipped_labels(count: int, examples: list[str]) -> None:
                                                     "precision=0.95 or recall=0.9 (default 0.5).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split and of the weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the saved metadata as JSON.")
-def train(store: str, labels: str, name: str, epochs: int, batch_size: int, lr: float, units: int, layers: int,
+def train(store: str, labels: "str | None", zero_shot: "str | None", clip_model: "str | None", device: str,
+          name: str, epochs: int, batch_size: int, lr: float, units: int, layers: int,
           activation: str, dropout: float, val_ratio: float, test_ratio: float, class_weight: bool, tune: bool,
           max_trials: int, nsfw_classes: "str | None", threshold_for: "str | None", seed: int, as_json: bool) -> None:
     """Train the NSFW classifier on labelled store vectors (Keras; two labels: sigmoid, more: softmax).
@@ -585,13 +637,20 @@ def train(store: str, labels: str, name: str, epochs: int, batch_size: int, lr: 
     Example:
       pnsfw train --store store/ --labels folders --threshold-for precision=0.95
       pnsfw train --store store/ --labels labels.csv --nsfw-classes hentai,porn,sexy --tune --max-trials 20
+      pnsfw train --store store/ --zero-shot concepts.txt --name zs --labels labels.csv
     """
+    nsfw = [c.strip() for c in nsfw_classes.split(",") if c.strip()] if nsfw_classes else None
+    if zero_shot:
+        _train_zero_shot(store, zero_shot, labels, name, nsfw, threshold_for, clip_model, device, as_json)
+        return
+    if not labels:
+        raise click.UsageError("give --labels (train a classifier) or --zero-shot CONCEPTS")
     from .classifier.train import TrainOptions, train_classifier
 
     options = TrainOptions(name=name, epochs=epochs, batch_size=batch_size, lr=lr, units=units, layers=layers,
                            activation=activation, dropout=dropout, val_ratio=val_ratio, test_ratio=test_ratio,
                            class_weight=class_weight, tune=tune, max_trials=max_trials, seed=seed,
-                           nsfw_classes=[c.strip() for c in nsfw_classes.split(",") if c.strip()] if nsfw_classes else None,
+                           nsfw_classes=nsfw,
                            threshold_for=threshold_for, verbose=2 if sys.stderr.isatty() else 0)
     meta = train_classifier(store, labels, options)
     _skipped_labels(meta["data"]["unknown"], meta["data"]["unknown_examples"])
@@ -632,6 +691,24 @@ def label(store: str, ids: tuple[int, ...], label: "str | None", file: "str | No
     result = run_label(store, list(ids), label, file, allowed, model_name)
     _skipped_labels(result["unknown"], result["unknown_examples"])
     click.echo(f"saved {result['saved']:,} labels; the store holds {result['labels']:,} labelled items")
+
+
+def _train_zero_shot(store: str, concepts: str, labels: "str | None", name: str, nsfw: "list[str] | None",
+                     threshold_for: "str | None", clip_model: "str | None", device: str, as_json: bool) -> None:
+    from .classifier.zeroshot import ZeroShotOptions, train_zero_shot
+
+    options = ZeroShotOptions(name=name, nsfw_classes=nsfw, labels=labels, threshold_for=threshold_for,
+                              clip_model=clip_model, device=device)
+    meta = train_zero_shot(store, concepts, options)
+    if as_json:
+        click.echo(json.dumps(meta, indent=2))
+        return
+    click.echo(f"model {name}: zero-shot {meta['output']} over {', '.join(meta['classes'])} "
+               f"(NSFW: {', '.join(meta['nsfw_classes'])}), scale {meta['scale']:.1f}, bias {meta['bias']:.2f}, "
+               f"threshold {meta['threshold']:.4f}")
+    if meta["calibration"]:
+        click.echo("calibrated on labels: " + _metrics_text(meta["metrics"]["labels"]))
+    click.echo(f"saved {store}/models/{name}.weights.npz ({meta['seconds']:.1f} s)")
 
 
 @cli.command()
@@ -769,17 +846,21 @@ def predict(inputs: tuple[str, ...], store: str, model_name: str, clip_model: "s
 @STORE
 @CLASSIFIER
 @click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx"]))
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Default: STORE/models/NAME.onnx.")
-def export(store: str, model_name: str, fmt: str, out: "str | None") -> None:
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Default: STORE/models/NAME.onnx (NAME.raw.onnx with --raw).")
+@click.option("--raw", is_flag=True, help="Build the store's projection into the graph: the input is a raw CLIP "
+                                         "embedding of the encoder's width (normalised in the graph).")
+def export(store: str, model_name: str, fmt: str, out: "str | None", raw: bool) -> None:
     """Export a classifier (inputs `embedding` float32 (N, dim); outputs `probabilities`, `p_nsfw`).
 
     \b
     Example:
       pnsfw export --store store/ --model default --format onnx --out nsfw.onnx
+      pnsfw export --store store/ --model default --raw --out nsfw-raw.onnx
     """
     from .classifier.export import EXPORTERS
 
-    click.echo(f"wrote {EXPORTERS[fmt](store, model_name, out)}")
+    click.echo(f"wrote {EXPORTERS[fmt](store, model_name, out, raw=raw)}")
 
 
 @cli.command()

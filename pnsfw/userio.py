@@ -15,15 +15,18 @@ from .errors import BadInput
 Writer = Callable[[Any, Path], None]
 
 
-def load_vectors(path: "str | Path", dim: int) -> np.ndarray:
-    """A .npy file of one vector (dim,) or many (n, dim) -> (n, dim) float32, all finite; BadInput otherwise."""
+def load_vectors(path: "str | Path", dim: int, raw_width: "int | None" = None) -> np.ndarray:
+    """A .npy file of one vector (dim,) or many (n, dim) -> (n, dim) float32, all finite; BadInput otherwise.
+    With `raw_width`, rows of that width (raw CLIP features, projected by the caller) are accepted too."""
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise BadInput(f"cannot read vectors {path}: {str(exc).splitlines()[0]}") from None
     array = array[None, :] if array.ndim == 1 else array
-    if array.ndim != 2 or array.shape[1] != dim or not len(array) or array.dtype.kind not in "fiu":
-        raise BadInput(f"{path}: expected numbers of shape ({dim},) or (n, {dim}) (the store's space), "
+    widths = {dim} if raw_width is None else {dim, raw_width}
+    if array.ndim != 2 or array.shape[1] not in widths or not len(array) or array.dtype.kind not in "fiu":
+        raw = f", or (n, {raw_width}) raw CLIP features" if raw_width not in (None, dim) else ""
+        raise BadInput(f"{path}: expected numbers of shape ({dim},) or (n, {dim}) (the store's space){raw}, "
                        f"got {array.dtype} {array.shape}")
     array = array.astype(np.float32)
     if not np.isfinite(array).all():

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadInput, ModelNotFound, NotAnImage, TooLarge
+from ..errors import BadInput, ModelNotFound, NotAnImage, PnsfwError, TooLarge
 from ..store import Store
 from .batching import MicroBatcher
 from .metrics import Metrics
@@ -143,7 +143,13 @@ class Engine:
         self._follower.start()
         await self.vectors.call(self._warm_up)
         if self.settings.preload:
-            await self.encode.call(self.encoder)
+            try:
+                await self.encode.call(self.encoder)
+            except PnsfwError as exc:
+                if not (self.store.encoder or {}).get("declared"):
+                    raise
+                # imported embeddings name a CLIP model that may not be loadable here: serve vectors and ids
+                logging.getLogger("pnsfw.api").warning("no CLIP encoder for uploads and text queries: %s", exc)
 
     def _warm_up(self) -> None:
         """One search and one score before serving (CUDA/cuBLAS initialise on first use, not on a request)."""

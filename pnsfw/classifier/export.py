@@ -1,6 +1,7 @@
 """`pnsfw export --format onnx`: the folded network written directly as an ONNX graph (no converter, any backend).
 
-Inputs: `embedding` float32 (N, dim). Outputs: `probabilities` (N, classes) in
+Inputs: `embedding` float32 (N, dim), or with `--raw` (N, width) raw CLIP features, projected in the
+graph. Outputs: `probabilities` (N, classes) in
 the order of the model's classes, and `p_nsfw` (N,). The classes, NSFW classes,
 threshold and space fingerprint are in the graph's metadata_props.
 """
@@ -13,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import BadInput
-from ..store import Store
+from ..store import Projection, Store
 from ..store.files import atomic_write
 from .model import DEFAULT_NAME, Classifier, load_classifier, model_paths
 
@@ -64,14 +65,39 @@ def _probability_nodes(clf: Classifier, last: str) -> list[Any]:
     return [helper.make_node("Sub", ["one", last], ["neg"]), helper.make_node("Concat", inputs, ["probabilities"], axis=1)]
 
 
-def build_onnx(clf: Classifier) -> Any:
-    """An onnx.ModelProto computing the classifier."""
+def _normalize_nodes(x: str, out: str) -> list[Any]:
+    """x / max(||x||, 1e-12) per row (as pnsfw.store.projection.l2_normalize)."""
+    from onnx import helper
+
+    return [helper.make_node("ReduceL2", [x], [f"{out}_norm"], axes=[1], keepdims=1),
+            helper.make_node("Max", [f"{out}_norm", "eps"], [f"{out}_safe"]),
+            helper.make_node("Div", [x, f"{out}_safe"], [out])]
+
+
+def _projection_nodes(projection: Projection) -> tuple[list[Any], list[Any]]:
+    """Raw CLIP features -> the store's space: normalise, affine map, normalise (Projection.apply)."""
+    from onnx import helper, numpy_helper
+
+    nodes = _normalize_nodes("embedding", "raw_unit")
+    if projection.kind == "none":
+        return [*nodes, helper.make_node("Identity", ["raw_unit"], ["projected"])], []
+    nodes += [helper.make_node("Gemm", ["raw_unit", "proj_w", "proj_b"], ["proj_z"])]
+    nodes += _normalize_nodes("proj_z", "projected")
+    weights = [numpy_helper.from_array(projection.matrix, "proj_w"), numpy_helper.from_array(projection.bias, "proj_b")]
+    return nodes, weights
+
+
+def build_onnx(clf: Classifier, projection: "Projection | None" = None) -> Any:
+    """An onnx.ModelProto computing the classifier (of raw CLIP features, through `projection`, when given)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    consts = {"one": 1.0, "half": 0.5, "inv_sqrt2": float(1 / np.sqrt(2))}
+    consts = {"one": 1.0, "half": 0.5, "inv_sqrt2": float(1 / np.sqrt(2)), "eps": 1e-12}
     init = [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in consts.items()]
-    nodes, h = [], "embedding"
+    nodes, h, width = [], "embedding", clf.dim
+    if projection is not None:
+        nodes, extra = _projection_nodes(projection)
+        init, h, width = init + extra, "projected", projection.width
     for i, step in enumerate(clf.steps):
         init += [numpy_helper.from_array(step.weight, f"w{i}"), numpy_helper.from_array(step.bias, f"b{i}")]
         nodes.append(helper.make_node("Gemm", [h, f"w{i}", f"b{i}"], [f"z{i}"]))
@@ -83,24 +109,27 @@ def build_onnx(clf: Classifier) -> Any:
     used = {name for node in nodes for name in node.input}
     graph = helper.make_graph(
         nodes, f"pnsfw_{clf.name}",
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", clf.dim])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", width])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(clf.classes)]),
          helper.make_tensor_value_info("p_nsfw", TensorProto.FLOAT, ["N"])], [t for t in init + extra_init if t.name in used])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="pnsfw",
                               ir_version=IR_VERSION)
     meta = {"classes": clf.classes, "nsfw_classes": clf.nsfw_classes, "threshold": clf.threshold,
-            "space": clf.space, "model_fingerprint": clf.fingerprint}
+            "space": clf.space, "model_fingerprint": clf.fingerprint, "input": "raw" if projection else "space"}
     helper.set_model_props(model, {k: json.dumps(v) for k, v in meta.items()})
     onnx.checker.check_model(model)
     return model
 
 
-def export_onnx(store_root: "str | Path", name: str = DEFAULT_NAME, out: Optional["str | Path"] = None) -> Path:
-    """Write the model as ONNX (default STORE/models/NAME.onnx); returns the path."""
+def export_onnx(store_root: "str | Path", name: str = DEFAULT_NAME, out: Optional["str | Path"] = None,
+                raw: bool = False) -> Path:
+    """Write the model as ONNX (default STORE/models/NAME.onnx; with `raw`, the store's projection built in
+    so the input is a raw CLIP embedding: NAME.raw.onnx); returns the path."""
     store = Store.open(store_root)
-    clf = load_classifier(store, name, check_space=False)
-    path = Path(out) if out else model_paths(store, name)["onnx"]
-    data = build_onnx(clf).SerializeToString()
+    clf = load_classifier(store, name, check_space=raw)
+    default = model_paths(store, name)["onnx"]
+    path = Path(out) if out else default.with_suffix(".raw.onnx") if raw else default
+    data = build_onnx(clf, store.projection() if raw else None).SerializeToString()
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return path
 

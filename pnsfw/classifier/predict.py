@@ -39,8 +39,12 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return paths
 
 
-def _npy_rows(path: str, dim: int) -> tuple[list[str], np.ndarray]:
-    array = load_vectors(path, dim)
+def _npy_rows(path: str, dim: int, store: Store) -> tuple[list[str], np.ndarray]:
+    """Rows of the store's space, or raw CLIP features of the encoder's width put through its projection."""
+    projection = store.projection()
+    array = load_vectors(path, dim, projection.width)
+    if array.shape[1] != dim or projection.kind == "none":
+        array = projection.apply(array)
     return ([path] if len(array) == 1 else [f"{path}[{i}]" for i in range(len(array))]), array
 
 
@@ -74,7 +78,7 @@ def predict_paths(store_root: "str | Path", inputs: list[str],
     clf = load_classifier(store, options.name)
     threshold = clf.threshold if options.threshold is None else float(options.threshold)
     paths = expand_inputs(inputs)
-    npy = {p: _npy_rows(p, clf.dim) for p in paths if p.lower().endswith(".npy")}
+    npy = {p: _npy_rows(p, clf.dim, store) for p in paths if p.lower().endswith(".npy")}
     images = [p for p in paths if p not in npy]
     vectors, errors = _encode_images(store, images, options) if images else ({}, {})
     results = {p: _verdicts(clf, names, array, threshold) for p, (names, array) in npy.items()}

@@ -1,4 +1,5 @@
-"""Make the projection to 256-d: `random` (seeded orthogonal), `pca` (fitted on the first N), or a file."""
+"""Make the projection: `random` (seeded orthogonal, to 256-d), `pca` (fitted on the first N), `none` (the raw
+CLIP width), or a file."""
 
 import os
 from collections.abc import Callable
@@ -34,6 +35,11 @@ def pca_projection(features: np.ndarray, dim: int = DIM) -> Projection:
     return Projection(axes.astype(np.float32), (-mean @ axes).astype(np.float32), "pca")
 
 
+def identity_projection(width: int) -> Projection:
+    """`--projection none`: the raw CLIP space (unit vectors of the encoder's own width)."""
+    return Projection(np.eye(width, dtype=np.float32), np.zeros(width, np.float32), "none")
+
+
 def needs_sample(spec: str) -> bool:
     return spec == "pca"
 
@@ -43,13 +49,14 @@ def make_projection(spec: str, width: int, sample: np.ndarray | None = None, see
     makers: dict[str, Callable[[], Projection]] = {
         "random": lambda: random_projection(width, DIM, seed),
         "pca": lambda: pca_projection(sample if sample is not None else np.zeros((0, width)), DIM),
+        "none": lambda: identity_projection(width),
     }
     if spec in makers:
         return makers[spec]()
     if not os.path.isfile(spec):
-        raise BadInput(f"--projection must be random, pca or a .npy file; {spec!r} is none of these")
+        raise BadInput(f"--projection must be random, pca, none or a .npy file; {spec!r} is none of these")
     projection = Projection.load(spec, "file")
     if projection.width != width:
-        raise BadInput(f"projection {spec} maps width {projection.width}, but the model's embeddings have width "
-                       f"{width}")
+        raise BadInput(f"projection {spec} maps width {projection.width}, but the model's embeddings have "
+                       f"width {width}")
     return projection

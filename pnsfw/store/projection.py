@@ -1,4 +1,5 @@
-"""The 256-d embedding space: an affine map of L2-normalised CLIP features, then L2 normalisation.
+"""The embedding space (256-d by default, or the raw width): an affine map of L2-normalised CLIP features,
+then L2 normalisation.
 
 Saved as one .npy of shape (width + 1, dim): the matrix, then a bias row
 (zero for `random`, -mean @ W for `pca`).
@@ -47,6 +48,8 @@ class Projection:
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[1] != self.width:
             raise BadInput(f"expected features of width {self.width}, got shape {features.shape}")
+        if self.kind == "none":  # the identity: skip a (width x width) matmul
+            return l2_normalize(features)
         return l2_normalize(l2_normalize(features) @ self.matrix + self.bias)
 
     def save(self, path: Path) -> None:

@@ -1,0 +1,199 @@
+"""Readers of embeddings other tools wrote: the clip-retrieval layout and plain Parquet (as embedding-reader reads).
+
+A layout turns PATHs into units (one embedding file each, in a stable order); a unit streams chunks of at most
+`chunk` rows from a row offset (so a resumed import starts where the store's commits end) in bounded memory:
+.npy files are memory-mapped, Parquet files read one record batch at a time.
+"""
+
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import SourceError
+
+log = logging.getLogger("pnsfw.indexer")
+URI_COLUMNS = ("uri", "image_path", "url")  # clip-retrieval writes image_path (files) or url (img2dataset)
+EMBEDDING_COLUMNS = ("embedding", "emb", "img_emb", "image_embedding")
+RAW_WIDTHS = (512, 640, 768, 1024, 1280)  # CLIP widths: a fixed-size binary of 4x one of them is float32
+
+
+@dataclass
+class Chunk:
+    """Rows [start, start + n) of a unit: embeddings (n, width) (an object array of rows when ragged) + metadata."""
+
+    start: int
+    embeddings: np.ndarray
+    metadata: pa.Table
+
+
+@dataclass
+class Unit:
+    source: str  # recorded in each row's `source` column: how a resumed import finds its offset
+    rows: int
+    read: Callable[[int, int], Iterator[Chunk]]  # (start, chunk) -> chunks
+
+
+def _metadata_batches(path: Path, start: int, chunk: int, columns: "list[str] | None" = None) -> Iterator[pa.Table]:
+    """Metadata rows from `start` on, in tables of at most `chunk` rows (row groups before start are skipped)."""
+    file = pq.ParquetFile(path, memory_map=True)
+    first, skip = 0, start
+    while first < file.num_row_groups and skip >= file.metadata.row_group(first).num_rows:
+        skip -= file.metadata.row_group(first).num_rows
+        first += 1
+    groups = list(range(first, file.num_row_groups))
+    if not groups:
+        return
+    for batch in file.iter_batches(batch_size=chunk, row_groups=groups, columns=columns):
+        table = pa.Table.from_batches([batch])
+        if skip:
+            table, skip = table.slice(min(skip, table.num_rows)), max(0, skip - table.num_rows)
+        if table.num_rows:
+            yield table
+
+
+# ---- clip-retrieval: img_emb/img_emb_N.npy + metadata/metadata_N.parquet
+def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
+    pattern = re.compile(rf"{prefix}_(\d+){re.escape(suffix)}$")
+    found = {}
+    for path in folder.iterdir() if folder.is_dir() else []:
+        match = pattern.match(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    if array.ndim != 2 or array.dtype.kind != "f":
+        raise SourceError(f"{path}: expected a 2-d float16/float32 array, got {array.dtype} {array.shape}")
+    return array
+
+
+def _npy_unit(emb_path: Path, meta_path: Path) -> Unit:
+    rows = _open_npy(emb_path).shape[0]
+    meta_rows = pq.ParquetFile(meta_path).metadata.num_rows
+    if meta_rows != rows:
+        raise SourceError(f"{emb_path} has {rows:,} embeddings but {meta_path} has {meta_rows:,} rows")
+
+    def read(start: int, chunk: int) -> Iterator[Chunk]:
+        array = _open_npy(emb_path)
+        offset = start
+        for table in _metadata_batches(meta_path, start, chunk):
+            yield Chunk(offset, np.asarray(array[offset:offset + table.num_rows]), table)
+            offset += table.num_rows
+
+    return Unit(str(emb_path), rows, read)
+
+
+def clip_retrieval_units(root: Path) -> list[Unit]:
+    embeddings = _numbered(root / "img_emb", "img_emb", ".npy")
+    metadata = _numbered(root / "metadata", "metadata", ".parquet")
+    if not embeddings:
+        raise SourceError(f"{root}: no img_emb/img_emb_N.npy files (clip-retrieval layout)")
+    missing = sorted(set(embeddings) - set(metadata))
+    if missing:
+        raise SourceError(f"{root}: img_emb_{missing[0]}.npy has no metadata/metadata_{missing[0]}.parquet")
+    if (root / "text_emb").is_dir():
+        log.warning("%s: text_emb/ ignored (only image embeddings are imported)", root)
+    return [_npy_unit(embeddings[n], metadata[n]) for n in sorted(embeddings)]
+
+
+# ---- parquet: an embedding column (list<float> or fixed-size binary) + a uri column
+def _binary_dtype(field: pa.Field) -> np.dtype:
+    declared = (field.metadata or {}).get(b"dtype")
+    if declared:
+        return np.dtype(declared.decode())
+    width = field.type.byte_width
+    return np.dtype("<f4") if width % 4 == 0 and width // 4 in RAW_WIDTHS else np.dtype("<f2")
+
+
+def embeddings_of(column: "pa.Array | pa.ChunkedArray", field: pa.Field) -> np.ndarray:
+    """An embedding column -> (n, width) floats, or an object array of rows when their lengths differ."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_fixed_size_binary(field.type):
+        dtype = _binary_dtype(field)
+        flat = np.frombuffer(column.buffers()[1], dtype=dtype)
+        width = field.type.byte_width // dtype.itemsize
+        return flat[column.offset * width:(column.offset + len(column)) * width].reshape(-1, width)
+    if not (pa.types.is_list(field.type) or pa.types.is_large_list(field.type)
+            or pa.types.is_fixed_size_list(field.type)):
+        raise SourceError(f"embedding column {field.name!r} is {field.type}: expected list<float> or fixed-size binary")
+    column = column.fill_null([])
+    lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths == lengths[0]).all():
+        return values.reshape(len(lengths), int(lengths[0]))
+    rows = np.empty(len(lengths), dtype=object)
+    rows[:] = np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
+    return rows
+
+
+def _pick(names: list[str], given: "str | None", choices: tuple[str, ...], what: str, path: Path) -> str:
+    if given:
+        if given not in names:
+            raise SourceError(f"{path}: no column {given!r} (columns: {', '.join(names)})")
+        return given
+    for name in choices:
+        if name in names:
+            return name
+    raise SourceError(f"{path}: no {what} column among {', '.join(choices)}; name it with --{what}-column")
+
+
+def _parquet_unit(path: Path, embedding_column: "str | None") -> Unit:
+    schema = pq.read_schema(path)
+    column = _pick(schema.names, embedding_column, EMBEDDING_COLUMNS, "embedding", path)
+    field = schema.field(column)
+    rows = pq.ParquetFile(path).metadata.num_rows
+
+    def read(start: int, chunk: int) -> Iterator[Chunk]:
+        offset = start
+        for table in _metadata_batches(path, start, chunk):
+            yield Chunk(offset, embeddings_of(table.column(column), field), table.drop_columns([column]))
+            offset += table.num_rows
+
+    return Unit(str(path), rows, read)
+
+
+def parquet_units(root: Path, embedding_column: "str | None") -> list[Unit]:
+    files = sorted(root.rglob("*.parquet")) if root.is_dir() else [root]
+    if not files:
+        raise SourceError(f"{root}: no .parquet files")
+    return [_parquet_unit(f, embedding_column) for f in files]
+
+
+def detect_layout(path: Path) -> str:
+    if (path / "img_emb").is_dir():
+        return "clip-retrieval"
+    if path.suffix == ".parquet" or path.is_dir():
+        return "parquet"
+    raise SourceError(f"{path}: not a clip-retrieval folder (img_emb/ + metadata/), a .parquet file or a folder "
+                      "of them")
+
+
+LAYOUTS: dict[str, Callable[[Path, "str | None"], list[Unit]]] = {
+    "clip-retrieval": lambda path, _column: clip_retrieval_units(path),
+    "parquet": parquet_units,
+}
+
+
+def open_units(paths: list[str], layout: str, embedding_column: "str | None") -> list[Unit]:
+    """Every unit of every PATH, in order."""
+    units = []
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise SourceError(f"{given}: no such file or folder")
+        kind = detect_layout(path) if layout == "auto" else layout
+        if kind not in LAYOUTS:
+            raise SourceError(f"--layout {layout!r}: use auto, {', '.join(LAYOUTS)}")
+        units += LAYOUTS[kind](path, embedding_column)
+    return units

@@ -1,0 +1,303 @@
+"""`pnsfw import`: embeddings other tools computed -> store shards (reader -> mapper -> writer).
+
+Reader: the layouts of import_layouts.py, in units streamed from the row where the store's commits of that unit
+end (so a rerun resumes, and a second import adds nothing). Mapper: rows validated (width, finite, non-zero
+norm; the others become error rows with a reason), L2-normalised, projected. Writer: shards of `shard_size`
+rows committed through the store's writer, each a prefix of the stream, so a crash at any moment then a rerun
+gives the rows and ids of an uninterrupted run.
+"""
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import BadInput, SpaceMismatch
+from ..store import Projection, Store, StoreWriter
+from ..store.shards import ERROR_SCHEMA, FIXED_COLUMNS, embedding_array
+from .import_layouts import URI_COLUMNS, Chunk, Unit, open_units
+from .projection import make_projection
+
+log = logging.getLogger("pnsfw.indexer")
+KNOWN_WIDTHS = {"RN50": 1024, "RN101": 512, "RN50x4": 640, "RN50x16": 768, "RN50x64": 1024, "ViT-B/32": 512,
+                "ViT-B/16": 512, "ViT-L/14": 768, "ViT-L/14@336px": 768}
+DEFAULT_FOR_WIDTH = {512: "ViT-B/32", 768: "ViT-L/14"}
+RENAMED = {"id": "source_id", "source": "source_source", "uri_hash": "source_uri_hash", "embedding": "source_embedding"}
+
+
+@dataclass
+class ImportOptions:
+    layout: str = "auto"
+    model: str | None = None  # the CLIP model that made the embeddings (default: the store's, or by width)
+    projection: str | None = None  # None: the store's, or `none` for a new store
+    embedding_column: str | None = None
+    uri_column: str | None = None
+    shard_size: int = 100_000
+    chunk_rows: int = 65_536
+    pca_rows: int = 10_000
+    seed: int = 0
+
+
+@dataclass
+class ImportSummary:
+    imported: int = 0
+    already_present: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    units: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.imported / self.seconds if self.seconds else 0.0
+
+
+def known_fingerprint(model: str) -> "str | None":
+    """What load_encoder would record for MODEL, without importing torch: a file's sha256, or the sha256 that
+    OpenAI's download URL of a CLIP name carries (read from clip's source); None for other names."""
+    import ast
+    import importlib.util
+    import os
+
+    if os.path.isfile(model):
+        from ..store.files import sha256_file
+
+        return sha256_file(Path(model))
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(next(iter(spec.submodule_search_locations))) / "clip.py"
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_MODELS" for t in node.targets):
+            url = ast.literal_eval(node.value).get(model)
+            return None if url is None else str(url).split("/")[-2]
+    return None
+
+
+def declared_encoder(model: str, width: int) -> dict[str, Any]:
+    """The encoder record of a declared model: its real fingerprint when pnsfw knows it (a CLIP name or a
+    checkpoint file), so `search --text` can load it; else a fingerprint of the name alone."""
+    import hashlib
+
+    known = KNOWN_WIDTHS.get(model)
+    if known is not None and known != width:
+        raise BadInput(f"the embeddings have width {width}, but CLIP {model} makes {known}-d ones; pass the right "
+                       "--model")
+    fingerprint = known_fingerprint(model) or "declared-" + hashlib.sha256(model.encode()).hexdigest()[:40]
+    return {"name": model, "fingerprint": fingerprint, "resolution": None, "width": width, "declared": True}
+
+
+def _model_for(store: Store, options: ImportOptions, width: int) -> str:
+    recorded = store.encoder if store.exists else None
+    if options.model:
+        return options.model
+    if recorded:
+        return str(recorded["name"])
+    if width in DEFAULT_FOR_WIDTH:
+        return DEFAULT_FOR_WIDTH[width]
+    raise BadInput(f"embeddings of width {width}: name the CLIP model that made them with --model")
+
+
+def _space(writer: StoreWriter, options: ImportOptions, width: int, sample: np.ndarray) -> Projection:
+    """The store's projection (checked against --model/--projection), or a new space recorded now."""
+    store = writer.store
+    encoder = declared_encoder(_model_for(store, options, width), width)
+    if store.projection_info:
+        projection = store.projection()
+        if projection.width != width:
+            raise SpaceMismatch(f"store {store.root} holds embeddings of width {projection.width}, these have {width}")
+        if options.projection and options.projection != projection.kind:
+            raise BadInput(f"store {store.root} already uses a {projection.kind} projection; drop --projection")
+        writer.set_space(encoder, projection)  # refuses another model
+        return projection
+    projection = make_projection(options.projection or "none", width, sample, options.seed)
+    writer.set_space(encoder, projection)
+    return projection
+
+
+def committed_offsets(store: Store) -> Counter[str]:
+    """Rows + error rows already committed per source (each unit's commits are a prefix of it)."""
+    counts: Counter[str] = Counter()
+    if not store.exists:
+        return counts
+    for table in (store.table(["source"]), store.errors().select(["source"])):
+        if table.num_rows:
+            for item in pc.value_counts(table.column("source").combine_chunks()).to_pylist():
+                counts[item["values"]] += item["counts"]
+    return counts
+
+
+# ---- mapper: one chunk -> (rows without ids, error rows)
+REASONS = {1: "wrong width", 2: "not finite", 3: "zero vector", 4: "no uri"}
+
+
+def _matrix(embeddings: np.ndarray, width: int, code: np.ndarray) -> np.ndarray:
+    """(n, width) float32; rows of another width are marked (code 1) and left zero."""
+    if embeddings.dtype == object:
+        lengths = np.array([len(row) for row in embeddings])
+        code[lengths != width] = 1
+        out = np.zeros((len(embeddings), width), np.float32)
+        if (lengths == width).any():
+            out[lengths == width] = np.stack([r for r, n in zip(embeddings, lengths) if n == width])
+        return out
+    if embeddings.shape[1] != width:
+        code[:] = 1
+        return np.zeros((len(embeddings), width), np.float32)
+    return np.asarray(embeddings, np.float32)
+
+
+def _fixed(metadata: pa.Table, name: str, kind: pa.DataType) -> "pa.Array | None":
+    """A metadata column that fills a fixed shard column (sha256, width, height) when its type fits."""
+    if name not in metadata.column_names:
+        return None
+    column = metadata.column(name)
+    ok = pa.types.is_integer(column.type) if kind == pa.int32() else pa.types.is_string(column.type)
+    return column.cast(kind) if ok else None
+
+
+def _rows_table(metadata: pa.Table, uri_column: str, source: str, vectors: np.ndarray) -> pa.Table:
+    """The shard columns (the store adds uri_hash), then the other metadata columns as they came."""
+    n = metadata.num_rows
+    columns: dict[str, Any] = {"uri": metadata.column(uri_column).cast(pa.string()),
+                               "source": pa.array([source] * n, pa.string())}
+    used = {uri_column}
+    for name, kind in (("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32())):
+        given = _fixed(metadata, name, kind)
+        columns[name] = given if given is not None else pa.nulls(n, kind)
+        used.update([name] if given is not None else [])
+    columns["embedding"] = embedding_array(vectors.astype(np.float16))
+    for name in metadata.column_names:
+        if name not in used:
+            columns[RENAMED.get(name, name) if name in FIXED_COLUMNS else name] = metadata.column(name)
+    return pa.table(columns)
+
+
+def _errors_table(chunk: Chunk, uris: pa.Array, source: str, code: np.ndarray) -> "pa.Table | None":
+    bad = np.nonzero(code)[0]
+    if not len(bad):
+        return None
+    uri_list = uris.take(pa.array(bad)).to_pylist()
+    rows = {"uri": [u if u is not None else f"{source}#{chunk.start + i}" for u, i in zip(uri_list, bad)],
+            "source": [source] * len(bad), "stage": ["import"] * len(bad),
+            "reason": [REASONS[int(c)] for c in code[bad]],
+            "detail": [f"row {chunk.start + int(i)} of {source}" for i in bad]}
+    return pa.table(rows, schema=ERROR_SCHEMA)
+
+
+def map_chunk(chunk: Chunk, unit: Unit, width: int, projection: Projection,
+              uri_column: str) -> tuple["pa.Table | None", "pa.Table | None"]:
+    """Valid rows (L2-normalised, projected, fp16; no ids yet) and error rows of one chunk."""
+    code = np.zeros(chunk.metadata.num_rows, np.int8)
+    x = _matrix(chunk.embeddings, width, code)
+    finite = np.isfinite(x).all(axis=1)
+    code[(code == 0) & ~finite] = 2
+    with np.errstate(invalid="ignore", over="ignore"):
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # NaN/inf rows are marked already
+    code[(code == 0) & ~(norms > 1e-12)] = 3
+    uris = chunk.metadata.column(uri_column).combine_chunks()
+    code[(code == 0) & uris.is_null().to_numpy(zero_copy_only=False)] = 4
+    good = code == 0
+    errors = _errors_table(chunk, uris, unit.source, code)
+    if not good.any():
+        return None, errors
+    x = x[good] if not good.all() else x
+    vectors = x / norms[good][:, None] if projection.kind == "none" else projection.apply(x)
+    metadata = chunk.metadata.filter(pa.array(good)) if not good.all() else chunk.metadata
+    return _rows_table(metadata, uri_column, unit.source, vectors), errors
+
+
+# ---- writer and runner
+class ImportWriter:
+    """Buffers mapped chunks; commits them (rows with ids + error rows) as one shard of <= shard_size rows."""
+
+    def __init__(self, writer: StoreWriter, shard_size: int, summary: ImportSummary):
+        self.writer, self.shard_size, self.summary = writer, shard_size, summary
+        self.rows: list[pa.Table] = []
+        self.errors: list[pa.Table] = []
+        self.pending = 0
+
+    def add(self, rows: "pa.Table | None", errors: "pa.Table | None") -> None:
+        count = rows.num_rows if rows is not None else 0
+        if self.pending and self.pending + count > self.shard_size:
+            self.commit()
+        if rows is not None:
+            self.rows.append(rows)
+            self.pending += count
+        if errors is not None:
+            self.errors.append(errors)
+            for reason, n in Counter(errors.column("reason").to_pylist()).items():
+                self.summary.failed[reason] = self.summary.failed.get(reason, 0) + n
+
+    def commit(self) -> None:
+        if not self.rows and not self.errors:
+            return
+        table = None
+        if self.rows:
+            table = pa.concat_tables(self.rows, promote_options="default")
+            table = table.add_column(0, "id", pa.array(self.writer.next_ids(table.num_rows)))
+        errors = pa.concat_tables(self.errors) if self.errors else None
+        self.writer.commit(table, errors)
+        self.summary.imported += self.pending
+        self.rows, self.errors, self.pending = [], [], 0
+
+
+def _uri_column(unit: Unit, chunk: Chunk, given: "str | None") -> str:
+    names = chunk.metadata.column_names
+    if given:
+        if given not in names:
+            raise BadInput(f"{unit.source}: no column {given!r} for --uri-column (columns: {', '.join(names)})")
+        return given
+    for name in URI_COLUMNS:
+        if name in names:
+            return name
+    raise BadInput(f"{unit.source}: no uri column among {', '.join(URI_COLUMNS)}; name it with --uri-column")
+
+
+def _first_chunk(units: list[Unit], offsets: Counter[str], options: ImportOptions) -> "tuple[int, np.ndarray] | None":
+    """(width, sample for a PCA fit) from the first unit with rows left; None when everything is imported."""
+    for unit in units:
+        if offsets[unit.source] < unit.rows:
+            chunk = next(unit.read(offsets[unit.source], max(options.pca_rows, 1)))
+            emb = chunk.embeddings
+            if emb.dtype == object:
+                lengths = Counter(len(r) for r in emb)
+                width = lengths.most_common(1)[0][0]
+                return width, np.stack([r for r in emb if len(r) == width]).astype(np.float32)
+            return int(emb.shape[1]), np.nan_to_num(np.asarray(emb, np.float32))
+    return None
+
+
+def run_import(paths: list[str], store_root: "str | Path", options: ImportOptions | None = None) -> ImportSummary:
+    """Import embeddings from PATHs into the store (resumable, idempotent); returns what it did."""
+    options = options or ImportOptions()
+    started, summary = time.time(), ImportSummary()
+    units = open_units(paths, options.layout, options.embedding_column)
+    summary.units = len(units)
+    store = Store(store_root)
+    with store.writer() as writer:
+        offsets = committed_offsets(store)
+        summary.already_present = sum(min(offsets[u.source], u.rows) for u in units)
+        first = _first_chunk(units, offsets, options)
+        if first is None:
+            summary.seconds = time.time() - started
+            return summary
+        projection = _space(writer, options, first[0], first[1])
+        out = ImportWriter(writer, options.shard_size, summary)
+        chunk_rows = max(1, min(options.chunk_rows, options.shard_size))
+        for unit in units:
+            if offsets[unit.source] >= unit.rows:
+                continue
+            uri_column = None
+            for chunk in unit.read(offsets[unit.source], chunk_rows):
+                uri_column = uri_column or _uri_column(unit, chunk, options.uri_column)
+                summary.bytes_read += int(getattr(chunk.embeddings, "nbytes", 0))
+                out.add(*map_chunk(chunk, unit, projection.width, projection, uri_column))
+        out.commit()
+    summary.seconds = time.time() - started
+    return summary

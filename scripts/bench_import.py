@@ -1,0 +1,97 @@
+"""Measure `pnsfw import` throughput of fp16 clip-retrieval embeddings from local disk, one process.
+
+Usage: python scripts/bench_import.py [--rows 1000000] [--parts 4] [--dim 512] [--shard-size 262144]
+                                      [--folder DIR] [--out bench_import.json]
+
+Writes a clip-retrieval folder (img_emb/img_emb_N.npy float16 + metadata/metadata_N.parquet with url and
+caption), imports it into a fresh store (run_import, no FAISS index) and reports GB/s of embedding bytes read
+(rows * dim * 2 / wall seconds), rows/s, and the time per stage. The embedding files are in the page cache
+after writing (the usual case for a rerun; cold reads are bounded by the disk). Prints a table, writes JSON.
+"""
+
+import argparse
+import cProfile
+import json
+import os
+import platform
+import pstats
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def write_folder(root: Path, rows: int, parts: int, dim: int) -> int:
+    """The clip-retrieval layout; returns the embedding bytes written."""
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    rng = np.random.default_rng(0)
+    per, total = rows // parts, 0
+    for n in range(parts):
+        x = rng.standard_normal((per, dim), dtype=np.float32).astype(np.float16)
+        np.save(root / "img_emb" / f"img_emb_{n}.npy", x)
+        total += x.nbytes
+        ids = np.arange(n * per, (n + 1) * per)
+        urls = pa.array([f"https://example.com/images/{i:09d}.jpg" for i in ids])
+        captions = pa.array([f"a photo number {i}" for i in ids])
+        pq.write_table(pa.table({"url": urls, "caption": captions}), root / "metadata" / f"metadata_{n}.parquet")
+    return total
+
+
+def run(folder: Path, store: Path, shard_size: int, profile: bool) -> tuple[float, object, list[str]]:
+    from pnsfw.indexer.importer import ImportOptions, run_import
+
+    options = ImportOptions(shard_size=shard_size)
+    profiler = cProfile.Profile() if profile else None
+    start = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    summary = run_import([str(folder)], store, options)
+    if profiler:
+        profiler.disable()
+    seconds = time.perf_counter() - start
+    top: list[str] = []
+    if profiler:
+        stats = pstats.Stats(profiler).sort_stats("tottime")
+        for func, (_, _, tottime, _, _) in list(stats.stats.items()):  # type: ignore[attr-defined]
+            top.append((tottime, f"{func[2]} ({os.path.basename(func[0])}:{func[1]})"))
+        top = [f"{t:7.2f} s  {name}" for t, name in sorted(top, reverse=True)[:8]]
+    return seconds, summary, top
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--parts", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--shard-size", type=int, default=262_144)
+    parser.add_argument("--folder", default=None, help="Work folder (default: a temporary one, removed).")
+    parser.add_argument("--profile", action="store_true", help="Also print the top functions by own time.")
+    parser.add_argument("--out", default="bench_import.json")
+    args = parser.parse_args()
+    work = Path(args.folder or tempfile.mkdtemp(prefix="bench_import_"))
+    try:
+        total = write_folder(work / "laion", args.rows, args.parts, args.dim)
+        seconds, summary, top = run(work / "laion", work / "store", args.shard_size, args.profile)
+        rows = summary.imported
+        result = {"rows": rows, "dim": args.dim, "parts": args.parts, "shard_size": args.shard_size,
+                  "embedding_bytes": total, "seconds": round(seconds, 3), "gb_per_s": round(total / seconds / 1e9, 3),
+                  "rows_per_s": round(rows / seconds), "failed": summary.failed, "cpus": os.cpu_count(),
+                  "machine": platform.processor() or platform.machine(), "python": platform.python_version()}
+        print(f"{'rows':>10}  {'dim':>4}  {'GB':>6}  {'seconds':>8}  {'GB/s':>6}  {'rows/s':>10}")
+        print(f"{rows:>10,}  {args.dim:>4}  {total / 1e9:>6.2f}  {seconds:>8.2f}  {result['gb_per_s']:>6.2f}  "
+              f"{result['rows_per_s']:>10,}")
+        for line in top:
+            print(line)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        if not args.folder:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""`pnsfw import`: clip-retrieval and Parquet layouts, resumable and idempotent, bad rows, raw 768-d stores."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pnsfw.cli import cli
+from pnsfw.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: object, ok: bool = True):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def class_vectors(n: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two separable clusters (label 1 = nsfw) of unnormalised vectors."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    centres = np.random.default_rng(99).standard_normal((2, width)) * 3
+    return (centres[labels] + rng.standard_normal((n, width))) * 7.0, labels
+
+
+def write_clip_retrieval(root: Path, parts: int = 3, rows: int = 40, width: int = 512) -> tuple[Path, list[str],
+                                                                                                 np.ndarray]:
+    """root/img_emb/img_emb_N.npy (float16) + root/metadata/metadata_N.parquet (image_path, caption, extra)."""
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    (root / "text_emb").mkdir()
+    uris, labels = [], []
+    for n in range(parts):
+        x, y = class_vectors(rows, width, seed=n)
+        np.save(root / "img_emb" / f"img_emb_{n}.npy", x.astype(np.float16))
+        names = [f"/data/{'nsfw' if label else 'sfw'}/{n:02d}_{i:03d}.jpg" for i, label in enumerate(y)]
+        pq.write_table(pa.table({"image_path": names, "caption": [f"caption {n} {i}" for i in range(rows)],
+                                 "similarity": np.linspace(0, 1, rows)}), root / "metadata" / f"metadata_{n}.parquet",
+                       row_group_size=16)
+        uris += names
+        labels += list(y)
+    return root, uris, np.array(labels)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str], np.ndarray]:
+    root = tmp_path_factory.mktemp("imp")
+    folder, uris, labels = write_clip_retrieval(root / "laion")
+    run_cli("import", folder, "--store", root / "store", "--shard-size", "50")
+    return folder, root / "store", uris, labels
+
+
+def snapshot(store_root: Path) -> tuple[list[tuple[int, str]], np.ndarray]:
+    store = Store.open(store_root)
+    table = store.table(["id", "uri"])
+    return list(zip(table.column("id").to_pylist(), table.column("uri").to_pylist())), store.vectors()[1]
+
+
+def test_clip_retrieval_imports_trains_scores_filters(imported, tmp_path: Path) -> None:
+    folder, store_root, uris, labels = imported
+    store = Store.open(store_root)
+    assert store.rows == 120 and store.dim == 512 and store.projection().kind == "none"
+    assert store.encoder["name"] == "ViT-B/32" and store.encoder["declared"]
+    rows, vectors = snapshot(store_root)
+    assert [u for _, u in rows] == uris and [i for i, _ in rows] == list(range(120))
+    raw = np.concatenate([np.load(folder / "img_emb" / f"img_emb_{n}.npy") for n in range(3)]).astype(np.float32)
+    np.testing.assert_allclose(vectors, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=2e-3)
+    captions = store.table(["caption", "similarity"])
+    assert captions.column("caption").to_pylist()[41] == "caption 1 1"
+    assert "image_path" not in store.shard_columns()
+    pa.csv.write_csv(pa.table({"uri": uris, "label": ["nsfw" if y else "sfw" for y in labels]}), tmp_path / "l.csv")
+    run_cli("train", "--store", store_root, "--labels", tmp_path / "l.csv", "--epochs", "3", "--units", "16")
+    run_cli("score", "--store", store_root)
+    run_cli("filter", "--store", store_root, "--keep", "safe", "--columns", "caption", "--out", tmp_path / "s.csv")
+    kept = pa.csv.read_csv(tmp_path / "s.csv")
+    assert 0 < kept.num_rows < 120 and "caption" in kept.column_names
+    truth = dict(zip(uris, labels))
+    assert np.mean([truth[u] == 0 for u in kept.column("uri").to_pylist()]) > 0.9
+    run_cli("search", "--store", store_root, "--id", "5", "-k", "3")
+    run_cli("dedup", "--store", store_root, "--out", tmp_path / "d.parquet")
+    again = run_cli("import", folder, "--store", store_root)
+    assert "imported 0 embeddings" in again.output and "already present: 120" in again.output
+    assert Store.open(store_root).rows == 120
+
+
+def test_text_search_needs_a_loadable_model(imported, tmp_path: Path) -> None:
+    _, store_root, _, _ = imported
+    result = run_cli("search", "--store", store_root, "--text", "a cat", ok=False)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+
+
+def test_bad_rows_become_error_rows(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((6, 768)).astype(np.float32)
+    x[1, 3], x[4] = np.nan, 0.0
+    rows = [list(map(float, v)) for v in x] + [[1.0] * 10]
+    uris = [f"u{i}" for i in range(7)]
+    uris[5] = None
+    pq.write_table(pa.table({"url": uris, "embedding": rows}), tmp_path / "e.parquet")
+    result = run_cli("import", tmp_path / "e.parquet", "--store", tmp_path / "s", "--model", "ViT-L/14")
+    assert "failed: 4" in result.output
+    store = Store.open(tmp_path / "s")
+    assert store.rows == 3 and store.dim == 768
+    errors = {r["uri"]: r["reason"] for r in store.errors().to_pylist()}
+    assert errors["u1"] == "not finite" and errors["u4"] == "zero vector" and errors["u6"] == "wrong width"
+    assert list(errors.values()).count("no uri") == 1
+    again = run_cli("import", tmp_path / "e.parquet", "--store", tmp_path / "s")
+    assert "imported 0" in again.output and Store.open(tmp_path / "s").errors().num_rows == 4
+    wrong = run_cli("import", tmp_path / "e.parquet", "--store", tmp_path / "t", "--model", "ViT-B/32", ok=False)
+    assert wrong.exit_code == 1 and "width 768" in wrong.output
+
+
+def test_768_store_end_to_end(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """Raw 768-d vectors (fixed-size binary float32 in Parquet) train, score, filter, search, dedup, serve."""
+    from api_server import start_server
+
+    x, y = class_vectors(60, 768, seed=3)
+    flat = x.astype("<f4")
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(768 * 4), 60, [None, pa.py_buffer(flat.tobytes())])
+    uris = [f"s3://bucket/{i}.jpg" for i in range(60)]
+    pq.write_table(pa.table({"uri": uris, "vec": column, "key": [str(i) for i in range(60)]}), tmp_path / "v.parquet")
+    store = tmp_path / "store"
+    run_cli("import", tmp_path / "v.parquet", "--store", store, "--embedding-column", "vec")
+    assert Store.open(store).dim == 768 and Store.open(store).encoder["name"] == "ViT-L/14"
+    pq.write_table(pa.table({"id": list(range(60)), "label": ["nsfw" if v else "sfw" for v in y]}), tmp_path / "l.pq")
+    run_cli("train", "--store", store, "--labels", tmp_path / "l.pq", "--epochs", "1", "--units", "16")
+    run_cli("score", "--store", store)
+    run_cli("filter", "--store", store, "--keep", "unsafe", "--out", tmp_path / "u.txt")
+    run_cli("dedup", "--store", store, "--out", tmp_path / "d.parquet")
+    run_cli("export", "--store", store, "--raw", "--out", tmp_path / "r.onnx")
+    for server in start_server(store, tmp_path / "serve.log"):
+        with server.client() as client:
+            body = client.post("/v1/search", json={"id": 4, "k": 3}).json()
+            assert body["hits"][0]["id"] == 4 and body["hits"][0]["p_nsfw"] is not None
+
+
+KILL_AT = """
+import sys, time
+from pnsfw.store import hooks
+marker, nth = sys.argv[1], int(sys.argv[2])
+seen = [0]
+def hook(name):
+    if name.startswith("staged:shards"):
+        seen[0] += 1
+        if seen[0] == nth:
+            open(marker, "w").write(name)
+            time.sleep(600)
+hooks.set_hook(hook)
+from pnsfw.cli import main
+sys.argv = ["pnsfw"] + sys.argv[3:]
+main()
+"""
+
+
+def test_kill_mid_import_then_rerun_equals_an_uninterrupted_import(imported, tmp_path: Path) -> None:
+    folder, reference, _, _ = imported
+    store, marker = tmp_path / "store", tmp_path / "marker"
+    args = ["import", str(folder), "--store", str(store), "--shard-size", "50", "--no-faiss"]
+    proc = subprocess.Popen([sys.executable, "-c", KILL_AT, str(marker), "2", *args], stdout=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL, inside the second shard's commit window
+    out = proc.communicate()[0].decode(errors="replace")
+    assert marker.exists(), out[-2000:]
+    assert 0 < Store.open(store).rows < 120  # the first shard committed, the second killed in its window
+    run_cli("import", folder, "--store", store, "--shard-size", "50")
+    got, want = snapshot(store), snapshot(reference)
+    assert got[0] == want[0]
+    np.testing.assert_array_equal(got[1], want[1])
+    assert {p.name for p in (store / "shards").iterdir()} == {s.name for s in Store.open(store).shards}
