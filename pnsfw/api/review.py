@@ -5,13 +5,14 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import BadInput, PnsfwError
 from . import images, thumbs
 from .engine import Engine
 from .routes import ItemId, json_response  # one item id: int64 (0 .. 2**63 - 1) on every route
+from .schemas import IdField
 
 router = APIRouter()
 N_MAX = 500
@@ -19,7 +20,7 @@ N_MAX = 500
 
 class LabelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: int = Field(..., ge=0)
+    id: StrictInt = IdField
     label: str | None = Field(..., description="A class of the model (or of --label-classes); null takes the "
                                                 "item's label back.")
 
