@@ -171,6 +171,7 @@ def test_score_resumes_and_covers_every_id_once(trained: Path, tmp_path: Path) -
     assert bf16.rescored_all and bf16.engine == "torch"
     np.testing.assert_allclose(lookup_scores(store, "default", all_ids), clf.p_nsfw(vectors), atol=2e-2)
     run_cli("train", "--store", root, "--labels", "folders", "--epochs", "2")  # a new model file
+    store = Store.open(root)  # a Store is a snapshot of one manifest version: read the new one
     assert np.isnan(lookup_scores(store, "default", all_ids)).all()  # stale scores are not served
     rescored = run_cli("score", "--store", root, "--readers", "1", "--writers", "3")
     assert "scored 80 vectors in 4 shards" in rescored.output and "model changed" in rescored.output
