@@ -15,12 +15,29 @@ from conftest import class_image
 from pnsfw.store import Store
 
 IMAGES = 120
+SHARD = 4
+# Each commit of an interrupted run pauses in the store's commit window (pnsfw.store.hooks), so a run commits
+# about one shard a second whatever the machine's speed: the run is still at work when the signal comes, and
+# the signal also lands inside commits. The hook is set once pnsfw.store is imported (by a watcher thread),
+# so the CLI still installs its signal handlers before pyarrow is imported.
+SLOW_COMMITS = """
+import sys, threading, time
+def install():
+    while not hasattr(sys.modules.get("pnsfw.store.hooks"), "set_hook"):
+        time.sleep(0.005)
+    sys.modules["pnsfw.store.hooks"].set_hook(lambda step: time.sleep(1.0) if step.startswith("commit:") else None)
+threading.Thread(target=install, daemon=True).start()
+sys.argv = ["pnsfw", *sys.argv[1:]]
+from pnsfw.cli import main
+main()
+"""
 
 
-def _spawn(source: Path, store: Path, ckpt: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-X", "faulthandler", "-m", "pnsfw.cli", "index", str(source), "--store", str(store),
-           "--model", str(ckpt), "--device", "cpu", "--workers", "1", "--batch-size", "4", "--shard-size", "8",
-           "--commit-every", "0.2s", "--no-faiss"]
+def _spawn(source: Path, store: Path, ckpt: Path, slow: bool = False) -> subprocess.Popen:
+    entry = ["-c", SLOW_COMMITS] if slow else ["-m", "pnsfw.cli"]
+    cmd = [sys.executable, "-X", "faulthandler", *entry, "index", str(source), "--store", str(store),
+           "--model", str(ckpt), "--device", "cpu", "--workers", "1", "--batch-size", "4", "--shard-size",
+           str(SHARD), "--commit-every", "0.2s", "--no-faiss"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -73,7 +90,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_completes(tmp_path, tiny_
     stopped = 0
     for run in range(20):
         signum = signal.SIGINT if run % 2 == 0 else signal.SIGTERM
-        proc = _spawn(source, store, tiny_checkpoint)
+        proc = _spawn(source, store, tiny_checkpoint, slow=True)
         _moment(proc, store, late=run in (8, 19), rng=rng)
         code, output, _ = _interrupt(proc, signum)
         assert "Traceback" not in output, output
@@ -87,7 +104,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_completes(tmp_path, tiny_
             assert len([line for line in output.splitlines() if "Interrupted" in line]) == 1
         if store.exists() and any((store / n).exists() for n in ("manifest.json", "_manifest")):
             _rows(store)  # readable at every stop
-    assert stopped >= 10  # most signals land while it works, not before it started
+    assert stopped >= 10, stopped  # most signals land while it works, not before it started
     reference = _spawn(source, tmp_path / "reference", tiny_checkpoint)
     resumed = _spawn(source, store, tiny_checkpoint)
     assert reference.wait(timeout=300) == 0 and resumed.wait(timeout=300) == 0, resumed.stdout.read()
