@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync(path: Path) -> None:
+    """Make a file's bytes, or a folder's entries (a rename into it), durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -30,7 +31,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], sync_dir: bool = Tru
     finally:
         tmp.unlink(missing_ok=True)
     if sync_dir:
-        fsync_dir(path.parent)
+        fsync(path.parent)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from ..errors import StoreError
 from . import hooks
+from .files import fsync
 
 WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too large",
                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
@@ -144,15 +145,15 @@ class LocalFS(FileSystem):
     def write_file(self, rel: str, write: Callable[[Path], None], sync: bool = True) -> None:
         with self._tmp(rel) as tmp:
             write(tmp)
-            _fsync(tmp)
+            fsync(tmp)
             hooks.pause(f"write:{rel}")
             os.replace(tmp, self._p(rel))
             if sync:
-                _fsync(tmp.parent)
+                fsync(tmp.parent)
 
     def sync_dir(self, rel: str) -> None:
         if self._p(rel).is_dir():
-            _fsync(self._p(rel))
+            fsync(self._p(rel))
 
     def put_if_absent(self, rel: str, data: bytes) -> bool:
         with self._tmp(rel) as tmp:
@@ -165,7 +166,7 @@ class LocalFS(FileSystem):
                 os.link(tmp, self._p(rel))  # atomic, fails if the name exists: never a half-written version
             except FileExistsError:
                 return False
-            _fsync(tmp.parent)
+            fsync(tmp.parent)
             return True
 
     def list(self, rel: str) -> list[Entry]:
@@ -208,9 +209,9 @@ class LocalFS(FileSystem):
             target.parent.mkdir(parents=True, exist_ok=True)
             for path in local_dir.rglob("*"):
                 if path.is_file():
-                    _fsync(path)
+                    fsync(path)
             os.rename(local_dir, target)  # the staging folder lies inside the store: one rename
-            _fsync(target.parent)
+            fsync(target.parent)
         except OSError as exc:
             raise write_failure(str(target), exc) from None
 
@@ -235,14 +236,6 @@ class LocalFS(FileSystem):
             return Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=parent))
         except OSError as exc:
             raise write_failure(str(parent), exc) from None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_fs(location: str | Path) -> FileSystem:
