@@ -569,7 +569,8 @@ def _metrics_text(m: dict[str, Any], table: bool = False) -> str:
     if "class_confusion" in m:
         cc = m["class_confusion"]
         lines.append("class confusion (rows true, columns predicted: " + ", ".join(cc["classes"]) + "):")
-        lines += ["  " + " ".join(f"{n:>5}" for n in row) + f"  {name}" for name, row in zip(cc["classes"], cc["matrix"])]
+        lines += ["  " + " ".join(f"{n:>5}" for n in row) + f"  {name}"
+                  for name, row in zip(cc["classes"], cc["matrix"])]
     if table:
         lines.append("threshold  precision  recall     FPR")
         lines += [f"{r['threshold']:>9.2f}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['fpr']:>6.4f}"
@@ -591,7 +592,8 @@ def _retrain_text(retrain: dict[str, Any]) -> str:
 
 def _skipped_labels(count: int, examples: list[str]) -> None:
     if count:
-        click.echo(f"skipped {count:,} labels naming images not in the store (e.g. {', '.join(examples[:3])})", err=True)
+        click.echo(f"skipped {count:,} labels naming images not in the store (e.g. {', '.join(examples[:3])})",
+                   err=True)
 
 
 @cli.command()
@@ -658,7 +660,8 @@ def train(store: str, labels: "str | None", zero_shot: "str | None", clip_model:
         click.echo(json.dumps(meta, indent=2))
         return
     counts = meta["data"]["counts"]
-    click.echo(f"model {name}: {meta['output']} over {', '.join(meta['classes'])} (NSFW: {', '.join(meta['nsfw_classes'])})")
+    class_list, nsfw_list = ", ".join(meta["classes"]), ", ".join(meta["nsfw_classes"])
+    click.echo(f"model {name}: {meta['output']} over {class_list} (NSFW: {nsfw_list})")
     click.echo("split: " + "  ".join(f"{s} {sum(c.values()):,}" for s, c in counts.items()) +
                f"; {meta['history']['epochs_run']} epochs, best {meta['history']['best_epoch']}")
     click.echo(f"{meta['evaluated_on']} split: " + _metrics_text(meta["metrics"][meta["evaluated_on"]]))
@@ -755,8 +758,8 @@ def score(store: str, model_name: str, device: str, engine: str, precision: str,
     Example:
       pnsfw score --store store/ --model default
     """
-    options = {"device": device, "engine": engine, "batch_rows": max(1, batch_size), "precision": precision,
-               "readers": readers, "writers": writers}
+    options: dict[str, Any] = {"device": device, "engine": engine, "batch_rows": max(1, batch_size),
+                               "precision": precision, "readers": readers, "writers": writers}
     if ray_address is None:
         from .classifier.scoring import score_store
 
@@ -768,7 +771,8 @@ def score(store: str, model_name: str, device: str, engine: str, precision: str,
                                  **options)
     note = " (model changed: rescored everything)" if summary.rescored_all else ""
     click.echo(f"scored {summary.scored:,} vectors in {summary.shards_scored} shards ({summary.vectors_per_s:,.0f} "
-               f"vectors/s, {summary.engine} {summary.precision}); {summary.shards_present} shards already scored{note}")
+               f"vectors/s, {summary.engine} {summary.precision}); "
+               f"{summary.shards_present} shards already scored{note}")
 
 
 @cli.command(name="filter")
@@ -891,7 +895,7 @@ def _info_text(r: dict[str, Any]) -> str:
     lines.append("index: none" if index is None else f"index: {index['kind']} ({index['factory']}), "
                  f"{index['ntotal']:,} vectors, {index['coverage']:.0%} of shards covered")
     for name, m in r["models"].items():
-        test = next(iter((m.get("metrics") or {}).values()), {}) or {}
+        test: dict[str, Any] = next(iter((m.get("metrics") or {}).values()), {}) or {}
         lines.append(f"model {name}: classes {m.get('classes')}, threshold {m.get('threshold')}, "
                      f"PR-AUC {test.get('pr_auc', '?')}")
         if m.get("retrain"):

@@ -164,8 +164,9 @@ class ProcessPool:
 
     def _collect(self) -> None:
         sentinels = {p.sentinel: p for p in self._processes}
-        readers = list(self._readers)
+        readers: list[Any] = list(self._readers)
         while not self._closing and readers:
+            ready: Any
             for ready in multiprocessing.connection.wait(readers + list(sentinels), timeout=0.5):
                 if isinstance(ready, int):
                     self._fail(sentinels.pop(ready))

@@ -202,15 +202,17 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
-def run_endpoint(port: int, server_pid: int, path: str, bodies: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+def run_endpoint(port: int, server_pid: int, path: str, bodies: list[bytes],
+                 args: argparse.Namespace) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     queue: Any = ctx.Queue()
     requests = [request_bytes(path, b) for b in bodies]
     clients = max(1, min(args.clients, args.concurrency))
     start_at = time.time() + 2.0 + args.warmup  # 2 s for the client processes to start
     stop_at = start_at + args.seconds
-    procs = [ctx.Process(target=drive, args=(port, requests, args.concurrency // clients + (c < args.concurrency % clients),
-                                             c * 1000, start_at, stop_at, queue)) for c in range(clients)]
+    share = [args.concurrency // clients + (c < args.concurrency % clients) for c in range(clients)]
+    procs = [ctx.Process(target=drive, args=(port, requests, share[c], c * 1000, start_at, stop_at, queue))
+             for c in range(clients)]
     for proc in procs:
         proc.start()
     time.sleep(max(0.0, start_at - time.time()))

@@ -32,7 +32,8 @@ def drawing(rng: np.random.Generator) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for _ in range(12):
         box = sorted(rng.integers(0, size[0], 2)), sorted(rng.integers(0, size[1], 2))
-        draw.ellipse((box[0][0], box[1][0], box[0][1], box[1][1]), fill=tuple(int(c) for c in rng.integers(120, 255, 3)))
+        fill = tuple(int(c) for c in rng.integers(120, 255, 3))
+        draw.ellipse((box[0][0], box[1][0], box[0][1], box[1][1]), fill=fill)
     return img
 
 

@@ -8,4 +8,7 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 export KERAS_BACKEND=${KERAS_BACKEND:-tensorflow} TF_CPP_MIN_LOG_LEVEL=3
+# the lint gate first: style (ruff) and types (mypy, config in pyproject.toml) fail the run like a test
+.venv/bin/ruff check pnsfw tests scripts
+.venv/bin/mypy pnsfw
 exec .venv/bin/python -m pytest -q "$@"

@@ -100,7 +100,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 @pytest.fixture(scope="session")
 def api_server(tmp_path_factory: pytest.TempPathFactory, labelled_store: Path, tiny_checkpoint: Path):
-    """A real token-guarded `pnsfw serve` process over a copy of labelled_store with a trained model (tests/api_server.py)."""
+    """A real token-guarded `pnsfw serve` process over a copy of labelled_store with a trained model
+    (tests/api_server.py)."""
     from api_server import prepare_store, start_server
 
     root = tmp_path_factory.mktemp("api")

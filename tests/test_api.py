@@ -259,8 +259,10 @@ def test_concurrent_burst_is_batched_and_never_5xx(api_server: Server) -> None:
             codes = list(pool.map(upload, files))
         after = client.get("/metrics").text
     assert codes == [200] * 50
-    items = metric(after, "pnsfw_batch_size_sum", stage="encode") - metric(before, "pnsfw_batch_size_sum", stage="encode")
-    batches = metric(after, "pnsfw_batch_size_count", stage="encode") - metric(before, "pnsfw_batch_size_count", stage="encode")
+    def grown(name: str) -> float:
+        return metric(after, name, stage="encode") - metric(before, name, stage="encode")
+
+    items, batches = grown("pnsfw_batch_size_sum"), grown("pnsfw_batch_size_count")
     assert items == 50 and batches < 50, (items, batches)  # several uploads shared a forward pass
     assert metric(after, "pnsfw_batch_size_bucket", stage="encode", le="1") < metric(
         after, "pnsfw_batch_size_count", stage="encode")
@@ -361,7 +363,8 @@ def test_one_verdict_shape_on_every_route_and_command(api_server: Server) -> Non
     vector = stored(api_server)[2][0].tolist()
     with api_server.client() as client:
         found = {"/v1/score": client.post("/v1/score", json={"embedding": vector}).json(),
-                 "/v1/score upload": client.post("/v1/score", files={"image": ("a.jpg", Path(uri).read_bytes())}).json(),
+                 "/v1/score upload": client.post("/v1/score",
+                                                 files={"image": ("a.jpg", Path(uri).read_bytes())}).json(),
                  "/v1/search": client.post("/v1/search", json={"id": item_id, "k": 2}).json()["verdict"],
                  "/v1/explain": client.post("/v1/explain", json={"id": item_id, "k": 2}).json()["verdict"],
                  "/v1/items": client.get(f"/v1/items/{item_id}").json()["verdict"]}

@@ -298,7 +298,8 @@ def test_predict_images_and_npy(trained: Path, tmp_path: Path, labelled_store: P
     result = run_cli("predict", image, tmp_path / "v.npy", tmp_path / "broken.jpg", "--store", trained,
                      "--device", "cpu", "--json")
     rows = json.loads(result.stdout)
-    assert [r["path"] for r in rows] == [image, *(f"{tmp_path / 'v.npy'}[{i}]" for i in range(3)), str(tmp_path / "broken.jpg")]
+    npy_rows = [f"{tmp_path / 'v.npy'}[{i}]" for i in range(3)]
+    assert [r["path"] for r in rows] == [image, *npy_rows, str(tmp_path / "broken.jpg")]
     clf = load_classifier(store, "default")
     expected = clf.p_nsfw(vectors[:3])
     verdicts = [r["verdict"] for r in rows[:4]]

@@ -165,7 +165,7 @@ def _wait_for_shards(store: Path, count: int, proc: subprocess.Popen) -> None:
         try:
             if len(Store(store).shards) >= count:
                 return
-        except Exception:  # noqa: BLE001 - the store is being created
+        except Exception:
             pass
         time.sleep(0.02)
 

@@ -109,7 +109,7 @@ def test_pca_and_file_projections_round_trip(tmp_path):
     assert loaded.fingerprint == pca.fingerprint
     with pytest.raises(BadInput, match="width"):
         make_projection(str(tmp_path / "p.npy"), 768)
-    with pytest.raises(BadInput, match="random, pca, none or a .npy"):
+    with pytest.raises(BadInput, match=r"random, pca, none or a \.npy"):
         make_projection("nonsense", 512)
     assert Projection.from_array(random_projection(512).packed(), "file").width == 512
 

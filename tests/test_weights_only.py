@@ -104,7 +104,8 @@ def test_wrong_arguments_fail_before_heavy_imports(model_store: Path, tmp_path: 
     for command, message in cases:
         done, imported = pnsfw(*command, ok=False)
         usage = message.startswith("Invalid value")  # click's own checks: exit 2
-        assert done.returncode == (2 if usage else 1) and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert done.returncode == (2 if usage else 1), done.stderr
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert not set(HEAVY) & imported, (command, imported)
 
 

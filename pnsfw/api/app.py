@@ -22,7 +22,7 @@ from .guards import BodyLimit, MetricsMiddleware, TokenGuard
 from .schemas import ErrorResponse
 
 STATIC = Path(__file__).parent / "static"
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 415, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 415, 422)}
 
 
 def create_app(store: "Store | str | Path", model: str | None = None, settings: Settings | None = None) -> FastAPI:

@@ -171,7 +171,7 @@ def model_summaries(engine: Engine) -> dict[str, Any]:
     from ..classifier.model import list_models, load_classifier
 
     engine.store.refresh()
-    models = []
+    models: list[dict[str, Any]] = []
     for name in list_models(engine.store):
         try:
             meta = load_classifier(engine.store, name, check_space=False).meta

@@ -88,8 +88,9 @@ def _numpy_run(clf: Classifier) -> Callable[[np.ndarray], np.ndarray]:
 def _torch_steps(clf: Classifier, device: Any, dtype: Any) -> list[tuple[Any, Any, Callable[[Any], Any]]]:
     import torch
 
-    acts = {"tanh": torch.tanh, "gelu": torch.nn.functional.gelu, "sigmoid": torch.sigmoid,
-            "softmax": lambda h: torch.softmax(h, dim=1), "linear": lambda h: h, "relu": torch.relu}
+    acts: dict[str, Callable[[Any], Any]] = {
+        "tanh": torch.tanh, "gelu": torch.nn.functional.gelu, "sigmoid": torch.sigmoid,
+        "softmax": lambda h: torch.softmax(h, dim=1), "linear": lambda h: h, "relu": torch.relu}
     assert set(acts) == set(ACTIVATIONS)
     return [(torch.from_numpy(s.weight).to(device, dtype), torch.from_numpy(s.bias).to(device, dtype),
              acts[s.activation]) for s in clf.steps]

@@ -26,8 +26,10 @@ def _gelu_nodes(h: str, out: str, i: int) -> list[Any]:
     """0.5 * x * (1 + erf(x / sqrt 2)): Keras' exact gelu (ONNX's Gelu op needs opset 20)."""
     from onnx import helper
 
-    return [helper.make_node("Mul", [h, "inv_sqrt2"], [f"g{i}_s"]), helper.make_node("Erf", [f"g{i}_s"], [f"g{i}_e"]),
-            helper.make_node("Add", [f"g{i}_e", "one"], [f"g{i}_a"]), helper.make_node("Mul", [h, f"g{i}_a"], [f"g{i}_m"]),
+    return [helper.make_node("Mul", [h, "inv_sqrt2"], [f"g{i}_s"]),
+            helper.make_node("Erf", [f"g{i}_s"], [f"g{i}_e"]),
+            helper.make_node("Add", [f"g{i}_e", "one"], [f"g{i}_a"]),
+            helper.make_node("Mul", [h, f"g{i}_a"], [f"g{i}_m"]),
             helper.make_node("Mul", [f"g{i}_m", "half"], [out])]
 
 
@@ -52,7 +54,8 @@ def _p_nsfw_nodes(clf: Classifier) -> tuple[list[Any], list[Any]]:
     mask = np.array([[1.0 if c in clf.nsfw_classes else 0.0] for c in clf.classes], np.float32)
     nodes = [helper.make_node("MatMul", ["probabilities", "nsfw_mask"], ["p_nsfw_2d"]),
              helper.make_node("Squeeze", ["p_nsfw_2d", "axis1"], ["p_nsfw"])]
-    return nodes, [numpy_helper.from_array(mask, "nsfw_mask"), numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    return nodes, [numpy_helper.from_array(mask, "nsfw_mask"),
+                   numpy_helper.from_array(np.array([1], np.int64), "axis1")]
 
 
 def _probability_nodes(clf: Classifier, last: str) -> list[Any]:
@@ -62,7 +65,8 @@ def _probability_nodes(clf: Classifier, last: str) -> list[Any]:
     if not clf.binary:
         return [helper.make_node("Identity", [last], ["probabilities"])]
     inputs = ["neg", last] if clf.classes.index(clf.nsfw_classes[0]) == 1 else [last, "neg"]
-    return [helper.make_node("Sub", ["one", last], ["neg"]), helper.make_node("Concat", inputs, ["probabilities"], axis=1)]
+    return [helper.make_node("Sub", ["one", last], ["neg"]),
+            helper.make_node("Concat", inputs, ["probabilities"], axis=1)]
 
 
 def _normalize_nodes(x: str, out: str) -> list[Any]:
@@ -94,7 +98,8 @@ def build_onnx(clf: Classifier, projection: "Projection | None" = None) -> Any:
 
     consts = {"one": 1.0, "half": 0.5, "inv_sqrt2": float(1 / np.sqrt(2)), "eps": 1e-12}
     init = [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in consts.items()]
-    nodes, h, width = [], "embedding", clf.dim
+    nodes: list[Any] = []
+    h, width = "embedding", clf.dim
     if projection is not None:
         nodes, extra = _projection_nodes(projection)
         init, h, width = init + extra, "projected", projection.width
@@ -111,7 +116,8 @@ def build_onnx(clf: Classifier, projection: "Projection | None" = None) -> Any:
         nodes, f"pnsfw_{clf.name}",
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", width])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(clf.classes)]),
-         helper.make_tensor_value_info("p_nsfw", TensorProto.FLOAT, ["N"])], [t for t in init + extra_init if t.name in used])
+         helper.make_tensor_value_info("p_nsfw", TensorProto.FLOAT, ["N"])],
+        [t for t in init + extra_init if t.name in used])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="pnsfw",
                               ir_version=IR_VERSION)
     meta = {"classes": clf.classes, "nsfw_classes": clf.nsfw_classes, "threshold": clf.threshold,

@@ -4,6 +4,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -90,6 +91,7 @@ def _from_file(store: Store, path: Path) -> LabelSet:
     keys = table.column("id" if "id" in table.column_names else "uri").to_pylist()
     values = [None if v is None else str(v) for v in table.column("label").to_pylist()]
     stored = store.table(["id", "uri"])
+    candidates: list[list[Any]]
     if "id" in table.column_names:
         lookup = {int(i): int(i) for i in stored.column("id").to_pylist()}
         candidates = [[int(k)] if k is not None else [] for k in keys]

@@ -31,8 +31,9 @@ def model_paths(store: "Store | Path", name: str) -> dict[str, Path]:
     (weights: what scoring reads; keras: what training saved)."""
     folder = store if isinstance(store, Path) else artifacts.model_folder(store, name)
     if folder is None:
-        available = ", ".join(list_models(store)) or "none; run `pnsfw train` first"  # type: ignore[arg-type]
-        raise ModelNotFound(f"no model {name!r} in store {store.root} (available: {available})")  # type: ignore[union-attr]
+        assert not isinstance(store, Path)
+        available = ", ".join(list_models(store)) or "none; run `pnsfw train` first"
+        raise ModelNotFound(f"no model {name!r} in store {store.root} (available: {available})")
     return {"weights": folder / f"{name}.weights.npz", "keras": folder / f"{name}.keras",
             "meta": folder / f"{name}.json", "labels": folder / f"{name}.labels.parquet",
             "plots": folder / f"{name}.plots", "logs": folder / f"{name}.logs", "onnx": folder / f"{name}.onnx"}

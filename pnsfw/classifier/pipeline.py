@@ -26,7 +26,7 @@ from .engines import Engine, Waiter
 PROGRESS_EVERY_S = 0.5
 PROGRESS_EVERY_PARTS = 64
 
-ReadShard = Callable[[Path], tuple[np.ndarray, Any]]  # ids, rows for Engine.prepare
+ReadShard = Callable[[Any], tuple[np.ndarray, Any]]  # a shard (record or path) ->  # ids, rows for Engine.prepare
 WritePart = Callable[[str, np.ndarray, np.ndarray], None]
 CommitParts = Callable[[list[tuple[str, int]]], None]
 

@@ -110,8 +110,9 @@ def _commit_parts(scores: artifacts.Scores, fresh: ScoreState, sha256: dict[str,
             return base
 
         scores.commit(change)
-        for _, rows in parts if on_shard is not None else ():
-            on_shard(rows)
+        if on_shard is not None:
+            for _, rows in parts:
+                on_shard(rows)
 
     return commit
 

@@ -137,7 +137,8 @@ def _save_labels(path: Path, labelled: LabelledData, split: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"id": pa.array(labelled.ids, pa.int64()), "label": pa.array(labelled.labels.tolist(), pa.string()),
+    table = pa.table({"id": pa.array(labelled.ids, pa.int64()),
+                      "label": pa.array(labelled.labels.tolist(), pa.string()),
                       "split": pa.array(split.tolist(), pa.string())})
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 

@@ -63,7 +63,7 @@ def save_weights(path: Path, layers: list[Layer]) -> None:
         architecture.append({k: v for k, v in layer.items() if k not in names})
     arrays["architecture"] = np.array(json.dumps({"format": FORMAT, "layers": architecture}))
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
     atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 

@@ -111,10 +111,10 @@ def _resize_crop(img: Image.Image, size: int) -> Image.Image:
     new_w, new_h = resized_size(width, height, size)
     left, top, right, bottom = center_box(new_w, new_h, size)
     if max(width, height) / min(width, height) <= MAX_ASPECT:
-        return img.resize((new_w, new_h), Image.BICUBIC).crop((left, top, right, bottom))
+        return img.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((left, top, right, bottom))
     scale_x, scale_y = width / new_w, height / new_h
     box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
-    return img.resize((size, size), Image.BICUBIC, box=box)
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
 
 
 def _display_size(img: Image.Image) -> tuple[int, int]:

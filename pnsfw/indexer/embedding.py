@@ -44,7 +44,9 @@ class EmbeddingService:
         """Encoded images -> (vectors (n, dim) float32 with NaN rows where decoding failed, errors: None if ok)."""
         from .decode import DecodeFailure, decode
 
-        ok, pixels, errors = [], [], []
+        ok: list[int] = []
+        pixels: list[np.ndarray] = []
+        errors: list[str | None] = []
         for i, data in enumerate(images):
             try:
                 pixels.append(decode(data, self.encoder.resolution).pixels)

@@ -72,7 +72,7 @@ def _connection(base: type, deadline: _Deadline) -> Any:
             connect()
             deadline.watch(connection.sock)
 
-        connection.connect = bounded_connect  # type: ignore[method-assign]
+        connection.connect = bounded_connect
         return connection
 
     return make
@@ -93,7 +93,7 @@ class _HTTPS(urllib.request.HTTPSHandler):
         self.deadline = deadline
 
     def https_open(self, req: Any) -> Any:
-        return self.do_open(_connection(http.client.HTTPSConnection, self.deadline), req, context=self._context)
+        return self.do_open(_connection(http.client.HTTPSConnection, self.deadline), req, context=self._context)  # type: ignore[attr-defined]
 
 
 def _body(response: Any, max_bytes: int, deadline: _Deadline) -> bytes:

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,8 @@ class NewItems:
 
     `on_first` runs when the first new item is found (the runner starts loading the model then)."""
 
-    def __init__(self, entries: Iterator[Item], known: Callable[[str], bool], on_first: Callable[[], None]):
+    def __init__(self, entries: Iterator[Item], known: Callable[[str], bool],
+                 on_first: Callable[[], None] | None):
         self.entries, self.known, self.on_first = entries, known, on_first
         self.present = 0
 
@@ -143,7 +145,7 @@ def check_projection_option(writer: StoreWriter, spec: str | None) -> None:
     if not spec or not writer.store.projection_info:
         return
     current = writer.store.projection()
-    same_file = os.path.isfile(spec) and Projection.load(spec).fingerprint == current.fingerprint
+    same_file = os.path.isfile(spec) and Projection.load(Path(spec)).fingerprint == current.fingerprint
     if spec != current.kind and not same_file:
         raise BadInput(f"store {writer.store.root} already uses a {current.kind} projection; "
                        f"drop --projection or use another --store")
@@ -196,7 +198,7 @@ def _pil_stage(items: Iterable[Item], options: IndexOptions, encoder: Encoder, p
                              timeout=options.timeout, max_download=options.max_download)
     stream = decoded_stream(items, work, pool, chunk=16, depth=4 * getattr(pool, "workers", 1))
     for rows in _batches(stream, batch, on_error):
-        yield rows, encoder.encode_pixels(np.stack([r.pixels for r in rows]))
+        yield rows, encoder.encode_pixels(np.stack([r.pixels for r in rows]))  # type: ignore[misc]
 
 
 def _tensor_stage(*args: Any) -> Iterator[tuple[list[Result], np.ndarray]]:
@@ -290,7 +292,8 @@ class _Startup:
     listing a large collection and loading CLIP (imports, checkpoint, CUDA) each take seconds."""
 
     def __init__(self, options: IndexOptions, encoder: Encoder | None):
-        self.options, self.encoder, self.pool = options, encoder, None
+        self.options, self.encoder = options, encoder
+        self.pool: Any = None
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
 
@@ -308,6 +311,7 @@ class _Startup:
 
     def _load(self) -> None:
         try:
+            assert self.options.model is not None  # resolved (given or the store's) before the run starts
             self.encoder = load_encoder(self.options.model, self.options.device, self.options.precision)
         except BaseException as exc:  # re-raised by the caller's thread in get()
             self._error = exc

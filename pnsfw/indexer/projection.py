@@ -3,6 +3,7 @@ CLIP width), or a file."""
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def make_projection(spec: str, width: int, sample: np.ndarray | None = None, see
         return makers[spec]()
     if not os.path.isfile(spec):
         raise BadInput(f"--projection must be random, pca, none or a .npy file; {spec!r} is none of these")
-    projection = Projection.load(spec, "file")
+    projection = Projection.load(Path(spec), "file")
     if projection.width != width:
         raise BadInput(f"projection {spec} maps width {projection.width}, but the model's embeddings have "
                        f"width {width}")

@@ -143,7 +143,9 @@ def _tar_members(path: Path) -> Iterator[Item]:
     """Members grouped by key (consecutive, as webdataset groups them); sidecars are metadata, not items."""
     try:
         with tarfile.open(path) as tar:
-            key, members, sidecars = None, [], {}
+            key: str | None = None
+            members: list[tarfile.TarInfo] = []
+            sidecars: dict[str, str] = {}
             for member in tar:
                 if not member.isfile() or os.path.basename(member.name).startswith("."):
                     continue

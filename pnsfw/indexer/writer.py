@@ -77,6 +77,7 @@ class ShardWriter:
         self.on_commit(count, 0 if errors is None else errors.num_rows)
 
     def _table(self, rows: list[Result], features: np.ndarray) -> pa.Table:
+        assert self.projection is not None  # fitted by commit() before the first table
         vectors = self.projection.apply(features).astype(np.float16)
         columns = {
             "id": pa.array(self.store.next_ids(len(rows))),

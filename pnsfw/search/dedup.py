@@ -87,7 +87,7 @@ def exact_cpu_pairs(vectors: np.ndarray, threshold: float, **_: Any) -> Pairs:
     index.add(vectors)
     for start in range(0, len(vectors), QUERY_BATCH):
         lims, sims, found = index.range_search(vectors[start:start + QUERY_BATCH], threshold)
-        rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)))
+        rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)).astype(np.int64))
         keep = found > rows
         yield rows[keep], found[keep], sims[keep]
 
@@ -216,7 +216,7 @@ TABLES = (".parquet", ".pq", ".csv", ".jsonl")  # a uri list (.txt) would lose t
 COLUMNS = ["group", "id", "uri", "keep", "keeper", "keeper_similarity", "nearest", "similarity"]
 
 
-def duplicates_table(store: Store, found: Duplicates, vectors: np.ndarray) -> Any:
+def duplicates_table(store: Store, found: Duplicates, vectors: "np.ndarray | None") -> Any:
     """One row per image in a group (COLUMNS), sorted by group, then keeper first, then id."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -226,6 +226,7 @@ def duplicates_table(store: Store, found: Duplicates, vectors: np.ndarray) -> An
     width, height = (pc.fill_null(table.column(c), 0).to_numpy().astype(np.int64) for c in ("width", "height"))
     keeper = keepers(found.groups, ids, width * height)
     rows = np.flatnonzero(found.groups >= 0)
+    vectors = np.zeros((len(ids), 1), np.float32) if vectors is None else vectors  # an empty store
     rows = rows[np.lexsort((ids[rows], keeper[rows] != rows, found.groups[rows]))]
     mine, theirs = vectors[rows].astype(np.float32), vectors[keeper[rows]].astype(np.float32)
     return pa.table({"group": found.groups[rows], "id": ids[rows], "uri": table.column("uri").take(rows),

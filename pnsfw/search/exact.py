@@ -271,6 +271,7 @@ class TorchExact:
 
         n = len(queries)
         size = next(b for b in GRAPH_BATCHES if b >= n)
+        assert self.graphs is not None
         if (size, k) not in self.graphs:
             try:
                 self.graphs[(size, k)] = self._capture(size, k)
@@ -279,6 +280,7 @@ class TorchExact:
                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 self.graphs = None
                 return None
+        assert self.graphs is not None
         static_q, (sims, rows), graph = self.graphs[(size, k)]
         static_q[:n].copy_(torch.from_numpy(queries))
         graph.replay()

@@ -15,6 +15,7 @@ def _labelled_index(searcher: Searcher) -> tuple[Any, np.ndarray, list[str]]:
     import faiss
 
     if "labelled" not in searcher.cache:
+        assert searcher.scorer is not None
         ids, labels = searcher.scorer.labelled_examples()
         rows = searcher.rows_of(ids)
         known = rows >= 0  # rows of a store the model was not trained on are left out
@@ -26,6 +27,7 @@ def _labelled_index(searcher: Searcher) -> tuple[Any, np.ndarray, list[str]]:
 
 def verdict(searcher: Searcher, vector: np.ndarray) -> dict[str, Any]:
     """The classifier's verdict (its one shape) for one vector."""
+    assert searcher.scorer is not None
     return searcher.scorer.verdicts(vector[None, :])[0]
 
 
@@ -42,6 +44,7 @@ def explain_vector(searcher: Searcher, vector: np.ndarray, k: int, exclude_id: "
     rows = searcher.rows_of(ids[[p for p, _ in chosen]])
     uris = searcher.table.column("uri").take(rows).to_pylist() if len(rows) else []
     scores = searcher.p_nsfw_of_rows(rows)
+    assert scores is not None
     nsfw_classes = set(searcher.scorer.nsfw_classes)
     neighbours = [{"id": int(ids[p]), "uri": uri, "label": labels[p], "similarity": s, "p_nsfw": float(score),
                    "agrees": (labels[p] in nsfw_classes) == result["nsfw"]}

@@ -142,7 +142,7 @@ def set_search_params(index: Any, params: str) -> None:
     import faiss
 
     if params:
-        faiss.ParameterSpace().set_index_parameters(index, params)
+        faiss.ParameterSpace().set_index_parameters(index, params)  # type: ignore[arg-type]
 
 
 def _sample(store: Store, count: int, seed: int = 0) -> np.ndarray:
@@ -265,9 +265,9 @@ def update_index(store: Store) -> dict[str, Any]:
     meta = read_meta(store)
     names = [s.name for s in store.shards]
     if _needs_rebuild(store, meta, names):
-        keep = meta is not None and meta.get("space") == store.space
-        return build_index(store, meta.get("spec", "auto") if keep else "auto",
-                           meta.get("max_memory") if keep else None)
+        if meta is None or meta.get("space") != store.space:
+            return build_index(store, "auto", None)
+        return build_index(store, meta.get("spec", "auto"), meta.get("max_memory"))
     base = store.manifest.index
     index, meta = load_index(store)
     todo = [n for n in names if n not in set(meta["shards"])]

@@ -229,7 +229,9 @@ class Searcher:
         row = self._row(item_id)
         item = self.table.slice(row, 1).to_pylist()[0]
         if self.scorer is not None:
-            item["p_nsfw"] = float(self.p_nsfw_of_rows(np.array([row]))[0])
+            scores = self.p_nsfw_of_rows(np.array([row]))
+            assert scores is not None
+            item["p_nsfw"] = float(scores[0])
             item["label"] = self.labels.get(int(item_id))
         return item
 

@@ -17,7 +17,7 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], sync_dir: bool = True) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object], sync_dir: bool = True) -> None:
     """Call write(tmp_path), then make the file appear at path in one rename. sync_dir=False leaves
     fsyncing the folder (making the rename durable) to the caller, once for many files."""
     path = Path(path)

@@ -16,7 +16,7 @@ _BASELINE = {0xC0, 0xC1}  # what its hardware engines decode
 _OTHER_SOF = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _exif_orientation(data: bytes, start: int, end: int) -> int:
+def _exif_orientation(data: bytes | bytearray, start: int, end: int) -> int:
     """Orientation tag (0x0112) of a TIFF block inside APP1, or 1."""
     order = {b"II": "<", b"MM": ">"}.get(bytes(data[start:start + 2]))
     if order is None or start + 8 > end:
@@ -37,7 +37,7 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return header[:2] if header else None
 
 
-def jpeg_header(data: bytes) -> tuple[int, int, bool] | None:
+def jpeg_header(data: bytes | bytearray) -> tuple[int, int, bool] | None:
     """(width, height, whether nvJPEG's hardware engines take it: baseline, 3 components) of a JPEG the
     device decoder handles as the CPU path would, else None."""
     if data[:3] != b"\xff\xd8\xff" or data.rfind(b"\xff\xd9", max(0, len(data) - 64)) < 0:
@@ -97,7 +97,7 @@ def read_probe(item: Item, max_pixels: int) -> tuple[bytearray | None, tuple[int
     return (buf, header) if header and device_ok(header[:2], max_pixels) else (None, None)
 
 
-def probe_row(item: Item, buf: bytes, header: tuple[int, int, bool]) -> Result:
+def probe_row(item: Item, buf: bytes | bytearray, header: tuple[int, int, bool]) -> Result:
     """The row of a file the device decodes (its pixels stay on the device)."""
     return Result(item, None, hashlib.sha256(buf).hexdigest(), header[0], header[1])
 

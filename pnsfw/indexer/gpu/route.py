@@ -17,7 +17,7 @@ READ_CHUNK = 32  # items per read-hash-probe task of the worker processes
 
 
 class Unit(NamedTuple):
-    index: int
+    index: int  # type: ignore[assignment]
     items: list[Item]
 
 

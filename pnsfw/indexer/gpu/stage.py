@@ -30,7 +30,7 @@ GIL_SWITCH_S = 5e-5
 
 
 class UnitResult(NamedTuple):
-    index: int
+    index: int  # type: ignore[assignment]
     rows: list[Result]
     features: np.ndarray  # float32 (len(rows), width)
     errors: list[Result]
@@ -100,14 +100,16 @@ def _join(decoded: Decoded, device: str, size: int) -> tuple[list[Result], list[
     import torch
 
     prepared = decoded.prepared
-    rows, parts, errors, cpu_rows = list(prepared.rows), [], [], []
+    rows, parts = list(prepared.rows), []
+    errors: list[Result] = []
+    cpu_rows: list[Result] = []
     if decoded.pixels is not None:
         parts.append(device_pixels(decoded, device, size))
     for future in prepared.fallback:
         for result in future.get():
             (errors if result.pixels is None else cpu_rows).append(result)
     if cpu_rows:
-        host = torch.from_numpy(np.stack([r.pixels for r in cpu_rows]))
+        host = torch.from_numpy(np.stack([r.pixels for r in cpu_rows]))  # type: ignore[misc]
         host = host.pin_memory() if device.startswith("cuda") else host
         parts.append(host.to(device, non_blocking=True).permute(0, 3, 1, 2))
         rows += [r._replace(pixels=None) for r in cpu_rows]

@@ -11,7 +11,7 @@ import multiprocessing
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..encoder import load_encoder
@@ -88,7 +88,7 @@ class DeviceWorkers:
         for process in self.processes:
             process.start()
 
-    def run(self, items: list[Item], stats: Stats) -> Iterator[UnitResult]:
+    def run(self, items: Iterable[Item], stats: Stats) -> Iterator[UnitResult]:
         feeder = threading.Thread(target=_feed, args=(units(items, self.batch), self.jobs, len(self.processes)),
                                   daemon=True)
         feeder.start()
