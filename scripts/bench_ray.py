@@ -8,6 +8,7 @@ figures (the cluster is up before the runs; a new local Ray adds its start-up on
 same for `pnsfw score` on a synthetic store when `--score-rows` > 0 and the CLI has `score --ray`.
 
     .venv/bin/python scripts/bench_ray.py --thumbs 2000 --runs 2 --out docs/bench_ray.json
+    .venv/bin/python scripts/bench_ray.py --thumbs 0 --score-rows 5000000 --out docs/bench_ray_score.json
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(SCRIPTS.parent / "tests"))
 
 from bench_index import cpu_info, ensure_checkpoint, ensure_corpus  # noqa: E402
+from bench_score import make_store, train_fit  # noqa: E402
 from ray_cluster import start_cluster  # noqa: E402
 
 
@@ -66,6 +68,35 @@ def bench_index(args: argparse.Namespace, address: str, work: Path) -> dict[str,
     return result
 
 
+def score_once(store: Path, model: str, extra: list[str]) -> dict[str, Any]:
+    """`pnsfw score` of a model that has no scores yet (each run gets its own model: a full rescore)."""
+    command = [sys.executable, "-m", "pnsfw.cli", "score", "--store", str(store), "--model", model, *extra]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0 or not done.stdout.startswith("scored "):
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    scored = int(done.stdout.split()[1].replace(",", ""))
+    return {"e2e_s": wall, "vectors": scored, "e2e_vec_s": scored / wall}
+
+
+def bench_score(args: argparse.Namespace, address: str, work: Path) -> dict[str, Any]:
+    """The same store scored by fresh models, locally and on Ray, interleaved."""
+    store = make_store(work / "score-store", args.score_rows, args.shard_rows)
+    train = argparse.Namespace(units=256, layers=1, activation="tanh")
+    local, ray = [], []
+    for run in range(args.runs):
+        for path, extra, runs in (("local", [], local), ("ray", ["--ray", address], ray)):
+            name = f"bench-{path}-{run}"
+            train_fit(store, train, name)
+            runs.append(score_once(Path(store.root), name, extra))
+    figures = {path: {"runs": runs, "e2e_vec_s": statistics.median(r["e2e_vec_s"] for r in runs)}
+               for path, runs in (("local", local), ("ray", ray))}
+    shutil.rmtree(work / "score-store", ignore_errors=True)
+    return {"rows": args.score_rows, "shard_rows": args.shard_rows, **figures,
+            "overhead_e2e_vec_s": 1 - figures["ray"]["e2e_vec_s"] / figures["local"]["e2e_vec_s"]}
+
+
 def print_table(result: dict[str, Any]) -> None:
     print(f"{'path':<8} {'e2e img/s':>10} {'steady img/s':>13}")
     for path in ("local", "ray"):
@@ -74,12 +105,21 @@ def print_table(result: dict[str, Any]) -> None:
           "(target <= 15 %)")
 
 
+def print_score_table(result: dict[str, Any]) -> None:
+    print(f"{'score':<8} {'e2e vectors/s':>14}   ({result['rows']:,} vectors, whole processes)")
+    for path in ("local", "ray"):
+        print(f"{path:<8} {result[path]['e2e_vec_s']:14,.0f}")
+    print(f"Ray overhead (score): e2e {result['overhead_e2e_vec_s']:+.1%} (target <= 15 %)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--thumbs", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pnsfw-bench"))
+    parser.add_argument("--score-rows", type=int, default=0, help="also compare `score` on a store of N vectors")
+    parser.add_argument("--shard-rows", type=int, default=100_000)
     parser.add_argument("--ray-extra", default="", help="extra options of the --ray runs (e.g. '--actors 2')")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -88,10 +128,15 @@ def main() -> None:
         clusters = start_cluster(Path(tmp))
         cluster = next(clusters)
         try:
-            result = {"index": bench_index(args, cluster.address, Path(tmp))}
+            result = {"index": bench_index(args, cluster.address, Path(tmp))} if args.thumbs else {}
+            if args.score_rows:
+                result["score"] = bench_score(args, cluster.address, Path(tmp))
         finally:
             clusters.close()
-    print_table(result["index"])
+    if "index" in result:
+        print_table(result["index"])
+    if "score" in result:
+        print_score_table(result["score"])
     if args.out:
         import ray
 

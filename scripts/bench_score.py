@@ -93,7 +93,7 @@ def train_real(store: Store, args: argparse.Namespace) -> None:
                                                          layers=args.layers, activation=args.activation))
 
 
-def train_fit(store: Store, args: argparse.Namespace) -> None:
+def train_fit(store: Store, args: argparse.Namespace, name: str = "bench") -> None:
     """Keras fit on the current backend and save: no metrics, so no scikit-learn or matplotlib."""
     from pnsfw.classifier.keras_io import keras_layers
     from pnsfw.classifier.model import model_paths
@@ -104,13 +104,13 @@ def train_fit(store: Store, args: argparse.Namespace) -> None:
     ids, labels = _random_labels(store)
     x = np.concatenate([v for _, v in store.iter_vectors(store.shards[:1])])[:len(ids)].astype(np.float32)
     y = (labels == "nsfw").astype(np.float32)[:, None]
-    options = TrainOptions(name="bench", epochs=2, units=args.units, layers=args.layers, activation=args.activation)
+    options = TrainOptions(name=name, epochs=2, units=args.units, layers=args.layers, activation=args.activation)
     model, _ = fit({"train": (x, y), "val": (x[:512], y[:512])}, 1, options.hyper(), options)
-    staged = ModelStage(store, "bench")
-    paths = model_paths(staged.folder, "bench")
+    staged = ModelStage(store, name)
+    paths = model_paths(staged.folder, name)
     model.save(paths["keras"])
     save_weights(paths["weights"], keras_layers(model))
-    meta = {"name": "bench", "classes": ["nsfw", "sfw"], "nsfw_classes": ["nsfw"], "threshold": 0.5,
+    meta = {"name": name, "classes": ["nsfw", "sfw"], "nsfw_classes": ["nsfw"], "threshold": 0.5,
             "space": store.space, "dim": store.dim}
     paths["meta"].write_text(json.dumps(meta))
     staged.commit()
