@@ -217,3 +217,17 @@ def test_checkpoint_loads_as_clip_load_does(tmp_path, tiny_checkpoint):
     (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ModelNotFound, match="cannot load CLIP checkpoint"):
         _load_clip(str(tmp_path / "broken.pt"))
+
+
+def test_a_described_encoder_is_the_loaded_one_without_weights(tmp_path, tiny_checkpoint):
+    """The Ray driver's encoder: the same record for the store, no weight read (every parameter on meta)."""
+    from pnsfw.errors import ModelNotFound
+    from pnsfw.indexer.encoder import describe_encoder, load_encoder
+
+    described, loaded = describe_encoder(str(tiny_checkpoint)), load_encoder(str(tiny_checkpoint), "cpu")
+    assert described.describe() == loaded.describe()
+    assert all(p.is_meta for p in described.model.parameters())
+    assert not any(p.is_meta for p in loaded.model.parameters())
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ModelNotFound, match="cannot load CLIP checkpoint"):
+        describe_encoder(str(tmp_path / "broken.pt"))

@@ -48,18 +48,25 @@ def index_with_ray(sources: list[str], store: str, options: IndexOptions, on_ray
     cluster = connect(on_ray.address)
     # the driver only lists, describes the encoder and commits: no decode workers, no GPU of its own
     driver = replace(options, workers=-1, device="cpu", precision="fp32")
-    stage = _stage(cluster, options, on_ray)
+    stage = _RayStage(cluster, options, on_ray)
     return run_index(sources, store, driver, finish=finish, stage=stage)
 
 
-def _stage(cluster: RayCluster, options: IndexOptions, on_ray: RayOptions) -> Callable[..., Iterator[Any]]:
-    def stage(items: Iterable[Item], _options: IndexOptions, encoder: Encoder, _pool: Any,
-              on_error: Callable[[Result], None], batch: int) -> Iterator[tuple[list[Result], np.ndarray]]:
-        for window in _windows(items, on_ray.unit_size or batch, WINDOW_UNITS):
-            rows = _dataset(window, cluster, options, on_ray, encoder).iter_rows()
-            yield from _ordered(rows, window, encoder.width, on_error)
+@dataclass(frozen=True)
+class _RayStage:
+    """The reader/encoder stage of run_index on Ray: the actors load the weights, so the driver's encoder is
+    only described (`needs_weights`): its seconds of model build are not spent before the actors start."""
 
-    return stage
+    cluster: RayCluster
+    options: IndexOptions
+    on_ray: RayOptions
+    needs_weights: bool = False
+
+    def __call__(self, items: Iterable[Item], _options: IndexOptions, encoder: Encoder, _pool: Any,
+                 on_error: Callable[[Result], None], batch: int) -> Iterator[tuple[list[Result], np.ndarray]]:
+        for window in _windows(items, self.on_ray.unit_size or batch, WINDOW_UNITS):
+            rows = _dataset(window, self.cluster, self.options, self.on_ray, encoder).iter_rows()
+            yield from _ordered(rows, window, encoder.width, on_error)
 
 
 def _windows(items: Iterable[Item], size: int, units: int) -> Iterator[list[list[Item]]]:

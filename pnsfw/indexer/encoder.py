@@ -187,6 +187,29 @@ def _load_clip(model: str) -> Any:
         raise ModelNotFound(f"cannot load CLIP checkpoint {path}: {str(exc).splitlines()[0]}") from None
 
 
+def describe_encoder(model: str = "ViT-B/32", device: str = "cpu", precision: str = "fp32") -> "Encoder":
+    """The encoder as a store records it (name, fingerprint, resolution, width), its weights left on disk: the
+    model is built on the meta device from the checkpoint's shapes (a memory-mapped read). For a driver whose
+    workers encode (the Ray runner); `device` is the driver's, but encode_* would fail on meta tensors."""
+    import torch
+
+    mark("torch imported")
+    with ThreadPoolExecutor(1) as hashing:
+        fingerprint = hashing.submit(_fingerprint, model)
+        path = _checkpoint_path(model)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # as in _load_clip
+                state_dict = _state_dict(path)
+                with torch.device("meta"):
+                    built = _clip_model().build_model(dict(state_dict))
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise ModelNotFound(f"cannot load CLIP checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        mark("CLIP checkpoint described")
+        name = os.path.abspath(model) if os.path.isfile(model) else model
+        return Encoder(built, name, fingerprint.result(), device, precision)
+
+
 @dataclass
 class Encoder:
     model: Any

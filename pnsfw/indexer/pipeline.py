@@ -21,7 +21,7 @@ from ..concurrency import ProcessPool, cpu_count
 from ..errors import BadInput, Interrupted, SourceError
 from ..store import Projection, Store, StoreWriter
 from .decode import DEFAULT_MAX_PIXELS
-from .encoder import DEFAULT_MODEL, Encoder, load_encoder, resolve_device
+from .encoder import DEFAULT_MODEL, Encoder, describe_encoder, load_encoder, resolve_device
 from .gpu.options import GpuOptions
 from .projection import make_projection, needs_sample
 from .reader import DEFAULT_MAX_DOWNLOAD, Result, decoded_stream, process_chunk
@@ -291,8 +291,9 @@ class _Startup:
     """Forks the decode workers, then loads the encoder on a thread while the sources are still being listed:
     listing a large collection and loading CLIP (imports, checkpoint, CUDA) each take seconds."""
 
-    def __init__(self, options: IndexOptions, encoder: Encoder | None):
-        self.options, self.encoder = options, encoder
+    def __init__(self, options: IndexOptions, encoder: Encoder | None,
+                 load: Callable[[str, str, str], Encoder] = load_encoder):
+        self.options, self.encoder, self.load = options, encoder, load
         self.pool: Any = None
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
@@ -312,7 +313,7 @@ class _Startup:
     def _load(self) -> None:
         try:
             assert self.options.model is not None  # resolved (given or the store's) before the run starts
-            self.encoder = load_encoder(self.options.model, self.options.device, self.options.precision)
+            self.encoder = self.load(self.options.model, self.options.device, self.options.precision)
         except BaseException as exc:  # re-raised by the caller's thread in get()
             self._error = exc
 
@@ -387,7 +388,8 @@ def _run(writer: StoreWriter, store: Store, entries: Iterator[Item], options: In
     check_projection_option(writer, options.projection)
     mark("store locked")
     options = dataclasses.replace(options, model=store_model(store, options.model))
-    startup = _Startup(options, encoder)
+    # a stage whose workers encode (Ray) needs only the encoder's description on this process
+    startup = _Startup(options, encoder, load_encoder if getattr(stage, "needs_weights", True) else describe_encoder)
     stopped = False
     try:
         items = NewItems(entries, _known(store, options.retry_errors), startup.start)
