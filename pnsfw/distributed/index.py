@@ -1,9 +1,11 @@
 """`pnsfw index --ray`: the reader/encoder stage of a local run, executed on Ray Data.
 
 The driver lists the sources as a local run does, cuts the new items into units in stream order, and
-Ray Data runs CPU decode tasks and embedding actors over them. Rows come back in unit order and go
-through the local run's writer, so ids, rows and error rows equal a local run of the same sources; a
-rerun after a crash skips what was committed, exactly like a local resume.
+Ray Data runs CPU decode tasks over them; each task hands its pixels to one of the run's embedding actors
+(object store to actor, not through the driver). The actors start with the run, so their model load overlaps
+the driver's listing, and they live for the whole run (every window of the stream). Rows come back in unit
+order and go through the local run's writer, so ids, rows and error rows equal a local run of the same
+sources; a rerun after a crash skips what was committed, exactly like a local resume.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..indexer.encoder import Encoder, load_encoder
-from ..indexer.pipeline import IndexOptions, IndexSummary, run_index
+from ..indexer.pipeline import IndexOptions, IndexSummary, run_index, store_model
 from ..indexer.reader import Result, process_chunk
 from ..indexer.sources import Item
 from .cluster import RayCluster, connect
@@ -45,11 +47,39 @@ class RayOptions:
 def index_with_ray(sources: list[str], store: str, options: IndexOptions, on_ray: RayOptions,
                    finish: Callable[[Any], dict[str, Any]] | None = None) -> IndexSummary:
     """Index SOURCEs into STORE with decode and embedding on Ray; the driver commits."""
+    from ..store import Store
+
     cluster = connect(on_ray.address)
+    model = store_model(Store(store), options.model)
     # the driver only lists, describes the encoder and commits: no decode workers, no GPU of its own
-    driver = replace(options, workers=-1, device="cpu", precision="fp32")
-    stage = _RayStage(cluster, options, on_ray)
-    return run_index(sources, store, driver, finish=finish, stage=stage)
+    driver = replace(options, model=model, workers=-1, device="cpu", precision="fp32")
+    actors = _start_embedders(cluster, replace(options, model=model), on_ray)
+    try:
+        return run_index(sources, store, driver, finish=finish, stage=_RayStage(cluster, options, on_ray, actors))
+    finally:
+        _stop(actors)
+
+
+def _start_embedders(cluster: RayCluster, options: IndexOptions, on_ray: RayOptions) -> list[Any]:
+    """The run's embedding actors, one GPU each on a GPU cluster; restarted by Ray if lost, their calls retried."""
+    import ray
+
+    assert options.model is not None
+    gpu = cluster.gpus > 0 and options.device != "cpu"
+    count = cluster.actors(on_ray.actors, options.device)
+    # the actors run in other folders (and on other nodes): a checkpoint path must be absolute
+    model = os.path.abspath(options.model) if os.path.isfile(options.model) else options.model
+    actor = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0, max_restarts=-1,
+                       max_task_retries=-1)(_Embedder)
+    return [actor.remote(model, "cuda" if gpu else "cpu", options.precision if gpu else "auto",
+                         0 if gpu else max(1, cluster.cpus // count)) for _ in range(count)]
+
+
+def _stop(actors: list[Any]) -> None:
+    import ray
+
+    for actor in actors:
+        ray.kill(actor)
 
 
 @dataclass(frozen=True)
@@ -60,12 +90,13 @@ class _RayStage:
     cluster: RayCluster
     options: IndexOptions
     on_ray: RayOptions
+    actors: list[Any]
     needs_weights: bool = False
 
     def __call__(self, items: Iterable[Item], _options: IndexOptions, encoder: Encoder, _pool: Any,
                  on_error: Callable[[Result], None], batch: int) -> Iterator[tuple[list[Result], np.ndarray]]:
         for window in _windows(items, self.on_ray.unit_size or batch, WINDOW_UNITS):
-            rows = _dataset(window, self.cluster, self.options, self.on_ray, encoder).iter_rows()
+            rows = _dataset(window, self.cluster, self.options, self.actors, encoder).iter_rows()
             yield from _ordered(rows, window, encoder.width, on_error)
 
 
@@ -76,57 +107,46 @@ def _windows(items: Iterable[Item], size: int, units: int) -> Iterator[list[list
         yield window
 
 
-def _dataset(units: list[list[Item]], cluster: RayCluster, options: IndexOptions, on_ray: RayOptions,
+def _dataset(units: list[list[Item]], cluster: RayCluster, options: IndexOptions, actors: list[Any],
              encoder: Encoder) -> Any:
     import ray.data
 
-    gpu = cluster.gpus > 0 and options.device != "cpu"
     rows = [{"unit": number, "items": pickle.dumps(unit)} for number, unit in enumerate(units)]
-    decode = functools.partial(_decode_unit, size=encoder.resolution, max_pixels=options.max_pixels,
-                               timeout=options.timeout, max_download=options.max_download)
-    # the actors run in other folders (and on other nodes): a checkpoint path must be absolute
-    model = os.path.abspath(encoder.name) if os.path.isfile(encoder.name) else encoder.name
-    actors = cluster.actors(on_ray.actors, options.device)
-    embed = {"model": model, "device": "cuda" if gpu else "cpu",
-             "precision": options.precision if gpu else "auto", "width": encoder.width,
-             "threads": 0 if gpu else max(1, cluster.cpus // actors)}
-    # decode asks for less than an actor's CPU so Ray Data does not fuse it into the actor: decode tasks run
-    # beside the encoders instead of between their batches
-    return (ray.data.from_items(rows, override_num_blocks=len(rows))
-            .map(decode, num_cpus=DECODE_CPUS)
-            .map_batches(_Embedder, fn_constructor_kwargs=embed, batch_size=1, batch_format="numpy",
-                         concurrency=actors, num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1))
+    work = functools.partial(_embed_unit, size=encoder.resolution, width=encoder.width, actors=actors,
+                             max_pixels=options.max_pixels, timeout=options.timeout,
+                             max_download=options.max_download)
+    # a task waiting on its actor gives its CPU back to Ray: the cap bounds the decoded units held in memory
+    in_flight = max(2, cluster.cpus, 2 * len(actors))
+    return ray.data.from_items(rows, override_num_blocks=len(rows)).map(work, num_cpus=DECODE_CPUS,
+                                                                         concurrency=in_flight)
 
 
-def _decode_unit(row: dict[str, Any], size: int, max_pixels: int, timeout: float,
-                 max_download: int) -> dict[str, Any]:
-    """A CPU task: read and decode a unit's items; failures stay rows with reasons."""
+def _embed_unit(row: dict[str, Any], size: int, width: int, actors: list[Any], max_pixels: int, timeout: float,
+                max_download: int) -> dict[str, Any]:
+    """A CPU task: read and decode a unit's items (failures stay rows with reasons), then its actor embeds."""
+    import ray
+
     results = process_chunk(pickle.loads(row["items"]), size, max_pixels, timeout, max_download)
     good = [r.pixels for r in results if r.pixels is not None]
-    pixels = np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)
+    features = np.zeros((0, width), np.float32)
+    if good:
+        features = ray.get(actors[int(row["unit"]) % len(actors)].embed.remote(np.stack(good)))
     meta = [r._replace(pixels=None) for r in results]
-    return {"unit": row["unit"], "results": pickle.dumps(meta), "pixels": pixels.tobytes(),
-            "count": len(good), "size": size}
+    return {"unit": row["unit"], "results": pickle.dumps(meta), "features": features.tobytes()}
 
 
 class _Embedder:
-    """An embedding actor: the CLIP encoder loaded once, a unit's pixels -> raw features."""
+    """An embedding actor: the CLIP encoder loaded once for the run, a unit's pixels -> raw features."""
 
-    def __init__(self, model: str, device: str, precision: str, width: int, threads: int):
+    def __init__(self, model: str, device: str, precision: str, threads: int):
         if threads:  # Ray pins a 1-CPU actor to one thread; a CPU encoder uses its share of the node, as locally
             import torch
 
             torch.set_num_threads(threads)
         self.encoder = load_encoder(model, device, precision)
-        self.width = width
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        features = []
-        for data, count, size in zip(batch["pixels"], batch["count"], batch["size"]):
-            pixels = np.frombuffer(data, np.uint8).reshape(int(count), int(size), int(size), 3)
-            out = self.encoder.encode_pixels(pixels) if count else np.zeros((0, self.width), np.float32)
-            features.append(np.ascontiguousarray(out, np.float32).tobytes())
-        return {"unit": batch["unit"], "results": batch["results"], "features": np.array(features, dtype=object)}
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.encoder.encode_pixels(pixels), np.float32)
 
 
 def _ordered(rows: Iterator[dict[str, Any]], units: list[list[Item]], width: int,
