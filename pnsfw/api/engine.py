@@ -9,6 +9,7 @@ event loop.
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class Settings:
     max_batch: int = 256
     fast_path: bool = True  # answer plain JSON-embedding search/score requests without FastAPI (fastpath.py)
     preload: bool = True  # load the CLIP encoder at startup rather than on the first upload
+    label_classes: list[str] | None = None  # what reviewers may answer (None: the store's recorded set, the model's)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -108,6 +110,13 @@ def open_searcher(store: Store, scorer: Any, settings: Settings) -> Any:
     return Searcher.open(store, scorer)
 
 
+def only_labels_changed(served: Any, newest: Any) -> bool:
+    """True when two manifests differ in their labels parts only (nothing a searcher holds changed)."""
+    a, b = served.to_json(), newest.to_json()
+    a.pop("labels", None), b.pop("labels", None)
+    return a == b
+
+
 @dataclass
 class VectorResult:
     verdict: dict[str, Any] | None
@@ -126,6 +135,10 @@ class Engine:
         if store.rows <= SCORE_ALL_MAX:  # hits then read p_nsfw from memory, with no forward pass per batch
             self.searcher.fill_scores()
         self._seen = self._commit_key(store)
+        # run on every searcher before it serves (the review state puts people's labels on it); swap_lock keeps a
+        # label saved meanwhile from being lost between a new searcher's hooks and its swap
+        self.searcher_hooks: list[Callable[[Any], None]] = []
+        self.swap_lock = threading.Lock()
         self._stopping = threading.Event()
         self._follower: threading.Thread | None = None
         one_blas_thread()
@@ -163,28 +176,40 @@ class Engine:
         return store.latest_version(), scores
 
     def _follow(self) -> None:
-        """Serve new commits (rows, index, model, scores) without a restart: a fresh searcher is built beside
-        the one serving, then swapped in; a state that cannot be opened keeps the last one serving."""
+        """Serve new commits (rows, index, model, scores, labels) without a restart; a state that cannot be
+        opened keeps the last one serving."""
         while not self._stopping.wait(FOLLOW_S):
             try:
                 key = self._commit_key(self.store)
                 if key != self._seen:
-                    self.reload()
+                    self.reload(scores_changed=key[1] != self._seen[1])
                     self._seen = key
             except Exception as exc:
                 log.warning("store %s changed but cannot be reloaded yet: %s", self.store.root, exc)
 
-    def reload(self) -> None:
-        """Open the store's newest state and swap it in (requests in flight finish on the old one)."""
+    def reload(self, scores_changed: bool = True) -> None:
+        """Open the store's newest state and serve it: a commit of labels only is put on the searcher serving;
+        anything else builds a fresh searcher beside it, then swaps it in (requests in flight finish on the old)."""
         store = Store.open(self.store.root)
+        if not scores_changed and only_labels_changed(self.searcher.store.manifest, store.manifest):
+            with self.swap_lock:
+                self.store = store
+                self._run_hooks(self.searcher)
+            return
         name = resolve_model(store, self._asked_model)
         classifier = open_scorer(store, name)
         searcher = open_searcher(store, classifier, self.settings)
         if store.rows <= SCORE_ALL_MAX:
             searcher.fill_scores()
-        self.store, self.model_name, self.classifier, self.searcher = store, name, classifier, searcher
+        with self.swap_lock:
+            self._run_hooks(searcher)
+            self.store, self.model_name, self.classifier, self.searcher = store, name, classifier, searcher
         self.metrics.set_gauge("pnsfw_store_vectors", "Vectors in the served store.", store.rows)
         log.info("serving store %s version %d: %d vectors", store.root, store.version, store.rows)
+
+    def _run_hooks(self, searcher: Any) -> None:
+        for hook in self.searcher_hooks:
+            hook(searcher)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -264,9 +289,10 @@ class Engine:
         model = None if classifier is None else {
             "name": classifier.name, "classes": classifier.classes, "nsfw_classes": classifier.nsfw_classes,
             "threshold": classifier.threshold, "metrics": classifier.meta.get("metrics")}
-        return {"store": str(self.store.root), "vectors": self.store.rows, "dim": self.store.dim,
-                "space": self.store.space, "encoder": self.store.encoder, "projection": self.store.projection_info,
-                "index": index or None, "search": self.searcher.backend, "model": model,
+        return {"store": str(self.store.root), "version": self.store.version, "vectors": self.store.rows,
+                "dim": self.store.dim, "space": self.store.space, "encoder": self.store.encoder,
+                "projection": self.store.projection_info, "index": index or None, "search": self.searcher.backend,
+                "model": model,
                 "errors": sum(e.rows for e in self.store.manifest.errors),
                 "settings": self.settings.public()}
 

@@ -1,14 +1,16 @@
 """Review endpoints beside routes.py: item thumbnails, labels saved in the store, and the review queue."""
 
 import threading
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import BadInput, PnsfwError
+from ..store import Store
 from . import images, thumbs
 from .engine import Engine
 from .routes import ItemId, json_response  # one item id: int64 (0 .. 2**63 - 1) on every route
@@ -21,43 +23,60 @@ N_MAX = 500
 class LabelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: StrictInt = IdField
-    label: str | None = Field(..., description="A class of the model (or of --label-classes); null takes the "
+    label: str | None = Field(..., description="One of the label classes (GET /v1/labels lists them: "
+                                                "--label-classes, else the model's classes); null takes the "
                                                 "item's label back.")
+    by: StrictStr | None = Field(None, min_length=1, max_length=64, description="Who gives the label (kept in "
+                                                                                  "the audit trail).")
 
 
 class Review:
-    """The app's review state: thumbnail cache, one writer at a time, the model's own training labels."""
+    """The app's review state: thumbnail cache, the store's labels log, people's labels on every searcher."""
 
     def __init__(self, engine: Engine):
+        from ..classifier.reviewed import LabelLog
+
         self.engine, self.thumbs, self.lock = engine, thumbs.ThumbCache(), threading.Lock()
-        self.training = dict(engine.searcher.labels)  # what hits showed before any person's label
-        self.show_store_labels()
+        # its own handle on the store: refreshing it for labels never moves the snapshot the engine serves
+        self.log = LabelLog(Store.open(engine.store.root))
+        with engine.swap_lock:
+            self.show_store_labels(engine.searcher)
+            engine.searcher_hooks.append(self.show_store_labels)
+
+    def classes(self) -> tuple[list[str] | None, bool]:
+        """(the labels a reviewer may give, whether they are a declared set)."""
+        from ..classifier.reviewed import resolve_classes
+
+        clf = self.engine.classifier
+        with self.lock:
+            return resolve_classes(self.log, self.engine.settings.label_classes,
+                                   list(clf.classes) if clf is not None else None)
 
     def allowed(self) -> list[str] | None:
-        declared = getattr(self.engine.settings, "label_classes", None)
-        if declared:
-            return list(declared)
-        return list(self.engine.classifier.classes) if self.engine.classifier is not None else None
+        return self.classes()[0]
 
     def current(self) -> dict[int, dict[str, Any]]:
-        from ..classifier.reviewed import current_rows
+        """id -> a person's latest label row, with what other processes committed since."""
+        with self.lock:
+            return self.log.current()
 
-        self.engine.store.refresh()  # labels another process committed since
-        return current_rows(self.engine.store)
-
-    def show_store_labels(self) -> None:
-        """Hits and items show a person's label where there is one, else the training label."""
-        labels = dict(self.training)
+    def show_store_labels(self, searcher: Any) -> None:
+        """Hits and items show a person's label where there is one, else the model's training label (run on
+        every searcher before it serves, and after every save)."""
+        training = searcher.cache.setdefault("training_labels", dict(searcher.labels))
+        labels = dict(training)
         labels.update({i: row["label"] for i, row in self.current().items()})
-        self.engine.searcher.labels = labels
+        searcher.labels = labels
 
-    def save(self, items: list[tuple[int, str | None]]) -> dict[str, Any]:
+    def save(self, items: list[tuple[int, str | None]], by: str | None = None) -> dict[str, Any]:
         from ..classifier.reviewed import save_labels
 
-        with self.lock:
-            rows = save_labels(self.engine.store, items, "review", self.allowed())
-            self.show_store_labels()
-        return {"saved": rows, "labels": len(self.current())}
+        allowed, declared = self.classes()
+        with self.engine.swap_lock:
+            with self.lock:
+                rows = save_labels(self.log.store, items, "review", allowed, by, declared)
+            self.show_store_labels(self.engine.searcher)
+        return {"saved": rows, "labels": len(self.current()), "version": self.log.store.version}
 
 
 def install(app: FastAPI) -> None:
@@ -89,8 +108,8 @@ async def item_thumb(request: Request, item_id: int = ItemId) -> Response:
     return Response(data, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
 
 
-def parse_labels(body: bytes) -> list[tuple[int, str | None]]:
-    """`{id, label}` or a list of them -> [(id, label)]; 422 for anything else."""
+def parse_labels(body: bytes) -> tuple[list[tuple[int, str | None]], str | None]:
+    """`{id, label[, by]}` or a list of them -> ([(id, label)], by); 422 for anything else."""
     import json
 
     try:
@@ -99,32 +118,83 @@ def parse_labels(body: bytes) -> list[tuple[int, str | None]]:
     except (ValueError, ValidationError) as exc:
         raise BadInput(f"send JSON {{\"id\": ID, \"label\": LABEL}} or a list of them: {str(exc).splitlines()[0]}") \
             from None
-    return [(e.id, e.label) for e in entries]
+    givers = {e.by for e in entries}
+    if len(givers) > 1:
+        raise BadInput("one `by` per request: send the labels of each person separately")
+    return [(e.id, e.label) for e in entries], givers.pop() if givers else None
 
 
 @router.post("/v1/labels", tags=["labels"], openapi_extra={"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"oneOf": [LabelIn.model_json_schema(),
                                                {"type": "array", "items": LabelIn.model_json_schema()}]}}}}})
 async def post_labels(request: Request) -> Response:
-    """Save labels in the store (source `review`): 422 for a label not among the classes, 404 for an unknown id."""
-    items = parse_labels(await request.body())
-    return json_response(await run_in_threadpool(review_of(request).save, items))
+    """Save labels in the store (source `review`): 422 for a label not among the label classes, 404 for an
+    unknown id. Hits and items show them at once."""
+    items, by = parse_labels(await request.body())
+    return json_response(await run_in_threadpool(review_of(request).save, items, by))
+
+
+By = Query(None, min_length=1, max_length=64, description="Who takes it back (kept in the audit trail).")
 
 
 @router.delete("/v1/labels/{item_id}", tags=["labels"])
-async def delete_label(request: Request, item_id: int = ItemId) -> Response:
+async def delete_label(request: Request, item_id: int = ItemId, by: str | None = By) -> Response:
     """Take a person's label of an item back (the review page's undo); the log keeps both rows."""
-    return json_response(await run_in_threadpool(review_of(request).save, [(item_id, None)]))
+    return json_response(await run_in_threadpool(review_of(request).save, [(item_id, None)], by))
 
 
 @router.get("/v1/labels", tags=["labels"])
-async def get_labels(request: Request, source: str | None = Query(None, description="Only this source "
-                                                                  "(review, cli, file).")) -> Response:
-    """Every item's current label given by a person (latest wins), with its source and time."""
+async def get_labels(request: Request,
+                     source: str | None = Query(None, description="Only this source (review, cli, file)."),
+                     history: bool = Query(False, description="Every row of the log (the audit trail: who, "
+                                                              "when, take-backs), not only each item's latest."),
+                     format: Literal["json", "csv"] = Query("json", description="csv: a file that `pnsfw "
+                                                                                 "label --file` imports.")
+                     ) -> Response:
+    """People's labels: each item's latest (or, with history, every row), with uri, source, time and giver."""
     review = review_of(request)
-    rows = await run_in_threadpool(review.current)
-    labels = [dict(row, id=i) for i, row in sorted(rows.items()) if source is None or row["source"] == source]
-    return json_response({"count": len(labels), "classes": review.allowed(), "labels": labels})
+    rows = await run_in_threadpool(label_rows, review, history)
+    rows = [r for r in rows if source is None or r["source"] == source]
+    if format == "csv":
+        return Response(labels_csv(rows), media_type="text/csv",
+                        headers={"content-disposition": "attachment; filename=labels.csv"})
+    classes, declared = await run_in_threadpool(review.classes)
+    return json_response({"count": len(rows), "classes": classes, "declared": declared, "labels": rows})
+
+
+def label_rows(review: Review, history: bool) -> list[dict[str, Any]]:
+    """Label rows as dicts with each item's uri: the latest per item, or the whole log oldest first."""
+    from ..classifier.reviewed import ROW_FIELDS, store_label_table
+
+    if history:
+        with review.lock:
+            table = store_label_table(review.log.store)
+        rows = [dict(zip(("id", *ROW_FIELDS), values))
+                for values in zip(*(table.column(c).to_pylist() for c in ("id", *ROW_FIELDS)))]
+    else:
+        rows = [dict(row, id=i) for i, row in sorted(review.current().items())]
+    searcher = review.engine.searcher
+    positions = searcher.rows_of(np.array([r["id"] for r in rows], np.int64))
+    uris = searcher.uris.take(positions.clip(0)) if len(rows) else []
+    return [dict(r, uri=uri if pos >= 0 else None) for r, uri, pos in zip(rows, uris, positions.tolist())]
+
+
+CSV_COLUMNS = ("id", "uri", "label", "source", "at", "by", "classes")
+
+
+def labels_csv(rows: list[dict[str, Any]]) -> bytes:
+    """The rows as CSV (at as ISO 8601 UTC)."""
+    import csv
+    import io
+    from datetime import datetime, timezone
+
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        at = datetime.fromtimestamp(r["at"], timezone.utc).isoformat() if r["at"] is not None else ""
+        writer.writerow([r["id"], r["uri"] or "", r["label"] or "", r["source"], at, r["by"] or "", r["classes"] or ""])
+    return out.getvalue().encode()
 
 
 @router.get("/v1/review", tags=["labels"])

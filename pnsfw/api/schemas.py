@@ -86,6 +86,7 @@ class HealthResponse(BaseModel):
 
 class StatsResponse(BaseModel):
     store: str
+    version: int = Field(..., description="The store's manifest version served (it follows new commits).")
     vectors: int
     dim: int
     space: str

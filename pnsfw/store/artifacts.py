@@ -159,11 +159,19 @@ class ModelStage:
 
 
 # ---- labels
+def conform_labels(table: pa.Table) -> pa.Table:
+    """A labels table in LABEL_SCHEMA: the optional columns it lacks (by, classes) added as nulls."""
+    for column in shards.LABEL_SCHEMA:
+        if column.name not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+    return table.select(shards.LABEL_SCHEMA.names).cast(shards.LABEL_SCHEMA)
+
+
 def append_labels(store: Store, table: pa.Table) -> Part:
-    """Commit labels (id, label, source, at) as one labels part."""
+    """Commit labels (id, label, source, at[, by, classes]) as one labels part."""
     from .writer import stage_table
 
-    table = table.select(shards.LABEL_SCHEMA.names).cast(shards.LABEL_SCHEMA)
+    table = conform_labels(table)
     base = store.manifest
     staged = stage_table(store, "labels", base.next_part(base.labels), table, {})
     part = Part(staged.name, staged.rows, staged.sha256, staged.bytes, time.time())
@@ -176,9 +184,11 @@ def append_labels(store: Store, table: pa.Table) -> Part:
     return part
 
 
-def read_labels(store: Store) -> pa.Table:
-    """Every committed label, oldest first (a later label of an id overrides an earlier one)."""
-    tables = [shards.read_table(store.fs.open_input(f"labels/{p.name}")) for p in store.manifest.labels]
+def read_labels(store: Store, parts: list[Part] | None = None) -> pa.Table:
+    """Every committed label, oldest first (a later label of an id overrides an earlier one); `parts`: only
+    these parts of the manifest (a reader that keeps what it read takes only the new ones)."""
+    chosen = store.manifest.labels if parts is None else parts
+    tables = [conform_labels(shards.read_table(store.fs.open_input(f"labels/{p.name}"))) for p in chosen]
     return pa.concat_tables(tables) if tables else shards.LABEL_SCHEMA.empty_table()
 
 

@@ -22,8 +22,10 @@ from .files import atomic_write
 ROW_GROUP = 1 << 16
 ERROR_SCHEMA = pa.schema([("uri", pa.string()), ("source", pa.string()), ("stage", pa.string()),
                           ("reason", pa.string()), ("detail", pa.string())])
+# by: who gave the label (may be null); classes: the comma-joined set it was chosen from (null: undeclared);
+# parts written before these two columns existed read them as nulls
 LABEL_SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.string()), ("source", pa.string()),
-                          ("at", pa.float64())])
+                          ("at", pa.float64()), ("by", pa.string()), ("classes", pa.string())])
 FIXED_COLUMNS = ("id", "uri", "source", "sha256", "width", "height", "uri_hash", "embedding")
 ITEM_COLUMNS = ["id", "uri", "source", "sha256", "width", "height"]  # what `table()` reads by default
 
