@@ -359,11 +359,15 @@ def _print_index_summary(summary: Any, store: str) -> None:
 @click.option("--batch-window-ms", default=2.0, show_default=True, type=float,
               help="How long a lone request waits for others to share its batch.")
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(1, 65536))
+@click.option("--label-classes", default=None,
+              help="Comma-separated labels a reviewer may give, e.g. nsfw,sfw,unsure (the page's buttons; POST "
+                   "/v1/labels refuses others with 422); recorded with the labels. Default: the set recorded "
+                   "in the store, else the model's classes.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(store: str, model_name: "str | None", host: str, port: int, max_upload_mb: float,
           clip_model: "str | None", device: str, search_backend: str, batch_window_ms: float, max_batch: int,
-          log_level: str) -> None:
+          label_classes: "str | None", log_level: str) -> None:
     """Serve scores, neighbours and the audit page over HTTP (OpenAPI at /docs).
 
     With the environment variable PNSFW_API_TOKEN set, every endpoint but
@@ -378,7 +382,8 @@ def serve(store: str, model_name: "str | None", host: str, port: int, max_upload
     from .api.server import serve as run_server
 
     settings = Settings(host=host, port=port, max_upload_mb=max_upload_mb, clip_model=clip_model, device=device,
-                        search=search_backend, batch_window_ms=batch_window_ms, max_batch=max_batch)
+                        search=search_backend, batch_window_ms=batch_window_ms, max_batch=max_batch,
+                        label_classes=_class_list(label_classes))
     run_server(store, model_name, settings, log_level)
 
 
@@ -676,11 +681,13 @@ def train(store: str, labels: "str | None", zero_shot: "str | None", clip_model:
 @click.option("--label", default=None, help="The label of the --id items.")
 @click.option("--file", "file", default=None, type=click.Path(dir_okay=False, exists=True),
               help="A CSV/Parquet file of (id or uri, label) to import.")
-@click.option("--classes", default=None, help="Comma-separated allowed labels (default: the model's classes).")
+@click.option("--classes", default=None, help="Comma-separated allowed labels, recorded with them (default: the "
+                                              "set recorded in the store, else the model's classes).")
 @click.option("--model", "model_name", default=None, help="Classifier whose classes are allowed (default: the "
                                                           "store's default model; none: any plain word).")
+@click.option("--by", default=None, help="Who gives the labels, kept in the audit trail (default: the user name).")
 def label(store: str, ids: tuple[int, ...], label: "str | None", file: "str | None", classes: "str | None",
-          model_name: "str | None") -> None:
+          model_name: "str | None", by: "str | None") -> None:
     """Save labels in the store (labels/), as the review page does; `train --labels store` uses them.
 
     \b
@@ -690,10 +697,13 @@ def label(store: str, ids: tuple[int, ...], label: "str | None", file: "str | No
     """
     from .classifier.reviewed import run_label
 
-    allowed = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    result = run_label(store, list(ids), label, file, allowed, model_name)
+    result = run_label(store, list(ids), label, file, _class_list(classes), model_name, by)
     _skipped_labels(result["unknown"], result["unknown_examples"])
     click.echo(f"saved {result['saved']:,} labels; the store holds {result['labels']:,} labelled items")
+
+
+def _class_list(text: "str | None") -> "list[str] | None":
+    return [c.strip() for c in text.split(",")] if text else None
 
 
 def _train_zero_shot(store: str, concepts: str, labels: "str | None", name: str, nsfw: "list[str] | None",

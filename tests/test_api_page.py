@@ -148,6 +148,7 @@ def test_a_shared_url_restores_the_query_and_back_returns(api_server: Server, pa
     assert page.input_value("#id") == "3"
     page.click("#prev")
     page.wait_for_function("new URLSearchParams(location.search).get('page') === null")
+    page.wait_for_function("document.getElementById('status').textContent.endsWith('item #3')")  # page 1 shown
     wait_for_cards(page, 5)
     assert card_ids(page) != first
 

@@ -39,6 +39,7 @@ class Review:
         self.engine, self.thumbs, self.lock = engine, thumbs.ThumbCache(), threading.Lock()
         # its own handle on the store: refreshing it for labels never moves the snapshot the engine serves
         self.log = LabelLog(Store.open(engine.store.root))
+        self.classes()  # a bad --label-classes fails at startup, not on every label
         with engine.swap_lock:
             self.show_store_labels(engine.searcher)
             engine.searcher_hooks.append(self.show_store_labels)
@@ -143,18 +144,28 @@ async def delete_label(request: Request, item_id: int = ItemId, by: str | None =
     return json_response(await run_in_threadpool(review_of(request).save, [(item_id, None)], by))
 
 
+@router.get("/v1/labels/classes", tags=["labels"])
+async def label_classes(request: Request) -> Response:
+    """The labels a reviewer may give (--label-classes, the set recorded in the store, else the model's)."""
+    review = review_of(request)
+    classes, declared = await run_in_threadpool(review.classes)
+    clf = review.engine.classifier
+    return json_response({"classes": classes, "declared": declared,
+                          "model_classes": list(clf.classes) if clf is not None else None})
+
+
 @router.get("/v1/labels", tags=["labels"])
 async def get_labels(request: Request,
                      source: str | None = Query(None, description="Only this source (review, cli, file)."),
                      history: bool = Query(False, description="Every row of the log (the audit trail: who, "
                                                               "when, take-backs), not only each item's latest."),
+                     last: int | None = Query(None, ge=1, le=100_000, description="Only the last N rows (the newest, with history)."),
                      format: Literal["json", "csv"] = Query("json", description="csv: a file that `pnsfw "
                                                                                  "label --file` imports.")
                      ) -> Response:
     """People's labels: each item's latest (or, with history, every row), with uri, source, time and giver."""
     review = review_of(request)
-    rows = await run_in_threadpool(label_rows, review, history)
-    rows = [r for r in rows if source is None or r["source"] == source]
+    rows = await run_in_threadpool(label_rows, review, history, source, last)
     if format == "csv":
         return Response(labels_csv(rows), media_type="text/csv",
                         headers={"content-disposition": "attachment; filename=labels.csv"})
@@ -162,17 +173,21 @@ async def get_labels(request: Request,
     return json_response({"count": len(rows), "classes": classes, "declared": declared, "labels": rows})
 
 
-def label_rows(review: Review, history: bool) -> list[dict[str, Any]]:
-    """Label rows as dicts with each item's uri: the latest per item, or the whole log oldest first."""
-    from ..classifier.reviewed import ROW_FIELDS, store_label_table
+def label_rows(review: Review, history: bool, source: str | None = None, last: int | None = None
+               ) -> list[dict[str, Any]]:
+    """Label rows as dicts with each item's uri: the latest per item (by id), or the whole log oldest first."""
+    from ..classifier.reviewed import ROW_FIELDS
 
+    current = review.current()
     if history:
         with review.lock:
-            table = store_label_table(review.log.store)
+            table = review.log.history()
         rows = [dict(zip(("id", *ROW_FIELDS), values))
                 for values in zip(*(table.column(c).to_pylist() for c in ("id", *ROW_FIELDS)))]
     else:
-        rows = [dict(row, id=i) for i, row in sorted(review.current().items())]
+        rows = [dict(row, id=i) for i, row in sorted(current.items())]
+    rows = [r for r in rows if source is None or r["source"] == source]
+    rows = rows[-last:] if last else rows
     searcher = review.engine.searcher
     positions = searcher.rows_of(np.array([r["id"] for r in rows], np.int64))
     uris = searcher.uris.take(positions.clip(0)) if len(rows) else []
@@ -210,8 +225,10 @@ async def review_queue(request: Request, n: int = Query(50, ge=1, le=N_MAX),
     clf, others = await run_in_threadpool(_models, engine, model)
     from .queue import build_queue
 
-    return json_response(images.jsonable(await engine.vectors.call(build_queue, engine.searcher, clf, others,
-                                                                   labelled, n)))
+    queue = await engine.vectors.call(build_queue, engine.searcher, clf, others, labelled, n)
+    classes, declared = await run_in_threadpool(review.classes)
+    queue.update(model_classes=queue["classes"], classes=classes or queue["classes"], declared=declared)
+    return json_response(images.jsonable(queue))
 
 
 def _models(engine: Engine, model: str | None) -> tuple[Any, Any]:

@@ -1,5 +1,6 @@
 """The endpoints of DESIGN §8. Each parses its input, awaits the engine's batchers, and answers JSON."""
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,8 @@ ItemId = Path(..., ge=0, le=ID_MAX, description="A store id (0 .. 2**63 - 1).")
 def _body(schema: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI: the endpoint takes JSON of `schema` or a multipart upload in field `image`."""
     upload = {"type": "object", "required": ["image"],
-              "properties": {"image": {"type": "string", "format": "binary"}, "k": {"type": "integer"}}}
+              "properties": {"image": {"type": "string", "format": "binary"}, "k": {"type": "integer"},
+                             "dedup": {"type": "boolean"}, "dedup_similarity": {"type": "number"}}}
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": schema.model_json_schema()},
         "multipart/form-data": {"schema": upload}}}}
@@ -48,8 +50,16 @@ def json_response(data: Any, status: int = 200) -> Response:
     return Response(dumps(data), status_code=status, media_type="application/json")
 
 
+@dataclass
+class UploadOptions:
+    """The form fields beside an upload's image."""
+
+    dedup: bool = False
+    dedup_similarity: float = 0.95
+
+
 async def read_input(request: Request, schema: type[BaseModel]) -> tuple[bytes | None, Any, int]:
-    """(image bytes, None, k) for a multipart upload, or (None, parsed JSON model, k)."""
+    """(image bytes, UploadOptions, k) for a multipart upload, or (None, parsed JSON model, k)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         return await _read_upload(request)
@@ -62,7 +72,7 @@ async def read_input(request: Request, schema: type[BaseModel]) -> tuple[bytes |
     raise NotAnImage(f"content type {kind!r} not accepted: send JSON, or multipart/form-data with field `image`")
 
 
-async def _read_upload(request: Request) -> tuple[bytes, None, int]:
+async def _read_upload(request: Request) -> tuple[bytes, UploadOptions, int]:
     try:
         form = await request.form(max_files=1, max_fields=8)
     except Exception as exc:  # starlette raises HTTPException(400) or MultiPartException for a malformed body
@@ -72,7 +82,24 @@ async def _read_upload(request: Request) -> tuple[bytes, None, int]:
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise BadInput("multipart upload needs the image file in the field `image`")
-    return await upload.read(), None, parse_k(form.get("k") or request.query_params.get("k"))
+    def field(name: str) -> Any:
+        return form.get(name) or request.query_params.get(name)
+
+    options = UploadOptions(str(field("dedup") or "").lower() in ("1", "true", "on", "yes"),
+                            parse_similarity(field("dedup_similarity")))
+    return await upload.read(), options, parse_k(field("k"))
+
+
+def parse_similarity(value: Any) -> float:
+    if value is None:
+        return 0.95
+    try:
+        similarity = float(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"dedup_similarity must be a number 0.5..1, got {value!r}") from None
+    if not 0.5 <= similarity <= 1.0:
+        raise BadInput(f"dedup_similarity must be 0.5..1, got {similarity}")
+    return similarity
 
 
 def parse_k(value: Any) -> int:
@@ -127,12 +154,21 @@ async def search(request: Request) -> Response:
     engine = engine_of(request)
     data, parsed, k = await read_input(request, SearchRequest)
     vector, query = await query_vector(engine, data, parsed)
-    by_id = query["kind"] == "id"
-    result = await engine.vectors.submit((vector, min(k + by_id, engine.store.rows, K_MAX), query["kind"] != "text"))
-    hits = result.hits[:k]
+    by_id, dedup = query["kind"] == "id", bool(getattr(parsed, "dedup", False))
+    wanted = min(K_MAX, max(3 * k, k + 32)) if dedup else k  # candidates: duplicates fold into fewer groups
+    result = await engine.vectors.submit((vector, min(wanted + by_id, engine.store.rows, K_MAX),
+                                          query["kind"] != "text"))
+    hits = result.hits[:wanted]
     if by_id:  # the item itself first, as in the CLI (similarity 1, even with exact copies in the store)
-        hits = await engine.vectors.call(engine.searcher.item_first, parsed.id, result.hits, k)
-    return json_response({"query": query, "k": k, "verdict": result.verdict, "hits": hits})
+        hits = await engine.vectors.call(engine.searcher.item_first, parsed.id, result.hits, wanted)
+    body: dict[str, Any] = {"query": query, "k": k, "verdict": result.verdict, "hits": hits[:k]}
+    if dedup:
+        from .collapse import collapse_for
+
+        similarity = float(parsed.dedup_similarity)
+        body["hits"], folded = await engine.vectors.call(collapse_for, engine.searcher, hits, similarity, k)
+        body["dedup"] = {"similarity": similarity, "collapsed": folded}
+    return json_response(body)
 
 
 @router.post("/v1/explain", tags=["scores"], openapi_extra=_body(ExplainRequest))

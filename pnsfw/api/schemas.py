@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 K_MAX = 1000
 ID_MAX = 2**63 - 1  # ids are int64
@@ -21,11 +21,18 @@ class ScoreRequest(_Strict):
     embedding: list[Number] = EmbeddingField
 
 
+DedupField = Field(False, description="Hide duplicates: near-duplicate hits are folded into the first of them, "
+                                      "which lists them under `duplicates`; k counts the groups.")
+DedupSimilarityField = Field(0.95, ge=0.5, le=1.0, description="Two hits at least this similar are duplicates.")
+
+
 class SearchRequest(_Strict):
     text: StrictStr | None = Field(None, min_length=1, max_length=2000)
     id: StrictInt | None = Field(None, ge=0, le=ID_MAX, description="A store id (a JSON integer).")
     embedding: list[Number] | None = Field(None, description=EmbeddingField.description)
     k: StrictInt = KField
+    dedup: StrictBool = DedupField
+    dedup_similarity: StrictFloat | StrictInt = DedupSimilarityField
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
@@ -54,12 +61,18 @@ class Verdict(BaseModel):
     probabilities: dict[str, float]
 
 
+class DuplicateModel(BaseModel):
+    id: int
+    similarity: float = Field(..., description="Similarity to the hit it was folded into.")
+
+
 class HitModel(BaseModel):
     id: int
     uri: str
     similarity: float
     p_nsfw: float | None = None
     label: str | None = None
+    duplicates: list[DuplicateModel] | None = Field(None, description="With dedup: the hits folded into this one.")
 
 
 class SearchResponse(BaseModel):
@@ -67,6 +80,7 @@ class SearchResponse(BaseModel):
     k: int
     verdict: Verdict | None = Field(None, description="The query's own score (not for text queries).")
     hits: list[HitModel]
+    dedup: dict[str, Any] | None = Field(None, description="With dedup: {similarity, collapsed: hits folded}.")
 
 
 class ItemResponse(BaseModel):

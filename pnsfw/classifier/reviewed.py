@@ -38,6 +38,7 @@ class LabelLog:
         self._read: list[str] = []
         self._latest: dict[int, dict[str, Any]] = {}
         self._declared: str | None = None
+        self._tables: list[pa.Table] = []
 
     def current(self, refresh: bool = True) -> dict[int, dict[str, Any]]:
         """id -> {label, source, at, by, classes}; ids whose latest row takes the label back are left out."""
@@ -47,7 +48,7 @@ class LabelLog:
             self.store.refresh()
         parts = self.store.manifest.labels
         if [p.name for p in parts[: len(self._read)]] != self._read:  # rewritten (repair): read it all again
-            self._read, self._latest, self._declared = [], {}, None
+            self._read, self._latest, self._declared, self._tables = [], {}, None, []
         new = parts[len(self._read):]
         if new:
             table = read_labels(self.store, new)
@@ -56,7 +57,14 @@ class LabelLog:
                 row = self._latest[int(id_)] = dict(zip(ROW_FIELDS, values))
                 self._declared = row["classes"] or self._declared
             self._read += [p.name for p in new]
+            self._tables.append(table)
         return {i: row for i, row in self._latest.items() if row["label"] is not None}
+
+    def history(self) -> pa.Table:
+        """Every row of the log, oldest first (as read by the last `current`)."""
+        from ..store.shards import LABEL_SCHEMA
+
+        return pa.concat_tables(self._tables) if self._tables else LABEL_SCHEMA.empty_table()
 
     def recorded_classes(self) -> list[str] | None:
         """The label set declared with the newest labels that declared one (None: none did)."""
@@ -151,6 +159,16 @@ def model_classes(store: Store, model: "str | None") -> "list[str] | None":
     return list(load_classifier(store, name).classes)
 
 
+def user_name() -> str | None:
+    """The login name of this process (None where the system has none)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
 def run_label(store_root: str, ids: "list[int]", label: "str | None", file: "str | None",
               classes: "list[str] | None" = None, model: "str | None" = None, by: "str | None" = None
               ) -> dict[str, Any]:
@@ -172,6 +190,6 @@ def run_label(store_root: str, ids: "list[int]", label: "str | None", file: "str
             raise BadInput(f"none of the {len(unknown)} entries of {file} names an item of the store")
     else:
         items, unknown = [(int(i), label) for i in ids], []
-    saved = save_labels(store, items, "file" if file else "cli", allowed, by, declared)
+    saved = save_labels(store, items, "file" if file else "cli", allowed, by or user_name(), declared)
     return {"saved": saved, "unknown": len(unknown), "unknown_examples": unknown[:5],
             "labels": len(log.current()), "classes": allowed}

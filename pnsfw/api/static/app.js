@@ -1,11 +1,20 @@
 // pnsfw audit page: plain JS, no build step. Talks to the JSON API of the same server.
-// The query, page, toggles and mode live in the URL (?id=3&k=12&page=1&safe=1&dedup=1, ?text=..., ?mode=review),
-// so a link restores the same view and Back goes to the previous query.
+// The query, page, toggles and mode live in the URL (?id=3&k=12&page=1&safe=1&dedup=1&dsim=0.95, ?text=...,
+// ?mode=review), so a link restores the same view and Back goes to the previous query. Keys: ? lists them.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const DUP_SIMILARITY = 0.99;
-const state = { threshold: null, nsfwClasses: [], classes: [], result: null, view: {}, items: {} };
+const DSIM = 0.95;  // hide-duplicates: hits at least this similar to a shown one are folded into it (server side)
+const state = { threshold: null, nsfwClasses: [], classes: [], labelClasses: [], result: null, view: {}, items: {}, file: null };
+
+function reviewer() { return (localStorage.getItem("pnsfw-reviewer") || "").trim() || null; }
+
+// Save a person's label (or take it back: name null); who gave it goes into the store's audit trail.
+async function saveLabel(id, name) {
+  const by = reviewer();
+  if (name === null) return api("/v1/labels/" + id + (by ? "?by=" + encodeURIComponent(by) : ""), { method: "DELETE" });
+  return api("/v1/labels", jsonBody(Object.assign({ id: id, label: name }, by ? { by: by } : {})));
+}
 
 function headers(extra) {
   const h = Object.assign({}, extra || {});
@@ -50,6 +59,7 @@ function viewFromUrl() {
     page: Math.max(0, int("page", 0)),
     safe: q.get("safe") === "1",
     dedup: q.get("dedup") === "1",
+    dsim: (() => { const v = parseFloat(q.get("dsim")); return v >= 0.5 && v <= 1 ? v : DSIM; })(),
   };
 }
 
@@ -62,6 +72,7 @@ function urlOf(view) {
   if (view.page) q.set("page", view.page);
   if (view.safe) q.set("safe", "1");
   if (view.dedup) q.set("dedup", "1");
+  if (view.dedup && view.dsim !== DSIM) q.set("dsim", view.dsim);
   const s = q.toString();
   return location.pathname + (s ? "?" + s : "");
 }
@@ -81,6 +92,7 @@ function show(view) {
   $("k").value = view.k;
   $("safe").checked = view.safe;
   $("dedup").checked = view.dedup;
+  $("dsim").value = view.dsim;
   document.querySelectorAll("#modes .mode").forEach((a) => a.classList.toggle("active", a.dataset.mode === view.mode));
   $("audit").hidden = view.mode !== "audit";
   $("review").hidden = view.mode !== "review";
@@ -88,7 +100,8 @@ function show(view) {
   if (view.mode === "review") { if (window.startReview) window.startReview(); return; }
   if (view.id !== null) searchJson({ id: view.id });
   else if (view.text) searchJson({ text: view.text });
-  else if ($("preview").hidden) idle();
+  else if (!$("preview").hidden && state.file) searchFile(state.file);
+  else idle();
 }
 
 function idle() {
@@ -106,6 +119,7 @@ async function loadStats() {
     state.nsfwClasses = model ? model.nsfw_classes : [];
     state.classes = model ? model.classes : [];
     state.stats = stats;
+    state.labelClasses = await api("/v1/labels/classes").then((c) => c.classes || []).catch(() => []);
     $("store-info").textContent = stats.vectors.toLocaleString() + " vectors" +
       (model ? " · model " + model.name + " (threshold " + model.threshold.toFixed(3) + ")" : " · no classifier");
     return stats;
@@ -196,13 +210,40 @@ function card(hit) {
     (hit.label ? " · label <b>" + escapeHtml(hit.label) + "</b>" : "") +
     "<div class=uri title='" + escapeHtml(hit.uri) + "'>" + escapeHtml(shortUri(hit.uri)) + "</div><div class=caption></div>";
   meta.querySelector(".id").addEventListener("click", (e) => { e.preventDefault(); go({ id: hit.id, text: null, page: 0 }, true); });
+  if (hit.duplicates && hit.duplicates.length) meta.append(duplicatesOf(hit));
   div.append(thumbFrame(hit.id, hit.p_nsfw), meta);
   itemMeta(hit.id).then((item) => {
     const caption = captionOf(item);
     if (caption) meta.querySelector(".caption").textContent = caption;
-    if (item && item.sha256) { div.dataset.sha256 = item.sha256; applyFilters(); }
   });
   return div;
+}
+
+function duplicatesOf(hit) {  // the hits folded into this one by hide-duplicates, as links
+  const box = document.createElement("details");
+  box.className = "dups";
+  const n = hit.duplicates.length;
+  box.innerHTML = "<summary>+" + n + " duplicate" + (n > 1 ? "s" : "") + "</summary>" + hit.duplicates.map((d) =>
+    "<a href='" + escapeHtml(urlOf(Object.assign({}, state.view, { id: d.id, text: null, page: 0 }))) + "' data-id=" + d.id + ">#" + d.id + "</a> <small>" + d.similarity.toFixed(4) + "</small>").join(" ");
+  box.querySelectorAll("a").forEach((a) => a.addEventListener("click", (e) => { e.preventDefault(); go({ id: parseInt(a.dataset.id, 10), text: null, page: 0 }, true); }));
+  return box;
+}
+
+function labelButtons(id, current, onSaved) {  // one button per label class (digits 1..9 press them on the page)
+  const row = document.createElement("div");
+  row.className = "label-row";
+  state.labelClasses.forEach((name, i) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.dataset.label = name;
+    b.className = "label-button" + (name === current ? " chosen" : "");
+    b.innerHTML = escapeHtml(name) + (i < 9 ? " <kbd>" + (i + 1) + "</kbd>" : "");
+    b.addEventListener("click", async () => {
+      try { await saveLabel(id, name); onSaved(name); } catch (err) { setStatus(err.message, true); }
+    });
+    row.append(b);
+  });
+  return row;
 }
 
 async function showQueryItem(id) {
@@ -216,33 +257,40 @@ async function showQueryItem(id) {
   const label = item.label ? "label <b>" + escapeHtml(item.label) + "</b>" : "<span class=muted>not labelled</span>";
   meta.innerHTML = "<div class=query-title>Query: item #" + id + "</div>" +
     (p !== undefined && p !== null ? "<span class='score" + (overThreshold(p) ? " high" : "") + "'>p_nsfw " + p.toFixed(3) + "</span> · " : "") +
-    label + "<div class=uri>" + escapeHtml(item.uri) + "</div><div class=caption>" + escapeHtml(captionOf(item) || "") + "</div>";
+    "<span class=own-label>" + label + "</span><div class=uri>" + escapeHtml(item.uri) + "</div><div class=caption>" + escapeHtml(captionOf(item) || "") + "</div>";
+  const labelled = (name) => {
+    item.label = name;
+    meta.querySelector(".own-label").innerHTML = "label <b>" + escapeHtml(name) + "</b> <span class=muted>(saved)</span>";
+    meta.querySelectorAll(".label-button").forEach((b) => b.classList.toggle("chosen", b.dataset.label === name));
+  };
+  if (state.labelClasses.length) meta.append(labelButtons(id, item.label, labelled));
   box.replaceChildren(thumbFrame(id, p), meta);
   box.dataset.id = id;
-  box.dataset.sha256 = item.sha256 || "";
   box.hidden = false;
-  applyFilters();
 }
 
-// Safe mode hides cards over the threshold; hide-duplicates hides copies of the query and repeats of one file.
+// Safe mode hides cards over the threshold (on the page); duplicates are folded by the server (dedup=1).
 function applyFilters() {
-  const view = state.view, seen = new Set();
-  if (view.id !== null && $("query-item").dataset.sha256) seen.add($("query-item").dataset.sha256);
-  let unsafe = 0, dups = 0;
+  const view = state.view;
+  let unsafe = 0;
   for (const div of $("grid").children) {
     const isUnsafe = view.safe && div.dataset.p !== "" && overThreshold(parseFloat(div.dataset.p));
-    const sha = div.dataset.sha256;
-    const isDup = view.dedup && (parseFloat(div.dataset.sim) >= DUP_SIMILARITY || (sha && seen.has(sha)));
-    if (sha) seen.add(sha);
-    div.hidden = isUnsafe || isDup;
+    div.hidden = isUnsafe;
     unsafe += isUnsafe ? 1 : 0;
-    dups += !isUnsafe && isDup ? 1 : 0;
   }
   const notes = [];
   if (unsafe) notes.push(unsafe + " hidden by safe mode");
-  if (dups) notes.push(dups + " duplicates hidden");
+  if (state.dedupNote) notes.push(state.dedupNote);
   $("hidden-note").textContent = notes.join(" · ");
   $("hidden-note").hidden = !notes.length;
+}
+
+function dedupNote(result) {
+  if (!result.dedup) return "";
+  const own = result.query.kind === "id" ? result.hits.find((h) => h.id === result.query.id) : null;
+  const copies = own && own.duplicates ? own.duplicates.length : 0;
+  return result.dedup.collapsed + " duplicates folded (similarity ≥ " + result.dedup.similarity + ")" +
+    (copies ? ", " + copies + " of them copies of the query" : "");
 }
 
 // ---- results and paging
@@ -253,6 +301,7 @@ function showResult(result, view) {
   const query = result.query;  // an id search lists the item itself first: the page shows it above the grid
   const all = query.kind === "id" ? result.hits.filter((h) => h.id !== query.id) : result.hits;
   const hits = all.slice(start, start + view.k);
+  state.dedupNote = dedupNote(result);
   $("grid").replaceChildren(...hits.map(card));
   applyFilters();
   const more = all.length > start + view.k;
@@ -290,6 +339,7 @@ async function explainAgreement(body) {
 function wanted(view) { return Math.min(1000, view.k * (view.page + 1) + 2); }
 
 async function searchFile(file) {
+  state.file = file;
   $("preview").src = URL.createObjectURL(file);
   $("preview").hidden = false;
   $("query-item").hidden = true;
@@ -300,6 +350,7 @@ async function searchFile(file) {
   const form = new FormData();
   form.append("image", file);
   form.append("k", wanted(state.view));
+  if (state.view.dedup) { form.append("dedup", "1"); form.append("dedup_similarity", state.view.dsim); }
   try {
     showResult(await api("/v1/search", { method: "POST", body: form }), state.view);
     const again = new FormData();
@@ -315,12 +366,44 @@ async function searchJson(query) {
   setStatus("searching…");
   if (query.id !== undefined) showQueryItem(query.id); else $("query-item").hidden = true;
   try {
-    const result = await api("/v1/search", jsonBody(Object.assign({ k: wanted(view) }, query)));
+    const dedup = view.dedup ? { dedup: true, dedup_similarity: view.dsim } : {};
+    const result = await api("/v1/search", jsonBody(Object.assign({ k: wanted(view) }, dedup, query)));
     if (state.view !== view) return;  // a newer query started meanwhile
     showResult(result, view);
     $("agreement").textContent = "";
     if (result.verdict && query.id !== undefined) explainAgreement(jsonBody({ id: query.id, k: 10 }));
   } catch (err) { if (state.view === view) clearResult(err.message); }
+}
+
+// ---- keyboard (audit mode; review mode has its own keys in review.js): ? lists them
+
+const AUDIT_KEYS = [["/", "search by text"], ["i", "search by id"], ["n / →", "next page"], ["p / ←", "previous page"],
+  ["f", "safe mode on/off"], ["d", "hide duplicates on/off"], ["1…9", "label the queried item"], ["?", "this help"], ["Esc", "close"]];
+
+function toggleHelp(rows) {
+  const box = $("help");
+  if (!box.hidden || !rows) { box.hidden = true; return; }
+  box.innerHTML = "<h2>Keyboard</h2><table>" + rows.map(([k, what]) => "<tr><td><kbd>" + escapeHtml(k) + "</kbd></td><td>" + escapeHtml(what) + "</td></tr>").join("") +
+    "</table><p class=muted>Esc or ? closes this.</p>";
+  box.hidden = false;
+}
+window.toggleHelp = toggleHelp;
+
+function auditKey(e) {
+  if (e.ctrlKey || e.metaKey || e.altKey || (e.target && ["INPUT", "TEXTAREA", "SELECT"].includes(e.target.tagName))) return;
+  if (e.key === "Escape") { toggleHelp(null); return; }
+  if (state.view.mode !== "audit") return;
+  const actions = {
+    "?": () => toggleHelp(AUDIT_KEYS), "/": () => $("text").focus(), "i": () => $("id").focus(),
+    "n": () => { if (!$("next").disabled && !$("pager").hidden) $("next").click(); },
+    "p": () => { if (!$("prev").disabled && !$("pager").hidden) $("prev").click(); },
+    "f": () => $("safe").click(), "d": () => $("dedup").click(),
+  };
+  actions.ArrowRight = actions.n;
+  actions.ArrowLeft = actions.p;
+  const digit = /^[1-9]$/.test(e.key) ? document.querySelectorAll("#query-item:not([hidden]) .label-button")[parseInt(e.key, 10) - 1] : null;
+  if (digit) { e.preventDefault(); digit.click(); }
+  else if (actions[e.key]) { e.preventDefault(); actions[e.key](); }
 }
 
 function wire() {
@@ -336,7 +419,14 @@ function wire() {
   $("by-id").addEventListener("submit", (e) => { e.preventDefault(); go({ id: parseInt($("id").value, 10), text: null, page: 0, k: perPage() }, true); });
   $("by-text").addEventListener("submit", (e) => { e.preventDefault(); if ($("text").value.trim()) go({ text: $("text").value, id: null, page: 0, k: perPage() }, true); });
   $("safe").addEventListener("change", () => { state.view.safe = $("safe").checked; history.replaceState(null, "", urlOf(state.view)); applyFilters(); });
-  $("dedup").addEventListener("change", () => { state.view.dedup = $("dedup").checked; history.replaceState(null, "", urlOf(state.view)); applyFilters(); });
+  $("dedup").addEventListener("change", () => go({ dedup: $("dedup").checked, page: 0 }, false));
+  $("dsim").addEventListener("change", () => {
+    const v = parseFloat($("dsim").value);
+    if (v >= 0.5 && v <= 1) go({ dsim: v, dedup: true, page: 0 }, false);
+  });
+  $("reviewer").value = reviewer() || "";
+  $("reviewer").addEventListener("change", () => localStorage.setItem("pnsfw-reviewer", $("reviewer").value.trim()));
+  document.addEventListener("keydown", auditKey);
   $("prev").addEventListener("click", () => go({ page: Math.max(0, state.view.page - 1) }, true));
   $("next").addEventListener("click", () => go({ page: state.view.page + 1 }, true));
   document.querySelectorAll("#modes .mode").forEach((a) => a.addEventListener("click", (e) => {

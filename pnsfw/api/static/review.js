@@ -1,5 +1,6 @@
 // Review mode (?mode=review): the server's review queue, one item at a time; one key per label, u undoes,
-// s skips, space shows a blurred image. Labels are saved in the store at once (POST /v1/labels).
+// s skips, space shows a blurred image, ? lists the keys. Labels are saved in the store at once (POST /v1/labels),
+// with the reviewer's name; the latest rows of the store's log (who, when) are shown below, and can be exported.
 "use strict";
 
 const review = { queue: [], at: 0, undo: [], done: 0, keys: {}, classes: [], loading: null, labelled: 0, remaining: 0 };
@@ -84,12 +85,13 @@ async function label(name) {
   if (!item || review.busy) return;
   review.busy = true;
   try {
-    await api("/v1/labels", jsonBody({ id: item.id, label: name }));
+    await saveLabel(item.id, name);
     review.undo.push({ index: review.at, item: item, label: name });
     review.done += 1;
     logLine("#" + item.id + " → " + name);
     review.at += 1;
     renderItem();
+    loadTrail();
   } catch (err) { $("review-status").textContent = err.message; }
   finally { review.busy = false; }
 }
@@ -99,12 +101,13 @@ async function undoLast() {
   if (!last || review.busy) return;
   review.busy = true;
   try {
-    await api("/v1/labels/" + last.item.id, { method: "DELETE" });
+    await saveLabel(last.item.id, null);
     review.done -= 1;
     if (review.queue[last.index] && review.queue[last.index].id === last.item.id) review.at = last.index;
     else { review.queue.splice(review.at, 0, last.item); }
     logLine("undone: #" + last.item.id + " (" + last.label + ")");
     renderItem();
+    loadTrail();
   } catch (err) { review.undo.push(last); $("review-status").textContent = err.message; }
   finally { review.busy = false; }
 }
@@ -118,11 +121,19 @@ function logLine(text) {
   while ($("review-log").children.length > 12) $("review-log").lastChild.remove();
 }
 
+function reviewKeys() {
+  const byClass = {};
+  for (const [key, name] of Object.entries(review.keys)) (byClass[name] = byClass[name] || []).push(key);
+  return review.classes.map((name) => [(byClass[name] || []).join(" / "), "label " + name])
+    .concat([["u", "undo the last label"], ["s", "skip"], ["space", "show a blurred image"], ["?", "this help"], ["Esc", "close"]]);
+}
+
 function onKey(e) {
   if (state.view.mode !== "review" || e.ctrlKey || e.metaKey || e.altKey) return;
   if (e.target && ["INPUT", "TEXTAREA"].includes(e.target.tagName)) return;
   const key = e.key.toLowerCase();
-  if (review.keys[key]) { e.preventDefault(); label(review.keys[key]); }
+  if (e.key === "?") { e.preventDefault(); window.toggleHelp(reviewKeys()); }
+  else if (review.keys[key]) { e.preventDefault(); label(review.keys[key]); }
   else if (key === "u") { e.preventDefault(); undoLast(); }
   else if (key === "s") { e.preventDefault(); skip(); }
   else if (key === " ") {
@@ -130,6 +141,34 @@ function onKey(e) {
     if (img) { e.preventDefault(); img.click(); }
   }
 }
+
+// ---- the audit trail: the newest rows of the store's labels log, and CSV exports
+
+function when(at) { return at ? new Date(at * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC" : ""; }
+
+async function loadTrail() {
+  try {
+    const data = await api("/v1/labels?history=true&last=15");
+    $("trail-table").innerHTML = "<tr><th>when</th><th>item</th><th>label</th><th>by</th><th>source</th></tr>" +
+      data.labels.reverse().map((r) => "<tr><td>" + when(r.at) + "</td><td>#" + r.id + "</td><td>" +
+        (r.label === null ? "<i>taken back</i>" : escapeHtml(r.label)) + "</td><td>" + escapeHtml(r.by || "") + "</td><td>" +
+        escapeHtml(r.source) + "</td></tr>").join("");
+  } catch (err) { $("trail-table").textContent = err.message; }
+}
+
+async function exportLabels(history) {
+  const response = await fetch("/v1/labels?format=csv" + (history ? "&history=true" : ""), { headers: headers() });
+  if (!response.ok) { $("review-status").textContent = "export failed: " + response.status; return; }
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(await response.blob());
+  a.download = history ? "labels-log.csv" : "labels.csv";
+  document.body.append(a);
+  a.click();
+  a.remove();
+}
+
+$("export").addEventListener("click", () => exportLabels(false));
+$("export-history").addEventListener("click", () => exportLabels(true));
 
 window.startReview = function () {
   if (!review.loading) review.loading = loadQueue().catch((err) => { $("review-progress").textContent = err.message; review.loading = null; });
@@ -173,4 +212,9 @@ async function loadModels() {
 }
 
 const startQueue = window.startReview;
-window.startReview = function () { loadModels(); startQueue(); };
+window.startReview = function () { loadModels(); loadTrail(); startQueue(); };
+
+$("help-button").addEventListener("click", () => {
+  if (state.view.mode === "review") window.toggleHelp(reviewKeys());
+  else window.toggleHelp(AUDIT_KEYS);
+});
