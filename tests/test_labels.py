@@ -46,7 +46,7 @@ def test_declared_classes_are_validated_recorded_and_exported(classes_server: Se
         assert client.post("/v1/labels", json={"id": 2, "label": "nsfw", "by": "bob"}).status_code == 200
         assert client.delete("/v1/labels/2", params={"by": "ann"}).status_code == 200
         hit = client.post("/v1/search", json={"id": 1, "k": 1}).json()["hits"][0]
-        assert hit["label"] == "unsure"
+        assert hit["label"] == "unsure" and client.get("/v1/items/1").json()["label"] == "unsure"
         latest = client.get("/v1/labels").json()
         assert [(r["id"], r["label"], r["by"], r["classes"]) for r in latest["labels"]] == [(1, "unsure", "ann",
                                                                                               CLASSES)]
@@ -161,6 +161,13 @@ def test_page_labels_the_queried_item_with_the_declared_classes_and_folds_duplic
             page.wait_for_function("!new URLSearchParams(location.search).has('dedup')")
             wait_for_cards(page, 6)
             assert page.locator("#grid .dups").count() == 0
+            page.wait_for_selector("#query-item .clear-label")
+            page.click("#query-item .clear-label")  # takes the label back
+            page.wait_for_function("document.querySelector('#query-item .own-label').textContent.includes('back')")
+            with classes_server.client() as client:
+                assert 9 not in {r["id"] for r in client.get("/v1/labels").json()["labels"]}
+                newest = client.get("/v1/labels", params={"history": "true", "last": 1}).json()["labels"][0]
+            assert (newest["id"], newest["label"], newest["by"]) == (9, None, "carol")
             page.set_viewport_size({"width": 390, "height": 844})
             page.wait_for_timeout(200)
             assert page.evaluate("document.documentElement.scrollWidth") <= 390

@@ -297,7 +297,11 @@ class Engine:
                 "settings": self.settings.public()}
 
     def item(self, item_id: int) -> dict[str, Any]:
-        return dict(self.searcher.item(item_id))
+        """An item's metadata with its label (a person's, else the training one), with or without a model."""
+        searcher = self.searcher
+        item = dict(searcher.item(item_id))
+        item.setdefault("label", searcher.labels.get(int(item_id)))
+        return item
 
     def vector_of(self, item_id: int) -> np.ndarray:
         return np.asarray(self.searcher.vector_of(item_id), dtype=np.float32).reshape(-1)

@@ -159,7 +159,8 @@ async def get_labels(request: Request,
                      source: str | None = Query(None, description="Only this source (review, cli, file)."),
                      history: bool = Query(False, description="Every row of the log (the audit trail: who, "
                                                               "when, take-backs), not only each item's latest."),
-                     last: int | None = Query(None, ge=1, le=100_000, description="Only the last N rows (the newest, with history)."),
+                     last: int | None = Query(None, ge=1, le=100_000, description="Only the last N rows (the "
+                                                                                    "newest, with history)."),
                      format: Literal["json", "csv"] = Query("json", description="csv: a file that `pnsfw "
                                                                                  "label --file` imports.")
                      ) -> Response:

@@ -243,6 +243,15 @@ function labelButtons(id, current, onSaved) {  // one button per label class (di
     });
     row.append(b);
   });
+  const clear = document.createElement("button");  // takes a person's label back (the log keeps both rows)
+  clear.type = "button";
+  clear.className = "clear-label";
+  clear.title = "take the label back";
+  clear.textContent = "clear";
+  clear.addEventListener("click", async () => {
+    try { await saveLabel(id, null); onSaved(null); } catch (err) { setStatus(err.message, true); }
+  });
+  row.append(clear);
   return row;
 }
 
@@ -260,7 +269,8 @@ async function showQueryItem(id) {
     "<span class=own-label>" + label + "</span><div class=uri>" + escapeHtml(item.uri) + "</div><div class=caption>" + escapeHtml(captionOf(item) || "") + "</div>";
   const labelled = (name) => {
     item.label = name;
-    meta.querySelector(".own-label").innerHTML = "label <b>" + escapeHtml(name) + "</b> <span class=muted>(saved)</span>";
+    meta.querySelector(".own-label").innerHTML = name === null ? "<span class=muted>label taken back</span>" :
+      "label <b>" + escapeHtml(name) + "</b> <span class=muted>(saved)</span>";
     meta.querySelectorAll(".label-button").forEach((b) => b.classList.toggle("chosen", b.dataset.label === name));
   };
   if (state.labelClasses.length) meta.append(labelButtons(id, item.label, labelled));
