@@ -1,9 +1,5 @@
 """`pnsfw import`: clip-retrieval and Parquet layouts, resumable and idempotent, bad rows, raw 768-d stores."""
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +8,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from crash import kill_inside
 
 from pnsfw.cli import cli
 from pnsfw.store import Store
@@ -144,36 +141,11 @@ def test_768_store_end_to_end(tmp_path: Path, tiny_checkpoint: Path) -> None:
             assert body["hits"][0]["id"] == 4 and body["hits"][0]["p_nsfw"] is not None
 
 
-KILL_AT = """
-import sys, time
-from pnsfw.store import hooks
-marker, nth = sys.argv[1], int(sys.argv[2])
-seen = [0]
-def hook(name):
-    if name.startswith("staged:shards"):
-        seen[0] += 1
-        if seen[0] == nth:
-            open(marker, "w").write(name)
-            time.sleep(600)
-hooks.set_hook(hook)
-from pnsfw.cli import main
-sys.argv = ["pnsfw"] + sys.argv[3:]
-main()
-"""
-
-
 def test_kill_mid_import_then_rerun_equals_an_uninterrupted_import(imported, tmp_path: Path) -> None:
     folder, reference, _, _ = imported
-    store, marker = tmp_path / "store", tmp_path / "marker"
-    args = ["import", str(folder), "--store", str(store), "--shard-size", "50", "--no-faiss"]
-    proc = subprocess.Popen([sys.executable, "-c", KILL_AT, str(marker), "2", *args], stdout=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()  # SIGKILL, inside the second shard's commit window
-    out = proc.communicate()[0].decode(errors="replace")
-    assert marker.exists(), out[-2000:]
+    store = tmp_path / "store"
+    kill_inside("staged:shards", 2, ["import", folder, "--store", store, "--shard-size", "50", "--no-faiss"],
+                tmp_path / "marker")
     assert 0 < Store.open(store).rows < 120  # the first shard committed, the second killed in its window
     run_cli("import", folder, "--store", store, "--shard-size", "50")
     got, want = snapshot(store), snapshot(reference)

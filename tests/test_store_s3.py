@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from crash import kill_inside
 from s3_server import start_seaweed, weed_binary
-from test_store_v2 import ENCODER, V1_STORE, _rows, _snapshot, kill_inside
+from test_store_v2 import ENCODER, V1_STORE, _rows, _snapshot
 
 from pnsfw.cli import cli
 from pnsfw.indexer.projection import random_projection

@@ -6,13 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from crash import kill_inside
 
 from pnsfw.cli import cli
 from pnsfw.errors import StoreError
@@ -322,37 +322,6 @@ def test_read_only_store_gives_one_line(tmp_path: Path, tiny_checkpoint) -> None
 
 
 # ---- kill -9 inside each commit window
-KILL_AT = """
-import sys, time
-from pnsfw.store import hooks
-step, nth, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-seen = [0]
-def hook(name):
-    if name.startswith(step):
-        seen[0] += 1
-        if seen[0] == nth:
-            open(marker, "w").write(name)
-            time.sleep(600)
-hooks.set_hook(hook)
-from pnsfw.cli import main
-sys.argv = ["pnsfw"] + sys.argv[4:]
-main()
-"""
-
-
-def kill_inside(step: str, nth: int, args: list[str], marker: Path) -> None:
-    """Run `pnsfw ARGS` in a subprocess and kill -9 it when it reaches the nth pause at `step`."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), KERAS_BACKEND="torch")
-    proc = subprocess.Popen([sys.executable, "-c", KILL_AT, step, str(nth), str(marker), *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    out = proc.communicate()[0].decode(errors="replace")
-    assert marker.exists(), f"never reached {step} #{nth}: {out[-2000:]}"
-
-
 def _index_args(source: Path, store: Path, ckpt: Path) -> list:
     return ["index", source, "--store", store, "--model", ckpt, "--device", "cpu", "--workers", "-1",
             "--batch-size", "4", "--shard-size", "4"]

@@ -10,15 +10,16 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SourceError
+from .sources import uri_column
 
 log = logging.getLogger("pnsfw.indexer")
-URI_COLUMNS = ("uri", "image_path", "url")  # clip-retrieval writes image_path (files) or url (img2dataset)
 EMBEDDING_COLUMNS = ("embedding", "emb", "img_emb", "image_embedding")
 RAW_WIDTHS = (512, 640, 768, 1024, 1280)  # CLIP widths: a fixed-size binary of 4x one of them is float32
 
@@ -36,6 +37,7 @@ class Chunk:
 class Unit:
     source: str  # recorded in each row's `source` column: how a resumed import finds its offset
     rows: int
+    uri_column: str
     read: Callable[[int, int], Iterator[Chunk]]  # (start, chunk) -> chunks
 
 
@@ -68,33 +70,61 @@ def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
     return found
 
 
-def _open_npy(path: Path) -> np.ndarray:
+@dataclass
+class NpyHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int  # of the first row in the file
+
+
+def _npy_header(path: Path) -> NpyHeader:
+    """Shape, dtype and data offset of an .npy file, checked: 2-d, float, C order."""
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
     except (OSError, ValueError) as exc:
         raise SourceError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
-    if array.ndim != 2 or array.dtype.kind != "f":
-        raise SourceError(f"{path}: expected a 2-d float16/float32 array, got {array.dtype} {array.shape}")
-    return array
+    if len(shape) != 2 or dtype.kind != "f" or dtype.hasobject or (fortran and shape[1] > 1):
+        raise SourceError(f"{path}: expected a 2-d C-order float16/float32 array, got {dtype} {shape}")
+    return NpyHeader(shape, dtype, offset)
 
 
-def _npy_unit(emb_path: Path, meta_path: Path) -> Unit:
-    rows = _open_npy(emb_path).shape[0]
-    meta_rows = pq.ParquetFile(meta_path).metadata.num_rows
+def _read_rows(file: BinaryIO, header: NpyHeader, count: int) -> np.ndarray:
+    """The next COUNT rows, read into a fresh array (one read call: page-cache copies beat memory-map faults)."""
+    rows = np.empty((count, header.shape[1]), header.dtype)
+    view = memoryview(rows.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):
+        got = file.readinto(view[done:])
+        if not got:
+            raise SourceError(f"{file.name}: truncated (expected {header.shape[0]:,} rows)")
+        done += got
+    return rows
+
+
+def _npy_unit(emb_path: Path, meta_path: Path, wanted_uri: "str | None") -> Unit:
+    header = _npy_header(emb_path)
+    rows = header.shape[0]
+    meta = pq.ParquetFile(meta_path)
+    meta_rows, uris = meta.metadata.num_rows, uri_column(meta_path, meta.schema_arrow, wanted_uri)
     if meta_rows != rows:
         raise SourceError(f"{emb_path} has {rows:,} embeddings but {meta_path} has {meta_rows:,} rows")
 
     def read(start: int, chunk: int) -> Iterator[Chunk]:
-        array = _open_npy(emb_path)
-        offset = start
-        for table in _metadata_batches(meta_path, start, chunk):
-            yield Chunk(offset, np.asarray(array[offset:offset + table.num_rows]), table)
-            offset += table.num_rows
+        with open(emb_path, "rb") as file:
+            file.seek(header.offset + start * header.shape[1] * header.dtype.itemsize)
+            offset = start
+            for table in _metadata_batches(meta_path, start, chunk):
+                yield Chunk(offset, _read_rows(file, header, table.num_rows), table)
+                offset += table.num_rows
 
-    return Unit(str(emb_path), rows, read)
+    return Unit(str(emb_path), rows, uris, read)
 
 
-def clip_retrieval_units(root: Path) -> list[Unit]:
+def clip_retrieval_units(root: Path, _embedding_column: "str | None", wanted_uri: "str | None") -> list[Unit]:
     embeddings = _numbered(root / "img_emb", "img_emb", ".npy")
     metadata = _numbered(root / "metadata", "metadata", ".parquet")
     if not embeddings:
@@ -104,7 +134,7 @@ def clip_retrieval_units(root: Path) -> list[Unit]:
         raise SourceError(f"{root}: img_emb_{missing[0]}.npy has no metadata/metadata_{missing[0]}.parquet")
     if (root / "text_emb").is_dir():
         log.warning("%s: text_emb/ ignored (only image embeddings are imported)", root)
-    return [_npy_unit(embeddings[n], metadata[n]) for n in sorted(embeddings)]
+    return [_npy_unit(embeddings[n], metadata[n], wanted_uri) for n in sorted(embeddings)]
 
 
 # ---- parquet: an embedding column (list<float> or fixed-size binary) + a uri column
@@ -148,10 +178,11 @@ def _pick(names: list[str], given: "str | None", choices: tuple[str, ...], what:
     raise SourceError(f"{path}: no {what} column among {', '.join(choices)}; name it with --{what}-column")
 
 
-def _parquet_unit(path: Path, embedding_column: "str | None") -> Unit:
+def _parquet_unit(path: Path, embedding_column: "str | None", wanted_uri: "str | None") -> Unit:
     schema = pq.read_schema(path)
     column = _pick(schema.names, embedding_column, EMBEDDING_COLUMNS, "embedding", path)
     field = schema.field(column)
+    uris = uri_column(path, schema.remove(schema.get_field_index(column)), wanted_uri)
     rows = pq.ParquetFile(path).metadata.num_rows
 
     def read(start: int, chunk: int) -> Iterator[Chunk]:
@@ -160,14 +191,14 @@ def _parquet_unit(path: Path, embedding_column: "str | None") -> Unit:
             yield Chunk(offset, embeddings_of(table.column(column), field), table.drop_columns([column]))
             offset += table.num_rows
 
-    return Unit(str(path), rows, read)
+    return Unit(str(path), rows, uris, read)
 
 
-def parquet_units(root: Path, embedding_column: "str | None") -> list[Unit]:
+def parquet_units(root: Path, embedding_column: "str | None", wanted_uri: "str | None") -> list[Unit]:
     files = sorted(root.rglob("*.parquet")) if root.is_dir() else [root]
     if not files:
         raise SourceError(f"{root}: no .parquet files")
-    return [_parquet_unit(f, embedding_column) for f in files]
+    return [_parquet_unit(f, embedding_column, wanted_uri) for f in files]
 
 
 def detect_layout(path: Path) -> str:
@@ -179,13 +210,13 @@ def detect_layout(path: Path) -> str:
                       "of them")
 
 
-LAYOUTS: dict[str, Callable[[Path, "str | None"], list[Unit]]] = {
-    "clip-retrieval": lambda path, _column: clip_retrieval_units(path),
+LAYOUTS: dict[str, Callable[[Path, "str | None", "str | None"], list[Unit]]] = {
+    "clip-retrieval": clip_retrieval_units,
     "parquet": parquet_units,
 }
 
 
-def open_units(paths: list[str], layout: str, embedding_column: "str | None") -> list[Unit]:
+def open_units(paths: list[str], layout: str, embedding_column: "str | None", wanted_uri: "str | None") -> list[Unit]:
     """Every unit of every PATH, in order."""
     units = []
     for given in paths:
@@ -195,5 +226,5 @@ def open_units(paths: list[str], layout: str, embedding_column: "str | None") ->
         kind = detect_layout(path) if layout == "auto" else layout
         if kind not in LAYOUTS:
             raise SourceError(f"--layout {layout!r}: use auto, {', '.join(LAYOUTS)}")
-        units += LAYOUTS[kind](path, embedding_column)
+        units += LAYOUTS[kind](path, embedding_column, wanted_uri)
     return units

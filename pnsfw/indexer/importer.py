@@ -10,6 +10,7 @@ gives the rows and ids of an uninterrupted run.
 import logging
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,28 +21,27 @@ import pyarrow.compute as pc
 
 from ..errors import BadInput, SpaceMismatch
 from ..store import Projection, Store, StoreWriter
-from ..store.shards import ERROR_SCHEMA, FIXED_COLUMNS, embedding_array
-from .import_layouts import URI_COLUMNS, Chunk, Unit, open_units
-from .projection import make_projection
+from ..store.shards import ERROR_SCHEMA, embedding_array
+from .import_layouts import Chunk, Unit, open_units
+from .ingest import IngestOptions
+from .projection import check_projection_option, make_projection
+from .sources import meta_name
+from .unitvec import unit_rows
 
 log = logging.getLogger("pnsfw.indexer")
 KNOWN_WIDTHS = {"RN50": 1024, "RN101": 512, "RN50x4": 640, "RN50x16": 768, "RN50x64": 1024, "ViT-B/32": 512,
                 "ViT-B/16": 512, "ViT-L/14": 768, "ViT-L/14@336px": 768}
 DEFAULT_FOR_WIDTH = {512: "ViT-B/32", 768: "ViT-L/14"}
-RENAMED = {"id": "source_id", "source": "source_source", "uri_hash": "source_uri_hash", "embedding": "source_embedding"}
 
 
 @dataclass
-class ImportOptions:
+class ImportOptions(IngestOptions):
+    """Options of `pnsfw import`; a new store's defaults: the model by width (DEFAULT_FOR_WIDTH), projection none."""
+
     layout: str = "auto"
-    model: str | None = None  # the CLIP model that made the embeddings (default: the store's, or by width)
-    projection: str | None = None  # None: the store's, or `none` for a new store
     embedding_column: str | None = None
-    uri_column: str | None = None
     shard_size: int = 100_000
     chunk_rows: int = 65_536
-    pca_rows: int = 10_000
-    seed: int = 0
 
 
 @dataclass
@@ -112,8 +112,7 @@ def _space(writer: StoreWriter, options: ImportOptions, width: int, sample: np.n
         projection = store.projection()
         if projection.width != width:
             raise SpaceMismatch(f"store {store.root} holds embeddings of width {projection.width}, these have {width}")
-        if options.projection and options.projection != projection.kind:
-            raise BadInput(f"store {store.root} already uses a {projection.kind} projection; drop --projection")
+        check_projection_option(writer, options.projection)
         writer.set_space(encoder, projection)  # refuses another model
         return projection
     projection = make_projection(options.projection or "none", width, sample, options.seed)
@@ -138,7 +137,7 @@ REASONS = {1: "wrong width", 2: "not finite", 3: "zero vector", 4: "no uri"}
 
 
 def _matrix(embeddings: np.ndarray, width: int, code: np.ndarray) -> np.ndarray:
-    """(n, width) float32; rows of another width are marked (code 1) and left zero."""
+    """(n, width) floats as they came (no copy when dense); rows of another width are marked (code 1), left zero."""
     if embeddings.dtype == object:
         lengths = np.array([len(row) for row in embeddings])
         code[lengths != width] = 1
@@ -148,8 +147,8 @@ def _matrix(embeddings: np.ndarray, width: int, code: np.ndarray) -> np.ndarray:
         return out
     if embeddings.shape[1] != width:
         code[:] = 1
-        return np.zeros((len(embeddings), width), np.float32)
-    return np.asarray(embeddings, np.float32)
+        return np.zeros((len(embeddings), width), np.float16)
+    return embeddings
 
 
 def _fixed(metadata: pa.Table, name: str, kind: pa.DataType) -> "pa.Array | None":
@@ -165,16 +164,16 @@ def _rows_table(metadata: pa.Table, uri_column: str, source: str, vectors: np.nd
     """The shard columns (the store adds uri_hash), then the other metadata columns as they came."""
     n = metadata.num_rows
     columns: dict[str, Any] = {"uri": metadata.column(uri_column).cast(pa.string()),
-                               "source": pa.array([source] * n, pa.string())}
+                               "source": pa.repeat(pa.scalar(source, pa.string()), n)}
     used = {uri_column}
     for name, kind in (("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32())):
         given = _fixed(metadata, name, kind)
         columns[name] = given if given is not None else pa.nulls(n, kind)
         used.update([name] if given is not None else [])
-    columns["embedding"] = embedding_array(vectors.astype(np.float16))
+    columns["embedding"] = embedding_array(vectors)
     for name in metadata.column_names:
         if name not in used:
-            columns[RENAMED.get(name, name) if name in FIXED_COLUMNS else name] = metadata.column(name)
+            columns[meta_name(name)] = metadata.column(name)
     return pa.table(columns)
 
 
@@ -190,37 +189,48 @@ def _errors_table(chunk: Chunk, uris: pa.Array, source: str, code: np.ndarray) -
     return pa.table(rows, schema=ERROR_SCHEMA)
 
 
-def map_chunk(chunk: Chunk, unit: Unit, width: int, projection: Projection,
-              uri_column: str) -> tuple["pa.Table | None", "pa.Table | None"]:
+def map_chunk(chunk: Chunk, unit: Unit, width: int, projection: Projection) -> tuple["pa.Table | None",
+                                                                                    "pa.Table | None"]:
     """Valid rows (L2-normalised, projected, fp16; no ids yet) and error rows of one chunk."""
+    uri_column = unit.uri_column
     code = np.zeros(chunk.metadata.num_rows, np.int8)
     x = _matrix(chunk.embeddings, width, code)
-    finite = np.isfinite(x).all(axis=1)
-    code[(code == 0) & ~finite] = 2
-    with np.errstate(invalid="ignore", over="ignore"):
-        norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # NaN/inf rows are marked already
-    code[(code == 0) & ~(norms > 1e-12)] = 3
+    checked, vectors = unit_rows(x)
+    code[code == 0] = checked[code == 0]
     uris = chunk.metadata.column(uri_column).combine_chunks()
-    code[(code == 0) & uris.is_null().to_numpy(zero_copy_only=False)] = 4
-    good = code == 0
+    if uris.null_count:
+        code[(code == 0) & uris.is_null().to_numpy(zero_copy_only=False)] = 4
     errors = _errors_table(chunk, uris, unit.source, code)
+    good = code == 0
     if not good.any():
         return None, errors
-    x = x[good] if not good.all() else x
-    vectors = x / norms[good][:, None] if projection.kind == "none" else projection.apply(x)
-    metadata = chunk.metadata.filter(pa.array(good)) if not good.all() else chunk.metadata
+    everything = bool(good.all())
+    if projection.kind != "none":  # from the rows as given: no fp16 rounding before the projection
+        vectors = projection.apply(x if everything else x[good]).astype(np.float16)
+    elif not everything:
+        vectors = vectors[good]
+    metadata = chunk.metadata if everything else chunk.metadata.filter(pa.array(good))
     return _rows_table(metadata, uri_column, unit.source, vectors), errors
 
 
 # ---- writer and runner
 class ImportWriter:
-    """Buffers mapped chunks; commits them (rows with ids + error rows) as one shard of <= shard_size rows."""
+    """Buffers mapped chunks; commits them (rows with ids + error rows) as one shard of <= shard_size rows.
+
+    Commits run in one background thread, in order (ids are taken there, from the manifest each commit sees), so
+    the parquet write, checksum and fsync of one shard overlap the reading and mapping of the next; at most one
+    shard waits, so memory stays bounded by two shards.
+    """
 
     def __init__(self, writer: StoreWriter, shard_size: int, summary: ImportSummary):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.writer, self.shard_size, self.summary = writer, shard_size, summary
         self.rows: list[pa.Table] = []
         self.errors: list[pa.Table] = []
         self.pending = 0
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pnsfw-import-commit")
+        self.inflight: Future[None] | None = None
 
     def add(self, rows: "pa.Table | None", errors: "pa.Table | None") -> None:
         count = rows.num_rows if rows is not None else 0
@@ -235,28 +245,33 @@ class ImportWriter:
                 self.summary.failed[reason] = self.summary.failed.get(reason, 0) + n
 
     def commit(self) -> None:
+        """Hand the buffered rows to the commit thread (after the previous commit is done)."""
         if not self.rows and not self.errors:
             return
-        table = None
-        if self.rows:
-            table = pa.concat_tables(self.rows, promote_options="default")
-            table = table.add_column(0, "id", pa.array(self.writer.next_ids(table.num_rows)))
-        errors = pa.concat_tables(self.errors) if self.errors else None
-        self.writer.commit(table, errors)
-        self.summary.imported += self.pending
+        rows, errors, count = self.rows, self.errors, self.pending
         self.rows, self.errors, self.pending = [], [], 0
+        self.wait()
+        self.inflight = self.pool.submit(self._commit, rows, errors, count)
 
+    def _commit(self, rows: list[pa.Table], errors: list[pa.Table], count: int) -> None:
+        table = None
+        if rows:
+            table = rows[0] if len(rows) == 1 else pa.concat_tables(rows, promote_options="default")
+            table = table.add_column(0, "id", pa.array(self.writer.next_ids(table.num_rows)))
+        self.writer.commit(table, pa.concat_tables(errors) if errors else None)
+        self.summary.imported += count
 
-def _uri_column(unit: Unit, chunk: Chunk, given: "str | None") -> str:
-    names = chunk.metadata.column_names
-    if given:
-        if given not in names:
-            raise BadInput(f"{unit.source}: no column {given!r} for --uri-column (columns: {', '.join(names)})")
-        return given
-    for name in URI_COLUMNS:
-        if name in names:
-            return name
-    raise BadInput(f"{unit.source}: no uri column among {', '.join(URI_COLUMNS)}; name it with --uri-column")
+    def wait(self) -> None:
+        """Block until the commit in flight is done (re-raising its error)."""
+        inflight, self.inflight = self.inflight, None
+        if inflight is not None:
+            inflight.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def _first_chunk(units: list[Unit], offsets: Counter[str], options: ImportOptions) -> "tuple[int, np.ndarray] | None":
@@ -273,11 +288,23 @@ def _first_chunk(units: list[Unit], offsets: Counter[str], options: ImportOption
     return None
 
 
+def _stream(units: list[Unit], offsets: Counter[str], options: ImportOptions, projection: Projection,
+            out: ImportWriter) -> None:
+    """Every unit's rows from its committed offset on, mapped, into the writer."""
+    chunk_rows = max(1, min(options.chunk_rows, options.shard_size))
+    for unit in units:
+        if offsets[unit.source] >= unit.rows:
+            continue
+        for chunk in unit.read(offsets[unit.source], chunk_rows):
+            out.summary.bytes_read += int(getattr(chunk.embeddings, "nbytes", 0))
+            out.add(*map_chunk(chunk, unit, projection.width, projection))
+
+
 def run_import(paths: list[str], store_root: "str | Path", options: ImportOptions | None = None) -> ImportSummary:
     """Import embeddings from PATHs into the store (resumable, idempotent); returns what it did."""
     options = options or ImportOptions()
     started, summary = time.time(), ImportSummary()
-    units = open_units(paths, options.layout, options.embedding_column)
+    units = open_units(paths, options.layout, options.embedding_column, options.uri_column)
     summary.units = len(units)
     store = Store(store_root)
     with store.writer() as writer:
@@ -289,15 +316,10 @@ def run_import(paths: list[str], store_root: "str | Path", options: ImportOption
             return summary
         projection = _space(writer, options, first[0], first[1])
         out = ImportWriter(writer, options.shard_size, summary)
-        chunk_rows = max(1, min(options.chunk_rows, options.shard_size))
-        for unit in units:
-            if offsets[unit.source] >= unit.rows:
-                continue
-            uri_column = None
-            for chunk in unit.read(offsets[unit.source], chunk_rows):
-                uri_column = uri_column or _uri_column(unit, chunk, options.uri_column)
-                summary.bytes_read += int(getattr(chunk.embeddings, "nbytes", 0))
-                out.add(*map_chunk(chunk, unit, projection.width, projection, uri_column))
-        out.commit()
+        try:
+            _stream(units, offsets, options, projection, out)
+            out.commit()
+        finally:
+            out.close()
     summary.seconds = time.time() - started
     return summary

@@ -5,14 +5,12 @@ import functools
 import hashlib
 import itertools
 import logging
-import os
 import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +21,8 @@ from ..store import Projection, Store, StoreWriter
 from .decode import DEFAULT_MAX_PIXELS
 from .encoder import DEFAULT_MODEL, Encoder, describe_encoder, load_encoder, resolve_device
 from .gpu.options import GpuOptions
-from .projection import make_projection, needs_sample
+from .ingest import IngestOptions
+from .projection import check_projection_option, make_projection, needs_sample
 from .reader import DEFAULT_MAX_DOWNLOAD, Result, decoded_stream, process_chunk
 from .sources import Item, check_sources, iter_items
 from .timeline import mark
@@ -33,25 +32,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class IndexOptions:
-    """Options of `pnsfw index` (see its --help)."""
+class IndexOptions(IngestOptions):
+    """Options of `pnsfw index` (see its --help); a new store's defaults: DEFAULT_MODEL, a `random` projection."""
 
-    model: str | None = None  # None: the store's own encoder, or DEFAULT_MODEL for a new store
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 0  # 0: 64 on CPU, 1024 on CUDA
     workers: int = 0  # 0: one per core; -1: decode in this process
-    shard_size: int = 50_000
     commit_interval: float = 60.0
-    projection: str | None = None  # None: the store's, or `random` for a new store
-    pca_rows: int = 10_000
-    seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     timeout: float = 10.0  # per URL, in total
     max_download: int = DEFAULT_MAX_DOWNLOAD
     progress: bool = False
     reader: str = "auto"  # a key of READERS; auto: tensor on CUDA, pil on CPU
-    uri_column: str | None = None  # of Parquet/CSV sources; None: uri, url or image_path
     retry_errors: bool = False  # try the uris of error rows again
     gpu: GpuOptions = field(default_factory=GpuOptions)  # the tensor reader's (--gpu-*)
 
@@ -138,17 +131,6 @@ def store_model(store: Store, model: str | None) -> str:
         return model
     encoder = store.encoder if store.exists else None
     return str(encoder["name"]) if encoder else DEFAULT_MODEL
-
-
-def check_projection_option(writer: StoreWriter, spec: str | None) -> None:
-    """An explicit --projection must agree with the one an existing store already uses."""
-    if not spec or not writer.store.projection_info:
-        return
-    current = writer.store.projection()
-    same_file = os.path.isfile(spec) and Projection.load(Path(spec)).fingerprint == current.fingerprint
-    if spec != current.kind and not same_file:
-        raise BadInput(f"store {writer.store.root} already uses a {current.kind} projection; "
-                       f"drop --projection or use another --store")
 
 
 def _projection_for(writer: StoreWriter, options: IndexOptions, encoder: Encoder) -> Projection | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from ..store import StoreWriter
 from ..store.projection import Projection, l2_normalize
 
 DIM = 256
@@ -61,3 +62,14 @@ def make_projection(spec: str, width: int, sample: np.ndarray | None = None, see
         raise BadInput(f"projection {spec} maps width {projection.width}, but the model's embeddings have "
                        f"width {width}")
     return projection
+
+
+def check_projection_option(writer: StoreWriter, spec: str | None) -> None:
+    """An explicit --projection must agree with the one an existing store already uses."""
+    if not spec or not writer.store.projection_info:
+        return
+    current = writer.store.projection()
+    same_file = os.path.isfile(spec) and Projection.load(Path(spec)).fingerprint == current.fingerprint
+    if spec != current.kind and not same_file:
+        raise BadInput(f"store {writer.store.root} already uses a {current.kind} projection; "
+                       f"drop --projection or use another --store")

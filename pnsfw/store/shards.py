@@ -9,6 +9,7 @@ dim are in the field metadata so readers without pnsfw can decode it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,28 @@ def shard_schema(dim: int, extra: tuple[str, ...] = ()) -> pa.Schema:
     ])
 
 
-def uri_hash(uris: list[str]) -> np.ndarray:
+def uri_hash(uris: list[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """uint64 per uri: the first 8 bytes of blake2b (stable across runs, machines and Python versions)."""
-    out = np.empty(len(uris), dtype="<u8")
-    for i, uri in enumerate(uris):
-        out[i] = int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
-                                "little")
-    return out
+    if isinstance(uris, (pa.Array, pa.ChunkedArray)):
+        return _arrow_uri_hash(uris)
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(u.encode("utf-8", "surrogateescape"), digest_size=8).digest() for u in uris])
+    return np.frombuffer(digests, dtype="<u8").copy()
+
+
+def _arrow_uri_hash(uris: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """uri_hash of a string column without making a Python string per row (the hash itself is per row: hashlib
+    has no batch API; this is ~1.6x faster than hashing to_pylist())."""
+    array = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
+    array = array.cast(pa.large_binary())
+    if array.null_count:
+        raise ValueError("uri_hash of a null uri")
+    offsets = np.frombuffer(array.buffers()[1], dtype="<i8")[array.offset:array.offset + len(array) + 1]
+    data = array.buffers()[2].to_pybytes() if len(array) else b""
+    bounds = offsets.tolist()
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(data[a:b], digest_size=8).digest() for a, b in itertools.pairwise(bounds)])
+    return np.frombuffer(digests, dtype="<u8").copy()
 
 
 def normalize_rows(table: pa.Table, dim: int) -> pa.Table:
@@ -55,7 +71,7 @@ def normalize_rows(table: pa.Table, dim: int) -> pa.Table:
     columns: dict[str, Any] = {}
     for name in ("id", "uri", "source", "sha256", "width", "height"):
         columns[name] = table.column(name)
-    columns["uri_hash"] = pa.array(uri_hash(table.column("uri").to_pylist()), pa.uint64())
+    columns["uri_hash"] = pa.array(uri_hash(table.column("uri")), pa.uint64())
     columns["embedding"] = table.column("embedding")
     extra = tuple(n for n in table.column_names if n not in FIXED_COLUMNS)
     for name in extra:
@@ -69,7 +85,7 @@ def embedding_array(emb: np.ndarray) -> pa.Array:
     """fp16 (n, dim) matrix -> fixed_size_binary column without copying row by row."""
     emb = np.ascontiguousarray(emb, dtype="<f2")
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(emb.shape[1] * 2), len(emb),
-                                                [None, pa.py_buffer(emb.tobytes())])
+                                                [None, pa.py_buffer(emb.reshape(-1).view(np.uint8))])
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
