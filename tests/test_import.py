@@ -1,5 +1,6 @@
 """`pnsfw import`: clip-retrieval and Parquet layouts, resumable and idempotent, bad rows, raw 768-d stores."""
 
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from crash import kill_inside
+from test_store_s3 import BUCKET, s3  # noqa: F401 - the SeaweedFS fixture
 
 from pnsfw.cli import cli
 from pnsfw.store import Store
@@ -152,3 +154,41 @@ def test_kill_mid_import_then_rerun_equals_an_uninterrupted_import(imported, tmp
     assert got[0] == want[0]
     np.testing.assert_array_equal(got[1], want[1])
     assert {p.name for p in (store / "shards").iterdir()} == {s.name for s in Store.open(store).shards}
+
+
+def test_file_url_imports_like_a_path(imported, tmp_path: Path) -> None:
+    folder, reference, _, _ = imported
+    run_cli("import", f"file://{folder}", "--store", tmp_path / "store", "--shard-size", "50", "--no-faiss")
+    got, want = snapshot(tmp_path / "store"), snapshot(reference)
+    assert got[0] == want[0]
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.usefixtures("s3")
+def test_s3_sources_stream_into_local_and_s3_stores(imported, tmp_path: Path) -> None:
+    """clip-retrieval and Parquet layouts read from a real S3 server (SeaweedFS) equal the local import."""
+    import s3fs
+
+    folder, reference, _, _ = imported
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    prefix = f"{BUCKET}/laion-{uuid.uuid4().hex[:8]}"
+    fs.put(str(folder), prefix, recursive=True)
+    run_cli("import", f"s3://{prefix}", "--store", tmp_path / "store", "--shard-size", "50", "--no-faiss")
+    got, want = snapshot(tmp_path / "store"), snapshot(reference)
+    assert got[0] == want[0]
+    np.testing.assert_array_equal(got[1], want[1])
+    sources = set(Store.open(tmp_path / "store").table(["source"]).column("source").to_pylist())
+    assert sources == {f"s3://{prefix}/img_emb/img_emb_{n}.npy" for n in range(3)}
+    again = run_cli("import", f"s3://{prefix}", "--store", tmp_path / "store", "--no-faiss")
+    assert "imported 0 embeddings" in again.output
+
+    x, _ = class_vectors(30, 768, seed=5)
+    pq.write_table(pa.table({"url": [f"u{i}" for i in range(30)], "embedding": [list(v) for v in x]}),
+                   tmp_path / "v.parquet", row_group_size=8)
+    fs.put(str(tmp_path / "v.parquet"), f"{prefix}-pq/part-0.parquet")
+    store_url = f"s3://{prefix}-store"
+    result = run_cli("import", f"s3://{prefix}-pq", "--store", store_url, "--model", "ViT-L/14", "--no-faiss")
+    assert "imported 30 embeddings" in result.output
+    store = Store.open(store_url)
+    assert store.rows == 30 and store.dim == 768
+    np.testing.assert_allclose(store.vectors()[1], x / np.linalg.norm(x, axis=1, keepdims=True), atol=2e-3)

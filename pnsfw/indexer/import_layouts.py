@@ -2,21 +2,22 @@
 
 A layout turns PATHs into units (one embedding file each, in a stable order); a unit streams chunks of at most
 `chunk` rows from a row offset (so a resumed import starts where the store's commits end) in bounded memory:
-.npy files are memory-mapped, Parquet files read one record batch at a time.
+.npy files are read a chunk at a time (readinto), Parquet files one record batch at a time. PATHs are local
+paths or fsspec URLs (place.py); remote files are streamed the same way.
 """
 
 import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SourceError
+from .place import Place
 from .sources import uri_column
 
 log = logging.getLogger("pnsfw.indexer")
@@ -41,9 +42,8 @@ class Unit:
     read: Callable[[int, int], Iterator[Chunk]]  # (start, chunk) -> chunks
 
 
-def _metadata_batches(path: Path, start: int, chunk: int, columns: "list[str] | None" = None) -> Iterator[pa.Table]:
+def _metadata_batches(file: pq.ParquetFile, start: int, chunk: int) -> Iterator[pa.Table]:
     """Metadata rows from `start` on, in tables of at most `chunk` rows (row groups before start are skipped)."""
-    file = pq.ParquetFile(path, memory_map=True)
     first, skip = 0, start
     while first < file.num_row_groups and skip >= file.metadata.row_group(first).num_rows:
         skip -= file.metadata.row_group(first).num_rows
@@ -51,7 +51,7 @@ def _metadata_batches(path: Path, start: int, chunk: int, columns: "list[str] | 
     groups = list(range(first, file.num_row_groups))
     if not groups:
         return
-    for batch in file.iter_batches(batch_size=chunk, row_groups=groups, columns=columns):
+    for batch in file.iter_batches(batch_size=chunk, row_groups=groups):
         table = pa.Table.from_batches([batch])
         if skip:
             table, skip = table.slice(min(skip, table.num_rows)), max(0, skip - table.num_rows)
@@ -60,13 +60,13 @@ def _metadata_batches(path: Path, start: int, chunk: int, columns: "list[str] | 
 
 
 # ---- clip-retrieval: img_emb/img_emb_N.npy + metadata/metadata_N.parquet
-def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
+def _numbered(folder: Place, prefix: str, suffix: str) -> dict[int, Place]:
     pattern = re.compile(rf"{prefix}_(\d+){re.escape(suffix)}$")
     found = {}
-    for path in folder.iterdir() if folder.is_dir() else []:
-        match = pattern.match(path.name)
+    for place in folder.children():
+        match = pattern.match(place.name)
         if match:
-            found[int(match.group(1))] = path
+            found[int(match.group(1))] = place
     return found
 
 
@@ -77,10 +77,10 @@ class NpyHeader:
     offset: int  # of the first row in the file
 
 
-def _npy_header(path: Path) -> NpyHeader:
+def _npy_header(path: Place) -> NpyHeader:
     """Shape, dtype and data offset of an .npy file, checked: 2-d, float, C order."""
     try:
-        with open(path, "rb") as f:
+        with path.open() as f:
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read(f)
@@ -92,7 +92,7 @@ def _npy_header(path: Path) -> NpyHeader:
     return NpyHeader(shape, dtype, offset)
 
 
-def _read_rows(file: BinaryIO, header: NpyHeader, count: int) -> np.ndarray:
+def _read_rows(file: IO[bytes], header: NpyHeader, count: int) -> np.ndarray:
     """The next COUNT rows, read into a fresh array (one read call: page-cache copies beat memory-map faults)."""
     rows = np.empty((count, header.shape[1]), header.dtype)
     view = memoryview(rows.reshape(-1).view(np.uint8))
@@ -100,39 +100,39 @@ def _read_rows(file: BinaryIO, header: NpyHeader, count: int) -> np.ndarray:
     while done < len(view):
         got = file.readinto(view[done:])
         if not got:
-            raise SourceError(f"{file.name}: truncated (expected {header.shape[0]:,} rows)")
+            raise SourceError(f"{getattr(file, 'name', 'an .npy file')}: truncated (expected {header.shape[0]:,} rows)")
         done += got
     return rows
 
 
-def _npy_unit(emb_path: Path, meta_path: Path, wanted_uri: "str | None") -> Unit:
+def _npy_unit(emb_path: Place, meta_path: Place, wanted_uri: "str | None") -> Unit:
     header = _npy_header(emb_path)
     rows = header.shape[0]
-    meta = pq.ParquetFile(meta_path)
-    meta_rows, uris = meta.metadata.num_rows, uri_column(meta_path, meta.schema_arrow, wanted_uri)
+    meta = meta_path.parquet()
+    meta_rows, uris = meta.metadata.num_rows, uri_column(str(meta_path), meta.schema_arrow, wanted_uri)
     if meta_rows != rows:
         raise SourceError(f"{emb_path} has {rows:,} embeddings but {meta_path} has {meta_rows:,} rows")
 
     def read(start: int, chunk: int) -> Iterator[Chunk]:
-        with open(emb_path, "rb") as file:
+        with emb_path.open() as file:
             file.seek(header.offset + start * header.shape[1] * header.dtype.itemsize)
             offset = start
-            for table in _metadata_batches(meta_path, start, chunk):
+            for table in _metadata_batches(meta_path.parquet(), start, chunk):
                 yield Chunk(offset, _read_rows(file, header, table.num_rows), table)
                 offset += table.num_rows
 
     return Unit(str(emb_path), rows, uris, read)
 
 
-def clip_retrieval_units(root: Path, _embedding_column: "str | None", wanted_uri: "str | None") -> list[Unit]:
-    embeddings = _numbered(root / "img_emb", "img_emb", ".npy")
-    metadata = _numbered(root / "metadata", "metadata", ".parquet")
+def clip_retrieval_units(root: Place, _embedding_column: "str | None", wanted_uri: "str | None") -> list[Unit]:
+    embeddings = _numbered(root.child("img_emb"), "img_emb", ".npy")
+    metadata = _numbered(root.child("metadata"), "metadata", ".parquet")
     if not embeddings:
         raise SourceError(f"{root}: no img_emb/img_emb_N.npy files (clip-retrieval layout)")
     missing = sorted(set(embeddings) - set(metadata))
     if missing:
         raise SourceError(f"{root}: img_emb_{missing[0]}.npy has no metadata/metadata_{missing[0]}.parquet")
-    if (root / "text_emb").is_dir():
+    if root.child("text_emb").is_dir():
         log.warning("%s: text_emb/ ignored (only image embeddings are imported)", root)
     return [_npy_unit(embeddings[n], metadata[n], wanted_uri) for n in sorted(embeddings)]
 
@@ -167,7 +167,7 @@ def embeddings_of(column: "pa.Array | pa.ChunkedArray", field: pa.Field) -> np.n
     return rows
 
 
-def _pick(names: list[str], given: "str | None", choices: tuple[str, ...], what: str, path: Path) -> str:
+def _pick(names: list[str], given: "str | None", choices: tuple[str, ...], what: str, path: Place) -> str:
     if given:
         if given not in names:
             raise SourceError(f"{path}: no column {given!r} (columns: {', '.join(names)})")
@@ -178,49 +178,49 @@ def _pick(names: list[str], given: "str | None", choices: tuple[str, ...], what:
     raise SourceError(f"{path}: no {what} column among {', '.join(choices)}; name it with --{what}-column")
 
 
-def _parquet_unit(path: Path, embedding_column: "str | None", wanted_uri: "str | None") -> Unit:
-    schema = pq.read_schema(path)
+def _parquet_unit(path: Place, embedding_column: "str | None", wanted_uri: "str | None") -> Unit:
+    file = path.parquet()
+    schema = file.schema_arrow
     column = _pick(schema.names, embedding_column, EMBEDDING_COLUMNS, "embedding", path)
     field = schema.field(column)
-    uris = uri_column(path, schema.remove(schema.get_field_index(column)), wanted_uri)
-    rows = pq.ParquetFile(path).metadata.num_rows
+    uris = uri_column(str(path), schema.remove(schema.get_field_index(column)), wanted_uri)
 
     def read(start: int, chunk: int) -> Iterator[Chunk]:
         offset = start
-        for table in _metadata_batches(path, start, chunk):
+        for table in _metadata_batches(path.parquet(), start, chunk):
             yield Chunk(offset, embeddings_of(table.column(column), field), table.drop_columns([column]))
             offset += table.num_rows
 
-    return Unit(str(path), rows, uris, read)
+    return Unit(str(path), file.metadata.num_rows, uris, read)
 
 
-def parquet_units(root: Path, embedding_column: "str | None", wanted_uri: "str | None") -> list[Unit]:
-    files = sorted(root.rglob("*.parquet")) if root.is_dir() else [root]
+def parquet_units(root: Place, embedding_column: "str | None", wanted_uri: "str | None") -> list[Unit]:
+    files = root.files(".parquet") if root.is_dir() else [root]
     if not files:
         raise SourceError(f"{root}: no .parquet files")
     return [_parquet_unit(f, embedding_column, wanted_uri) for f in files]
 
 
-def detect_layout(path: Path) -> str:
-    if (path / "img_emb").is_dir():
+def detect_layout(path: Place) -> str:
+    if path.child("img_emb").is_dir():
         return "clip-retrieval"
-    if path.suffix == ".parquet" or path.is_dir():
+    if path.path.endswith(".parquet") or path.is_dir():
         return "parquet"
     raise SourceError(f"{path}: not a clip-retrieval folder (img_emb/ + metadata/), a .parquet file or a folder "
                       "of them")
 
 
-LAYOUTS: dict[str, Callable[[Path, "str | None", "str | None"], list[Unit]]] = {
+LAYOUTS: dict[str, Callable[[Place, "str | None", "str | None"], list[Unit]]] = {
     "clip-retrieval": clip_retrieval_units,
     "parquet": parquet_units,
 }
 
 
 def open_units(paths: list[str], layout: str, embedding_column: "str | None", wanted_uri: "str | None") -> list[Unit]:
-    """Every unit of every PATH, in order."""
+    """Every unit of every PATH (a local path or an fsspec URL), in order."""
     units = []
     for given in paths:
-        path = Path(given)
+        path = Place.of(given)
         if not path.exists():
             raise SourceError(f"{given}: no such file or folder")
         kind = detect_layout(path) if layout == "auto" else layout

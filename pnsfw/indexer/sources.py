@@ -195,7 +195,7 @@ def _open_table(path: Path) -> tuple[Any, Callable[[], Iterator[Any]]]:
     return inferred, lambda: iter(csv.open_csv(path, convert_options=strings))
 
 
-def uri_column(path: Path, schema: Any, wanted: str | None) -> str:
+def uri_column(path: "Path | str", schema: Any, wanted: str | None) -> str:
     """The uri column of a table source: --uri-column, or the first of URI_COLUMNS present; it must be text."""
     import pyarrow as pa
 

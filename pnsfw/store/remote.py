@@ -52,6 +52,24 @@ def _mtime(info: dict[str, Any]) -> float:
     return 0.0
 
 
+def fsspec_options(protocol: str) -> dict[str, Any]:
+    """Options of an fsspec filesystem for PROTOCOL: no caches across commits, S3 endpoint from the environment."""
+    options: dict[str, Any] = {"skip_instance_cache": True}
+    if protocol in ("s3", "s3a"):
+        options["use_listings_cache"] = False
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options
+
+
+def url_fs(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path in it) of a source URL, configured as the store's filesystems are."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **fsspec_options(url.split("://", 1)[0]))
+
+
 class FsspecFS(FileSystem):
     """A store under an fsspec URL; object stores are atomic per object, so writes are plain uploads."""
 
@@ -60,14 +78,8 @@ class FsspecFS(FileSystem):
 
         self.root = url.rstrip("/")
         protocol = url.split("://", 1)[0]
-        options: dict[str, Any] = {"skip_instance_cache": True}
-        if protocol in ("s3", "s3a"):
-            options["use_listings_cache"] = False
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            if endpoint:
-                options["client_kwargs"] = {"endpoint_url": endpoint}
         try:
-            self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
+            self.fs, self.base = fsspec.core.url_to_fs(self.root, **fsspec_options(protocol))
         except (ImportError, ValueError) as exc:
             raise StoreError(f"cannot open store {url}: {exc}") from None
         self.protocol = protocol
