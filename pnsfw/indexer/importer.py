@@ -9,7 +9,7 @@ gives the rows and ids of an uninterrupted run.
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..concurrency import cpu_count
 from ..errors import BadInput, SpaceMismatch
 from ..store import Projection, Store, StoreWriter
 from ..store.shards import ERROR_SCHEMA, embedding_array
+from ..store.writer import StagedCommit
 from .import_layouts import Chunk, Unit, open_units
 from .ingest import IngestOptions
 from .projection import check_projection_option, make_projection
@@ -42,6 +44,7 @@ class ImportOptions(IngestOptions):
     embedding_column: str | None = None
     shard_size: int = 100_000
     chunk_rows: int = 65_536
+    stage_threads: int = 0  # shards written at once while the next are read; 0: min(4, cores)
 
 
 @dataclass
@@ -215,27 +218,31 @@ def map_chunk(chunk: Chunk, unit: Unit, width: int, projection: Projection) -> t
 
 # ---- writer and runner
 class ImportWriter:
-    """Buffers mapped chunks; commits them (rows with ids + error rows) as one shard of <= shard_size rows.
+    """Buffers mapped chunks; cuts them into shards of <= shard_size rows (rows with ids + error rows), each
+    committed as one manifest version, in order.
 
-    Commits run in one background thread, in order (ids are taken there, from the manifest each commit sees), so
-    the parquet write, checksum and fsync of one shard overlap the reading and mapping of the next; at most one
-    shard waits, so memory stays bounded by two shards.
+    A cut shard is staged (Parquet write, checksum, fsync) by a pool of `depth` threads while the next ones are
+    read and mapped; the oldest staged shard is committed once more than `depth` wait, so memory stays bounded
+    by depth + 1 shards and a crash leaves a prefix of the stream committed (staged files of a dead run are
+    orphans the store sweeps).
     """
 
-    def __init__(self, writer: StoreWriter, shard_size: int, summary: ImportSummary):
+    def __init__(self, writer: StoreWriter, shard_size: int, summary: ImportSummary, depth: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.writer, self.shard_size, self.summary = writer, shard_size, summary
+        self.writer, self.shard_size, self.summary, self.depth = writer, shard_size, summary, max(1, depth)
         self.rows: list[pa.Table] = []
         self.errors: list[pa.Table] = []
         self.pending = 0
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pnsfw-import-commit")
-        self.inflight: Future[None] | None = None
+        self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="pnsfw-import-stage")
+        self.staged: deque[tuple[Future[StagedCommit], int]] = deque()
+        base = writer.manifest
+        self.next_id, self.numbers = base.next_id, [base.next_part(base.shards), base.next_part(base.errors)]
 
     def add(self, rows: "pa.Table | None", errors: "pa.Table | None") -> None:
         count = rows.num_rows if rows is not None else 0
         if self.pending and self.pending + count > self.shard_size:
-            self.commit()
+            self.cut()
         if rows is not None:
             self.rows.append(rows)
             self.pending += count
@@ -244,34 +251,37 @@ class ImportWriter:
             for reason, n in Counter(errors.column("reason").to_pylist()).items():
                 self.summary.failed[reason] = self.summary.failed.get(reason, 0) + n
 
-    def commit(self) -> None:
-        """Hand the buffered rows to the commit thread (after the previous commit is done)."""
+    def cut(self) -> None:
+        """Stage the buffered rows as one shard (ids taken in stream order), in the background."""
         if not self.rows and not self.errors:
             return
-        rows, errors, count = self.rows, self.errors, self.pending
-        self.rows, self.errors, self.pending = [], [], 0
-        self.wait()
-        self.inflight = self.pool.submit(self._commit, rows, errors, count)
-
-    def _commit(self, rows: list[pa.Table], errors: list[pa.Table], count: int) -> None:
         table = None
-        if rows:
-            table = rows[0] if len(rows) == 1 else pa.concat_tables(rows, promote_options="default")
-            table = table.add_column(0, "id", pa.array(self.writer.next_ids(table.num_rows)))
-        self.writer.commit(table, pa.concat_tables(errors) if errors else None)
+        if self.rows:
+            table = self.rows[0] if len(self.rows) == 1 else pa.concat_tables(self.rows, promote_options="default")
+            ids = np.arange(self.next_id, self.next_id + table.num_rows, dtype=np.int64)
+            table, self.next_id = table.add_column(0, "id", pa.array(ids)), self.next_id + table.num_rows
+        errors = pa.concat_tables(self.errors) if self.errors else None
+        numbers = (self.numbers[0], self.numbers[1])
+        self.numbers = [numbers[0] + (table is not None), numbers[1] + (errors is not None)]
+        self.staged.append((self.pool.submit(self.writer.stage, table, errors, numbers), self.pending))
+        self.rows, self.errors, self.pending = [], [], 0
+        while len(self.staged) > self.depth:
+            self._commit_oldest()
+
+    def _commit_oldest(self) -> None:
+        future, count = self.staged.popleft()
+        self.writer.commit_staged(future.result())
         self.summary.imported += count
 
-    def wait(self) -> None:
-        """Block until the commit in flight is done (re-raising its error)."""
-        inflight, self.inflight = self.inflight, None
-        if inflight is not None:
-            inflight.result()
+    def finish(self) -> None:
+        """Cut the rest, then commit every staged shard in order."""
+        self.cut()
+        while self.staged:
+            self._commit_oldest()
 
     def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self.pool.shutdown(wait=True)
+        """Wait for the staging threads (after an error nothing more is committed)."""
+        self.pool.shutdown(wait=True)
 
 
 def _first_chunk(units: list[Unit], offsets: Counter[str], options: ImportOptions) -> "tuple[int, np.ndarray] | None":
@@ -315,10 +325,10 @@ def run_import(paths: list[str], store_root: "str | Path", options: ImportOption
             summary.seconds = time.time() - started
             return summary
         projection = _space(writer, options, first[0], first[1])
-        out = ImportWriter(writer, options.shard_size, summary)
+        out = ImportWriter(writer, options.shard_size, summary, options.stage_threads or min(4, cpu_count()))
         try:
             _stream(units, offsets, options, projection, out)
-            out.commit()
+            out.finish()
         finally:
             out.close()
     summary.seconds = time.time() - started

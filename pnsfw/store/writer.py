@@ -54,6 +54,15 @@ class _Pending:
     table: pa.Table | None
 
 
+@dataclass
+class StagedCommit:
+    """What one `commit` lists: a staged shard (with its rows, for renumbering) and a staged error part."""
+
+    rows: _Pending
+    error: Staged | None
+    reasons: dict[str, int]
+
+
 class StoreWriter:
     """Appends shards and error parts; each `commit` is one manifest version."""
 
@@ -108,12 +117,27 @@ class StoreWriter:
 
     def commit(self, rows: pa.Table | None, errors: pa.Table | None) -> None:
         """Stage a shard and/or an error part, then list them in one manifest version."""
+        self.commit_staged(self.stage(rows, errors))
+
+    def stage(self, rows: pa.Table | None, errors: pa.Table | None,
+              numbers: tuple[int, int] | None = None) -> StagedCommit:
+        """Write a shard and/or an error part, listed by nothing yet (commit_staged lists them). Several may be
+        staged at once from threads when each gets its own part `numbers` (shard, error part)."""
         base = self.manifest
-        shard = self._stage_rows(rows, base) if rows is not None and rows.num_rows else None
-        error = self._stage_errors(errors, base) if errors is not None and errors.num_rows else None
-        if shard is None and error is None:
+        shard_number, error_number = numbers or (base.next_part(base.shards), base.next_part(base.errors))
+        table = shards.normalize_rows(rows, self.store.dim) if rows is not None and rows.num_rows else None
+        meta = {b"pnsfw.space": json.dumps(self.store.space_info.__dict__).encode()}
+        shard = stage_table(self.store, "shards", shard_number, table, meta) if table is not None else None
+        error = None
+        if errors is not None and errors.num_rows:
+            error = stage_table(self.store, "errors", error_number, errors, {})
+        return StagedCommit(_Pending(shard, table), error, _reasons(errors))
+
+    def commit_staged(self, staged: StagedCommit) -> None:
+        """List a staged shard and error part in one manifest version (renumbering ids another writer took)."""
+        pending, error = staged.rows, staged.error
+        if pending.shard is None and error is None:
             return
-        pending = _Pending(shard, rows)
 
         def change(manifest: Manifest) -> Manifest:
             if pending.shard is not None and pending.table is not None:
@@ -123,7 +147,7 @@ class StoreWriter:
                 self._append_shard(manifest, pending.shard, pending.table)
             if error is not None:
                 manifest.errors.append(Part(error.name, error.rows, error.sha256, error.bytes, time.time(),
-                                            _reasons(errors)))
+                                            staged.reasons))
             return manifest
 
         self.store.commit(change, "a shard")
@@ -150,14 +174,6 @@ class StoreWriter:
             return manifest
 
         self.store.commit(change, f"{len(tables)} shards")
-
-    def _stage_rows(self, rows: pa.Table, base: Manifest) -> Staged:
-        table = shards.normalize_rows(rows, self.store.dim)
-        meta = {b"pnsfw.space": json.dumps(self.store.space_info.__dict__).encode()}
-        return stage_table(self.store, "shards", base.next_part(base.shards), table, meta)
-
-    def _stage_errors(self, errors: pa.Table, base: Manifest) -> Staged:
-        return stage_table(self.store, "errors", base.next_part(base.errors), errors, {})
 
     def _renumber(self, table: pa.Table, staged: Staged, manifest: Manifest) -> tuple[pa.Table, Staged]:
         log.info("another writer committed ids first; renumbering %s from id %d", staged.name, manifest.next_id)
