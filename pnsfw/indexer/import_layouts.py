@@ -10,7 +10,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -92,10 +92,10 @@ def _npy_header(path: Place) -> NpyHeader:
     return NpyHeader(shape, dtype, offset)
 
 
-def _read_rows(file: IO[bytes], header: NpyHeader, count: int) -> np.ndarray:
+def _read_rows(file: Any, header: NpyHeader, count: int) -> np.ndarray:
     """The next COUNT rows, read into a fresh array (one read call: page-cache copies beat memory-map faults)."""
     rows = np.empty((count, header.shape[1]), header.dtype)
-    view = memoryview(rows.reshape(-1).view(np.uint8))
+    view = memoryview(rows.reshape(-1).view(np.uint8).data)
     done = 0
     while done < len(view):
         got = file.readinto(view[done:])

@@ -10,6 +10,7 @@ budget of a 1 GB/s import, so the arithmetic runs in torch on the CPU, one threa
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _tensor(x: np.ndarray):  # type: ignore[no-untyped-def]
+def _tensor(x: np.ndarray) -> Any:
     import torch
 
     with warnings.catch_warnings():  # a read-only memory map: torch warns, and nothing here writes to it

@@ -67,7 +67,8 @@ def url_fs(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path in it) of a source URL, configured as the store's filesystems are."""
     import fsspec
 
-    return fsspec.core.url_to_fs(url, **fsspec_options(url.split("://", 1)[0]))
+    fs, path = fsspec.core.url_to_fs(url, **fsspec_options(url.split("://", 1)[0]))
+    return fs, str(path)
 
 
 class FsspecFS(FileSystem):

@@ -48,7 +48,8 @@ def uri_hash(uris: list[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
         if len(uris) < FEW_URIS:
             blake2b = hashlib.blake2b
             digests = b"".join([blake2b(u.encode("utf-8", "surrogateescape"), digest_size=8).digest() for u in uris])
-            return np.frombuffer(digests, dtype="<u8").copy()
+            hashed: np.ndarray = np.frombuffer(digests, dtype="<u8").copy()
+            return hashed
         uris = pa.array([u.encode("utf-8", "surrogateescape") for u in uris], pa.large_binary())
     array = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
     array = array.cast(pa.large_binary())

@@ -99,4 +99,5 @@ def blake2b_64(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         _compress(part, _words(data, starts[live], lengths[live], block), counter, last, sub)
         if len(live) < n:
             h[:, live] = part
-    return h[0].copy()
+    digest: np.ndarray = h[0].copy()
+    return digest
