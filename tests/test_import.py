@@ -1,5 +1,6 @@
 """`pnsfw import`: clip-retrieval and Parquet layouts, resumable and idempotent, bad rows, raw 768-d stores."""
 
+import json
 import uuid
 from pathlib import Path
 
@@ -211,3 +212,19 @@ def test_vectorised_uri_hash_equals_hashlib() -> None:
     want = [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") for u in uris]
     assert uri_hash(pa.array(uris)).tolist() == want and uri_hash(uris).tolist() == want
     assert uri_hash(pa.array(uris).slice(5)).tolist() == want[5:] and uri_hash(uris[:3]).tolist() == want[:3]
+
+
+def test_text_search_with_the_declared_checkpoint(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """Embeddings imported with --model CHECKPOINT get its real fingerprint: `search --text` loads that CLIP's
+    text tower and returns the items nearest to the text embedding."""
+    from pnsfw.indexer.embedding import EmbeddingService
+
+    x, _ = class_vectors(40, 512, seed=7)
+    pq.write_table(pa.table({"uri": [f"u{i}" for i in range(40)], "embedding": [list(v) for v in x]}),
+                   tmp_path / "v.parquet")
+    run_cli("import", tmp_path / "v.parquet", "--store", tmp_path / "s", "--model", tiny_checkpoint)
+    result = run_cli("search", "--store", tmp_path / "s", "--text", "a cat", "-k", "3", "--json")
+    hits = json.loads(result.output)
+    text = EmbeddingService.open(Store.open(tmp_path / "s"), device="cpu").embed_texts(["a cat"])[0]
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert [h["uri"] for h in hits] == [f"u{i}" for i in np.argsort(-(unit @ text))[:3]]
