@@ -5,8 +5,8 @@ Usage: python scripts/bench_api.py [--vectors 1M] [--kind auto] [--device auto] 
                                    [--workdir /tmp/pnsfw-bench-api] [--out bench_api.json]
 
 Builds (once, reused) a store of N random unit vectors (written through StoreWriter; the manifest names a tiny
-random CLIP checkpoint so the server starts offline), a FAISS index (`--kind`), and a classifier trained for
-one epoch on random labels of 2,000 ids (without scikit-learn/matplotlib: Keras fit + save only; without
+random CLIP checkpoint so the server starts offline), a FAISS index (`--kind`; none: no index), and a classifier
+trained for one epoch on random labels of 2,000 ids (without scikit-learn/matplotlib: Keras fit + save only; without
 TensorFlow, KERAS_BACKEND=torch). Starts one `pnsfw serve` worker on a free loopback port (`--device`,
 `--search` passed through), then `--clients` processes drive each endpoint with `--concurrency` keep-alive
 connections in all, each a minimal raw asyncio HTTP/1.1 client (one pre-built request, no per-request client
@@ -70,7 +70,8 @@ def build_store(root: Path, count: int, kind: str) -> Path:
         writer.set_space(encoder.describe(), random_projection(encoder.width))
         for start in range(0, count, SHARD):
             writer.commit(_shard(writer, min(SHARD, count - start), rng), None)
-    print(f"[bench] index: {reindex(root, kind)}", flush=True)
+    if kind != "none":  # `serve --search exact` reads the vectors, not the index (and needs no faiss)
+        print(f"[bench] index: {reindex(root, kind)}", flush=True)
     picked = rng.choice(count, 2000, replace=False)
     train(root, picked)
     return root
@@ -267,7 +268,8 @@ def machine_info() -> dict[str, Any]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vectors", default="1M", type=parse_size)
-    parser.add_argument("--kind", default="auto", help="FAISS index kind of the store (pnsfw reindex --kind)")
+    parser.add_argument("--kind", default="auto",
+                        help="FAISS index kind of the store (pnsfw reindex --kind); none: no index (--search exact)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="pnsfw serve --device")
     parser.add_argument("--search", default="auto", choices=["auto", "exact", "index"], help="pnsfw serve --search")
     parser.add_argument("--clients", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),

@@ -3,7 +3,7 @@
 # Needs python3 with torch + torchvision (CUDA), pillow, pyarrow, numpy, click, tqdm, scikit-image, and the
 # pure-Python wheels in .whl/ (installed into /tmp/site here): clip-anytorch, ftfy, wcwidth, and for the
 # anchor clip-retrieval 2.45.0, all_clip, fire, termcolor, braceexpand, webdataset 0.2.111.
-# Usage: [TESTS=0] [STAGES=0] [ANCHOR=0] [VARIANTS="'' 'gpu-tower=reference' ..."] \
+# Usage: [TESTS=0] [STAGES=0] [NVJPEG=0] [ANCHOR=0] [VARIANTS="'' 'gpu-tower=reference' ..."] \
 #        scripts/run_gpu_bench.sh THUMBS PHOTOS [OUTDIR]
 # (VARIANTS: one pnsfw run per corpus for each quoted set of extra `pnsfw index` options, dashes left out;
 # '' = the defaults)
@@ -21,7 +21,8 @@ printf '#!/bin/sh\nexec %s -c "import sys; from pnsfw.cli import main; sys.argv[
     "$PY" > /tmp/bin/pnsfw && chmod +x /tmp/bin/pnsfw
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 nproc; python3 -c "import torch, torchvision, numpy; print(torch.__version__, torchvision.__version__, numpy.__version__)"
-[ "${TESTS:-1}" = 1 ] && timeout 180 python3 -m pytest tests/test_gpu_path.py tests/test_gpu_tower.py -x -q -s \
+[ "${TESTS:-1}" = 1 ] && timeout 180 python3 -m pytest tests/test_gpu_path.py tests/test_gpu_tower.py \
+    tests/test_gpu_nvjpeg.py -x -q -s \
     -p no:cacheprovider -W ignore 2>&1 | grep -E "nvJPEG|after resize|passed|failed|Error" | tail -12
 WORK=/tmp/pnsfw-bench
 BENCH="scripts/bench_index.py --device cuda --thumbs $THUMBS --photos $PHOTOS --workers 16 --no-faiss --workdir $WORK"
@@ -30,6 +31,8 @@ python3 $BENCH --skip-anchor --skip-ours --out "$OUTDIR/corpora.json" | tail -3 
     [ -d $WORK/$kind ] && python3 scripts/bench_gpu_stages.py $WORK/$kind --model $WORK/vit-b-32-seed0.pt \
         --batch 1024 --out "$OUTDIR/stages_$kind.json" 2>&1 | grep -v Warning | tail -16
 done
+[ "${NVJPEG:-1}" = 1 ] && [ -d $WORK/thumbs ] && timeout 240 python3 scripts/bench_nvjpeg.py $WORK/thumbs \
+    --model $WORK/vit-b-32-seed0.pt --out "$OUTDIR/nvjpeg_thumbs.json" 2>&1 | grep -v Warning | tail -30
 nvidia-smi dmon -s u -d 1 > "$OUTDIR/dmon.txt" 2>&1 &  # sm/mem/enc/dec/jpg utilisation, one line a second
 DMON=$!
 eval "set -- ${VARIANTS:-\"\"}"

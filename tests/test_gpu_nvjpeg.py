@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pnsfw.indexer.gpu.decode import DecoderPool, _hardware_first, device_decode
+from pnsfw.indexer.gpu.decode import DecoderPool, _hardware_first, device_decode, padded_decode, padded_fits
 from pnsfw.indexer.gpu.nvjpeg import HardwareDecoder, NvjpegError
 from pnsfw.indexer.gpu.nvjpeg import Image as NvImage
 from pnsfw.indexer.gpu.probe import jpeg_header
@@ -87,3 +87,27 @@ def test_auto_sends_only_units_of_large_images_to_the_engines() -> None:
     assert pool.threads == 2 and not pool.hardware_for(small) and pool.hardware_for(large)
     assert not DecoderPool("cuda", "torchvision").hardware_for(large)
     assert not DecoderPool("cpu", "auto").hardware_for(large)
+
+
+def test_padded_path_only_for_batches_that_fit() -> None:
+    rows = _prepared([_jpeg(400, 300, 0), _jpeg(256, 341, 1)], [True, True]).rows
+    assert padded_fits(rows) and not padded_fits(rows * 1000 + _prepared([_jpeg(1632, 1224, 2)], [True]).rows)
+    assert not DecoderPool("cuda", "torchvision").hardware_for(_prepared([_jpeg(64, 48, 0)], [True]))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with JPEG engines")
+@pytest.mark.parametrize("pinned", [False, True])
+def test_padded_decode_equals_per_image_decode(pinned: bool) -> None:
+    blobs = [_jpeg(w, h, i) for i, (w, h) in enumerate([(400, 300), (256, 341), (97, 61), (300, 400)])]
+    blobs.append(_jpeg(120, 90, 9, progressive=True))
+    hardware = [jpeg_header(b)[2] for b in blobs]
+    decoder = HardwareDecoder(pinned=pinned)
+    want = device_decode(_prepared(blobs, hardware), "cuda", decoder)
+    for _ in range(3):  # the pinned staging buffers are reused from the third call
+        prepared = _prepared(blobs, hardware)
+        batch, shapes = padded_decode(prepared, "cuda", decoder)
+        torch.cuda.synchronize()
+        assert [tuple(w.shape[1:]) for w in want] == shapes
+        for image, (h, w), ref in zip(batch, shapes, want):
+            assert torch.equal(image[:, :h, :w], ref)
+    decoder.close()

@@ -68,6 +68,17 @@ def test_batched_resize_same_sizes_stack_path() -> None:
     assert (ours - _reference(images, 224)).abs().max().item() <= ONE_LEVEL
 
 
+def test_padded_resize_ignores_what_lies_beyond_each_image() -> None:
+    from pnsfw.indexer.tensor_preprocess import resize_crop, resize_padded
+
+    shapes = [(300, 400), (257, 199), (224, 224), (90, 60)]
+    images = [_as_tensor(_photo(w, h, 20 + i)) for i, (h, w) in enumerate(shapes)]
+    garbage = torch.randint(0, 256, (len(images), 3, 300, 400), dtype=torch.uint8)  # as nvJPEG leaves a slot
+    for i, image in enumerate(images):
+        garbage[i, :, :image.shape[1], :image.shape[2]] = image
+    assert torch.equal(resize_padded(garbage, shapes, 224), resize_crop(images, 224))
+
+
 def _encoded(img: Image.Image, fmt: str = "JPEG", **kw: object) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)

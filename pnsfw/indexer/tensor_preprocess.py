@@ -116,10 +116,19 @@ def resize_crop(images: Sequence[Any], size: int, dtype: Any = None) -> Any:
     import torch
 
     dtype = dtype or torch.float32
-    device = images[0].device
-    batch = _padded(images, dtype)
     shapes = [(int(img.shape[1]), int(img.shape[2])) for img in images]
-    wx, wy = _stacked_weights(shapes, size, batch.shape[2], batch.shape[3], device, dtype)
+    return resize_padded(_padded(images, dtype), shapes, size, dtype)
+
+
+def resize_padded(batch: Any, shapes: Sequence[tuple[int, int]], size: int, dtype: Any = None) -> Any:
+    """(B, 3, Hmax, Wmax) images, each top-left in its slot with its (H, W) in `shapes` (whatever lies beyond
+    gets zero weight; uint8 or float) -> float (B, 3, size, size) 0..255, as `resize_crop`: a fixed number of
+    ops whatever the batch."""
+    import torch
+
+    dtype = dtype or torch.float32
+    batch = batch.to(dtype)
+    wx, wy = _stacked_weights(shapes, size, batch.shape[2], batch.shape[3], batch.device, dtype)
     rows = torch.matmul(batch, wx).round_().clamp_(0, 255)  # horizontal pass, stored as 8-bit by Pillow
     return torch.matmul(wy, rows).float().round_().clamp_(0, 255)
 

@@ -21,6 +21,7 @@ HARDWARE_THREADS = 2  # our binding on an H200: 2 MP photos 6,383 img/s steady w
 # ran at ~10k img/s per thread (24k with 2, alone) against 23-34k for torchvision.io's one decoder, and the
 # whole run was slower (5,220 vs 7,954 img/s steady, docs/benchmarks.md).
 HARDWARE_FROM_PIXELS = 1_000_000  # mean pixels per image of a unit
+PADDED_MAX_BYTES = 1 << 30  # units whose (n, 3, Hmax, Wmax) uint8 batch fits decode into it, resized in one pass
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,14 +64,15 @@ class DecoderPool:
         self.local = threading.local()
         self.made: list[Any] = []
         self.lock = threading.Lock()
-        self.unavailable = not device.startswith("cuda") or mode != "auto"
+        self.unavailable = not device.startswith("cuda") or mode not in ("auto", "hardware")
         self.serial = threading.Lock()  # torchvision.io's units, one at a time as with a single decode thread
 
     def hardware_for(self, prepared: Prepared) -> bool:
         """Whether this unit goes to the hardware engines (auto: units of large images)."""
         rows = prepared.rows
-        return not self.unavailable and bool(rows) and sum(r.width * r.height for r in rows) >= \
-            HARDWARE_FROM_PIXELS * len(rows)
+        if self.unavailable or not rows:
+            return False
+        return self.mode == "hardware" or sum(r.width * r.height for r in rows) >= HARDWARE_FROM_PIXELS * len(rows)
 
     @property
     def threads(self) -> int:
@@ -143,6 +145,37 @@ def device_decode(prepared: Prepared, device: str, decoder: Any) -> list[Any]:
     return images + (decode_jpegs(rest, device) if rest else [])
 
 
+def padded_fits(rows: list[Any]) -> bool:
+    """Whether a unit's images fit one (n, 3, Hmax, Wmax) uint8 batch of at most PADDED_MAX_BYTES."""
+    return bool(rows) and 3 * len(rows) * max(r.height for r in rows) * max(r.width for r in rows) <= \
+        PADDED_MAX_BYTES
+
+
+def padded_decode(prepared: Prepared, device: str, decoder: Any) -> tuple[Any, list[tuple[int, int]]]:
+    """uint8 (n, 3, Hmax, Wmax) on `device` and each image's (H, W), in prepared's (reordered) row order: the
+    hardware engines decode their share straight into the batch, torchvision.io the rest (copied in)."""
+    import torch
+
+    from .nvjpeg import NvjpegError
+
+    count = _hardware_first(prepared, True)
+    rest = decode_jpegs(prepared.data[count:], device) if count < len(prepared.data) else []
+    shapes = [(r.height, r.width) for r in prepared.rows[:count]] + [(int(i.shape[1]), int(i.shape[2])) for i in rest]
+    out = torch.empty((len(shapes), 3, max(h for h, _ in shapes), max(w for _, w in shapes)), dtype=torch.uint8,
+                      device=device)
+    for i, image in enumerate(rest, count):
+        out[i, :, :image.shape[1], :image.shape[2]] = image
+    if count:
+        try:
+            decoder.decode_into(prepared.data[:count], out)
+        except NvjpegError as exc:
+            warn_once(f"nvJPEG hardware decoder refused a batch ({exc}); torchvision.io decodes such batches")
+            for i, image in enumerate(decode_jpegs(prepared.data[:count], device)):
+                out[i, :, :image.shape[1], :image.shape[2]] = image
+                shapes[i] = (int(image.shape[1]), int(image.shape[2]))
+    return out, shapes
+
+
 @dataclass
 class Decoded:
     prepared: Prepared
@@ -156,13 +189,14 @@ def decode_unit(prepared: Prepared, device: str, size: int, router: Router, resi
     no device decoder takes goes to the CPU workers."""
     import torch
 
-    from ..tensor_preprocess import resize_crop
+    from ..tensor_preprocess import resize_crop, resize_padded
 
     if not prepared.data:
         return Decoded(prepared)
     started = time.perf_counter()
+    padded = decoder is not None and padded_fits(prepared.rows)
     try:
-        images = device_decode(prepared, device, decoder)
+        images = padded_decode(prepared, device, decoder) if padded else device_decode(prepared, device, decoder)
         router.stats.add("device_decode_call_s", time.perf_counter() - started)
     except (RuntimeError, ImportError) as exc:
         warn_once(f"the device decoder refused a batch ({str(exc).splitlines()[0]}); the CPU workers decode such "
@@ -171,7 +205,10 @@ def decode_unit(prepared: Prepared, device: str, size: int, router: Router, resi
         prepared.fallback += router.submit([r.item for r in prepared.rows])
         prepared.rows, prepared.data, prepared.hardware = [], [], []
         return Decoded(prepared)
-    pixels = images if resize_later else resize_crop(images, size, resize_dtype(device))
+    if padded:
+        pixels = resize_padded(images[0], images[1], size, resize_dtype(device))
+    else:
+        pixels = images if resize_later else resize_crop(images, size, resize_dtype(device))
     event = torch.cuda.Event() if device.startswith("cuda") else None
     if event is not None:
         event.record()

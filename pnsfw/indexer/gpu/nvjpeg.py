@@ -22,6 +22,8 @@ import sys
 from typing import Any
 
 BACKEND_HARDWARE = 3  # nvjpegBackend_t NVJPEG_BACKEND_HARDWARE
+FLAG_MEMORY_POOLS = 1 << 1  # NVJPEG_FLAGS_ENABLE_MEMORY_POOLS: internal allocations reused, not freed per call
+CSS_444 = 0  # nvjpegChromaSubsampling_t NVJPEG_CSS_444: the largest buffers, for any subsampling
 OUTPUT_RGB = 3  # nvjpegOutputFormat_t NVJPEG_OUTPUT_RGB: three planes, like torchvision's (3, H, W)
 MAX_COMPONENT = 4
 _STATUS = {1: "not initialized", 2: "invalid parameter", 3: "bad JPEG", 4: "JPEG not supported",
@@ -62,6 +64,10 @@ _SIGNATURES: dict[str, list[Any]] = {
     "nvjpegJpegStateDestroy": [ctypes.c_void_p],
     "nvjpegDestroy": [ctypes.c_void_p],
 }
+_OPTIONAL: dict[str, list[Any]] = {  # used when the library has them
+    "nvjpegDecodeBatchedPreAllocate": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_int, ctypes.c_int],
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,6 +80,9 @@ def library() -> ctypes.CDLL:
             for name, argtypes in _SIGNATURES.items():
                 function = getattr(lib, name)
                 function.argtypes, function.restype = argtypes, ctypes.c_int
+            for name, argtypes in _OPTIONAL.items():
+                if hasattr(lib, name):
+                    getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, ctypes.c_int
             return lib
         except (OSError, AttributeError) as exc:
             errors.append(f"{path}: {exc}")
@@ -86,13 +95,20 @@ def _check(status: int, call: str) -> None:
 
 
 class HardwareDecoder:
-    """One nvJPEG handle and decode state on the HARDWARE backend, for one thread."""
+    """One nvJPEG handle and decode state on the HARDWARE backend, for one thread.
 
-    def __init__(self) -> None:
+    `flags`: nvjpegCreateEx's flags; `preallocate`: (width, height) for nvjpegDecodeBatchedPreAllocate after each
+    batch-size change (nvJPEG otherwise frees and allocates device memory as image sizes vary); `pinned`: copy
+    each batch's bitstreams into page-locked staging memory of our own before the call."""
+
+    def __init__(self, flags: int = FLAG_MEMORY_POOLS, preallocate: tuple[int, int] | None = (512, 512),
+                 pinned: bool = True) -> None:
         self.lib = library()
         self.handle, self.state = ctypes.c_void_p(), ctypes.c_void_p()
-        self.batch = 0
-        _check(self.lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, 0, ctypes.byref(self.handle)),
+        self.batch, self.preallocate, self.pinned = 0, preallocate, pinned
+        self.staging: list[Any] = []  # [pinned uint8 tensor, event of the call that last read it] x 2
+        self.calls = 0
+        _check(self.lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, flags, ctypes.byref(self.handle)),
                "nvjpegCreateEx(HARDWARE)")
         try:
             _check(self.lib.nvjpegJpegStateCreate(self.handle, ctypes.byref(self.state)), "nvjpegJpegStateCreate")
@@ -100,27 +116,90 @@ class HardwareDecoder:
             self.close()
             raise
 
+    def _initialize(self, count: int) -> None:
+        if count == self.batch:  # the batched state is sized for one batch size
+            return
+        _check(self.lib.nvjpegDecodeBatchedInitialize(self.handle, self.state, count, 1, OUTPUT_RGB),
+               "nvjpegDecodeBatchedInitialize")
+        self.batch = count
+        if self.preallocate is not None and hasattr(self.lib, "nvjpegDecodeBatchedPreAllocate"):
+            width, height = self.preallocate
+            status = self.lib.nvjpegDecodeBatchedPreAllocate(self.handle, self.state, count, width, height,
+                                                             CSS_444, OUTPUT_RGB)
+            if status != 0:  # an optimisation only: decode without it
+                self.preallocate = None
+
+    def _bitstreams(self, data: list[Any]) -> tuple[Any, Any]:
+        """(pointers, lengths) uint64 arrays of the batch's bytes: in our pinned staging buffer (one of two,
+        reused once the call that last read it is done) or where they are."""
+        import numpy as np
+        import torch
+
+        lengths = np.fromiter((t.numel() for t in data), np.uint64, len(data))
+        if not self.pinned:
+            pointers = np.fromiter((t.data_ptr() for t in data), np.uint64, len(data))
+        else:
+            total = int(lengths.sum())
+            slot = self.calls % 2
+            if len(self.staging) <= slot:
+                self.staging.append([torch.empty(0, dtype=torch.uint8).pin_memory(), None])
+            buffer, event = self.staging[slot]
+            if event is not None:
+                event.synchronize()
+            if buffer.numel() < total:
+                buffer = torch.empty(max(total, 2 * buffer.numel()), dtype=torch.uint8).pin_memory()
+                self.staging[slot][0] = buffer
+            torch.cat(data, out=buffer[:total])
+            offsets = np.zeros(len(data), np.uint64)
+            np.cumsum(lengths[:-1], out=offsets[1:])
+            pointers = buffer.data_ptr() + offsets
+        return pointers, lengths
+
+    def _call(self, data: list[Any], table: Any, device: Any) -> None:
+        import torch
+
+        self._initialize(len(data))
+        pointers, lengths = self._bitstreams(data)
+        stream = torch.cuda.current_stream(device)
+        _check(self.lib.nvjpegDecodeBatched(self.handle, self.state,
+                                            pointers.ctypes.data_as(ctypes.POINTER(ctypes.c_void_p)),
+                                            lengths.ctypes.data_as(ctypes.POINTER(ctypes.c_size_t)),
+                                            table.ctypes.data_as(ctypes.POINTER(Image)), stream.cuda_stream),
+               "nvjpegDecodeBatched")
+        if self.pinned:
+            event = torch.cuda.Event()
+            event.record(stream)
+            self.staging[self.calls % 2][1] = event
+        self.calls += 1
+
     def decode(self, data: list[Any], sizes: list[tuple[int, int]], device: Any) -> list[Any]:
         """(3, H, W) uint8 tensors on `device` (the current stream) of the JPEG bytes in `data` (uint8 CPU
         tensors; sizes: their (width, height) from the probe). NvjpegError if nvJPEG refuses the batch."""
+        import numpy as np
         import torch
 
-        count = len(data)
-        if count != self.batch:  # the batched state is sized for one batch size
-            _check(self.lib.nvjpegDecodeBatchedInitialize(self.handle, self.state, count, 1, OUTPUT_RGB),
-                   "nvjpegDecodeBatchedInitialize")
-            self.batch = count
         outputs = [torch.empty((3, height, width), dtype=torch.uint8, device=device) for width, height in sizes]
-        images = (Image * count)()
-        for image, output, (width, _) in zip(images, outputs, sizes):
-            for plane in range(3):
-                image.channel[plane], image.pitch[plane] = output[plane].data_ptr(), width
-        pointers = (ctypes.c_void_p * count)(*[tensor.data_ptr() for tensor in data])
-        lengths = (ctypes.c_size_t * count)(*[tensor.numel() for tensor in data])
-        stream = torch.cuda.current_stream(device).cuda_stream
-        _check(self.lib.nvjpegDecodeBatched(self.handle, self.state, pointers, lengths, images, stream),
-               "nvjpegDecodeBatched")
+        table = np.zeros((len(data), 8), np.uint64)  # nvjpegImage_t rows: 4 plane pointers, 4 pitches
+        for row, output, (width, height) in zip(table, outputs, sizes):
+            base = output.data_ptr()
+            row[:3] = (base, base + width * height, base + 2 * width * height)
+            row[4:7] = width
+        self._call(data, table, device)
         return outputs
+
+    def decode_into(self, data: list[Any], out: Any) -> None:
+        """Decode into the first len(data) images of `out`, a uint8 (B, 3, Hmax, Wmax) CUDA tensor (each image
+        top-left in its slot, the rest of the slot left as it was): one allocation and no per-image ops."""
+        import numpy as np
+
+        count, (_, _, height, width) = len(data), out.shape
+        plane = height * width
+        table = np.zeros((count, 8), np.uint64)
+        first = out.data_ptr() + np.arange(count, dtype=np.uint64) * np.uint64(3 * plane)
+        for c in range(3):
+            table[:, c] = first + np.uint64(c * plane)
+        table[:, 4:7] = width
+        self._call(data, table, out.device)
 
     def close(self) -> None:
         if self.state:

@@ -175,6 +175,16 @@ def _from_queue(out: queue.Queue) -> Iterator[Decoded]:
         yield value
 
 
+def _warm_up(model: Callable[[Any], Any], encoder: Encoder, batch: int) -> None:
+    """One forward of the real batch shape on zeros while the decode thread makes the first unit: cuBLAS's
+    handles, the kernels' lazy loading (and a graph's capture) then cost the first batch nothing."""
+    import torch
+
+    if encoder.device.startswith("cuda"):
+        with torch.inference_mode():
+            model(torch.zeros((batch, 3, encoder.resolution, encoder.resolution), device=encoder.device))
+
+
 def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, options: Any, items: int,
                  batch: int) -> Iterator[UnitResult]:
     """Decode, resize and encode units on the encoder's device; results in unit order."""
@@ -185,6 +195,7 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
     threads = _start_threads(units, router, encoder, options, out, stop)
     try:
         model = image_model(encoder, options.gpu, items, batch)
+        _warm_up(model, encoder, batch)
         mark("image tower ready")
         yield from encode_units(_from_queue(out), encoder, model, router.stats)
     finally:
