@@ -405,7 +405,8 @@ def run_anchor(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path) ->
 def ours_command(args: argparse.Namespace, corpus: Path, store: Path, ckpt: Path,
                  summary: Path) -> list[str]:
     """The ``pnsfw index`` command line for one corpus."""
-    return [str(args.pnsfw), "index", str(corpus), "--store", str(store),
+    trace = ["--log-level", "debug"] if args.trace else []  # the start-up timeline in the run's log
+    return [str(args.pnsfw), *trace, "index", str(corpus), "--store", str(store),
             "--model", str(ckpt), "--device", args.device,
             "--batch-size", str(args.batch_size), "--workers", str(args.workers),
             "--summary-json", str(summary)] + (["--no-faiss"] if args.no_faiss else [])
@@ -581,6 +582,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pnsfw", type=Path, default=REPO / ".venv" / "bin" / "pnsfw")
     ap.add_argument("--seed", type=int, default=0, help="corpus and checkpoint seed")
     ap.add_argument("--no-faiss", action="store_true", help="pass --no-faiss to pnsfw (shards only)")
+    ap.add_argument("--trace", action="store_true", help="run pnsfw with --log-level debug (start-up timeline)")
     ap.add_argument("--ours-variants", nargs="*", default=[""],
                     help="pnsfw runs per corpus, each with extra `pnsfw index` options without their dashes "
                          "(argparse takes no dashed values), e.g. 'gpu-tower=reference gpu-resize=thread' "

@@ -44,7 +44,7 @@ def threaded(work: Callable[[int], Any], threads: int, repeats: int) -> tuple[fl
     host: list[float] = []
 
     def loop(i: int, count: int) -> None:
-        with torch.cuda.stream(streams[i]):
+        with torch.cuda.stream(streams[i]), torch.inference_mode():
             for _ in range(count):
                 started = time.perf_counter()
                 work(i)

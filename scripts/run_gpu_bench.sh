@@ -13,7 +13,7 @@ mkdir -p "$OUTDIR" /tmp/crbin /tmp/bin
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site:$PWD PYTHONUNBUFFERED=1 PNSFW_TRACE=1
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site:$PWD PYTHONUNBUFFERED=1
 # a wrapper, not a symlink: a symlinked venv interpreter outside its venv loses the venv's packages
 PY=$(python3 -c 'import sys; print(sys.executable)')
 printf '#!/bin/sh\nexec %s "$@"\n' "$PY" > /tmp/crbin/python && chmod +x /tmp/crbin/python
@@ -25,7 +25,7 @@ nproc; python3 -c "import torch, torchvision, numpy; print(torch.__version__, to
     tests/test_gpu_nvjpeg.py -x -q -s \
     -p no:cacheprovider -W ignore 2>&1 | grep -E "nvJPEG|after resize|passed|failed|Error" | tail -12
 WORK=/tmp/pnsfw-bench
-BENCH="scripts/bench_index.py --device cuda --thumbs $THUMBS --photos $PHOTOS --workers 16 --no-faiss --workdir $WORK"
+BENCH="scripts/bench_index.py --device cuda --thumbs $THUMBS --photos $PHOTOS --workers 16 --no-faiss --trace --workdir $WORK"
 python3 $BENCH --skip-anchor --skip-ours --out "$OUTDIR/corpora.json" | tail -3  # corpora + checkpoint first
 [ "${STAGES:-1}" = 1 ] && for kind in thumbs photos; do
     [ -d $WORK/$kind ] && python3 scripts/bench_gpu_stages.py $WORK/$kind --model $WORK/vit-b-32-seed0.pt \
@@ -40,5 +40,5 @@ timeout "${BENCH_TIMEOUT:-1800}" python3 $BENCH --cr-python /tmp/crbin --pnsfw /
     --out "$OUTDIR/bench_index_gpu.json" $([ "${ANCHOR:-1}" = 1 ] || echo --skip-anchor) --ours-variants "$@" 2>&1 \
     | grep -v '^\s*$' | tail -20
 kill $DMON
-for f in $WORK/runs/*.log; do echo "== $f"; grep "pnsfw trace" "$f"; tail -c 600 "$f"; done > "$OUTDIR/run_logs.txt"
-grep -h -B1 "pnsfw trace" $WORK/runs/*.log | head -60
+for f in $WORK/runs/*.log; do echo "== $f"; grep "timeline" "$f"; tail -c 600 "$f"; done > "$OUTDIR/run_logs.txt"
+grep -h "timeline" $WORK/runs/*.log | head -40

@@ -51,6 +51,17 @@ def crop_weights(width: int, height: int, size: int) -> tuple[np.ndarray, np.nda
     return axis_weights(width, new_w, left, size), axis_weights(height, new_h, top, size)
 
 
+def _to_device(values: np.ndarray, device: Any) -> Any:
+    """A host array on `device` without a synchronising copy (pageable copies wait for the stream's queued work,
+    the decode or the tower): through page-locked memory, asynchronously."""
+    import torch
+
+    host = torch.from_numpy(values)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _batch_axis_weights(in_sizes: np.ndarray, out_sizes: np.ndarray, starts: np.ndarray, count: int, pad: int,
                         device: Any, dtype: Any) -> Any:
     """(B, count, pad) weights of one axis for a whole batch, built with a fixed number of tensor ops.
@@ -58,13 +69,11 @@ def _batch_axis_weights(in_sizes: np.ndarray, out_sizes: np.ndarray, starts: np.
     Same formula as `axis_weights` (Pillow's); per-image values in float64, taps in float32."""
     import torch
 
-    def column(values: np.ndarray) -> Any:
-        return torch.from_numpy(np.asarray(values, np.float64)).to(device).view(-1, 1, 1)
-
-    in_size, scale = column(in_sizes), column(in_sizes / out_sizes)
+    columns = _to_device(np.stack([in_sizes, in_sizes / out_sizes, starts]).astype(np.float64), device)
+    in_size, scale, start = (c.view(-1, 1, 1) for c in columns)
     filterscale = scale.clamp(min=1.0)
     support = _SUPPORT * filterscale
-    center = (column(starts) + torch.arange(count, device=device, dtype=torch.float64).view(1, -1, 1) + 0.5) * scale
+    center = (start + torch.arange(count, device=device, dtype=torch.float64).view(1, -1, 1) + 0.5) * scale
     lo = torch.trunc(center - support + 0.5).clamp(min=0)
     hi = torch.minimum(torch.trunc(center + support + 0.5), in_size)
     x = torch.arange(pad, device=device, dtype=torch.float64).view(1, 1, -1)
@@ -135,12 +144,22 @@ def resize_padded(batch: Any, shapes: Sequence[tuple[int, int]], size: int, dtyp
 
 def normalize(pixels: Any, channels_last: bool = False) -> Any:
     """0..255 pixels (B, 3, R, R), or uint8 (B, R, R, 3) with channels_last -> CLIP-normalised float32."""
-    import torch
-
     if channels_last:
         pixels = pixels.permute(0, 3, 1, 2)
-    mean, std = (torch.as_tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in mean_std())
+    mean, std = _mean_std_on(pixels.device)
     return (pixels.float() / 255.0 - mean) / std
+
+
+_ON_DEVICE: dict[Any, tuple[Any, Any]] = {}
+
+
+def _mean_std_on(device: Any) -> tuple[Any, Any]:
+    """CLIP's (1, 3, 1, 1) mean and std on `device`, made once (a copy per batch would synchronise it)."""
+    if device not in _ON_DEVICE:
+        import torch
+
+        _ON_DEVICE[device] = tuple(torch.as_tensor(v, device=device).view(1, 3, 1, 1) for v in mean_std())
+    return _ON_DEVICE[device]
 
 
 def clip_preprocess(images: Sequence[Any], size: int, dtype: Any = None) -> Any:

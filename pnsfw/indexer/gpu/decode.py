@@ -17,10 +17,9 @@ from .route import Prepared, Router
 
 _RGB = 3  # torchvision.io.ImageReadMode.RGB.value
 HARDWARE_THREADS = 2  # our binding on an H200: 2 MP photos 6,383 img/s steady with 2 (torchvision.io: 4,822)
-# auto: the hardware engines for units of large images only. On 400 px thumbnails our binding's batched call
-# ran at ~10k img/s per thread (24k with 2, alone) against 23-34k for torchvision.io's one decoder, and the
-# whole run was slower (5,220 vs 7,954 img/s steady, docs/benchmarks.md).
-HARDWARE_FROM_PIXELS = 1_000_000  # mean pixels per image of a unit
+# auto: the hardware engines for every unit. Thumbnails (400 px) decode into one padded batch: 44k img/s on one
+# thread, 56k on two (NVJPEG_FLAGS_ENABLE_MEMORY_POOLS), against 22-34k for torchvision.io's one decoder; units
+# too large for the padded batch (photos) decode image by image (docs/benchmarks.md, round 3).
 PADDED_MAX_BYTES = 1 << 30  # units whose (n, 3, Hmax, Wmax) uint8 batch fits decode into it, resized in one pass
 
 
@@ -64,29 +63,27 @@ class DecoderPool:
         self.local = threading.local()
         self.made: list[Any] = []
         self.lock = threading.Lock()
-        self.unavailable = not device.startswith("cuda") or mode not in ("auto", "hardware")
+        self.unavailable = not device.startswith("cuda") or mode != "auto"
         self.serial = threading.Lock()  # torchvision.io's units, one at a time as with a single decode thread
 
     def hardware_for(self, prepared: Prepared) -> bool:
-        """Whether this unit goes to the hardware engines (auto: units of large images)."""
-        rows = prepared.rows
-        if self.unavailable or not rows:
-            return False
-        return self.mode == "hardware" or sum(r.width * r.height for r in rows) >= HARDWARE_FROM_PIXELS * len(rows)
+        """Whether this unit goes to the hardware engines (auto: every unit, while they are there)."""
+        return not self.unavailable and bool(prepared.rows)
 
     @property
     def threads(self) -> int:
         """Decode threads: two with the hardware engines (each feeds them while the other waits), else one."""
         return 1 if self.unavailable else HARDWARE_THREADS
 
-    def stream(self) -> Any:
+    def stream(self, name: str = "stream") -> Any:
+        """This thread's CUDA stream `name` (decode: "stream"; the padded resize: "side"), None off CUDA."""
         import torch
 
         if not self.device.startswith("cuda"):
             return None
-        if getattr(self.local, "stream", None) is None:
-            self.local.stream = torch.cuda.Stream(self.device)
-        return self.local.stream
+        if getattr(self.local, name, None) is None:
+            setattr(self.local, name, torch.cuda.Stream(self.device))
+        return getattr(self.local, name)
 
     def decoder(self) -> Any:
         """This thread's HardwareDecoder, or None (torchvision.io decodes)."""
@@ -183,13 +180,28 @@ class Decoded:
     event: Any = None
 
 
-def decode_unit(prepared: Prepared, device: str, size: int, router: Router, resize_later: bool,
-                decoder: Any = None) -> Decoded:
-    """Decode thread: batched decode (+ resize/crop unless `resize_later`) on this thread's stream; a batch
-    no device decoder takes goes to the CPU workers."""
+def _resize_beside(batch: Any, shapes: list[tuple[int, int]], size: int, side: Any) -> Any:
+    """The padded batch resized on stream `side` (after the decode's stream): nvJPEG's batched call waits for
+    its stream, which then holds decodes only."""
     import torch
 
-    from ..tensor_preprocess import resize_crop, resize_padded
+    from ..tensor_preprocess import resize_padded
+
+    if side is None:
+        return resize_padded(batch, shapes, size, resize_dtype(str(batch.device)))
+    side.wait_stream(torch.cuda.current_stream(batch.device))
+    batch.record_stream(side)
+    with torch.cuda.stream(side):
+        return resize_padded(batch, shapes, size, resize_dtype(str(batch.device)))
+
+
+def decode_unit(prepared: Prepared, device: str, size: int, router: Router, resize_later: bool,
+                decoder: Any = None, side: Any = None) -> Decoded:
+    """Decode thread: batched decode (+ resize/crop unless `resize_later`) on this thread's stream (the padded
+    batch's resize on `side`, when given); a batch no device decoder takes goes to the CPU workers."""
+    import torch
+
+    from ..tensor_preprocess import resize_crop
 
     if not prepared.data:
         return Decoded(prepared)
@@ -206,12 +218,12 @@ def decode_unit(prepared: Prepared, device: str, size: int, router: Router, resi
         prepared.rows, prepared.data, prepared.hardware = [], [], []
         return Decoded(prepared)
     if padded:
-        pixels = resize_padded(images[0], images[1], size, resize_dtype(device))
+        pixels = _resize_beside(images[0], images[1], size, side)
     else:
         pixels = images if resize_later else resize_crop(images, size, resize_dtype(device))
     event = torch.cuda.Event() if device.startswith("cuda") else None
     if event is not None:
-        event.record()
+        event.record(side if padded and side is not None else torch.cuda.current_stream(device))
     router.stats.add("decode_s", time.perf_counter() - started)
     router.stats.add("device_images", len(prepared.rows))
     mark("first unit decoded on the device", once=True)

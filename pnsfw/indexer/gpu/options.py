@@ -7,7 +7,7 @@ from ...errors import BadInput
 RESIZES = ("auto", "decoder", "encoder", "thread")
 TOWERS = ("fast", "eager", "reference")
 COMPILES = ("auto", "on", "off")
-DECODERS = ("auto", "hardware", "torchvision")
+DECODERS = ("auto", "torchvision")
 
 
 @dataclass
@@ -16,8 +16,7 @@ class GpuOptions:
 
     workers: int = 0  # device worker processes; 0: one per visible GPU for cuda/auto, else one
     cpu_share: int = 0  # images the CPU workers may decode at once as whole units, besides fallbacks
-    decoder: str = "auto"  # auto: nvJPEG's hardware engines (own handles) for large images; hardware: for all;
-    # torchvision: its io
+    decoder: str = "auto"  # auto: nvJPEG's hardware engines (own handles); torchvision: its io
     resize: str = "auto"  # where the batched resize runs: auto (by image size), decoder, encoder, thread
     tower: str = "eager"  # eager: SDPA, fp16 LayerNorm, patch GEMM; fast: the same replayed from a CUDA graph
     # (equal alone on an H200: 37.6k vs 37.9k img/s); reference: CLIP's own modules at fp16

@@ -58,7 +58,8 @@ def _decode_on_stream(prepared: Prepared, decoders: DecoderPool, router: Router,
     with torch.cuda.stream(stream) if stream is not None else nullcontext(), \
             decoders.serial if decoder is None else nullcontext():
         later = resize_later(prepared.rows, mode)
-        return decode_unit(prepared, encoder.device, encoder.resolution, router, later, decoder)
+        side = decoders.stream("side") if decoder is not None else None
+        return decode_unit(prepared, encoder.device, encoder.resolution, router, later, decoder, side)
 
 
 def _decode_thread(units: Iterable[Unit], router: Router, encoder: Encoder, options: Any,
@@ -113,7 +114,9 @@ def _join(decoded: Decoded, device: str, size: int) -> tuple[list[Result], list[
         host = host.pin_memory() if device.startswith("cuda") else host
         parts.append(host.to(device, non_blocking=True).permute(0, 3, 1, 2))
         rows += [r._replace(pixels=None) for r in cpu_rows]
-    return rows, errors, torch.cat([p.float() for p in parts]) if parts else None
+    if len(parts) > 1:
+        return rows, errors, torch.cat([p.float() for p in parts])
+    return rows, errors, parts[0].float() if parts else None
 
 
 class _Features:
