@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--skip-variants", action="store_true", help="only the resize and overlap probes")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     blobs = [read_local(item) for item in list(iter_items(args.folder))[:args.batch]]
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                               "mean_kib": round(sum(len(b) for b in blobs) / len(blobs) / 1024, 1)}
     rate, host = threaded(lambda i: decode_jpegs(data, "cuda"), 1, args.repeats)
     report["torchvision_1t"] = {"images_per_s": round(rate * len(data)), "host_ms_per_call": round(host * 1000, 2)}
-    report["variants"] = variants(data, sizes, args.repeats)
+    if not args.skip_variants:
+        report["variants"] = variants(data, sizes, args.repeats)
     encoder = load_encoder(args.model, "cuda", "fp16")
     size = encoder.resolution
     listed = decode_jpegs(data, "cuda")

@@ -32,7 +32,7 @@ python3 $BENCH --skip-anchor --skip-ours --out "$OUTDIR/corpora.json" | tail -3 
         --batch 1024 --out "$OUTDIR/stages_$kind.json" 2>&1 | grep -v Warning | tail -16
 done
 [ "${NVJPEG:-1}" = 1 ] && [ -d $WORK/thumbs ] && timeout 240 python3 scripts/bench_nvjpeg.py $WORK/thumbs \
-    --model $WORK/vit-b-32-seed0.pt --out "$OUTDIR/nvjpeg_thumbs.json" 2>&1 | grep -v Warning | tail -30
+    --model $WORK/vit-b-32-seed0.pt --out "$OUTDIR/nvjpeg_thumbs.json" ${NVJPEG_ARGS:-} 2>&1 | grep -v Warning | tail -30
 nvidia-smi dmon -s u -d 1 > "$OUTDIR/dmon.txt" 2>&1 &  # sm/mem/enc/dec/jpg utilisation, one line a second
 DMON=$!
 eval "set -- ${VARIANTS:-\"\"}"

@@ -239,3 +239,12 @@ def test_gpu_options_refuse_unknown_values() -> None:
         GpuOptions(resize="sideways")
     with pytest.raises(BadInput, match="tower"):
         GpuOptions(tower="slow")
+
+
+def test_units_start_with_a_short_one() -> None:
+    from pnsfw.indexer.gpu.stage import units
+
+    cut = list(units(range(10), 4, first=2))
+    assert [u.index for u in cut] == [0, 1, 2] and [len(u.items) for u in cut] == [2, 4, 4]
+    assert [i for u in cut for i in u.items] == list(range(10))
+    assert [len(u.items) for u in units(range(5), 4, first=8)] == [4, 1]

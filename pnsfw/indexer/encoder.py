@@ -259,15 +259,6 @@ class Encoder:
         return features.float().cpu().numpy()
 
 
-def _cuda_context(device: str) -> None:
-    """Create `device`'s CUDA context (a no-op elsewhere)."""
-    if device.startswith("cuda"):
-        import torch
-
-        torch.zeros(1, device=device)
-        mark("CUDA context ready")
-
-
 def load_encoder(model: str = "ViT-B/32", device: str = "auto", precision: str = "auto") -> Encoder:
     """Load a CLIP model by name or checkpoint path onto a device."""
     import torch
@@ -279,12 +270,10 @@ def load_encoder(model: str = "ViT-B/32", device: str = "auto", precision: str =
     if device == "cpu":
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     mark("torch imported")
-    with ThreadPoolExecutor(2) as beside:
-        fingerprint = beside.submit(_fingerprint, model)  # hashing a file of 0.3-1 GB, beside the load
-        context = beside.submit(_cuda_context, device)  # the CUDA context (~0.5 s), beside the load too
+    with ThreadPoolExecutor(1) as hashing:
+        fingerprint = hashing.submit(_fingerprint, model)  # hashing a file of 0.3-1 GB, beside the load
         loaded = _load_clip(model)
         mark("CLIP checkpoint loaded")
-        context.result()
         loaded = loaded.float().eval().to(device)
         mark(f"model on {device}")
         name = os.path.abspath(model) if os.path.isfile(model) else model

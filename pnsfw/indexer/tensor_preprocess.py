@@ -66,7 +66,9 @@ def _batch_axis_weights(in_sizes: np.ndarray, out_sizes: np.ndarray, starts: np.
                         device: Any, dtype: Any) -> Any:
     """(B, count, pad) weights of one axis for a whole batch, built with a fixed number of tensor ops.
 
-    Same formula as `axis_weights` (Pillow's); per-image values in float64, taps in float32."""
+    Same formula as `axis_weights` (Pillow's); per-image values in float64, taps in float32. Only each output's
+    window of taps (at most 2 x support + 1 inputs) is computed, then scattered into the zero matrix: the
+    elementwise work over every (output, input) pair cost ~15 ms of GPU time per 1024 thumbnails."""
     import torch
 
     columns = _to_device(np.stack([in_sizes, in_sizes / out_sizes, starts]).astype(np.float64), device)
@@ -76,14 +78,18 @@ def _batch_axis_weights(in_sizes: np.ndarray, out_sizes: np.ndarray, starts: np.
     center = (start + torch.arange(count, device=device, dtype=torch.float64).view(1, -1, 1) + 0.5) * scale
     lo = torch.trunc(center - support + 0.5).clamp(min=0)
     hi = torch.minimum(torch.trunc(center + support + 0.5), in_size)
-    x = torch.arange(pad, device=device, dtype=torch.float64).view(1, 1, -1)
+    window = int(np.ceil(2 * _SUPPORT * max(float((in_sizes / out_sizes).max(initial=1.0)), 1.0))) + 2
+    x = lo + torch.arange(window, device=device, dtype=torch.float64).view(1, 1, -1)  # (B, count, window)
     t = ((x - center + 0.5) / filterscale).abs().float()
     a = _BICUBIC_A
     taps = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1, torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a,
                                                                                torch.zeros_like(t)))
-    taps = torch.where((x >= lo) & (x < hi), taps, torch.zeros_like(taps))
+    taps = torch.where(x < hi, taps, torch.zeros_like(taps))
     total = taps.sum(dim=2, keepdim=True)
-    return (taps / torch.where(total != 0, total, torch.ones_like(total))).to(dtype)
+    taps = taps / torch.where(total != 0, total, torch.ones_like(total))
+    out = torch.zeros((len(in_sizes), count, pad), dtype=dtype, device=device)
+    # taps past hi weigh 0: clamped onto the last column they add nothing
+    return out.scatter_add_(2, x.clamp(max=pad - 1).long(), taps.to(dtype))
 
 
 def _stacked_weights(shapes: Sequence[tuple[int, int]], size: int, pad_h: int, pad_w: int, device: Any,

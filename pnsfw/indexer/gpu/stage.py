@@ -208,13 +208,17 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
             thread.join(timeout=10)
 
 
-def units(items: Iterable[Item], size: int) -> Iterator[Unit]:
-    """Items cut into numbered units of `size`."""
+FIRST_UNIT = 256  # the first unit's reads then do not queue behind whole units in the worker processes
+
+
+def units(items: Iterable[Item], size: int, first: int = FIRST_UNIT) -> Iterator[Unit]:
+    """Items cut into numbered units of `size`, the first of min(size, first): the first batch is encoded
+    sooner (an H200 read the first of 1024 thumbnails in 1.4 s while seven more units were read beside it)."""
     iterator = iter(items)
-    index = 0
-    while chunk := list(islice(iterator, size)):
+    index, count = 0, min(size, first)
+    while chunk := list(islice(iterator, count)):
         yield Unit(index, chunk)
-        index += 1
+        index, count = index + 1, size
 
 
 def _stats_out(stats: Stats, path: str | None) -> None:
