@@ -164,7 +164,8 @@ def _mean_std_on(device: Any) -> tuple[Any, Any]:
     if device not in _ON_DEVICE:
         import torch
 
-        _ON_DEVICE[device] = tuple(torch.as_tensor(v, device=device).view(1, 3, 1, 1) for v in mean_std())
+        mean, std = (torch.as_tensor(v, device=device).view(1, 3, 1, 1) for v in mean_std())
+        _ON_DEVICE[device] = (mean, std)
     return _ON_DEVICE[device]
 
 
