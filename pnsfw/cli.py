@@ -159,9 +159,9 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
                      help="GPU path: images the CPU decode workers may take at once as whole batches, besides the "
                           "files the GPU cannot decode (0: those only; fastest for thumbnails)."),
         click.option("--gpu-decoder", default="auto", show_default=True, type=click.Choice(DECODERS),
-                     help="GPU path: auto (batches of images of 1 MP and more on nvJPEG's hardware JPEG engines "
-                          "through handles of our own, two decode threads; smaller ones, or all when the engines "
-                          "are missing, through torchvision.io; else the CPU workers) or torchvision (no engines)."),
+                     help="GPU path: auto (nvJPEG's hardware JPEG engines through handles of our own, two decode "
+                          "threads; through torchvision.io when the engines are missing or refuse a file; else the "
+                          "CPU workers) or torchvision (no engines)."),
         click.option("--gpu-resize", default="auto", show_default=True, type=click.Choice(RESIZES),
                      help="GPU path, experiment: where the batched resize runs (auto: the decode thread for small "
                           "images, the encoding thread for large ones)."),
