@@ -10,11 +10,12 @@ STORE=${PNSFW_STORE:-sample/store}
 MODEL=${PNSFW_MODEL:-ViT-B/32}
 [ -d sample/dataset ] || .venv/bin/python scripts/make_sample.py sample/dataset --per-class 60 >/dev/null
 # the demo's own store from an earlier run with another CLIP model: start it again (a store keeps one model)
-if [ -z "${PNSFW_STORE:-}" ] && [ -f "$STORE/manifest.json" ] && ! .venv/bin/python -c '
+if [ -z "${PNSFW_STORE:-}" ] && [ -d "$STORE" ] && info=$($PNSFW info --store "$STORE" --json 2>/dev/null) \
+    && ! .venv/bin/python -c '
 import json, os, sys
-name = json.load(open(sys.argv[1]))["encoder"]["name"]
+name = (json.loads(sys.argv[1])["space"] or {}).get("encoder")
 sys.exit(name != (os.path.abspath(sys.argv[2]) if os.path.isfile(sys.argv[2]) else sys.argv[2]))' \
-    "$STORE/manifest.json" "$MODEL"; then
+    "$info" "$MODEL"; then
     echo "== $STORE was built with another CLIP model: starting it again"
     rm -rf "$STORE"
 fi

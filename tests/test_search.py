@@ -49,8 +49,11 @@ def run(*args: str) -> "object":
 
 def test_self_is_first_hit_for_ids(block_store: Path) -> None:
     searcher = Searcher.open(Store(block_store))
-    ids = searcher.table.column("id").to_numpy()
-    distinct = [i for i, uri in zip(ids, searcher.table.column("uri").to_pylist()) if "copy" not in uri
+    table = Store(block_store).table(["id", "uri"])
+    ids = table.column("id").to_numpy()
+    assert not hasattr(searcher, "table")  # per-row state is compact: no item table, no uri strings
+    assert searcher.store.uris_of(ids[::-1]) == table.column("uri").to_pylist()[::-1]
+    distinct = [i for i, uri in zip(ids, table.column("uri").to_pylist()) if "copy" not in uri
                 and not uri.endswith(("0-004.png", "0-017.png"))]
     for item_id in distinct[:10]:
         hits = searcher.search_id(int(item_id), 5)

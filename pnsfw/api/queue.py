@@ -66,7 +66,7 @@ def _reasons(p: float, threshold: float, agree: int, k: int, flips: list[str]) -
 
 def all_p_nsfw(searcher: Any, clf: Any, chunk: int = 65536) -> np.ndarray:
     """p_nsfw of every row under clf: the searcher's scores for its own model, else computed in chunks."""
-    rows = np.arange(searcher.table.num_rows)
+    rows = np.arange(searcher.rows)
     if clf is searcher.scorer:
         return searcher.p_nsfw_of_rows(rows)
     vectors = searcher.vectors()
@@ -76,7 +76,7 @@ def all_p_nsfw(searcher: Any, clf: Any, chunk: int = 65536) -> np.ndarray:
 def build_queue(searcher: Any, clf: Any, others: Others, labelled: set[int], n: int) -> dict[str, Any]:
     """The n unlabelled items to review first under scorer clf, each with verdict, agreement, reasons and
     priority."""
-    all_ids = searcher.table.column("id").to_numpy()
+    all_ids = searcher.ids.all_ids()
     p_all = all_p_nsfw(searcher, clf)
     exclude = np.isin(all_ids, np.fromiter(labelled, np.int64, len(labelled)))
     rows = pool_rows(p_all, float(clf.threshold), exclude, max(POOL_MIN, POOL_PER_ITEM * n))

@@ -20,7 +20,7 @@ def _labelled_index(searcher: Searcher) -> tuple[Any, np.ndarray, list[str]]:
         rows = searcher.rows_of(ids)
         known = rows >= 0  # rows of a store the model was not trained on are left out
         index = faiss.IndexFlatIP(searcher.dim)
-        index.add(np.ascontiguousarray(searcher.vectors()[rows[known]], dtype=np.float32))
+        index.add(np.ascontiguousarray(searcher.vectors_of(ids[known]), dtype=np.float32))
         searcher.cache["labelled"] = (index, ids[known], [l for l, ok in zip(labels, known) if ok])
     return searcher.cache["labelled"]
 
@@ -41,8 +41,9 @@ def explain_vector(searcher: Searcher, vector: np.ndarray, k: int, exclude_id: "
     index, ids, labels = _labelled_index(searcher)
     sims, pos = index.search(vector[None, :], min(k + 1, index.ntotal)) if index.ntotal else ([[]], [[]])
     chosen = [(int(p), float(s)) for p, s in zip(pos[0], sims[0]) if p >= 0 and ids[p] != exclude_id][:k]
-    rows = searcher.rows_of(ids[[p for p, _ in chosen]])
-    uris = searcher.table.column("uri").take(rows).to_pylist() if len(rows) else []
+    chosen_ids = ids[[p for p, _ in chosen]]
+    rows = searcher.rows_of(chosen_ids)
+    uris = searcher.store.uris_of(chosen_ids)
     scores = searcher.p_nsfw_of_rows(rows)
     assert scores is not None
     nsfw_classes = set(searcher.scorer.nsfw_classes)

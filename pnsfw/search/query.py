@@ -10,30 +10,12 @@ import numpy as np
 
 from ..errors import BadInput, NotFound, StoreError
 from ..store import Store
+from ..store.lookup import StringColumn
 from .index import add_shards, gpu_count, load_index, read_meta
 from .protocols import Encoder, Scorer
 
 K_MAX = 1000
-ITEM_COLUMNS = ["id", "uri", "source", "sha256", "width", "height"]
-
-
-class StringColumn:
-    """A string column read by row straight from its Arrow buffers (a pyarrow `take` costs ~0.5 ms a call)."""
-
-    def __init__(self, column: Any):
-        import pyarrow as pa
-
-        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        array = array.cast(pa.large_string())
-        _, offsets, data = array.buffers()
-        self.offsets = np.frombuffer(offsets, np.int64)[array.offset: array.offset + len(array) + 1]
-        self.data = memoryview(data) if data is not None else memoryview(b"")
-
-    def take(self, rows: np.ndarray) -> list[str]:
-        """The strings at `rows` (row positions, not ids)."""
-        starts, data = self.offsets, self.data
-        rows = np.asarray(rows, dtype=np.int64)
-        return [str(data[a:b], "utf-8") for a, b in zip(starts[rows].tolist(), starts[rows + 1].tolist())]
+__all__ = ["Hit", "Searcher", "StringColumn", "check_k", "run_search", "unit_vectors"]
 
 
 @dataclass
@@ -83,20 +65,23 @@ def _to_gpu(index: Any, kind: str) -> Any:
 
 
 class Searcher:
-    """The store's index, item table and (optionally) a scorer, loaded once; thread-safe reads."""
+    """The store's index and (optionally) a scorer, loaded once; thread-safe reads.
+
+    Per row it holds only compact arrays (p_nsfw as float32 when a scorer is attached); ids map to rows through
+    the manifest's id ranges, and uris and metadata are read by id from one row group of one shard."""
 
     def __init__(self, store: Store, index: Any, meta: dict[str, Any], scorer: "Scorer | None" = None):
         self.store, self.index, self.meta, self.scorer = store, index, meta, scorer
-        self.table = store.table(ITEM_COLUMNS)
-        ids = self.table.column("id").to_numpy()
-        self.uris = StringColumn(self.table.column("uri"))
-        self._order = np.argsort(ids, kind="stable")
-        self._sorted_ids = ids[self._order]
+        self.ids = store.ids  # this version's rows, whatever the store object is refreshed to later
         self._vectors: np.ndarray | None = None
         self._scores: np.ndarray | None = None
         self.labels: dict[int, str] = {}
         self.cache: dict[str, Any] = {}  # lazily built helpers (explain's labelled-example index)
         self.backend: dict[str, Any] = _describe_index(index, meta)
+
+    @property
+    def rows(self) -> int:
+        return self.ids.rows
 
     @classmethod
     def open(cls, store: Store, scorer: "Scorer | None" = None, exact_device: "str | None" = None) -> "Searcher":
@@ -123,8 +108,7 @@ class Searcher:
         """Search with `TorchExact` over every stored vector on DEVICE (the FAISS index is dropped)."""
         from .exact import TorchExact, resolve_device
 
-        ids = self.table.column("id").to_numpy()
-        self.index = TorchExact(ids, self.vectors(), resolve_device(device))
+        self.index = TorchExact(self.ids.all_ids(), self.vectors(), resolve_device(device))
         self.backend = self.index.describe()
 
     def attach_scorer(self, scorer: Scorer) -> None:
@@ -137,53 +121,68 @@ class Searcher:
         return self.store.dim
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
-        """Store ids -> row positions in the item table (-1 where unknown)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(self._sorted_ids, ids).clip(0, max(len(self._sorted_ids) - 1, 0))
-        found = self._sorted_ids[pos] == ids if len(self._sorted_ids) else np.zeros(len(ids), bool)
-        return np.where(found, self._order[pos], -1)
+        """Store ids -> row positions (the order of `vectors()`; -1 where unknown)."""
+        return self.ids.rows_of(ids)
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row positions of ids; NotFound naming the first id the searcher's store version lacks."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        rows = self.rows_of(ids)
+        if (rows < 0).any():
+            raise NotFound(f"id {int(ids[np.argmax(rows < 0)])} is not in store {self.store.root}")
+        return rows
 
     def _row(self, item_id: int) -> int:
-        row = int(self.rows_of(np.array([item_id]))[0])
-        if row < 0:
-            raise NotFound(f"id {item_id} is not in store {self.store.root}")
-        return row
+        return int(self._rows(np.array([item_id]))[0])
 
     def vectors(self) -> np.ndarray:
-        """Every stored vector (fp16, item-table order), read on first use."""
+        """Every stored vector (fp16, row order), read on first use (exact search, dedup, the review queue)."""
         if self._vectors is None:
             self._vectors = self.store.vectors()[1]
         return self._vectors
 
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """fp16 vectors of ids: from memory when every vector is loaded, else from their row groups."""
+        rows = self._rows(ids)
+        return self._vectors[rows] if self._vectors is not None else self.store.vectors_of(ids)
+
     def vector_of(self, item_id: int) -> np.ndarray:
-        return self.vectors()[self._row(item_id)].astype(np.float32)
+        return self.vectors_of(np.array([item_id], np.int64))[0].astype(np.float32)
 
     def p_nsfw_of_rows(self, rows: np.ndarray) -> "np.ndarray | None":
         """p_nsfw of stored rows: the bulk scores where scored, else computed (and kept) for just these rows."""
         if self.scorer is None:
             return None
         if self._scores is None:
-            ids = self.table.column("id").to_numpy()
-            self._scores = np.asarray(self.scorer.stored_p_nsfw(ids), dtype=np.float32)
+            self._scores = np.asarray(self.scorer.stored_p_nsfw(self.ids.all_ids()), dtype=np.float32)
         rows = np.asarray(rows, dtype=np.int64)
         scores = self._scores[rows]
         missing = np.isnan(scores)
         if missing.any():
-            scores[missing] = self.scorer.p_nsfw(self.vectors()[rows[missing]].astype(np.float32))
-            self._scores[rows[missing]] = scores[missing]
+            lost = rows[missing]
+            vectors = self.vectors_of(self.ids.ids_of(lost))
+            scores[missing] = self.scorer.p_nsfw(vectors.astype(np.float32))
+            self._scores[lost] = scores[missing]
         return scores
 
-    def fill_scores(self, chunk: int = 65536) -> int:
+    def fill_scores(self) -> int:
         """p_nsfw of every row without a bulk score, computed now (so hits need no forward pass); the count."""
         if self.scorer is None:
             return 0
         self.p_nsfw_of_rows(np.zeros(0, np.int64))  # reads the bulk scores
         assert self._scores is not None
-        missing, vectors = np.flatnonzero(np.isnan(self._scores)), self.vectors()
-        for start in range(0, len(missing), chunk):
-            rows = missing[start:start + chunk]
-            self._scores[rows] = self.scorer.p_nsfw(vectors[rows].astype(np.float32))
-        return int(len(missing))
+        missing = int(np.isnan(self._scores).sum())
+        if not missing:
+            return 0
+        bounds, shards = self.ids.rows_before, {s.name: s for s in self.store.shards}
+        unscored = [shards[name] for i, name in enumerate(self.ids.names)
+                    if np.isnan(self._scores[bounds[i]:bounds[i + 1]]).any()]
+        for ids, vectors in self.store.iter_vectors(unscored):  # streamed: the vectors are not kept
+            rows = self.rows_of(ids)
+            todo = np.isnan(self._scores[rows])
+            if todo.any():
+                self._scores[rows[todo]] = self.scorer.p_nsfw(vectors[todo].astype(np.float32))
+        return missing
 
     def search_arrays(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities (n, k'), store ids (n, k')) of the nearest items, k' = min(k, ntotal); -1 ids: none."""
@@ -201,7 +200,7 @@ class Searcher:
         keep = ids >= 0
         flat_ids, flat_sims = ids[keep], sims[keep]
         rows = self.rows_of(flat_ids)
-        uris = self.uris.take(rows.clip(0))
+        uris = self.store.uris_of(flat_ids)
         scores = self.p_nsfw_of_rows(rows)
         p = [None] * len(rows) if scores is None else scores.astype(np.float64).tolist()
         labels = self.labels
@@ -225,9 +224,9 @@ class Searcher:
         return (own + [h for h in hits if h["id"] != item_id])[:k]
 
     def item(self, item_id: int) -> dict[str, Any]:
-        """Metadata of a stored item (+ p_nsfw and training label with a model)."""
+        """Metadata of a stored item, its metadata columns included (+ p_nsfw and training label with a model)."""
         row = self._row(item_id)
-        item = self.table.slice(row, 1).to_pylist()[0]
+        item = self.store.lookup([item_id]).to_pylist()[0]
         if self.scorer is not None:
             scores = self.p_nsfw_of_rows(np.array([row]))
             assert scores is not None

@@ -84,6 +84,10 @@ class FileSystem:
         """Something pyarrow.parquet.ParquetFile reads: a local path or a seekable file object."""
         raise NotImplementedError
 
+    def open_ranges(self, rel: str) -> Any:
+        """Like open_input, for reading a few byte ranges (a footer, one row group) with no read-ahead."""
+        return self.open_input(rel)
+
     def local_path(self, rel: str) -> Path:
         """A local copy of file or folder rel (the file itself for a local store)."""
         raise NotImplementedError

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from ..errors import StoreError
 from . import shards
+from .checkpoint import read_manifest, stale_checkpoints
 from .fs import Entry, open_binary
 from .log import VersionLog
 from .records import Manifest, Part, ScoreState, Shard, Space
@@ -57,7 +58,7 @@ def _referenced(store: Store, versions: int = 3) -> set[str]:
     logv = VersionLog(store.fs, MANIFEST_DIR)
     for version in logv.versions()[-versions:]:
         try:
-            manifests.append(Manifest.from_json(logv.read(version), "", store.root))
+            manifests.append(read_manifest(store.fs, logv.read(version), "", store.root))
         except (ValueError, StoreError, FileNotFoundError):
             continue
     keep: set[str] = set()
@@ -92,9 +93,26 @@ def remove_orphans(store: Store) -> list[str]:
             if _dead(store, entry, now):
                 store.fs.delete(rel)
                 removed.append(rel)
+    removed += _sweep_checkpoints(store)
     if removed:
         log.info("removed %d leftovers of interrupted writers: %s", len(removed), ", ".join(removed[:5]))
     return removed
+
+
+def _sweep_checkpoints(store: Store) -> list[str]:
+    """Delete manifest checkpoints that no kept version can reference any more."""
+    logv = VersionLog(store.fs, MANIFEST_DIR)
+    versions = logv.versions()
+    if not versions:
+        return []
+    try:
+        oldest = read_manifest(store.fs, logv.read(versions[0]), "", store.root)
+    except (ValueError, StoreError, FileNotFoundError):
+        return []  # pruned or damaged meanwhile: sweep next time
+    stale = stale_checkpoints(store.fs, oldest, versions[0])
+    for rel in stale:
+        store.fs.delete(rel)
+    return stale
 
 
 # ---- verify
@@ -231,7 +249,7 @@ def _base_manifest(store_root: str, fs: Any) -> Manifest | None:
     logv = VersionLog(fs, MANIFEST_DIR)
     for version in reversed(logv.versions()):
         try:
-            return Manifest.from_json(logv.read(version), "", store_root)
+            return read_manifest(fs, logv.read(version), "", store_root)
         except (ValueError, StoreError, FileNotFoundError):
             continue
     try:

@@ -86,6 +86,7 @@ class Manifest:
     index: Generation | None = None
     models: dict[str, Generation] = field(default_factory=dict)
     labels: list[Part] = field(default_factory=list)
+    checkpoint: Any = field(default=None, compare=False, repr=False)  # checkpoint.Checkpoint read with it
 
     @property
     def rows(self) -> int:
@@ -98,7 +99,10 @@ class Manifest:
         return max((part_number(p.name) for p in parts), default=-1) + 1
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The inline (format 2) document: every entry listed (checkpoint.py writes the compact form)."""
+        data = asdict(self)
+        data.pop("checkpoint")
+        return data
 
     @classmethod
     def from_json(cls, data: Any, where: str, root: str = "STORE") -> Manifest:

@@ -148,6 +148,9 @@ class FsspecFS(FileSystem):
     def open_input(self, rel: str) -> Any:
         return self.fs.open(self._p(rel), "rb")
 
+    def open_ranges(self, rel: str) -> Any:
+        return self.fs.open(self._p(rel), "rb", cache_type="none")  # one ranged GET per read, no read-ahead
+
     def local_path(self, rel: str) -> Path:
         if self._cache is None:
             self._cache = Path(tempfile.mkdtemp(prefix="pnsfw-cache-"))

@@ -24,8 +24,10 @@ import pyarrow as pa
 
 from ..errors import SpaceMismatch, StoreError
 from . import hooks, shards
+from .checkpoint import CHECKPOINT_DIR, document, read_manifest
 from .fs import FileSystem, open_fs, read_text_or_none
 from .log import VersionLog
+from .lookup import IdMap, RowGroups, by_group
 from .projection import Projection
 from .records import Manifest, Shard, Space
 
@@ -71,13 +73,22 @@ class Store:
         self._lock = threading.Lock()
         self._checked = time.monotonic()
         self.version, self.manifest, self.legacy = self._load() if load else (0, Manifest(), False)
+        self._ids: tuple[Manifest, IdMap] | None = None
+        self.groups = RowGroups(lambda name: self.fs.open_ranges(f"shards/{name}"))
 
     # ---- reading the manifest
     def _load(self) -> tuple[int, Manifest, bool]:
-        latest = VersionLog(self.fs, MANIFEST_DIR).latest()
-        if latest is not None:
+        for attempt in range(3):
+            latest = VersionLog(self.fs, MANIFEST_DIR).latest()
+            if latest is None:
+                break
             where = self.fs.url(f"{MANIFEST_DIR}/{latest[0]:010d}.json")
-            return latest[0], Manifest.from_json(latest[1], where, self.root), False
+            try:
+                return latest[0], read_manifest(self.fs, latest[1], where, self.root), False
+            except FileNotFoundError:  # its checkpoint was swept after newer versions replaced it: re-list
+                if attempt == 2:
+                    raise StoreError(f"the checkpoint of {where} is missing; run `pnsfw repair --store {self.root}`"
+                                     ) from None
         text = read_text_or_none(self.fs, LEGACY_MANIFEST)
         if text is not None:
             from .legacy import read_v1
@@ -239,6 +250,64 @@ class Store:
                                  f"run `pnsfw repair --store {self.root}`") from None
         return pa.concat_tables(tables) if tables else shards.ERROR_SCHEMA.empty_table()
 
+    # ---- rows by id: one row group of one shard each (lookup.py)
+    @property
+    def ids(self) -> IdMap:
+        """Ids <-> row positions of this manifest version, from its id ranges (no shard read)."""
+        if self._ids is None or self._ids[0] is not self.manifest:
+            self._ids = (self.manifest, IdMap(self.manifest.shards))
+        return self._ids[1]
+
+    def lookup(self, ids: Any, columns: list[str] | None = None, cache: bool = True) -> pa.Table:
+        """The rows of `ids`, in that order, reading only the row groups that hold them; NotFound for an id
+        the store lacks. `columns` None: every column but the embedding and uri_hash."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        shard, within = self.ids.require(ids, self.root)
+        parts, order = [], []
+        for name, group, positions, rows in by_group(self.ids.names, self.groups, shard, within):
+            wanted = columns if columns is not None else self._item_columns(name)
+            table = self._group(name, group, wanted, cache)
+            parts.append(table.take(pa.array(rows)))
+            order.append(positions)
+        if not parts:
+            wanted = shards.ITEM_COLUMNS if columns is None else columns
+            return shards.shard_schema(1).empty_table().select([c for c in wanted if c in shards.FIXED_COLUMNS])
+        table = pa.concat_tables(parts, promote_options="default")
+        return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+
+    def uris_of(self, ids: Any) -> list[str]:
+        """The uri of each id (cached row groups of the uri column: what search hits need, fast)."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        shard, within = self.ids.require(ids, self.root)
+        out: list[str] = [""] * len(ids)
+        for name, group, positions, rows in by_group(self.ids.names, self.groups, shard, within):
+            try:
+                strings = self.groups.strings(name, group, "uri").take(rows)
+            except (pa.ArrowException, OSError) as exc:
+                raise self.damaged(name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+            for at, uri in zip(positions.tolist(), strings):
+                out[at] = uri
+        return out
+
+    def vectors_of(self, ids: Any) -> np.ndarray:
+        """fp16 (n, dim) vectors of ids, in that order (row groups of the embedding column, not cached)."""
+        table = self.lookup(ids, ["embedding"], cache=False)
+        vectors = shards.embedding_matrix(table.column("embedding"), self.dim)
+        return vectors if len(vectors) else np.zeros((0, self.dim), np.float16)
+
+    def _group(self, name: str, group: int, columns: list[str], cache: bool) -> pa.Table:
+        try:
+            return self.groups.read(name, group, columns, cache)
+        except (pa.ArrowException, OSError) as exc:
+            raise self.damaged(name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+
+    def _item_columns(self, name: str) -> list[str]:
+        try:
+            meta, _ = self.groups.footer(name)
+        except (pa.ArrowException, OSError) as exc:
+            raise self.damaged(name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+        return [c for c in meta.schema.to_arrow_schema().names if c not in ("embedding", "uri_hash")]
+
     def iter_vectors(self, selected: list[Shard] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream (ids int64, vectors fp16 (n, dim)) one row group at a time; norms checked."""
         dim = self.dim
@@ -295,17 +364,21 @@ class Store:
 
         On a lost race the newest manifest is re-read and `change` applied again on top of it."""
         self.ensure_v2()
-        result: dict[str, Manifest] = {}
+        result: dict[str, Any] = {}
 
         def read() -> tuple[int, Manifest]:
             self.refresh()
+            if result.get("checkpoint"):  # ours lost the race: the winner's version does not reference it
+                self.fs.delete(f"{CHECKPOINT_DIR}/{result.pop('checkpoint')}")
             return self.version, self.manifest
 
         def apply(manifest: Manifest) -> dict[str, Any] | None:
             new = change(manifest.copy())
-            if new is not None:
-                result["manifest"] = new
-            return None if new is None else new.to_json()
+            if new is None:
+                return None
+            data, result["checkpoint"] = document(self.fs, new, manifest, self.version + 1, writer_token())
+            result["manifest"] = new
+            return data
 
         version, _ = VersionLog(self.fs, MANIFEST_DIR).commit(read, apply, what)
         if "manifest" in result and version != self.version:

@@ -1,0 +1,189 @@
+"""Rows by id without loading the item table: the manifest's id ranges find the shard, the footer the row group.
+
+`IdMap` turns ids into row positions (the order of `Store.table()`) and back from the shard list alone, in
+O(shards) memory. `RowGroups` reads the row group(s) holding the wanted ids, keeping shard footers and
+recently read row groups in a bounded cache (a searcher asks for the uris of every hit).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import NotFound, StoreError
+from .records import Shard
+
+CACHE_BYTES = 256 << 20  # decoded row groups a long-lived reader keeps (uris of search hits, item metadata)
+FOOTERS = 65536  # shard footers kept (a few KB each)
+
+
+class StringColumn:
+    """A string column read by row straight from its Arrow buffers (a pyarrow `take` costs ~0.5 ms a call)."""
+
+    def __init__(self, column: Any):
+        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        array = array.cast(pa.large_string())
+        _, offsets, data = array.buffers()
+        self.offsets = np.frombuffer(offsets, np.int64)[array.offset: array.offset + len(array) + 1]
+        self.data = memoryview(data) if data is not None else memoryview(b"")
+        self.nbytes = int(self.offsets.nbytes + len(self.data))
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        """The strings at `rows` (row positions, not ids)."""
+        starts, data = self.offsets, self.data
+        rows = np.asarray(rows, dtype=np.int64)
+        return [str(data[a:b], "utf-8") for a, b in zip(starts[rows].tolist(), starts[rows + 1].tolist())]
+
+
+class IdMap:
+    """Store ids <-> row positions (manifest shard order) from the shards' id ranges (ids are sequential)."""
+
+    def __init__(self, shards: Sequence[Shard]):
+        for shard in shards:
+            if shard.rows != shard.max_id - shard.min_id + 1:
+                raise StoreError(f"shard {shard.name} lists ids {shard.min_id}..{shard.max_id} for {shard.rows} "
+                                 "rows (ids must be sequential); run `pnsfw repair`")
+        self.names = [s.name for s in shards]
+        starts = np.array([s.min_id for s in shards], np.int64)
+        self.rows_before = np.concatenate([[0], np.cumsum([s.rows for s in shards], dtype=np.int64)])
+        self._by_id = np.argsort(starts, kind="stable")  # shard positions by first id
+        self._starts = starts[self._by_id]
+        self._ends = np.array([s.max_id for s in shards], np.int64)[self._by_id]
+        self.min_ids = starts
+
+    @property
+    def rows(self) -> int:
+        return int(self.rows_before[-1])
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard position, row within the shard) of each id; -1, -1 where no shard holds it."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if not len(self._starts):
+            return np.full(len(ids), -1, np.int64), np.full(len(ids), -1, np.int64)
+        at = np.searchsorted(self._starts, ids, side="right") - 1
+        known = (at >= 0) & (ids <= self._ends[at.clip(0)])
+        shard = np.where(known, self._by_id[at.clip(0)], -1)
+        return shard, np.where(known, ids - self.min_ids[shard.clip(0)], -1)
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row positions of ids (-1 where unknown)."""
+        shard, within = self.locate(ids)
+        return np.where(shard >= 0, self.rows_before[shard.clip(0)] + within, -1)
+
+    def ids_of(self, rows: np.ndarray) -> np.ndarray:
+        """Ids at row positions (0 <= row < rows)."""
+        rows = np.asarray(rows, np.int64)
+        shard = np.searchsorted(self.rows_before, rows, side="right") - 1
+        return self.min_ids[shard] + rows - self.rows_before[shard]
+
+    def all_ids(self) -> np.ndarray:
+        """Every id in row order (8 bytes a row: for whole-store work, not for per-request state)."""
+        return self.ids_of(np.arange(self.rows, dtype=np.int64))
+
+    def require(self, ids: np.ndarray, root: str) -> tuple[np.ndarray, np.ndarray]:
+        """locate(), raising NotFound naming the first unknown id."""
+        shard, within = self.locate(ids)
+        if (shard < 0).any():
+            raise NotFound(f"id {int(np.asarray(ids).reshape(-1)[np.argmax(shard < 0)])} is not in store {root}")
+        return shard, within
+
+
+class RowGroups:
+    """Reads of single row groups of a store's shards; footers and decoded groups cached (LRU, bounded)."""
+
+    def __init__(self, open_shard: Callable[[str], Any], budget: int = CACHE_BYTES):
+        self._open, self.budget = open_shard, budget
+        self._footers: OrderedDict[str, tuple[pq.FileMetaData, np.ndarray]] = OrderedDict()
+        self._groups: OrderedDict[tuple[Any, ...], tuple[Any, int]] = OrderedDict()
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def footer(self, name: str) -> tuple[pq.FileMetaData, np.ndarray]:
+        """(footer, first row of each row group + total) of shard `name`."""
+        with self._lock:
+            hit = self._footers.get(name)
+            if hit is not None:
+                self._footers.move_to_end(name)
+                return hit
+        with _opened(self._open(name)) as source:
+            meta = pq.ParquetFile(source).metadata
+        starts = np.concatenate([[0], np.cumsum([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])])
+        with self._lock:
+            self._footers[name] = (meta, starts.astype(np.int64))
+            while len(self._footers) > FOOTERS:
+                self._footers.popitem(last=False)
+        return meta, starts.astype(np.int64)
+
+    def group_of(self, name: str, within: np.ndarray) -> np.ndarray:
+        """Row group index of each row within shard `name`."""
+        _, starts = self.footer(name)
+        return np.searchsorted(starts, within, side="right") - 1
+
+    def read(self, name: str, group: int, columns: list[str], cache: bool = True) -> pa.Table:
+        """One row group of `columns` (those the shard has)."""
+        key = (name, group, tuple(columns), "table")
+        return self._cached(key, cache, lambda: self._read(name, group, columns), lambda t: int(t.nbytes))
+
+    def strings(self, name: str, group: int, column: str) -> StringColumn:
+        """One row group's string column, ready for cheap row takes."""
+        key = (name, group, column, "strings")
+        return self._cached(key, True, lambda: StringColumn(self._read(name, group, [column]).column(0)),
+                            lambda s: s.nbytes)
+
+    def _read(self, name: str, group: int, columns: list[str]) -> pa.Table:
+        meta, _ = self.footer(name)
+        present = set(meta.schema.to_arrow_schema().names)
+        with _opened(self._open(name)) as source:
+            return pq.ParquetFile(source, metadata=meta).read_row_group(
+                group, columns=[c for c in columns if c in present])
+
+    def _cached(self, key: tuple[Any, ...], cache: bool, load: Callable[[], Any], size: Callable[[Any], int]) -> Any:
+        with self._lock:
+            hit = self._groups.get(key)
+            if hit is not None:
+                self._groups.move_to_end(key)
+                return hit[0]
+        value = load()
+        if not cache:
+            return value
+        nbytes = size(value)
+        with self._lock:
+            if key not in self._groups and nbytes <= self.budget:
+                self._groups[key] = (value, nbytes)
+                self._held += nbytes
+                while self._held > self.budget:
+                    _, (_, freed) = self._groups.popitem(last=False)
+                    self._held -= freed
+        return value
+
+
+@contextmanager
+def _opened(source: Any) -> Iterator[Any]:
+    """A path as is; a file object closed afterwards."""
+    try:
+        yield source
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+
+
+def by_group(names: list[str], groups: RowGroups, shard: np.ndarray, within: np.ndarray
+             ) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
+    """The wanted rows grouped by (shard, row group): (name, group, positions in the request, rows in group)."""
+    out = []
+    for s in np.unique(shard).tolist():
+        picked = np.flatnonzero(shard == s)
+        name = names[s]
+        group = groups.group_of(name, within[picked])
+        _, starts = groups.footer(name)
+        for g in np.unique(group).tolist():
+            mine = picked[group == g]
+            out.append((name, int(g), mine, within[mine] - starts[g]))
+    return out

@@ -1,0 +1,260 @@
+"""Bookkeeping that scales: rows by id read one row group of one shard; local folders and S3 (SeaweedFS)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from test_store_s3 import _s3_url, s3  # noqa: F401  (s3: the module's SeaweedFS server fixture)
+from test_store_v2 import ENCODER, ROOT, _rows
+
+from pnsfw.errors import NotFound, StoreError
+from pnsfw.indexer.projection import random_projection
+from pnsfw.store import Store, StoreWriter, checkpoint, hooks, shards
+from pnsfw.store.fs import FileSystem, open_fs
+from pnsfw.store.records import Manifest
+
+
+class CountingFile:
+    """A read-only file object that records (offset, length) of every read."""
+
+    def __init__(self, raw: Any, reads: list[tuple[int, int]]):
+        self.raw, self.reads = raw, reads
+
+    def read(self, n: int = -1) -> bytes:
+        at = self.raw.tell()
+        data = self.raw.read(n)
+        self.reads.append((at, len(data)))
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.raw.closed)
+
+
+class CountingFS:
+    """The store's file system (every call passed through), recording the byte ranges read from each shard and every whole-file read."""
+
+    def __init__(self, inner: FileSystem):
+        self.inner, self.root, self.local = inner, inner.root, inner.local
+        self.ranges: dict[str, list[tuple[int, int]]] = {}
+        self.files: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def open_ranges(self, rel: str) -> Any:
+        source = self.inner.open_ranges(rel)
+        raw = open(source, "rb") if isinstance(source, str) else source
+        return CountingFile(raw, self.ranges.setdefault(rel, []))
+
+    def read_bytes(self, rel: str) -> bytes:
+        self.files.append(rel)
+        return self.inner.read_bytes(rel)
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store location: a local folder, or a prefix on the SeaweedFS server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    request.getfixturevalue("s3")
+    return _s3_url("scale")
+
+
+@pytest.fixture
+def small_groups(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(shards, "ROW_GROUP", 50)
+    return 50
+
+
+def _store(location: str, sizes: list[int]) -> Store:
+    store = Store(location)
+    with store.writer() as writer:
+        writer.set_space(ENCODER, random_projection(512))
+        for i, n in enumerate(sizes):
+            writer.commit(_rows(writer, n, f"s{i}-", caption=[f"c{i}-{j}" for j in range(n)]), None)
+    return Store.open(location)
+
+
+def _group_span(meta: pq.FileMetaData, group: int, skip: tuple[str, ...]) -> tuple[int, int, list[tuple[int, int]]]:
+    """(start, end) of row group `group` and the byte ranges of its columns not in `skip`."""
+    rg = meta.row_group(group)
+    spans, wanted = [], []
+    for c in range(rg.num_columns):
+        col = rg.column(c)
+        start = col.dictionary_page_offset or col.data_page_offset
+        spans.append((start, start + col.total_compressed_size))
+        if col.path_in_schema not in skip:
+            wanted.append(spans[-1])
+    return min(a for a, _ in spans), max(b for _, b in spans), wanted
+
+
+def test_lookup_reads_one_row_group_of_one_shard(where: str, small_groups: int) -> None:
+    _store(where, [200, 200, 120])
+    fs = CountingFS(open_fs(where))
+    store = Store(where, fs=fs)  # type: ignore[arg-type]
+    table = store.lookup([260, 255])
+    assert table.column("id").to_pylist() == [260, 255]
+    assert table.column("uri").to_pylist() == ["s1-60", "s1-55"] and table.column("caption").to_pylist() == \
+        ["c1-60", "c1-55"]
+    assert "embedding" not in table.column_names and "uri_hash" not in table.column_names
+    name = f"shards/{store.shards[1].name}"
+    assert list(fs.ranges) == [name]  # no other shard was opened
+    meta = pq.ParquetFile(open_fs(where).open_input(name)).metadata
+    start, end, _ = _group_span(meta, 1, ())
+    embedding = [span for span in _group_span(meta, 1, ())[2] if span not in _group_span(meta, 1, ("embedding",))[2]]
+    size = open_fs(where).size(name)
+    body = [(o, n) for o, n in fs.ranges[name] if n and o + n < size]  # pyarrow reads the last 64 KiB for the footer
+    assert len(body) < len(fs.ranges[name])
+    for offset, length in body:
+        assert start <= offset and offset + length <= end, f"read {offset}+{length} outside row group 1"
+        assert all(offset + length <= a or offset >= b for a, b in embedding), "read the embedding column"
+    fs.ranges.clear()
+    assert store.lookup([251]).column("uri").to_pylist() == ["s1-51"] and not fs.ranges  # cached group and footer
+
+
+def test_lookup_uris_and_vectors_match_the_whole_table(where: str, small_groups: int) -> None:
+    store = _store(where, [120, 7, 230])
+    everything = store.table(["id", "uri", "caption"]).to_pylist()
+    ids = np.random.default_rng(0).permutation(store.rows)[:40]
+    assert store.lookup(ids, ["id", "uri", "caption"]).to_pylist() == [everything[i] for i in ids]
+    assert store.uris_of(ids) == [everything[i]["uri"] for i in ids]
+    all_ids, vectors = store.vectors()
+    np.testing.assert_array_equal(store.vectors_of(ids), vectors[ids])
+    assert store.ids.rows_of(ids).tolist() == ids.tolist() and store.ids.ids_of(ids).tolist() == ids.tolist()
+    np.testing.assert_array_equal(store.ids.all_ids(), all_ids)
+    assert store.lookup([], ["id"]).num_rows == 0
+    with pytest.raises(NotFound, match="id 357 is not in store"):
+        store.lookup([3, 357])
+    with pytest.raises(NotFound, match="id -1"):
+        store.uris_of([-1])
+
+
+def test_searcher_hits_and_items_come_from_row_groups(tmp_path: Path, small_groups: int) -> None:
+    from pnsfw.search.query import Searcher
+
+    store = _store(str(tmp_path / "s"), [120, 130])
+    searcher = Searcher.open(store, exact_device="cpu")
+    item = searcher.item(171)
+    assert item["uri"] == "s1-51" and item["caption"] == "c1-51" and item["id"] == 171
+    hits = searcher.search_id(171, 3)
+    assert hits[0].id == 171 and hits[0].uri == "s1-51"
+    assert all(h.uri == store.uris_of([h.id])[0] for h in hits)
+    with pytest.raises(NotFound):
+        searcher.item(250)
+
+
+# ---- manifest checkpoints: commits and opens that do not grow with the shard count
+@pytest.fixture
+def every_8(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(checkpoint, "CHECKPOINT_EVERY", 8)
+    return 8
+
+
+def _commit_each(where: str, count: int, prefix: str = "c", size: int = 2) -> None:
+    """`count` commits of one small shard, each by its own writer (which also sweeps stale checkpoints)."""
+    for i in range(count):
+        with Store(where).writer() as writer:
+            writer.commit(_rows(writer, size, f"{prefix}{i}-"), None)
+
+
+def _checkpoint_files(where: str) -> list[str]:
+    return [e.name for e in open_fs(where).list(checkpoint.CHECKPOINT_DIR)]
+
+
+def test_open_after_many_commits_reads_one_version_and_one_checkpoint(where: str, every_8: int) -> None:
+    _store(where, [3])
+    _commit_each(where, 30)
+    checkpoint._CACHE.clear()  # a fresh process
+    fs = CountingFS(open_fs(where))
+    store = Store(where, fs=fs)  # type: ignore[arg-type]
+    assert store.rows == 63 and store.manifest.next_id == 63 and len(store.shards) == 31
+    assert store.table(["id"]).column("id").to_pylist() == list(range(63))
+    assert len(fs.files) == 2 and fs.files[1].startswith(checkpoint.CHECKPOINT_DIR), fs.files
+    doc = json.loads(open_fs(where).read_bytes(fs.files[0]))
+    assert doc["format"] == 3 and "shards" not in doc and len(doc["tail"]["shards"]) < every_8
+    with pytest.raises(StoreError, match="no shard list"):  # what a reader older than checkpoints says
+        Manifest.from_json(doc, "v")
+    assert 1 <= len(_checkpoint_files(where)) <= 3  # the sweep keeps only what kept versions may reference
+    fs.files.clear()
+    assert Store(where, fs=fs).rows == 63 and len(fs.files) == 1  # type: ignore[arg-type]  # checkpoint cached
+
+
+def test_a_store_written_without_checkpoints_opens_and_gets_one(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checkpoint, "CHECKPOINT_EVERY", 10**9)  # as before: every version lists every shard
+    _store(where, [2])
+    _commit_each(where, 11)
+    versions = sorted(e.name for e in open_fs(where).list("_manifest") if not e.is_dir)
+    old = json.loads(open_fs(where).read_bytes(f"_manifest/{versions[-1]}"))
+    assert old["format"] == 2 and len(old["shards"]) == 12 and not _checkpoint_files(where)
+    monkeypatch.setattr(checkpoint, "CHECKPOINT_EVERY", 8)
+    assert Store.open(where).rows == 24
+    _commit_each(where, 1, "new")
+    store = Store.open(where)
+    assert store.rows == 26 and store.manifest.checkpoint is not None and len(_checkpoint_files(where)) == 1
+    assert store.uris_of([24, 25]) == ["new0-0", "new0-1"]
+
+
+def test_racing_writers_across_a_checkpoint(where: str, every_8: int) -> None:
+    _store(where, [2])
+    _commit_each(where, 6)  # 7 shards: the next commit of either writer writes a checkpoint
+    a, b = StoreWriter(Store(where)), StoreWriter(Store(where))
+    rows_a, rows_b = _rows(a, 5, "a"), _rows(b, 3, "b")
+    raced: list[str] = []
+
+    def hook(step: str) -> None:
+        if step == "commit:_manifest" and not raced:  # a has written its checkpoint; b commits first
+            raced.append(step)
+            b.commit(rows_b, None)
+
+    hooks.set_hook(hook)
+    try:
+        a.commit(rows_a, None)
+    finally:
+        hooks.set_hook(None)
+    store = Store.open(where)
+    assert store.rows == 22 and store.table(["id"]).column("id").to_pylist() == list(range(22))
+    assert store.uris_of([14, 16, 17, 21]) == ["b0", "b2", "a0", "a4"]
+    assert store.manifest.checkpoint is not None
+    assert _checkpoint_files(where) == [store.manifest.checkpoint.file]  # a's losing checkpoint is gone
+
+
+def test_racing_processes_across_checkpoints(tmp_path: Path) -> None:
+    _store(str(tmp_path / "s"), [1])
+    code = ("import sys\n"
+            "sys.path.insert(0, sys.argv[3])\n"
+            "from test_store_v2 import _rows\n"
+            "from pnsfw.store import Store, StoreWriter, checkpoint\n"
+            "checkpoint.CHECKPOINT_EVERY = 4\n"
+            "for i in range(int(sys.argv[2])):\n"
+            "    w = StoreWriter(Store(sys.argv[1]))\n"
+            "    w.commit(_rows(w, 3, f'{sys.argv[4]}{i}-'), None)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s"), "8", str(ROOT / "tests"), tag],
+                              env=env) for tag in "xy"]
+    assert all(p.wait(timeout=180) == 0 for p in procs)
+    store = Store.open(tmp_path / "s")
+    assert store.rows == 49 and store.table(["id"]).column("id").to_pylist() == list(range(49))
+    assert len(set(store.table(["uri"]).column("uri").to_pylist())) == 49
+    assert store.manifest.checkpoint is not None
