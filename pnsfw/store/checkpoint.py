@@ -105,7 +105,7 @@ def document(fs: FileSystem, new: Manifest, base: Manifest, version: int, token:
 
 def _still_valid(new: Manifest, base: Manifest) -> Checkpoint | None:
     """The base's checkpoint when `new` kept every entry it covers (appends only), else None."""
-    ref = base.checkpoint
+    ref: Checkpoint | None = base.checkpoint
     if ref is None:
         return None
     for name in LISTS:

@@ -81,7 +81,8 @@ class IdMap:
         """Ids at row positions (0 <= row < rows)."""
         rows = np.asarray(rows, np.int64)
         shard = np.searchsorted(self.rows_before, rows, side="right") - 1
-        return self.min_ids[shard] + rows - self.rows_before[shard]
+        ids: np.ndarray = self.min_ids[shard] + rows - self.rows_before[shard]
+        return ids
 
     def all_ids(self) -> np.ndarray:
         """Every id in row order (8 bytes a row: for whole-store work, not for per-request state)."""
@@ -98,8 +99,11 @@ class IdMap:
 class RowGroups:
     """Reads of single row groups of a store's shards; footers and decoded groups cached (LRU, bounded)."""
 
-    def __init__(self, open_shard: Callable[[str], Any], budget: int = CACHE_BYTES):
-        self._open, self.budget = open_shard, budget
+    def __init__(self, open_shard: Callable[[str], Any], damaged: Callable[[str, str], Exception],
+                 check: Callable[[str], None], budget: int = CACHE_BYTES):
+        """`open_shard(name)`: a source pyarrow reads; `damaged(name, what)`: the error for a shard that cannot
+        be read; `check(name)`: called once per shard before its footer is read (the size check)."""
+        self._open, self._damaged, self._check, self.budget = open_shard, damaged, check, budget
         self._footers: OrderedDict[str, tuple[pq.FileMetaData, np.ndarray]] = OrderedDict()
         self._groups: OrderedDict[tuple[Any, ...], tuple[Any, int]] = OrderedDict()
         self._held = 0
@@ -112,8 +116,12 @@ class RowGroups:
             if hit is not None:
                 self._footers.move_to_end(name)
                 return hit
-        with _opened(self._open(name)) as source:
-            meta = pq.ParquetFile(source).metadata
+        self._check(name)
+        try:
+            with _opened(self._open(name)) as source:
+                meta = pq.ParquetFile(source).metadata
+        except (pa.ArrowException, OSError) as exc:
+            raise self._damaged(name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
         starts = np.concatenate([[0], np.cumsum([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])])
         with self._lock:
             self._footers[name] = (meta, starts.astype(np.int64))
@@ -134,15 +142,21 @@ class RowGroups:
     def strings(self, name: str, group: int, column: str) -> StringColumn:
         """One row group's string column, ready for cheap row takes."""
         key = (name, group, column, "strings")
-        return self._cached(key, True, lambda: StringColumn(self._read(name, group, [column]).column(0)),
-                            lambda s: s.nbytes)
+        def load() -> StringColumn:
+            return StringColumn(self._read(name, group, [column]).column(0))
+
+        strings: StringColumn = self._cached(key, True, load, lambda s: s.nbytes)
+        return strings
 
     def _read(self, name: str, group: int, columns: list[str]) -> pa.Table:
         meta, _ = self.footer(name)
         present = set(meta.schema.to_arrow_schema().names)
-        with _opened(self._open(name)) as source:
-            return pq.ParquetFile(source, metadata=meta).read_row_group(
-                group, columns=[c for c in columns if c in present])
+        try:
+            with _opened(self._open(name)) as source:
+                return pq.ParquetFile(source, metadata=meta).read_row_group(
+                    group, columns=[c for c in columns if c in present])
+        except (pa.ArrowException, OSError) as exc:
+            raise self._damaged(name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
 
     def _cached(self, key: tuple[Any, ...], cache: bool, load: Callable[[], Any], size: Callable[[Any], int]) -> Any:
         with self._lock:

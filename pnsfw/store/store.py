@@ -74,7 +74,8 @@ class Store:
         self._checked = time.monotonic()
         self.version, self.manifest, self.legacy = self._load() if load else (0, Manifest(), False)
         self._ids: tuple[Manifest, IdMap] | None = None
-        self.groups = RowGroups(lambda name: self.fs.open_ranges(f"shards/{name}"))
+        self.groups = RowGroups(lambda name: self.fs.open_ranges(f"shards/{name}"), self.damaged,
+                                lambda name: self.check_size(self.shard(name)))
 
     # ---- reading the manifest
     def _load(self) -> tuple[int, Manifest, bool]:
@@ -193,15 +194,18 @@ class Store:
     def shard_source(self, shard: Shard | str, check: bool = True) -> Any:
         """What pyarrow reads for a shard (a local path or a file object), after the cheap size check."""
         entry = self.shard(shard) if isinstance(shard, str) else shard
-        rel = f"shards/{entry.name}"
         if check:
-            try:
-                size = self.fs.size(rel)
-            except FileNotFoundError:
-                raise self.damaged(entry.name, "is missing") from None
-            if size != entry.bytes:
-                raise self.damaged(entry.name, f"has {size} bytes, the manifest says {entry.bytes}")
-        return self.fs.open_input(rel)
+            self.check_size(entry)
+        return self.fs.open_input(f"shards/{entry.name}")
+
+    def check_size(self, entry: Shard) -> None:
+        """StoreError unless the shard file exists with the size the manifest records."""
+        try:
+            size = self.fs.size(f"shards/{entry.name}")
+        except FileNotFoundError:
+            raise self.damaged(entry.name, "is missing") from None
+        if size != entry.bytes:
+            raise self.damaged(entry.name, f"has {size} bytes, the manifest says {entry.bytes}")
 
     def damaged(self, name: str, what: str) -> StoreError:
         return StoreError(f"shard {name} of store {self.root} {what}; run `pnsfw repair --store {self.root}`")
@@ -266,7 +270,7 @@ class Store:
         parts, order = [], []
         for name, group, positions, rows in by_group(self.ids.names, self.groups, shard, within):
             wanted = columns if columns is not None else self._item_columns(name)
-            table = self._group(name, group, wanted, cache)
+            table = self.groups.read(name, group, wanted, cache)
             parts.append(table.take(pa.array(rows)))
             order.append(positions)
         if not parts:
@@ -281,31 +285,28 @@ class Store:
         shard, within = self.ids.require(ids, self.root)
         out: list[str] = [""] * len(ids)
         for name, group, positions, rows in by_group(self.ids.names, self.groups, shard, within):
-            try:
-                strings = self.groups.strings(name, group, "uri").take(rows)
-            except (pa.ArrowException, OSError) as exc:
-                raise self.damaged(name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+            strings = self.groups.strings(name, group, "uri").take(rows)
             for at, uri in zip(positions.tolist(), strings):
                 out[at] = uri
         return out
 
     def vectors_of(self, ids: Any) -> np.ndarray:
         """fp16 (n, dim) vectors of ids, in that order (row groups of the embedding column, not cached)."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
         table = self.lookup(ids, ["embedding"], cache=False)
         vectors = shards.embedding_matrix(table.column("embedding"), self.dim)
-        return vectors if len(vectors) else np.zeros((0, self.dim), np.float16)
-
-    def _group(self, name: str, group: int, columns: list[str], cache: bool) -> pa.Table:
-        try:
-            return self.groups.read(name, group, columns, cache)
-        except (pa.ArrowException, OSError) as exc:
-            raise self.damaged(name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+        if not len(vectors):
+            return np.zeros((0, self.dim), np.float16)
+        norms = np.linalg.norm(vectors.astype(np.float32), axis=1)
+        bad = ~(np.abs(norms - 1.0) <= NORM_TOLERANCE)
+        if bad.any():
+            name = self.ids.names[int(self.ids.locate(ids[bad][:1])[0][0])]
+            raise self.damaged(name, f"holds vectors of norm {float(norms[bad][0]):.4g} (not unit vectors: "
+                                     "flipped bits?)")
+        return vectors
 
     def _item_columns(self, name: str) -> list[str]:
-        try:
-            meta, _ = self.groups.footer(name)
-        except (pa.ArrowException, OSError) as exc:
-            raise self.damaged(name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+        meta, _ = self.groups.footer(name)
         return [c for c in meta.schema.to_arrow_schema().names if c not in ("embedding", "uri_hash")]
 
     def iter_vectors(self, selected: list[Shard] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -1,0 +1,361 @@
+"""Store bookkeeping at scale: open, info, incremental index RSS, lookups and serve on stores of 1M..20M rows.
+
+Usage: python scripts/bench_store_scale.py [--rows 1M,5M,20M] [--shard-size 50k] [--workdir /tmp/pnsfw-bench-scale]
+                                           [--s3-rows 1M] [--out docs/bench_store_scale.json]
+
+One store grows through the sizes (synthetic shards written through StoreWriter.commit_shards: random unit
+fp16 vectors, realistic uris, a caption column; the manifest names a tiny random CLIP checkpoint so `index`
+and `serve` run offline). At each size, in fresh child processes: `Store.open` time (median of 3), `pnsfw info
+--json` wall time, peak RSS (VmHWM at exit) of `pnsfw index --no-faiss` adding 1,000 new image files (also into
+an empty store of the same space, for the per-row slope), bytes per row on disk (shards; manifest +
+checkpoint), `Store.lookup` latency (cold: a row group not read before; warm: again), and a `pnsfw serve`
+(no model, a small IVF-PQ index so the index is not what is measured): time to /health, RSS minus the index
+file, and `/v1/items/{id}` and `/v1/search {id}` latency over random ids. `--s3-rows`: the same store size
+copied to a SeaweedFS server (tests/s3_server.py) for open and lookup against S3. Prints a table, writes JSON.
+DESIGN §10 target at 20M rows: open <= 1 s; incremental index RSS <= 16 bytes/row + 300 MB; serve ready <= 5 s.
+"""
+
+import argparse
+import http.client
+import itertools
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from make_checkpoint import make_checkpoint  # noqa: E402
+
+from pnsfw.store import Store  # noqa: E402
+from pnsfw.store.shards import embedding_array  # noqa: E402
+from pnsfw.store.sizes import parse_size  # noqa: E402
+
+INDEX_FACTORY = "IVF64,PQ4x4np"  # cheap to build and small in memory: serve's RSS is the bookkeeping
+NEW_FILES = 1000
+HWM = ("import atexit, sys\n"
+       "def hwm():\n"
+       "    for line in open('/proc/self/status'):\n"
+       "        if line.startswith('VmHWM'):\n"
+       "            sys.stderr.write('VMHWM_KB ' + line.split()[1] + '\\n')\n"
+       "atexit.register(hwm)\n"
+       "sys.argv = ['pnsfw'] + sys.argv[1:]\n"
+       "from pnsfw.cli import cli\n"
+       "cli()\n")
+OPEN = ("import sys, time\n"
+        "from pnsfw.store import Store\n"
+        "t = time.perf_counter(); s = Store.open(sys.argv[1]); first = time.perf_counter() - t\n"
+        "t = time.perf_counter(); s = Store.open(sys.argv[1]); print(first, time.perf_counter() - t, s.rows)\n")
+LOOKUP = ("import json, sys, time\n"
+          "import numpy as np\n"
+          "from pnsfw.store import Store\n"
+          "s = Store.open(sys.argv[1]); ids = json.loads(sys.argv[2])\n"
+          "t = time.perf_counter(); s.lookup([ids.pop()]); out = {'first': time.perf_counter() - t}\n"
+          "for mode in ('cold', 'warm'):\n"
+          "    times = []\n"
+          "    for i in ids:\n"
+          "        t = time.perf_counter(); s.lookup([i]); times.append(time.perf_counter() - t)\n"
+          "    out[mode] = times\n"
+          "t = time.perf_counter(); s.uris_of(ids[:10]); out['uris10'] = time.perf_counter() - t\n"
+          "print(json.dumps(out))\n")
+
+
+def synthetic(writer: Any, count: int, rng: np.random.Generator) -> pa.Table:
+    ids = writer.next_ids(count)
+    vectors = rng.standard_normal((count, 256), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    hexes = [f"{h:016x}" for h in rng.integers(0, 2**63, count)]
+    uris = [f"https://images.example-cdn.com/photos/{h[:2]}/{h[2:4]}/{h}.jpg" for h in hexes]
+    return pa.table({"id": ids, "uri": uris, "source": ["s3://corpus/part-0001.parquet"] * count,
+                     "sha256": [""] * count, "width": pa.array(np.full(count, 512, np.int32)),
+                     "height": pa.array(np.full(count, 384, np.int32)),
+                     "embedding": embedding_array(vectors.astype(np.float16)),
+                     "caption": [f"a photo {h[:6]}" for h in hexes]})
+
+
+def grow(root: Path, rows: int, shard: int, space: tuple[dict[str, Any], Any]) -> float:
+    """Append synthetic shards until the store holds `rows`; the seconds it took."""
+    started = time.perf_counter()
+    store = Store(root)
+    rng = np.random.default_rng(store.rows)
+    with store.writer() as writer:
+        if writer.manifest.space is None:
+            writer.set_space(*space)
+        while writer.manifest.next_id < rows:
+            count = [min(shard, rows - writer.manifest.next_id - i * shard) for i in range(4)]
+            writer.commit_shards([synthetic(writer, c, rng) for c in count if c > 0], threads=2)
+            print(f"[bench] {writer.manifest.next_id:,} rows", flush=True)
+    return time.perf_counter() - started
+
+
+def child(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
+                          env=env or dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def open_seconds(root: str, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Median of 3 fresh processes: the first open (file system set-up included) and a second one."""
+    runs = [child(OPEN, root, env=env).stdout.split() for _ in range(3)]
+    return {"first_s": round(statistics.median(float(r[0]) for r in runs), 4),
+            "again_s": round(statistics.median(float(r[1]) for r in runs), 4)}
+
+
+def info_seconds(root: str) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pnsfw.cli", "info", "--store", root, "--json"], check=True,
+                   capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return time.perf_counter() - started
+
+
+def make_images(folder: Path, count: int, seed: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{seed}-{i:05d}.png")
+    return folder
+
+
+def index_peak_mb(root: Path, images: Path, checkpoint: Path) -> tuple[float, float]:
+    """(peak RSS in MB, seconds) of `pnsfw index --no-faiss` adding the images to the store."""
+    started = time.perf_counter()
+    done = child(HWM, "index", str(images), "--store", str(root), "--model", str(checkpoint), "--device", "cpu",
+                 "--no-faiss", "--workers", "1")
+    kb = [int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("VMHWM_KB")]
+    return kb[-1] / 1024, time.perf_counter() - started
+
+
+def bookkeeping_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in (root / "_manifest").rglob("*") if p.is_file())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def serve(root: Path, ids: list[int], log: Path) -> dict[str, Any]:
+    """Time to /health, RSS, and item / search-by-id latency (ms) of one `pnsfw serve` (no model)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pnsfw.cli", "serve", "--store", str(root), "--port", str(port), "--device", "cpu",
+           "--search", "index", "--log-level", "warning"]
+    started = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        conn = _wait_health(port, proc, log)
+        ready = time.perf_counter() - started
+        rss = rss_mb(proc.pid)
+        items = [_timed(conn, "GET", f"/v1/items/{i}") for i in ids]
+        search = [_timed(conn, "POST", "/v1/search", json.dumps({"id": i, "k": 10})) for i in ids[:50]]
+        return {"ready_s": ready, "rss_mb": rss, "rss_after_mb": rss_mb(proc.pid),
+                "item_ms": _summary(items), "search_id_ms": _summary(search)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _wait_health(port: int, proc: subprocess.Popen, log: Path) -> http.client.HTTPConnection:
+    for _ in range(6000):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("GET", "/health")
+            if conn.getresponse().read() and True:
+                return conn
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"serve exited:\n{log.read_text(errors='replace')[-3000:]}") from None
+        time.sleep(0.05)
+    raise SystemExit("serve did not become ready")
+
+
+def _timed(conn: http.client.HTTPConnection, method: str, path: str, body: str | None = None) -> float:
+    started = time.perf_counter()
+    conn.request(method, path, body=body, headers={"content-type": "application/json"} if body else {})
+    response = conn.getresponse()
+    response.read()
+    if response.status != 200:
+        raise SystemExit(f"{method} {path}: HTTP {response.status}")
+    return (time.perf_counter() - started) * 1000
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"p50": round(ordered[len(ordered) // 2], 2), "p99": round(ordered[int(len(ordered) * 0.99)], 2),
+            "mean": round(float(np.mean(values)), 2), "n": len(values)}
+
+
+def lookups(root: str, ids: list[int], env: dict[str, str] | None = None) -> dict[str, Any]:
+    data = json.loads(child(LOOKUP, root, json.dumps(ids), env=env).stdout)
+    return {"first_ms": round(data["first"] * 1000, 2), "cold_ms": _summary([t * 1000 for t in data["cold"]]),
+            "warm_ms": _summary([t * 1000 for t in data["warm"]]), "uris_of_10_ms": round(data["uris10"] * 1000, 2)}
+
+
+def spread_ids(rows: int, count: int, seed: int) -> list[int]:
+    """Random ids, one per stretch of rows."""
+    edges = np.linspace(0, rows, count + 1).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    return [int(rng.integers(a, b)) for a, b in itertools.pairwise(edges)]
+
+
+def group_ids(root: str, count: int, seed: int) -> list[int]:
+    """One random id in each of `count` row groups spread over the store (+1 for the untimed first lookup), so
+    every cold lookup reads a row group it has not read before."""
+    import pyarrow.parquet as pq
+
+    store, rng = Store.open(root), np.random.default_rng(seed)
+    picked = [store.shards[int(i)] for i in np.linspace(0, len(store.shards) - 1, min(count + 1, len(store.shards)))]
+    ids = []
+    for shard in picked:
+        meta = pq.ParquetFile(store.fs.open_input(f"shards/{shard.name}")).metadata
+        group = int(rng.integers(meta.num_row_groups))
+        start = sum(meta.row_group(g).num_rows for g in range(group))
+        ids.append(shard.min_id + start + int(rng.integers(meta.row_group(group).num_rows)))
+    return sorted(set(ids))
+
+
+def ensure_index(root: Path) -> dict[str, Any]:
+    """A cheap IVF-PQ index covering the store (built once, then updated with new shards)."""
+    from pnsfw.search.index import build_index, read_meta, update_index
+
+    store = Store.open(root)
+    with store.writer():
+        return update_index(store) if read_meta(store) else build_index(store, INDEX_FACTORY)
+
+
+def measure(root: Path, images: Path, checkpoint: Path, baseline_mb: float, log: Path) -> dict[str, Any]:
+    store = Store.open(root)
+    rows = store.rows
+    shard_bytes = sum(s.bytes for s in store.shards)
+    result: dict[str, Any] = {"rows": rows, "shards": len(store.shards), "manifest_format": store.manifest.format}
+    result["open_s"] = open_seconds(str(root))
+    result["info_s"] = info_seconds(str(root))
+    peak, seconds = index_peak_mb(root, images, checkpoint)
+    result["index"] = {"peak_rss_mb": round(peak, 1), "seconds": round(seconds, 1),
+                       "bytes_per_row_over_empty": round((peak - baseline_mb) * 2**20 / rows, 2),
+                       "target_mb": round((16 * rows) / 2**20 + 300, 1)}
+    result["disk"] = {"shard_bytes_per_row": round(shard_bytes / rows, 1),
+                      "bookkeeping_bytes_per_row": round(bookkeeping_bytes(root) / rows, 3)}
+    result["lookup_local"] = lookups(str(root), group_ids(str(root), 100, 1))
+    index_bytes = sum(p.stat().st_size for p in (root / "index").rglob("*faiss*") if p.is_file())
+    served = serve(root, spread_ids(rows, 200, 2), log)
+    served["rss_without_index_mb"] = round(served["rss_mb"] - index_bytes / 2**20, 1)
+    served["rss_bytes_per_row"] = round(served["rss_without_index_mb"] * 2**20 / rows, 2)
+    result["serve"] = served
+    return result
+
+
+def s3_measure(root: Path, work: Path) -> dict[str, Any]:
+    """Copy the store (without its index) to a SeaweedFS bucket; open and lookup there."""
+    import s3fs
+    from s3_server import start_seaweed
+
+    server = start_seaweed(work / "seaweed")
+    endpoint = next(server)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ENDPOINT_URL=endpoint)
+    try:
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+        fs.mkdir("bench")
+        started = time.perf_counter()
+        for rel in ("shards", "_manifest"):
+            fs.put(str(root / rel), f"bench/store/{rel}", recursive=True)
+        fs.put_file(str(root / "projection.npy"), "bench/store/projection.npy")
+        upload = time.perf_counter() - started
+        url = "s3://bench/store"
+        rows = Store.open(root).rows
+        return {"rows": rows, "upload_s": round(upload, 1), "open_s": open_seconds(url, env),
+                "lookup": lookups(url, group_ids(str(root), 30, 3), env)}
+    finally:
+        next(server, None)
+
+
+def machine() -> dict[str, Any]:
+    import faiss
+    import pyarrow
+
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "")
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE")
+                                                                      * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
+            "numpy": np.__version__, "pyarrow": pyarrow.__version__, "faiss": faiss.__version__,
+            "note": "a shared machine: other agents ran tests and benchmarks on the same 2 cores meanwhile"}
+
+
+def print_table(results: list[dict[str, Any]], s3: dict[str, Any] | None) -> None:
+    head = (f"{'rows':>11} {'open s':>7} {'info s':>7} {'index MB':>9} {'target':>7} {'B/row':>6} {'disk B/row':>10} "
+            f"{'lookup cold/warm ms':>20} {'serve s':>8} {'serve MB':>9} {'item p50/p99 ms':>16} {'search p50':>10}")
+    print(head)
+    for r in results:
+        lk, sv = r["lookup_local"], r["serve"]
+        print(f"{r['rows']:>11,} {r['open_s']['first_s']:>7.3f} {r['info_s']:>7.2f} {r['index']['peak_rss_mb']:>9.0f} "
+              f"{r['index']['target_mb']:>7.0f} {r['index']['bytes_per_row_over_empty']:>6.1f} "
+              f"{r['disk']['shard_bytes_per_row']:>10.0f} "
+              f"{lk['cold_ms']['p50']:>10.2f}/{lk['warm_ms']['p50']:<9.2f} {sv['ready_s']:>8.2f} "
+              f"{sv['rss_without_index_mb']:>9.0f} {sv['item_ms']['p50']:>7.1f}/{sv['item_ms']['p99']:<8.1f} "
+              f"{sv['search_id_ms']['p50']:>10.1f}")
+    if s3:
+        lk = s3["lookup"]
+        print(f"S3 (SeaweedFS, {s3['rows']:,} rows): open {s3['open_s']['first_s']:.3f} s (again "
+              f"{s3['open_s']['again_s']:.3f} s), lookup cold p50 "
+              f"{lk['cold_ms']['p50']:.1f} ms, warm p50 {lk['warm_ms']['p50']:.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1M,5M,20M")
+    parser.add_argument("--shard-size", default="50k")
+    parser.add_argument("--s3-rows", default="1M", help="the size also measured on S3 (none: skip)")
+    parser.add_argument("--workdir", default="/tmp/pnsfw-bench-scale")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench_store_scale.json"))
+    args = parser.parse_args()
+    from pnsfw.indexer.encoder import load_encoder
+    from pnsfw.indexer.projection import random_projection
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = make_checkpoint("tiny", work / "tiny-clip.pt")
+    encoder = load_encoder(str(checkpoint), "cpu", "fp32")
+    space = (encoder.describe(), random_projection(encoder.width))
+    info = machine()
+    baseline, _ = index_peak_mb(work / f"empty-{time.time_ns()}", make_images(work / "images-empty", NEW_FILES, 0),
+                                checkpoint)
+    results, s3 = [], None
+    for n, rows in enumerate(parse_size(r) for r in args.rows.split(",")):
+        built = grow(work / "store", rows, parse_size(args.shard_size), space)
+        print(f"[bench] {rows:,} rows written in {built:.0f} s; index: {ensure_index(work / 'store')}", flush=True)
+        images = make_images(work / f"images-{rows}", NEW_FILES, n + 1)
+        results.append(dict(measure(work / "store", images, checkpoint, baseline, work / "serve.log"),
+                            write_s=round(built, 1)))
+        print(json.dumps(results[-1]), flush=True)
+        if args.s3_rows != "none" and rows == parse_size(args.s3_rows):
+            s3 = s3_measure(work / "store", work)
+            print(json.dumps(s3), flush=True)
+    print_table(results, s3)
+    Path(args.out).write_text(json.dumps({"machine": info, "index_baseline_empty_store_mb": round(baseline, 1),
+                                          "new_files": NEW_FILES, "index_factory": INDEX_FACTORY,
+                                          "shard_size": parse_size(args.shard_size), "sizes": results, "s3": s3},
+                                         indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
