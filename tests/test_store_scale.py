@@ -53,7 +53,8 @@ class CountingFile:
 
 
 class CountingFS:
-    """The store's file system (every call passed through), recording the byte ranges read from each shard and every whole-file read."""
+    """The store's file system (every call passed through), recording the byte ranges read from each shard
+    and every whole-file read."""
 
     def __init__(self, inner: FileSystem):
         self.inner, self.root, self.local = inner, inner.root, inner.local
