@@ -343,7 +343,7 @@ def main() -> None:
     for n, rows in enumerate(parse_size(r) for r in args.rows.split(",")):
         built = grow(work / "store", rows, parse_size(args.shard_size), space)
         print(f"[bench] {rows:,} rows written in {built:.0f} s; index: {ensure_index(work / 'store')}", flush=True)
-        images = make_images(work / f"images-{rows}", NEW_FILES, n + 1)
+        images = make_images(work / f"images-{rows}-{time.time_ns()}", NEW_FILES, n + 1)
         results.append(dict(measure(work / "store", images, checkpoint, baseline, work / "serve.log"),
                             write_s=round(built, 1)))
         print(json.dumps(results[-1]), flush=True)

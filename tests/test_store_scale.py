@@ -259,3 +259,16 @@ def test_racing_processes_across_checkpoints(tmp_path: Path) -> None:
     assert store.rows == 49 and store.table(["id"]).column("id").to_pylist() == list(range(49))
     assert len(set(store.table(["uri"]).column("uri").to_pylist())) == 49
     assert store.manifest.checkpoint is not None
+
+
+def test_known_uris_are_sorted_unique_hashes_filled_in_place(tmp_path: Path) -> None:
+    from pnsfw.store.store import UriSet
+
+    store = _store(str(tmp_path / "s"), [30, 20])
+    known = store.known_uris()
+    assert len(known) == 50 and "s0-3" in known and "s1-19" in known and "s1-20" not in known
+    assert (known.hashes[1:] > known.hashes[:-1]).all()
+    hashes = np.array([5, 3, 5, 1], "<u8")
+    assert UriSet.adopt(hashes).hashes.tolist() == [1, 3, 5]
+    kept = np.array([9, 2, 7], "<u8")
+    assert UriSet.adopt(kept).hashes is kept and kept.tolist() == [2, 7, 9]  # no copy without duplicates

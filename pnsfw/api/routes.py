@@ -187,9 +187,11 @@ async def item(request: Request, item_id: int = ItemId) -> Response:
     """Metadata of a store item and its score."""
     engine = engine_of(request)
     meta = await run_in_threadpool(engine.item, item_id)
-    vector = await engine.vectors.call(engine.vector_of, item_id)
-    result = await engine.vectors.submit((vector, 0, True))
-    return json_response(images.jsonable(dict(meta, id=item_id, verdict=result.verdict)))
+    verdict = None
+    if engine.classifier is not None:  # the vector (a read of its row group's embeddings) only for a verdict
+        vector = await engine.vectors.call(engine.vector_of, item_id)
+        verdict = (await engine.vectors.submit((vector, 0, True))).verdict
+    return json_response(images.jsonable(dict(meta, id=item_id, verdict=verdict)))
 
 
 @router.get("/v1/items/{item_id}/image", tags=["items"], response_class=Response,
