@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -670,6 +671,7 @@ def train(store: str, labels: "str | None", zero_shot: "str | None", clip_model:
     click.echo("split: " + "  ".join(f"{s} {sum(c.values()):,}" for s, c in counts.items()) +
                f"; {meta['history']['epochs_run']} epochs, best {meta['history']['best_epoch']}")
     click.echo(f"{meta['evaluated_on']} split: " + _metrics_text(meta["metrics"][meta["evaluated_on"]]))
+    _report_threshold(meta["threshold_choice"])
     click.echo(f"saved {store}/models/{name}.keras ({meta['seconds']:.1f} s)")
     if meta.get("retrain"):
         click.echo(_retrain_text(meta["retrain"]))
@@ -702,8 +704,17 @@ def label(store: str, ids: tuple[int, ...], label: "str | None", file: "str | No
     click.echo(f"saved {result['saved']:,} labels; the store holds {result['labels']:,} labelled items")
 
 
+<<<<<<< HEAD
 def _class_list(text: "str | None") -> "list[str] | None":
     return [c.strip() for c in text.split(",")] if text else None
+=======
+def _report_threshold(choice: "dict[str, Any] | None") -> None:
+    if choice is None:
+        return
+    if choice["note"]:
+        click.echo(f"warning: {choice['note']}", err=True)
+    click.echo(_threshold_text(choice))
+>>>>>>> 680fcdd (evaluate: the model's held-out rows by default (its recorded test split + rows labelled since), --split all said loudly, label counts and label->NSFW/safe mapping, one-line warnings for empty/one-class splits, --plots DIR; train --threshold-for reports precision/recall reached on val and test and says when the target is out of reach; PR/ROC PNGs with AUC, chance line and the threshold marked, confusion PNGs (Agg canvas); score: tqdm bar on a terminal only, --json)
 
 
 def _train_zero_shot(store: str, concepts: str, labels: "str | None", name: str, nsfw: "list[str] | None",
@@ -721,6 +732,7 @@ def _train_zero_shot(store: str, concepts: str, labels: "str | None", name: str,
                f"threshold {meta['threshold']:.4f}")
     if meta["calibration"]:
         click.echo("calibrated on labels: " + _metrics_text(meta["metrics"]["labels"]))
+        _report_threshold(meta["threshold_choice"])
     click.echo(f"saved {store}/models/{name}.weights.npz ({meta['seconds']:.1f} s)")
 
 
@@ -729,19 +741,55 @@ def _train_zero_shot(store: str, concepts: str, labels: "str | None", name: str,
 @CLASSIFIER
 @click.option("--labels", required=True, help="`folders`, `store`, a CSV/Parquet file of (uri or id, label), "
                                                "or several joined by + (folders+store).")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "all"]),
+              help="test: rows the model did not train on (its recorded test split, and rows labelled since); "
+                   "all: every labelled row, training rows included (optimistic).")
+@click.option("--plots", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Write pr.png, roc.png, confusion.png (and classes.png for softmax) into this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(store: str, model_name: str, labels: str, as_json: bool) -> None:
-    """Metrics of a model on every labelled image of the store, at its stored threshold.
+def evaluate(store: str, model_name: str, labels: str, split: str, plots: "Path | None", as_json: bool) -> None:
+    """Metrics of a model at its stored threshold on the held-out labelled rows (the test split train recorded).
 
     \b
     Example:
-      pnsfw evaluate --store store/ --model default --labels holdout.csv
+      pnsfw evaluate --store store/ --model default --labels folders --plots report/
+      pnsfw evaluate --store store/ --model default --labels holdout.csv --split all
     """
-    from .classifier.train import evaluate_classifier
+    from .classifier.evaluate import evaluate_classifier
 
-    result = evaluate_classifier(store, model_name, labels)
+    result = evaluate_classifier(store, model_name, labels, split, plots)
     _skipped_labels(result["unknown"], result["unknown_examples"])
-    click.echo(json.dumps(result, indent=2) if as_json else _metrics_text(result, table=True))
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(json.dumps(result, indent=2) if as_json else _evaluate_text(result))
+
+
+def _evaluate_text(result: dict[str, Any]) -> str:
+    """Which rows were measured, how their labels map to NSFW/safe, then the metrics and the plots."""
+    by_split = ", ".join(f"{s} {n:,}" for s, n in result["rows_by_split"].items()) or "none"
+    counts = ", ".join(f"{label} {n:,}" for label, n in result["label_counts"].items()) or "none"
+    mapping = ", ".join(f"{label} -> {'NSFW' if m['nsfw'] else 'safe'}{' (by name)' if m['via'] == 'name' else ''}"
+                        for label, m in result["label_mapping"].items())
+    lines = [f"model {result['model']}, split {result['split']}: {result['count']:,} rows ({by_split})",
+             f"labels: {counts}" + (f"; {mapping}" if mapping else "")]
+    if result["count"]:
+        lines.append(_metrics_text(result, table=True))
+    lines += [f"plot: {path}" for path in result.get("plots", [])]
+    return "\n".join(lines)
+
+
+def _threshold_text(choice: dict[str, Any]) -> str:
+    """The --threshold-for rule, where it was picked and what it reaches there and on the evaluated split."""
+    if choice["rule"] is None:
+        return f"threshold {choice['threshold']:.4f} (default; --threshold-for precision=T or recall=T picks one)"
+    reached, ev = choice["reached"], choice.get("evaluated")
+    text = (f"threshold {choice['threshold']:.4f} for {choice['rule']}={choice['target']:g}, picked on "
+            f"{choice['on']} ({choice['rows']:,} rows): precision {reached['precision']:.4f} recall "
+            f"{reached['recall']:.4f}")
+    if ev:
+        text += (f"; on {ev['split']} ({ev['rows']:,} rows): precision {ev['precision']:.4f} recall "
+                 f"{ev['recall']:.4f}" + ("" if ev["met"] else f" ({choice['rule']} below the target there)"))
+    return text
 
 
 @cli.command()
@@ -760,16 +808,20 @@ def evaluate(store: str, model_name: str, labels: str, as_json: bool) -> None:
               help="Score-part writer threads (0: one per core, 2 to 16).")
 @RAY
 @ACTORS
+@click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON (no progress bar).")
 def score(store: str, model_name: str, device: str, engine: str, precision: str, batch_size: int, readers: int,
-          writers: int, ray_address: str | None, actors: int) -> None:
+          writers: int, ray_address: str | None, actors: int, as_json: bool) -> None:
     """Score every vector of the store into STORE/scores/NAME/ (resumable; a rerun scores new shards only).
+
+    On a terminal a progress bar (rows, rows/s, ETA) runs on stderr.
 
     \b
     Example:
       pnsfw score --store store/ --model default
     """
     options: dict[str, Any] = {"device": device, "engine": engine, "batch_rows": max(1, batch_size),
-                               "precision": precision, "readers": readers, "writers": writers}
+                               "precision": precision, "readers": readers, "writers": writers,
+                               "progress": sys.stderr.isatty() and not as_json}
     if ray_address is None:
         from .classifier.scoring import score_store
 
@@ -779,6 +831,9 @@ def score(store: str, model_name: str, device: str, engine: str, precision: str,
 
         summary = score_with_ray(store, model_name, None if ray_address == RAY_LOCAL else ray_address, actors,
                                  **options)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict(), indent=2))
+        return
     note = " (model changed: rescored everything)" if summary.rescored_all else ""
     click.echo(f"scored {summary.scored:,} vectors in {summary.shards_scored} shards ({summary.vectors_per_s:,.0f} "
                f"vectors/s, {summary.engine} {summary.precision}); "

@@ -1,6 +1,8 @@
 """Labelled vectors for training and evaluation: classes, NSFW classes, a stratified split."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -74,18 +76,25 @@ def stratified_split(labels: np.ndarray, val_ratio: float, test_ratio: float, se
     return split
 
 
-def nsfw_truth(labels: np.ndarray, classes: list[str], nsfw: list[str]) -> np.ndarray:
-    """True where a label is NSFW; labels outside the model's classes are read by common names."""
-    truth = np.zeros(len(labels), bool)
+def label_mapping(labels: "Iterable[str]", classes: list[str], nsfw: list[str]) -> dict[str, dict[str, Any]]:
+    """Each distinct label -> {"nsfw": bool, "via": "class" | "name"}: a class of the model, or a label outside
+    them read by its common name (unsafe, porn, safe, ...); BadInput names labels that are neither."""
+    mapping: dict[str, dict[str, Any]] = {}
     unknown = set()
-    for i, label in enumerate(labels):
+    for label in sorted(set(map(str, labels))):
         if label in classes:
-            truth[i] = label in nsfw
-        elif str(label).lower() in NSFW_NAMES | SAFE_NAMES:
-            truth[i] = str(label).lower() in NSFW_NAMES
+            mapping[label] = {"nsfw": label in nsfw, "via": "class"}
+        elif label.lower() in NSFW_NAMES | SAFE_NAMES:
+            mapping[label] = {"nsfw": label.lower() in NSFW_NAMES, "via": "name"}
         else:
             unknown.add(label)
     if unknown:
-        raise BadInput(f"labels {', '.join(sorted(map(str, unknown))[:5])} are neither classes of the model "
+        raise BadInput(f"labels {', '.join(sorted(unknown)[:5])} are neither classes of the model "
                        f"({', '.join(classes)}) nor a known safe/NSFW name")
-    return truth
+    return mapping
+
+
+def nsfw_truth(labels: np.ndarray, classes: list[str], nsfw: list[str]) -> np.ndarray:
+    """True where a label is NSFW; labels outside the model's classes are read by common names."""
+    mapping = label_mapping(labels, classes, nsfw)
+    return np.array([mapping[str(label)]["nsfw"] for label in labels], dtype=bool)

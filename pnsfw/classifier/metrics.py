@@ -1,7 +1,6 @@
-"""Metrics of an NSFW score against labels: PR/ROC AUC, thresholds, confusion matrices, plots."""
+"""Metrics of an NSFW score against labels: PR/ROC AUC, thresholds and how they are chosen, confusion matrices."""
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +10,7 @@ from ..errors import BadInput
 TABLE_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
 
 
-def _at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
     predicted = p >= threshold
     tp = int(np.sum(predicted & y))
     fp = int(np.sum(predicted & ~y))
@@ -34,26 +33,30 @@ def precision_at_recall(y: np.ndarray, p: np.ndarray, recall: float) -> float:
     return float(precisions[ok].max()) if ok.any() else 0.0
 
 
-def _pick_precision(y: np.ndarray, p: np.ndarray, target: float) -> float:
-    """The lowest threshold whose precision reaches target (most recall at that precision)."""
+def _pick_precision(y: np.ndarray, p: np.ndarray, target: float) -> tuple[float, bool]:
+    """The lowest threshold whose precision reaches target (most recall at that precision); when none does,
+    the lowest one of the best precision there is."""
     from sklearn.metrics import precision_recall_curve
 
     precisions, _, thresholds = precision_recall_curve(y, p)
     ok = np.nonzero(precisions[:-1] >= target)[0]
-    return float(thresholds[ok[0]]) if len(ok) else float(thresholds[-1]) if len(thresholds) else 0.5
+    if len(ok):
+        return float(thresholds[ok[0]]), True
+    return float(thresholds[int(np.argmax(precisions[:-1]))]), False
 
 
-def _pick_recall(y: np.ndarray, p: np.ndarray, target: float) -> float:
+def _pick_recall(y: np.ndarray, p: np.ndarray, target: float) -> tuple[float, bool]:
     """The highest threshold whose recall still reaches target (most precision at that recall)."""
     from sklearn.metrics import precision_recall_curve
 
     _, recalls, thresholds = precision_recall_curve(y, p)
-    ok = np.nonzero(recalls[:-1] >= target)[0]
-    return float(thresholds[ok[-1]]) if len(ok) else float(thresholds[0]) if len(thresholds) else 0.5
+    ok = np.nonzero(recalls[:-1] >= target)[0]  # never empty: the lowest threshold keeps every positive
+    return (float(thresholds[ok[-1]]), True) if len(ok) else (float(thresholds[0]), False)
 
 
-THRESHOLD_RULES: dict[str, Callable[[np.ndarray, np.ndarray, float], float]] = {
+THRESHOLD_RULES: dict[str, Callable[[np.ndarray, np.ndarray, float], tuple[float, bool]]] = {
     "precision": _pick_precision, "recall": _pick_recall}
+DEFAULT_THRESHOLD = 0.5
 
 
 def parse_threshold_rule(spec: "str | None") -> "tuple[str, float] | None":
@@ -70,10 +73,31 @@ def parse_threshold_rule(spec: "str | None") -> "tuple[str, float] | None":
     return metric.strip(), target
 
 
-def pick_threshold(y: np.ndarray, p: np.ndarray, rule: "tuple[str, float] | None") -> float:
-    if rule is None:
-        return 0.5
-    return THRESHOLD_RULES[rule[0]](np.asarray(y, bool), np.asarray(p), rule[1])
+def choose_threshold(y: np.ndarray, p: np.ndarray, rule: "tuple[str, float] | None", on: str) -> dict[str, Any]:
+    """The threshold of `rule` on (y, p), rows of the `on` split, and the precision/recall it reaches there:
+    {rule, target, on, rows, threshold, met, reached: {precision, recall}, note}. met is False (and note says
+    why) when the target cannot be reached, or the rows hold one class and 0.5 is kept."""
+    y, p = np.asarray(y, bool), np.asarray(p)
+    threshold, met, note = DEFAULT_THRESHOLD, True, ""
+    if rule is not None and not 0 < y.sum() < len(y):
+        met, note = False, (f"cannot pick a threshold for {rule[0]}={rule[1]:g}: the {on} split holds "
+                            f"{'no labelled rows' if not len(y) else 'one class only'}; kept {DEFAULT_THRESHOLD}")
+    elif rule is not None:
+        threshold, met = THRESHOLD_RULES[rule[0]](y, p, rule[1])
+    at = at_threshold(y, p, threshold)
+    reached = {"precision": at["precision"], "recall": at["recall"]}
+    if rule is not None and not met and not note:
+        note = (f"{rule[0]} {rule[1]:g} cannot be reached on the {on} split ({len(y)} rows): the best is "
+                f"{reached[rule[0]]:.4f}, at threshold {threshold:.4f}")
+    return {"rule": rule[0] if rule else None, "target": rule[1] if rule else None, "on": on, "rows": int(len(y)),
+            "threshold": threshold, "met": met, "reached": reached, "note": note}
+
+
+def reached_on(metrics: dict[str, Any], split: str, choice: dict[str, Any]) -> dict[str, Any]:
+    """What the chosen threshold reaches on another split's metrics (met: the target holds there too)."""
+    out = {"split": split, "rows": metrics["count"], "precision": metrics["precision"], "recall": metrics["recall"]}
+    out["met"] = None if choice["rule"] is None else bool(metrics[choice["rule"]] >= choice["target"])
+    return out
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -82,7 +106,7 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
 
     y, p = np.asarray(y, bool), np.asarray(p, np.float64)
     both = 0 < y.sum() < len(y)
-    at = _at_threshold(y, p, threshold)
+    at = at_threshold(y, p, threshold)
     return {
         "count": int(len(y)), "positives": int(y.sum()),
         "pr_auc": float(average_precision_score(y, p)) if both else None,
@@ -90,7 +114,7 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
         "precision_at_recall_0.9": precision_at_recall(y, p, 0.9) if both else None,
         **{k: at[k] for k in ("threshold", "accuracy", "precision", "recall", "f1", "fpr")},
         "confusion": {"tp": at["tp"], "fp": at["fp"], "fn": at["fn"], "tn": at["tn"]},
-        "threshold_table": [{k: round(v, 4) if isinstance(v, float) else v for k, v in _at_threshold(y, p, t).items()}
+        "threshold_table": [{k: round(v, 4) if isinstance(v, float) else v for k, v in at_threshold(y, p, t).items()}
                             for t in TABLE_THRESHOLDS],
     }
 
@@ -102,31 +126,3 @@ def class_confusion(labels: list[str], predicted: list[str], classes: list[str])
     matrix = confusion_matrix(labels, predicted, labels=classes)
     return {"classes": classes, "matrix": matrix.tolist(),
             "accuracy": float(np.trace(matrix) / matrix.sum()) if matrix.sum() else 0.0}
-
-
-def save_plots(y: np.ndarray, p: np.ndarray, folder: Path, prefix: str = "") -> list[str]:
-    """PR and ROC curves as PNG files; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
-    y = np.asarray(y, bool)
-    if not 0 < y.sum() < len(y):
-        return []
-    folder.mkdir(parents=True, exist_ok=True)
-    precision, recall, _ = precision_recall_curve(y, p)
-    fpr, tpr, _ = roc_curve(y, p)
-    curves = {"pr": (recall, precision, "recall", "precision"), "roc": (fpr, tpr, "false positive rate", "recall")}
-    written = []
-    for kind, (xs, ys, xlabel, ylabel) in curves.items():
-        fig, ax = plt.subplots(figsize=(4.5, 4), dpi=100)
-        ax.plot(xs, ys)
-        ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02), title=f"{kind.upper()} curve")
-        ax.grid(alpha=0.3)
-        path = folder / f"{prefix}{kind}.png"
-        fig.savefig(path, bbox_inches="tight")
-        plt.close(fig)
-        written.append(str(path))
-    return written

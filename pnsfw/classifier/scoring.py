@@ -9,6 +9,7 @@ scores only new shards, and a retrained model starts over.
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import StoreError
+from ..progress import progress_bar
 from ..store import Store, artifacts
 from ..store import shards as shard_io
 from ..store.files import sha256_file
@@ -148,47 +150,53 @@ def _uris(store: Store) -> Callable[[str], "pa.Array | None"]:
 def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str = "cpu",
                 engine: "str | Engine" = "auto", batch_rows: int = BATCH_ROWS, precision: str = "fp32",
                 on_shard: "Callable[[int], None] | None" = None, readers: int = 0,
-                writers: int = 0, runner: "Runner | None" = None) -> ScoreSummary:
+                writers: int = 0, runner: "Runner | None" = None, progress: bool = False) -> ScoreSummary:
     """Score every committed shard not yet scored by this exact model file (at this precision).
 
     engine: a name (auto, numpy, torch) or an Engine; readers/writers: threads (0: from the core count);
     runner: scores the pending shards in place of the local pipeline (the Ray runner), through the same
-    part writer and progress commits."""
+    part writer and progress commits; progress: a bar on stderr (rows committed, rows/s, ETA)."""
     store = Store.open(store_root)
     clf = load_classifier(store, name)
     store.ensure_v2()
     scores = scores_of(store, name)
-    lock = WriteLock(store.fs.local_path(scores.folder), "_LOCK") if store.fs.local else None
-    if lock is not None:
-        lock.path.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    try:
+    with ExitStack() as stack:
+        if store.fs.local:
+            lock = WriteLock(store.fs.local_path(scores.folder), "_LOCK")
+            lock.path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(lock)
         if isinstance(engine, str):
             check_options(engine, device, precision)
         state, reset = _start(store, scores, clf, scores.state(), precision if isinstance(engine, str)
                               else engine.precision)
         todo = _pending_shards(store, scores, state)
+        bar = stack.enter_context(progress_bar(progress and bool(todo), sum(s.rows for s in todo), "rows",
+                                               f"score {name}"))
+        commit = _commit_parts(scores, state, {s.name: s.sha256 for s in todo}, _both(on_shard, bar.update))
+        summary = ScoreSummary(name, shards_present=len(store.shards) - len(todo), rescored_all=reset,
+                               precision=precision if isinstance(engine, str) else engine.precision)
         if runner is not None and isinstance(engine, str):  # the runner builds the engines where they run
             job = ScoreJob(store, clf, todo, (engine, device, precision, batch_rows),
-                           _write_part(clf, scores, _uris(store)),
-                           _commit_parts(scores, state, {s.name: s.sha256 for s in todo}, on_shard))
-            summary = ScoreSummary(name, shards_present=len(store.shards) - len(todo), rescored_all=reset,
-                                   engine=f"{engine_name(engine, device, precision)} on {runner.name}",
-                                   precision=precision)
+                           _write_part(clf, scores, _uris(store)), commit)
+            summary.engine = f"{engine_name(engine, device, precision)} on {runner.name}"
             return _timed_run(summary, todo, lambda: runner(job))
         if isinstance(engine, str):  # built only when there is work: torch is not imported for nothing
             engine = make_engine(clf, engine, device, precision, batch_rows) if todo else Engine(engine, precision, 0)
-        summary = ScoreSummary(name, shards_present=len(store.shards) - len(todo), rescored_all=reset,
-                               engine=engine.name, precision=engine.precision)
-        commit = _commit_parts(scores, state, {s.name: s.sha256 for s in todo}, on_shard)
+        summary.engine, summary.precision = engine.name, engine.precision
         pipeline = Pipeline(engine, _read_shard(store), _write_part(clf, scores, _uris(store)), commit,
                             readers, writers)
         # a Shard has the .name the pipeline uses
-        _timed_run(summary, todo, lambda: pipeline.run(todo).as_dict())  # type: ignore[arg-type]
-    finally:
-        if lock is not None:
-            lock.release()
-    return summary
+        return _timed_run(summary, todo, lambda: pipeline.run(todo).as_dict())  # type: ignore[arg-type]
+
+
+def _both(first: "Callable[[int], None] | None", second: Callable[[int], Any]) -> Callable[[int], None]:
+    """Call both with the rows of each committed part (the caller's on_shard, then the progress bar)."""
+    def call(rows: int) -> None:
+        if first is not None:
+            first(rows)
+        second(rows)
+
+    return call
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`pnsfw train` and `pnsfw evaluate`: fit the Keras classifier on labelled store vectors, report metrics."""
+"""`pnsfw train`: fit the Keras classifier on labelled store vectors, pick the threshold, report test metrics."""
 
 import time
 from dataclasses import asdict, dataclass
@@ -14,8 +14,9 @@ from ..store.maintenance import check_shards
 from . import metrics as M
 from .compare import compare_with_previous, previous_model
 from .data import SPLITS, LabelledData, labelled_vectors, nsfw_truth, resolve_classes, stratified_split
+from .evaluate import report
 from .labels import LabelSet, read_labels
-from .model import DEFAULT_NAME, Classifier, check_name, load_classifier, model_paths
+from .model import DEFAULT_NAME, Classifier, check_name, model_paths
 from .weights import fold, save_weights
 
 
@@ -57,6 +58,7 @@ def check_options(options: TrainOptions) -> None:
         raise BadInput("--layers must be 1 or 2, and --units, --epochs, --batch-size positive")
     if not 0 <= options.dropout < 1:
         raise BadInput("--dropout must be in [0, 1)")
+    M.parse_threshold_rule(options.threshold_for)  # a bad rule fails before any training
 
 
 def targets(labels: np.ndarray, classes: list[str], nsfw: list[str]) -> np.ndarray:
@@ -118,19 +120,13 @@ def split_arrays(labelled: LabelledData, split: np.ndarray, y: np.ndarray) -> di
     return {name: (x[split == name], y[split == name]) for name in SPLITS}
 
 
-def report(clf: Classifier, labelled: LabelledData, rows: np.ndarray, threshold: float,
-           plots: "Path | None" = None, prefix: str = "") -> dict[str, Any]:
-    """Binary NSFW metrics (and the class confusion for softmax) on the chosen rows."""
-    out = clf.outputs(labelled.vectors[rows])
-    p, labels = clf.to_p_nsfw(out), labelled.labels[rows]
-    truth = nsfw_truth(labels, clf.classes, clf.nsfw_classes)
-    result = M.binary_metrics(truth, p, threshold)
-    if not clf.binary and all(label in clf.classes for label in labels):
-        predicted = [clf.classes[i] for i in clf.to_probabilities(out).argmax(axis=1)]
-        result["class_confusion"] = M.class_confusion(list(labels), predicted, clf.classes)
-    if plots is not None:
-        result["plots"] = M.save_plots(truth, p, plots, prefix)
-    return result
+def _choose_threshold(clf: Classifier, labelled: LabelledData, split: np.ndarray,
+                      rule: "tuple[str, float] | None") -> dict[str, Any]:
+    """The threshold of --threshold-for, picked on the validation split (train when there is none)."""
+    on = "val" if (split == "val").any() else "train"
+    rows = split == on
+    p = clf.to_p_nsfw(clf.outputs(labelled.vectors[rows]))
+    return M.choose_threshold(nsfw_truth(labelled.labels[rows], clf.classes, clf.nsfw_classes), p, rule, on)
 
 
 def _save_labels(path: Path, labelled: LabelledData, split: np.ndarray) -> None:
@@ -177,19 +173,19 @@ def train_classifier(store_root: "str | Path", labels_spec: str, options: TrainO
 
     layers = keras_layers(model)
     clf = Classifier(options.name, classes, nsfw, 0.5, store.space, {}, fold(layers))
-    pick_rows = split == ("val" if (split == "val").any() else "train")
-    pick = clf.to_p_nsfw(clf.outputs(labelled.vectors[pick_rows]))
-    rule = M.parse_threshold_rule(options.threshold_for)
-    threshold = M.pick_threshold(nsfw_truth(labelled.labels[pick_rows], classes, nsfw), pick, rule)
+    choice = _choose_threshold(clf, labelled, split, M.parse_threshold_rule(options.threshold_for))
+    threshold = choice["threshold"]
     eval_split = "test" if (split == "test").any() else "val" if (split == "val").any() else "train"
     metrics = {eval_split: report(clf, labelled, split == eval_split, threshold, paths["plots"])}
+    choice["evaluated"] = M.reached_on(metrics[eval_split], eval_split, choice)
     retrain = compare_with_previous(store, previous_model(store, options.name), clf, threshold, metrics[eval_split],
                                     lambda prev: report(prev, labelled, split == eval_split, prev.threshold))
     save_weights(paths["weights"], layers)  # what every other command reads (numpy, no Keras)
     save_keras(model, paths["keras"])
     _save_labels(paths["labels"], labelled, split)
     meta = _metadata(store, options, classes, nsfw, threshold, hyper, history, metrics, label_set, labelled, split)
-    meta.update(tuning=tuning, evaluated_on=eval_split, seconds=round(time.time() - started, 2), retrain=retrain)
+    meta.update(tuning=tuning, evaluated_on=eval_split, threshold_choice=choice,
+                seconds=round(time.time() - started, 2), retrain=retrain)
     meta = staged.relocate(meta)  # plot paths as they will be once committed
     atomic_write_json(paths["meta"], meta)
     staged.commit()
@@ -213,16 +209,3 @@ def _metadata(store: Store, options: TrainOptions, classes: list[str], nsfw: lis
                  "counts": _counts(labelled, split)},
         "metrics": metrics, "keras_version": keras.__version__, "backend": keras.backend.backend(),
     }
-
-
-def evaluate_classifier(store_root: "str | Path", name: str, labels_spec: str) -> dict[str, Any]:
-    """The model's metrics on every labelled vector of the store (at its stored threshold)."""
-    store = Store.open(store_root)
-    clf = load_classifier(store, name)
-    label_set = read_labels(store, labels_spec)
-    labelled = labelled_vectors(store, label_set.labels)
-    plots = model_paths(store, name)["plots"]
-    result = report(clf, labelled, np.ones(len(labelled.ids), bool), clf.threshold, plots, prefix="evaluate-")
-    result.update(model=name, unknown=len(label_set.unknown), unknown_examples=label_set.unknown[:5])
-    return result
-

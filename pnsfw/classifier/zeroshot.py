@@ -26,6 +26,7 @@ from . import metrics as M
 from .data import LabelledData, labelled_vectors, nsfw_truth, resolve_classes
 from .labels import read_labels
 from .model import Classifier, check_name, model_paths
+from .plots import save_plots
 from .weights import Layer, fold, save_weights
 
 DEFAULT_SCALE = 100.0  # CLIP's own logit scale (exp(4.6052))
@@ -140,13 +141,15 @@ def train_zero_shot(store_root: "str | Path", concepts_path: "str | Path",
     """Build models/NAME from concept prompts (calibrated on --labels when given); returns its metadata."""
     options = options or ZeroShotOptions()
     check_name(options.name)
+    if M.parse_threshold_rule(options.threshold_for) and not options.labels:
+        raise BadInput("--threshold-for picks the threshold on labelled images: give --labels too")
     started = time.time()
     store = Store.open(store_root)
     concepts = read_concepts(concepts_path)
     classes, nsfw = resolve_classes(dict(enumerate(label for label, _ in concepts)), options.nsfw_classes)
     centroids = class_centroids(_embed_concepts(store, concepts, options), concepts, classes)
     scale, bias, calibration, labelled, metrics = DEFAULT_SCALE, 0.0, None, None, {}
-    threshold = 0.5
+    threshold, choice = 0.5, None
     staged = artifacts.ModelStage(store, options.name)  # every file of the model: one generation
     paths = model_paths(staged.folder, options.name)
     if options.labels:
@@ -156,17 +159,18 @@ def train_zero_shot(store_root: "str | Path", concepts_path: "str | Path",
         clf = Classifier(options.name, classes, nsfw, 0.5, store.space, {},
                          fold(zero_shot_layers(centroids, classes, nsfw, scale, bias)))
         p = clf.p_nsfw(labelled.vectors.astype(np.float32))
-        threshold = M.pick_threshold(truth, p, M.parse_threshold_rule(options.threshold_for))
+        choice = M.choose_threshold(truth, p, M.parse_threshold_rule(options.threshold_for), "labels")
+        threshold = choice["threshold"]
         metrics = {"labels": M.binary_metrics(truth, p, threshold)}
-        metrics["labels"]["plots"] = M.save_plots(truth, p, paths["plots"])
+        metrics["labels"]["plots"] = save_plots(truth, p, threshold, paths["plots"])
         calibration = {"labels": options.labels, "count": len(truth), "log_loss": loss,
                        "unknown": len(label_set.unknown)}
     save_weights(paths["weights"], zero_shot_layers(centroids, classes, nsfw, scale, bias))
     _save_labels(paths["labels"], labelled)
     meta = {"name": options.name, "kind": "zero-shot", "created": time.time(), "classes": classes,
             "nsfw_classes": nsfw, "output": "sigmoid" if len(classes) == 2 else "softmax", "threshold": threshold,
-            "threshold_for": options.threshold_for, "space": store.space, "dim": store.dim,
-            "encoder": store.encoder, "projection": store.projection_info,
+            "threshold_for": options.threshold_for, "threshold_choice": choice, "space": store.space,
+            "dim": store.dim, "encoder": store.encoder, "projection": store.projection_info,
             "concepts": [{"label": label, "prompt": prompt} for label, prompt in concepts],
             "scale": scale, "bias": bias, "calibration": calibration, "metrics": metrics,
             "seconds": round(time.time() - started, 2)}
