@@ -659,9 +659,11 @@ def train(store: str, labels: "str | None", zero_shot: "str | None", clip_model:
                            activation=activation, dropout=dropout, val_ratio=val_ratio, test_ratio=test_ratio,
                            class_weight=class_weight, tune=tune, max_trials=max_trials, seed=seed,
                            nsfw_classes=nsfw,
-                           threshold_for=threshold_for, verbose=2 if sys.stderr.isatty() else 0)
+                           threshold_for=threshold_for,  # Keras' epoch lines go to stdout: none under --json
+                           verbose=2 if sys.stderr.isatty() and not as_json else 0)
     meta = train_classifier(store, labels, options)
     _skipped_labels(meta["data"]["unknown"], meta["data"]["unknown_examples"])
+    _threshold_warning(meta["threshold_choice"])
     if as_json:
         click.echo(json.dumps(meta, indent=2))
         return
@@ -671,7 +673,7 @@ def train(store: str, labels: "str | None", zero_shot: "str | None", clip_model:
     click.echo("split: " + "  ".join(f"{s} {sum(c.values()):,}" for s, c in counts.items()) +
                f"; {meta['history']['epochs_run']} epochs, best {meta['history']['best_epoch']}")
     click.echo(f"{meta['evaluated_on']} split: " + _metrics_text(meta["metrics"][meta["evaluated_on"]]))
-    _report_threshold(meta["threshold_choice"])
+    click.echo(_threshold_text(meta["threshold_choice"]))
     click.echo(f"saved {store}/models/{name}.keras ({meta['seconds']:.1f} s)")
     if meta.get("retrain"):
         click.echo(_retrain_text(meta["retrain"]))
@@ -704,17 +706,13 @@ def label(store: str, ids: tuple[int, ...], label: "str | None", file: "str | No
     click.echo(f"saved {result['saved']:,} labels; the store holds {result['labels']:,} labelled items")
 
 
-<<<<<<< HEAD
 def _class_list(text: "str | None") -> "list[str] | None":
     return [c.strip() for c in text.split(",")] if text else None
-=======
-def _report_threshold(choice: "dict[str, Any] | None") -> None:
-    if choice is None:
-        return
-    if choice["note"]:
+
+
+def _threshold_warning(choice: "dict[str, Any] | None") -> None:
+    if choice is not None and choice["note"]:
         click.echo(f"warning: {choice['note']}", err=True)
-    click.echo(_threshold_text(choice))
->>>>>>> 680fcdd (evaluate: the model's held-out rows by default (its recorded test split + rows labelled since), --split all said loudly, label counts and label->NSFW/safe mapping, one-line warnings for empty/one-class splits, --plots DIR; train --threshold-for reports precision/recall reached on val and test and says when the target is out of reach; PR/ROC PNGs with AUC, chance line and the threshold marked, confusion PNGs (Agg canvas); score: tqdm bar on a terminal only, --json)
 
 
 def _train_zero_shot(store: str, concepts: str, labels: "str | None", name: str, nsfw: "list[str] | None",
@@ -724,6 +722,7 @@ def _train_zero_shot(store: str, concepts: str, labels: "str | None", name: str,
     options = ZeroShotOptions(name=name, nsfw_classes=nsfw, labels=labels, threshold_for=threshold_for,
                               clip_model=clip_model, device=device)
     meta = train_zero_shot(store, concepts, options)
+    _threshold_warning(meta["threshold_choice"])
     if as_json:
         click.echo(json.dumps(meta, indent=2))
         return
@@ -732,7 +731,7 @@ def _train_zero_shot(store: str, concepts: str, labels: "str | None", name: str,
                f"threshold {meta['threshold']:.4f}")
     if meta["calibration"]:
         click.echo("calibrated on labels: " + _metrics_text(meta["metrics"]["labels"]))
-        _report_threshold(meta["threshold_choice"])
+        click.echo(_threshold_text(meta["threshold_choice"]))
     click.echo(f"saved {store}/models/{name}.weights.npz ({meta['seconds']:.1f} s)")
 
 

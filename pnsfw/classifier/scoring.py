@@ -100,7 +100,7 @@ def _write_part(clf: Classifier, scores: artifacts.Scores,
 
 
 def _commit_parts(scores: artifacts.Scores, fresh: ScoreState, sha256: dict[str, str],
-                  on_shard: "Callable[[int], None] | None") -> Callable[[list[tuple[str, int]]], None]:
+                  on_rows: Callable[[int], None]) -> Callable[[list[tuple[str, int]]], None]:
     """Parts first, then their progress entries: a crash in between only re-scores those shards."""
     def commit(parts: list[tuple[str, int]]) -> None:
         scores.sync()  # the parts' renames are durable before progress lists them
@@ -112,9 +112,8 @@ def _commit_parts(scores: artifacts.Scores, fresh: ScoreState, sha256: dict[str,
             return base
 
         scores.commit(change)
-        if on_shard is not None:
-            for _, rows in parts:
-                on_shard(rows)
+        for _, rows in parts:
+            on_rows(rows)
 
     return commit
 
