@@ -860,7 +860,7 @@ def filter_command(store: str, model_name: str, threshold: "float | None", keep:
     from .classifier.filter import filter_store
 
     extra = [c.strip() for c in columns.split(",") if c.strip()]
-    summary = filter_store(store, out, model_name, threshold, keep, extra)
+    summary = filter_store(store, out, model_name, threshold, keep, extra, progress=sys.stderr.isatty())
     click.echo(f"kept {summary.kept:,} {keep} images, dropped {summary.dropped:,} (threshold {summary.threshold:.4f}) "
                f"-> {out}")
 

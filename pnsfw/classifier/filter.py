@@ -57,16 +57,16 @@ def _kept_rows(store: Store, folder: Any, part: str, keep: str, threshold: float
 
 def filter_store(store_root: "str | Path", out: "str | Path", name: str = DEFAULT_NAME,
                  threshold: float | None = None, keep: str = "safe",
-                 columns: "list[str] | None" = None) -> FilterSummary:
-    """Score any unscored shards, then write the rows with p_nsfw < T (safe) or >= T (unsafe) to OUT:
-    id, uri, p_nsfw, then the --columns asked for (p_<class> and stored metadata such as caption)."""
+                 columns: "list[str] | None" = None, progress: bool = False) -> FilterSummary:
+    """Score any unscored shards (progress: score's bar), then write the rows with p_nsfw < T (safe) or >= T
+    (unsafe) to OUT: id, uri, p_nsfw, then the --columns asked for (p_<class> and stored metadata)."""
     check_output(out)
     if keep not in KEEP:
         raise BadInput(f"--keep {keep!r}: use safe or unsafe")
     store = Store.open(store_root)
     meta = read_meta(store, name)
     score_cols, meta_cols = _split_columns(store, list(meta["classes"]), list(columns or []))
-    scored = score_store(store_root, name).scored
+    scored = score_store(store_root, name, progress=progress).scored
     store = Store.open(store_root)
     threshold = float(meta["threshold"] if threshold is None else threshold)
     folder = scores_of(store, name)
