@@ -190,9 +190,10 @@ def label_rows(review: Review, history: bool, source: str | None = None, last: i
     rows = [r for r in rows if source is None or r["source"] == source]
     rows = rows[-last:] if last else rows
     searcher = review.engine.searcher
-    positions = searcher.rows_of(np.array([r["id"] for r in rows], np.int64))
-    uris = searcher.uris.take(positions.clip(0)) if len(rows) else []
-    return [dict(r, uri=uri if pos >= 0 else None) for r, uri, pos in zip(rows, uris, positions.tolist())]
+    ids = np.array([r["id"] for r in rows], np.int64)
+    known = searcher.rows_of(ids) >= 0  # a label may name an id this store version lacks
+    found = iter(searcher.store.uris_of(ids[known]) if known.any() else [])
+    return [dict(r, uri=next(found) if ok else None) for r, ok in zip(rows, known.tolist())]
 
 
 CSV_COLUMNS = ("id", "uri", "label", "source", "at", "by", "classes")
