@@ -90,28 +90,25 @@ async def _read_upload(request: Request) -> tuple[bytes, UploadOptions, int]:
     return await upload.read(), options, parse_k(field("k"))
 
 
-def parse_similarity(value: Any) -> float:
+def _ranged(value: Any, default: Any, cast: Any, name: str, kind: str, low: Any, high: Any) -> Any:
+    """A form field as a number in [low, high]; `default` when absent."""
     if value is None:
-        return 0.95
+        return default
     try:
-        similarity = float(value)
+        number = cast(value)
     except (TypeError, ValueError):
-        raise BadInput(f"dedup_similarity must be a number 0.5..1, got {value!r}") from None
-    if not 0.5 <= similarity <= 1.0:
-        raise BadInput(f"dedup_similarity must be 0.5..1, got {similarity}")
-    return similarity
+        raise BadInput(f"{name} must be {kind} {low}..{high}, got {value!r}") from None
+    if not low <= number <= high:
+        raise BadInput(f"{name} must be {low}..{high}, got {number}")
+    return number
+
+
+def parse_similarity(value: Any) -> float:
+    return float(_ranged(value, 0.95, float, "dedup_similarity", "a number", 0.5, 1))
 
 
 def parse_k(value: Any) -> int:
-    if value is None:
-        return 10
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        raise BadInput(f"k must be an integer 1..{K_MAX}, got {value!r}") from None
-    if not 1 <= k <= K_MAX:
-        raise BadInput(f"k must be 1..{K_MAX}, got {k}")
-    return k
+    return int(_ranged(value, 10, int, "k", "an integer", 1, K_MAX))
 
 
 async def query_vector(engine: Engine, data: bytes | None, parsed: Any) -> tuple[np.ndarray, dict[str, Any]]:
