@@ -400,6 +400,7 @@ def reindex(store: str, kind: str, max_memory: "int | None") -> None:
 
     The choice (kind, FAISS factory, search parameters) is recorded in
     STORE/index/index.json; later `pnsfw index` runs add new shards to it.
+    On a terminal progress bars (rows, rows/s, ETA) run on stderr.
 
     \b
     Example:
@@ -408,7 +409,7 @@ def reindex(store: str, kind: str, max_memory: "int | None") -> None:
     """
     from .search.index import reindex as rebuild
 
-    summary = rebuild(store, kind, max_memory)
+    summary = rebuild(store, kind, max_memory, progress=sys.stderr.isatty())
     click.echo(f"index: {summary['kind']} ({summary['factory']}"
                f"{', ' + summary['search_params'] if summary['search_params'] else ''}), "
                f"{summary['ntotal']:,} vectors in {summary['seconds']:.1f} s")
@@ -543,7 +544,10 @@ def explain(store: str, model_name: str, item_id: "int | None", image: "str | No
 def dedup(store: str, threshold: float, out: str, method: str, neighbours: int) -> None:
     """Group near-duplicate images (connected components of pairs with cosine >= threshold).
 
-    Writes one row per image in a group: group, id, uri.
+    Writes one row per image in a group: group, id, uri, keep (the suggested
+    keeper: the largest image, ties to the lowest id), keeper,
+    keeper_similarity, nearest (its closest other member) and similarity.
+    On a terminal a progress bar (rows, rows/s, ETA) runs on stderr.
 
     \b
     Example:
@@ -551,7 +555,7 @@ def dedup(store: str, threshold: float, out: str, method: str, neighbours: int) 
     """
     from .search.dedup import dedup as find_duplicates
 
-    summary = find_duplicates(store, out, threshold, method, neighbours)
+    summary = find_duplicates(store, out, threshold, method, neighbours, progress=sys.stderr.isatty())
     click.echo(f"{summary['duplicates']:,} of {summary['rows']:,} images in {summary['groups']:,} groups "
                f"(cosine >= {threshold}, {summary['method']}, {summary['seconds']:.1f} s) -> {out}")
 

@@ -1,15 +1,7 @@
 """evaluate on the model's held-out rows, --threshold-for and what it reaches, the PNG reports, score's progress bar."""
 
-import fcntl
 import json
-import os
-import pty
-import select
 import shutil
-import struct
-import subprocess
-import sys
-import termios
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from terminal import on_a_terminal
 
 from pnsfw.classifier import metrics as M
 from pnsfw.classifier.labels import load_labels
@@ -197,31 +190,6 @@ def test_train_prints_the_threshold_it_picked(labelled_store: Path, tmp_path: Pa
     assert len(line) == 1 and "for recall=0.9, picked on val (12 rows)" in line[0] and "; on test (12 rows)" in line[0]
 
 
-RUN_CLI = "import sys\nfrom pnsfw.cli import main\nsys.argv = ['pnsfw', *sys.argv[1:]]\nmain()\n"
-
-
-def _score_on_a_terminal(store: Path) -> tuple[int, str]:
-    """`pnsfw score` with its stderr on a pseudo-terminal: (exit code, what the terminal showed)."""
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a size
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    process = subprocess.Popen([sys.executable, "-c", RUN_CLI, "score", "--store", str(store), "--model", "m"],
-                               stdout=subprocess.DEVNULL, stderr=follower, env=env, cwd=REPO)
-    os.close(follower)
-    shown = b""
-    while True:
-        ready, _, _ = select.select([leader], [], [], 120)
-        try:
-            chunk = os.read(leader, 65536) if ready else b""
-        except OSError:  # the child closed the terminal
-            chunk = b""
-        if not chunk:
-            break
-        shown += chunk
-    os.close(leader)
-    return process.wait(timeout=120), shown.decode(errors="replace")
-
-
 def test_score_progress_only_on_a_terminal(partial: tuple[Path, dict[int, str]], tmp_path: Path) -> None:
     store, _ = partial
     quiet = tmp_path / "quiet"
@@ -230,5 +198,5 @@ def test_score_progress_only_on_a_terminal(partial: tuple[Path, dict[int, str]],
     assert result.stderr == "" and json.loads(result.stdout)["scored"] == 80
     loud = tmp_path / "loud"
     shutil.copytree(store, loud)
-    code, shown = _score_on_a_terminal(loud)
+    code, shown = on_a_terminal("score", "--store", loud, "--model", "m")
     assert code == 0 and "score m: 100%" in shown and "80.0/80.0" in shown and "rows/s" in shown, shown

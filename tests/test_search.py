@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import index_folder
 from PIL import Image
+from terminal import on_a_terminal
 
 from pnsfw.cli import cli
 from pnsfw.errors import BadInput, NotFound, SpaceMismatch, StoreError
@@ -190,6 +191,20 @@ def test_dedup_cli_writes_parquet_and_csv(block_store: Path, tmp_path: Path) -> 
             assert all(r["keeper"] == min(members) and r["nearest"] in members - {r["id"]} for r in rows)
             assert all(r["similarity"] >= 0.998 and r["keeper_similarity"] >= 0.998 for r in rows)
     assert run("dedup", "--store", block_store, "--out", tmp_path / "d.txt").exit_code == 1
+
+
+def test_dedup_and_reindex_show_progress_only_on_a_terminal(block_store: Path, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    shutil.copytree(block_store, root)
+    quiet = run("dedup", "--store", root, "--threshold", "0.999", "--method", "exact", "--out", tmp_path / "q.csv")
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.output
+    code, shown = on_a_terminal("dedup", "--store", root, "--threshold", "0.999", "--method", "exact",
+                                "--out", tmp_path / "d.csv")
+    assert code == 0 and "dedup (exact): 100%" in shown and "33.0/33.0" in shown and "rows/s" in shown, shown
+    quiet = run("reindex", "--store", root, "--kind", "flat")
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.output
+    code, shown = on_a_terminal("reindex", "--store", root, "--kind", "IVF2,Flat")
+    assert code == 0 and "sample: 100%" in shown and "add: 100%" in shown and "33.0/33.0" in shown, shown
 
 
 def test_bad_input_gives_one_line_errors(block_store: Path, tmp_path: Path) -> None:

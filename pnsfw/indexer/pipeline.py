@@ -17,6 +17,7 @@ import numpy as np
 
 from ..concurrency import ProcessPool, cpu_count
 from ..errors import BadInput, Interrupted, SourceError
+from ..progress import progress_bar
 from ..store import Projection, Store, StoreWriter
 from .decode import DEFAULT_MAX_PIXELS
 from .encoder import DEFAULT_MODEL, Encoder, describe_encoder, load_encoder, resolve_device
@@ -167,12 +168,6 @@ def _make_pool(workers: int) -> ProcessPool | None:
     return ProcessPool(workers or cpu_count(), name="pnsfw-decode")
 
 
-def _progress(enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.05)
-
-
 def _pil_stage(items: Iterable[Item], options: IndexOptions, encoder: Encoder, pool: Any,
                on_error: Callable[[Result], None], batch: int) -> Iterator[tuple[list[Result], np.ndarray]]:
     """CPU reader: PIL decode + resize in the worker processes, then encode (rows, features) per batch."""
@@ -262,7 +257,7 @@ def _index_items(writer: StoreWriter, items: Iterable[Item], options: IndexOptio
 
     stage = stage or reader_stage(options, encoder)
     try:
-        with _progress(options.progress) as bar:
+        with progress_bar(options.progress, None, "img") as bar:
             batches = stage(items, options, encoder, pool, on_error, _default_batch(options, encoder))
             _encode_all(shards, batches, encoder, summary, bar)
     finally:

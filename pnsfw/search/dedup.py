@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInput, StoreError
+from ..progress import progress_bar
 from ..store import Store
 from ..userio import check_output, write_table
 
@@ -78,8 +79,14 @@ class Nearest:
         self.row[a[better]], self.similarity[a[better]] = b[better], s[better]
 
 
-def exact_cpu_pairs(vectors: np.ndarray, threshold: float, **_: Any) -> Pairs:
-    """FAISS range search of every row against all rows, a batch of queries at a time."""
+def _nothing(rows: int) -> None:
+    pass
+
+
+def exact_cpu_pairs(vectors: np.ndarray, threshold: float, advance: Callable[[int], None] = _nothing,
+                    **_: Any) -> Pairs:
+    """FAISS range search of every row against all rows, a batch of queries at a time; advance(rows) after
+    each batch of query rows."""
     import faiss
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -90,10 +97,12 @@ def exact_cpu_pairs(vectors: np.ndarray, threshold: float, **_: Any) -> Pairs:
         rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)).astype(np.int64))
         keep = found > rows
         yield rows[keep], found[keep], sims[keep]
+        advance(len(lims) - 1)
 
 
 def exact_torch_pairs(vectors: Any, threshold: float, device: str = "cuda", kernel: str = "auto",
-                      block_rows: "int | None" = None, **_: Any) -> Pairs:
+                      block_rows: "int | None" = None, advance: Callable[[int], None] = _nothing,
+                      **_: Any) -> Pairs:
     """GEMM tiles of the upper triangle on `device` (exact.py / tiles.py); only pairs above the threshold
     leave it. `vectors` may already be a tensor on the device (no copy then)."""
     import torch
@@ -115,9 +124,11 @@ def exact_torch_pairs(vectors: Any, threshold: float, device: str = "cuda", kern
                     i, j = qi + start, row + col
                     keep = j > i
                     yield i[keep].cpu().numpy(), j[keep].cpu().numpy(), sim[keep].cpu().numpy()
+            advance(len(q))
 
 
-def knn_pairs(vectors: np.ndarray, threshold: float, store: Store, neighbours: int = 32, **_: Any) -> Pairs:
+def knn_pairs(vectors: np.ndarray, threshold: float, store: Store, neighbours: int = 32,
+              advance: Callable[[int], None] = _nothing, **_: Any) -> Pairs:
     """The store's FAISS index gives candidates; each is re-checked with the exact dot product."""
     from .query import Searcher
 
@@ -132,6 +143,7 @@ def knn_pairs(vectors: np.ndarray, threshold: float, store: Store, neighbours: i
         exact = np.einsum("ij,ij->i", vectors[rows].astype(np.float32), vectors[found].astype(np.float32))
         keep = exact >= threshold
         yield rows[keep], found[keep], exact[keep]
+        advance(len(batch))
 
 
 METHODS: dict[str, Callable[..., Pairs]] = {"exact": exact_cpu_pairs, "exact-gpu": exact_torch_pairs,
@@ -177,9 +189,9 @@ def group_pairs(n: int, pairs: Pairs) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def find_groups(store: Store, threshold: float, method: str = "auto", neighbours: int = 32,
-                vectors: "np.ndarray | None" = None) -> Duplicates:
+                vectors: "np.ndarray | None" = None, progress: bool = False) -> Duplicates:
     """Near-duplicate groups of the store's rows (see `Duplicates`) and the method used; `vectors`: the
-    store's, when the caller has read them already."""
+    store's, when the caller has read them already; progress: a bar of query rows done on stderr."""
     if not 0.0 < threshold <= 1.0:
         raise BadInput(f"--threshold must be in (0, 1], got {threshold}")
     if not store.exists or not store.rows:
@@ -188,8 +200,10 @@ def find_groups(store: Store, threshold: float, method: str = "auto", neighbours
         vectors = store.vectors()[1]  # fp16; each method widens only what it needs
     method = pick_method(method, len(vectors))
     # fp16 storage rounds exact copies' self-similarity to ~1 +- 1e-3: allow that slack at the top
-    pairs = METHODS[method](vectors, min(threshold, 1.0 - 2e-3), store=store, neighbours=neighbours)
-    return Duplicates(*group_pairs(len(vectors), pairs), method=method)
+    with progress_bar(progress, len(vectors), "rows", f"dedup ({method})") as bar:
+        pairs = METHODS[method](vectors, min(threshold, 1.0 - 2e-3), store=store, neighbours=neighbours,
+                                advance=bar.update)
+        return Duplicates(*group_pairs(len(vectors), pairs), method=method)
 
 
 def _renumber(labels: np.ndarray) -> np.ndarray:
@@ -236,13 +250,14 @@ def duplicates_table(store: Store, found: Duplicates, vectors: "np.ndarray | Non
 
 
 def dedup(store_root: str, out: str, threshold: float = 0.95, method: str = "auto",
-          neighbours: int = 32) -> dict[str, Any]:
-    """`pnsfw dedup`: write COLUMNS for every row in a near-duplicate group to OUT (.parquet/.csv)."""
+          neighbours: int = 32, progress: bool = False) -> dict[str, Any]:
+    """`pnsfw dedup`: write COLUMNS for every row in a near-duplicate group to OUT (.parquet/.csv); progress:
+    a bar on stderr."""
     started = time.perf_counter()
     check_output(out, TABLES)
     store = Store.open(store_root)
     vectors = store.vectors()[1] if store.exists else None
-    found = find_groups(store, threshold, method, neighbours, vectors)
+    found = find_groups(store, threshold, method, neighbours, vectors, progress)
     result = duplicates_table(store, found, vectors)
     write_table(result, out, TABLES)
     groups = int(found.groups.max() + 1) if result.num_rows else 0

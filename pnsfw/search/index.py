@@ -7,10 +7,11 @@ the embedding space and the shards covered, so `update_index` can add new
 shards without a rebuild (every kind here accepts adds once trained).
 """
 
+import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInput, StoreError
+from ..progress import counted
 from ..store import Store, artifacts
 from ..store.maintenance import check_shards
 from ..store.records import Generation
+
+log = logging.getLogger(__name__)
 
 FLAT_MAX_CPU = 300_000  # above this, exact CPU search costs > ~10 ms per query: go approximate
 FLAT_MAX_GPU = 20_000_000  # exact fp16/fp32 GPU search stays in the ms range up to here
@@ -145,11 +149,20 @@ def set_search_params(index: Any, params: str) -> None:
         faiss.ParameterSpace().set_index_parameters(index, params)  # type: ignore[arg-type]
 
 
-def _sample(store: Store, count: int, seed: int = 0) -> np.ndarray:
+def _batch_rows(batch: tuple[np.ndarray, np.ndarray]) -> int:
+    return len(batch[0])
+
+
+def _vectors(store: Store, progress: bool, desc: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The store's (ids, vectors) batches, with a bar of rows read on a terminal."""
+    return counted(store.iter_vectors(), progress, store.rows, _batch_rows, "rows", desc)
+
+
+def _sample(store: Store, count: int, seed: int = 0, progress: bool = False) -> np.ndarray:
     """About `count` rows drawn uniformly from the whole store, streamed."""
     rng = np.random.default_rng(seed)
     keep = min(1.0, count / max(store.rows, 1))
-    parts = [v[rng.random(len(v)) < keep] for _, v in store.iter_vectors()]
+    parts = [v[rng.random(len(v)) < keep] for _, v in _vectors(store, progress, "sample")]
     return np.ascontiguousarray(np.concatenate(parts)[:count], dtype=np.float32)
 
 
@@ -160,6 +173,7 @@ def _train(index: Any, sample: Callable[[int], np.ndarray], plan: Plan, gpus: in
     if index.is_trained:
         return
     rows = sample(plan.train_size)
+    log.info("training %s on %s vectors", plan.factory, f"{len(rows):,}")
     ivf = faiss.try_extract_index_ivf(index)
     if gpus and ivf is not None:  # k-means of the coarse quantizer on the GPU
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
@@ -219,12 +233,15 @@ def fill_index(plan: Plan, dim: int, sample: Callable[[int], np.ndarray],
     return index
 
 
-def create_index(store: Store, plan: Plan) -> Any:
-    """A trained index holding every committed vector of the store (in memory, not saved)."""
-    return fill_index(plan, store.dim, lambda count: _sample(store, count or store.rows), store.iter_vectors())
+def create_index(store: Store, plan: Plan, progress: bool = False) -> Any:
+    """A trained index holding every committed vector of the store (in memory, not saved); progress: bars
+    for the training sample's read and the adding pass."""
+    return fill_index(plan, store.dim, lambda count: _sample(store, count or store.rows, progress=progress),
+                      _vectors(store, progress, "add"))
 
 
-def build_index(store: Store, kind: str = "auto", max_memory: "int | None" = None) -> dict[str, Any]:
+def build_index(store: Store, kind: str = "auto", max_memory: "int | None" = None,
+                progress: bool = False) -> dict[str, Any]:
     """Build the index from every shard (a full rebuild) and save it; returns a summary."""
     started = time.perf_counter()
     if not store.rows:
@@ -233,7 +250,7 @@ def build_index(store: Store, kind: str = "auto", max_memory: "int | None" = Non
     plan = make_plan(kind, store.rows, store.dim, budget, gpu_count())
     names = [s.name for s in store.shards]
     base = store.manifest.index
-    index = create_index(store, plan)
+    index = create_index(store, plan, progress)
     added = int(index.ntotal)
     save_index(store, index, _meta(store, plan, kind, budget, index, names), base)
     return {"kind": plan.kind, "factory": plan.factory, "search_params": plan.search_params,
@@ -241,12 +258,13 @@ def build_index(store: Store, kind: str = "auto", max_memory: "int | None" = Non
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def reindex(store_root: "str | Path", kind: str = "auto", max_memory: "int | None" = None) -> dict[str, Any]:
-    """`pnsfw reindex`: rebuild under the store's write lock."""
+def reindex(store_root: "str | Path", kind: str = "auto", max_memory: "int | None" = None,
+            progress: bool = False) -> dict[str, Any]:
+    """`pnsfw reindex`: rebuild under the store's write lock (progress: bars on stderr)."""
     store = Store.open(store_root)
     with store.writer():
         check_shards(store)
-        return build_index(store, kind, max_memory)
+        return build_index(store, kind, max_memory, progress)
 
 
 def _needs_rebuild(store: Store, meta: "dict[str, Any] | None", names: list[str]) -> bool:
