@@ -98,10 +98,21 @@ def _clip_model() -> Any:
     return module
 
 
-def _fingerprint(model: str) -> str:
+def known_fingerprint(model: str) -> "str | None":
+    """What load_encoder records for MODEL, without loading it: a file's sha256, or the sha256 that a CLIP
+    name's download URL carries (CHECKPOINTS); None for other names."""
     if os.path.isfile(model):
         return sha256_file(Path(model))
-    return CHECKPOINTS[model].split("/")[-2]
+    url = CHECKPOINTS.get(model)
+    return None if url is None else url.split("/")[-2]
+
+
+def _fingerprint(model: str) -> str:
+    """known_fingerprint of a model that _checkpoint_path resolves (a file or a CHECKPOINTS name)."""
+    found = known_fingerprint(model)
+    if found is None:
+        raise ModelNotFound(f"unknown CLIP model {model!r}")
+    return found
 
 
 def _download(url: str, target: Path) -> None:

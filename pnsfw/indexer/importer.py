@@ -24,6 +24,7 @@ from ..errors import BadInput, SpaceMismatch
 from ..store import Projection, Store, StoreWriter
 from ..store.shards import ERROR_SCHEMA, embedding_array
 from ..store.writer import StagedCommit
+from .encoder import known_fingerprint
 from .import_layouts import Chunk, Unit, open_units
 from .ingest import IngestOptions
 from .projection import check_projection_option, make_projection
@@ -59,28 +60,6 @@ class ImportSummary:
     @property
     def rows_per_s(self) -> float:
         return self.imported / self.seconds if self.seconds else 0.0
-
-
-def known_fingerprint(model: str) -> "str | None":
-    """What load_encoder would record for MODEL, without importing torch: a file's sha256, or the sha256 that
-    OpenAI's download URL of a CLIP name carries (read from clip's source); None for other names."""
-    import ast
-    import importlib.util
-    import os
-
-    if os.path.isfile(model):
-        from ..store.files import sha256_file
-
-        return sha256_file(Path(model))
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    source = Path(next(iter(spec.submodule_search_locations))) / "clip.py"
-    for node in ast.parse(source.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_MODELS" for t in node.targets):
-            url = ast.literal_eval(node.value).get(model)
-            return None if url is None else str(url).split("/")[-2]
-    return None
 
 
 def declared_encoder(model: str, width: int) -> dict[str, Any]:
