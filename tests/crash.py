@@ -36,3 +36,26 @@ def kill_inside(step: str, nth: int, args: list, marker: Path) -> None:
     proc.kill()
     out = proc.communicate()[0].decode(errors="replace")
     assert marker.exists(), f"never reached {step} #{nth}: {out[-2000:]}"
+
+
+RACE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_store_v2 import _rows
+from pnsfw.store import Store, StoreWriter, checkpoint
+root, commits, tag, every = sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+if every:
+    checkpoint.CHECKPOINT_EVERY = every
+for i in range(commits):
+    w = StoreWriter(Store(root))
+    w.commit(_rows(w, 3, f"{tag}{i}-"), None)
+"""
+
+
+def race_writers(store: Path, tags: str, commits: int, checkpoint_every: int = 0, timeout: float = 180) -> None:
+    """One process per character of TAGS, all at once, each committing 3 rows `commits` times to STORE (uris
+    TAG<i>-...); every one must finish cleanly."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(ROOT / "tests"), str(store), str(commits), tag,
+                               str(checkpoint_every)], env=env) for tag in tags]
+    assert all(p.wait(timeout=timeout) == 0 for p in procs)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,12 +51,19 @@ def _s3_url(name: str) -> str:
     return f"s3://{BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture(params=["local", "s3"])
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "store")
-    request.getfixturevalue("s3")
-    return _s3_url("ops")
+def local_or_s3(name: str, prefix: str) -> Any:
+    """A fixture NAME over two store locations: a local folder, or a fresh PREFIX-... on the SeaweedFS server."""
+    @pytest.fixture(params=["local", "s3"], name=name)
+    def fixture(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+        if request.param == "local":
+            return str(tmp_path / "store")
+        request.getfixturevalue("s3")
+        return _s3_url(prefix)
+
+    return fixture
+
+
+location = local_or_s3("location", "ops")
 
 
 def run_cli(*args: object) -> "object":

@@ -1,17 +1,15 @@
 """Bookkeeping that scales: rows by id read one row group of one shard; local folders and S3 (SeaweedFS)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_store_s3 import _s3_url, s3  # noqa: F401  (s3: the module's SeaweedFS server fixture)
-from test_store_v2 import ENCODER, ROOT, _rows
+from crash import race_writers
+from test_store_s3 import local_or_s3, s3  # noqa: F401  (s3: the module's SeaweedFS server fixture)
+from test_store_v2 import ENCODER, _rows
 
 from pnsfw.errors import NotFound, StoreError
 from pnsfw.indexer.projection import random_projection
@@ -74,13 +72,7 @@ class CountingFS:
         return self.inner.read_bytes(rel)
 
 
-@pytest.fixture(params=["local", "s3"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store location: a local folder, or a prefix on the SeaweedFS server."""
-    if request.param == "local":
-        return str(tmp_path / "store")
-    request.getfixturevalue("s3")
-    return _s3_url("scale")
+where = local_or_s3("where", "scale")
 
 
 @pytest.fixture
@@ -243,18 +235,7 @@ def test_racing_writers_across_a_checkpoint(where: str, every_8: int) -> None:
 
 def test_racing_processes_across_checkpoints(tmp_path: Path) -> None:
     _store(str(tmp_path / "s"), [1])
-    code = ("import sys\n"
-            "sys.path.insert(0, sys.argv[3])\n"
-            "from test_store_v2 import _rows\n"
-            "from pnsfw.store import Store, StoreWriter, checkpoint\n"
-            "checkpoint.CHECKPOINT_EVERY = 4\n"
-            "for i in range(int(sys.argv[2])):\n"
-            "    w = StoreWriter(Store(sys.argv[1]))\n"
-            "    w.commit(_rows(w, 3, f'{sys.argv[4]}{i}-'), None)\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s"), "8", str(ROOT / "tests"), tag],
-                              env=env) for tag in "xy"]
-    assert all(p.wait(timeout=180) == 0 for p in procs)
+    race_writers(tmp_path / "s", "xy", 8, checkpoint_every=4)
     store = Store.open(tmp_path / "s")
     assert store.rows == 49 and store.table(["id"]).column("id").to_pylist() == list(range(49))
     assert len(set(store.table(["uri"]).column("uri").to_pylist())) == 49

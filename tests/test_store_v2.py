@@ -4,15 +4,13 @@ import errno
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
-from crash import kill_inside
+from crash import kill_inside, race_writers
 
 from pnsfw.cli import cli
 from pnsfw.errors import StoreError
@@ -95,17 +93,7 @@ def test_a_writer_that_loses_the_race_renumbers_and_commits_on_top(tmp_path: Pat
 
 def test_racing_processes_append_everything(tmp_path: Path) -> None:
     _new_store(tmp_path / "s")
-    code = ("import sys, numpy as np, pyarrow as pa\n"
-            "sys.path.insert(0, sys.argv[3])\n"
-            "from test_store_v2 import _rows\n"
-            "from pnsfw.store import Store, StoreWriter\n"
-            "for i in range(int(sys.argv[2])):\n"
-            "    w = StoreWriter(Store(sys.argv[1]))\n"
-            "    w.commit(_rows(w, 3, f'{sys.argv[4]}{i}-'), None)\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s"), "6", str(ROOT / "tests"), tag],
-                              env=env) for tag in "xyz"]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
+    race_writers(tmp_path / "s", "xyz", 6, timeout=120)
     store = Store.open(tmp_path / "s")
     table = store.table()
     assert store.rows == 54 and sorted(table.column("id").to_pylist()) == list(range(54))
