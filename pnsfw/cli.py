@@ -600,10 +600,20 @@ def _retrain_text(retrain: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _skipped_labels(count: int, examples: list[str]) -> None:
+def _skipped_labels(count: int, examples: list[str], ignored: "dict[str, int] | None" = None) -> None:
     if count:
         click.echo(f"skipped {count:,} labels naming images not in the store (e.g. {', '.join(examples[:3])})",
                    err=True)
+    if ignored:
+        from .classifier.labels import ignored_text
+
+        click.echo(f"ignored {sum(ignored.values()):,} labels that are no class ({ignored_text(ignored)}; "
+                   "--ignore-labels)", err=True)
+
+
+IGNORE_LABELS = click.option("--ignore-labels", default=None,
+                             help="Comma-separated labels that are no class, left out (default: unsure,skip, "
+                                  "the review page's abstentions; '' keeps every label).")
 
 
 @cli.command()
@@ -633,11 +643,13 @@ def _skipped_labels(count: int, examples: list[str]) -> None:
 @click.option("--threshold-for", default=None, help="Pick the stored threshold on the validation split: "
                                                     "precision=0.95 or recall=0.9 (default 0.5).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split and of the weights.")
+@IGNORE_LABELS
 @click.option("--json", "as_json", is_flag=True, help="Print the saved metadata as JSON.")
 def train(store: str, labels: "str | None", zero_shot: "str | None", clip_model: "str | None", device: str,
           name: str, epochs: int, batch_size: int, lr: float, units: int, layers: int,
           activation: str, dropout: float, val_ratio: float, test_ratio: float, class_weight: bool, tune: bool,
-          max_trials: int, nsfw_classes: "str | None", threshold_for: "str | None", seed: int, as_json: bool) -> None:
+          max_trials: int, nsfw_classes: "str | None", threshold_for: "str | None", seed: int,
+          ignore_labels: "str | None", as_json: bool) -> None:
     """Train the NSFW classifier on labelled store vectors (Keras; two labels: sigmoid, more: softmax).
 
     A seeded stratified split keeps --val-ratio for early stopping and the
@@ -657,16 +669,17 @@ def train(store: str, labels: "str | None", zero_shot: "str | None", clip_model:
         return
     if not labels:
         raise click.UsageError("give --labels (train a classifier) or --zero-shot CONCEPTS")
+    from .classifier.labels import parse_ignored
     from .classifier.train import TrainOptions, train_classifier
 
     options = TrainOptions(name=name, epochs=epochs, batch_size=batch_size, lr=lr, units=units, layers=layers,
                            activation=activation, dropout=dropout, val_ratio=val_ratio, test_ratio=test_ratio,
                            class_weight=class_weight, tune=tune, max_trials=max_trials, seed=seed,
-                           nsfw_classes=nsfw,
+                           nsfw_classes=nsfw, ignore_labels=parse_ignored(ignore_labels),
                            threshold_for=threshold_for,  # Keras' epoch lines go to stdout: none under --json
                            verbose=2 if sys.stderr.isatty() and not as_json else 0)
     meta = train_classifier(store, labels, options)
-    _skipped_labels(meta["data"]["unknown"], meta["data"]["unknown_examples"])
+    _skipped_labels(meta["data"]["unknown"], meta["data"]["unknown_examples"], meta["data"]["ignored"])
     _threshold_warning(meta["threshold_choice"])
     if as_json:
         click.echo(json.dumps(meta, indent=2))
@@ -749,8 +762,10 @@ def _train_zero_shot(store: str, concepts: str, labels: "str | None", name: str,
                    "all: every labelled row, training rows included (optimistic).")
 @click.option("--plots", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Write pr.png, roc.png, confusion.png (and classes.png for softmax) into this folder.")
+@IGNORE_LABELS
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(store: str, model_name: str, labels: str, split: str, plots: "Path | None", as_json: bool) -> None:
+def evaluate(store: str, model_name: str, labels: str, split: str, plots: "Path | None", ignore_labels: "str | None",
+             as_json: bool) -> None:
     """Metrics of a model at its stored threshold on the held-out labelled rows (the test split train recorded).
 
     \b
@@ -759,9 +774,10 @@ def evaluate(store: str, model_name: str, labels: str, split: str, plots: "Path 
       pnsfw evaluate --store store/ --model default --labels holdout.csv --split all
     """
     from .classifier.evaluate import evaluate_classifier
+    from .classifier.labels import parse_ignored
 
-    result = evaluate_classifier(store, model_name, labels, split, plots)
-    _skipped_labels(result["unknown"], result["unknown_examples"])
+    result = evaluate_classifier(store, model_name, labels, split, plots, parse_ignored(ignore_labels))
+    _skipped_labels(result["unknown"], result["unknown_examples"], result["ignored"])
     for warning in result["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     click.echo(json.dumps(result, indent=2) if as_json else _evaluate_text(result))

@@ -200,3 +200,25 @@ def test_score_progress_only_on_a_terminal(partial: tuple[Path, dict[int, str]],
     shutil.copytree(store, loud)
     code, shown = on_a_terminal("score", "--store", loud, "--model", "m")
     assert code == 0 and "score m: 100%" in shown and "80.0/80.0" in shown and "rows/s" in shown, shown
+
+
+def test_abstentions_are_no_class(partial: tuple[Path, dict[int, str]], tmp_path: Path) -> None:
+    """A reviewer's `unsure` (a declared --label-classes may offer it) is left out of train and evaluate."""
+    store, unseen = partial
+    root = tmp_path / "store"
+    shutil.copytree(store, root)
+    unsure = sorted(unseen)[:5]
+    abstain = write_labels(tmp_path / "unsure.csv", {i: "unsure" for i in unsure})
+    labels = f"folders+{abstain}"
+    trained = run_cli("train", "--store", root, "--labels", labels, "--name", "u", "--json", *FAST)
+    meta = json.loads(trained.stdout)
+    assert meta["classes"] == ["nsfw", "sfw"] and meta["data"]["ignored"] == {"unsure": 5}
+    assert meta["data"]["labels"] == 75 and "ignored 5 labels that are no class (unsure 5" in trained.stderr
+    assert not set(unsure) & set(recorded(root, "u"))
+    kept = run_cli("train", "--store", root, "--labels", labels, "--name", "all", "--ignore-labels", "", "--json",
+                   *FAST)
+    assert json.loads(kept.stdout)["classes"] == ["nsfw", "sfw", "unsure"] and "ignored" not in kept.stderr
+    bad = run_cli("evaluate", "--store", root, "--model", "m", "--labels", abstain, ok=False)
+    assert bad.exit_code == 1 and "every label in store" in bad.stderr and "--ignore-labels ''" in bad.stderr
+    mixed = json.loads(run_cli("evaluate", "--store", root, "--model", "m", "--labels", labels, "--json").stdout)
+    assert mixed["ignored"] == {"unsure": 5} and "unsure" not in mixed["label_counts"]

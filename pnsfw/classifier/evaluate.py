@@ -14,7 +14,7 @@ import numpy as np
 from ..store import Store
 from . import metrics as M
 from .data import LabelledData, label_mapping, labelled_vectors, nsfw_truth
-from .labels import read_labels
+from .labels import ABSTAIN, read_labels
 from .model import Classifier, load_classifier, model_paths
 from .plots import save_plots
 
@@ -71,11 +71,12 @@ def _warnings(split: str, name: str, splits: np.ndarray, rows: np.ndarray, truth
 
 
 def evaluate_classifier(store_root: "str | Path", name: str, labels_spec: str, split: str = "test",
-                        plots: "Path | None" = None) -> dict[str, Any]:
-    """The model's metrics at its stored threshold on the labelled rows of `split` (see the module docstring)."""
+                        plots: "Path | None" = None, ignore: tuple[str, ...] = ABSTAIN) -> dict[str, Any]:
+    """The model's metrics at its stored threshold on the labelled rows of `split` (see the module docstring);
+    labels in `ignore` are no class and are left out."""
     store = Store.open(store_root)
     clf = load_classifier(store, name)
-    label_set = read_labels(store, labels_spec)
+    label_set = read_labels(store, labels_spec, ignore)
     labelled = labelled_vectors(store, label_set.labels)
     splits = recorded_splits(store, name, labelled.ids)
     warnings = [] if splits is not None else [f"model {name} records no split (trained by an older pnsfw): "
@@ -88,7 +89,7 @@ def evaluate_classifier(store_root: "str | Path", name: str, labels_spec: str, s
     result: dict[str, Any] = {"model": name, "split": split, "count": int(rows.sum()),
                               "rows_by_split": _counts(splits[rows]), "label_counts": _counts(labels),
                               "label_mapping": mapping, "warnings": warnings, "unknown": len(label_set.unknown),
-                              "unknown_examples": label_set.unknown[:5]}
+                              "unknown_examples": label_set.unknown[:5], "ignored": label_set.ignored}
     if rows.any():
         result.update(report(clf, labelled, rows, clf.threshold, plots))
     return result

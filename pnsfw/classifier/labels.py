@@ -1,7 +1,8 @@
 """Training labels: from the folder layout of the indexed sources, or from a CSV/Parquet file."""
 
 import os
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,18 @@ class LabelSet:
     labels: dict[int, str]
     unknown: list[str] = field(default_factory=list)
     unlabelled: int = 0
+    ignored: dict[str, int] = field(default_factory=dict)  # label -> rows dropped as no class (see ABSTAIN)
+
+
+# reviewers' "do not know" answers (a declared --label-classes may offer them): never a class to train on
+ABSTAIN = ("unsure", "skip")
+
+
+def parse_ignored(text: "str | None") -> tuple[str, ...]:
+    """`--ignore-labels a,b` (None: ABSTAIN; an empty string: keep every label)."""
+    if text is None:
+        return ABSTAIN
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def folder_label(uri: str, source: str) -> "str | None":
@@ -127,8 +140,9 @@ def _one_source(store: Store, spec: str) -> tuple[LabelSet, str]:
     return result, f"none of the {len(result.unknown)} entries of {path} is in the store"
 
 
-def read_labels(store: Store, spec: str) -> LabelSet:
-    """Labels and the unmatched entries; raises BadInput when no label is found.
+def read_labels(store: Store, spec: str, ignore: Iterable[str] = ABSTAIN) -> LabelSet:
+    """Labels and the unmatched entries, the labels in `ignore` dropped (counted in .ignored); raises BadInput
+    when no label is left.
 
     spec: `folders`, `store` (labels given with `pnsfw label` or the review page) or a file; several joined by
     `+` are merged, a later one winning for an id (`folders+store`: reviewed labels correct folder labels)."""
@@ -139,9 +153,18 @@ def read_labels(store: Store, spec: str) -> LabelSet:
         merged.unknown += one.unknown
         merged.unlabelled = max(merged.unlabelled, one.unlabelled)
         hints.append(hint)
+    dropped = {i for i, label in merged.labels.items() if label in set(ignore)}
+    merged.ignored = dict(Counter(merged.labels.pop(i) for i in sorted(dropped)))
+    if merged.ignored and not merged.labels:
+        raise BadInput(f"every label in store {store.root} is ignored ({ignored_text(merged.ignored)}); "
+                       "--ignore-labels '' keeps them")
     if not merged.labels:
         raise BadInput(f"no labels found in store {store.root}: {'; '.join(hints)}")
     return merged
+
+
+def ignored_text(ignored: dict[str, int]) -> str:
+    return ", ".join(f"{label} {count:,}" for label, count in sorted(ignored.items()))
 
 
 def load_labels(store: Store, spec: str) -> dict[int, str]:

@@ -15,7 +15,7 @@ from . import metrics as M
 from .compare import compare_with_previous, previous_model
 from .data import SPLITS, LabelledData, labelled_vectors, nsfw_truth, resolve_classes, stratified_split
 from .evaluate import report
-from .labels import LabelSet, read_labels
+from .labels import ABSTAIN, LabelSet, read_labels
 from .model import DEFAULT_NAME, Classifier, check_name, model_paths
 from .weights import fold, save_weights
 
@@ -38,6 +38,7 @@ class TrainOptions:
     tune: bool = False
     max_trials: int = 30
     nsfw_classes: list[str] | None = None
+    ignore_labels: tuple[str, ...] = ABSTAIN  # labels that are no class (reviewers' abstentions)
     threshold_for: str | None = None
     seed: int = 0
     patience: int = 5
@@ -159,7 +160,7 @@ def train_classifier(store_root: "str | Path", labels_spec: str, options: TrainO
     started = time.time()
     store = Store.open(store_root)
     check_shards(store)
-    label_set = read_labels(store, labels_spec)
+    label_set = read_labels(store, labels_spec, options.ignore_labels)
     classes, nsfw = resolve_classes(label_set.labels, options.nsfw_classes)
     labelled = labelled_vectors(store, label_set.labels)
     split = stratified_split(labelled.labels, options.val_ratio, options.test_ratio, options.seed)
@@ -206,6 +207,7 @@ def _metadata(store: Store, options: TrainOptions, classes: list[str], nsfw: lis
         "config": dict(asdict(options), **hyper), "history": history,
         "data": {"labels": len(label_set.labels), "unknown": len(label_set.unknown),
                  "unknown_examples": label_set.unknown[:5], "unlabelled": label_set.unlabelled,
+                 "ignored": label_set.ignored,
                  "counts": _counts(labelled, split)},
         "metrics": metrics, "keras_version": keras.__version__, "backend": keras.backend.backend(),
     }
