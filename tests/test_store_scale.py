@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from crash import race_writers
 from test_store_s3 import local_or_s3, s3  # noqa: F401  (s3: the module's SeaweedFS server fixture)
-from test_store_v2 import ENCODER, _rows
+from test_store_v2 import ENCODER, _rows, _snapshot, _v1_copy, run_cli
 
 from pnsfw.errors import NotFound, StoreError
 from pnsfw.indexer.projection import random_projection
@@ -207,6 +207,26 @@ def test_a_store_written_without_checkpoints_opens_and_gets_one(where: str, monk
     store = Store.open(where)
     assert store.rows == 26 and store.manifest.checkpoint is not None and len(_checkpoint_files(where)) == 1
     assert store.uris_of([24, 25]) == ["new0-0", "new0-1"]
+
+
+def test_migrate_and_repair_write_a_checkpoint_once_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checkpoint, "CHECKPOINT_EVERY", 3)  # the v1 store's 3 shards + 1 error part: "large"
+    root = _v1_copy(tmp_path)
+    before = _snapshot(root)
+    for command in ("migrate", "repair"):
+        result = run_cli(command, "--store", root)
+        assert result.exit_code == 0, result.output
+        checkpoint._CACHE.clear()
+        store = Store.open(root)
+        newest = sorted(e.name for e in open_fs(str(root)).list("_manifest") if not e.is_dir)[-1]
+        doc = json.loads((root / "_manifest" / newest).read_text())
+        assert doc["format"] == 3 and "shards" not in doc and store.manifest.checkpoint is not None
+        assert _checkpoint_files(str(root)) == [store.manifest.checkpoint.file]
+        after = _snapshot(root)
+        assert after[0] == before[0] and np.array_equal(after[1], before[1])
+        for entry in (root / "_manifest").iterdir():  # lose every version: repair rebuilds from the shards
+            if entry.is_file():
+                entry.unlink()
 
 
 def test_racing_writers_across_a_checkpoint(where: str, every_8: int) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import StoreError
 from .fs import FileSystem
+from .log import VersionLog
 from .records import FORMAT_VERSION, Manifest
 
 CHECKPOINT_EVERY = 1000  # entries a version lists inline before a checkpoint takes them
@@ -101,6 +102,18 @@ def document(fs: FileSystem, new: Manifest, base: Manifest, version: int, token:
     ref = _write_checkpoint(fs, new, version, token)
     new.checkpoint = ref
     return _with_tail(new, ref), ref.file
+
+
+def put_whole(fs: FileSystem, log: VersionLog, version: int, manifest: Manifest, token: str) -> bool:
+    """Create `version` holding all of `manifest`, built from scratch (migrate, repair: no older checkpoint is
+    reused), compact once it is large; False when another writer took the version (its checkpoint is removed)."""
+    manifest.checkpoint = None
+    data, written = document(fs, manifest, manifest.copy(), version, token)
+    if log.put(version, data):
+        return True
+    if written:
+        fs.delete(f"{CHECKPOINT_DIR}/{written}")
+    return False
 
 
 def _still_valid(new: Manifest, base: Manifest) -> Checkpoint | None:

@@ -103,9 +103,10 @@ def migrate(store: Store) -> bool:
     manifest.models = {name: _copy_model(store, name) for name in manifest.models}
     _migrate_scores(store)
     hooks.pause("migrate:copied")
+    from .checkpoint import put_whole
     from .log import VersionLog
 
-    won = VersionLog(store.fs, MANIFEST_DIR).put(1, manifest.to_json())
+    won = put_whole(store.fs, VersionLog(store.fs, MANIFEST_DIR), 1, manifest, writer_token())
     store.refresh()
     if won:
         log.info("migrated store %s from format 1 to 2", store.root)

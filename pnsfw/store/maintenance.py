@@ -18,11 +18,11 @@ import pyarrow as pa
 
 from ..errors import StoreError
 from . import shards
-from .checkpoint import read_manifest, stale_checkpoints
+from .checkpoint import CHECKPOINT_DIR, put_whole, read_manifest, stale_checkpoints
 from .fs import Entry, open_binary
 from .log import VersionLog
 from .records import Manifest, Part, ScoreState, Shard, Space
-from .store import _HOST, LEGACY_MANIFEST, MANIFEST_DIR, NORM_TOLERANCE, Store
+from .store import _HOST, LEGACY_MANIFEST, MANIFEST_DIR, NORM_TOLERANCE, Store, writer_token
 
 log = logging.getLogger("pnsfw.store")
 GRACE_S = 3600.0  # an unreferenced file of a writer we cannot see (another host) is dead after this long
@@ -368,10 +368,15 @@ def _commit_repaired(store: Store, manifest: Manifest) -> None:
     logv = VersionLog(store.fs, MANIFEST_DIR)
     for _ in range(20):
         versions = logv.versions()
-        if logv.put((versions[-1] if versions else 0) + 1, manifest.to_json()):
+        if put_whole(store.fs, logv, (versions[-1] if versions else 0) + 1, manifest, writer_token()):
             break
     else:
         raise StoreError(f"could not commit the repaired manifest of {store.root}: other writers kept winning")
+    if not versions:  # the log was lost: no version is left to reference an older checkpoint
+        ours = manifest.checkpoint.file if manifest.checkpoint is not None else None
+        for entry in store.fs.list(CHECKPOINT_DIR):
+            if not entry.is_dir and entry.name != ours:
+                store.fs.delete(f"{CHECKPOINT_DIR}/{entry.name}")
     from .legacy import remove_legacy
 
     store.refresh()
