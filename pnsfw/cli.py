@@ -738,7 +738,7 @@ def _train_zero_shot(store: str, concepts: str, labels: "str | None", name: str,
 
     options = ZeroShotOptions(name=name, nsfw_classes=nsfw, labels=labels, threshold_for=threshold_for,
                               clip_model=clip_model, device=device)
-    meta = train_zero_shot(store, concepts, options)
+    meta = train_zero_shot(store, concepts, lambda s: _encoder(s, clip_model, device), options)
     _threshold_warning(meta["threshold_choice"])
     if as_json:
         click.echo(json.dumps(meta, indent=2))
@@ -907,13 +907,14 @@ def predict(inputs: tuple[str, ...], store: str, model_name: str, clip_model: "s
       pnsfw predict uploads/ --store store/ --out verdicts.parquet
     """
     from .classifier.predict import PredictOptions, predict_paths, results_table
+    from .indexer.sources import list_files
     from .userio import check_output, write_table
 
     tables = (".parquet", ".pq", ".csv", ".jsonl")
     if out:
         check_output(out, tables)
     options = PredictOptions(name=model_name, clip_model=clip_model, device=device, threshold=threshold)
-    results = predict_paths(store, list(inputs), options)
+    results = predict_paths(store, list_files(list(inputs)), lambda s: _encoder(s, clip_model, device), options)
     if out:
         write_table(results_table(results), out, tables)
         errors = sum("error" in r for r in results)

@@ -10,7 +10,7 @@ FORBIDDEN = {
     "store": {"indexer", "classifier", "search", "api", "distributed", "cli"},
     "search": {"classifier", "indexer", "api", "distributed", "cli"},
     "indexer": {"classifier", "api", "cli"},
-    "classifier": {"search", "api", "cli"},
+    "classifier": {"indexer", "search", "api", "cli"},  # handed embedders by cli, like search
     "distributed": {"api", "cli"},
     "api": {"cli"},
 }

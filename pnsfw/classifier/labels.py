@@ -10,8 +10,8 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import BadInput
-from ..indexer.sources import TAR_SEPARATOR
 from ..store import Store
+from ..store.shards import TAR_SEPARATOR
 
 
 @dataclass

@@ -1,15 +1,25 @@
 """`pnsfw predict`: score image files, folders or .npy embeddings without adding them to the store."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import BadInput
 from ..store import Store
 from ..userio import load_vectors
 from .model import DEFAULT_NAME, Classifier, load_classifier
+
+
+class FileEmbedder(Protocol):
+    """Image files -> vectors in the store's space (cli hands in pnsfw.indexer.embedding.EmbeddingService)."""
+
+    def embed_files(self, paths: list[str]) -> tuple[np.ndarray, list["str | None"]]:
+        """(vectors, per-file error or None)."""
+
+
+OpenEmbedder = Callable[[Store], FileEmbedder]
 
 
 @dataclass
@@ -21,24 +31,6 @@ class PredictOptions:
     batch_size: int = 64
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files as given; folders walked recursively (hidden files skipped), in a stable order."""
-    from ..indexer.sources import iter_items
-
-    paths = []
-    for entry in inputs:
-        path = Path(entry)
-        if path.is_dir():
-            paths += [item.uri for item in iter_items(str(path))]
-        elif path.is_file():
-            paths.append(str(path))
-        else:
-            raise BadInput(f"{entry}: no such file or folder")
-    if not paths:
-        raise BadInput(f"no files found in {', '.join(inputs)}")
-    return paths
-
-
 def _npy_rows(path: str, dim: int, store: Store) -> tuple[list[str], np.ndarray]:
     """Rows of the store's space, or raw CLIP features of the encoder's width put through its projection."""
     projection = store.projection()
@@ -48,12 +40,10 @@ def _npy_rows(path: str, dim: int, store: Store) -> tuple[list[str], np.ndarray]
     return ([path] if len(array) == 1 else [f"{path}[{i}]" for i in range(len(array))]), array
 
 
-def _encode_images(store: Store, paths: list[str], options: PredictOptions) -> tuple[dict[str, np.ndarray],
-                                                                                     dict[str, str]]:
+def _encode_images(store: Store, paths: list[str], options: PredictOptions,
+                   open_embedder: OpenEmbedder) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Image path -> vector in the store's space, and path -> error for files that could not be used."""
-    from ..indexer.embedding import EmbeddingService
-
-    service = EmbeddingService.open(store, options.clip_model, options.device)
+    service = open_embedder(store)
     vectors, errors = {}, {}
     for start in range(0, len(paths), options.batch_size):
         batch = paths[start:start + options.batch_size]
@@ -70,17 +60,17 @@ def _verdicts(clf: Classifier, names: list[str], vectors: np.ndarray, threshold:
     return [{"path": name, "verdict": verdict} for name, verdict in zip(names, clf.verdicts(vectors, threshold))]
 
 
-def predict_paths(store_root: "str | Path", inputs: list[str],
+def predict_paths(store_root: "str | Path", paths: list[str], open_embedder: OpenEmbedder,
                   options: PredictOptions | None = None) -> list[dict[str, Any]]:
-    """One result per image or embedding row: {path, verdict} (the one verdict shape) or {path, error}."""
+    """One result per image or embedding row of PATHS (files: .npy or images, encoded by open_embedder(store)
+    when there are any): {path, verdict} (the one verdict shape) or {path, error}."""
     options = options or PredictOptions()
     store = Store.open(store_root)
     clf = load_classifier(store, options.name)
     threshold = clf.threshold if options.threshold is None else float(options.threshold)
-    paths = expand_inputs(inputs)
     npy = {p: _npy_rows(p, clf.dim, store) for p in paths if p.lower().endswith(".npy")}
     images = [p for p in paths if p not in npy]
-    vectors, errors = _encode_images(store, images, options) if images else ({}, {})
+    vectors, errors = _encode_images(store, images, options, open_embedder) if images else ({}, {})
     results = {p: _verdicts(clf, names, array, threshold) for p, (names, array) in npy.items()}
     if vectors:
         found = _verdicts(clf, list(vectors), np.stack(list(vectors.values())), threshold)

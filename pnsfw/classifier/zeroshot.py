@@ -13,9 +13,10 @@ With `--labels`, scale and bias are fitted (grid search, least log-loss) and the
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -129,16 +130,18 @@ def _save_labels(path: Path, labelled: "LabelledData | None") -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def _embed_concepts(store: Store, concepts: list[tuple[str, str]], options: ZeroShotOptions) -> np.ndarray:
-    from ..indexer.embedding import EmbeddingService
+class TextEmbedder(Protocol):
+    """Texts -> unit vectors in the store's space (cli hands in pnsfw.indexer.embedding.EmbeddingService)."""
 
-    service = EmbeddingService.open(store, options.clip_model, options.device)
-    return service.embed_texts([prompt for _, prompt in concepts])
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """(n, dim) float32."""
 
 
 def train_zero_shot(store_root: "str | Path", concepts_path: "str | Path",
+                    open_embedder: "Callable[[Store], TextEmbedder]",
                     options: ZeroShotOptions | None = None) -> dict[str, Any]:
-    """Build models/NAME from concept prompts (calibrated on --labels when given); returns its metadata."""
+    """Build models/NAME from concept prompts, embedded by open_embedder(store) (calibrated on --labels when
+    given); returns its metadata."""
     options = options or ZeroShotOptions()
     check_name(options.name)
     if M.parse_threshold_rule(options.threshold_for) and not options.labels:
@@ -147,7 +150,8 @@ def train_zero_shot(store_root: "str | Path", concepts_path: "str | Path",
     store = Store.open(store_root)
     concepts = read_concepts(concepts_path)
     classes, nsfw = resolve_classes(dict(enumerate(label for label, _ in concepts)), options.nsfw_classes)
-    centroids = class_centroids(_embed_concepts(store, concepts, options), concepts, classes)
+    prompts = open_embedder(store).embed_texts([prompt for _, prompt in concepts])
+    centroids = class_centroids(prompts, concepts, classes)
     scale, bias, calibration, labelled, metrics = DEFAULT_SCALE, 0.0, None, None, {}
     threshold, choice = 0.5, None
     staged = artifacts.ModelStage(store, options.name)  # every file of the model: one generation

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..errors import SourceError
+from ..errors import BadInput, SourceError
+from ..store.shards import TAR_SEPARATOR
 from .fetch import read_url
 
-TAR_SEPARATOR = "::"  # uri of a tar member: /abs/path/data.tar::folder/name.jpg
 URI_COLUMNS = ("uri", "url", "image_path")  # recognised without --uri-column, in this order
 RESERVED = ("id", "uri", "source", "sha256", "width", "height", "embedding", "uri_hash")
 Meta = tuple[tuple[str, "str | None"], ...]
@@ -324,3 +324,19 @@ def stage_of(item: Item) -> str:
     if item.problem is not None:
         return "list"
     return "fetch" if is_url(item.uri) else "read"
+
+
+def list_files(inputs: list[str]) -> list[str]:
+    """Files as given; folders walked recursively (hidden files skipped), in a stable order."""
+    paths = []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            paths += [item.uri for item in iter_items(str(path))]
+        elif path.is_file():
+            paths.append(str(path))
+        else:
+            raise BadInput(f"{entry}: no such file or folder")
+    if not paths:
+        raise BadInput(f"no files found in {', '.join(inputs)}")
+    return paths

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from .files import atomic_write
 
 ROW_GROUP = 1 << 16
+TAR_SEPARATOR = "::"  # the stored uri of a tar member: /abs/path/data.tar::folder/name.jpg
 ERROR_SCHEMA = pa.schema([("uri", pa.string()), ("source", pa.string()), ("stage", pa.string()),
                           ("reason", pa.string()), ("detail", pa.string())])
 # by: who gave the label (may be null); classes: the comma-joined set it was chosen from (null: undeclared);
