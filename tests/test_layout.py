@@ -9,8 +9,8 @@ STAGES = ("store", "indexer", "classifier", "search", "api", "distributed", "cli
 FORBIDDEN = {
     "store": {"indexer", "classifier", "search", "api", "distributed", "cli"},
     "search": {"classifier", "indexer", "api", "distributed", "cli"},
-    "indexer": {"classifier", "api", "cli"},
-    "classifier": {"indexer", "search", "api", "cli"},  # handed embedders by cli, like search
+    "indexer": {"classifier", "search", "api", "distributed", "cli"},
+    "classifier": {"indexer", "search", "api", "distributed", "cli"},  # handed embedders by cli, like search
     "distributed": {"api", "cli"},
     "api": {"cli"},
 }
