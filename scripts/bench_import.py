@@ -1,7 +1,8 @@
 """Measure `pnsfw import` throughput of fp16 clip-retrieval embeddings from local disk, one process.
 
 Usage: python scripts/bench_import.py [--rows 1000000] [--parts 4] [--dim 512] [--shard-size 262144]
-                                      [--unnormalised] [--folder DIR] [--profile] [--out bench_import.json]
+                                      [--unnormalised] [--folder DIR] [--profile] [--stages]
+                                      [--out bench_import.json]
 
 Writes a clip-retrieval folder (img_emb/img_emb_N.npy float16 + metadata/metadata_N.parquet with url and
 caption), imports it into a fresh store (run_import, no FAISS index) and reports GB/s of embedding bytes read
@@ -9,6 +10,8 @@ caption), imports it into a fresh store (run_import, no FAISS index) and reports
 length as clip-retrieval writes them, or random normals with --unnormalised (every row rescaled). The embedding
 files are in the page cache after writing (the usual case for a rerun; cold reads are bounded by the disk);
 the store is written to --folder too, so put it on the disk you mean to measure. Prints a table, writes JSON.
+--stages then also times each stage of one shard alone, on this thread (best of 3, us per row): what one core
+costs per row whatever the machine's core count.
 """
 
 import argparse
@@ -18,6 +21,8 @@ import os
 import platform
 import pstats
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,25 +50,70 @@ def write_folder(root: Path, rows: int, parts: int, dim: int, normalised: bool) 
     return total
 
 
-def run(folder: Path, store: Path, shard_size: int, profile: bool) -> tuple[float, object, list[str]]:
+def run(folder: Path, store: Path, shard_size: int, profile: bool) -> tuple[float, float, object, list[str]]:
     from pnsfw.indexer.importer import ImportOptions, run_import
 
     options = ImportOptions(shard_size=shard_size)
     profiler = cProfile.Profile() if profile else None
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
     summary = run_import([str(folder)], store, options)
     if profiler:
         profiler.disable()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     top: list[str] = []
     if profiler:
         stats = pstats.Stats(profiler).sort_stats("tottime")
         for func, (_, _, tottime, _, _) in list(stats.stats.items()):  # type: ignore[attr-defined]
             top.append((tottime, f"{func[2]} ({os.path.basename(func[0])}:{func[1]})"))
         top = [f"{t:7.2f} s  {name}" for t, name in sorted(top, reverse=True)[:8]]
-    return seconds, summary, top
+    return seconds, cpu, summary, top
+
+
+def best_of(work: object, repeat: int = 5) -> tuple[float, float]:
+    """(least wall seconds, least CPU seconds of the process) of `repeat` calls: on a shared machine the CPU
+    time is what the stage costs, the wall time what it took beside the others' work."""
+    walls, cpus = [], []
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        work()  # type: ignore[operator]
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus)
+
+
+def stages(folder: Path, work: Path, shard_size: int, dim: int) -> dict[str, object]:
+    """Microseconds per row (wall, CPU) of each stage of one shard (the first part's first rows), one thread."""
+    from pnsfw.indexer.import_layouts import open_units
+    from pnsfw.indexer.importer import map_chunk
+    from pnsfw.indexer.projection import make_projection
+    from pnsfw.indexer.unitvec import unit_rows
+    from pnsfw.store import shards
+    from pnsfw.store.files import fsync, sha256_file
+
+    unit = open_units([str(folder)], "auto", None, None)[0]
+    chunks = list(unit.read(0, min(65_536, shard_size)))
+    rows = sum(c.metadata.num_rows for c in chunks)
+    none = make_projection("none", dim, np.zeros((1, dim), np.float32), 0)
+    table = pa.concat_tables([map_chunk(c, unit, dim, none)[0] for c in chunks])
+    table = table.add_column(0, "id", pa.array(np.arange(rows, dtype=np.int64)))
+    shard = shards.normalize_rows(table, dim)
+    path = work / "stage.parquet"
+    seconds: dict[str, tuple[float, float]] = {
+        "read .npy + metadata": best_of(lambda: list(unit.read(0, min(65_536, shard_size)))),
+        "validate + normalise (unit_rows)": best_of(lambda: [unit_rows(c.embeddings) for c in chunks]),
+        "map_chunk (unit_rows + columns)": best_of(lambda: [map_chunk(c, unit, dim, none) for c in chunks]),
+        "uri_hash": best_of(lambda: shards.uri_hash(table.column("uri"))),
+        "normalize_rows (uri_hash + schema)": best_of(lambda: shards.normalize_rows(table, dim)),
+        "parquet write (shards.write_table)": best_of(lambda: shards.write_table(shard, path)),
+        "sha256 of the shard file": best_of(lambda: sha256_file(path)),
+        "parquet write + fsync": best_of(lambda: (shards.write_table(shard, path), fsync(path))),  # type: ignore
+    }
+    code = "import time; t = time.perf_counter(); import torch; print(time.perf_counter() - t)"
+    torch_s = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
+    per_row = {k: {"wall": round(w / rows * 1e6, 3), "cpu": round(c / rows * 1e6, 3)} for k, (w, c) in seconds.items()}
+    return {**per_row, "rows": rows, "import torch (s, a fresh process)": round(torch_s, 2)}
 
 
 def main() -> None:
@@ -75,23 +125,32 @@ def main() -> None:
     parser.add_argument("--unnormalised", action="store_true", help="Random normal rows, not unit length.")
     parser.add_argument("--folder", default=None, help="Work folder (default: a temporary one, removed).")
     parser.add_argument("--profile", action="store_true", help="Also print the top functions by own time.")
+    parser.add_argument("--stages", action="store_true", help="Also time each stage of one shard alone.")
     parser.add_argument("--out", default="bench_import.json")
     args = parser.parse_args()
     work = Path(args.folder or tempfile.mkdtemp(prefix="bench_import_"))
     try:
         total = write_folder(work / "laion", args.rows, args.parts, args.dim, not args.unnormalised)
-        seconds, summary, top = run(work / "laion", work / "store", args.shard_size, args.profile)
+        seconds, cpu, summary, top = run(work / "laion", work / "store", args.shard_size, args.profile)
         rows = summary.imported
         result = {"rows": rows, "dim": args.dim, "parts": args.parts, "shard_size": args.shard_size,
                   "embedding_bytes": total, "unit_length": not args.unnormalised,
                   "folder": str(work), "seconds": round(seconds, 3), "gb_per_s": round(total / seconds / 1e9, 3),
-                  "rows_per_s": round(rows / seconds), "failed": summary.failed, "cpus": os.cpu_count(),
+                  "rows_per_s": round(rows / seconds),
+                  "cpu_seconds": round(cpu, 3), "cpu_us_per_row": round(cpu / rows * 1e6, 3),
+                  "failed": summary.failed, "cpus": os.cpu_count(),
                   "machine": platform.processor() or platform.machine(), "python": platform.python_version()}
-        print(f"{'rows':>10}  {'dim':>4}  {'GB':>6}  {'seconds':>8}  {'GB/s':>6}  {'rows/s':>10}")
+        print(f"{'rows':>10}  {'dim':>4}  {'GB':>6}  {'seconds':>8}  {'GB/s':>6}  {'rows/s':>10}  {'CPU us/row':>10}")
         print(f"{rows:>10,}  {args.dim:>4}  {total / 1e9:>6.2f}  {seconds:>8.2f}  {result['gb_per_s']:>6.2f}  "
-              f"{result['rows_per_s']:>10,}")
+              f"{result['rows_per_s']:>10,}  {result['cpu_us_per_row']:>10}")
         for line in top:
             print(line)
+        if args.stages:
+            result["stages_us_per_row"] = stages(work / "laion", work, args.shard_size, args.dim)
+            print(f"{'wall us':>9}  {'CPU us':>9}  per row, one shard")
+            for name, value in result["stages_us_per_row"].items():
+                wall, cpu = (value["wall"], value["cpu"]) if isinstance(value, dict) else (value, "")
+                print(f"{wall:>9}  {cpu:>9}  {name}")
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     finally:
         if not args.folder:

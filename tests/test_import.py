@@ -199,8 +199,9 @@ def test_s3_sources_stream_into_local_and_s3_stores(imported, tmp_path: Path) ->
     np.testing.assert_allclose(store.vectors()[1], x / np.linalg.norm(x, axis=1, keepdims=True), atol=2e-3)
 
 
-def test_vectorised_uri_hash_equals_hashlib() -> None:
-    """The numpy blake2b (store/urihash.py) equals hashlib's for every length around the 128-byte blocks."""
+def test_uri_hash_is_blake2b_of_the_utf8() -> None:
+    """uri_hash is the little-endian 8-byte blake2b of the uri's UTF-8 for every input kind (list, Arrow array,
+    sliced array, lengths around blake2b's 128-byte blocks), and keeps the value existing stores hold."""
     import hashlib
     import random
 
@@ -212,6 +213,11 @@ def test_vectorised_uri_hash_equals_hashlib() -> None:
     want = [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") for u in uris]
     assert uri_hash(pa.array(uris)).tolist() == want and uri_hash(uris).tolist() == want
     assert uri_hash(pa.array(uris).slice(5)).tolist() == want[5:] and uri_hash(uris[:3]).tolist() == want[:3]
+    chunked = pa.chunked_array([pa.array(uris[:7]), pa.array(uris[7:])])
+    assert uri_hash(chunked).tolist() == want
+    assert uri_hash(["https://example.com/images/000000001.jpg"]).tolist() == [607156370087544967]
+    with pytest.raises(ValueError):
+        uri_hash(pa.array(["a", None]))
 
 
 def test_text_search_with_the_declared_checkpoint(tmp_path: Path, tiny_checkpoint: Path) -> None:

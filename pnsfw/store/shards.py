@@ -8,8 +8,8 @@ dim are in the field metadata so readers without pnsfw can decode it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,51 +44,18 @@ def shard_schema(dim: int, extra: tuple[str, ...] = ()) -> pa.Schema:
 
 
 def uri_hash(uris: list[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """uint64 per uri: the first 8 bytes of blake2b (stable across runs, machines and Python versions)."""
-    if not isinstance(uris, (pa.Array, pa.ChunkedArray)):
-        if len(uris) < FEW_URIS:
-            blake2b = hashlib.blake2b
-            digests = b"".join([blake2b(u.encode("utf-8", "surrogateescape"), digest_size=8).digest() for u in uris])
-            hashed: np.ndarray = np.frombuffer(digests, dtype="<u8").copy()
-            return hashed
-        uris = pa.array([u.encode("utf-8", "surrogateescape") for u in uris], pa.large_binary())
-    array = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
-    array = array.cast(pa.large_binary())
-    if array.null_count:
-        raise ValueError("uri_hash of a null uri")
-    if not len(array):
-        return np.zeros(0, dtype="<u8")
-    offsets = np.frombuffer(array.buffers()[1], dtype="<i8")[array.offset:array.offset + len(array) + 1]
-    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
-    return _hash_blocks(data, offsets)
-
-
-FEW_URIS = 256  # below this hashlib row by row is faster than the vectorised rounds
-HASH_BLOCK = 16_384  # rows per vectorised block: the lanes stay in cache
-
-
-def _hash_blocks(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """blake2b_64 of each message, in blocks hashed by a few threads (numpy releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .urihash import blake2b_64
-
-    n = len(offsets) - 1
-    bounds = [*range(0, n, HASH_BLOCK), n]
-    out = np.empty(n, dtype="<u8")
-
-    def run(i: int) -> None:
-        out[bounds[i]:bounds[i + 1]] = blake2b_64(data, offsets[bounds[i]:bounds[i + 1] + 1])
-
-    if len(bounds) <= 2:
-        run(0)
-        return out
-    with ThreadPoolExecutor(min(HASH_THREADS, len(bounds) - 1)) as pool:
-        list(pool.map(run, range(len(bounds) - 1)))
-    return out
-
-
-HASH_THREADS = max(1, min(4, (os.cpu_count() or 1)))
+    """uint64 per uri: the first 8 bytes (little-endian) of blake2b of its UTF-8, as hashlib computes it (stable
+    across runs, machines and Python versions). hashlib one uri at a time costs ~0.35 us a uri, about a third
+    of the CPU time of blake2b's rounds vectorised over uint64 lanes in numpy (measured: docs/benchmarks.md)."""
+    if isinstance(uris, (pa.Array, pa.ChunkedArray)):
+        if uris.null_count:
+            raise ValueError("uri_hash of a null uri")
+        data = uris.cast(pa.large_binary()).to_pylist()
+    else:
+        data = [u.encode("utf-8", "surrogateescape") for u in uris]
+    digest = functools.partial(hashlib.blake2b, digest_size=8)
+    hashed: np.ndarray = np.frombuffer(b"".join(map(hashlib.blake2b.digest, map(digest, data))), "<u8").copy()
+    return hashed
 
 
 def normalize_rows(table: pa.Table, dim: int) -> pa.Table:
@@ -123,11 +90,18 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray
     return flat.reshape(-1, dim)
 
 
+UNIQUE_COLUMNS = ("id", "uri", "uri_hash", "sha256", "embedding")  # a dictionary of these only costs time
+
+
 def write_table(table: pa.Table, path: Path) -> None:
-    """Write a table to path (not atomic: callers write a temporary name); embedding raw, the rest zstd."""
-    dictionary = [name for name in table.column_names if name not in ("embedding", "uri_hash", "id")]
-    compression = {name: ("none" if name == "embedding" else "zstd") for name in table.column_names}
-    pq.write_table(table, path, compression=compression, use_dictionary=dictionary, row_group_size=ROW_GROUP)
+    """Write a table to path (not atomic: callers write a temporary name); embedding raw, the rest zstd; no
+    dictionary for columns of unique values, no min/max statistics of the embedding column (nothing reads
+    them; they cost ~0.1 us a 512-d row)."""
+    names = table.column_names
+    compression = {name: ("none" if name == "embedding" else "zstd") for name in names}
+    pq.write_table(table, path, compression=compression, row_group_size=ROW_GROUP,
+                   use_dictionary=[name for name in names if name not in UNIQUE_COLUMNS],
+                   write_statistics=[name for name in names if name != "embedding"])
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
