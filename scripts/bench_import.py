@@ -1,12 +1,12 @@
 """Measure `pnsfw import` throughput of fp16 clip-retrieval embeddings from local disk, one process.
 
 Usage: python scripts/bench_import.py [--rows 1000000] [--parts 4] [--dim 512] [--shard-size 262144]
-                                      [--unnormalised] [--folder DIR] [--profile] [--stages]
+                                      [--unnormalised] [--folder DIR] [--profile] [--stages] [--warm]
                                       [--out bench_import.json]
 
 Writes a clip-retrieval folder (img_emb/img_emb_N.npy float16 + metadata/metadata_N.parquet with url and
 caption), imports it into a fresh store (run_import, no FAISS index) and reports GB/s of embedding bytes read
-(rows * dim * 2 / wall seconds of run_import, start-up of torch included) and rows/s. The vectors are unit
+(rows * dim * 2 / wall seconds of run_import, start-up of torch included unless --warm) and rows/s. The vectors are unit
 length as clip-retrieval writes them, or random normals with --unnormalised (every row rescaled). The embedding
 files are in the page cache after writing (the usual case for a rerun; cold reads are bounded by the disk);
 the store is written to --folder too, so put it on the disk you mean to measure. Prints a table, writes JSON.
@@ -126,15 +126,21 @@ def main() -> None:
     parser.add_argument("--folder", default=None, help="Work folder (default: a temporary one, removed).")
     parser.add_argument("--profile", action="store_true", help="Also print the top functions by own time.")
     parser.add_argument("--stages", action="store_true", help="Also time each stage of one shard alone.")
+    parser.add_argument("--warm", action="store_true",
+                        help="Time a second import in the same process (the first into a scratch store): the "
+                             "steady rate of a long import, without torch's start-up and first-touch page faults.")
     parser.add_argument("--out", default="bench_import.json")
     args = parser.parse_args()
     work = Path(args.folder or tempfile.mkdtemp(prefix="bench_import_"))
     try:
         total = write_folder(work / "laion", args.rows, args.parts, args.dim, not args.unnormalised)
+        if args.warm:  # a first import into a scratch store: torch loaded, the process's memory grown
+            run(work / "laion", work / "warm-up", args.shard_size, False)
+            shutil.rmtree(work / "warm-up")
         seconds, cpu, summary, top = run(work / "laion", work / "store", args.shard_size, args.profile)
         rows = summary.imported
         result = {"rows": rows, "dim": args.dim, "parts": args.parts, "shard_size": args.shard_size,
-                  "embedding_bytes": total, "unit_length": not args.unnormalised,
+                  "embedding_bytes": total, "unit_length": not args.unnormalised, "warm": args.warm,
                   "folder": str(work), "seconds": round(seconds, 3), "gb_per_s": round(total / seconds / 1e9, 3),
                   "rows_per_s": round(rows / seconds),
                   "cpu_seconds": round(cpu, 3), "cpu_us_per_row": round(cpu / rows * 1e6, 3),
