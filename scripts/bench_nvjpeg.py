@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 VARIANTS = {  # name: (flags, preallocate, pinned, padded)
     "plain_list": (0, None, False, False),
     "plain_padded": (0, None, False, True),
+    "pools_list": (2, None, False, False),  # what --gpu-decoder auto does for units too large to pad (photos)
     "pools_padded": (2, None, False, True),
     "prealloc_padded": (0, (512, 512), False, True),
     "pinned_padded": (0, None, True, True),

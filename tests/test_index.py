@@ -219,6 +219,26 @@ def test_checkpoint_loads_as_clip_load_does(tmp_path, tiny_checkpoint):
         _load_clip(str(tmp_path / "broken.pt"))
 
 
+def test_checkpoint_load_imports_no_dynamo_and_needs_every_weight(tmp_path, tiny_checkpoint):
+    """The load builds CLIP with no initialisation on the CPU, not on meta tensors (whose elementwise kernels
+    import torch._dynamo: seconds of start-up); a checkpoint without some weight is refused."""
+    import torch
+
+    from pnsfw.errors import ModelNotFound
+    from pnsfw.indexer.encoder import _load_clip
+
+    code = ("import sys; from pnsfw.indexer.encoder import _load_clip; _load_clip(sys.argv[1]); "
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')")
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint)], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.split()[-2:] == ["no", "dynamo"]
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    del state["visual.proj"]
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(ModelNotFound, match="cannot load CLIP checkpoint"):
+        _load_clip(str(tmp_path / "partial.pt"))
+
+
 def test_a_described_encoder_is_the_loaded_one_without_weights(tmp_path, tiny_checkpoint):
     """The Ray driver's encoder: the same record for the store, no weight read (every parameter on meta)."""
     from pnsfw.errors import ModelNotFound

@@ -167,25 +167,45 @@ def _state_dict(path: str) -> dict[str, Any]:
             return torch.jit.load(f, map_location="cpu").eval().state_dict()
 
 
-def _build(state_dict: dict[str, Any]) -> Any:
-    """clip.model.build_model's model, built on the meta device (no random initialisation: seconds for
-    ViT-B/32) and then given the checkpoint's tensors (`load_state_dict(assign=True)`); the same fp16
-    rounding of the weights as build_model's, so it equals clip.load's model bit for bit."""
-    import torch
+_SKIPPED = frozenset({"normal_", "uniform_", "fill_", "zero_", "copy_"})  # initialisers, load_state_dict's copy
 
+
+def _no_init_mode() -> Any:
+    """A torch-function mode under which CLIP's __init__ and build_model cost allocations only: random and
+    constant initialisers and copies into parameters do nothing, `.half()` returns an uninitialised fp16 tensor.
+    The checkpoint's tensors then replace every weight (`load_state_dict(assign=True)`).
+
+    Not the meta device: elementwise ops on meta tensors run Python reference kernels, whose first call imports
+    torch._dynamo (4-5 s of the encoder load on an H200 machine, ~1.4 s on 2 cores; docs/benchmarks.md)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class NoInit(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+            name = getattr(func, "__name__", "")
+            if name in _SKIPPED and args and isinstance(args[0], torch.Tensor):
+                return args[0]
+            if name == "half" and args and isinstance(args[0], torch.Tensor):
+                return torch.empty(args[0].shape, dtype=torch.float16)
+            return func(*args, **(kwargs or {}))
+
+    return NoInit()
+
+
+def _build(state_dict: dict[str, Any]) -> Any:
+    """clip.model.build_model's model, built with no initialisation (`_no_init_mode`) and then given the
+    checkpoint's tensors (`load_state_dict(assign=True)`); the same fp16 rounding of the weights as
+    build_model's, so it equals clip.load's model bit for bit."""
     clip_model = _clip_model()
     weights = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-    with torch.device("meta"):
-        model = clip_model.build_model(dict(state_dict))  # its own load into meta tensors does nothing
-    model.load_state_dict(weights, assign=True)
+    with _no_init_mode():
+        model = clip_model.build_model(dict(state_dict))  # its own fp16 conversion and load do nothing here
+    model.load_state_dict(weights, assign=True)  # strict: a weight missing from the checkpoint raises
     clip_model.convert_weights(model)
-    mask = model.build_attention_mask()  # a plain attribute, not in the state dict: still on meta
+    mask = model.build_attention_mask()  # a plain attribute, not in the state dict: built here for real
     for block in model.transformer.resblocks:
         block.attn_mask = mask
-    model = model.float().eval()
-    if any(t.is_meta for t in model.state_dict().values()):
-        raise ValueError("the checkpoint does not set every weight of the model")
-    return model
+    return model.float().eval()
 
 
 def _load_clip(model: str) -> Any:
@@ -193,7 +213,9 @@ def _load_clip(model: str) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.load's hint on TorchScript files, load_state_dict's on meta
-            return _build(_state_dict(path))
+            state_dict = _state_dict(path)
+            mark("CLIP checkpoint read")
+            return _build(state_dict)
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         raise ModelNotFound(f"cannot load CLIP checkpoint {path}: {str(exc).splitlines()[0]}") from None
 

@@ -96,16 +96,18 @@ def _stacked_weights(shapes: Sequence[tuple[int, int]], size: int, pad_h: int, p
                      dtype: Any) -> tuple[Any, Any]:
     """Weights of every image, zero beyond its own size: (B, 1, Wmax, R) and (B, 1, R, Hmax).
 
-    Built on the device for the whole batch at once: the op count does not grow
-    with the batch (per-image ops would each release and re-take the GIL)."""
+    Built on the device for the whole batch at once, both axes in one pass (widths then heights): the op count
+    does not grow with the batch (per-image ops would each release and re-take the GIL, and in the pipeline
+    each op waits for it behind the other threads)."""
     heights = np.array([h for h, _ in shapes], np.float64)
     widths = np.array([w for _, w in shapes], np.float64)
     resized = np.array([resized_size(int(w), int(h), size) for h, w in shapes], np.float64)
     lefts = np.round((resized[:, 0] - size) / 2.0)  # center_box's rounding (round half to even, as round())
     tops = np.round((resized[:, 1] - size) / 2.0)
-    wx = _batch_axis_weights(widths, resized[:, 0], lefts, size, pad_w, device, dtype)
-    wy = _batch_axis_weights(heights, resized[:, 1], tops, size, pad_h, device, dtype)
-    return wx.transpose(1, 2)[:, None], wy[:, None]
+    both = _batch_axis_weights(np.concatenate([widths, heights]), np.concatenate([resized[:, 0], resized[:, 1]]),
+                               np.concatenate([lefts, tops]), size, max(pad_h, pad_w), device, dtype)
+    count = len(shapes)
+    return both[:count, :, :pad_w].transpose(1, 2)[:, None], both[count:, :, :pad_h][:, None]
 
 
 def _padded(images: Sequence[Any], dtype: Any) -> Any:
