@@ -8,7 +8,7 @@ Modes (one fresh interpreter each, seconds since the process started, as the pip
   nommap    the same with torch.load(mmap=False)
   nocontext the same without creating the CUDA context first (the copy to the GPU then creates it)
   beside    load_encoder() while the reader's warm-up (torchvision's image ops, nvJPEG) runs on a thread, as in
-            `pnsfw index --device cuda`
+            `pnsfw index --device cuda`; then the tower's warm-up forward (whether torch._dynamo got imported)
 
 Example::
 
@@ -68,9 +68,25 @@ def _beside(path: str) -> dict[str, float]:
 
     thread = threading.Thread(target=lambda: _timed(marks, "warm_up_thread", lambda: warm_up("cuda")))
     thread.start()
-    _timed(marks, "load_encoder", lambda: load_encoder(path, "cuda", "fp16"))
+    encoder = _timed(marks, "load_encoder", lambda: load_encoder(path, "cuda", "fp16"))
     thread.join()
+    marks["dynamo_after_load"] = float("torch._dynamo" in sys.modules)
+    _timed(marks, "tower_warm_up", lambda: _tower_warm_up(encoder))
+    marks["dynamo_after_tower"] = float("torch._dynamo" in sys.modules)
     return marks
+
+
+def _tower_warm_up(encoder: Any, batch: int = 1024) -> None:
+    """What the pipeline does once the encoder is there: the eager fast tower, one forward on zeros."""
+    import torch
+
+    from pnsfw.indexer.gpu.options import GpuOptions
+    from pnsfw.indexer.gpu.tower import image_model
+
+    model = image_model(encoder, GpuOptions(compile="off", tower="eager"), 0, batch)
+    with torch.inference_mode():
+        model(torch.zeros((batch, 3, encoder.resolution, encoder.resolution), device="cuda"))
+    torch.cuda.synchronize()
 
 
 def child(path: str, mode: str) -> None:
