@@ -6,6 +6,7 @@ Everything here that touches a model runs on a batcher thread, never on the
 event loop.
 """
 
+import asyncio
 import logging
 import os
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadInput, ModelNotFound, NotAnImage, PnsfwError, TooLarge
+from ..errors import BadInput, ModelNotFound, NotAnImage, TooLarge
 from ..store import Store
 from .batching import MicroBatcher
 from .metrics import Metrics
@@ -110,6 +111,18 @@ def open_searcher(store: Store, scorer: Any, settings: Settings) -> Any:
     return Searcher.open(store, scorer)
 
 
+def warm_scores(searcher: Any) -> None:
+    """Read the searcher's bulk scores into its per-row array and, on stores up to SCORE_ALL_MAX rows, compute
+    the missing ones (hits then read p_nsfw from memory, with no forward pass per batch)."""
+    try:
+        if searcher.rows <= SCORE_ALL_MAX:
+            searcher.fill_scores()
+        else:
+            searcher.stored_scores()
+    except Exception as exc:  # a damaged part: hits compute their p_nsfw instead
+        log.warning("cannot read the bulk scores of %s: %s", searcher.store.root, exc)
+
+
 def only_labels_changed(served: Any, newest: Any) -> bool:
     """True when two manifests differ in their labels parts only (nothing a searcher holds changed)."""
     a, b = served.to_json(), newest.to_json()
@@ -132,8 +145,6 @@ class Engine:
         self.model_name = resolve_model(store, model)
         self.classifier = open_scorer(store, self.model_name)
         self.searcher = open_searcher(store, self.classifier, settings)
-        if store.rows <= SCORE_ALL_MAX:  # hits then read p_nsfw from memory, with no forward pass per batch
-            self.searcher.fill_scores()
         self._seen = self._commit_key(store)
         # run on every searcher before it serves (the review state puts people's labels on it); swap_lock keeps a
         # label saved meanwhile from being lost between a new searcher's hooks and its swap
@@ -144,6 +155,7 @@ class Engine:
         one_blas_thread()
         self._encoder: Any = None
         self._encoder_lock = threading.Lock()
+        self._preload: asyncio.Future[Any] | None = None
         window, size = settings.batch_window_ms / 1000.0, settings.max_batch
         self.encode = MicroBatcher("encode", self._encode_batch, self.metrics, window, size)
         self.vectors = MicroBatcher("vectors", self._vector_batch, self.metrics, window, size)
@@ -155,14 +167,23 @@ class Engine:
         self._follower = threading.Thread(target=self._follow, name="pnsfw-follow-store", daemon=True)
         self._follower.start()
         await self.vectors.call(self._warm_up)
-        if self.settings.preload:
-            try:
-                await self.encode.call(self.encoder)
-            except PnsfwError as exc:
-                if not (self.store.encoder or {}).get("declared"):
-                    raise
-                # imported embeddings name a CLIP model that may not be loadable here: serve vectors and ids
-                logging.getLogger("pnsfw.api").warning("no CLIP encoder for uploads and text queries: %s", exc)
+        # the per-row scores load after start-up: until they are in, hits get p_nsfw from their vectors
+        threading.Thread(target=warm_scores, args=(self.searcher,), name="pnsfw-scores", daemon=True).start()
+        if self.settings.preload:  # in the background: ids, vectors and stats answer while torch and CLIP load
+            self._preload = asyncio.ensure_future(self.encode.call(self.encoder))
+            self._preload.add_done_callback(self._preloaded)
+
+    def _preloaded(self, done: "asyncio.Future[Any]") -> None:
+        """Say once when the background load of the encoder failed (uploads and text queries then fail with
+        the same message, and load it again)."""
+        exc = None if done.cancelled() else done.exception()
+        if exc is None:
+            log.info("CLIP encoder loaded")
+        elif (self.store.encoder or {}).get("declared"):
+            # imported embeddings name a CLIP model that may not be loadable here: serve vectors and ids
+            log.warning("no CLIP encoder for uploads and text queries: %s", exc)
+        else:
+            log.error("cannot load the CLIP encoder; uploads and text queries fail: %s", exc)
 
     def _warm_up(self) -> None:
         """One search and one score before serving (CUDA/cuBLAS initialise on first use, not on a request)."""
@@ -199,8 +220,7 @@ class Engine:
         name = resolve_model(store, self._asked_model)
         classifier = open_scorer(store, name)
         searcher = open_searcher(store, classifier, self.settings)
-        if store.rows <= SCORE_ALL_MAX:
-            searcher.fill_scores()
+        warm_scores(searcher)
         with self.swap_lock:
             self._run_hooks(searcher)
             self.store, self.model_name, self.classifier, self.searcher = store, name, classifier, searcher
@@ -213,6 +233,8 @@ class Engine:
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._preload is not None and not self._preload.done():
+            await asyncio.wait([self._preload])
         await self.encode.stop()
         await self.vectors.stop()
 

@@ -4,6 +4,7 @@
 imports this stage.
 """
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,12 @@ class StoreScorer:
         from .scoring import lookup_scores
 
         return lookup_scores(self.store, self.name, ids)
+
+    def stored_parts(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, p_nsfw) of each bulk-score part of this model, streamed (nothing kept here)."""
+        from .scoring import iter_scores
+
+        return iter_scores(self.store, self.name)
 
     def _labels_table(self) -> Any:
         import pyarrow.parquet as pq

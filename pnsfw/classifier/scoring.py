@@ -8,7 +8,7 @@ scores only new shards, and a retrained model starts over.
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -246,21 +246,28 @@ class _ScoreCache:
         return cached[1], cached[2]
 
 
-def _load_scores(store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
+def iter_scores(store: Store, name: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids int64, p_nsfw float32) of each current score part of model NAME, one part at a time; nothing when
+    the scores are missing or were made by an older model."""
     scores = scores_of(store, name)
     state = scores.state()
-    empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
     if state is None or name not in artifacts.model_names(store):
-        return empty
+        return
     model = model_paths(store, name)["weights"]
     if not model.is_file() or state.fingerprint != sha256_file(model)[:16]:
-        return empty  # scored by an older model: nothing is current
+        return  # scored by an older model: nothing is current
     present = set(scores.part_names())
-    parts = [shard_io.read_table(scores.part_source(n), ["id", "p_nsfw"]) for n in state.shards if n in present]
+    for part in state.shards:
+        if part in present:
+            table = shard_io.read_table(scores.part_source(part), ["id", "p_nsfw"])
+            yield table.column("id").to_numpy(), table.column("p_nsfw").to_numpy()
+
+
+def _load_scores(store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(iter_scores(store, name))
     if not parts:
-        return empty
-    table = pa.concat_tables(parts)
-    ids, p = table.column("id").to_numpy(), table.column("p_nsfw").to_numpy()
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    ids, p = np.concatenate([i for i, _ in parts]), np.concatenate([q for _, q in parts])
     order = np.argsort(ids, kind="stable")
     return ids[order], p[order]
 

@@ -18,6 +18,8 @@ is fp32. The Triton kernel (tiles.py) is used on CUDA when Triton is installed a
 """
 
 import logging
+import os
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,10 +39,16 @@ GRAPH_BATCHES = (16, 64)  # small batches padded to these sizes and replayed as 
 COPY_ROWS = 1 << 20  # rows converted and copied at once while loading
 
 
+GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL: one exists where torch may see a GPU
+
+
 def resolve_device(device: str) -> str:
-    """auto -> cuda when torch sees a GPU, else cpu; other names pass through."""
+    """auto -> cuda when torch sees a GPU, else cpu; other names pass through. A Linux machine with no GPU
+    device node is cpu without importing torch (over a second and ~700 MB of start-up)."""
     if device != "auto":
         return device
+    if sys.platform.startswith("linux") and "torch" not in sys.modules and not any(map(os.path.exists, GPU_NODES)):
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,5 +1,6 @@
 """What search is handed by cli and api (DESIGN §1): it never imports pnsfw.classifier or pnsfw.indexer."""
 
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,6 +20,9 @@ class Scorer(Protocol):
 
     def stored_p_nsfw(self, ids: np.ndarray) -> np.ndarray:
         """Bulk scores of these store ids, NaN where there is none."""
+
+    def stored_parts(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, p_nsfw) of each part of the bulk scores, one part at a time."""
 
     def training_labels(self) -> dict[int, str]:
         """id -> label of the examples the model was trained on."""

@@ -3,6 +3,7 @@
 The scorer and the encoder are handed in (protocols.py): search imports neither the classifier nor the indexer.
 """
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,7 @@ class Searcher:
         self.ids = store.ids  # this version's rows, whatever the store object is refreshed to later
         self._vectors: np.ndarray | None = None
         self._scores: np.ndarray | None = None
+        self._scores_lock = threading.Lock()
         self.labels: dict[int, str] = {}
         self.cache: dict[str, Any] = {}  # lazily built helpers (explain's labelled-example index)
         self.backend: dict[str, Any] = _describe_index(index, meta)
@@ -149,39 +151,57 @@ class Searcher:
     def vector_of(self, item_id: int) -> np.ndarray:
         return self.vectors_of(np.array([item_id], np.int64))[0].astype(np.float32)
 
+    def stored_scores(self) -> "np.ndarray | None":
+        """p_nsfw of every row as one float32 array (NaN: no bulk score), built part by part on first use (4
+        bytes a row; no array of all ids); None while another thread builds it, or without a scorer."""
+        if self.scorer is not None and self._scores is None and self._scores_lock.acquire(blocking=False):
+            try:
+                if self._scores is None:
+                    scores = np.full(self.rows, np.nan, np.float32)
+                    for ids, p in self.scorer.stored_parts():
+                        rows = self.rows_of(ids)
+                        known = rows >= 0
+                        scores[rows[known]] = p[known]
+                    self._scores = scores
+            finally:
+                self._scores_lock.release()
+        return self._scores
+
     def p_nsfw_of_rows(self, rows: np.ndarray) -> "np.ndarray | None":
-        """p_nsfw of stored rows: the bulk scores where scored, else computed (and kept) for just these rows."""
+        """p_nsfw of stored rows: the bulk scores where scored, else computed (and kept) for just these rows;
+        while another thread reads the bulk scores, computed for these rows from their vectors."""
         if self.scorer is None:
             return None
-        if self._scores is None:
-            self._scores = np.asarray(self.scorer.stored_p_nsfw(self.ids.all_ids()), dtype=np.float32)
         rows = np.asarray(rows, dtype=np.int64)
-        scores = self._scores[rows]
+        stored = self.stored_scores()
+        if stored is None:
+            return np.asarray(self.scorer.p_nsfw(self.vectors_of(self.ids.ids_of(rows)).astype(np.float32)),
+                              dtype=np.float32)
+        scores = stored[rows]
         missing = np.isnan(scores)
         if missing.any():
             lost = rows[missing]
             vectors = self.vectors_of(self.ids.ids_of(lost))
             scores[missing] = self.scorer.p_nsfw(vectors.astype(np.float32))
-            self._scores[lost] = scores[missing]
+            stored[lost] = scores[missing]
         return scores
 
     def fill_scores(self) -> int:
         """p_nsfw of every row without a bulk score, computed now (so hits need no forward pass); the count."""
-        if self.scorer is None:
+        stored = self.stored_scores()
+        if stored is None or self.scorer is None:
             return 0
-        self.p_nsfw_of_rows(np.zeros(0, np.int64))  # reads the bulk scores
-        assert self._scores is not None
-        missing = int(np.isnan(self._scores).sum())
+        missing = int(np.isnan(stored).sum())
         if not missing:
             return 0
         bounds, shards = self.ids.rows_before, {s.name: s for s in self.store.shards}
         unscored = [shards[name] for i, name in enumerate(self.ids.names)
-                    if np.isnan(self._scores[bounds[i]:bounds[i + 1]]).any()]
+                    if np.isnan(stored[bounds[i]:bounds[i + 1]]).any()]
         for ids, vectors in self.store.iter_vectors(unscored):  # streamed: the vectors are not kept
             rows = self.rows_of(ids)
-            todo = np.isnan(self._scores[rows])
+            todo = np.isnan(stored[rows])
             if todo.any():
-                self._scores[rows[todo]] = self.scorer.p_nsfw(vectors[todo].astype(np.float32))
+                stored[rows[todo]] = self.scorer.p_nsfw(vectors[todo].astype(np.float32))
         return missing
 
     def search_arrays(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
