@@ -364,11 +364,14 @@ def _print_index_summary(summary: Any, store: str) -> None:
               help="Comma-separated labels a reviewer may give, e.g. nsfw,sfw,unsure (the page's buttons; POST "
                    "/v1/labels refuses others with 422); recorded with the labels. Default: the set recorded "
                    "in the store, else the model's classes.")
+@click.option("--lazy-encoder", is_flag=True,
+              help="Load the CLIP encoder (torch, ~0.7 GB) on the first upload or text query, not in the "
+                   "background at start-up: for servers asked by id and embedding only.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(store: str, model_name: "str | None", host: str, port: int, max_upload_mb: float,
           clip_model: "str | None", device: str, search_backend: str, batch_window_ms: float, max_batch: int,
-          label_classes: "str | None", log_level: str) -> None:
+          label_classes: "str | None", lazy_encoder: bool, log_level: str) -> None:
     """Serve scores, neighbours and the audit page over HTTP (OpenAPI at /docs).
 
     With the environment variable PNSFW_API_TOKEN set, every endpoint but
@@ -384,7 +387,7 @@ def serve(store: str, model_name: "str | None", host: str, port: int, max_upload
 
     settings = Settings(host=host, port=port, max_upload_mb=max_upload_mb, clip_model=clip_model, device=device,
                         search=search_backend, batch_window_ms=batch_window_ms, max_batch=max_batch,
-                        label_classes=_class_list(label_classes))
+                        label_classes=_class_list(label_classes), preload=not lazy_encoder)
     run_server(store, model_name, settings, log_level)
 
 

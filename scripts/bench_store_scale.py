@@ -44,11 +44,15 @@ from pnsfw.store.sizes import parse_size  # noqa: E402
 
 INDEX_FACTORY = "IVF64,PQ4x4np"  # cheap to build and small in memory: serve's RSS is the bookkeeping
 NEW_FILES = 1000
+MODEL = "bench"  # a zero-shot classifier, so serve holds per-row scores
+LAZY = True  # serve with MODEL: --lazy-encoder, so its RSS is the store's and the scores' (no torch)
 HWM = ("import atexit, sys\n"
        "def hwm():\n"
        "    for line in open('/proc/self/status'):\n"
        "        if line.startswith('VmHWM'):\n"
        "            sys.stderr.write('VMHWM_KB ' + line.split()[1] + '\\n')\n"
+       "        if line.startswith(('RssAnon', 'RssFile')):\n"
+       "            sys.stderr.write(line.split(':')[0].upper() + '_KB ' + line.split()[1] + '\\n')\n"
        "atexit.register(hwm)\n"
        "sys.argv = ['pnsfw'] + sys.argv[1:]\n"
        "from pnsfw.cli import cli\n"
@@ -128,13 +132,17 @@ def make_images(folder: Path, count: int, seed: int) -> Path:
     return folder
 
 
-def index_peak_mb(root: Path, images: Path, checkpoint: Path) -> tuple[float, float]:
-    """(peak RSS in MB, seconds) of `pnsfw index --no-faiss` adding the images to the store."""
+def index_peak_mb(root: "Path | str", images: Path, checkpoint: Path, env: dict[str, str] | None = None,
+                  faiss: bool = False) -> dict[str, float]:
+    """Peak RSS (MB), private and file-backed RSS at exit (MB) and seconds of `pnsfw index` (--no-faiss unless
+    `faiss`) adding the images to the store."""
     started = time.perf_counter()
     done = child(HWM, "index", str(images), "--store", str(root), "--model", str(checkpoint), "--device", "cpu",
-                 "--no-faiss", "--workers", "1")
-    kb = [int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("VMHWM_KB")]
-    return kb[-1] / 1024, time.perf_counter() - started
+                 "--workers", "1", *([] if faiss else ["--no-faiss"]), env=env)
+    kb = {line.split()[0]: int(line.split()[1]) for line in done.stderr.splitlines()
+          if line.split()[:1] in (["VMHWM_KB"], ["RSSANON_KB"], ["RSSFILE_KB"])}
+    return {"peak_rss_mb": round(kb["VMHWM_KB"] / 1024, 1), "anon_mb": round(kb["RSSANON_KB"] / 1024, 1),
+            "file_mb": round(kb["RSSFILE_KB"] / 1024, 1), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def bookkeeping_bytes(root: Path) -> int:
@@ -147,29 +155,46 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
     for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return 0.0
 
 
-def serve(root: Path, ids: list[int], log: Path) -> dict[str, Any]:
-    """Time to /health, RSS, and item / search-by-id latency (ms) of one `pnsfw serve` (no model)."""
+def settled_rss_mb(pid: int, seconds: float = 60.0) -> float:
+    """VmRSS once it has not grown for 3 s (the background loads of serve done), at most `seconds`."""
+    deadline, last, since = time.monotonic() + seconds, rss_mb(pid), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < 3:
+        time.sleep(0.25)
+        now = rss_mb(pid)
+        if now > last + 1:
+            last, since = now, time.monotonic()
+    return rss_mb(pid)
+
+
+def serve(root: "Path | str", ids: list[int], log: Path, index_mb: float, model: str | None = None,
+          env: dict[str, str] | None = None, lazy: bool = False) -> dict[str, Any]:
+    """One `pnsfw serve` (MODEL or none): time to /health; RSS there (total, private, and total minus the FAISS
+    index file); item / search-by-id latency (ms); RSS once the background loads (CLIP encoder, bulk scores)
+    are done."""
     port = free_port()
     cmd = [sys.executable, "-m", "pnsfw.cli", "serve", "--store", str(root), "--port", str(port), "--device", "cpu",
-           "--search", "index", "--log-level", "warning"]
+           "--search", "index", "--log-level", "warning", *(["--model", model] if model else []),
+           *(["--lazy-encoder"] if lazy else [])]
     started = time.perf_counter()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env=env or dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         conn = _wait_health(port, proc, log)
         ready = time.perf_counter() - started
-        rss = rss_mb(proc.pid)
+        rss, anon = rss_mb(proc.pid), rss_mb(proc.pid, "RssAnon")
         items = [_timed(conn, "GET", f"/v1/items/{i}") for i in ids]
         search = [_timed(conn, "POST", "/v1/search", json.dumps({"id": i, "k": 10})) for i in ids[:50]]
-        return {"ready_s": ready, "rss_mb": rss, "rss_after_mb": rss_mb(proc.pid),
-                "item_ms": _summary(items), "search_id_ms": _summary(search)}
+        return {"ready_s": round(ready, 2), "rss_mb": round(rss, 1), "anon_mb": round(anon, 1),
+                "rss_without_index_mb": round(rss - index_mb, 1), "item_ms": _summary(items),
+                "search_id_ms": _summary(search), "rss_settled_mb": round(settled_rss_mb(proc.pid), 1)}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -243,50 +268,130 @@ def ensure_index(root: Path) -> dict[str, Any]:
         return update_index(store) if read_meta(store) else build_index(store, INDEX_FACTORY)
 
 
-def measure(root: Path, images: Path, checkpoint: Path, baseline_mb: float, log: Path) -> dict[str, Any]:
+def cli_run(*args: str, env: dict[str, str] | None = None) -> float:
+    """Seconds of one `pnsfw ARGS...` process."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pnsfw.cli", *args], check=True, capture_output=True,
+                   env=env or dict(os.environ, PYTHONPATH=str(ROOT)))
+    return time.perf_counter() - started
+
+
+def ensure_model(root: Path, work: Path, checkpoint: Path) -> None:
+    """A zero-shot classifier MODEL (two concepts, the tiny CLIP's text tower): weights only, no training run."""
+    if (root / "models").is_dir() and any((root / "models").glob(f"{MODEL}*")):
+        return
+    concepts = work / "concepts.txt"
+    concepts.write_text("nsfw: an explicit photo\nsfw: a photo of a landscape\n")
+    cli_run("train", "--store", str(root), "--zero-shot", str(concepts), "--name", MODEL, "--clip-model",
+            str(checkpoint), "--device", "cpu")
+
+
+def score(root: "Path | str", env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`pnsfw score` of the rows not scored yet: rows, seconds (whole process), vectors/s."""
+    before = Store.open(root).scores(MODEL).state()
+    done = {} if before is None else before.shards
+    todo = sum(s.rows for s in Store.open(root).shards if s.name not in done)
+    seconds = cli_run("score", "--store", str(root), "--model", MODEL, "--device", "cpu", env=env)
+    return {"rows": todo, "seconds": round(seconds, 1), "vectors_per_s": round(todo / seconds)}
+
+
+def index_file_mb(root: Path) -> float:
+    return sum(p.stat().st_size for p in (root / "index").rglob("*faiss*") if p.is_file()) / 2**20
+
+
+def measure(root: Path, images: Path, checkpoint: Path, baseline: dict[str, float], log: Path) -> dict[str, Any]:
     store = Store.open(root)
     rows = store.rows
     shard_bytes = sum(s.bytes for s in store.shards)
     result: dict[str, Any] = {"rows": rows, "shards": len(store.shards), "manifest_format": store.manifest.format}
     result["open_s"] = open_seconds(str(root))
     result["info_s"] = info_seconds(str(root))
-    peak, seconds = index_peak_mb(root, images, checkpoint)
-    result["index"] = {"peak_rss_mb": round(peak, 1), "seconds": round(seconds, 1),
-                       "bytes_per_row_over_empty": round((peak - baseline_mb) * 2**20 / rows, 2),
-                       "target_mb": round((16 * rows) / 2**20 + 300, 1)}
+    index = index_peak_mb(root, images, checkpoint)
+    result["index"] = dict(index, bytes_per_row_over_empty=round((index["peak_rss_mb"] - baseline["peak_rss_mb"])
+                                                                 * 2**20 / rows, 2),
+                           target_mb=round((16 * rows) / 2**20 + 300, 1))
     result["disk"] = {"shard_bytes_per_row": round(shard_bytes / rows, 1),
                       "bookkeeping_bytes_per_row": round(bookkeeping_bytes(root) / rows, 3)}
     result["lookup_local"] = lookups(str(root), group_ids(str(root), 100, 1))
-    index_bytes = sum(p.stat().st_size for p in (root / "index").rglob("*faiss*") if p.is_file())
-    served = serve(root, spread_ids(rows, 200, 2), log)
-    served["rss_without_index_mb"] = round(served["rss_mb"] - index_bytes / 2**20, 1)
-    served["rss_bytes_per_row"] = round(served["rss_without_index_mb"] * 2**20 / rows, 2)
-    result["serve"] = served
+    index_mb = index_file_mb(root)
+    ids = spread_ids(rows, 200, 2)
+    result["search_index_mb"] = round(index_mb, 1)
+    result["serve"] = serve(root, ids, log, index_mb)
+    result["serve_model"] = serve(root, ids, log, index_mb, MODEL, lazy=LAZY)
+    result["serve_target_mb"] = round(24 * rows / 2**20 + 500, 1)
     return result
 
 
-def s3_measure(root: Path, work: Path) -> dict[str, Any]:
-    """Copy the store (without its index) to a SeaweedFS bucket; open and lookup there."""
+def same_commands(url: "Path | str", work: Path, checkpoint: Path, index_mb: float, tag: str,
+                  env: dict[str, str] | None = None) -> dict[str, Any]:
+    """On a scoreless copy of the store: `score` of every row, `index` of 1,000 new files, then a serve."""
+    rows = Store.open(url).rows
+    out: dict[str, Any] = {"rows": rows, "score": score(url, env)}
+    out["index"] = index_peak_mb(url, make_images(work / f"images-{tag}-{time.time_ns()}", NEW_FILES, 99),
+                                 checkpoint, env)
+    out["serve"] = serve(url, spread_ids(rows, 200, 4), work / f"serve-{tag}.log", index_mb, MODEL, env, LAZY)
+    return out
+
+
+def s3_measure(root: Path, work: Path, checkpoint: Path) -> dict[str, Any]:
+    """The store without its scores, copied once to a local folder and once to a SeaweedFS bucket
+    (tests/s3_server.py); on each the same commands (same_commands), and open and lookup on S3."""
+    import shutil
+
     import s3fs
     from s3_server import start_seaweed
 
-    server = start_seaweed(work / "seaweed")
+    local = work / "copy"
+    shutil.rmtree(local, ignore_errors=True)
+    shutil.copytree(root, local, ignore=lambda folder, names: ["scores"] if Path(folder) == root else [])
+    server = start_seaweed(work / f"seaweed-{time.time_ns()}")
     endpoint = next(server)
     env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ENDPOINT_URL=endpoint)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint  # this process's Store.open(url) too
     try:
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
         fs.mkdir("bench")
         started = time.perf_counter()
-        for rel in ("shards", "_manifest"):
-            fs.put(str(root / rel), f"bench/store/{rel}", recursive=True)
-        fs.put_file(str(root / "projection.npy"), "bench/store/projection.npy")
-        upload = time.perf_counter() - started
+        for entry in local.iterdir():
+            fs.put(str(entry), f"bench/store/{entry.name}", recursive=entry.is_dir())
         url = "s3://bench/store"
-        rows = Store.open(root).rows
-        return {"rows": rows, "upload_s": round(upload, 1), "open_s": open_seconds(url, env),
-                "lookup": lookups(url, group_ids(str(root), 30, 3), env)}
+        out: dict[str, Any] = {"upload_s": round(time.perf_counter() - started, 1), "open_s": open_seconds(url, env),
+                               "lookup": lookups(url, group_ids(str(root), 30, 3), env)}
+        out["s3"] = same_commands(url, work, checkpoint, index_file_mb(root), "s3", env)
+        out["local"] = same_commands(local, work, checkpoint, index_file_mb(root), "local")
+        out["relative_to_local"] = relative(out["s3"], out["local"])
+        return out
     finally:
+        os.environ.pop("AWS_ENDPOINT_URL")
         next(server, None)
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def relative(s3: dict[str, Any], local: dict[str, Any]) -> dict[str, float]:
+    """S3 throughput as a fraction of local disk's (1.0: the same; 0.5: half as fast)."""
+    return {"score_vectors_per_s": round(s3["score"]["vectors_per_s"] / local["score"]["vectors_per_s"], 3),
+            "index_files_per_s": round(local["index"]["seconds"] / s3["index"]["seconds"], 3),
+            "search_id_per_s_p50": round(local["serve"]["search_id_ms"]["p50"] / s3["serve"]["search_id_ms"]["p50"], 3),
+            "item_per_s_p50": round(local["serve"]["item_ms"]["p50"] / s3["serve"]["item_ms"]["p50"], 3)}
+
+
+def extrapolate(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-row slopes between the two largest sizes and what they give at 1B rows."""
+    if len(results) < 2:
+        return {}
+    a, b = sorted(results, key=lambda r: r["rows"])[-2:]
+    def slope(get: Any) -> float:
+        return (get(b) - get(a)) * 2**20 / (b["rows"] - a["rows"])
+
+    out: dict[str, Any] = {"between_rows": [a["rows"], b["rows"]]}
+    for name, get in {"index_peak": lambda r: r["index"]["peak_rss_mb"],
+                      "serve_ready_rss": lambda r: r["serve"]["rss_without_index_mb"],
+                      "serve_model_settled_rss": lambda r: r["serve_model"]["rss_settled_mb"] - r["search_index_mb"],
+                      "manifest_disk": lambda r: r["disk"]["bookkeeping_bytes_per_row"] * r["rows"] / 2**20}.items():
+        per_row = slope(get)
+        at_1b = get(b) + per_row * (10**9 - b["rows"]) / 2**20
+        out[name] = {"bytes_per_row": round(per_row, 2), "at_1b_gb": round(at_1b / 1024, 2)}
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -298,26 +403,38 @@ def machine() -> dict[str, Any]:
                                                                       * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
             "numpy": np.__version__, "pyarrow": pyarrow.__version__, "faiss": faiss.__version__,
-            "note": "a shared machine: other agents ran tests and benchmarks on the same 2 cores meanwhile"}
+            "note": "a shared machine: other agents may run tests and benchmarks on the same 2 cores meanwhile"}
 
 
-def print_table(results: list[dict[str, Any]], s3: dict[str, Any] | None) -> None:
-    head = (f"{'rows':>11} {'open s':>7} {'info s':>7} {'index MB':>9} {'target':>7} {'B/row':>6} {'disk B/row':>10} "
-            f"{'lookup cold/warm ms':>20} {'serve s':>8} {'serve MB':>9} {'item p50/p99 ms':>16} {'search p50':>10}")
-    print(head)
-    for r in results:
-        lk, sv = r["lookup_local"], r["serve"]
-        print(f"{r['rows']:>11,} {r['open_s']['first_s']:>7.3f} {r['info_s']:>7.2f} {r['index']['peak_rss_mb']:>9.0f} "
-              f"{r['index']['target_mb']:>7.0f} {r['index']['bytes_per_row_over_empty']:>6.1f} "
-              f"{r['disk']['shard_bytes_per_row']:>10.0f} "
-              f"{lk['cold_ms']['p50']:>10.2f}/{lk['warm_ms']['p50']:<9.2f} {sv['ready_s']:>8.2f} "
-              f"{sv['rss_without_index_mb']:>9.0f} {sv['item_ms']['p50']:>7.1f}/{sv['item_ms']['p99']:<8.1f} "
-              f"{sv['search_id_ms']['p50']:>10.1f}")
+def print_table(results: list[dict[str, Any]], s3: dict[str, Any] | None, extra: dict[str, Any]) -> None:
+    print(f"{'rows':>11} {'open s':>7} {'index MB':>9} {'(anon)':>7} {'target':>7} {'B/row':>6} "
+          f"{'lookup cold/warm ms':>20} {'ready s':>8} {'MB':>6} {'+model s':>8} {'MB':>6} {'settled':>8} "
+          f"{'target':>7} {'item p50':>8} {'search p50':>10} {'score v/s':>10}")
+    for r in sorted(results, key=lambda r: r["rows"]):
+        lk, sv, sm = r["lookup_local"], r["serve"], r["serve_model"]
+        print(f"{r['rows']:>11,} {r['open_s']['first_s']:>7.3f} {r['index']['peak_rss_mb']:>9.0f} "
+              f"{r['index']['anon_mb']:>7.0f} {r['index']['target_mb']:>7.0f} "
+              f"{r['index']['bytes_per_row_over_empty']:>6.1f} "
+              f"{lk['cold_ms']['p50']:>10.2f}/{lk['warm_ms']['p50']:<9.2f} "
+              f"{sv['ready_s']:>8.2f} {sv['rss_without_index_mb']:>6.0f} {sm['ready_s']:>8.2f} "
+              f"{sm['rss_without_index_mb']:>6.0f} {sm['rss_settled_mb'] - r['search_index_mb']:>8.0f} "
+              f"{r['serve_target_mb']:>7.0f} {sm['item_ms']['p50']:>8.1f} {sm['search_id_ms']['p50']:>10.1f} "
+              f"{r['score']['vectors_per_s']:>10,}")
+    for name, value in extra.items():
+        if name != "between_rows":
+            print(f"slope {name}: {value['bytes_per_row']} B/row -> {value['at_1b_gb']} GB at 1B rows")
     if s3:
-        lk = s3["lookup"]
-        print(f"S3 (SeaweedFS, {s3['rows']:,} rows): open {s3['open_s']['first_s']:.3f} s (again "
-              f"{s3['open_s']['again_s']:.3f} s), lookup cold p50 "
-              f"{lk['cold_ms']['p50']:.1f} ms, warm p50 {lk['warm_ms']['p50']:.2f} ms")
+        print(f"S3 (SeaweedFS, {s3['s3']['rows']:,} rows): open {s3['open_s']['first_s']:.3f} s, lookup cold p50 "
+              f"{s3['lookup']['cold_ms']['p50']:.1f} ms; relative to local disk: {s3['relative_to_local']}")
+
+
+def merged(out: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This run's sizes plus the other sizes of an earlier run in OUT (a 20M run can then be its own run)."""
+    if not out.is_file():
+        return results
+    fresh = {r["rows"] for r in results}
+    kept = [r for r in json.loads(out.read_text()).get("sizes", []) if r["rows"] not in fresh and "serve_model" in r]
+    return sorted(kept + results, key=lambda r: r["rows"])
 
 
 def main() -> None:
@@ -331,30 +448,34 @@ def main() -> None:
     from pnsfw.indexer.encoder import load_encoder
     from pnsfw.indexer.projection import random_projection
 
-    work = Path(args.workdir)
+    work, out = Path(args.workdir), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = make_checkpoint("tiny", work / "tiny-clip.pt")
     encoder = load_encoder(str(checkpoint), "cpu", "fp32")
     space = (encoder.describe(), random_projection(encoder.width))
     info = machine()
-    baseline, _ = index_peak_mb(work / f"empty-{time.time_ns()}", make_images(work / "images-empty", NEW_FILES, 0),
-                                checkpoint)
-    results, s3 = [], None
+    baseline = index_peak_mb(work / f"empty-{time.time_ns()}", make_images(work / "images-empty", NEW_FILES, 0),
+                             checkpoint)
+    results: list[dict[str, Any]] = []
+    s3 = json.loads(out.read_text()).get("s3") if out.is_file() else None
     for n, rows in enumerate(parse_size(r) for r in args.rows.split(",")):
         built = grow(work / "store", rows, parse_size(args.shard_size), space)
         print(f"[bench] {rows:,} rows written in {built:.0f} s; index: {ensure_index(work / 'store')}", flush=True)
+        ensure_model(work / "store", work, checkpoint)
+        scored = score(work / "store")
         images = make_images(work / f"images-{rows}-{time.time_ns()}", NEW_FILES, n + 1)
         results.append(dict(measure(work / "store", images, checkpoint, baseline, work / "serve.log"),
-                            write_s=round(built, 1)))
+                            write_s=round(built, 1), score=scored))
         print(json.dumps(results[-1]), flush=True)
         if args.s3_rows != "none" and rows == parse_size(args.s3_rows):
-            s3 = s3_measure(work / "store", work)
+            s3 = s3_measure(work / "store", work, checkpoint)
             print(json.dumps(s3), flush=True)
-    print_table(results, s3)
-    Path(args.out).write_text(json.dumps({"machine": info, "index_baseline_empty_store_mb": round(baseline, 1),
-                                          "new_files": NEW_FILES, "index_factory": INDEX_FACTORY,
-                                          "shard_size": parse_size(args.shard_size), "sizes": results, "s3": s3},
-                                         indent=1) + "\n")
+    results = merged(out, results)
+    extra = extrapolate(results)
+    print_table(results, s3, extra)
+    out.write_text(json.dumps({"machine": info, "index_baseline_empty_store": baseline, "new_files": NEW_FILES,
+                               "index_factory": INDEX_FACTORY, "shard_size": parse_size(args.shard_size),
+                               "sizes": results, "extrapolation": extra, "s3": s3}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

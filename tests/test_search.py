@@ -261,6 +261,29 @@ def test_explain_lists_labelled_neighbours(trained_store: Path) -> None:
     assert hits[0].label is not None and hits[0].p_nsfw == pytest.approx(searcher.item(item_id)["p_nsfw"])
 
 
+def test_hits_score_from_vectors_while_the_bulk_scores_load_then_from_one_float32_array(trained_store: Path,
+                                                                                         tmp_path: Path) -> None:
+    from pnsfw.classifier.scorer import StoreScorer
+    from pnsfw.classifier.scoring import lookup_scores, score_store
+
+    store_dir = shutil.copytree(trained_store, tmp_path / "store")
+    score_store(store_dir, "m")
+    store = Store.open(store_dir)
+    searcher = Searcher.open(store, StoreScorer.open(store, "m"))
+    rows = np.array([0, 5, store.rows - 1])
+    vectors = store.vectors_of(searcher.ids.ids_of(rows)).astype(np.float32)
+    with searcher._scores_lock:  # as while the server's background thread reads the scores
+        during = searcher.p_nsfw_of_rows(rows)
+        assert searcher.stored_scores() is None
+    np.testing.assert_allclose(during, searcher.scorer.p_nsfw(vectors), atol=1e-6)
+    stored = searcher.stored_scores()
+    assert stored is not None and stored.dtype == np.float32 and stored.shape == (store.rows,)
+    bulk = lookup_scores(store, "m", searcher.ids.all_ids())
+    assert not np.isnan(bulk).any()
+    np.testing.assert_array_equal(stored, bulk)
+    np.testing.assert_allclose(searcher.p_nsfw_of_rows(rows), during, atol=1e-6)
+
+
 def test_explain_cli_by_image(trained_store: Path) -> None:
     image = Store(trained_store).table(["uri"]).column("uri")[3].as_py()
     result = run("explain", "--store", trained_store, "--model", "m", "--image", image, "-k", "4", "--json",
