@@ -5,14 +5,20 @@ Usage: python scripts/bench_store_scale.py [--rows 1M,5M,20M] [--shard-size 50k]
 
 One store grows through the sizes (synthetic shards written through StoreWriter.commit_shards: random unit
 fp16 vectors, realistic uris, a caption column; the manifest names a tiny random CLIP checkpoint so `index`
-and `serve` run offline). At each size, in fresh child processes: `Store.open` time (median of 3), `pnsfw info
---json` wall time, peak RSS (VmHWM at exit) of `pnsfw index --no-faiss` adding 1,000 new image files (also into
-an empty store of the same space, for the per-row slope), bytes per row on disk (shards; manifest +
-checkpoint), `Store.lookup` latency (cold: a row group not read before; warm: again), and a `pnsfw serve`
-(no model, a small IVF-PQ index so the index is not what is measured): time to /health, RSS minus the index
-file, and `/v1/items/{id}` and `/v1/search {id}` latency over random ids. `--s3-rows`: the same store size
-copied to a SeaweedFS server (tests/s3_server.py) for open and lookup against S3. Prints a table, writes JSON.
-DESIGN §10 target at 20M rows: open <= 1 s; incremental index RSS <= 16 bytes/row + 300 MB; serve ready <= 5 s.
+and `serve` run offline; a zero-shot model MODEL scores it with `pnsfw score`). At each size, in fresh child
+processes: `Store.open` time (median of 3), `pnsfw info --json` wall time, peak RSS (VmHWM; and private /
+file-backed RSS at exit) of `pnsfw index --no-faiss` adding 1,000 new image files (also into an empty store of
+the same space, for the per-row slope), bytes per row on disk (shards; manifest + checkpoint), `Store.lookup`
+latency (cold: a row group not read before; warm: again), and two `pnsfw serve` runs (a small IVF-PQ index so
+the index is not what is measured): without a model (the CLIP encoder loading in the background) and with
+MODEL and --lazy-encoder: time to /health, RSS there minus the index file, `/v1/items/{id}` and `/v1/search
+{id}` latency over random ids, and RSS once the background loads settled. Prints the per-row slopes between the
+two largest sizes and their extrapolation to 1B rows. Sizes already in --out from an earlier run are kept
+(so 20M can be a run of its own on the same --workdir). `--s3-rows`: at that size the store (without scores)
+is copied to a local folder and to a SeaweedFS server (tests/s3_server.py); on both, `score` of every row,
+`index` of 1,000 files and a serve; S3 throughput relative to the local copy.
+DESIGN §10 target at 20M rows: open <= 1 s; incremental index RSS <= 16 bytes/row + 300 MB; serve ready <= 5 s
+with RSS (without the search index) <= 24 bytes/row + 500 MB.
 """
 
 import argparse
@@ -190,11 +196,14 @@ def serve(root: "Path | str", ids: list[int], log: Path, index_mb: float, model:
         conn = _wait_health(port, proc, log)
         ready = time.perf_counter() - started
         rss, anon = rss_mb(proc.pid), rss_mb(proc.pid, "RssAnon")
+        settled = settled_rss_mb(proc.pid)  # the background loads done, no request yet
+        settled_anon = rss_mb(proc.pid, "RssAnon")
         items = [_timed(conn, "GET", f"/v1/items/{i}") for i in ids]
         search = [_timed(conn, "POST", "/v1/search", json.dumps({"id": i, "k": 10})) for i in ids[:50]]
         return {"ready_s": round(ready, 2), "rss_mb": round(rss, 1), "anon_mb": round(anon, 1),
-                "rss_without_index_mb": round(rss - index_mb, 1), "item_ms": _summary(items),
-                "search_id_ms": _summary(search), "rss_settled_mb": round(settled_rss_mb(proc.pid), 1)}
+                "rss_without_index_mb": round(rss - index_mb, 1), "rss_settled_mb": round(settled, 1),
+                "settled_anon_mb": round(settled_anon, 1), "item_ms": _summary(items),
+                "search_id_ms": _summary(search), "rss_after_requests_mb": round(rss_mb(proc.pid), 1)}
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -111,18 +111,6 @@ def open_searcher(store: Store, scorer: Any, settings: Settings) -> Any:
     return Searcher.open(store, scorer)
 
 
-def warm_scores(searcher: Any) -> None:
-    """Read the searcher's bulk scores into its per-row array and, on stores up to SCORE_ALL_MAX rows, compute
-    the missing ones (hits then read p_nsfw from memory, with no forward pass per batch)."""
-    try:
-        if searcher.rows <= SCORE_ALL_MAX:
-            searcher.fill_scores()
-        else:
-            searcher.stored_scores()
-    except Exception as exc:  # a damaged part: hits compute their p_nsfw instead
-        log.warning("cannot read the bulk scores of %s: %s", searcher.store.root, exc)
-
-
 def only_labels_changed(served: Any, newest: Any) -> bool:
     """True when two manifests differ in their labels parts only (nothing a searcher holds changed)."""
     a, b = served.to_json(), newest.to_json()
@@ -166,9 +154,9 @@ class Engine:
         self.vectors.start()
         self._follower = threading.Thread(target=self._follow, name="pnsfw-follow-store", daemon=True)
         self._follower.start()
+        # the per-row scores load beside the warm-up and the first requests, which score from their vectors
+        self.searcher.load_scores_in_background(fill=self.searcher.rows <= SCORE_ALL_MAX)
         await self.vectors.call(self._warm_up)
-        # the per-row scores load after start-up: until they are in, hits get p_nsfw from their vectors
-        threading.Thread(target=warm_scores, args=(self.searcher,), name="pnsfw-scores", daemon=True).start()
         if self.settings.preload:  # in the background: ids, vectors and stats answer while torch and CLIP load
             self._preload = asyncio.ensure_future(self.encode.call(self.encoder))
             self._preload.add_done_callback(self._preloaded)
@@ -220,7 +208,10 @@ class Engine:
         name = resolve_model(store, self._asked_model)
         classifier = open_scorer(store, name)
         searcher = open_searcher(store, classifier, self.settings)
-        warm_scores(searcher)
+        if store.rows <= SCORE_ALL_MAX:  # hits then read p_nsfw from memory, with no forward pass per batch
+            searcher.fill_scores()
+        else:
+            searcher.stored_scores()
         with self.swap_lock:
             self._run_hooks(searcher)
             self.store, self.model_name, self.classifier, self.searcher = store, name, classifier, searcher

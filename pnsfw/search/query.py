@@ -3,6 +3,7 @@
 The scorer and the encoder are handed in (protocols.py): search imports neither the classifier nor the indexer.
 """
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from .index import add_shards, gpu_count, load_index, read_meta
 from .protocols import Encoder, Scorer
 
 K_MAX = 1000
+log = logging.getLogger("pnsfw.search")
 __all__ = ["Hit", "Searcher", "StringColumn", "check_k", "run_search", "unit_vectors"]
 
 
@@ -156,16 +158,39 @@ class Searcher:
         bytes a row; no array of all ids); None while another thread builds it, or without a scorer."""
         if self.scorer is not None and self._scores is None and self._scores_lock.acquire(blocking=False):
             try:
-                if self._scores is None:
-                    scores = np.full(self.rows, np.nan, np.float32)
-                    for ids, p in self.scorer.stored_parts():
-                        rows = self.rows_of(ids)
-                        known = rows >= 0
-                        scores[rows[known]] = p[known]
-                    self._scores = scores
+                self._read_scores()
             finally:
                 self._scores_lock.release()
         return self._scores
+
+    def _read_scores(self) -> None:
+        if self._scores is None and self.scorer is not None:
+            scores = np.full(self.rows, np.nan, np.float32)
+            for ids, p in self.scorer.stored_parts():
+                rows = self.rows_of(ids)
+                known = rows >= 0
+                scores[rows[known]] = p[known]
+            self._scores = scores
+
+    def load_scores_in_background(self, fill: bool) -> threading.Thread:
+        """Read the bulk scores on a thread of their own (and with `fill` compute the missing ones); hits
+        meanwhile score their rows from their vectors (the lock is taken here, so none builds it first)."""
+        self._scores_lock.acquire()
+
+        def run() -> None:
+            try:
+                self._read_scores()
+            except Exception as exc:  # a damaged part: hits compute their p_nsfw (and say what is wrong)
+                log.warning("cannot read the bulk scores of %s: %s", self.store.root, exc)
+                return
+            finally:
+                self._scores_lock.release()
+            if fill:
+                self.fill_scores()
+
+        thread = threading.Thread(target=run, name="pnsfw-scores", daemon=True)
+        thread.start()
+        return thread
 
     def p_nsfw_of_rows(self, rows: np.ndarray) -> "np.ndarray | None":
         """p_nsfw of stored rows: the bulk scores where scored, else computed (and kept) for just these rows;
