@@ -198,6 +198,8 @@ def serve(root: "Path | str", ids: list[int], log: Path, index_mb: float, model:
         rss, anon = rss_mb(proc.pid), rss_mb(proc.pid, "RssAnon")
         settled = settled_rss_mb(proc.pid)  # the background loads done, no request yet
         settled_anon = rss_mb(proc.pid, "RssAnon")
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # the idle one is past keep-alive
         items = [_timed(conn, "GET", f"/v1/items/{i}") for i in ids]
         search = [_timed(conn, "POST", "/v1/search", json.dumps({"id": i, "k": 10})) for i in ids[:50]]
         return {"ready_s": round(ready, 2), "rss_mb": round(rss, 1), "anon_mb": round(anon, 1),
