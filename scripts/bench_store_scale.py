@@ -395,9 +395,12 @@ def extrapolate(results: list[dict[str, Any]]) -> dict[str, Any]:
         return (get(b) - get(a)) * 2**20 / (b["rows"] - a["rows"])
 
     out: dict[str, Any] = {"between_rows": [a["rows"], b["rows"]]}
+    # serve's RSS without the FAISS index: with MODEL (--lazy-encoder) at ready and settled, and without a model
+    # once the CLIP encoder loaded (its RSS at ready is taken while torch is loading: no slope of that)
     for name, get in {"index_peak": lambda r: r["index"]["peak_rss_mb"],
-                      "serve_ready_rss": lambda r: r["serve"]["rss_without_index_mb"],
+                      "serve_model_ready_rss": lambda r: r["serve_model"]["rss_without_index_mb"],
                       "serve_model_settled_rss": lambda r: r["serve_model"]["rss_settled_mb"] - r["search_index_mb"],
+                      "serve_encoder_settled_rss": lambda r: r["serve"]["rss_settled_mb"] - r["search_index_mb"],
                       "manifest_disk": lambda r: r["disk"]["bookkeeping_bytes_per_row"] * r["rows"] / 2**20}.items():
         per_row = slope(get)
         at_1b = get(b) + per_row * (10**9 - b["rows"]) / 2**20
