@@ -239,6 +239,16 @@ def test_checkpoint_load_imports_no_dynamo_and_needs_every_weight(tmp_path, tiny
         _load_clip(str(tmp_path / "partial.pt"))
 
 
+def test_an_fp32_encoder_encodes(tiny_checkpoint):
+    """fp32 (the CPU default without bf16 instructions) runs with autocast off."""
+    from pnsfw.indexer.encoder import load_encoder
+
+    encoder = load_encoder(str(tiny_checkpoint), "cpu", "fp32")
+    pixels = np.random.default_rng(0).integers(0, 255, (2, encoder.resolution, encoder.resolution, 3), np.uint8)
+    features = encoder.encode_pixels(pixels)
+    assert features.shape == (2, encoder.width) and features.dtype == np.float32 and np.isfinite(features).all()
+
+
 def test_a_described_encoder_is_the_loaded_one_without_weights(tmp_path, tiny_checkpoint):
     """The Ray driver's encoder: the same record for the store, no weight read (every parameter on meta)."""
     from pnsfw.errors import ModelNotFound

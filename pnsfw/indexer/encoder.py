@@ -268,7 +268,8 @@ class Encoder:
 
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
         kind = "cuda" if self.device.startswith("cuda") else "cpu"
-        return torch.autocast(kind, dtype=dtypes[self.precision], enabled=self.precision in dtypes)
+        dtype = dtypes.get(self.precision)  # fp32: autocast off (its dtype is then not used)
+        return torch.autocast(kind, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     def encode_pixels(self, pixels: Any) -> np.ndarray:
         """uint8 (n, R, R, 3) array or tensor -> float32 (n, width) CLIP image features."""
