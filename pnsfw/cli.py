@@ -384,6 +384,10 @@ def serve(store: str, model_name: "str | None", host: str, port: int, max_upload
     """
     from .api.engine import Settings
     from .api.server import serve as run_server
+    from .indexer.encoder import check_model
+
+    if clip_model:  # the encoder loads in the background: a wrong name fails here, with one line
+        check_model(clip_model)
 
     settings = Settings(host=host, port=port, max_upload_mb=max_upload_mb, clip_model=clip_model, device=device,
                         search=search_backend, batch_window_ms=batch_window_ms, max_batch=max_batch,

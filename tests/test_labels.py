@@ -87,6 +87,15 @@ def test_bad_label_classes_stop_serve_with_one_line(labelled_store: Path) -> Non
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_unknown_clip_model_stops_serve_with_one_line(labelled_store: Path) -> None:
+    """The encoder loads in the background, so a wrong --clip-model is caught before the server starts."""
+    result = subprocess.run([sys.executable, "-m", "pnsfw.cli", "serve", "--store", str(labelled_store), "--port",
+                             "0", "--clip-model", "/no/such/model.pt"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "unknown CLIP model '/no/such/model.pt'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_search_hides_duplicates(classes_server: Server) -> None:
     ids, vectors = unit_vectors(classes_server.store)
     with classes_server.client() as client:

@@ -133,12 +133,17 @@ def _download(url: str, target: Path) -> None:
                 os.unlink(out.name)
 
 
+def check_model(model: str) -> None:
+    """ModelNotFound unless MODEL is a file or a CLIP name pnsfw can download (nothing is read or fetched)."""
+    if not os.path.isfile(model) and model not in CHECKPOINTS:
+        raise ModelNotFound(f"unknown CLIP model {model!r}: not a file, and not one of {', '.join(CHECKPOINTS)}")
+
+
 def _checkpoint_path(model: str) -> str:
     """The checkpoint file of a path or a CLIP name (downloaded once into the cache, checksum verified)."""
+    check_model(model)
     if os.path.isfile(model):
         return model
-    if model not in CHECKPOINTS:
-        raise ModelNotFound(f"unknown CLIP model {model!r}: not a file, and not one of {', '.join(CHECKPOINTS)}")
     url = CHECKPOINTS[model]
     target = Path(cache_dir()) / os.path.basename(url)
     if target.is_file() and sha256_file(target) == url.split("/")[-2]:
