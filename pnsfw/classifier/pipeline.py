@@ -64,8 +64,8 @@ def _timed(call: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     return call(*args), time.perf_counter() - started
 
 
-class _Progress:
-    """Finished parts in shard order; commits the contiguous prefix in batches."""
+class BatchedCommits:
+    """Finished parts in shard order; commits the contiguous prefix in batches (also used by the Ray runner)."""
 
     def __init__(self, commit: CommitParts, times: StageTimes):
         self.commit, self.times = commit, times
@@ -93,7 +93,7 @@ class Pipeline:
         default_readers, default_writers = default_threads()
         self.engine, self.read, self.write = engine, read, write
         self.times = StageTimes(readers=readers or default_readers, writers=writers or default_writers)
-        self.progress = _Progress(commit, self.times)
+        self.progress = BatchedCommits(commit, self.times)
         self.writes: deque[tuple[str, Future[tuple[int, float, float]]]] = deque()
 
     def _read_task(self, path: Path) -> tuple[np.ndarray, Any, float]:

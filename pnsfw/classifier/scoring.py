@@ -28,7 +28,8 @@ from .engines import BATCH_ROWS, TORCH_DTYPES, Engine, check_options, engine_nam
 from .model import DEFAULT_NAME, Classifier, check_name, load_classifier, model_paths
 from .pipeline import Pipeline
 
-__all__ = ["BATCH_ROWS", "TORCH_DTYPES", "Engine", "lookup_scores", "make_engine", "score_store", "scored_parts"]
+__all__ = ["BATCH_ROWS", "TORCH_DTYPES", "Engine", "lookup_scores", "make_engine", "part_writer", "score_store",
+           "scored_parts", "shard_reader"]
 
 
 @dataclass
@@ -116,6 +117,12 @@ def _commit_parts(scores: artifacts.Scores, fresh: ScoreState, sha256: dict[str,
             on_rows(rows)
 
     return commit
+
+
+def part_writer(store: Store, clf: Classifier) -> Callable[[str, np.ndarray, np.ndarray], None]:
+    """The local run's part writer (score table with the shard's uris, zstd Parquet, renamed into place), for
+    runners that write parts where they score (the Ray actors); the driver still commits them."""
+    return _write_part(clf, scores_of(store, clf.name), _uris(store))
 
 
 def shard_reader(store: Store) -> Callable[[Shard], tuple[np.ndarray, list[np.ndarray]]]:

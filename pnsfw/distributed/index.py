@@ -65,7 +65,7 @@ def _start_embedders(cluster: RayCluster, options: IndexOptions, on_ray: RayOpti
     import ray
 
     assert options.model is not None
-    gpu = cluster.gpus > 0 and options.device != "cpu"
+    gpu = cluster.uses_gpus(options.device)
     count = cluster.actors(on_ray.actors, options.device)
     # the actors run in other folders (and on other nodes): a checkpoint path must be absolute
     model = os.path.abspath(options.model) if os.path.isfile(options.model) else options.model

@@ -1,94 +1,161 @@
-"""`pnsfw score --ray`: shards as work units, scored by actors on Ray Data; the driver writes and commits.
+"""`pnsfw score --ray`: shards as work units, read, scored and written by a pool of actors; the driver commits.
 
-Each actor opens the store itself (a local path or an object-store URL the cluster can reach), reads its
-shard's vectors and runs the same engine a local run builds. The outputs come back in shard order and go
-through the local run's part writer and progress commits, so the scores equal a local score.
+The actors start as soon as Ray is up, so their start-up overlaps the driver's own (opening the store, loading
+the model, reading the score progress). Each opens the store itself (a local path or an object-store URL the
+cluster can reach) and, for each shard it is given, reads the shard's vectors, runs the engine (built once per
+model and kept) and writes the shard's score part with the local run's part writer. Only (rows, stage seconds)
+travel back to the driver, which records the parts in shard order through the local run's batched progress
+commits, so the scores equal a local score and a crash loses at most the parts not yet listed in progress.
+
+The pool is plain Ray actors, not Ray Data (DESIGN §9 names Ray Data): a shard is one call with a name in and
+a few numbers out, so Ray Data brings nothing here but its start-up (helper actors, planning, ~0.6 s to import),
+which was the bulk of the Ray path's overhead on the 2-core benchmark machine (docs/benchmarks.md). Lost actors
+are restarted and their calls retried by Ray (max_restarts / max_task_retries), as for the index embedders.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from .cluster import RayCluster, connect, disconnect
 
-from ..classifier.model import Classifier
-from ..classifier.scoring import ScoreJob, ScoreSummary, score_store
-from ..store import Store
-from .cluster import RayCluster, connect
+if TYPE_CHECKING:
+    from ..classifier.model import Classifier
+    from ..classifier.scoring import ScoreJob, ScoreSummary
+    from ..store.records import Shard
 
 log = logging.getLogger("pnsfw.distributed")
-
-
-@dataclass
-class RayScorer:
-    """A `scoring.Runner` on a Ray cluster."""
-
-    cluster: RayCluster
-    actors: int = 0
-    name: str = "ray"
-
-    def __call__(self, job: ScoreJob) -> dict[str, Any]:
-        if not job.shards:
-            return {}
-        started, rows = time.perf_counter(), 0
-        for name, ids, out in _outputs(self._dataset(job), job):
-            job.write(name, ids, out)
-            job.commit([(name, len(ids))])
-            rows += len(ids)
-        seconds = time.perf_counter() - started
-        log.info("ray: %d shards, %d vectors, %.0f vectors/s", len(job.shards), rows, rows / max(seconds, 1e-9))
-        return {"shards": len(job.shards), "rows": rows, "seconds": seconds}
-
-    def _dataset(self, job: ScoreJob) -> Any:
-        import ray.data
-
-        engine, device, precision, batch_rows = job.engine
-        gpu = self.cluster.gpus > 0 and device != "cpu"
-        actors = self.cluster.actors(self.actors, device)
-        # actors run in other folders (and on other nodes): a local store path must be absolute
-        root = job.store.root if "://" in job.store.root else os.path.abspath(job.store.root)
-        kwargs = {"root": root, "classifier": job.classifier,
-                  "engine": (engine, "cuda" if gpu else "cpu", precision, batch_rows)}
-        rows = [{"shard": shard.name} for shard in job.shards]
-        return ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            _ShardScorer, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy", concurrency=actors,
-            num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1)
-
-
-def _outputs(dataset: Any, job: ScoreJob) -> Any:
-    """(shard name, ids, outputs) in shard order."""
-    for row, shard in zip(dataset.iter_rows(), job.shards):
-        if row["shard"] != shard.name:  # preserve_order is set by connect(); anything else is a bug
-            raise RuntimeError(f"ray returned shard {row['shard']} where {shard.name} was expected")
-        ids = np.frombuffer(row["ids"], np.int64)
-        yield shard.name, ids, np.frombuffer(row["out"], np.float32).reshape(len(ids), -1)
-
-
-class _ShardScorer:
-    """An actor: the store opened and the engine built once; a shard name -> its ids and model outputs."""
-
-    def __init__(self, root: str, classifier: Classifier, engine: tuple[str, str, str, int]):
-        from ..classifier.engines import make_engine
-        from ..classifier.scoring import shard_reader
-
-        self.store = Store.open(root)
-        self.engine = make_engine(classifier, *engine)
-        self.read = shard_reader(self.store)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids_out, outs = [], []
-        for name in batch["shard"]:
-            ids, blocks = self.read(self.store.shard(str(name)))
-            out = self.engine.submit(self.engine.prepare(blocks))()[:len(ids)]
-            ids_out.append(np.ascontiguousarray(ids, np.int64).tobytes())
-            outs.append(np.ascontiguousarray(out, np.float32).tobytes())
-        return {"shard": batch["shard"], "ids": np.array(ids_out, dtype=object), "out": np.array(outs, dtype=object)}
+WORKER_STAGES = ("read_s", "score_s", "write_s")  # seconds each actor spends per shard, summed on the driver
+CONCURRENT = 2  # shards an actor works on at once (threads): one reads or writes while the other is scored
+IN_FLIGHT = 4  # shard calls queued per actor: the next shard is always waiting when one finishes
 
 
 def score_with_ray(store: str, name: str, address: str | None, actors: int = 0, **options: Any) -> ScoreSummary:
     """`score_store` with the shards scored on Ray (`options` as score_store takes them)."""
-    return score_store(store, name, runner=RayScorer(connect(address), actors), **options)
+    started = time.perf_counter()
+    cluster = connect(address, data=False)
+    try:
+        scorer = RayScorer(cluster, _start_pool(cluster, store, actors, options.get("device", "cpu")),
+                           time.perf_counter() - started)
+        from ..classifier.scoring import score_store  # after the actors were asked for: they start meanwhile
+
+        return score_store(store, name, runner=scorer, **options)
+    finally:
+        disconnect(cluster)
+
+
+def _start_pool(cluster: RayCluster, store: str, wanted: int, device: str) -> list[Any]:
+    """`--actors`, else one per GPU, else one per 2 CPUs (each works on CONCURRENT shards at once)."""
+    import ray
+
+    gpu = cluster.uses_gpus(device)
+    # actors run in other folders (and on other nodes): a local store path must be absolute
+    root = store if "://" in store else os.path.abspath(store)
+    settings: dict[str, Any] = {"num_cpus": 0 if gpu else 1, "num_gpus": 1 if gpu else 0, "max_restarts": -1,
+                                "max_task_retries": -1, "max_concurrency": CONCURRENT}  # (not in ray's stubs)
+    actor = ray.remote(**settings)(_ShardScorer)
+    return [actor.remote(root) for _ in range(cluster.actors(wanted, device))]
+
+
+@dataclass
+class RayScorer:
+    """A `scoring.Runner` on a pool of actors; `connect_s`: the driver's ray.init and pool request."""
+
+    cluster: RayCluster
+    actors: list[Any]
+    connect_s: float = 0.0
+    name: str = "ray"
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, job: ScoreJob) -> dict[str, Any]:
+        from ..classifier.pipeline import BatchedCommits, StageTimes
+
+        if not job.shards:
+            return {}
+        started, times = time.perf_counter(), StageTimes()
+        commits, rows, first = BatchedCommits(job.commit, times), 0, 0.0
+        self.stages = dict.fromkeys(WORKER_STAGES, 0.0)
+        try:
+            for name, count in self._written(job):
+                first = first or time.perf_counter() - started
+                commits.add(name, count)
+                rows += count
+        finally:  # also on an error: the parts already written and in order are kept
+            commits.flush(force=True)
+            if not self.cluster.owned:  # else they end with the driver's Ray session (disconnect)
+                self._stop()
+        seconds = time.perf_counter() - started
+        log.info("ray: %d shards, %d vectors, %.0f vectors/s", len(job.shards), rows, rows / max(seconds, 1e-9))
+        return {"shards": len(job.shards), "rows": rows, "seconds": round(seconds, 4),
+                "connect_s": round(self.connect_s, 4), "first_part_s": round(first, 4), "actors": len(self.actors),
+                "commit_s": round(times.commit_s, 4), "progress_writes": times.progress_writes,
+                **{f"workers_{k}": round(v, 4) for k, v in self.stages.items()}}
+
+    def _written(self, job: ScoreJob) -> Iterator[tuple[str, int]]:
+        """(shard name, rows) of each part the actors wrote, in shard order; shards dealt round-robin."""
+        import ray
+
+        engine, device, precision, batch_rows = job.engine
+        setup = (ray.put(job.classifier), (engine, "cuda" if self.cluster.uses_gpus(device) else "cpu",
+                                           precision, batch_rows))
+        pending: deque[tuple[str, Any]] = deque()
+        for number, shard in enumerate(job.shards):
+            pending.append((shard.name, self.actors[number % len(self.actors)].score.remote(shard, *setup)))
+            while len(pending) >= IN_FLIGHT * len(self.actors) or (pending and number == len(job.shards) - 1):
+                yield self._result(*pending.popleft())
+
+    def _result(self, name: str, call: Any) -> tuple[str, int]:
+        import ray
+
+        result = ray.get(call)
+        for key in WORKER_STAGES:
+            self.stages[key] += result[key]
+        return name, int(result["rows"])
+
+    def _stop(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+class _ShardScorer:
+    """An actor: the store opened once; per model (fingerprint) an engine and a part writer, built on first use;
+    a shard name -> its score part written, and its rows and stage seconds."""
+
+    def __init__(self, root: str):
+        import pyarrow.parquet  # noqa: F401  (imported while the driver starts, not on the first shard)
+
+        from ..classifier import scoring
+        from ..store import Store
+
+        self.store, self.scoring = Store.open(root), scoring
+        self.models: dict[str, tuple[Any, Any, Any]] = {}
+        self.lock = threading.Lock()  # CONCURRENT calls run in threads
+
+    def _model(self, classifier: Classifier, engine: tuple[str, str, str, int]) -> tuple[Any, Any, Any]:
+        with self.lock:
+            key = f"{classifier.name}:{classifier.fingerprint}:{engine}"
+            if key not in self.models:
+                self.store.follow(interval=0)  # opened before the driver's set-up (a migration, new shards)
+                self.models[key] = (self.scoring.make_engine(classifier, *engine),
+                                    self.scoring.shard_reader(self.store),
+                                    self.scoring.part_writer(self.store, classifier))
+            return self.models[key]
+
+    def score(self, shard: Shard, classifier: Classifier, engine: tuple[str, str, str, int]) -> dict[str, float]:
+        run, read, write = self._model(classifier, engine)
+        t0 = time.perf_counter()
+        ids, blocks = read(shard)
+        t1 = time.perf_counter()
+        out = run.submit(run.prepare(blocks))()[:len(ids)]
+        t2 = time.perf_counter()
+        write(shard.name, ids, out)
+        return {"rows": len(ids), **dict(zip(WORKER_STAGES, (t1 - t0, t2 - t1, time.perf_counter() - t2)))}
