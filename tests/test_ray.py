@@ -142,27 +142,52 @@ def _scores(store: Path, name: str) -> dict[int, list[float]]:
     return {row["id"]: [row[c] for c in probs] for row in table.to_pylist()}
 
 
-def test_score_on_ray_equals_local(ray_address: str, local_store: Path, tmp_path: Path) -> None:
+def _trained_copies(store: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Two copies of STORE with the same trained model m: one scored locally, one left for Ray."""
     from pnsfw.classifier.scoring import score_store
     from pnsfw.classifier.train import TrainOptions, train_classifier
 
     trained = tmp_path / "trained"
-    shutil.copytree(local_store, trained)
+    shutil.copytree(store, trained)
     train_classifier(trained, "folders", TrainOptions(epochs=2, name="m"))
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     shutil.copytree(trained, local)
     shutil.copytree(trained, on_ray)
     score_store(local, "m")
-    command = [sys.executable, "-m", "pnsfw.cli", "score", "--store", str(on_ray), "--model", "m",
-               "--ray", ray_address]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "on ray" in done.stdout
-    want, got = _scores(local, "m"), _scores(on_ray, "m")
-    assert sorted(got) == sorted(want) == list(range(32))
-    np.testing.assert_allclose([got[i] for i in want], [want[i] for i in want], atol=1e-5)
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert "scored 0 vectors" in again.stdout, again.stdout + again.stderr
+    return local, on_ray
+
+
+def ray_score(store: Path, address: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pnsfw.cli", "score", "--store", str(store), "--model", "m", "--ray", address]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def assert_same_scores(got: Path, want: Path, rows: int = 32) -> None:
+    a, b = _scores(got, "m"), _scores(want, "m")
+    assert sorted(a) == sorted(b) == list(range(rows))
+    np.testing.assert_allclose([a[i] for i in b], [b[i] for i in b], atol=1e-5)
+
+
+def test_score_on_ray_equals_local(ray_address: str, local_store: Path, tmp_path: Path) -> None:
+    local, on_ray = _trained_copies(local_store, tmp_path)
+    out = finished(ray_score(on_ray, ray_address))
+    assert "on ray" in out and "scored 32 vectors in 1 shards" in out
+    assert_same_scores(on_ray, local)
+    again = finished(ray_score(on_ray, ray_address))
+    assert "scored 0 vectors" in again, again
+
+
+def test_lost_score_actor_is_retried_and_the_scores_are_exact(cluster: Cluster, corpus: Path,
+                                                              tiny_checkpoint: Path, tmp_path: Path) -> None:
+    sharded = tmp_path / "sharded"
+    index_folder(corpus, sharded, tiny_checkpoint, "--batch-size", "8", "--shard-size", "2")
+    local, on_ray = _trained_copies(sharded, tmp_path)
+    proc = ray_score(on_ray, cluster.address)
+    pids: list[int] = []
+    _wait(lambda: bool(pids.extend(cluster.processes("ShardScorer")) or pids), proc)
+    os.kill(pids[0], signal.SIGKILL)  # Ray restarts the actor and retries its calls; the driver commits in order
+    assert "scored 32 vectors in 16 shards" in finished(proc)
+    assert_same_scores(on_ray, local)
 
 
 @pytest.mark.usefixtures("s3")
