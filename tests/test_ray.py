@@ -197,3 +197,22 @@ def test_index_on_ray_into_an_s3_store(ray_address: str, corpus: Path, local_sto
     out = finished(ray_index(corpus, url, tiny_checkpoint, ray_address))
     assert "indexed 32 images" in out
     assert_same_store(url, local_store)
+
+
+def test_score_on_ray_of_a_damaged_shard_fails_with_the_local_line(ray_address: str, local_store: Path,
+                                                                    tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pnsfw.cli import cli
+
+    local, on_ray = _trained_copies(local_store, tmp_path)
+    for store in (local, on_ray):
+        shard = next((store / "shards").glob("part-*.parquet"))
+        shard.write_bytes(shard.read_bytes()[:-100])
+    shutil.rmtree(local / "scores")
+    want = CliRunner().invoke(cli, ["score", "--store", str(local), "--model", "m"])
+    assert want.exit_code == 1 and "shard" in want.output, want.output
+    proc = ray_score(on_ray, ray_address)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert out.strip().splitlines()[-1] == want.output.strip().splitlines()[-1].replace(str(local), str(on_ray))

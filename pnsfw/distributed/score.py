@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import PnsfwError
 from .cluster import RayCluster, connect, disconnect
 
 if TYPE_CHECKING:
@@ -114,7 +115,12 @@ class RayScorer:
     def _result(self, name: str, call: Any) -> tuple[str, int]:
         import ray
 
-        result = ray.get(call)
+        try:
+            result = ray.get(call)
+        except ray.exceptions.RayTaskError as exc:  # a damaged shard: the local run's one line, not Ray's dump
+            if isinstance(exc.cause, PnsfwError):
+                raise exc.cause from None
+            raise
         for key in WORKER_STAGES:
             self.stages[key] += result[key]
         return name, int(result["rows"])
