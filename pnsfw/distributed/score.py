@@ -10,7 +10,8 @@ commits, so the scores equal a local score and a crash loses at most the parts n
 The pool is plain Ray actors, not Ray Data (DESIGN §9 names Ray Data): a shard is one call with a name in and
 a few numbers out, so Ray Data brings nothing here but its start-up (helper actors, planning, ~0.6 s to import),
 which was the bulk of the Ray path's overhead on the 2-core benchmark machine (docs/benchmarks.md). Lost actors
-are restarted and their calls retried by Ray (max_restarts / max_task_retries), as for the index embedders.
+are restarted and their calls retried by Ray (max_restarts / max_task_retries); a shard whose call loses its
+actor RETRIES + 1 times ends the run with one line (the parts already listed are kept), never a hung job.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PnsfwError
+from ..errors import PnsfwError, WorkerLost
 from .cluster import RayCluster, connect, disconnect
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ log = logging.getLogger("pnsfw.distributed")
 WORKER_STAGES = ("read_s", "score_s", "write_s")  # seconds each actor spends per shard, summed on the driver
 CONCURRENT = 2  # shards an actor works on at once (threads): one reads or writes while the other is scored
 IN_FLIGHT = 4  # shard calls queued per actor: the next shard is always waiting when one finishes
+RETRIES = 3  # a shard's call retried on a restarted actor this often, then the run fails (a shard that kills)
 
 
 def score_with_ray(store: str, name: str, address: str | None, actors: int = 0, **options: Any) -> ScoreSummary:
@@ -60,7 +62,7 @@ def _start_pool(cluster: RayCluster, store: str, wanted: int, device: str) -> li
     # actors run in other folders (and on other nodes): a local store path must be absolute
     root = store if "://" in store else os.path.abspath(store)
     settings: dict[str, Any] = {"num_cpus": 0 if gpu else 1, "num_gpus": 1 if gpu else 0, "max_restarts": -1,
-                                "max_task_retries": -1, "max_concurrency": CONCURRENT}  # (not in ray's stubs)
+                                "max_task_retries": RETRIES, "max_concurrency": CONCURRENT}  # (not in ray's stubs)
     actor = ray.remote(**settings)(_ShardScorer)
     return [actor.remote(root) for _ in range(cluster.actors(wanted, device))]
 
@@ -121,6 +123,10 @@ class RayScorer:
             if isinstance(exc.cause, PnsfwError):
                 raise exc.cause from None
             raise
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerLost(f"shard {name}: its scoring actor died {RETRIES + 1} times "
+                             f"({str(exc).strip().splitlines()[0][:160]}); the parts scored so far are kept, "
+                             "rerun to go on") from None
         for key in WORKER_STAGES:
             self.stages[key] += result[key]
         return name, int(result["rows"])
