@@ -26,7 +26,7 @@ from ..indexer.encoder import Encoder, load_encoder
 from ..indexer.pipeline import IndexOptions, IndexSummary, run_index, store_model
 from ..indexer.reader import Result, process_chunk
 from ..indexer.sources import Item
-from .cluster import RayCluster, connect
+from .cluster import RayCluster, connect, disconnect
 
 log = logging.getLogger("pnsfw.distributed")
 PROGRESS_EVERY_S = 10.0
@@ -58,6 +58,7 @@ def index_with_ray(sources: list[str], store: str, options: IndexOptions, on_ray
         return run_index(sources, store, driver, finish=finish, stage=_RayStage(cluster, options, on_ray, actors))
     finally:
         _stop(actors)
+        disconnect(cluster)  # explicit: the interpreter's exit hook takes ~0.9 s more (cluster.disconnect)
 
 
 def _start_embedders(cluster: RayCluster, options: IndexOptions, on_ray: RayOptions) -> list[Any]:
