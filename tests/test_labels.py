@@ -79,20 +79,14 @@ def test_declared_classes_are_validated_recorded_and_exported(classes_server: Se
     assert (rows[1]["label"], rows[1]["source"], rows[1]["classes"]) == ("unsure", "file", CLASSES)
 
 
-def test_bad_label_classes_stop_serve_with_one_line(labelled_store: Path) -> None:
+@pytest.mark.parametrize("args, says", [
+    (["--label-classes", "sfw,not a word"], "use letters, digits"),
+    # the encoder loads in the background, so a wrong --clip-model is caught before the server starts
+    (["--clip-model", "/no/such/model.pt"], "unknown CLIP model '/no/such/model.pt'")])
+def test_bad_options_stop_serve_with_one_line(labelled_store: Path, args: list[str], says: str) -> None:
     result = subprocess.run([sys.executable, "-m", "pnsfw.cli", "serve", "--store", str(labelled_store), "--port",
-                             "0", "--label-classes", "sfw,not a word"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 1 and "use letters, digits" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-
-
-def test_unknown_clip_model_stops_serve_with_one_line(labelled_store: Path) -> None:
-    """The encoder loads in the background, so a wrong --clip-model is caught before the server starts."""
-    result = subprocess.run([sys.executable, "-m", "pnsfw.cli", "serve", "--store", str(labelled_store), "--port",
-                             "0", "--clip-model", "/no/such/model.pt"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 1 and "unknown CLIP model '/no/such/model.pt'" in result.stderr
+                             "0", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and says in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
