@@ -115,6 +115,35 @@ def test_lost_actor_is_retried_and_the_store_is_exact(cluster: Cluster, corpus: 
     assert_same_store(store, want)
 
 
+class _Dies:
+    """An embedding actor whose process dies on every call (a unit that keeps killing its worker)."""
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        os._exit(1)
+
+
+def test_a_unit_that_keeps_killing_its_actor_becomes_error_rows(ray_address: str, corpus: Path) -> None:
+    import pickle
+
+    import ray
+
+    from pnsfw.distributed.index import ACTOR_RESTARTS, FAILED_UNIT, RETRIES, _embed_unit
+    from pnsfw.indexer.sources import iter_items
+
+    items = list(iter_items(str(corpus)))
+    ray.init(address=ray_address, logging_level="ERROR", log_to_driver=False)
+    try:
+        actor = ray.remote(num_cpus=0, **ACTOR_RESTARTS)(_Dies).remote()
+        row = _embed_unit({"unit": 0, "items": pickle.dumps(items)}, size=32, width=16, actors=[actor],
+                          max_pixels=10**8, timeout=10, max_download=1 << 20)
+    finally:
+        ray.shutdown()
+    results = pickle.loads(row["results"])
+    failed = [r for r in results if r.reason == FAILED_UNIT]
+    assert len(results) == 34 and len(failed) == 32 and row["features"] == b""  # + the 2 undecodable files
+    assert all(r.stage == "embed" and f"died {RETRIES + 1} times" in r.detail for r in failed)
+
+
 def test_units_are_cut_from_a_stream_one_window_at_a_time() -> None:
     from pnsfw.distributed.index import _windows
     from pnsfw.indexer.sources import Item

@@ -33,6 +33,7 @@ PROGRESS_EVERY_S = 10.0
 DECODE_CPUS = 0.5
 WINDOW_UNITS = 1024  # units per Ray dataset: bounds the driver's memory on endless sources
 FAILED_UNIT = "worker_failed"  # reason of the rows of a unit that Ray could not finish after its retries
+RETRIES = 3  # a unit's embedding call retried on a restarted actor this often, then its images are error rows
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,13 @@ def _start_embedders(cluster: RayCluster, options: IndexOptions, on_ray: RayOpti
     count = cluster.actors(on_ray.actors, options.device)
     # the actors run in other folders (and on other nodes): a checkpoint path must be absolute
     model = os.path.abspath(options.model) if os.path.isfile(options.model) else options.model
-    actor = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0, max_restarts=-1,
-                       max_task_retries=-1)(_Embedder)
+    actor = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0, **ACTOR_RESTARTS)(_Embedder)
     return [actor.remote(model, "cuda" if gpu else "cpu", options.precision if gpu else "auto",
                          0 if gpu else max(1, cluster.cpus // count)) for _ in range(count)]
+
+
+# a lost actor is restarted, its calls retried RETRIES times; a unit whose call still fails is error rows
+ACTOR_RESTARTS: dict[str, Any] = {"max_restarts": -1, "max_task_retries": RETRIES}
 
 
 def _stop(actors: list[Any]) -> None:
@@ -131,7 +135,12 @@ def _embed_unit(row: dict[str, Any], size: int, width: int, actors: list[Any], m
     good = [r.pixels for r in results if r.pixels is not None]
     features = np.zeros((0, width), np.float32)
     if good:
-        features = ray.get(actors[int(row["unit"]) % len(actors)].embed.remote(np.stack(good)))
+        try:
+            features = ray.get(actors[int(row["unit"]) % len(actors)].embed.remote(np.stack(good)))
+        except ray.exceptions.RayActorError as exc:  # the unit keeps killing its actor: error rows, no hang
+            detail = f"its embedding actor died {RETRIES + 1} times: {str(exc).strip().splitlines()[0][:160]}"
+            results = [r if r.pixels is None else Result(r.item, None, stage="embed", reason=FAILED_UNIT,
+                                                         detail=detail) for r in results]
     meta = [r._replace(pixels=None) for r in results]
     return {"unit": row["unit"], "results": pickle.dumps(meta), "features": features.tobytes()}
 
