@@ -743,8 +743,7 @@ def _train_zero_shot(store: str, concepts: str, labels: "str | None", name: str,
                      threshold_for: "str | None", clip_model: "str | None", device: str, as_json: bool) -> None:
     from .classifier.zeroshot import ZeroShotOptions, train_zero_shot
 
-    options = ZeroShotOptions(name=name, nsfw_classes=nsfw, labels=labels, threshold_for=threshold_for,
-                              clip_model=clip_model, device=device)
+    options = ZeroShotOptions(name=name, nsfw_classes=nsfw, labels=labels, threshold_for=threshold_for)
     meta = train_zero_shot(store, concepts, lambda s: _encoder(s, clip_model, device), options)
     _threshold_warning(meta["threshold_choice"])
     if as_json:
@@ -920,7 +919,7 @@ def predict(inputs: tuple[str, ...], store: str, model_name: str, clip_model: "s
     tables = (".parquet", ".pq", ".csv", ".jsonl")
     if out:
         check_output(out, tables)
-    options = PredictOptions(name=model_name, clip_model=clip_model, device=device, threshold=threshold)
+    options = PredictOptions(name=model_name, threshold=threshold)
     results = predict_paths(store, list_files(list(inputs)), lambda s: _encoder(s, clip_model, device), options)
     if out:
         write_table(results_table(results), out, tables)

@@ -25,8 +25,6 @@ OpenEmbedder = Callable[[Store], FileEmbedder]
 @dataclass
 class PredictOptions:
     name: str = DEFAULT_NAME
-    clip_model: str | None = None  # default: the encoder recorded in the store's manifest
-    device: str = "auto"
     threshold: float | None = None
     batch_size: int = 64
 

@@ -42,8 +42,6 @@ class ZeroShotOptions:
     nsfw_classes: list[str] | None = None
     labels: str | None = None  # calibrate scale, bias and threshold on these labels
     threshold_for: str | None = None
-    clip_model: str | None = None
-    device: str = "auto"
 
 
 def read_concepts(path: "str | Path") -> list[tuple[str, str]]:
