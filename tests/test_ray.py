@@ -127,13 +127,14 @@ def test_a_unit_that_keeps_killing_its_actor_becomes_error_rows(ray_address: str
 
     import ray
 
-    from pnsfw.distributed.index import ACTOR_RESTARTS, FAILED_UNIT, RETRIES, _embed_unit
+    from pnsfw.distributed.cluster import RETRIES, actor_options
+    from pnsfw.distributed.index import FAILED_UNIT, _embed_unit
     from pnsfw.indexer.sources import iter_items
 
     items = list(iter_items(str(corpus)))
     ray.init(address=ray_address, logging_level="ERROR", log_to_driver=False)
     try:
-        actor = ray.remote(num_cpus=0, **ACTOR_RESTARTS)(_Dies).remote()
+        actor = ray.remote(**actor_options(False, num_cpus=0))(_Dies).remote()
         row = _embed_unit({"unit": 0, "items": pickle.dumps(items)}, size=32, width=16, actors=[actor],
                           max_pixels=10**8, timeout=10, max_download=1 << 20)
     finally:

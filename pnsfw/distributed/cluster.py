@@ -39,6 +39,16 @@ class RayCluster:
         return max(1, self.cpus // 2)
 
 
+RETRIES = 3  # a call retried on a restarted actor this often; then the caller makes it error rows or one line
+
+
+def actor_options(gpu: bool, **extra: Any) -> dict[str, Any]:
+    """ray.remote options of a job's actors: one GPU each on a GPU cluster, else one CPU; a lost actor is
+    restarted, and its calls retried RETRIES times (a unit that kills its actor every time must not hang)."""
+    return {"num_cpus": 0 if gpu else 1, "num_gpus": 1 if gpu else 0, "max_restarts": -1,
+            "max_task_retries": RETRIES, **extra}
+
+
 def _import_ray() -> Any:
     try:
         import ray

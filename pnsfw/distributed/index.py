@@ -26,14 +26,13 @@ from ..indexer.encoder import Encoder, load_encoder
 from ..indexer.pipeline import IndexOptions, IndexSummary, run_index, store_model
 from ..indexer.reader import Result, process_chunk
 from ..indexer.sources import Item
-from .cluster import RayCluster, connect, disconnect
+from .cluster import RETRIES, RayCluster, actor_options, connect, disconnect
 
 log = logging.getLogger("pnsfw.distributed")
 PROGRESS_EVERY_S = 10.0
 DECODE_CPUS = 0.5
 WINDOW_UNITS = 1024  # units per Ray dataset: bounds the driver's memory on endless sources
 FAILED_UNIT = "worker_failed"  # reason of the rows of a unit that Ray could not finish after its retries
-RETRIES = 3  # a unit's embedding call retried on a restarted actor this often, then its images are error rows
 
 
 @dataclass(frozen=True)
@@ -71,13 +70,9 @@ def _start_embedders(cluster: RayCluster, options: IndexOptions, on_ray: RayOpti
     count = cluster.actors(on_ray.actors, options.device)
     # the actors run in other folders (and on other nodes): a checkpoint path must be absolute
     model = os.path.abspath(options.model) if os.path.isfile(options.model) else options.model
-    actor = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0, **ACTOR_RESTARTS)(_Embedder)
+    actor = ray.remote(**actor_options(gpu))(_Embedder)
     return [actor.remote(model, "cuda" if gpu else "cpu", options.precision if gpu else "auto",
                          0 if gpu else max(1, cluster.cpus // count)) for _ in range(count)]
-
-
-# a lost actor is restarted, its calls retried RETRIES times; a unit whose call still fails is error rows
-ACTOR_RESTARTS: dict[str, Any] = {"max_restarts": -1, "max_task_retries": RETRIES}
 
 
 def _stop(actors: list[Any]) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PnsfwError, WorkerLost
-from .cluster import RayCluster, connect, disconnect
+from .cluster import RETRIES, RayCluster, actor_options, connect, disconnect
 
 if TYPE_CHECKING:
     from ..classifier.model import Classifier
@@ -37,7 +37,6 @@ log = logging.getLogger("pnsfw.distributed")
 WORKER_STAGES = ("read_s", "score_s", "write_s")  # seconds each actor spends per shard, summed on the driver
 CONCURRENT = 2  # shards an actor works on at once (threads): one reads or writes while the other is scored
 IN_FLIGHT = 4  # shard calls queued per actor: the next shard is always waiting when one finishes
-RETRIES = 3  # a shard's call retried on a restarted actor this often, then the run fails (a shard that kills)
 
 
 def score_with_ray(store: str, name: str, address: str | None, actors: int = 0, **options: Any) -> ScoreSummary:
@@ -61,9 +60,7 @@ def _start_pool(cluster: RayCluster, store: str, wanted: int, device: str) -> li
     gpu = cluster.uses_gpus(device)
     # actors run in other folders (and on other nodes): a local store path must be absolute
     root = store if "://" in store else os.path.abspath(store)
-    settings: dict[str, Any] = {"num_cpus": 0 if gpu else 1, "num_gpus": 1 if gpu else 0, "max_restarts": -1,
-                                "max_task_retries": RETRIES, "max_concurrency": CONCURRENT}  # (not in ray's stubs)
-    actor = ray.remote(**settings)(_ShardScorer)
+    actor = ray.remote(**actor_options(gpu, max_concurrency=CONCURRENT))(_ShardScorer)
     return [actor.remote(root) for _ in range(cluster.actors(wanted, device))]
 
 
