@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..devices import auto_device
 from ..errors import BadInput, ModelNotFound
 from ..store.files import sha256_file
 from .decode import mean_std
@@ -50,10 +51,11 @@ def cache_dir() -> str:
 
 
 def resolve_device(device: str) -> str:
+    """auto -> devices.auto_device(); cuda refused with one line when torch sees no GPU."""
+    if device == "auto":
+        return auto_device()
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput("--device cuda was asked for, but torch sees no CUDA GPU")
     return device

@@ -18,8 +18,6 @@ is fp32. The Triton kernel (tiles.py) is used on CUDA when Triton is installed a
 """
 
 import logging
-import os
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..devices import auto_device
 from .tiles import GROUP, block_topk, group_maxima, merge_topk
 
 log = logging.getLogger("pnsfw.search")
@@ -39,19 +38,9 @@ GRAPH_BATCHES = (16, 64)  # small batches padded to these sizes and replayed as 
 COPY_ROWS = 1 << 20  # rows converted and copied at once while loading
 
 
-GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL: one exists where torch may see a GPU
-
-
 def resolve_device(device: str) -> str:
-    """auto -> cuda when torch sees a GPU, else cpu; other names pass through. A Linux machine with no GPU
-    device node is cpu without importing torch (over a second and ~700 MB of start-up)."""
-    if device != "auto":
-        return device
-    if sys.platform.startswith("linux") and "torch" not in sys.modules and not any(map(os.path.exists, GPU_NODES)):
-        return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """auto -> devices.auto_device(); other names pass through."""
+    return auto_device() if device == "auto" else device
 
 
 def resolve_devices(device: str) -> list[Any]:
