@@ -229,10 +229,9 @@ def _load_clip(model: str) -> Any:
 
 def describe_encoder(model: str = "ViT-B/32", device: str = "cpu", precision: str = "fp32") -> "Encoder":
     """The encoder as a store records it (name, fingerprint, resolution, width), its weights left on disk: the
-    model is built on the meta device from the checkpoint's shapes (a memory-mapped read). For a driver whose
-    workers encode (the Ray runner); `device` is the driver's, but encode_* would fail on meta tensors."""
-    import torch
-
+    model is built from the checkpoint's shapes under `_no_init_mode` (a memory-mapped read; its tensors are
+    allocated, never written, so untouched). For a driver whose workers encode (the Ray runner); `device` is
+    the driver's, and encode_* must not be called (the weights are garbage)."""
     mark("torch imported")
     with ThreadPoolExecutor(1) as hashing:
         fingerprint = hashing.submit(_fingerprint, model)
@@ -241,7 +240,7 @@ def describe_encoder(model: str = "ViT-B/32", device: str = "cpu", precision: st
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # as in _load_clip
                 state_dict = _state_dict(path)
-                with torch.device("meta"):
+                with _no_init_mode():
                     built = _clip_model().build_model(dict(state_dict))
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             raise ModelNotFound(f"cannot load CLIP checkpoint {path}: {str(exc).splitlines()[0]}") from None
