@@ -264,3 +264,19 @@ def test_a_described_encoder_is_the_loaded_one_without_weights(tmp_path, tiny_ch
     (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ModelNotFound, match="cannot load CLIP checkpoint"):
         describe_encoder(str(tmp_path / "broken.pt"))
+
+
+def test_tokenize_equals_clips_and_text_encoding_imports_no_torchvision(tiny_checkpoint):
+    """Our tokenizer is clip.tokenize(truncate=True) without `import clip` (torchvision, pkg_resources)."""
+    import clip
+
+    from pnsfw.indexer.encoder import tokenize
+
+    texts = ["", "a photo of a cat", "Ünïcödé & <html> émojis 🐈‍⬛", "word " * 200, "x" * 500]
+    assert (tokenize(texts) == clip.tokenize(texts, truncate=True)).all()
+    code = ("import sys; from pnsfw.indexer.encoder import load_encoder; "
+            "f = load_encoder(sys.argv[1], 'cpu', 'fp32').encode_text(['a cat', 'a dog']); "
+            "print(f.shape, 'torchvision' if 'torchvision' in sys.modules else 'no torchvision')")
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint)], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.split()[-2:] == ["no", "torchvision"], done.stdout

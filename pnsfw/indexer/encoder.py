@@ -85,19 +85,42 @@ def _import_clip() -> Any:
     return clip
 
 
-@functools.lru_cache(maxsize=1)
-def _clip_model() -> Any:
-    """clip/model.py on its own. Building a model needs only it; `import clip` also loads torchvision, the
-    tokenizer's vocabulary and pkg_resources (which scans every installed package): seconds of start-up."""
+def _clip_file(name: str) -> Any:
+    """clip/NAME.py on its own, without running clip/__init__.py: `import clip` also loads torchvision (~170 MB
+    of memory), the tokenizer's vocabulary and pkg_resources (which scans every installed package): seconds of
+    start-up that building a model or tokenizing text does not need."""
     spec = importlib.util.find_spec("clip")
     if spec is None or not spec.submodule_search_locations:
-        return _import_clip().model
-    path = os.path.join(next(iter(spec.submodule_search_locations)), "model.py")
-    module_spec = importlib.util.spec_from_file_location("pnsfw_clip_model", path)
+        return getattr(_import_clip(), name)
+    path = os.path.join(next(iter(spec.submodule_search_locations)), f"{name}.py")
+    module_spec = importlib.util.spec_from_file_location(f"pnsfw_clip_{name}", path)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_model() -> Any:
+    return _clip_file("model")
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer() -> Any:
+    return _clip_file("simple_tokenizer").SimpleTokenizer()
+
+
+def tokenize(texts: list[str], context_length: int = 77) -> Any:
+    """clip.tokenize(texts, context_length, truncate=True): a (n, context_length) int64 tensor."""
+    import torch
+
+    tokenizer = _tokenizer()
+    start, end = tokenizer.encoder["<|startoftext|>"], tokenizer.encoder["<|endoftext|>"]
+    result = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        tokens = [*[start, *tokenizer.encode(text)][: context_length - 1], end]
+        result[row, : len(tokens)] = torch.tensor(tokens)
+    return result
 
 
 def known_fingerprint(model: str) -> "str | None":
@@ -292,8 +315,7 @@ class Encoder:
         """Strings -> float32 (n, width) CLIP text features."""
         import torch
 
-        clip = _import_clip()
-        tokens = clip.tokenize(texts, truncate=True).to(self.device)
+        tokens = tokenize(texts, int(self.model.context_length)).to(self.device)
         with torch.inference_mode(), self._autocast():
             features = self.model.encode_text(tokens)
         return features.float().cpu().numpy()
