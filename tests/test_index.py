@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import class_image
+from conftest import class_image, make_labelled_folder
 from test_decode import _bad_files, _odd_images
 
 from pnsfw.cli import cli
@@ -280,3 +280,16 @@ def test_tokenize_equals_clips_and_text_encoding_imports_no_torchvision(tiny_che
     done = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint)], capture_output=True, text=True,
                           check=True, cwd=Path(__file__).resolve().parent.parent)
     assert done.stdout.split()[-2:] == ["no", "torchvision"], done.stdout
+
+
+def test_cpu_indexing_imports_neither_clip_nor_torchvision(tmp_path, tiny_checkpoint):
+    """`index --device cpu` needs torch alone: torchvision (and CLIP's package, which imports it) would add
+    ~170 MB to the RSS of every incremental index (docs/benchmarks.md, "Store at scale")."""
+    make_labelled_folder(tmp_path / "images", per_class=2)
+    code = ("import sys; from pnsfw.cli import cli\n"
+            "try:\n    cli(sys.argv[1:])\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "print([m for m in ('torchvision', 'clip') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code, "index", str(tmp_path / "images"), "--store",
+                           str(tmp_path / "store"), "--model", str(tiny_checkpoint), "--device", "cpu", "--no-faiss"],
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.splitlines()[-1] == "[]", done.stdout + done.stderr
