@@ -3,10 +3,12 @@
 # Needs python3 with torch + torchvision (CUDA), pillow, pyarrow, numpy, click, tqdm, scikit-image, and the
 # pure-Python wheels in .whl/ (installed into /tmp/site here): clip-anytorch, ftfy, wcwidth, and for the
 # anchor clip-retrieval 2.45.0, all_clip, fire, termcolor, braceexpand, webdataset 0.2.111.
-# Usage: [TESTS=0] [STAGES=0] [NVJPEG=0] [ANCHOR=0] [VARIANTS="'' 'gpu-tower=reference' ..."] \
-#        scripts/run_gpu_bench.sh THUMBS PHOTOS [OUTDIR]
+# Usage: [TESTS=0] [STAGES=0] [NVJPEG=0] [ANCHOR=0] [VARIANTS="'' 'gpu-tower=reference' ..."] [DISTINCT=N] \
+#        [PYSPY=1] scripts/run_gpu_bench.sh THUMBS PHOTOS [OUTDIR]
 # (VARIANTS: one pnsfw run per corpus for each quoted set of extra `pnsfw index` options, dashes left out;
-# '' = the defaults)
+# '' = the defaults. DISTINCT: render only N images per corpus, the rest are commented copies (bench_index.py
+# --distinct). PYSPY=1: two more default runs on the thumbnails under py-spy (the py-spy wheel in .whl/): all
+# threads' stacks with native frames, then only the GIL holder's; raw collapsed stacks in OUTDIR.)
 set -u
 THUMBS=${1:-100000}; PHOTOS=${2:-10000}; OUTDIR=${3:-${OUT:-/tmp/out}}
 mkdir -p "$OUTDIR" /tmp/crbin /tmp/bin
@@ -25,7 +27,7 @@ nproc; python3 -c "import torch, torchvision, numpy; print(torch.__version__, to
     tests/test_gpu_nvjpeg.py -x -q -s \
     -p no:cacheprovider -W ignore 2>&1 | grep -E "nvJPEG|after resize|passed|failed|Error" | tail -12
 WORK=/tmp/pnsfw-bench
-BENCH="scripts/bench_index.py --device cuda --thumbs $THUMBS --photos $PHOTOS --workers 16 --no-faiss --trace --workdir $WORK"
+BENCH="scripts/bench_index.py --device cuda --thumbs $THUMBS --photos $PHOTOS --workers 16 --no-faiss --trace --workdir $WORK --distinct ${DISTINCT:-0}"
 python3 $BENCH --skip-anchor --skip-ours --out "$OUTDIR/corpora.json" | tail -3  # corpora + checkpoint first
 [ "${STAGES:-1}" = 1 ] && for kind in thumbs photos; do
     [ -d $WORK/$kind ] && python3 scripts/bench_gpu_stages.py $WORK/$kind --model $WORK/vit-b-32-seed0.pt \
@@ -40,5 +42,16 @@ timeout "${BENCH_TIMEOUT:-1800}" python3 $BENCH --cr-python /tmp/crbin --pnsfw /
     --out "$OUTDIR/bench_index_gpu.json" $([ "${ANCHOR:-1}" = 1 ] || echo --skip-anchor) --ours-variants "$@" 2>&1 \
     | grep -v '^\s*$' | tail -20
 kill $DMON
+if [ "${PYSPY:-0}" = 1 ] && [ -x /tmp/site/bin/py-spy ]; then
+    for mode in "idle --native" gil; do  # --native may be refused where ptrace is partial: then without it
+        rm -rf $WORK/runs/pyspy-store; tag=${mode%% *}
+        cmd="/tmp/bin/pnsfw index $WORK/thumbs --store $WORK/runs/pyspy-store --model $WORK/vit-b-32-seed0.pt \
+             --device cuda --batch-size 1024 --workers 16 --no-faiss"
+        timeout 120 /tmp/site/bin/py-spy record -r 50 --threads --$mode -f raw -o "$OUTDIR/pyspy_$tag.txt" -- $cmd \
+            2>&1 | tail -3 || true
+        [ -s "$OUTDIR/pyspy_$tag.txt" ] || timeout 120 /tmp/site/bin/py-spy record -r 50 --threads --${mode%% *} \
+            -f raw -o "$OUTDIR/pyspy_$tag.txt" -- $cmd 2>&1 | tail -3
+    done
+fi
 for f in $WORK/runs/*.log; do echo "== $f"; grep "timeline" "$f"; tail -c 600 "$f"; done > "$OUTDIR/run_logs.txt"
 grep -h "timeline" $WORK/runs/*.log | head -40

@@ -138,27 +138,49 @@ class _Features:
         return self.host.numpy()
 
 
-def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[Any], Any],
-                 stats: Stats) -> Iterator[UnitResult]:
-    """Encode each unit; a unit's features are fetched while the next one encodes."""
+def encode_stream(encoder: Encoder, options: Any) -> Any:
+    """The CUDA stream the tower runs on, or None (the thread's current stream). nvJPEG's hardware calls wait
+    for the legacy default stream's queued work (its internal streams are blocking), so by default the tower
+    gets a stream of its own."""
+    import torch
+
+    if options.gpu.encode_stream == "own" and encoder.device.startswith("cuda"):
+        return torch.cuda.Stream(encoder.device)
+    return None
+
+
+def _on(stream: Any) -> Any:
+    import torch
+
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+
+def _encode_one(unit: Decoded, encoder: Encoder, model: Callable[[Any], Any], stream: Any) -> tuple[Any, ...]:
+    """(unit, rows, error rows, features being copied out) of one decoded unit, encoded on `stream`."""
     import torch
 
     from ..tensor_preprocess import normalize
 
-    pending: tuple[Decoded, list[Result], list[Result], Any] | None = None
+    with _on(stream):
+        rows, errors, pixels = _join(unit, encoder.device, encoder.resolution)
+        features = None
+        if pixels is not None:
+            with torch.inference_mode():
+                features = _Features(model(normalize(pixels)))
+    return unit, rows, errors, features
+
+
+def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[Any], Any],
+                 stats: Stats, stream: Any = None) -> Iterator[UnitResult]:
+    """Encode each unit (on `stream`, None: the current one); a unit's features are fetched while the next one
+    encodes."""
+    pending: tuple[Any, ...] | None = None
     while True:
         started = time.perf_counter()
         unit = next(decoded, None)
         stats.add("wait_input_s", time.perf_counter() - started)
         started = time.perf_counter()
-        current = None
-        if unit is not None:
-            rows, errors, pixels = _join(unit, encoder.device, encoder.resolution)
-            features = None
-            if pixels is not None:
-                with torch.inference_mode():
-                    features = _Features(model(normalize(pixels)))
-            current = (unit, rows, errors, features)
+        current = _encode_one(unit, encoder, model, stream) if unit is not None else None
         stats.add("encode_s", time.perf_counter() - started)
         if pending is not None:
             done, rows_done, errors_done, features_done = pending
@@ -178,13 +200,13 @@ def _from_queue(out: queue.Queue) -> Iterator[Decoded]:
         yield value
 
 
-def _warm_up(model: Callable[[Any], Any], encoder: Encoder, batch: int) -> None:
+def _warm_up(model: Callable[[Any], Any], encoder: Encoder, batch: int, stream: Any = None) -> None:
     """One forward of the real batch shape on zeros while the decode thread makes the first unit: cuBLAS's
     handles, the kernels' lazy loading (and a graph's capture) then cost the first batch nothing."""
     import torch
 
     if encoder.device.startswith("cuda"):
-        with torch.inference_mode():
+        with _on(stream), torch.inference_mode():
             model(torch.zeros((batch, 3, encoder.resolution, encoder.resolution), device=encoder.device))
 
 
@@ -198,9 +220,10 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
     threads = _start_threads(units, router, encoder, options, out, stop)
     try:
         model = image_model(encoder, options.gpu, items, batch)
-        _warm_up(model, encoder, batch)
+        stream = encode_stream(encoder, options)
+        _warm_up(model, encoder, batch, stream)
         mark("image tower ready")
-        yield from encode_units(_from_queue(out), encoder, model, router.stats)
+        yield from encode_units(_from_queue(out), encoder, model, router.stats, stream)
     finally:
         sys.setswitchinterval(previous)
         stop.set()
