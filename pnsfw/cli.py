@@ -151,7 +151,7 @@ def cli(verbose: int, log_level: str | None, debug: bool) -> None:
 
 
 def _gpu_option_list() -> list[Callable[[Any], Any]]:
-    from .indexer.gpu.options import COMPILES, DECODERS, RESIZES, STREAMS, TOWERS
+    from .indexer.gpu.options import COMPILES, DECODERS, PRIORITIES, RESIZES, STREAMS, TOWERS
 
     return [
         click.option("--gpu-workers", default=0, type=int,
@@ -172,6 +172,9 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
         click.option("--gpu-encode-stream", default="own", show_default=True, type=click.Choice(STREAMS),
                      help="GPU path, experiment: the CUDA stream the image tower runs on (own: a stream of its "
                           "own; default: the legacy default stream, which the JPEG engines' calls wait for)."),
+        click.option("--gpu-decode-priority", default="normal", show_default=True, type=click.Choice(PRIORITIES),
+                     help="GPU path, experiment: the decode threads' CUDA stream priority (high: the decode's and "
+                          "resize's kernels go ahead of the tower's)."),
         click.option("--compile", "gpu_compile", default="auto", show_default=True, type=click.Choice(COMPILES),
                      help="torch.compile the image tower (auto: CUDA jobs of 20M+ images; the compiled kernels "
                           "are cached in ~/.cache/pnsfw/inductor)."),
@@ -188,12 +191,13 @@ def _with_gpu_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_decoder: str, gpu_resize: str, gpu_tower: str,
-                gpu_encode_stream: str, gpu_compile: str, stage_stats: "str | None") -> Any:
+                gpu_encode_stream: str, gpu_decode_priority: str, gpu_compile: str, stage_stats: "str | None") -> Any:
     """The GpuOptions of `pnsfw index`'s --gpu-* options."""
     from .indexer.gpu.options import GpuOptions
 
     return GpuOptions(workers=gpu_workers, cpu_share=gpu_cpu_share, decoder=gpu_decoder, resize=gpu_resize,
-                      tower=gpu_tower, encode_stream=gpu_encode_stream, compile=gpu_compile,
+                      tower=gpu_tower, encode_stream=gpu_encode_stream,
+                      decode_priority=gpu_decode_priority, compile=gpu_compile,
                       stage_stats=stage_stats)
 
 

@@ -302,6 +302,7 @@ def ensure_checkpoint(workdir: Path, seed: int, cr_python: Path) -> Path:
 # ---------------------------------------------------------------- running ---
 
 LAST_GPU: dict[str, Any] = {}  # GPU utilisation during the last run_timed (cuda runs)
+RUN_TIMEOUT_S = [0.0]  # --run-timeout: a run still going then is dumped (py-spy, when there) and killed
 
 
 def gpu_sampler(samples: list[tuple[float, float, float]]) -> subprocess.Popen | None:
@@ -349,8 +350,17 @@ def run_timed(cmd: list[str], env_extra: dict[str, str], log: Path) -> tuple[int
     with open(log, "w") as out:
         started = time.time()
         t0 = time.perf_counter()
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                            stdin=subprocess.DEVNULL).returncode
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        try:
+            rc = proc.wait(timeout=RUN_TIMEOUT_S[0] or None)
+        except subprocess.TimeoutExpired:  # a hung run: its threads' stacks into the log, then kill it
+            out.write(f"\n[bench] timed out after {RUN_TIMEOUT_S[0]} s\n")
+            out.flush()
+            if shutil.which("py-spy"):
+                subprocess.run(["py-spy", "dump", "--native", "--pid", str(proc.pid)], stdout=out,
+                               stderr=subprocess.STDOUT, timeout=60, check=False)
+            proc.kill()
+            rc = proc.wait()
         wall = time.perf_counter() - t0
     if sampler is not None:
         time.sleep(0.2)
@@ -602,6 +612,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--distinct", type=int, default=0,
                     help="render only this many images per corpus; the other files are copies of them, each "
                          "with a JPEG comment of its own (distinct bytes, equal decode work; 0: render all)")
+    ap.add_argument("--run-timeout", type=float, default=0,
+                    help="seconds after which a run is taken as hung: its stacks (py-spy dump) go to its log and "
+                         "it is killed (0: no limit)")
     ap.add_argument("--skip-anchor", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pnsfw-bench"))
@@ -622,6 +635,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device == "cuda":
         os.environ["BENCH_SAMPLE_GPU"] = "1"
     args.workdir = args.workdir.resolve()
+    RUN_TIMEOUT_S[0] = args.run_timeout
     return args
 
 

@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if tower == "eager":  # the tower on CUDA's legacy default stream, as the pipeline ran it until round 5
             report["with_tower_eager_default_stream"] = overlap(decode_resize, lambda m=model: m(pixels), len(data),
                                                                 args.repeats, own_stream=False)
+        report[f"with_tower_{tower}_decode_high_priority"] = overlap(
+            decode_resize, lambda m=model: m(pixels), len(data), args.repeats, decode_priority=-1)
     for decoder in decoders:
         decoder.close()
     for key, value in report.items():
@@ -165,13 +167,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def overlap(decode_resize: Callable[[int], Any], encode: Callable[[], Any], batch: int, repeats: int,
-            own_stream: bool = True) -> dict[str, Any]:
+            own_stream: bool = True, decode_priority: int = 0) -> dict[str, Any]:
     """decode+resize on two threads while the tower runs on a third (each its own stream; the tower's the legacy
-    default stream unless `own_stream`): img/s of each side."""
+    default stream unless `own_stream`; the decode threads' streams of `decode_priority`, -1: high): img/s of
+    each side."""
     seconds: dict[str, float] = {}
 
     def loop(name: str, fn: Callable[[], Any], count: int) -> None:
-        stream = torch.cuda.Stream() if own_stream or name != "encode" else torch.cuda.default_stream()
+        if name == "encode":
+            stream = torch.cuda.Stream() if own_stream else torch.cuda.default_stream()
+        else:
+            stream = torch.cuda.Stream(priority=decode_priority)
         with torch.cuda.stream(stream), torch.inference_mode():
             started = time.perf_counter()
             for _ in range(count):

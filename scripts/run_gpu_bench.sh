@@ -15,7 +15,7 @@ mkdir -p "$OUTDIR" /tmp/crbin /tmp/bin
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site:$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
 # a wrapper, not a symlink: a symlinked venv interpreter outside its venv loses the venv's packages
 PY=$(python3 -c 'import sys; print(sys.executable)')
 printf '#!/bin/sh\nexec %s "$@"\n' "$PY" > /tmp/crbin/python && chmod +x /tmp/crbin/python
@@ -27,7 +27,7 @@ nproc; python3 -c "import torch, torchvision, numpy; print(torch.__version__, to
     tests/test_gpu_nvjpeg.py -x -q -s \
     -p no:cacheprovider -W ignore 2>&1 | grep -E "nvJPEG|after resize|passed|failed|Error" | tail -12
 WORK=/tmp/pnsfw-bench
-BENCH="scripts/bench_index.py --device cuda --thumbs $THUMBS --photos $PHOTOS --workers 16 --no-faiss --trace --workdir $WORK --distinct ${DISTINCT:-0}"
+BENCH="scripts/bench_index.py --run-timeout ${RUN_TIMEOUT:-0} --device cuda --thumbs $THUMBS --photos $PHOTOS --workers 16 --no-faiss --trace --workdir $WORK --distinct ${DISTINCT:-0}"
 python3 $BENCH --skip-anchor --skip-ours --out "$OUTDIR/corpora.json" | tail -3  # corpora + checkpoint first
 [ "${STAGES:-1}" = 1 ] && for kind in thumbs photos; do
     [ -d $WORK/$kind ] && python3 scripts/bench_gpu_stages.py $WORK/$kind --model $WORK/vit-b-32-seed0.pt \
@@ -53,5 +53,7 @@ if [ "${PYSPY:-0}" = 1 ] && [ -x /tmp/site/bin/py-spy ]; then
             -f raw -o "$OUTDIR/pyspy_$tag.txt" -- $cmd 2>&1 | tail -3
     done
 fi
-for f in $WORK/runs/*.log; do echo "== $f"; grep "timeline" "$f"; tail -c 600 "$f"; done > "$OUTDIR/run_logs.txt"
+for f in $WORK/runs/*.log; do echo "== $f"; grep "timeline" "$f"
+    if grep -q "^\[bench\] timed out" "$f"; then tail -c 200000 "$f"; else tail -c 600 "$f"; fi
+done > "$OUTDIR/run_logs.txt"
 grep -h "timeline" $WORK/runs/*.log | head -40

@@ -58,8 +58,9 @@ class DecoderPool:
     """Per decode thread: its CUDA stream and its nvJPEG hardware decoder (mode "auto"), made on first use;
     one failure to make a decoder (no library, no GPU, no JPEG engine) is logged once and ends the tries."""
 
-    def __init__(self, device: str, mode: str):
+    def __init__(self, device: str, mode: str, priority: str = "normal"):
         self.device, self.mode = device, mode
+        self.priority = -1 if priority == "high" else 0  # torch: lower is higher; -1 is CUDA's highest here
         self.local = threading.local()
         self.made: list[Any] = []
         self.lock = threading.Lock()
@@ -82,7 +83,7 @@ class DecoderPool:
         if not self.device.startswith("cuda"):
             return None
         if getattr(self.local, name, None) is None:
-            setattr(self.local, name, torch.cuda.Stream(self.device))
+            setattr(self.local, name, torch.cuda.Stream(self.device, priority=self.priority))
         return getattr(self.local, name)
 
     def decoder(self) -> Any:

@@ -106,19 +106,20 @@ def _read_in_workers(unit: Unit, router: Router) -> Prepared:
     import torch
 
     prepared, again = Prepared(unit, [], [], []), []
-    for future in router.submit_reads(unit.items):
+    for start, future in zip(range(0, len(unit.items), READ_CHUNK), router.submit_reads(unit.items)):
         packed = future.get()
         router.stats.add("cpu_images", len(packed.cpu))
         prepared.fallback.append(Done(packed.cpu))
         whole = torch.frombuffer(packed.data, dtype=torch.uint8) if packed.data else None
-        for row, offset, length, hardware in packed.rows:
+        for index, sha256, width, height, offset, length, hardware in packed.rows:
+            item = unit.items[start + index]
             try:
                 data = whole[offset:offset + length] if offset >= 0 and whole is not None else torch.frombuffer(
-                    read_local(row.item), dtype=torch.uint8)  # large files: a read here beats a pipe
+                    read_local(item), dtype=torch.uint8)  # large files: a read here beats a pipe
             except OSError:
-                again.append(row.item)
+                again.append(item)
                 continue
-            prepared.rows.append(row)
+            prepared.rows.append(Result(item, None, sha256, width, height))
             prepared.data.append(data)
             prepared.hardware.append(hardware)
     if again:

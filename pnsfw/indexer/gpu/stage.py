@@ -66,7 +66,7 @@ def _decode_thread(units: Iterable[Unit], router: Router, encoder: Encoder, opti
                    out: queue.Queue, stop: threading.Event) -> None:
     """Reader pool + decode threads (each its own stream and decoder); puts Decoded units in order, then None
     (or the exception that stopped it)."""
-    decoders = DecoderPool(encoder.device, options.gpu.decoder)
+    decoders = DecoderPool(encoder.device, options.gpu.decoder, options.gpu.decode_priority)
     count = decoders.threads
     try:
         with ThreadPoolExecutor(READ_THREADS) as readers, ThreadPoolExecutor(count, "pnsfw-decode") as decode:
