@@ -63,6 +63,12 @@ class WorkerLost(PnsfwError):
     http_status = 500
 
 
+class DeviceStalled(PnsfwError):
+    """A device call (nvJPEG's hardware decode) did not return: the run stops instead of hanging."""
+
+    http_status = 500
+
+
 class Interrupted(BaseException):
     """SIGINT/SIGTERM stopped a command; `progress` says how far it got. Not a PnsfwError: exit 128 + signal."""
 

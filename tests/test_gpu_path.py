@@ -248,3 +248,49 @@ def test_units_start_with_a_short_one() -> None:
     assert [u.index for u in cut] == [0, 1, 2] and [len(u.items) for u in cut] == [2, 4, 4]
     assert [i for u in cut for i in u.items] == list(range(10))
     assert [len(u.items) for u in units(range(5), 4, first=8)] == [4, 1]
+
+
+def test_gpu_options_refuse_unknown_streams() -> None:
+    from pnsfw.errors import BadInput
+
+    with pytest.raises(BadInput, match="encode_stream"):
+        GpuOptions(encode_stream="mine")
+    with pytest.raises(BadInput, match="decode_priority"):
+        GpuOptions(decode_priority="urgent")
+
+
+def test_decode_threads_keep_order_and_never_hold_the_process(tmp_path: Path) -> None:
+    """The decode threads are daemons nothing joins at exit: a process whose decode call is wedged still exits."""
+    import subprocess
+    import sys
+
+    from pnsfw.indexer.gpu.stage import DaemonThreads, _ordered
+
+    with DaemonThreads(3, "t") as threads:
+        assert list(_ordered(threads, lambda x: x * x, range(20), 4)) == [x * x for x in range(20)]
+        with pytest.raises(ZeroDivisionError):
+            list(_ordered(threads, lambda x: 1 // x, [1, 0], 2))
+    script = ("import threading; from pnsfw.indexer.gpu.stage import DaemonThreads; "
+              "DaemonThreads(1, 'stuck').submit(lambda _: threading.Event().wait(), None)")
+    subprocess.run([sys.executable, "-c", script], timeout=60, check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_a_wedged_hardware_decode_stops_the_run_with_one_line() -> None:
+    import queue
+    import time
+    from types import SimpleNamespace
+
+    from pnsfw.errors import DeviceStalled
+    from pnsfw.indexer.gpu.decode import DecoderPool
+    from pnsfw.indexer.gpu.stage import STALL_S, _from_queue
+
+    decoders = DecoderPool("cpu", "auto")
+    out: queue.Queue = queue.Queue()
+    out.put("unit")
+    out.put(None)
+    assert list(_from_queue(out, decoders)) == ["unit"]
+    decoders.made.append(SimpleNamespace(since=time.monotonic() - STALL_S - 5))  # a call in progress that long
+    with pytest.raises(DeviceStalled, match="has not returned for 12[5-9] s"):
+        next(_from_queue(out, decoders))
+    decoders.made[0].since = None  # the call returned
+    assert decoders.stalled(STALL_S) == 0.0

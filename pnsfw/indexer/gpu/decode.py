@@ -107,6 +107,14 @@ class DecoderPool:
                 self.made.append(self.local.decoder)
         return self.local.decoder
 
+    def stalled(self, limit_s: float) -> float:
+        """Seconds the longest hardware call in progress has run, if over `limit_s`; else 0."""
+        now = time.monotonic()
+        with self.lock:
+            running = [now - d.since for d in self.made if d.since is not None]
+        longest = max(running, default=0.0)
+        return longest if longest > limit_s else 0.0
+
     def close(self) -> None:
         with self.lock:
             for decoder in self.made:

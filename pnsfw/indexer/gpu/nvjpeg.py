@@ -19,6 +19,7 @@ import glob
 import importlib.util
 import os
 import sys
+import time
 from typing import Any
 
 BACKEND_HARDWARE = 3  # nvjpegBackend_t NVJPEG_BACKEND_HARDWARE
@@ -110,6 +111,7 @@ class HardwareDecoder:
         self.batch, self.preallocate, self.pinned = 0, preallocate, pinned
         self.staging: list[Any] = []  # [pinned uint8 tensor, event of the call that last read it] x 2
         self.calls = 0
+        self.since: float | None = None  # time.monotonic() when the call in progress began (a watchdog reads it)
         _check(self.lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, flags, ctypes.byref(self.handle)),
                "nvjpegCreateEx(HARDWARE)")
         try:
@@ -163,11 +165,15 @@ class HardwareDecoder:
         self._initialize(len(data))
         pointers, lengths = self._bitstreams(data)
         stream = torch.cuda.current_stream(device)
-        _check(self.lib.nvjpegDecodeBatched(self.handle, self.state,
-                                            pointers.ctypes.data_as(ctypes.POINTER(ctypes.c_void_p)),
-                                            lengths.ctypes.data_as(ctypes.POINTER(ctypes.c_size_t)),
-                                            table.ctypes.data_as(ctypes.POINTER(Image)), stream.cuda_stream),
-               "nvjpegDecodeBatched")
+        self.since = time.monotonic()
+        try:
+            _check(self.lib.nvjpegDecodeBatched(self.handle, self.state,
+                                                pointers.ctypes.data_as(ctypes.POINTER(ctypes.c_void_p)),
+                                                lengths.ctypes.data_as(ctypes.POINTER(ctypes.c_size_t)),
+                                                table.ctypes.data_as(ctypes.POINTER(Image)), stream.cuda_stream),
+                   "nvjpegDecodeBatched")
+        finally:
+            self.since = None
         if self.pinned:
             event = torch.cuda.Event()
             event.record(stream)

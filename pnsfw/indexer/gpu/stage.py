@@ -6,7 +6,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import nullcontext
 from functools import partial
 from itertools import islice
@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ...errors import DeviceStalled
 from ..encoder import Encoder
 from ..reader import Result
 from ..sources import Item
@@ -36,7 +37,42 @@ class UnitResult(NamedTuple):
     errors: list[Result]
 
 
-def _ordered(executor: ThreadPoolExecutor, fn: Callable[[Any], Any], units: Iterable[Any],
+STALL_S = 120.0  # a hardware decode call running this long is taken as wedged (1024 2 MP photos take ~1 s)
+
+
+class DaemonThreads:
+    """`submit(fn, arg) -> Future` on daemon threads that nothing joins at exit (ThreadPoolExecutor's are joined):
+    a thread wedged in a C call (an nvJPEG hardware call that never returns) cannot keep the process alive."""
+
+    def __init__(self, count: int, name: str):
+        self.jobs: queue.Queue = queue.Queue()
+        self.threads = [threading.Thread(target=self._run, name=f"{name}_{i}", daemon=True) for i in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            fn, arg, future = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(arg))
+                except BaseException as exc:  # the caller's .result() raises it
+                    future.set_exception(exc)
+
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+        future: Future = Future()
+        self.jobs.put((fn, arg, future))
+        return future
+
+    def __enter__(self) -> "DaemonThreads":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for _thread in self.threads:
+            self.jobs.put(None)
+
+
+def _ordered(executor: DaemonThreads, fn: Callable[[Any], Any], units: Iterable[Any],
              depth: int) -> Iterator[Any]:
     """fn over units on the executor, in order, at most `depth` ahead."""
     pending: deque = deque()
@@ -63,13 +99,12 @@ def _decode_on_stream(prepared: Prepared, decoders: DecoderPool, router: Router,
 
 
 def _decode_thread(units: Iterable[Unit], router: Router, encoder: Encoder, options: Any,
-                   out: queue.Queue, stop: threading.Event) -> None:
+                   out: queue.Queue, stop: threading.Event, decoders: DecoderPool) -> None:
     """Reader pool + decode threads (each its own stream and decoder); puts Decoded units in order, then None
     (or the exception that stopped it)."""
-    decoders = DecoderPool(encoder.device, options.gpu.decoder, options.gpu.decode_priority)
     count = decoders.threads
     try:
-        with ThreadPoolExecutor(READ_THREADS) as readers, ThreadPoolExecutor(count, "pnsfw-decode") as decode:
+        with DaemonThreads(READ_THREADS, "pnsfw-read") as readers, DaemonThreads(count, "pnsfw-decode") as decode:
             read = partial(prepare, router=router, max_pixels=options.max_pixels)
             work = partial(_decode_on_stream, decoders=decoders, router=router, encoder=encoder,
                            mode=options.gpu.resize)
@@ -84,10 +119,10 @@ def _decode_thread(units: Iterable[Unit], router: Router, encoder: Encoder, opti
 
 
 def _start_threads(units: Iterable[Unit], router: Router, encoder: Encoder, options: Any, out: queue.Queue,
-                   stop: threading.Event) -> list[threading.Thread]:
+                   stop: threading.Event, decoders: DecoderPool) -> list[threading.Thread]:
     middle: queue.Queue = queue.Queue(maxsize=4) if options.gpu.resize == "thread" else out
     threads = [threading.Thread(target=_decode_thread, daemon=True, name="pnsfw-decode",
-                                args=(units, router, encoder, options, middle, stop))]
+                                args=(units, router, encoder, options, middle, stop, decoders))]
     if middle is not out:
         threads.append(threading.Thread(target=resize_thread, daemon=True, name="pnsfw-resize",
                                         args=(middle, out, stop, encoder.device, encoder.resolution)))
@@ -193,8 +228,21 @@ def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[
         pending = current
 
 
-def _from_queue(out: queue.Queue) -> Iterator[Decoded]:
-    while (value := out.get()) is not None:
+def _from_queue(out: queue.Queue, decoders: DecoderPool | None = None) -> Iterator[Decoded]:
+    """The decode side's units until its None; raises what stopped it, or DeviceStalled once a hardware decode
+    call has run STALL_S (seen on an H200: both decode threads waiting in nvjpegDecodeBatched for good)."""
+    while True:
+        try:
+            value = out.get(timeout=1.0)
+        except queue.Empty:
+            stalled = decoders.stalled(STALL_S) if decoders is not None else 0.0
+            if stalled:
+                raise DeviceStalled(f"nvJPEG's hardware decode has not returned for {stalled:.0f} s (the JPEG "
+                                    "engines are wedged); stopped with the committed rows kept: rerun to go on, "
+                                    "with --gpu-decoder torchvision to keep off the engines") from None
+            continue
+        if value is None:
+            return
         if isinstance(value, BaseException):
             raise value
         yield value
@@ -217,13 +265,14 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
     stop = threading.Event()
     previous = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_S)
-    threads = _start_threads(units, router, encoder, options, out, stop)
+    decoders = DecoderPool(encoder.device, options.gpu.decoder, options.gpu.decode_priority)
+    threads = _start_threads(units, router, encoder, options, out, stop, decoders)
     try:
         model = image_model(encoder, options.gpu, items, batch)
         stream = encode_stream(encoder, options)
         _warm_up(model, encoder, batch, stream)
         mark("image tower ready")
-        yield from encode_units(_from_queue(out), encoder, model, router.stats, stream)
+        yield from encode_units(_from_queue(out, decoders), encoder, model, router.stats, stream)
     finally:
         sys.setswitchinterval(previous)
         stop.set()
