@@ -159,25 +159,28 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
         click.option("--gpu-cpu-share", default=0, type=int,
                      help="GPU path: images the CPU decode workers may take at once as whole batches, besides the "
                           "files the GPU cannot decode (0: those only; fastest for thumbnails)."),
-        click.option("--gpu-decoder", default="auto", show_default=True, type=click.Choice(DECODERS),
-                     help="GPU path: auto (nvJPEG's hardware JPEG engines through handles of our own, two decode "
-                          "threads; through torchvision.io when the engines are missing or refuse a file; else the "
-                          "CPU workers) or torchvision (no engines)."),
-        click.option("--gpu-resize", default="auto", show_default=True, type=click.Choice(RESIZES),
-                     help="GPU path, experiment: where the batched resize runs (auto: the decode thread for small "
-                          "images, the encoding thread for large ones)."),
-        click.option("--gpu-tower", default="eager", show_default=True, type=click.Choice(TOWERS),
-                     help="GPU path: eager (SDPA attention, fp16 LayerNorm, patch GEMM), fast (the same from a "
-                          "CUDA graph) or reference (CLIP's own modules at fp16)."),
-        click.option("--gpu-encode-stream", default="own", show_default=True, type=click.Choice(STREAMS),
-                     help="GPU path, experiment: the CUDA stream the image tower runs on (own: a stream of its "
-                          "own; default: the legacy default stream, which the JPEG engines' calls wait for)."),
-        click.option("--gpu-decode-priority", default="normal", show_default=True, type=click.Choice(PRIORITIES),
-                     help="GPU path, experiment: the decode threads' CUDA stream priority (high: the decode's and "
-                          "resize's kernels go ahead of the tower's)."),
-        click.option("--compile", "gpu_compile", default="auto", show_default=True, type=click.Choice(COMPILES),
-                     help="torch.compile the image tower (auto: CUDA jobs of 20M+ images; the compiled kernels "
-                          "are cached in ~/.cache/pnsfw/inductor)."),
+        # the choice options; the first value of each is its default, as in GpuOptions
+        *(click.option(flag, dest, default=values[0], show_default=True, type=click.Choice(values), help=text)
+          for flag, dest, values, text in (
+            ("--gpu-decoder", "gpu_decoder", DECODERS,
+             "GPU path: auto (nvJPEG's hardware JPEG engines through handles of our own, two decode threads; "
+             "through torchvision.io when the engines are missing or refuse a file; else the CPU workers) or "
+             "torchvision (no engines)."),
+            ("--gpu-resize", "gpu_resize", RESIZES,
+             "GPU path, experiment: where the batched resize runs (auto: the decode thread for small images, the "
+             "encoding thread for large ones)."),
+            ("--gpu-tower", "gpu_tower", TOWERS,
+             "GPU path: eager (SDPA attention, fp16 LayerNorm, patch GEMM), fast (the same from a CUDA graph) or "
+             "reference (CLIP's own modules at fp16)."),
+            ("--gpu-encode-stream", "gpu_encode_stream", STREAMS,
+             "GPU path, experiment: the CUDA stream the image tower runs on (own: a stream of its own; default: "
+             "CUDA's legacy default stream, as before round 5)."),
+            ("--gpu-decode-priority", "gpu_decode_priority", PRIORITIES,
+             "GPU path, experiment: the decode threads' CUDA stream priority (high: the decode's and resize's "
+             "kernels go ahead of the tower's)."),
+            ("--compile", "gpu_compile", COMPILES,
+             "torch.compile the image tower (auto: CUDA jobs of 20M+ images; the compiled kernels are cached in "
+             "~/.cache/pnsfw/inductor)."))),
         click.option("--stage-stats", type=click.Path(dir_okay=False),
                      help="GPU path: write each stage's busy seconds as JSON here."),
     ]

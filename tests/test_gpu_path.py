@@ -290,7 +290,7 @@ def test_a_wedged_hardware_decode_stops_the_run_with_one_line() -> None:
     out.put(None)
     assert list(_from_queue(out, decoders)) == ["unit"]
     decoders.made.append(SimpleNamespace(since=time.monotonic() - STALL_S - 5))  # a call in progress that long
-    with pytest.raises(DeviceStalled, match="has not returned for 12[5-9] s"):
+    with pytest.raises(DeviceStalled, match=r"has not returned for 12[5-9] s"):
         next(_from_queue(out, decoders))
     decoders.made[0].since = None  # the call returned
     assert decoders.stalled(STALL_S) == 0.0

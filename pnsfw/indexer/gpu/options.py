@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from ...errors import BadInput
 
 RESIZES = ("auto", "decoder", "encoder", "thread")
-TOWERS = ("fast", "eager", "reference")
+TOWERS = ("eager", "fast", "reference")  # each tuple's first value is the default (the CLI's too)
 COMPILES = ("auto", "on", "off")
 DECODERS = ("auto", "torchvision")
 STREAMS = ("own", "default")
