@@ -345,7 +345,8 @@ def _outgrown(meta: dict[str, Any], segments: list[dict[str, Any]], adding: int)
 def empty_like(store: Store, meta: dict[str, Any], base: dict[str, Any]) -> tuple[Any, bool]:
     """An empty index sharing the generation's training (quantizer, codebooks) and whether it was derived
     from the base segment (a one-file generation keeps no trained part): reads the trained part only, never
-    the base's rows (IVF: the base without its inverted lists; other kinds that train: the whole base once)."""
+    the base's rows (IVF: the base with its inverted lists mapped, not read; other kinds that train: the
+    whole base, once)."""
     import faiss
 
     trained = artifacts.trained_part(store, meta)
@@ -355,9 +356,11 @@ def empty_like(store: Store, meta: dict[str, Any], base: dict[str, Any]) -> tupl
     empty = new_index(plan, int(meta["dim"]))
     if empty.is_trained:  # flat, HNSW: nothing learnt from the data
         return empty, False
-    index = _read(store, base, faiss.IO_FLAG_SKIP_IVF_DATA)
-    if isinstance(index, faiss.IndexIVF):  # the lists were not read: give it empty ones
-        index.replace_invlists(faiss.ArrayInvertedLists(index.nlist, index.code_size), True)
+    index = _read(store, base, faiss.IO_FLAG_MMAP)
+    if isinstance(index, faiss.IndexIVF):  # its lists only mapped, never read: give it empty ones
+        lists = faiss.ArrayInvertedLists(index.nlist, index.code_size)
+        index.replace_invlists(lists, True)
+        lists.this.disown()  # the index owns (and frees) them now
     else:  # not a top-level IVF: its rows are elsewhere too (Refine, IDMap), read it whole once
         index = _read(store, base)
     index.reset()
