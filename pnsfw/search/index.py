@@ -360,7 +360,7 @@ def empty_like(store: Store, meta: dict[str, Any], base: dict[str, Any]) -> tupl
     if isinstance(index, faiss.IndexIVF):  # its lists only mapped, never read: give it empty ones
         lists = faiss.ArrayInvertedLists(index.nlist, index.code_size)
         index.replace_invlists(lists, True)
-        lists.this.disown()  # the index owns (and frees) them now
+        lists.this.disown()  # type: ignore[attr-defined]  # the index owns (and frees) them now
     else:  # not a top-level IVF: its rows are elsewhere too (Refine, IDMap), read it whole once
         index = _read(store, base)
     index.reset()
