@@ -220,20 +220,22 @@ def _read(store: Store, entry: dict[str, Any], flags: int = 0) -> Any:
                          f"run `pnsfw repair --store {store.root}`") from None
 
 
-def _merged(parts: list[Any], merge: bool) -> Any:
-    """One index answering for every part: inverted lists (IVF) or codes (flat) merged into the first part
-    when FAISS can and `merge`; else the parts searched one by one, their top-k merged (IndexShards)."""
+def _merge_into(first: Any, part: Any) -> bool:
+    """Move part's rows into first (IVF: its inverted lists; flat: its codes), store ids kept; False when
+    FAISS cannot (HNSW, Refine, ...: checked before anything moves)."""
+    try:
+        first.merge_from(part, 0)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _searched_apart(parts: list[Any]) -> Any:
+    """One index over parts that cannot merge: each searched, their top-k merged (IndexShards)."""
     import faiss
 
     if len(parts) == 1:
         return parts[0]
-    if merge:
-        try:
-            for part in parts[1:]:
-                parts[0].merge_from(part, 0)  # ids kept (the store's); the part is left empty
-            return parts[0]
-        except RuntimeError:  # checked before anything moves: HNSW, Refine, ... cannot merge
-            pass
     shards = faiss.IndexShards(parts[0].d, False, False)  # type: ignore[call-arg]  # (d, threaded, successive_ids)
     shards.metric_type = faiss.METRIC_INNER_PRODUCT
     for part in parts:
@@ -243,16 +245,20 @@ def _merged(parts: list[Any], merge: bool) -> Any:
 
 def load_index(store: Store, merge: "bool | None" = None) -> tuple[Any, dict[str, Any]]:
     """The saved index (search parameters applied) and its index.json; refuses another space. Every segment of
-    the generation is read and they answer as one index (see _merged; `merge` defaults to MERGE_AT_LOAD)."""
+    the generation is read and they answer as one index: merged into the first where FAISS can and `merge`
+    (default MERGE_AT_LOAD), else searched apart."""
     meta = read_meta(store)
     if meta is None:
         raise StoreError(f"store {store.root} has no index (run `pnsfw reindex --store {store.root}`)")
     store.check_space(meta["space"], "the index")
-    parts = []
-    for entry in artifacts.index_segments(store, meta):
-        parts.append(_read(store, entry))
-        set_search_params(parts[-1], meta.get("search_params", ""))
-    return _merged(parts, MERGE_AT_LOAD if merge is None else merge), meta
+    merge = MERGE_AT_LOAD if merge is None else merge
+    parts: list[Any] = []
+    for entry in artifacts.index_segments(store, meta):  # one at a time: at most one part beside the rest
+        part = _read(store, entry)
+        set_search_params(part, meta.get("search_params", ""))
+        if not (parts and merge and _merge_into(parts[0], part)):
+            parts.append(part)
+    return _searched_apart(parts), meta
 
 
 def _meta(store: Store, plan: Plan, spec: str, max_memory: int, index: Any, shards: list[str]) -> dict[str, Any]:
