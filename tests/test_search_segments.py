@@ -100,7 +100,8 @@ def test_an_update_writes_a_segment_and_never_reads_or_rewrites_the_base(tmp_pat
     new = artifacts.segment_path(Store.open(root), segments[1])
     trained = artifacts.segment_path(Store.open(root), artifacts.trained_part(Store.open(root), meta)).stat().st_size
     rows_bytes = (base.stat().st_size - trained) / 1500
-    assert new.stat().st_size - trained < 1.2 * 200 * rows_bytes  # the new rows only (beside its training)
+    assert segments[1]["file"] == artifacts.LISTS_FILE and segments[1]["lists"]
+    assert new.stat().st_size < 1.2 * 200 * rows_bytes  # the new rows' lists only: no quantizer, no codebooks
     assert not list(new.parent.glob("faiss.index"))
     assert verify_store(str(root)).ok
 

@@ -209,6 +209,32 @@ def _writer(index: Any) -> Callable[[Path], None]:
     return lambda path: faiss.write_index(index, str(path))
 
 
+def _lists_writer(ivf: Any) -> Callable[[Path], None]:
+    """Writes only the inverted lists of an IVF segment (its quantizer and codebooks are the trained part's)."""
+    import faiss
+
+    def write(path: Path) -> None:
+        out = faiss.FileIOWriter(str(path))
+        faiss.write_InvertedLists(ivf.invlists, out)
+        del out  # closes the file
+
+    return write
+
+
+def _read_lists(store: Store, entry: dict[str, Any]) -> Any:
+    import faiss
+
+    path = artifacts.segment_path(store, entry)
+    try:
+        source = faiss.FileIOReader(str(path))
+        lists = faiss.read_InvertedLists(source)
+        del source
+    except RuntimeError as exc:
+        raise StoreError(f"cannot read index {path}: {str(exc).splitlines()[0][:120]}; "
+                         f"run `pnsfw repair --store {store.root}`") from None
+    return lists
+
+
 def _read(store: Store, entry: dict[str, Any], flags: int = 0) -> Any:
     import faiss
 
@@ -254,11 +280,27 @@ def load_index(store: Store, merge: "bool | None" = None) -> tuple[Any, dict[str
     merge = MERGE_AT_LOAD if merge is None else merge
     parts: list[Any] = []
     for entry in artifacts.index_segments(store, meta):  # one at a time: at most one part beside the rest
-        part = _read(store, entry)
+        if entry.get("lists") and merge:  # an IVF segment's lists: straight into the base's
+            parts[0].invlists.merge_from(_read_lists(store, entry), 0)
+            parts[0].ntotal += int(entry["rows"])
+            continue
+        part = _ivf_part(store, meta, entry) if entry.get("lists") else _read(store, entry)
         set_search_params(part, meta.get("search_params", ""))
         if not (parts and merge and _merge_into(parts[0], part)):
             parts.append(part)
     return _searched_apart(parts), meta
+
+
+def _ivf_part(store: Store, meta: dict[str, Any], entry: dict[str, Any]) -> Any:
+    """An IVF index of one lists-only segment: the trained part with the segment's lists."""
+    trained = artifacts.trained_part(store, meta)
+    assert trained is not None, "a lists-only segment without a trained part"
+    ivf = _read(store, trained)
+    lists = _read_lists(store, entry)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns (and frees) them now
+    ivf.ntotal = int(entry["rows"])
+    return ivf
 
 
 def _meta(store: Store, plan: Plan, spec: str, max_memory: int, index: Any, shards: list[str]) -> dict[str, Any]:
@@ -427,7 +469,8 @@ def _commit_segment(store: Store, meta: dict[str, Any], kept: list[dict[str, Any
     added = add_shards(segment, store, shards)
     ntotal = int(meta["ntotal"]) - sum(int(s["rows"]) for s in segments[len(kept):]) + added
     new_meta = dict(meta, ntotal=ntotal, shards=meta["shards"] + todo, updated=time.time())
-    artifacts.commit_segments(store, new_meta, base, kept, artifacts.NewSegment(_writer(segment), added, shards),
-                              trained)
+    lists = trained is not None and isinstance(segment, faiss.IndexIVF)  # quantizer and codebooks: shared
+    new = artifacts.NewSegment(_lists_writer(segment) if lists else _writer(segment), added, shards, lists)
+    artifacts.commit_segments(store, new_meta, base, kept, new, trained)
     return {"ntotal": ntotal, "added": sum(s.rows for s in store.shards if s.name in set(todo)),
             "segments": len(kept) + 1, "merged": len(segments) - len(kept)}

@@ -30,6 +30,7 @@ log = logging.getLogger("pnsfw.store")
 INDEX_FILE = "faiss.index"
 INDEX_META = "index.json"
 SEGMENT_FILE = "segment.faiss"  # the rows an update added (a generation's own segment after the base)
+LISTS_FILE = "lists.faiss"  # an IVF update's segment: only its inverted lists (written by faiss.write_InvertedLists)
 TRAINED_FILE = "trained.faiss"  # the trained empty index (IVF quantizer and codebooks): what updates start from
 
 
@@ -117,11 +118,13 @@ def index_files(store: Store, meta: dict[str, Any]) -> list[dict[str, Any]]:
 
 @dataclass
 class NewSegment:
-    """A segment an index commit writes: write(path) writes its FAISS file; it holds `rows` rows of `shards`."""
+    """A segment an index commit writes: write(path) writes its FAISS file; it holds `rows` rows of `shards`;
+    `lists`: the file holds only IVF inverted lists (the quantizer and codebooks are the trained part's)."""
 
     write: Callable[[Path], None]
     rows: int
     shards: list[str]
+    lists: bool = False
 
 
 def commit_index(store: Store, write: Callable[[Path], None], meta: dict[str, Any],
@@ -139,8 +142,10 @@ def commit_segments(store: Store, meta: dict[str, Any], base: Generation | None,
 
     Kept files stay where an earlier generation wrote them, referenced, not copied: the manifest's entry lists
     their folders (`uses`) so the orphan sweep keeps them as long as it keeps this generation."""
-    name = SEGMENT_FILE if kept else INDEX_FILE
-    own = {"file": name, "rows": new.rows, "shards": new.shards}
+    name = (LISTS_FILE if new.lists else SEGMENT_FILE) if kept else INDEX_FILE
+    own: dict[str, Any] = {"file": name, "rows": new.rows, "shards": new.shards}
+    if new.lists:
+        own["lists"] = True
     files = {name: new.write}
     if callable(trained):
         files[TRAINED_FILE] = trained
