@@ -13,14 +13,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_store_s3 import local_or_s3, s3  # noqa: F401  (s3: the module's SeaweedFS server fixture)
 from test_store_v2 import _new_store, _rows
 
 from pnsfw.search import index as ix
 from pnsfw.store import Store, artifacts, hooks
-from pnsfw.store.maintenance import remove_orphans, repair_store, verify_store
+from pnsfw.store.maintenance import remove_orphans, repair_store, store_info, verify_store
 
 ROOT = Path(__file__).resolve().parents[1]
 IVFPQ = "IVF8,PQ16x4np|nprobe=4"
+where = local_or_s3("where", "segments")
 
 
 @pytest.fixture(autouse=True)
@@ -315,6 +317,15 @@ def test_verify_names_a_missing_segment_and_repair_rebuilds(tmp_path: Path) -> N
     assert ix.load_index(Store.open(root))[0].ntotal == Store.open(root).rows
 
 
+def test_verify_names_a_truncated_segment(tmp_path: Path) -> None:
+    root = _segmented(tmp_path, IVFPQ, updates=1)
+    lists = _files(root)[1]
+    assert lists.name == artifacts.LISTS_FILE
+    lists.write_bytes(lists.read_bytes()[:-8])
+    report = verify_store(str(root))
+    assert not report.ok and "index.json says" in report.problems[0]
+
+
 def test_serve_sees_a_new_segment_after_a_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fastapi.testclient import TestClient
 
@@ -337,3 +348,23 @@ def test_serve_sees_a_new_segment_after_a_commit(tmp_path: Path, monkeypatch: py
         assert client.get("/v1/stats").json()["search"]["segments"] == 2
         hits = client.post("/v1/search", json={"embedding": new.tolist(), "k": 3}).json()["hits"]
         assert hits[0]["id"] == 1239
+
+
+def test_segments_on_a_local_folder_and_on_s3(where: str) -> None:
+    _new_store(where, rows=1200)
+    _build(where, IVFPQ)
+    for n in range(2):
+        _grow(where, 101 - n)  # each smaller than the last: no merge
+        assert _update(where)["segments"] == 2 + n
+    store = Store.open(where)
+    meta = _meta(where)
+    assert [s.get("lists", False) for s in meta["segments"]] == [False, True, True]
+    assert len(store.manifest.index.uses) == 2 and store_info(where)["index"]["segments"] == 3
+    one, _ = ix.empty_like(store, meta, artifacts.index_segments(store, meta)[0])
+    ix.add_shards(one, store, [s.name for s in store.shards])
+    ix.set_search_params(one, meta["search_params"])
+    q = np.ascontiguousarray(store.vectors()[1][::9], dtype=np.float32)
+    want = one.search(q, 5)[1]
+    np.testing.assert_array_equal(np.sort(ix.load_index(store)[0].search(q, 5)[1], axis=1), np.sort(want, axis=1))
+    remove_orphans(Store.open(where))
+    assert verify_store(where).ok and ix.load_index(Store.open(where))[0].ntotal == 1401
