@@ -59,6 +59,8 @@ HWM = ("import atexit, sys\n"
        "            sys.stderr.write('VMHWM_KB ' + line.split()[1] + '\\n')\n"
        "        if line.startswith(('RssAnon', 'RssFile')):\n"
        "            sys.stderr.write(line.split(':')[0].upper() + '_KB ' + line.split()[1] + '\\n')\n"
+       "    io = dict(line.split(': ') for line in open('/proc/self/io').read().splitlines())\n"
+       "    sys.stderr.write('RCHAR_B ' + io['rchar'] + '\\nWCHAR_B ' + io['wchar'] + '\\n')\n"
        "atexit.register(hwm)\n"
        "sys.argv = ['pnsfw'] + sys.argv[1:]\n"
        "from pnsfw.cli import cli\n"
@@ -146,9 +148,10 @@ def index_peak_mb(root: "Path | str", images: Path, checkpoint: Path, env: dict[
     done = child(HWM, "index", str(images), "--store", str(root), "--model", str(checkpoint), "--device", "cpu",
                  "--workers", "1", *([] if faiss else ["--no-faiss"]), env=env)
     kb = {line.split()[0]: int(line.split()[1]) for line in done.stderr.splitlines()
-          if line.split()[:1] in (["VMHWM_KB"], ["RSSANON_KB"], ["RSSFILE_KB"])}
+          if line.split()[:1] in (["VMHWM_KB"], ["RSSANON_KB"], ["RSSFILE_KB"], ["RCHAR_B"], ["WCHAR_B"])}
     return {"peak_rss_mb": round(kb["VMHWM_KB"] / 1024, 1), "anon_mb": round(kb["RSSANON_KB"] / 1024, 1),
-            "file_mb": round(kb["RSSFILE_KB"] / 1024, 1), "seconds": round(time.perf_counter() - started, 1)}
+            "file_mb": round(kb["RSSFILE_KB"] / 1024, 1), "seconds": round(time.perf_counter() - started, 1),
+            "read_mb": round(kb.get("RCHAR_B", 0) / 2**20, 1), "written_mb": round(kb.get("WCHAR_B", 0) / 2**20, 1)}
 
 
 def bookkeeping_bytes(root: Path) -> int:
@@ -442,6 +445,91 @@ def print_table(results: list[dict[str, Any]], s3: dict[str, Any] | None, extra:
               f"{s3['lookup']['cold_ms']['p50']:.1f} ms; relative to local disk: {s3['relative_to_local']}")
 
 
+SEARCH = ("import json, sys, time\n"
+          "import numpy as np\n"
+          "from pnsfw.store import Store\n"
+          "from pnsfw.search import index as ix\n"
+          "from pnsfw.search.query import Searcher\n"
+          "def rss():\n"
+          "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')) / 1024\n"
+          "store, merge = Store.open(sys.argv[1]), sys.argv[2] == 'merge'\n"
+          "segments = len((ix.read_meta(store) or {}).get('segments') or [1])\n"
+          "if not merge:\n"
+          "    ix.MERGE_AT_LOAD = False\n"
+          "before = rss(); t = time.perf_counter(); s = Searcher.open(store); load = time.perf_counter() - t\n"
+          "rng = np.random.default_rng(5); q = rng.standard_normal((201, store.dim)).astype(np.float32)\n"
+          "s.search_arrays(q[:1], 10); times = []\n"
+          "for v in q[1:]:\n"
+          "    t = time.perf_counter(); s.search_arrays(v[None], 10); times.append(time.perf_counter() - t)\n"
+          "print(json.dumps({'segments': segments, 'index': type(s.index).__name__, 'load_s': load,\n"
+          "                  'rss_mb': rss() - before, 'times': times}))\n")
+
+
+def search_p50(root: Path, merge: bool = True) -> dict[str, Any]:
+    """A fresh process: Searcher.open (the FAISS index loaded; segments merged at load unless not `merge`), then
+    200 single-vector searches (k=10): load seconds, RSS the load added, latency."""
+    data = json.loads(child(SEARCH, str(root), "merge" if merge else "shards").stdout)
+    return {"segments": data["segments"], "index": data["index"], "load_s": round(data["load_s"], 3),
+            "rss_mb": round(data["rss_mb"], 1), "search_ms": _summary([t * 1000 for t in data["times"]])}
+
+
+def faiss_measure(root: Path, work: Path, checkpoint: Path, factory: str, updates: int, tag: str) -> dict[str, Any]:
+    """A real index of FACTORY over the store (built once, untimed here), searched with one generation as
+    built; then `updates` runs of `pnsfw index` of 1,000 new files each WITH the FAISS update (peak RSS, bytes
+    read and written, seconds), and the search again."""
+    from pnsfw.search.index import build_index, read_meta
+
+    store = Store.open(root)
+    out: dict[str, Any] = {"rows": store.rows, "factory": factory}
+    started = time.perf_counter()
+    with store.writer():
+        meta = read_meta(store)
+        if meta is None or meta.get("spec") != factory or set(meta["shards"]) != {s.name for s in store.shards}:
+            build_index(store, factory)
+    out["build_s"] = round(time.perf_counter() - started, 1)
+    out["index_file_mb"] = round(index_file_mb(root), 1)
+    out["search_built"] = search_p50(root)
+    out["updates"] = []
+    for n in range(updates):
+        images = make_images(work / f"images-{tag}-{store.rows}-{n}-{time.time_ns()}", NEW_FILES, 100 + n)
+        out["updates"].append(index_peak_mb(root, images, checkpoint, faiss=True))
+        print(f"[bench] update {n + 1}: {out['updates'][-1]}", flush=True)
+    out["search_updated"] = search_p50(root)
+    if out["search_updated"]["segments"] > 1:
+        out["search_updated_per_segment"] = search_p50(root, merge=False)
+    out["index_files_mb_after"] = round(index_file_mb(root), 1)
+    return out
+
+
+def faiss_main(args: argparse.Namespace) -> None:
+    """--faiss FACTORY: per size, the store grown, a real index, incremental updates and searches (faiss_measure);
+    results under runs[--label] in --out (other labels kept)."""
+    from pnsfw.indexer.encoder import load_encoder
+    from pnsfw.indexer.projection import random_projection
+
+    work, out = Path(args.workdir), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = make_checkpoint("tiny", work / "tiny-clip.pt")
+    encoder = load_encoder(str(checkpoint), "cpu", "fp32")
+    space = (encoder.describe(), random_projection(encoder.width))
+    data = json.loads(out.read_text()) if out.is_file() else {}
+    runs = data.setdefault("runs", {})
+    run = runs.setdefault(args.label, {"machine": machine(), "sizes": []})
+    for rows in (parse_size(r) for r in args.rows.split(",")):
+        built = grow(work / "store", rows, parse_size(args.shard_size), space)
+        result = dict(faiss_measure(work / "store", work, checkpoint, args.faiss, args.updates, args.label),
+                      write_s=round(built, 1), load_average_at_start=os.getloadavg())
+        print(json.dumps(result), flush=True)
+        run["sizes"] = [r for r in run["sizes"] if r["rows"] != result["rows"]] + [result]
+        out.write_text(json.dumps(data, indent=1) + "\n")
+    for r in run["sizes"]:
+        last = r["updates"][-1]
+        print(f"{args.label} {r['rows']:>11,} rows: index update peak {last['peak_rss_mb']:.0f} MB, read "
+              f"{last['read_mb']:.0f} MB, wrote {last['written_mb']:.0f} MB, {last['seconds']} s; search p50 "
+              f"{r['search_built']['search_ms']['p50']} ms (1 segment) vs {r['search_updated']['search_ms']['p50']} "
+              f"ms ({r['search_updated']['segments']} segments)")
+
+
 def merged(out: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """This run's sizes plus the other sizes of an earlier run in OUT (a 20M run can then be its own run)."""
     if not out.is_file():
@@ -457,8 +545,16 @@ def main() -> None:
     parser.add_argument("--shard-size", default="50k")
     parser.add_argument("--s3-rows", default="1M", help="the size also measured on S3 (none: skip)")
     parser.add_argument("--workdir", default="/tmp/pnsfw-bench-scale")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench_store_scale.json"))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--faiss", default=None, metavar="FACTORY",
+                        help="measure a real FAISS index of FACTORY instead (incremental updates, search)")
+    parser.add_argument("--updates", type=int, default=3, help="with --faiss: index runs of 1,000 files each")
+    parser.add_argument("--label", default="after", help="with --faiss: the run's name in --out")
     args = parser.parse_args()
+    if args.faiss:
+        args.out = args.out or str(ROOT / "docs" / "bench_store_segments.json")
+        return faiss_main(args)
+    args.out = args.out or str(ROOT / "docs" / "bench_store_scale.json")
     from pnsfw.indexer.encoder import load_encoder
     from pnsfw.indexer.projection import random_projection
 

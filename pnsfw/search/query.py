@@ -284,9 +284,10 @@ def _describe_index(index: Any, meta: dict[str, Any]) -> dict[str, Any]:
     """What searches run on, for /v1/stats: the FAISS index kind, on the CPU (all cores) or faiss' GPUs."""
     if index is None:
         return {}
-    on_gpu = any(word in type(index).__name__ for word in ("Gpu", "Replicas", "Shards"))
+    on_gpu = any(word in type(index).__name__ for word in ("Gpu", "Replicas"))  # IndexShards: segments
     info = {"backend": "faiss", "kind": meta.get("kind"), "factory": meta.get("factory"),
-            "device": "cuda" if on_gpu else "cpu", "ntotal": int(index.ntotal)}
+            "device": "cuda" if on_gpu else "cpu", "ntotal": int(index.ntotal),
+            "segments": len(meta.get("segments") or [None])}
     if not on_gpu:
         info["threads"] = _use_all_cores()
     return info

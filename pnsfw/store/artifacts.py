@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ from .store import Store, writer_token
 log = logging.getLogger("pnsfw.store")
 INDEX_FILE = "faiss.index"
 INDEX_META = "index.json"
+SEGMENT_FILE = "segment.faiss"  # the rows an update added (a generation's own segment after the base)
+LISTS_FILE = "lists.faiss"  # an IVF update's segment: only its inverted lists (written by faiss.write_InvertedLists)
+TRAINED_FILE = "trained.faiss"  # the trained empty index (IVF quantizer and codebooks): what updates start from
 
 
 @contextmanager
@@ -70,23 +74,102 @@ def index_meta(store: Store) -> dict[str, Any] | None:
 
 
 def index_file(store: Store) -> Path:
-    """A local path of the current generation's faiss.index."""
+    """A local path of the current generation's first (base) segment file."""
+    meta = index_meta(store)
+    if meta is None:
+        raise StoreError(f"store {store.root} has no index (run `pnsfw reindex --store {store.root}`)")
+    return segment_path(store, index_segments(store, meta)[0])
+
+
+def _resolved(store: Store, entry: dict[str, Any]) -> dict[str, Any]:
+    """An index.json file entry with its folder: entries without one are the current generation's own files."""
+    gen = store.manifest.index
+    return entry if "folder" in entry or gen is None else dict(entry, folder=gen.folder)
+
+
+def index_segments(store: Store, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The segments of the current index generation, base first: each {folder, file, rows, shards, bytes}. A
+    one-file generation (older stores; `commit_index`) is one segment: its faiss.index over every shard."""
+    if meta.get("segments"):
+        return [_resolved(store, e) for e in meta["segments"]]
     gen = store.manifest.index
     if gen is None:
-        raise StoreError(f"store {store.root} has no index (run `pnsfw reindex --store {store.root}`)")
-    return store.fs.local_path(f"{gen.folder}/{INDEX_FILE}")
+        return []
+    return [{"folder": gen.folder, "file": INDEX_FILE, "rows": int(meta.get("ntotal", 0)),
+             "shards": list(meta.get("shards", [])), "bytes": None}]
+
+
+def segment_path(store: Store, segment: dict[str, Any]) -> Path:
+    """A local path of a segment's (or the trained part's) file."""
+    return store.fs.local_path(f"{segment['folder']}/{segment['file']}")
+
+
+def trained_part(store: Store, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The generation's trained empty index {folder, file, bytes} (None: the kind needs no training, or a
+    one-file generation, which keeps none)."""
+    return _resolved(store, meta["trained"]) if meta.get("trained") else None
+
+
+def index_files(store: Store, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file the current generation references (segments, trained part), folders resolved."""
+    trained = trained_part(store, meta)
+    return index_segments(store, meta) + ([trained] if trained else [])
+
+
+@dataclass
+class NewSegment:
+    """A segment an index commit writes: write(path) writes its FAISS file; it holds `rows` rows of `shards`;
+    `lists`: the file holds only IVF inverted lists (the quantizer and codebooks are the trained part's)."""
+
+    write: Callable[[Path], None]
+    rows: int
+    shards: list[str]
+    lists: bool = False
 
 
 def commit_index(store: Store, write: Callable[[Path], None], meta: dict[str, Any],
                  base: Generation | None) -> bool:
-    """Write faiss.index (via write(path)) and index.json as one new generation, current if the index is still
-    `base` (the one this update started from); False (and nothing kept) when another writer replaced it first."""
+    """Write faiss.index (via write(path)) and index.json as one new one-file generation (the format before
+    segments); see commit_segments."""
+    return _commit_generation(store, {INDEX_FILE: write}, meta, base, [])
+
+
+def commit_segments(store: Store, meta: dict[str, Any], base: Generation | None, kept: list[dict[str, Any]],
+                    new: NewSegment, trained: Callable[[Path], None] | dict[str, Any] | None) -> bool:
+    """A new generation: the `kept` segments of earlier ones (index_segments entries), then `new`; `trained`:
+    the trained empty index, written here (a callable) or an earlier generation's entry. False (nothing kept)
+    when another writer replaced the index `base` meanwhile.
+
+    Kept files stay where an earlier generation wrote them, referenced, not copied: the manifest's entry lists
+    their folders (`uses`) so the orphan sweep keeps them as long as it keeps this generation."""
+    name = (LISTS_FILE if new.lists else SEGMENT_FILE) if kept else INDEX_FILE
+    own: dict[str, Any] = {"file": name, "rows": new.rows, "shards": new.shards}
+    if new.lists:
+        own["lists"] = True
+    files = {name: new.write}
+    if callable(trained):
+        files[TRAINED_FILE] = trained
+        trained = {"file": TRAINED_FILE}
+    meta = dict(meta, segments=[*kept, own], trained=trained)
+    return _commit_generation(store, files, meta, base, [*kept, *([trained] if trained else [])])
+
+
+def _commit_generation(store: Store, files: dict[str, Callable[[Path], None]], meta: dict[str, Any],
+                       base: Generation | None, reused: list[dict[str, Any]]) -> bool:
+    meta = json.loads(json.dumps(meta))
+    own = [e for e in [*meta.get("segments", []), meta.get("trained") or {}] if e and "folder" not in e]
+
     def fill(local: Path) -> None:
-        write(local / INDEX_FILE)
+        for name, write in files.items():
+            write(local / name)
+        for entry in own:
+            entry["bytes"] = (local / entry["file"]).stat().st_size
         (local / INDEX_META).write_text(json.dumps(meta, indent=1) + "\n")
 
     folder = publish(store, "index", fill)
-    info = {k: meta.get(k) for k in ("kind", "factory", "ntotal", "space")} | {"shards": len(meta.get("shards", []))}
+    uses = sorted({e["folder"] for e in reused if "folder" in e} - {folder})
+    info = {k: meta.get(k) for k in ("kind", "factory", "ntotal", "space")} | {
+        "shards": len(meta.get("shards", [])), "segments": len(meta.get("segments") or [None])}
     lost: list[bool] = []
 
     def change(manifest: Manifest) -> Manifest | None:
@@ -94,7 +177,7 @@ def commit_index(store: Store, write: Callable[[Path], None], meta: dict[str, An
         if current != (base.folder if base else None):
             lost.append(True)
             return None
-        manifest.index = Generation(folder, time.time(), info)
+        manifest.index = Generation(folder, time.time(), info, uses)
         return manifest
 
     store.commit(change, "the index")

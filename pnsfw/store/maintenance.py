@@ -66,7 +66,9 @@ def _referenced(store: Store, versions: int = 3) -> set[str]:
         keep.update(f"shards/{s.name}" for s in m.shards)
         keep.update(f"errors/{p.name}" for p in m.errors)
         keep.update(f"labels/{p.name}" for p in m.labels)
-        keep.update(g.folder for g in [m.index, *m.models.values()] if g is not None)
+        for g in [m.index, *m.models.values()]:
+            if g is not None:
+                keep.update([g.folder, *g.uses])
     return keep
 
 
@@ -211,20 +213,31 @@ def _check_part(store: Store, folder: str, part: Part) -> str:
 
 
 def _check_index(store: Store) -> str:
-    from .artifacts import INDEX_FILE, index_meta
+    """The current index generation: its index.json, every segment file (and trained part) it references, with
+    the size it was committed with, and the shards it covers (each once, all in the store)."""
+    from .artifacts import index_files, index_meta
 
     gen = store.manifest.index
     if gen is None:
         return ""
     try:
-        meta = index_meta(store)
+        meta = index_meta(store) or {}
     except StoreError as exc:
         return str(exc).split("; run")[0]
-    if not store.fs.exists(f"{gen.folder}/{INDEX_FILE}"):
-        return f"index {gen.folder}: {INDEX_FILE} is missing"
+    for entry in index_files(store, meta):
+        rel = f"{entry['folder']}/{entry['file']}"
+        if not store.fs.exists(rel):
+            return f"index {gen.folder}: {rel} is missing"
+        if entry.get("bytes") is not None and store.fs.size(rel) != entry["bytes"]:
+            return f"index {gen.folder}: {rel} is {store.fs.size(rel)} bytes, index.json says {entry['bytes']}"
     names = {s.name for s in store.shards}
-    missing = [n for n in (meta or {}).get("shards", []) if n not in names]
-    return f"index {gen.folder}: covers shards the store does not list ({missing[0]})" if missing else ""
+    covered = meta.get("shards", [])
+    missing = [n for n in covered if n not in names]
+    if missing:
+        return f"index {gen.folder}: covers shards the store does not list ({missing[0]})"
+    if meta.get("segments") and sorted(n for s in meta["segments"] for n in s["shards"]) != sorted(covered):
+        return f"index {gen.folder}: its segments do not cover each of its shards exactly once"
+    return ""
 
 
 def _check_model(store: Store, name: str) -> str:
@@ -437,6 +450,7 @@ def store_info(root: str) -> dict[str, Any]:
         "errors": {"rows": sum(p.rows for p in m.errors), "by_reason": dict(reasons.most_common())},
         "index": None if meta is None else {"kind": meta.get("kind"), "factory": meta.get("factory"),
                                             "ntotal": meta.get("ntotal"), "shards_covered": covered,
+                                            "segments": len(meta.get("segments") or [None]),
                                             "coverage": covered / len(m.shards) if m.shards else 1.0},
         "models": {name: _model_info(store, name) for name in sorted(m.models)},
         "scores": _scores_info(store), "labels": sum(p.rows for p in m.labels),

@@ -68,11 +68,13 @@ class Shard:
 
 @dataclass
 class Generation:
-    """A multi-file artefact (an index, a model) committed as one folder; `info` is a small summary."""
+    """A multi-file artefact (an index, a model) committed as one folder; `info` is a small summary; `uses`:
+    folders of earlier generations whose files this one references (an index's segments), kept with it."""
 
     folder: str
     created: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    uses: list[str] = field(default_factory=list)
 
 
 @dataclass
