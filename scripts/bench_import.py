@@ -184,6 +184,14 @@ def score_both(imported: Path, work: Path, device: str, runs: int) -> dict[str, 
             "imported_over_writer": round(best["imported"] / best["writer"], 3)}
 
 
+def variants(args: argparse.Namespace) -> None:
+    """Swap one round-3 change back for an A/B run in one process (code of this branch only)."""
+    if args.numpy_chunks:
+        from pnsfw.indexer import import_layouts
+
+        import_layouts.pooled_empty = lambda shape, dtype: np.empty(shape, dtype)  # type: ignore[assignment]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -202,8 +210,11 @@ def main() -> None:
     parser.add_argument("--score-runs", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="Scoring device for --score (cpu, cuda).")
     parser.add_argument("--keep-folder", action="store_true", help="Leave the clip-retrieval folder (--folder).")
+    parser.add_argument("--numpy-chunks", action="store_true",
+                        help="Variant: read chunks into fresh numpy arrays, not Arrow's pool (as before round 3).")
     parser.add_argument("--out", default="bench_import.json")
     args = parser.parse_args()
+    variants(args)
     work = Path(args.folder or tempfile.mkdtemp(prefix="bench_import_"))
     try:
         laion = work / "laion"

@@ -144,18 +144,3 @@ def test_shards_are_readable_without_pnsfw(labelled_store):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
     count, width = duckdb.sql(f"SELECT count(*), max(octet_length(embedding)) FROM '{path}'").fetchall()[0]
     assert count == table.num_rows and width == dim * 2
-
-
-@pytest.mark.parametrize("bound", [None, 1000])
-def test_write_table_digest_equals_the_file_it_writes(tmp_path, bound):
-    """The shard is hashed in memory (or, past the bound, written then read): same bytes, same checksum."""
-    from pnsfw.store.files import sha256_file
-    from pnsfw.store.shards import read_table, write_table_digest
-
-    vectors = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float16)
-    table = pa.table({"id": pa.array(np.arange(300)), "uri": [f"u{i}" for i in range(300)],
-                      "embedding": embedding_array(vectors)})
-    path = tmp_path / "s.parquet"
-    digest, size = write_table_digest(table, path, bound)
-    assert (digest, size) == (sha256_file(path), path.stat().st_size)
-    assert read_table(path).equals(table)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .files import atomic_write, sha256_file
+from .files import atomic_write
 
 ROW_GROUP = 1 << 16
 TAR_SEPARATOR = "::"  # the stored uri of a tar member: /abs/path/data.tar::folder/name.jpg
@@ -104,42 +104,15 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray
 UNIQUE_COLUMNS = ("id", "uri", "uri_hash", "sha256", "embedding")  # a dictionary of these only costs time
 
 
-def _write(table: pa.Table, where: Any) -> None:
-    names = table.column_names
-    compression = {name: ("none" if name == "embedding" else "zstd") for name in names}
-    pq.write_table(table, where, compression=compression, row_group_size=ROW_GROUP,
-                   use_dictionary=[name for name in names if name not in UNIQUE_COLUMNS],
-                   write_statistics=[name for name in names if name != "embedding"])
-
-
 def write_table(table: pa.Table, path: Path) -> None:
     """Write a table to path (not atomic: callers write a temporary name); embedding raw, the rest zstd; no
     dictionary for columns of unique values, no min/max statistics of the embedding column (nothing reads
     them; they cost ~0.1 us a 512-d row)."""
-    _write(table, path)
-
-
-def write_table_digest(table: pa.Table, path: Path, bound: int | None = None) -> tuple[str, int]:
-    """write_table, returning (sha256, size) of the file. The file is encoded into memory of Arrow's pool (its
-    pages are reused), hashed there and written in one pass, instead of written then read back from the page
-    cache to hash it (docs/benchmarks.md, import round 3). A file larger than `bound` bytes (default: the
-    table's Arrow size + 25 % + 16 MB) is written, then read."""
-    buffer = pa.allocate_buffer(bound if bound is not None else int(table.nbytes * 1.25) + (16 << 20))
-    sink = pa.FixedSizeBufferWriter(buffer)
-    try:
-        _write(table, sink)
-    except OSError:  # "Write out of bounds": past the bound
-        del sink, buffer
-        write_table(table, path)
-        return sha256_file(path), path.stat().st_size
-    size = sink.tell()
-    view = memoryview(buffer)[:size]
-    digest = hashlib.sha256(view).hexdigest()
-    with open(path, "wb", buffering=0) as file:
-        done = 0
-        while done < size:
-            done += file.write(view[done:])
-    return digest, size
+    names = table.column_names
+    compression = {name: ("none" if name == "embedding" else "zstd") for name in names}
+    pq.write_table(table, path, compression=compression, row_group_size=ROW_GROUP,
+                   use_dictionary=[name for name in names if name not in UNIQUE_COLUMNS],
+                   write_statistics=[name for name in names if name != "embedding"])
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:

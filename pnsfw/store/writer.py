@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from ..errors import SpaceMismatch
 from . import hooks, shards
+from .files import sha256_file
 from .projection import Projection
 from .records import Manifest, Part, Shard, Space
 from .store import Store, writer_token
@@ -39,8 +40,8 @@ def stage_table(store: Store, folder: str, number: int, table: pa.Table, metadat
     digest: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
-        digest["sha256"], digest["bytes"] = shards.write_table_digest(
-            table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata}), tmp)
+        shards.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata}), tmp)
+        digest["sha256"], digest["bytes"] = sha256_file(tmp), tmp.stat().st_size
 
     store.fs.write_file(f"{folder}/{name}", write)
     hooks.pause(f"staged:{folder}")
