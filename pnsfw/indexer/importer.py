@@ -305,6 +305,7 @@ def _stream(units: list[Unit], offsets: Counter[str], options: ImportOptions, pr
             out: ImportWriter) -> None:
     """Every unit's rows from its committed offset on, mapped, into the writer."""
     chunk_rows = max(1, min(options.chunk_rows, options.shard_size))
+    chunk_rows = -(-options.shard_size // -(-options.shard_size // chunk_rows))  # whole chunks fill a shard
     for unit, chunk in background(_chunks(units, offsets, chunk_rows), READ_AHEAD, "pnsfw-import-read"):
         out.summary.bytes_read += int(getattr(chunk.embeddings, "nbytes", 0))
         out.add(*map_chunk(chunk, unit, projection.width, projection))
