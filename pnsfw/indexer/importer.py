@@ -2,11 +2,12 @@
 
 Reader (a thread of its own, READ_AHEAD chunks ahead): the layouts of import_layouts.py, in units streamed from
 the row where the store's commits of that unit end (so a rerun resumes, and a second import adds nothing).
-Mapper (the calling thread): rows validated (width, finite, non-zero norm; the others become error rows with a
-reason), L2-normalised, projected, uri_hash computed (the one stage that holds the GIL). Writer: shards of
-`shard_size` rows, each staged (Parquet write, checksum, fsync) by a pool of threads and committed through the
-store's writer by one commit thread in stream order, each a prefix of the stream, so a crash at any moment
-then a rerun gives the rows and ids of an uninterrupted run. Every queue between them is bounded.
+Mappers (up to 3 threads, results in order): rows validated (width, finite, non-zero norm; the others become
+error rows with a reason), L2-normalised, projected (torch, no GIL), uri_hash computed (the one stage that
+holds the GIL). Writer (the calling thread cuts): shards of `shard_size` rows, each staged (Parquet write,
+checksum, fsync) by a pool of threads and committed through the store's writer by one commit thread in stream
+order, each a prefix of the stream, so a crash at any moment then a rerun gives the rows and ids of an
+uninterrupted run. Every queue between them is bounded.
 """
 
 import logging
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..concurrency import background, cpu_count
+from ..concurrency import background, cpu_count, ordered_map
 from ..errors import BadInput, SpaceMismatch
 from ..store import Projection, Store, StoreWriter
 from ..store.shards import ERROR_SCHEMA, embedding_array, uri_hash
@@ -306,9 +307,17 @@ def _stream(units: list[Unit], offsets: Counter[str], options: ImportOptions, pr
     """Every unit's rows from its committed offset on, mapped, into the writer."""
     chunk_rows = max(1, min(options.chunk_rows, options.shard_size))
     chunk_rows = -(-options.shard_size // -(-options.shard_size // chunk_rows))  # whole chunks fill a shard
-    for unit, chunk in background(_chunks(units, offsets, chunk_rows), READ_AHEAD, "pnsfw-import-read"):
-        out.summary.bytes_read += int(getattr(chunk.embeddings, "nbytes", 0))
-        out.add(*map_chunk(chunk, unit, projection.width, projection))
+    threads = max(1, min(3, cpu_count() // 4))
+
+    def mapped(item: tuple[Unit, Chunk]) -> tuple[int, "pa.Table | None", "pa.Table | None"]:
+        unit, chunk = item
+        return int(getattr(chunk.embeddings, "nbytes", 0)), *map_chunk(chunk, unit, projection.width, projection)
+
+    chunks = background(_chunks(units, offsets, chunk_rows), READ_AHEAD, "pnsfw-import-read")
+    with ThreadPoolExecutor(threads, thread_name_prefix="pnsfw-import-map") as pool:
+        for nbytes, rows, errors in ordered_map(pool, mapped, chunks, threads + 1):
+            out.summary.bytes_read += nbytes
+            out.add(rows, errors)
 
 
 def _chunks(units: list[Unit], offsets: Counter[str], chunk_rows: int) -> Iterator[tuple[Unit, Chunk]]:

@@ -11,6 +11,7 @@ than a few MB and returns them when it is freed, so each 64 MB chunk paid its pa
 chunk on the 2-core VM, 0.2-0.9 us a 512-d row); the pool hands the same pages back.
 """
 
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,16 +25,28 @@ UNIT_TOLERANCE = 2e-3  # |norm - 1| of fp16 rows that were unit length before ro
 NOT_FINITE, ZERO = 2, 3  # codes of importer.REASONS
 
 
+_threads = threading.Lock()
+_inside = [0, 0]  # callers inside one_thread now, torch's thread count before the first of them
+
+
 @contextmanager
 def one_thread() -> Iterator[None]:
+    """torch ops on the calling thread only (the setting is process-wide: with several mapper threads inside,
+    the first one in sets it and the last one out restores it)."""
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _threads:
+        if not _inside[0]:
+            _inside[1] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _inside[0] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _threads:
+            _inside[0] -= 1
+            if not _inside[0]:
+                torch.set_num_threads(_inside[1])
 
 
 def pooled_empty(shape: tuple[int, int], dtype: "np.dtype | type") -> np.ndarray:
