@@ -49,7 +49,7 @@ class ImportOptions(IngestOptions):
 
     layout: str = "auto"
     embedding_column: str | None = None
-    shard_size: int = 100_000
+    shard_size: int = 50_000  # as `index` writes them: the bulk scorer reads both alike
     chunk_rows: int = 65_536
     stage_threads: int = 0  # shards written at once while the next are read; 0: min(4, cores)
 
