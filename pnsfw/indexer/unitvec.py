@@ -7,8 +7,8 @@ budget of a 1 GB/s import, so the arithmetic runs in torch on the CPU, one threa
 (what clip-retrieval writes) are kept bit for bit, so the common case copies nothing.
 
 Large arrays come from Arrow's memory pool (`pooled_empty`): numpy maps fresh pages for every array of more
-than a few MB and returns them when it is freed, so each 64 MB chunk paid its page faults again (~12-60 ms a
-chunk on the 2-core VM, 0.2-0.9 us a 512-d row); the pool hands the same pages back.
+than a few MB and returns them when it is freed, so each 64 MB chunk paid its page faults again (12-48 ms a
+chunk on the 2-core VM, ad-hoc timing); the pool hands freed pages back (docs/benchmarks.md, import round 3).
 """
 
 import threading
