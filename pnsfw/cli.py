@@ -305,7 +305,8 @@ def index(sources: tuple[str, ...], store: str, model: str | None, device: str, 
               ".npy file. An existing store keeps its own.")
 @click.option("--embedding-column", default=None, help="parquet layout: the embedding column (default: embedding).")
 @click.option("--uri-column", default=None, help="The uri column (default: uri, image_path or url).")
-@click.option("--shard-size", default="100k", type=SIZE, show_default=True, help="Rows per shard at most.")
+@click.option("--shard-size", default="50k", type=SIZE, show_default=True,
+              help="Rows per shard at most (as `index` writes them).")
 @click.option("--no-faiss", is_flag=True, help="Do not build/update the FAISS index.")
 def import_command(paths: tuple[str, ...], store: str, layout: str, model: "str | None", projection: "str | None",
                    embedding_column: "str | None", uri_column: "str | None", shard_size: int, no_faiss: bool) -> None:

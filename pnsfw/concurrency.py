@@ -6,6 +6,8 @@
 - Thread pools are `concurrent.futures.ThreadPoolExecutor` (same `submit` API).
 - `read_ahead(pool, fn, items, ahead)`: (item, future) pairs in input order with at most `ahead` in flight;
   `ordered_map(...)`: their results. `pool=None` runs `fn` inline (lazily, in order).
+- `background(items, ahead)`: an iterator advanced on a thread of its own, at most `ahead` items ahead of the
+  consumer (a reader that overlaps the stage after it; the iterator's own state stays on one thread).
 
 A stage's exception reaches the consumer with its own type (the worker's traceback is attached as the
 cause, as concurrent.futures does), so a domain error raised in a worker is reported like any other.
@@ -31,7 +33,8 @@ from .errors import WorkerLost
 
 T = TypeVar("T")
 R = TypeVar("R")
-__all__ = ["Executor", "ProcessPool", "Task", "WorkerLost", "cpu_count", "ordered_map", "read_ahead"]
+__all__ = ["Executor", "ProcessPool", "Task", "WorkerLost", "background", "cpu_count", "ordered_map",
+           "read_ahead"]
 
 
 class Executor(Protocol):
@@ -290,3 +293,44 @@ def ordered_map(pool: Executor | None, fn: Callable[[T], R], items: Iterable[T],
     """fn over items in input order, bounded read-ahead; the first failure is raised with its own type."""
     for _, future in read_ahead(pool, fn, items, ahead):
         yield future.result()
+
+
+def _feed(items: Iterable[T], out: queue.Queue[tuple[bool, Any]], stop: threading.Event) -> None:
+    """Put (True, item) for each item, then (False, None) or (False, exception); stops when told to."""
+    try:
+        for item in items:
+            while not stop.is_set():
+                try:
+                    out.put((True, item), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+        out.put((False, None))
+    except BaseException as exc:
+        out.put((False, exc))
+
+
+def background(items: Iterable[T], ahead: int, name: str = "pnsfw-read-ahead") -> Iterator[T]:
+    """items advanced on a thread, at most `ahead` (>= 1) waiting for the consumer; its exception is raised
+    here, with its own type. Leaving the loop early stops the thread (at its next item)."""
+    out: queue.Queue[tuple[bool, Any]] = queue.Queue(max(1, ahead))
+    stop = threading.Event()
+    thread = threading.Thread(target=_feed, args=(items, out, stop), name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, value = out.get()
+            if not more:
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a put, then let it see `stop`
+            try:
+                out.get(timeout=0.05)
+            except queue.Empty:
+                pass

@@ -2,6 +2,7 @@
 
 Usage: python scripts/bench_import.py [--rows 1000000] [--parts 4] [--dim 512] [--shard-size 262144]
                                       [--unnormalised] [--folder DIR] [--profile] [--stages] [--warm]
+                                      [--stage-threads N] [--score] [--device cpu|cuda]
                                       [--out bench_import.json]
 
 Writes a clip-retrieval folder (img_emb/img_emb_N.npy float16 + metadata/metadata_N.parquet with url and
@@ -12,6 +13,10 @@ files are in the page cache after writing (the usual case for a rerun; cold read
 the store is written to --folder too, so put it on the disk you mean to measure. Prints a table, writes JSON.
 --stages then also times each stage of one shard alone, on this thread (best of 3, us per row): what one core
 costs per row whatever the machine's core count.
+--score then scores the imported store with `pnsfw score`'s bulk scorer (score_store; a random 256-unit tanh
+model written as a weights file, no Keras) and a store of the same rows and width written by the indexer's
+writer (StoreWriter.commit_shards, 50k-row shards as `index` writes them, as bench_score.py builds its store),
+interleaved, --score-runs each; reports vectors/s of both and their ratio.
 """
 
 import argparse
@@ -50,10 +55,11 @@ def write_folder(root: Path, rows: int, parts: int, dim: int, normalised: bool) 
     return total
 
 
-def run(folder: Path, store: Path, shard_size: int, profile: bool) -> tuple[float, float, object, list[str]]:
+def run(folder: Path, store: Path, shard_size: int, profile: bool,
+        stage_threads: int = 0) -> tuple[float, float, object, list[str]]:
     from pnsfw.indexer.importer import ImportOptions, run_import
 
-    options = ImportOptions(shard_size=shard_size)
+    options = ImportOptions(shard_size=shard_size, stage_threads=stage_threads)
     profiler = cProfile.Profile() if profile else None
     start, cpu = time.perf_counter(), time.process_time()
     if profiler:
@@ -116,6 +122,76 @@ def stages(folder: Path, work: Path, shard_size: int, dim: int) -> dict[str, obj
     return {**per_row, "rows": rows, "import torch (s, a fresh process)": round(torch_s, 2)}
 
 
+def random_model(store_root: Path, name: str = "bench", units: int = 256) -> None:
+    """A [BatchNorm -> Dense(tanh) -> Dense(sigmoid)] model with random weights, saved as training saves it."""
+    from pnsfw.classifier.model import model_paths
+    from pnsfw.classifier.weights import save_weights
+    from pnsfw.store import Store
+    from pnsfw.store.artifacts import ModelStage
+
+    store = Store.open(store_root)
+    rng, dim = np.random.default_rng(7), store.dim
+    layers = [{"kind": "batchnorm", "gamma": np.ones(dim), "beta": np.zeros(dim), "mean": np.zeros(dim),
+               "var": np.full(dim, 1.0 / dim), "epsilon": 1e-3},
+              {"kind": "dense", "kernel": rng.standard_normal((dim, units)) / np.sqrt(dim), "bias": np.zeros(units),
+               "activation": "tanh"},
+              {"kind": "dense", "kernel": rng.standard_normal((units, 1)) / np.sqrt(units), "bias": np.zeros(1),
+               "activation": "sigmoid"}]
+    staged = ModelStage(store, name)
+    paths = model_paths(staged.folder, name)
+    save_weights(paths["weights"], layers)
+    meta = {"name": name, "classes": ["nsfw", "sfw"], "nsfw_classes": ["nsfw"], "threshold": 0.5,
+            "space": store.space, "dim": dim}
+    paths["meta"].write_text(json.dumps(meta))
+    staged.commit()
+
+
+def writer_copy(imported: Path, target: Path, shard_rows: int = 50_000) -> dict[str, object]:
+    """The imported store's rows (ids, uris, vectors, metadata) rewritten by StoreWriter in the indexer's shards."""
+    from pnsfw.store import Store
+
+    source = Store.open(imported)
+    names = pq.read_schema(Path(imported) / "shards" / source.shards[0].name).names
+    table = source.table([n for n in names if n != "uri_hash"])  # the writer hashes the uris itself
+    with Store(target).writer() as writer:
+        writer.set_space(dict(source.encoder), source.projection())
+        writer.commit_shards([table.slice(i, shard_rows) for i in range(0, table.num_rows, shard_rows)],
+                             threads=os.cpu_count() or 1)
+    copy = Store.open(target)
+    return {"shards": len(copy.shards), "rows": copy.rows}
+
+
+def score_both(imported: Path, work: Path, device: str, runs: int) -> dict[str, object]:
+    """score_store vectors/s on the imported store and on its StoreWriter copy, interleaved, best of `runs`."""
+    from pnsfw.classifier.scoring import score_store, scores_of
+    from pnsfw.store import Store
+
+    copy = work / "writer-store"
+    shutil.rmtree(copy, ignore_errors=True)
+    layout = {"imported": {"shards": len(Store.open(imported).shards)}, "writer": writer_copy(imported, copy)}
+    stores = {"imported": imported, "writer": copy}
+    for root in stores.values():
+        random_model(root)
+    rates: dict[str, list[float]] = {name: [] for name in stores}
+    for _ in range(runs):
+        for name, root in stores.items():
+            store = Store.open(root)
+            store.fs.delete(scores_of(store, "bench").folder)
+            summary = score_store(root, "bench", device=device, engine="auto")
+            rates[name].append(round(summary.vectors_per_s))
+    best = {name: max(values) for name, values in rates.items()}
+    return {"device": device, "runs": rates, "best_vectors_per_s": best, "layout": layout,
+            "imported_over_writer": round(best["imported"] / best["writer"], 3)}
+
+
+def variants(args: argparse.Namespace) -> None:
+    """Swap one round-3 change back for an A/B run in one process (code of this branch only)."""
+    if args.numpy_chunks:
+        from pnsfw.indexer import import_layouts
+
+        import_layouts.pooled_empty = lambda shape, dtype: np.empty(shape, dtype)  # type: ignore[assignment]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -129,18 +205,32 @@ def main() -> None:
     parser.add_argument("--warm", action="store_true",
                         help="Time a second import in the same process (the first into a scratch store): the "
                              "steady rate of a long import, without torch's start-up and first-touch page faults.")
+    parser.add_argument("--stage-threads", type=int, default=0, help="Shard-writing threads (0: the default).")
+    parser.add_argument("--score", action="store_true", help="Also score the imported store and a StoreWriter copy.")
+    parser.add_argument("--score-runs", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="Scoring device for --score (cpu, cuda).")
+    parser.add_argument("--keep-folder", action="store_true", help="Leave the clip-retrieval folder (--folder).")
+    parser.add_argument("--numpy-chunks", action="store_true",
+                        help="Variant: read chunks into fresh numpy arrays, not Arrow's pool (as before round 3).")
     parser.add_argument("--out", default="bench_import.json")
     args = parser.parse_args()
+    variants(args)
     work = Path(args.folder or tempfile.mkdtemp(prefix="bench_import_"))
     try:
-        total = write_folder(work / "laion", args.rows, args.parts, args.dim, not args.unnormalised)
+        laion = work / "laion"
+        if (laion / "img_emb").is_dir() and args.keep_folder:
+            total = sum(np.load(f, mmap_mode="r").nbytes for f in (laion / "img_emb").glob("*.npy"))
+        else:
+            total = write_folder(laion, args.rows, args.parts, args.dim, not args.unnormalised)
+        shutil.rmtree(work / "store", ignore_errors=True)
         if args.warm:  # a first import into a scratch store: torch loaded, the process's memory grown
-            run(work / "laion", work / "warm-up", args.shard_size, False)
+            run(laion, work / "warm-up", args.shard_size, False, args.stage_threads)
             shutil.rmtree(work / "warm-up")
-        seconds, cpu, summary, top = run(work / "laion", work / "store", args.shard_size, args.profile)
+        seconds, cpu, summary, top = run(laion, work / "store", args.shard_size, args.profile, args.stage_threads)
         rows = summary.imported
         result = {"rows": rows, "dim": args.dim, "parts": args.parts, "shard_size": args.shard_size,
                   "embedding_bytes": total, "unit_length": not args.unnormalised, "warm": args.warm,
+                  "stage_threads": args.stage_threads, "loadavg_1m_after": os.getloadavg()[0],
                   "folder": str(work), "seconds": round(seconds, 3), "gb_per_s": round(total / seconds / 1e9, 3),
                   "rows_per_s": round(rows / seconds),
                   "cpu_seconds": round(cpu, 3), "cpu_us_per_row": round(cpu / rows * 1e6, 3),
@@ -157,6 +247,9 @@ def main() -> None:
             for name, value in result["stages_us_per_row"].items():
                 wall, cpu = (value["wall"], value["cpu"]) if isinstance(value, dict) else (value, "")
                 print(f"{wall:>9}  {cpu:>9}  {name}")
+        if args.score:
+            result["score"] = score_both(work / "store", work, args.device, args.score_runs)
+            print(json.dumps(result["score"]))
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     finally:
         if not args.folder:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pnsfw.concurrency import ProcessPool, ordered_map, read_ahead
+from pnsfw.concurrency import ProcessPool, background, ordered_map, read_ahead
 from pnsfw.errors import BadInput, WorkerLost
 
 
@@ -125,3 +125,39 @@ def test_every_pnsfw_environment_variable_is_documented():
     assert {"PNSFW_STORE", "PNSFW_MODEL", "PNSFW_API_TOKEN"} <= names
     undocumented = sorted(n for n in names if not re.search(rf"`{n}[`=]", readme))
     assert not undocumented, f"not documented in README.md: {undocumented}"
+
+
+def test_background_keeps_order_bounds_read_ahead_and_raises_the_iterators_error():
+
+    produced = []
+
+    def items():
+        for i in range(10):
+            produced.append(i)
+            yield i
+        raise KeyError("reader failed")
+
+    got = []
+    with pytest.raises(KeyError, match="reader failed"):
+        for item in background(items(), ahead=2):
+            time.sleep(0.01)
+            assert len(produced) - len(got) <= 4  # queue of 2, one being put, one being handed over
+            got.append(item)
+    assert got == list(range(10))
+
+
+def test_background_stops_its_thread_when_the_consumer_leaves():
+
+    def forever():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    for item in background(forever(), ahead=3, name="pnsfw-test-bg"):
+        if item == 5:
+            break
+    deadline = time.time() + 5
+    while any(t.name == "pnsfw-test-bg" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "pnsfw-test-bg" for t in threading.enumerate())

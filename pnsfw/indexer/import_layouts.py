@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from ..errors import SourceError
 from .place import Place
 from .sources import uri_column
+from .unitvec import pooled_empty
 
 log = logging.getLogger("pnsfw.indexer")
 EMBEDDING_COLUMNS = ("embedding", "emb", "img_emb", "image_embedding")
@@ -93,8 +94,9 @@ def _npy_header(path: Place) -> NpyHeader:
 
 
 def _read_rows(file: Any, header: NpyHeader, count: int) -> np.ndarray:
-    """The next COUNT rows, read into a fresh array (one read call: page-cache copies beat memory-map faults)."""
-    rows = np.empty((count, header.shape[1]), header.dtype)
+    """The next COUNT rows, read into an array of Arrow's pool (one read call: page-cache copies beat memory-map
+    faults; the pool's pages are reused, a fresh numpy array's are faulted in again)."""
+    rows = pooled_empty((count, header.shape[1]), header.dtype)
     view = memoryview(rows.reshape(-1).view(np.uint8).data)
     done = 0
     while done < len(view):

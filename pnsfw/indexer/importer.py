@@ -1,16 +1,21 @@
-"""`pnsfw import`: embeddings other tools computed -> store shards (reader -> mapper -> writer).
+"""`pnsfw import`: embeddings other tools computed -> store shards (reader -> mapper -> writer), overlapped.
 
-Reader: the layouts of import_layouts.py, in units streamed from the row where the store's commits of that unit
-end (so a rerun resumes, and a second import adds nothing). Mapper: rows validated (width, finite, non-zero
-norm; the others become error rows with a reason), L2-normalised, projected. Writer: shards of `shard_size`
-rows committed through the store's writer, each a prefix of the stream, so a crash at any moment then a rerun
-gives the rows and ids of an uninterrupted run.
+Reader (a thread of its own, READ_AHEAD chunks ahead): the layouts of import_layouts.py, in units streamed from
+the row where the store's commits of that unit end (so a rerun resumes, and a second import adds nothing).
+Mappers (up to 3 threads, results in order): rows validated (width, finite, non-zero norm; the others become
+error rows with a reason), L2-normalised, projected (torch, no GIL), uri_hash computed (the one stage that
+holds the GIL). Writer (the calling thread cuts): shards of `shard_size` rows, each staged (Parquet write,
+checksum, fsync) by a pool of threads and committed through the store's writer by one commit thread in stream
+order, each a prefix of the stream, so a crash at any moment then a rerun gives the rows and ids of an
+uninterrupted run. Every queue between them is bounded.
 """
 
 import logging
+import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import Future
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..concurrency import cpu_count
+from ..concurrency import background, cpu_count, ordered_map
 from ..errors import BadInput, SpaceMismatch
 from ..store import Projection, Store, StoreWriter
-from ..store.shards import ERROR_SCHEMA, embedding_array
+from ..store.shards import ERROR_SCHEMA, embedding_array, uri_hash
 from ..store.writer import StagedCommit
 from .encoder import known_fingerprint
 from .import_layouts import Chunk, Unit, open_units
@@ -35,6 +40,7 @@ log = logging.getLogger("pnsfw.indexer")
 KNOWN_WIDTHS = {"RN50": 1024, "RN101": 512, "RN50x4": 640, "RN50x16": 768, "RN50x64": 1024, "ViT-B/32": 512,
                 "ViT-B/16": 512, "ViT-L/14": 768, "ViT-L/14@336px": 768}
 DEFAULT_FOR_WIDTH = {512: "ViT-B/32", 768: "ViT-L/14"}
+READ_AHEAD = 2  # chunks read and waiting for the mapper
 
 
 @dataclass
@@ -43,7 +49,7 @@ class ImportOptions(IngestOptions):
 
     layout: str = "auto"
     embedding_column: str | None = None
-    shard_size: int = 100_000
+    shard_size: int = 50_000  # as `index` writes them: the bulk scorer reads both alike
     chunk_rows: int = 65_536
     stage_threads: int = 0  # shards written at once while the next are read; 0: min(4, cores)
 
@@ -143,10 +149,12 @@ def _fixed(metadata: pa.Table, name: str, kind: pa.DataType) -> "pa.Array | None
 
 
 def _rows_table(metadata: pa.Table, uri_column: str, source: str, vectors: np.ndarray) -> pa.Table:
-    """The shard columns (the store adds uri_hash), then the other metadata columns as they came."""
+    """The shard columns (uri_hash too: hashed here, chunk by chunk, not by the threads that write shards), then
+    the other metadata columns as they came."""
     n = metadata.num_rows
-    columns: dict[str, Any] = {"uri": metadata.column(uri_column).cast(pa.string()),
-                               "source": pa.repeat(pa.scalar(source, pa.string()), n)}
+    uris = metadata.column(uri_column).cast(pa.string())
+    columns: dict[str, Any] = {"uri": uris, "source": pa.repeat(pa.scalar(source, pa.string()), n),
+                               "uri_hash": pa.array(uri_hash(uris), pa.uint64())}
     used = {uri_column}
     for name, kind in (("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32())):
         given = _fixed(metadata, name, kind)
@@ -198,23 +206,25 @@ def map_chunk(chunk: Chunk, unit: Unit, width: int, projection: Projection) -> t
 # ---- writer and runner
 class ImportWriter:
     """Buffers mapped chunks; cuts them into shards of <= shard_size rows (rows with ids + error rows), each
-    committed as one manifest version, in order.
+    committed as one manifest version, in stream order.
 
-    A cut shard is staged (Parquet write, checksum, fsync) by a pool of `depth` threads while the next ones are
-    read and mapped; the oldest staged shard is committed once more than `depth` wait, so memory stays bounded
-    by depth + 1 shards and a crash leaves a prefix of the stream committed (staged files of a dead run are
-    orphans the store sweeps).
+    A cut shard is staged (Parquet write, checksum, fsync; no GIL held) by a pool of `depth` threads while the
+    next ones are read and mapped, and listed by one commit thread in the order they were cut. At most depth + 1
+    shards are cut and not yet committed (`cut` waits for the oldest commit), so memory stays bounded by about
+    depth + 2 shards. Once a stage or a commit fails, nothing after it is committed: a crash or an error leaves
+    a prefix of the stream committed (staged files of a dead run are orphans the store sweeps).
     """
 
     def __init__(self, writer: StoreWriter, shard_size: int, summary: ImportSummary, depth: int):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.writer, self.shard_size, self.summary, self.depth = writer, shard_size, summary, max(1, depth)
         self.rows: list[pa.Table] = []
         self.errors: list[pa.Table] = []
         self.pending = 0
         self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="pnsfw-import-stage")
-        self.staged: deque[tuple[Future[StagedCommit], int]] = deque()
+        self.committer = ThreadPoolExecutor(1, thread_name_prefix="pnsfw-import-commit")
+        self.slots = threading.Semaphore(self.depth + 1)
+        self.failed = threading.Event()
+        self.commits: deque[Future[None]] = deque()
         base = writer.manifest
         self.next_id, self.numbers = base.next_id, [base.next_part(base.shards), base.next_part(base.errors)]
 
@@ -231,7 +241,7 @@ class ImportWriter:
                 self.summary.failed[reason] = self.summary.failed.get(reason, 0) + n
 
     def cut(self) -> None:
-        """Stage the buffered rows as one shard (ids taken in stream order), in the background."""
+        """Stage the buffered rows as one shard (ids taken in stream order) and queue its commit."""
         if not self.rows and not self.errors:
             return
         table = None
@@ -242,25 +252,40 @@ class ImportWriter:
         errors = pa.concat_tables(self.errors) if self.errors else None
         numbers = (self.numbers[0], self.numbers[1])
         self.numbers = [numbers[0] + (table is not None), numbers[1] + (errors is not None)]
-        self.staged.append((self.pool.submit(self.writer.stage, table, errors, numbers), self.pending))
-        self.rows, self.errors, self.pending = [], [], 0
-        while len(self.staged) > self.depth:
-            self._commit_oldest()
+        count, self.rows, self.errors, self.pending = self.pending, [], [], 0
+        self.slots.acquire()  # released by a commit: at most depth + 1 shards wait
+        self._reap(wait=False)
+        staged = self.pool.submit(self.writer.stage, table, errors, numbers)
+        self.commits.append(self.committer.submit(self._commit, staged, count))
 
-    def _commit_oldest(self) -> None:
-        future, count = self.staged.popleft()
-        self.writer.commit_staged(future.result())
-        self.summary.imported += count
+    def _commit(self, staged: "Future[StagedCommit]", count: int) -> None:
+        """On the commit thread, in cut order; after a failure the later shards are not committed."""
+        try:
+            if self.failed.is_set():
+                raise RuntimeError("not committed: an earlier shard failed")
+            self.writer.commit_staged(staged.result())
+            self.summary.imported += count
+        except BaseException:
+            self.failed.set()
+            raise
+        finally:
+            self.slots.release()
+
+    def _reap(self, wait: bool) -> None:
+        """Drop finished commits from the front, raising the first failure (with its own type)."""
+        while self.commits and (wait or self.commits[0].done()):
+            self.commits.popleft().result()
 
     def finish(self) -> None:
-        """Cut the rest, then commit every staged shard in order."""
+        """Cut the rest, then wait until every shard is committed, in order."""
         self.cut()
-        while self.staged:
-            self._commit_oldest()
+        self._reap(wait=True)
 
     def close(self) -> None:
-        """Wait for the staging threads (after an error nothing more is committed)."""
-        self.pool.shutdown(wait=True)
+        """Stop the threads; after an error nothing more is committed."""
+        self.failed.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.committer.shutdown(wait=True, cancel_futures=True)
 
 
 def _first_chunk(units: list[Unit], offsets: Counter[str], options: ImportOptions) -> "tuple[int, np.ndarray] | None":
@@ -281,12 +306,26 @@ def _stream(units: list[Unit], offsets: Counter[str], options: ImportOptions, pr
             out: ImportWriter) -> None:
     """Every unit's rows from its committed offset on, mapped, into the writer."""
     chunk_rows = max(1, min(options.chunk_rows, options.shard_size))
+    chunk_rows = -(-options.shard_size // -(-options.shard_size // chunk_rows))  # whole chunks fill a shard
+    threads = max(1, min(3, cpu_count() // 4))
+
+    def mapped(item: tuple[Unit, Chunk]) -> tuple[int, "pa.Table | None", "pa.Table | None"]:
+        unit, chunk = item
+        return int(getattr(chunk.embeddings, "nbytes", 0)), *map_chunk(chunk, unit, projection.width, projection)
+
+    chunks = background(_chunks(units, offsets, chunk_rows), READ_AHEAD, "pnsfw-import-read")
+    with ThreadPoolExecutor(threads, thread_name_prefix="pnsfw-import-map") as pool:
+        for nbytes, rows, errors in ordered_map(pool, mapped, chunks, threads + 1):
+            out.summary.bytes_read += nbytes
+            out.add(rows, errors)
+
+
+def _chunks(units: list[Unit], offsets: Counter[str], chunk_rows: int) -> Iterator[tuple[Unit, Chunk]]:
+    """(unit, chunk) from every unit's committed offset on, in order."""
     for unit in units:
-        if offsets[unit.source] >= unit.rows:
-            continue
-        for chunk in unit.read(offsets[unit.source], chunk_rows):
-            out.summary.bytes_read += int(getattr(chunk.embeddings, "nbytes", 0))
-            out.add(*map_chunk(chunk, unit, projection.width, projection))
+        if offsets[unit.source] < unit.rows:
+            for chunk in unit.read(offsets[unit.source], chunk_rows):
+                yield unit, chunk
 
 
 def run_import(paths: list[str], store_root: "str | Path", options: ImportOptions | None = None) -> ImportSummary:

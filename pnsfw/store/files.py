@@ -43,8 +43,11 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, read into one reused buffer (no fresh 4 MB bytes object per read)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while got := f.readinto(buffer):
+            digest.update(view[:got])
     return digest.hexdigest()

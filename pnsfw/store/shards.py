@@ -43,27 +43,38 @@ def shard_schema(dim: int, extra: tuple[str, ...] = ()) -> pa.Schema:
     ])
 
 
+HASH_BATCH = 4096  # uris hashed per call: the GIL is held within one (~1.5 ms), other threads run between
+
+
 def uri_hash(uris: list[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """uint64 per uri: the first 8 bytes (little-endian) of blake2b of its UTF-8, as hashlib computes it (stable
     across runs, machines and Python versions). hashlib one uri at a time costs ~0.35 us a uri, about a third
-    of the CPU time of blake2b's rounds vectorised over uint64 lanes in numpy (measured: docs/benchmarks.md)."""
+    of the CPU time of blake2b's rounds vectorised over uint64 lanes in numpy (measured: docs/benchmarks.md).
+    It holds the GIL, so it runs in batches of HASH_BATCH uris: a thread that waits for the GIL (a reader, a
+    shard writer) gets it between batches, not after the whole column."""
     if isinstance(uris, (pa.Array, pa.ChunkedArray)):
         if uris.null_count:
             raise ValueError("uri_hash of a null uri")
-        data = uris.cast(pa.large_binary()).to_pylist()
+        binary = uris.cast(pa.large_binary())
+        batches = (binary.slice(i, HASH_BATCH).to_pylist() for i in range(0, len(binary), HASH_BATCH))
     else:
         data = [u.encode("utf-8", "surrogateescape") for u in uris]
+        batches = (data[i:i + HASH_BATCH] for i in range(0, len(data), HASH_BATCH))
     digest = functools.partial(hashlib.blake2b, digest_size=8)
-    hashed: np.ndarray = np.frombuffer(b"".join(map(hashlib.blake2b.digest, map(digest, data))), "<u8").copy()
+    joined = b"".join([b"".join(map(hashlib.blake2b.digest, map(digest, batch))) for batch in batches])
+    hashed: np.ndarray = np.frombuffer(joined, "<u8").copy()
     return hashed
 
 
 def normalize_rows(table: pa.Table, dim: int) -> pa.Table:
-    """A rows table in the shard schema: uri_hash computed from the uri, extra columns as strings."""
+    """A rows table in the shard schema: uri_hash computed from the uri (kept when the table has it already: the
+    importer hashes chunk by chunk as it maps them), extra columns as strings."""
     columns: dict[str, Any] = {}
     for name in ("id", "uri", "source", "sha256", "width", "height"):
         columns[name] = table.column(name)
-    columns["uri_hash"] = pa.array(uri_hash(table.column("uri")), pa.uint64())
+    given = table.column("uri_hash") if "uri_hash" in table.column_names else None
+    keep = given is not None and given.type == pa.uint64() and not given.null_count
+    columns["uri_hash"] = given if keep else pa.array(uri_hash(table.column("uri")), pa.uint64())
     columns["embedding"] = table.column("embedding")
     extra = tuple(n for n in table.column_names if n not in FIXED_COLUMNS)
     for name in extra:
