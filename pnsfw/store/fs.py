@@ -11,7 +11,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +87,19 @@ class FileSystem:
     def open_ranges(self, rel: str) -> Any:
         """Like open_input, for reading a few byte ranges (a footer, one row group) with no read-ahead."""
         return self.open_input(rel)
+
+    def read_ranges(self, rel: str, ranges: Sequence[tuple[int, int]]) -> Sequence[bytes]:
+        """Bytes [start, end) of file rel for each range (object stores: one concurrent ranged GET each)."""
+        raise NotImplementedError
+
+    def read_tail(self, rel: str, length: int) -> tuple[bytes, int]:
+        """(the last `length` bytes of file rel, or all of a shorter file; its size) in one request (a Parquet
+        footer and the size check of a shard at once). FileNotFoundError when it is missing."""
+        raise NotImplementedError
+
+    def read_sized(self, rel: str) -> bytes:
+        """All of file rel in one request (what a reader of most of a shard wants on an object store)."""
+        return self.read_bytes(rel)
 
     def local_path(self, rel: str) -> Path:
         """A local copy of file or folder rel (the file itself for a local store)."""
@@ -186,6 +199,16 @@ class LocalFS(FileSystem):
                 return sorted(entries, key=lambda e: e.name)
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def read_ranges(self, rel: str, ranges: Sequence[tuple[int, int]]) -> Sequence[bytes]:
+        with open(self._p(rel), "rb") as f:
+            return [os.pread(f.fileno(), end - start, start) for start, end in ranges]
+
+    def read_tail(self, rel: str, length: int) -> tuple[bytes, int]:
+        with open(self._p(rel), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            start = max(0, size - length)
+            return os.pread(f.fileno(), size - start, start), size
 
     def exists(self, rel: str) -> bool:
         return self._p(rel).exists()
