@@ -111,3 +111,22 @@ def s3_requests(metrics_port: int) -> dict[str, int]:
 def request_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
             if after.get(k, 0) != before.get(k, 0)}
+
+
+def counting_s3() -> "object":
+    """A real s3fs filesystem (the store's options, endpoint from AWS_ENDPOINT_URL) that counts its S3 API calls
+    by method in `.calls` (a Counter): inject it with `Store(url, fs=FsspecFS(url, fs=counting_s3()))`."""
+    from collections import Counter
+
+    import s3fs
+
+    from pnsfw.store.remote import fsspec_options
+
+    class CountingS3(s3fs.S3FileSystem):
+        async def _call_s3(self, method: str, *args: object, **kwargs: object) -> object:
+            self.calls[method] += 1
+            return await super()._call_s3(method, *args, **kwargs)
+
+    fs = CountingS3(**fsspec_options("s3"))
+    fs.calls = Counter()
+    return fs

@@ -27,7 +27,8 @@ from .records import Shard
 CACHE_BYTES = 256 << 20  # decoded row groups a long-lived reader keeps (uris of search hits, item metadata)
 FOOTERS = 65536  # shard footers (a few KB each) and page maps kept
 FOOTER_READ = 64 << 10  # the suffix read for a footer (a shard's is a few KB; a longer one takes a second read)
-MERGE_GAP = 1 << 20  # column chunks of a row group closer than this are read in one request
+MERGE_GAP = 8 << 10  # column chunks of a row group closer than this are read in one request (as pyarrow's
+# pre-buffer joins holes up to 8 KiB); farther ones are separate ranged GETs, concurrent
 MAX_VALUE_READS = 4096  # more rows of one row group than this: the group is read whole
 
 
