@@ -24,7 +24,7 @@ def _write(path: Path, rows: int, nulls: bool = False, **options: object) -> np.
     return values
 
 
-def _map(path: Path, group: int = 0):  # noqa: ANN202
+def _map(path: Path, group: int = 0):
     fs = LocalFS(path.parent)
     meta = pq.ParquetFile(path).metadata
     chunk = meta.row_group(group).column(1)
@@ -60,7 +60,7 @@ def test_parts_file_serves_known_parts_and_fetches_the_rest(tmp_path: Path) -> N
     data = bytes(range(256)) * 40
     fetched: list[tuple[int, int]] = []
 
-    def fetch(ranges):  # noqa: ANN001, ANN202
+    def fetch(ranges):
         fetched.extend(ranges)
         return [data[a:b] for a, b in ranges]
 
