@@ -31,6 +31,8 @@ from .pipeline import Pipeline
 __all__ = ["BATCH_ROWS", "TORCH_DTYPES", "Engine", "UriStash", "lookup_scores", "make_engine", "part_writer",
            "score_store", "scored_parts", "shard_reader"]
 
+REMOTE_READERS = 4  # reader threads for a store on object storage: shards downloading ahead of the engine
+
 
 @dataclass
 class ScoreSummary:
@@ -208,6 +210,7 @@ def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str 
             engine = make_engine(clf, engine, device, precision, batch_rows) if todo else Engine(engine, precision, 0)
         summary.engine, summary.precision = engine.name, engine.precision
         stash = UriStash(store)
+        readers = readers or (0 if store.fs.local else REMOTE_READERS)
         pipeline = Pipeline(engine, _read_shard(store, stash), _write_part(clf, scores, stash), commit,
                             readers, writers)
         # a Shard has the .name the pipeline uses

@@ -11,16 +11,18 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from ..errors import StoreError
 from . import hooks
 from .files import fsync
 
+T = TypeVar("T")
+R = TypeVar("R")
 WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too large",
                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
                 errno.EPERM: "operation not permitted", errno.EDQUOT: "disk quota exceeded"}
@@ -97,8 +99,14 @@ class FileSystem:
         footer and the size check of a shard at once). FileNotFoundError when it is missing."""
         raise NotImplementedError
 
-    def read_sized(self, rel: str) -> bytes:
-        """All of file rel in one request (what a reader of most of a shard wants on an object store)."""
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """fn over items (requests of this file system), results in input order: in turn on a local disk,
+        a few at a time on an object store (round trips overlap; read-ahead bounded)."""
+        return map(fn, items)
+
+    def read_sized(self, rel: str, size: int | None = None) -> bytes:
+        """All of file rel (what a reader of most of a shard wants on an object store): one GET, or with the
+        `size` it should have, a few concurrent ranged GETs (a file of another size is read whole)."""
         return self.read_bytes(rel)
 
     def local_path(self, rel: str) -> Path:

@@ -21,9 +21,9 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import StoreError
 from . import hooks
@@ -31,6 +31,11 @@ from .fs import Entry, FileSystem, write_failure
 
 log = logging.getLogger("pnsfw.store")
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+PART_BYTES = 8 << 20  # a whole-file read of a known size goes as concurrent ranged GETs of at least this
+PARTS = 4  # ... and at most this many (two were 1.3-1.5x faster than one GET of a 27 MB shard on SeaweedFS)
+IO_THREADS = 8  # FsspecFS.map: requests in flight at once (listings of folders, footers of shards)
+T = TypeVar("T")
+R = TypeVar("R")
 POOL_CONNECTIONS = 32  # per shared client: concurrent ranged GETs of reader threads (botocore's default: 10)
 _SHARED: dict[tuple[int, str, str], Any] = {}
 _SHARED_LOCK = threading.Lock()
@@ -116,11 +121,17 @@ class FsspecFS(FileSystem):
 
     def _get(self, rel: str, byte_range: str | None = None) -> tuple[bytes, int]:
         """One S3 GetObject (no HEAD first): (body, the object's size)."""
+        return self._get_many(rel, [byte_range])[0]
+
+    def _get_many(self, rel: str, byte_ranges: Sequence[str | None]) -> list[tuple[bytes, int]]:
+        """Concurrent S3 GetObjects of one object, each (body, the object's size from its Content-Range)."""
+        import asyncio
+
         from fsspec.asyn import sync
 
         bucket, key, _ = self.fs.split_path(self._p(rel))
 
-        async def get() -> tuple[bytes, int]:
+        async def get(byte_range: str | None) -> tuple[bytes, int]:
             extra = {"Range": byte_range} if byte_range else {}
             response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
             try:
@@ -130,8 +141,19 @@ class FsspecFS(FileSystem):
             total = _TOTAL.search(str(response.get("ContentRange") or ""))
             return body, int(total.group(1)) if total else int(response.get("ContentLength", len(body)))
 
-        result: tuple[bytes, int] = sync(self.fs.loop, get)
+        async def every() -> list[tuple[bytes, int]]:
+            return list(await asyncio.gather(*(get(r) for r in byte_ranges)))
+
+        result: list[tuple[bytes, int]] = sync(self.fs.loop, every)
         return result
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..concurrency import ordered_map
+
+        with ThreadPoolExecutor(IO_THREADS, "store-io") as pool:
+            yield from ordered_map(pool, fn, items, 2 * IO_THREADS)
 
     def read_bytes(self, rel: str) -> bytes:
         if self.s3:
@@ -139,12 +161,22 @@ class FsspecFS(FileSystem):
         data: bytes = self.fs.cat_file(self._p(rel))
         return data
 
-    def read_sized(self, rel: str) -> bytes:
-        return self.read_bytes(rel)
+    def read_sized(self, rel: str, size: int | None = None) -> bytes:
+        if not self.s3 or size is None or size < 2 * PART_BYTES:
+            return self.read_bytes(rel)
+        step = max(PART_BYTES, -(-size // PARTS))
+        parts = self._get_many(rel, [f"bytes={a}-{min(size, a + step) - 1}" for a in range(0, size, step)])
+        if any(total != size for _, total in parts):  # the object is not the size expected: read what it is
+            return self.read_bytes(rel)
+        return b"".join(body for body, _ in parts)
 
     def read_ranges(self, rel: str, ranges: Sequence[tuple[int, int]]) -> Sequence[bytes]:
         if not ranges:
             return []
+        if self.s3:  # one concurrent GET per non-empty range
+            wanted = [(a, b) for a, b in ranges if b > a]
+            bodies = iter(self._get_many(rel, [f"bytes={a}-{b - 1}" for a, b in wanted]) if wanted else [])
+            return [next(bodies)[0] if b > a else b"" for a, b in ranges]
         path = self._p(rel)
         data: list[bytes] = self.fs.cat_ranges([path] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges],
                                                on_error="raise")

@@ -238,7 +238,7 @@ class Store:
         try:
             if self.fs.local:
                 return shards.parquet_file(self.shard_source(shard)).read(columns, use_threads=False)
-            data = self.fs.read_sized(f"shards/{shard.name}")
+            data = self.fs.read_sized(f"shards/{shard.name}", shard.bytes)
             if len(data) != shard.bytes:
                 raise self.damaged(shard.name, f"has {len(data)} bytes, the manifest says {shard.bytes}")
             return shards.parquet_file(pa.BufferReader(data)).read(columns, use_threads=False)
@@ -396,8 +396,7 @@ class Store:
             uris = self.errors().column("uri").to_pylist()
             failed = shards.uri_hash([u for u in uris if u is not None])
         hashes, at = np.empty(self.rows + len(failed), "<u8"), 0  # filled in place: 8 bytes a row at the peak
-        for shard in self.manifest.shards:
-            values = self._uri_hashes(shard)
+        for shard, values in zip(self.manifest.shards, self.fs.map(self._uri_hashes, self.manifest.shards)):
             if len(values) != shard.rows:
                 raise self.damaged(shard.name, f"has {len(values)} rows, the manifest says {shard.rows}")
             hashes[at:at + len(values)] = values
