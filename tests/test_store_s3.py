@@ -225,3 +225,72 @@ def test_v1_store_on_s3_opens_and_migrates(s3: str, tmp_path: Path) -> None:
     assert not store.legacy and store.version == 1 and not store.fs.exists("manifest.json")
     after = _snapshot(url)
     assert after[0] == before[0] and np.array_equal(after[1], before[1])
+
+
+def _counted(url: str) -> Store:
+    from s3_server import counting_s3
+
+    from pnsfw.store.remote import FsspecFS
+
+    return Store(url, fs=FsspecFS(url, fs=counting_s3()))
+
+
+def _calls(store: Store) -> int:
+    calls = store.fs.fs.calls  # type: ignore[attr-defined]
+    total = sum(calls.values())
+    calls.clear()
+    return total
+
+
+def test_s3_reads_take_few_requests(s3: str) -> None:
+    """Counted through a real s3fs on the real server: opening is a listing and a GET; a lookup's footer and
+    size check one suffix GET, its row group one concurrent GET per stretch of wanted columns; again: none; a
+    vector one ranged GET once its page map is known; a scored shard one GET."""
+    url = _s3_url("count")
+    store = Store(url)
+    with store.writer() as writer:
+        writer.set_space(ENCODER, random_projection(512))
+        writer.commit(_rows(writer, 300, caption=[f"c{i}" for i in range(300)]), None)
+        writer.commit(_rows(writer, 300, "v"), None)
+    store = _counted(url)
+    assert store.rows == 600 and _calls(store) == 2  # LIST _manifest/, GET the newest version
+    # the footer; then the item columns before the embedding and the caption after it (two concurrent GETs)
+    assert store.lookup([7]).column("caption").to_pylist() == ["c7"] and _calls(store) == 3
+    assert store.lookup([8]).column("uri").to_pylist() == ["u8"] and _calls(store) == 0
+    assert store.uris_of([301, 599]) == ["v1", "v299"] and _calls(store) == 2  # the other shard
+    reference = Store.open(url).vectors()[1]
+    first = store.vectors_of([5])
+    assert np.array_equal(first[0], reference[5]) and _calls(store) <= 4  # page map walk + the value
+    assert np.array_equal(store.vectors_of([9, 450]), reference[[9, 450]]) and _calls(store) <= 4
+    assert np.array_equal(store.vectors_of([10]), reference[[10]]) and _calls(store) == 1
+    table = store.read_shard(store.shards[1], ["id", "embedding", "uri"])
+    assert table.column("uri").to_pylist()[:2] == ["v0", "v1"] and _calls(store) == 1
+    assert Store(url, fs=store.fs).rows == 600 and _calls(store) == 2
+
+
+def test_cached_footers_follow_a_shard_replaced_by_repair(location: str, tmp_path: Path) -> None:
+    """A long-lived reader keeps footers and row groups by shard name and checksum: a shard file rewritten under
+    its name (a restore, then `repair` rebuilding the manifest from the files) is read afresh, never mixed."""
+    store = Store(location)
+    with store.writer() as writer:
+        writer.set_space(ENCODER, random_projection(512))
+        writer.commit(_rows(writer, 20, "old"), None)
+    reader = Store.open(location)
+    name = reader.shards[0].name
+    assert reader.uris_of([3]) == ["old3"] and reader.lookup([4]).column("uri").to_pylist() == ["old4"]
+    before = reader.vectors_of([5])
+    other = Store(tmp_path / "other")  # a shard of the same ids with other contents and another size
+    with other.writer() as writer:
+        writer.set_space(ENCODER, random_projection(512))
+        writer.commit(_rows(writer, 20, "replaced-", caption=["c"] * 20), None)
+    data = (tmp_path / "other" / "shards" / other.shards[0].name).read_bytes()
+    assert len(data) != reader.shards[0].bytes
+    reader.fs.write_bytes(f"shards/{name}", data)
+    with pytest.raises(Exception, match="bytes, the manifest says"):
+        Store.open(location).lookup([3])  # a cold reader of the old manifest sees the size differ
+    for entry in reader.fs.list("_manifest"):
+        reader.fs.delete(f"_manifest/{entry.name}")
+    repair_store(location)
+    assert reader.refresh() and reader.shards[0].name == name
+    assert reader.uris_of([3]) == ["replaced-3"] and reader.lookup([4]).column("caption").to_pylist() == ["c"]
+    assert np.array_equal(reader.vectors_of([5]), before)  # the same seed: the same vectors, read again

@@ -52,7 +52,7 @@ class CountingFile:
 
 class CountingFS:
     """The store's file system (every call passed through), recording the byte ranges read from each shard
-    and every whole-file read."""
+    (through a file object, by ranges, or a footer's suffix) and every whole-file read."""
 
     def __init__(self, inner: FileSystem):
         self.inner, self.root, self.local = inner, inner.root, inner.local
@@ -70,6 +70,15 @@ class CountingFS:
     def read_bytes(self, rel: str) -> bytes:
         self.files.append(rel)
         return self.inner.read_bytes(rel)
+
+    def read_ranges(self, rel: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        self.ranges.setdefault(rel, []).extend((a, b - a) for a, b in ranges)
+        return list(self.inner.read_ranges(rel, ranges))
+
+    def read_tail(self, rel: str, length: int) -> tuple[bytes, int]:
+        data, size = self.inner.read_tail(rel, length)
+        self.ranges.setdefault(rel, []).append((size - len(data), len(data)))
+        return data, size
 
 
 where = local_or_s3("where", "scale")

@@ -28,8 +28,10 @@ from .engines import BATCH_ROWS, TORCH_DTYPES, Engine, check_options, engine_nam
 from .model import DEFAULT_NAME, Classifier, check_name, load_classifier, model_paths
 from .pipeline import Pipeline
 
-__all__ = ["BATCH_ROWS", "TORCH_DTYPES", "Engine", "lookup_scores", "make_engine", "part_writer", "score_store",
-           "scored_parts", "shard_reader"]
+__all__ = ["BATCH_ROWS", "TORCH_DTYPES", "Engine", "UriStash", "lookup_scores", "make_engine", "part_writer",
+           "score_store", "scored_parts", "shard_reader"]
+
+REMOTE_READERS = 4  # reader threads for a store on object storage: shards downloading ahead of the engine
 
 
 @dataclass
@@ -119,38 +121,56 @@ def _commit_parts(scores: artifacts.Scores, fresh: ScoreState, sha256: dict[str,
     return commit
 
 
-def part_writer(store: Store, clf: Classifier) -> Callable[[str, np.ndarray, np.ndarray], None]:
+def part_writer(store: Store, clf: Classifier, uris: "UriStash | None" = None
+                ) -> Callable[[str, np.ndarray, np.ndarray], None]:
     """The local run's part writer (score table with the shard's uris, zstd Parquet, renamed into place), for
-    runners that write parts where they score (the Ray actors); the driver still commits them."""
-    return _write_part(clf, scores_of(store, clf.name), _uris(store))
+    runners that write parts where they score (the Ray actors); the driver still commits them. `uris`: the
+    stash of the shard_reader that read the shards (their uri columns come from that one read)."""
+    return _write_part(clf, scores_of(store, clf.name), uris or UriStash(store))
 
 
-def shard_reader(store: Store) -> Callable[[Shard], tuple[np.ndarray, list[np.ndarray]]]:
-    """Reads a shard's ids and fp16 row blocks, as the local pipeline does (runners elsewhere use it too)."""
-    return _read_shard(store)
+def shard_reader(store: Store, uris: "UriStash | None" = None
+                 ) -> Callable[[Shard], tuple[np.ndarray, list[np.ndarray]]]:
+    """Reads a shard's ids and fp16 row blocks, as the local pipeline does (runners elsewhere use it too);
+    with `uris`, its uri column too, kept there for the part writer."""
+    return _read_shard(store, uris)
 
 
-def _read_shard(store: Store) -> Callable[[Shard], tuple[np.ndarray, list[np.ndarray]]]:
+class UriStash:
+    """The uri column of each shard read and not yet written, handed from the shard's reader to its part writer
+    (one read of a shard, not two: on an object store the second was a second download); a shard not read
+    through it has its uri column read on its own. Holds at most the shards in flight in the pipeline."""
+
+    def __init__(self, store: Store):
+        self.store, self._lock = store, threading.Lock()
+        self._held: dict[str, pa.Array] = {}
+
+    def put(self, name: str, uris: pa.Array) -> None:
+        with self._lock:
+            self._held[name] = uris
+
+    def __call__(self, name: str) -> "pa.Array | None":
+        with self._lock:
+            held = self._held.pop(name, None)
+        if held is not None:
+            return held
+        return self.store.read_shard(self.store.shard(name), ["uri"]).column("uri").combine_chunks()
+
+
+def _read_shard(store: Store, uris: "UriStash | None") -> Callable[[Shard], tuple[np.ndarray, list[np.ndarray]]]:
     """One thread per shard: the pipeline runs several readers, and Arrow's own threads on top were 2x slower
-    (ParquetFile, not read_table: no dataset layer, ~0.4 ms less per shard)."""
+    (ParquetFile, not read_table: no dataset layer, ~0.4 ms less per shard). A remote shard is one GET."""
+    columns = ["id", "embedding"] if uris is None else ["id", "embedding", "uri"]
+
     def read(shard: Shard) -> tuple[np.ndarray, list[np.ndarray]]:
         """ids, and the fp16 rows per row group (zero-copy views; Engine.prepare joins them)."""
-        try:
-            table = shard_io.parquet_file(store.shard_source(shard)).read(["id", "embedding"], use_threads=False)
-        except (pa.ArrowException, OSError) as exc:
-            raise store.damaged(shard.name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+        table = store.read_shard(shard, columns)
+        if uris is not None:
+            uris.put(shard.name, table.column("uri").combine_chunks())
         blocks = [shard_io.embedding_matrix(c, store.dim) for c in table.column("embedding").chunks]
         return table.column("id").to_numpy(), blocks or [np.zeros((0, store.dim), np.float16)]
 
     return read
-
-
-def _uris(store: Store) -> Callable[[str], "pa.Array | None"]:
-    """The uri column of a shard, for the score part (so a scores folder reads on its own)."""
-    def uris(name: str) -> "pa.Array | None":
-        return shard_io.read_table(store.shard_source(name, check=False), ["uri"]).column("uri").combine_chunks()
-
-    return uris
 
 
 def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str = "cpu",
@@ -183,13 +203,15 @@ def score_store(store_root: "str | Path", name: str = DEFAULT_NAME, device: str 
                                precision=precision if isinstance(engine, str) else engine.precision)
         if runner is not None and isinstance(engine, str):  # the runner builds the engines where they run
             job = ScoreJob(store, clf, todo, (engine, device, precision, batch_rows),
-                           _write_part(clf, scores, _uris(store)), commit)
+                           _write_part(clf, scores, UriStash(store)), commit)
             summary.engine = f"{engine_name(engine, device, precision)} on {runner.name}"
             return _timed_run(summary, todo, lambda: runner(job))
         if isinstance(engine, str):  # built only when there is work: torch is not imported for nothing
             engine = make_engine(clf, engine, device, precision, batch_rows) if todo else Engine(engine, precision, 0)
         summary.engine, summary.precision = engine.name, engine.precision
-        pipeline = Pipeline(engine, _read_shard(store), _write_part(clf, scores, _uris(store)), commit,
+        stash = UriStash(store)
+        readers = readers or (0 if store.fs.local else REMOTE_READERS)
+        pipeline = Pipeline(engine, _read_shard(store, stash), _write_part(clf, scores, stash), commit,
                             readers, writers)
         # a Shard has the .name the pipeline uses
         return _timed_run(summary, todo, lambda: pipeline.run(todo).as_dict())  # type: ignore[arg-type]

@@ -154,9 +154,10 @@ class _ShardScorer:
             key = f"{classifier.name}:{classifier.fingerprint}:{engine}"
             if key not in self.models:
                 self.store.follow(interval=0)  # opened before the driver's set-up (a migration, new shards)
+                stash = self.scoring.UriStash(self.store)  # each shard's uris from its one read
                 self.models[key] = (self.scoring.make_engine(classifier, *engine),
-                                    self.scoring.shard_reader(self.store),
-                                    self.scoring.part_writer(self.store, classifier))
+                                    self.scoring.shard_reader(self.store, stash),
+                                    self.scoring.part_writer(self.store, classifier, stash))
             return self.models[key]
 
     def score(self, shard: Shard, classifier: Classifier, engine: tuple[str, str, str, int]) -> dict[str, float]:

@@ -11,16 +11,18 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from ..errors import StoreError
 from . import hooks
 from .files import fsync
 
+T = TypeVar("T")
+R = TypeVar("R")
 WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too large",
                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
                 errno.EPERM: "operation not permitted", errno.EDQUOT: "disk quota exceeded"}
@@ -87,6 +89,25 @@ class FileSystem:
     def open_ranges(self, rel: str) -> Any:
         """Like open_input, for reading a few byte ranges (a footer, one row group) with no read-ahead."""
         return self.open_input(rel)
+
+    def read_ranges(self, rel: str, ranges: Sequence[tuple[int, int]]) -> Sequence[bytes]:
+        """Bytes [start, end) of file rel for each range (object stores: one concurrent ranged GET each)."""
+        raise NotImplementedError
+
+    def read_tail(self, rel: str, length: int) -> tuple[bytes, int]:
+        """(the last `length` bytes of file rel, or all of a shorter file; its size) in one request (a Parquet
+        footer and the size check of a shard at once). FileNotFoundError when it is missing."""
+        raise NotImplementedError
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """fn over items (requests of this file system), results in input order: in turn on a local disk,
+        a few at a time on an object store (round trips overlap; read-ahead bounded)."""
+        return map(fn, items)
+
+    def read_sized(self, rel: str, size: int | None = None) -> bytes:
+        """All of file rel (what a reader of most of a shard wants on an object store): one GET, or with the
+        `size` it should have, a few concurrent ranged GETs (a file of another size is read whole)."""
+        return self.read_bytes(rel)
 
     def local_path(self, rel: str) -> Path:
         """A local copy of file or folder rel (the file itself for a local store)."""
@@ -186,6 +207,16 @@ class LocalFS(FileSystem):
                 return sorted(entries, key=lambda e: e.name)
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def read_ranges(self, rel: str, ranges: Sequence[tuple[int, int]]) -> Sequence[bytes]:
+        with open(self._p(rel), "rb") as f:
+            return [os.pread(f.fileno(), end - start, start) for start, end in ranges]
+
+    def read_tail(self, rel: str, length: int) -> tuple[bytes, int]:
+        with open(self._p(rel), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            start = max(0, size - length)
+            return os.pread(f.fileno(), size - start, start), size
 
     def exists(self, rel: str) -> bool:
         return self._p(rel).exists()

@@ -2,7 +2,8 @@
 
 `IdMap` turns ids into row positions (the order of `Store.table()`) and back from the shard list alone, in
 O(shards) memory. `RowGroups` reads the row group(s) holding the wanted ids, keeping shard footers and
-recently read row groups in a bounded cache (a searcher asks for the uris of every hit).
+recently read row groups in a bounded cache (a searcher asks for the uris of every hit); `RowGroups.values`
+reads single fixed-width values (a vector) by byte range.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,10 +20,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import NotFound, StoreError
+from .fs import FileSystem
+from .pages import Fetch, PageMap, PartsFile, merge_ranges, page_map
 from .records import Shard
 
 CACHE_BYTES = 256 << 20  # decoded row groups a long-lived reader keeps (uris of search hits, item metadata)
-FOOTERS = 65536  # shard footers kept (a few KB each)
+FOOTERS = 65536  # shard footers (a few KB each) and page maps kept
+FOOTER_READ = 64 << 10  # the suffix read for a footer (a shard's is a few KB; a longer one takes a second read)
+MERGE_GAP = 8 << 10  # column chunks of a row group closer than this are read in one request (as pyarrow's
+# pre-buffer joins holes up to 8 KiB); farther ones are separate ranged GETs, concurrent
+MAX_VALUE_READS = 4096  # more rows of one row group than this: the group is read whole
 
 
 class StringColumn:
@@ -96,38 +104,75 @@ class IdMap:
         return shard, within
 
 
-class RowGroups:
-    """Reads of single row groups of a store's shards; footers and decoded groups cached (LRU, bounded)."""
+@dataclass
+class Footer:
+    """A shard's parsed footer: metadata, first row of each row group (+ total), its size, column positions."""
 
-    def __init__(self, open_shard: Callable[[str], Any], damaged: Callable[[str, str], Exception],
-                 check: Callable[[str], None], budget: int = CACHE_BYTES):
-        """`open_shard(name)`: a source pyarrow reads; `damaged(name, what)`: the error for a shard that cannot
-        be read; `check(name)`: called once per shard before its footer is read (the size check)."""
-        self._open, self._damaged, self._check, self.budget = open_shard, damaged, check, budget
-        self._footers: OrderedDict[str, tuple[pq.FileMetaData, np.ndarray]] = OrderedDict()
+    meta: pq.FileMetaData
+    starts: np.ndarray
+    size: int
+    columns: dict[str, int]
+
+
+class RowGroups:
+    """Reads of single row groups (and single values) of a store's shards through its FileSystem: footers,
+    page maps and decoded groups cached (LRU, bounded), keyed by shard name and checksum (a shard rewritten
+    under its name, by repair or a restore, is read afresh).
+
+    On an object store a footer and the shard's size check are one suffix GET, a row group one batch of
+    concurrent ranged GETs of its column chunks, and a vector one ranged GET of its bytes (pages.PageMap)."""
+
+    def __init__(self, fs: FileSystem, entry: Callable[[str], Shard], damaged: Callable[[str, str], Exception],
+                 budget: int = CACHE_BYTES):
+        """`entry(name)`: the manifest's record of a shard (its size and checksum); `damaged(name, what)`: the
+        error for a shard that cannot be read."""
+        self.fs, self._entry, self._damaged, self.budget = fs, entry, damaged, budget
+        self._footers: OrderedDict[tuple[str, str], Footer] = OrderedDict()
+        self._pages: OrderedDict[tuple[Any, ...], PageMap | None] = OrderedDict()
         self._groups: OrderedDict[tuple[Any, ...], tuple[Any, int]] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()
 
+    def _fetch(self, name: str) -> Fetch:
+        rel = f"shards/{name}"
+        return lambda ranges: self.fs.read_ranges(rel, list(ranges))
+
+    def _unreadable(self, name: str, exc: BaseException) -> Exception:
+        if isinstance(exc, FileNotFoundError):
+            return self._damaged(name, "is missing")
+        return self._damaged(name, f"cannot be read ({str(exc).splitlines()[0][:120] if str(exc) else exc!r})")
+
     def footer(self, name: str) -> tuple[pq.FileMetaData, np.ndarray]:
         """(footer, first row of each row group + total) of shard `name`."""
+        found = self._footer(name)
+        return found.meta, found.starts
+
+    def _footer(self, name: str) -> Footer:
+        entry = self._entry(name)
+        key = (name, entry.sha256)
         with self._lock:
-            hit = self._footers.get(name)
+            hit = self._footers.get(key)
             if hit is not None:
-                self._footers.move_to_end(name)
+                self._footers.move_to_end(key)
                 return hit
-        self._check(name)
         try:
-            with _opened(self._open(name)) as source:
-                meta = pq.ParquetFile(source).metadata
+            tail, size = self.fs.read_tail(f"shards/{name}", FOOTER_READ)
+        except OSError as exc:
+            raise self._unreadable(name, exc) from None
+        if size != entry.bytes:
+            raise self._damaged(name, f"has {size} bytes, the manifest says {entry.bytes}")
+        try:
+            meta = pq.ParquetFile(PartsFile(size, {size - len(tail): tail}, self._fetch(name))).metadata
         except (pa.ArrowException, OSError) as exc:
-            raise self._damaged(name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
-        starts = np.concatenate([[0], np.cumsum([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])])
+            raise self._unreadable(name, exc) from None
+        rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        columns = {meta.schema.column(j).path: j for j in range(meta.num_columns)}
+        found = Footer(meta, np.concatenate([[0], np.cumsum(rows)]).astype(np.int64), size, columns)
         with self._lock:
-            self._footers[name] = (meta, starts.astype(np.int64))
+            self._footers[key] = found
             while len(self._footers) > FOOTERS:
                 self._footers.popitem(last=False)
-        return meta, starts.astype(np.int64)
+        return found
 
     def group_of(self, name: str, within: np.ndarray) -> np.ndarray:
         """Row group index of each row within shard `name`."""
@@ -136,27 +181,69 @@ class RowGroups:
 
     def read(self, name: str, group: int, columns: list[str], cache: bool = True) -> pa.Table:
         """One row group of `columns` (those the shard has)."""
-        key = (name, group, tuple(columns), "table")
+        key = (name, self._entry(name).sha256, group, tuple(columns), "table")
         return self._cached(key, cache, lambda: self._read(name, group, columns), lambda t: int(t.nbytes))
 
     def strings(self, name: str, group: int, column: str) -> StringColumn:
         """One row group's string column, ready for cheap row takes."""
-        key = (name, group, column, "strings")
+        key = (name, self._entry(name).sha256, group, column, "strings")
         def load() -> StringColumn:
             return StringColumn(self._read(name, group, [column]).column(0))
 
         strings: StringColumn = self._cached(key, True, load, lambda s: s.nbytes)
         return strings
 
-    def _read(self, name: str, group: int, columns: list[str]) -> pa.Table:
-        meta, _ = self.footer(name)
-        present = set(meta.schema.to_arrow_schema().names)
+    def values(self, name: str, group: int, column: str, rows: np.ndarray) -> np.ndarray | None:
+        """The raw bytes (n, width) of fixed-width column `column` at `rows` of one row group, read by byte
+        range; None when its pages do not allow that (compressed, dictionary, nulls) or for many rows."""
+        found = self._footer(name)
+        index = found.columns.get(column)
+        if index is None or len(rows) > MAX_VALUE_READS:
+            return None
+        chunk, schema = found.meta.row_group(group).column(index), found.meta.schema.column(index)
+        if chunk.physical_type != "FIXED_LEN_BYTE_ARRAY" or chunk.compression != "UNCOMPRESSED":
+            return None
+        key = (name, self._entry(name).sha256, group, column)
+        with self._lock:
+            known = key in self._pages
+            pages = self._pages.get(key)
+        if not known:
+            start = _chunk_start(chunk)
+            try:
+                pages = page_map(self._fetch(name), start, start + chunk.total_compressed_size,
+                                 found.meta.row_group(group).num_rows, schema.length, schema.max_definition_level > 0)
+            except OSError as exc:
+                raise self._unreadable(name, exc) from None
+            with self._lock:
+                self._pages[key] = pages
+                while len(self._pages) > FOOTERS:
+                    self._pages.popitem(last=False)
+        if pages is None:
+            return None
         try:
-            with _opened(self._open(name)) as source:
-                return pq.ParquetFile(source, metadata=meta).read_row_group(
-                    group, columns=[c for c in columns if c in present])
+            data = self.fs.read_ranges(f"shards/{name}", pages.ranges(np.asarray(rows, np.int64)))
+        except OSError as exc:
+            raise self._unreadable(name, exc) from None
+        return np.frombuffer(b"".join(data), np.uint8).reshape(len(rows), pages.width)
+
+    def _read(self, name: str, group: int, columns: list[str]) -> pa.Table:
+        found = self._footer(name)
+        present = [c for c in columns if c in found.columns]
+        try:
+            if self.fs.local:
+                source: Any = self.fs.open_ranges(f"shards/{name}")
+            else:  # the column chunks in one batch of concurrent ranged GETs; the footer is known
+                chunks = [found.meta.row_group(group).column(found.columns[c]) for c in present]
+                ranges = merge_ranges([(_chunk_start(c), _chunk_start(c) + c.total_compressed_size)
+                                       for c in chunks], MERGE_GAP)
+                data = self.fs.read_ranges(f"shards/{name}", ranges)
+                parts = {start: part for (start, _), part in zip(ranges, data)}
+                source = PartsFile(found.size, parts, self._fetch(name))
+            with _opened(source) as opened:
+                return pq.ParquetFile(opened, metadata=found.meta, pre_buffer=self.fs.local).read_row_group(
+                    group, columns=present)
         except (pa.ArrowException, OSError) as exc:
-            raise self._damaged(name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+            raise self._unreadable(name, exc) from None
 
     def _cached(self, key: tuple[Any, ...], cache: bool, load: Callable[[], Any], size: Callable[[Any], int]) -> Any:
         with self._lock:
@@ -176,6 +263,13 @@ class RowGroups:
                     _, (_, freed) = self._groups.popitem(last=False)
                     self._held -= freed
         return value
+
+
+def _chunk_start(chunk: Any) -> int:
+    """The first byte of a column chunk (its dictionary page when it has one)."""
+    if chunk.has_dictionary_page and chunk.dictionary_page_offset and chunk.dictionary_page_offset > 0:
+        return int(min(chunk.dictionary_page_offset, chunk.data_page_offset))
+    return int(chunk.data_page_offset)
 
 
 @contextmanager

@@ -83,8 +83,8 @@ def remove_orphans(store: Store) -> list[str]:
     folders = ["shards", "errors", "labels", "index", MANIFEST_DIR, ""]
     folders += [f"models/{e.name}" for e in store.fs.list("models") if e.is_dir]
     folders += [f"scores/{e.name}" for e in store.fs.list("scores") if e.is_dir]
-    for folder in folders:
-        for entry in store.fs.list(folder):
+    for folder, entries in zip(folders, store.fs.map(store.fs.list, folders)):
+        for entry in entries:
             rel = f"{folder}/{entry.name}" if folder else entry.name
             transient = _TMP.search(entry.name) is not None
             if folder in ("", MANIFEST_DIR) or folder.startswith("scores/"):

@@ -85,8 +85,8 @@ class Store:
         self._checked = time.monotonic()
         self.version, self.manifest, self.legacy = self._load() if load else (0, Manifest(), False)
         self._ids: tuple[Manifest, IdMap] | None = None
-        self.groups = RowGroups(lambda name: self.fs.open_ranges(f"shards/{name}"), self.damaged,
-                                lambda name: self.check_size(self.shard(name)))
+        self._names: tuple[Manifest, dict[str, Shard]] | None = None
+        self.groups = RowGroups(self.fs, self.shard, self.damaged)
 
     # ---- reading the manifest
     def _load(self) -> tuple[int, Manifest, bool]:
@@ -197,10 +197,12 @@ class Store:
 
     # ---- reading shards
     def shard(self, name: str) -> Shard:
-        for shard in self.manifest.shards:
-            if shard.name == name:
-                return shard
-        raise StoreError(f"shard {name} is not in store {self.root}")
+        if self._names is None or self._names[0] is not self.manifest:
+            self._names = (self.manifest, {s.name: s for s in self.manifest.shards})
+        found = self._names[1].get(name)
+        if found is None:
+            raise StoreError(f"shard {name} is not in store {self.root}")
+        return found
 
     def shard_source(self, shard: Shard | str, check: bool = True) -> Any:
         """What pyarrow reads for a shard (a local path or a file object), after the cheap size check."""
@@ -222,8 +224,26 @@ class Store:
         return StoreError(f"shard {name} of store {self.root} {what}; run `pnsfw repair --store {self.root}`")
 
     def _read(self, shard: Shard, columns: list[str] | None) -> pa.Table:
+        if not self.fs.local and columns is not None:  # its footer (cached) and the chunks of these columns
+            return pa.concat_tables([self.groups.read(shard.name, g, columns, cache=False)
+                                     for g in range(self.groups.footer(shard.name)[0].num_row_groups)])
         try:
             return shards.read_table(self.shard_source(shard), columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise self.damaged(shard.name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+
+    def read_shard(self, shard: Shard, columns: list[str]) -> pa.Table:
+        """`columns` of a whole shard for a reader of most of it (bulk scoring): a local shard memory-mapped, a
+        remote one fetched in one GET (its size checked against the manifest), then decoded from memory."""
+        try:
+            if self.fs.local:
+                return shards.parquet_file(self.shard_source(shard)).read(columns, use_threads=False)
+            data = self.fs.read_sized(f"shards/{shard.name}", shard.bytes)
+            if len(data) != shard.bytes:
+                raise self.damaged(shard.name, f"has {len(data)} bytes, the manifest says {shard.bytes}")
+            return shards.parquet_file(pa.BufferReader(data)).read(columns, use_threads=False)
+        except FileNotFoundError:
+            raise self.damaged(shard.name, "is missing") from None
         except (pa.ArrowException, OSError) as exc:
             raise self.damaged(shard.name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
 
@@ -239,6 +259,8 @@ class Store:
         """The wanted columns this shard has (v1 shards lack uri_hash; metadata columns vary)."""
         if all(c in ("id", "uri", "source", "sha256", "width", "height", "embedding") for c in wanted):
             return wanted
+        if not self.fs.local:
+            return [c for c in wanted if c in self.groups.footer(shard.name)[0].schema.to_arrow_schema().names]
         try:
             names = set(shards.parquet_file(self.shard_source(shard)).schema_arrow.names)
         except (pa.ArrowException, OSError) as exc:
@@ -250,6 +272,8 @@ class Store:
         if not self.manifest.shards:
             return []
         shard = self.manifest.shards[-1]
+        if not self.fs.local:
+            return list(self.groups.footer(shard.name)[0].schema.to_arrow_schema().names)
         try:
             return list(shards.parquet_file(self.shard_source(shard)).schema_arrow.names)
         except (pa.ArrowException, OSError) as exc:
@@ -302,10 +326,18 @@ class Store:
         return out
 
     def vectors_of(self, ids: Any) -> np.ndarray:
-        """fp16 (n, dim) vectors of ids, in that order (row groups of the embedding column, not cached)."""
+        """fp16 (n, dim) vectors of ids, in that order: each read by byte range from its page of the embedding
+        column (RowGroups.values), or from its row group's embedding column where the pages do not allow it."""
         ids = np.asarray(ids, np.int64).reshape(-1)
-        table = self.lookup(ids, ["embedding"], cache=False)
-        vectors = shards.embedding_matrix(table.column("embedding"), self.dim)
+        shard, within = self.ids.require(ids, self.root)
+        vectors = np.zeros((len(ids), self.dim), np.float16)
+        for name, group, positions, rows in by_group(self.ids.names, self.groups, shard, within):
+            raw = self.groups.values(name, group, "embedding", rows)
+            if raw is None:
+                table = self.groups.read(name, group, ["embedding"], cache=False).take(pa.array(rows))
+                vectors[positions] = shards.embedding_matrix(table.column("embedding"), self.dim)
+            else:
+                vectors[positions] = raw.view("<f2").reshape(len(rows), self.dim)
         if not len(vectors):
             return np.zeros((0, self.dim), np.float16)
         norms = np.linalg.norm(vectors.astype(np.float32), axis=1)
@@ -324,13 +356,21 @@ class Store:
         """Stream (ids int64, vectors fp16 (n, dim)) one row group at a time; norms checked."""
         dim = self.dim
         for shard in self.manifest.shards if selected is None else selected:
-            try:
-                for batch in shards.iter_batches(self.shard_source(shard), ["id", "embedding"]):
-                    ids, vectors = batch.column(0).to_numpy(), shards.embedding_matrix(batch.column(1), dim)
-                    self._check_norms(shard, vectors)
-                    yield ids, vectors
-            except (pa.ArrowException, OSError) as exc:
-                raise self.damaged(shard.name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+            for batch in self._id_vector_batches(shard):
+                ids, vectors = batch.column(0).to_numpy(), shards.embedding_matrix(batch.column(1), dim)
+                self._check_norms(shard, vectors)
+                yield ids, vectors
+
+    def _id_vector_batches(self, shard: Shard) -> Iterator[Any]:
+        """A shard's (id, embedding) one row group at a time (remote: by ranged GETs, the footer cached)."""
+        if not self.fs.local:
+            for group in range(self.groups.footer(shard.name)[0].num_row_groups):
+                yield from self.groups.read(shard.name, group, ["id", "embedding"], cache=False).to_batches()
+            return
+        try:
+            yield from shards.iter_batches(self.shard_source(shard), ["id", "embedding"])
+        except (pa.ArrowException, OSError) as exc:
+            raise self.damaged(shard.name, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
 
     def _check_norms(self, shard: Shard, vectors: np.ndarray) -> None:
         if not len(vectors):
@@ -356,8 +396,7 @@ class Store:
             uris = self.errors().column("uri").to_pylist()
             failed = shards.uri_hash([u for u in uris if u is not None])
         hashes, at = np.empty(self.rows + len(failed), "<u8"), 0  # filled in place: 8 bytes a row at the peak
-        for shard in self.manifest.shards:
-            values = self._uri_hashes(shard)
+        for shard, values in zip(self.manifest.shards, self.fs.map(self._uri_hashes, self.manifest.shards)):
             if len(values) != shard.rows:
                 raise self.damaged(shard.name, f"has {len(values)} rows, the manifest says {shard.rows}")
             hashes[at:at + len(values)] = values
