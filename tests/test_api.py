@@ -334,7 +334,10 @@ def exact_server(api_server: Server, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_exact_search_backend_serves_the_index_hits(api_server: Server, exact_server: Server) -> None:
-    _, _, vectors = stored(api_server)
+    """The same hits from both backends; where two stored vectors tie for a place (fp16 vectors of a tiny model
+    do), either may hold it, so each hit's similarity is checked against the stored vectors instead."""
+    ids, _, vectors = stored(api_server)
+    row = {i: n for n, i in enumerate(ids)}
     with api_server.client() as index_client, exact_server.client() as exact_client:
         stats = exact_client.get("/v1/stats").json()["search"]
         assert stats["backend"] == "torch-exact" and stats["device"] == "cpu"
@@ -342,10 +345,15 @@ def test_exact_search_backend_serves_the_index_hits(api_server: Server, exact_se
         for vector in vectors[::17]:
             body = {"embedding": vector.tolist(), "k": 6}
             a, b = (c.post("/v1/search", json=body).json() for c in (index_client, exact_client))
-            assert [h["id"] for h in a["hits"]] == [h["id"] for h in b["hits"]]
-            np.testing.assert_allclose([h["similarity"] for h in a["hits"]],
-                                       [h["similarity"] for h in b["hits"]], atol=1e-5)
-            assert a["verdict"] == b["verdict"] and [h["p_nsfw"] for h in a["hits"]] == [h["p_nsfw"] for h in b["hits"]]
+            similarities = [[h["similarity"] for h in r["hits"]] for r in (a, b)]
+            np.testing.assert_allclose(*similarities, atol=1e-5)
+            for result in (a, b):
+                true = [float(vectors[row[h["id"]]] @ vector) for h in result["hits"]]
+                np.testing.assert_allclose([h["similarity"] for h in result["hits"]], true, atol=1e-3)
+            same = [x["id"] == y["id"] for x, y in zip(a["hits"], b["hits"])]
+            assert sum(same) >= len(same) - 2  # at most one tie swapped or cut at the k-th place
+            assert a["verdict"] == b["verdict"]
+            assert all(x["p_nsfw"] == y["p_nsfw"] for x, y, s in zip(a["hits"], b["hits"], same) if s)
 
 
 def _shape(verdict: dict) -> dict:
