@@ -257,6 +257,8 @@ def describe_encoder(model: str = "ViT-B/32", device: str = "cpu", precision: st
     model is built from the checkpoint's shapes under `_no_init_mode` (a memory-mapped read; its tensors are
     allocated, never written, so untouched). For a driver whose workers encode (the Ray runner); `device` is
     the driver's, and encode_* must not be called (the weights are garbage)."""
+    import torch  # noqa: F401  (before the timeline's mark, as in load_encoder)
+
     mark("torch imported")
     with ThreadPoolExecutor(1) as hashing:
         fingerprint = hashing.submit(_fingerprint, model)
