@@ -26,6 +26,7 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import CancelledError, Future
 from typing import Any, Protocol, TypeVar
 
@@ -86,8 +87,33 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM that arrive inside the block take effect when it ends (through the handlers it found).
+
+    os.fork() runs at-fork callbacks (logging's lock release among them) whose exceptions Python only prints:
+    an interrupt raised there would be lost, leaving the run going and a traceback on the terminal."""
+    pending: list[int] = []
+    try:
+        previous = {n: signal.signal(n, lambda signum, frame: pending.append(signum)) for n in STOP_SIGNALS}
+    except ValueError:  # not the main thread, where no Python handler runs anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(pending):
+            signal.raise_signal(number)
+
+
 def _worker(tasks: Any, results: Any, parent: int, initializer: Callable[[], None] | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent handles it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's deferring handler: terminate() ends it
     _die_with_parent(parent)
     if initializer is not None:
         initializer()
@@ -138,6 +164,12 @@ class ProcessPool:
         self._closing = False
         self._lost: WorkerLost | None = None
         self._readers, self._processes = [], []
+        with signals_deferred():
+            self._fork(context, initializer, name)
+        self._collector = threading.Thread(target=self._collect, name=f"{name}-results", daemon=True)
+        self._collector.start()
+
+    def _fork(self, context: Any, initializer: Callable[[], None] | None, name: str) -> None:
         for rank in range(self.workers):
             reader, writer = context.Pipe(duplex=False)
             _widen(reader)
@@ -147,8 +179,6 @@ class ProcessPool:
             writer.close()
             self._readers.append(reader)
             self._processes.append(process)
-        self._collector = threading.Thread(target=self._collect, name=f"{name}-results", daemon=True)
-        self._collector.start()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Task:
         future = Task()

@@ -161,3 +161,44 @@ def test_background_stops_its_thread_when_the_consumer_leaves():
     while any(t.name == "pnsfw-test-bg" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.01)
     assert not any(t.name == "pnsfw-test-bg" for t in threading.enumerate())
+
+
+def test_a_stop_signal_during_a_fork_takes_effect_after_it(monkeypatch):
+    """A SIGTERM that lands while ProcessPool forks (where an exception would only be printed by an at-fork
+    callback and lost) is raised once the workers exist, through the handler that was installed."""
+    import multiprocessing
+    import os as _os
+
+    from pnsfw import concurrency
+
+    class Stop(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Stop(signum)
+
+    real_fork = _os.fork
+
+    def fork_under_signal():
+        _os.kill(_os.getpid(), signal.SIGTERM)  # delivered at the next bytecode, inside the fork's window
+        time.sleep(0.05)
+        return real_fork()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        monkeypatch.setattr(_os, "fork", fork_under_signal)
+        with pytest.raises(Stop):
+            concurrency.ProcessPool(2)
+        assert len(multiprocessing.active_children()) == 2  # raised after the forks, not inside one
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGTERM) is handler
+        reached = False
+        with pytest.raises(Stop), concurrency.signals_deferred():
+            _os.kill(_os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            reached = True
+        assert reached
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for child in multiprocessing.active_children():
+            child.kill()
