@@ -26,8 +26,8 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import CancelledError, Future
+from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 from .errors import WorkerLost

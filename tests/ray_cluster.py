@@ -83,7 +83,8 @@ def start_cluster(root: Path, cpus: int = 2) -> Iterator[Cluster]:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    # `ray start --block` takes over 30 s to honour SIGTERM here; the cluster and its temp dir are the test's own
+    for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):
         try:
             os.killpg(process.pid, sig)
             process.wait(wait)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from crash import kill_inside
-from test_store_s3 import BUCKET, s3  # noqa: F401 - the SeaweedFS fixture
+from test_store_s3 import BUCKET, s3  # noqa: F401  (the SeaweedFS fixture)
 
 from pnsfw.cli import cli
 from pnsfw.store import Store

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_store_s3 import local_or_s3, s3  # noqa: F401  (s3: the module's SeaweedFS server fixture)
+from test_store_s3 import local_or_s3, s3  # noqa: F401  (the SeaweedFS fixture)
 from test_store_v2 import _new_store, _rows
 
 from pnsfw.search import index as ix

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from crash import kill_inside
-from s3_server import start_seaweed, weed_binary
+from s3_server import weed_binary
 from test_store_v2 import ENCODER, V1_STORE, _rows, _snapshot
 
 from pnsfw.cli import cli
@@ -29,17 +29,11 @@ BUCKET = "pnsfw"
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory):
-    """The endpoint of a SeaweedFS S3 server with bucket `pnsfw`; AWS_* set for this process and children."""
+def s3(seaweed: str):
+    """The endpoint of the SeaweedFS server; AWS_* set for this module's tests and their children."""
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
-    endpoint = next(server)
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    import s3fs
-
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(BUCKET)
-    yield endpoint
-    next(server, None)
+    os.environ.update(AWS_ENDPOINT_URL=seaweed, AWS_ACCESS_KEY_ID="pnsfw-test", AWS_SECRET_ACCESS_KEY="pnsfw-test")
+    yield seaweed
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

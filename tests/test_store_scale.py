@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from crash import race_writers
-from test_store_s3 import local_or_s3, s3  # noqa: F401  (s3: the module's SeaweedFS server fixture)
+from test_store_s3 import local_or_s3, s3  # noqa: F401  (the SeaweedFS fixture)
 from test_store_v2 import ENCODER, _rows, _snapshot, _v1_copy, run_cli
 
 from pnsfw.errors import NotFound, StoreError

@@ -66,6 +66,16 @@ def test_versions_are_put_if_absent_and_readers_take_the_newest_readable(tmp_pat
         Store.open(tmp_path / "s")
 
 
+def test_a_version_of_a_newer_format_is_refused_with_one_line_not_skipped(tmp_path: Path) -> None:
+    """Not read as damaged (which would fall back to the version before it): a newer pnsfw wrote it."""
+    _new_store(tmp_path / "s", rows=3)
+    doc = json.loads((tmp_path / "s" / "_manifest" / "0000000002.json").read_text())
+    (tmp_path / "s" / "_manifest" / "0000000003.json").write_text(json.dumps(dict(doc, format=99)))
+    result = run_cli("info", "--store", tmp_path / "s")
+    assert result.exit_code == 1 and "store format 99, written by a newer pnsfw" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_a_writer_that_loses_the_race_renumbers_and_commits_on_top(tmp_path: Path) -> None:
     _new_store(tmp_path / "s")
     a, b = StoreWriter(Store(tmp_path / "s")), StoreWriter(Store(tmp_path / "s"))

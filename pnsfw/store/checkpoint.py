@@ -50,6 +50,10 @@ def checkpoint_version(name: str) -> int:
 
 def read_manifest(fs: FileSystem, doc: Any, where: str, root: str) -> Manifest:
     """A version document (format 2 inline, or format 3 with a checkpoint) -> the full manifest."""
+    written = doc.get("format") if isinstance(doc, dict) else None
+    if isinstance(written, int) and written > FORMAT:
+        raise StoreError(f"{where} is store format {written}, written by a newer pnsfw (this one reads formats up "
+                         f"to {FORMAT}); upgrade pnsfw to read or write this store")
     if not isinstance(doc, dict) or "checkpoint" not in doc:
         return Manifest.from_json(doc, where, root)
     try:
