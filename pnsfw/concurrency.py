@@ -107,8 +107,8 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        for number in dict.fromkeys(pending):
-            signal.raise_signal(number)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 def _worker(tasks: Any, results: Any, parent: int, initializer: Callable[[], None] | None) -> None:
@@ -163,7 +163,8 @@ class ProcessPool:
         self._seq = itertools.count()
         self._closing = False
         self._lost: WorkerLost | None = None
-        self._readers, self._processes = [], []
+        self._readers: list[Any] = []
+        self._processes: list[Any] = []
         with signals_deferred():
             self._fork(context, initializer, name)
         self._collector = threading.Thread(target=self._collect, name=f"{name}-results", daemon=True)
