@@ -221,13 +221,11 @@ import json, sys, numpy as np
 from pnsfw.classifier.model import load_classifier
 from pnsfw.classifier.train import TrainOptions, train_classifier
 from pnsfw.store import Store
-root, action = sys.argv[1], sys.argv[2]
-if action == "train":
-    train_classifier(root, "folders", TrainOptions(name="other", epochs=3, batch_size=16))
-name = "default" if action == "load" else "other"
-clf = load_classifier(Store.open(root), name)
+root, loaded, trained = sys.argv[1:4]  # one process for both: each start imports keras and its backend
 x = Store.open(root).vectors()[1].astype(np.float32)
-np.save(sys.argv[3], clf.keras_outputs(x))
+np.save(loaded, load_classifier(Store.open(root), "default").keras_outputs(x))
+train_classifier(root, "folders", TrainOptions(name="other", epochs=3, batch_size=16))
+np.save(trained, load_classifier(Store.open(root), "other").keras_outputs(x))
 import keras; print(keras.backend.backend())
 """
 
@@ -244,10 +242,10 @@ def test_keras_file_loads_across_backends(trained: Path, tmp_path: Path) -> None
     shutil.copytree(trained, root)
     store = Store.open(root)
     x = store.vectors()[1]
-    _other_backend("torch", root, "load", tmp_path / "torch_out.npy")  # saved on tensorflow, run on torch
+    # saved on tensorflow, run on torch; then one trained on torch, run here
+    _other_backend("torch", root, tmp_path / "torch_out.npy", tmp_path / "trained_on_torch.npy")
     np.testing.assert_allclose(np.load(tmp_path / "torch_out.npy"), load_classifier(store, "default").outputs(x),
                                atol=1e-5)
-    _other_backend("torch", root, "train", tmp_path / "trained_on_torch.npy")  # saved on torch, run here
     other = load_classifier(store, "other")
     assert other.meta["backend"] == "torch"
     np.testing.assert_allclose(other.keras_outputs(x),
