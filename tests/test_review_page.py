@@ -1,13 +1,12 @@
 """Review mode in headless Chromium against its own `pnsfw serve` (labels change the store: not the shared one)."""
 
 import json
-import subprocess
-import sys
 
 import httpx
 import pytest
-from api_server import REPO, Server, prepare_store, start_server
+from api_server import Server, prepare_store, start_server
 from test_api_page import ARGS, ARTIFACTS, CHROMIUM, with_token
+from test_classifier import run_cli
 
 pytestmark = pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason=f"{CHROMIUM} missing")
 
@@ -87,32 +86,25 @@ def test_label_ten_items_with_the_keyboard_then_reload_and_train(review_server: 
     page.screenshot(path=str(ARTIFACTS / "review-phone.png"), full_page=True)
     assert not errors, errors
 
-    result = subprocess.run([sys.executable, "-m", "pnsfw.cli", "train", "--store", str(review_server.store),
-                             "--labels", "folders+store", "--name", "reviewed", "--epochs", "2", "--json"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    meta = json.loads(result.stdout)
+    # the commands in-process (each subprocess would import TensorFlow again); the server follows the store
+    store = review_server.store
+    meta = json.loads(run_cli("train", "--store", store, "--labels", "folders+store", "--name", "reviewed",
+                              "--epochs", "2", "--json").stdout)
     assert meta["data"]["labels"] == 83  # every item has a folder label; the store's labels replace ten of them
     from pnsfw.classifier.scorer import StoreScorer
     from pnsfw.store import Store
 
-    used = StoreScorer.open(Store.open(review_server.store), "reviewed").training_labels()
+    used = StoreScorer.open(Store.open(store), "reviewed").training_labels()
     assert all(used[i] == (classes[0] if n < 5 else classes[1]) for n, i in enumerate(labelled))
-    only = subprocess.run([sys.executable, "-m", "pnsfw.cli", "train", "--store", str(review_server.store),
-                           "--labels", "store", "--name", "store-only", "--epochs", "2", "--test-ratio", "0.2",
-                           "--val-ratio", "0.2", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert only.returncode == 0, only.stderr
+    only = run_cli("train", "--store", store, "--labels", "store", "--name", "store-only", "--epochs", "2",
+                   "--test-ratio", "0.2", "--val-ratio", "0.2", "--json")
     assert json.loads(only.stdout)["data"]["labels"] == 10
 
     # a retrain of the served model: its metrics beside the previous model's, and the verdicts that changed
-    again = subprocess.run([sys.executable, "-m", "pnsfw.cli", "train", "--store", str(review_server.store),
-                            "--labels", "folders+store", "--epochs", "2"], cwd=REPO, capture_output=True, text=True,
-                           timeout=300)
-    assert again.returncode == 0, again.stderr
-    assert "previous" in again.stdout and "verdicts changed:" in again.stdout and "of 83 items" in again.stdout
-    info = subprocess.run([sys.executable, "-m", "pnsfw.cli", "info", "--store", str(review_server.store)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    assert info.returncode == 0 and "verdicts changed:" in info.stdout and "previous" in info.stdout, info.stderr
+    again = run_cli("train", "--store", store, "--labels", "folders+store", "--epochs", "2").stdout
+    assert "previous" in again and "verdicts changed:" in again and "of 83 items" in again
+    info = run_cli("info", "--store", store).stdout
+    assert "verdicts changed:" in info and "previous" in info
     with review_server.client() as client:
         served = next(m for m in client.get("/v1/models").json()["models"] if m["name"] == "default")
     assert served["retrain"]["verdicts"]["compared"] == 83 and len(served["retrain"]["delta"]) == 8
