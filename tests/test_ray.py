@@ -69,16 +69,6 @@ def assert_same_store(got: Path | str, want: Path | str) -> None:
     assert errors(a) == errors(b)
 
 
-def test_index_on_ray_equals_local(ray_address: str, corpus: Path, local_store: Path, tiny_checkpoint: Path,
-                                   tmp_path: Path) -> None:
-    out = finished(ray_index(corpus, tmp_path / "store", tiny_checkpoint, ray_address))
-    assert "indexed 32 images" in out and "failed: 2" in out
-    assert "Traceback" not in out and "execution finished" not in out
-    assert_same_store(tmp_path / "store", local_store)
-    again = finished(ray_index(corpus, tmp_path / "store", tiny_checkpoint, ray_address))
-    assert "indexed 0 images" in again and "already present: 34" in again
-
-
 def _wait(predicate, proc: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
@@ -109,10 +99,14 @@ def test_lost_actor_is_retried_and_the_store_is_exact(cluster: Cluster, corpus: 
     _wait(lambda: bool(pids.extend(cluster.processes("Embedder")) or pids), proc)
     os.kill(pids[0], signal.SIGKILL)  # a lost worker: Ray restarts the actor and retries its unit
     assert proc.poll() is None
-    finished(proc)
+    out = finished(proc)
+    assert "indexed 32 images" in out and "failed: 2" in out
+    assert "Traceback" not in out and "execution finished" not in out
     want = tmp_path / "want"
     index_folder(many, want, tiny_checkpoint, "--batch-size", "8")
     assert_same_store(store, want)
+    again = finished(ray_index(many, store, tiny_checkpoint, cluster.address))
+    assert "indexed 0 images" in again and "already present: 34" in again
 
 
 class _Dies:
@@ -198,15 +192,6 @@ def assert_same_scores(got: Path, want: Path, rows: int = 32) -> None:
     np.testing.assert_allclose([a[i] for i in b], [b[i] for i in b], atol=1e-5)
 
 
-def test_score_on_ray_equals_local(ray_address: str, local_store: Path, tmp_path: Path) -> None:
-    local, on_ray = _trained_copies(local_store, tmp_path)
-    out = finished(ray_score(on_ray, ray_address))
-    assert "on ray" in out and "scored 32 vectors in 1 shards" in out
-    assert_same_scores(on_ray, local)
-    again = finished(ray_score(on_ray, ray_address))
-    assert "scored 0 vectors" in again, again
-
-
 def test_lost_score_actor_is_retried_and_the_scores_are_exact(cluster: Cluster, corpus: Path,
                                                               tiny_checkpoint: Path, tmp_path: Path) -> None:
     sharded = tmp_path / "sharded"
@@ -216,8 +201,11 @@ def test_lost_score_actor_is_retried_and_the_scores_are_exact(cluster: Cluster, 
     pids: list[int] = []
     _wait(lambda: bool(pids.extend(cluster.processes("ShardScorer")) or pids), proc)
     os.kill(pids[0], signal.SIGKILL)  # Ray restarts the actor and retries its calls; the driver commits in order
-    assert "scored 32 vectors in 16 shards" in finished(proc)
+    out = finished(proc)
+    assert "on ray" in out and "scored 32 vectors in 16 shards" in out
     assert_same_scores(on_ray, local)
+    again = finished(ray_score(on_ray, cluster.address))
+    assert "scored 0 vectors" in again, again
 
 
 @pytest.mark.usefixtures("s3")
