@@ -2,7 +2,9 @@
 """Does nvJPEG's hardware batched decode hang the way round 5's pipeline did? Two decode threads (one handle and
 stream each) decode thumbnails into one padded batch per call, in the pipeline's batch-size pattern (a first unit
 of 256, then 1024s, a short last one, over and over), with the padded resize on a side stream and optionally the
-image tower running on a third thread. Each binding runs in a subprocess killed after `--timeout` s:
+image tower running on a third thread. Each binding runs in a subprocess killed after `--timeout` s
+(start-up, ~10 s with the tower, included; the `fixed` binding's guard needs 20 s to report a wedged call),
+whose progress lines tell a slow child from a hung one:
 
 * `reinit`: round 5's binding. One decode state per handle, re-initialised (nvjpegDecodeBatchedInitialize) when
   the batch size changes, with no wait for the state's previous call.
@@ -58,15 +60,10 @@ class RawDecoder:
         import numpy as np
         import torch
 
-        from pnsfw.indexer.gpu.nvjpeg import Image
+        from pnsfw.indexer.gpu.nvjpeg import Image, padded_table
 
-        count, (_, _, height, width) = len(data), out.shape
-        plane = height * width
-        table = np.zeros((count, 8), np.uint64)
-        first = out.data_ptr() + np.arange(count, dtype=np.uint64) * np.uint64(3 * plane)
-        for c in range(3):
-            table[:, c] = first + np.uint64(c * plane)
-        table[:, 4:7] = width
+        count = len(data)
+        table = padded_table(out, count)
         pointers = np.fromiter((t.data_ptr() for t in data), np.uint64, count)
         lengths = np.fromiter((t.numel() for t in data), np.uint64, count)
         status = self.lib.nvjpegDecodeBatched(self.handle, self._state(count),
@@ -87,6 +84,7 @@ def child(args: argparse.Namespace) -> int:
     from pnsfw.indexer.sources import iter_items
     from pnsfw.indexer.tensor_preprocess import resize_padded
 
+    t0 = time.perf_counter()
     blobs = [read_local(item) for item in list(iter_items(args.folder))[:max(PATTERN)]]
     data = [torch.frombuffer(b, dtype=torch.uint8) for b in blobs]
     sizes = [jpeg_size(bytes(b)) for b in blobs]
@@ -113,6 +111,9 @@ def child(args: argparse.Namespace) -> int:
                     with torch.cuda.stream(side):
                         resize_padded(out, [(h, w) for w, h in sizes[:count]], 224, torch.float16)
                     calls[i] += 1
+                    if calls[i] % 25 == 0:  # progress: a killed child shows how far it got (hung or slow)
+                        print(json.dumps({"thread": i, "calls": calls[i], "at_s": round(time.perf_counter() - t0, 1)}),
+                              flush=True)
         stream.synchronize()
         side.synchronize()
 
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="a CLIP checkpoint: its tower runs beside the decode")
     ap.add_argument("--rounds", type=int, default=20, help="passes over the batch-size pattern per thread")
     ap.add_argument("--tries", type=int, default=2, help="subprocesses per binding")
-    ap.add_argument("--timeout", type=float, default=40.0)
+    ap.add_argument("--timeout", type=float, default=90.0, help="seconds per subprocess (start-up included)")
     ap.add_argument("--bindings", default="reinit,reuse,fixed")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path)
@@ -175,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                 lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
                 result: Any = json.loads(lines[-1]) if lines else {"rc": done.returncode,
                                                                    "stderr": done.stderr[-400:]}
-            except subprocess.TimeoutExpired:
-                result = {"hung": True, "after_s": round(time.perf_counter() - started, 1)}
+            except subprocess.TimeoutExpired as exc:  # its last progress line says whether it was moving
+                partial = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+                result = {"killed_after_s": round(time.perf_counter() - started, 1),
+                          "progress": [line for line in partial.splitlines() if line.startswith("{")][-2:]}
             report.setdefault(binding, []).append(result)
             print(binding, result, flush=True)
     if args.out:

@@ -99,6 +99,21 @@ MAX_STATES = 3  # batched decode states per handle, one per batch size: the firs
 CALL_TIMEOUT_S = 20.0  # a hardware call this long is taken as wedged (1024 2 MP photos take ~1 s in the pipeline)
 
 
+def padded_table(out: Any, count: int) -> Any:
+    """nvjpegImage_t rows (uint64: 4 plane pointers, 4 pitches) of the first `count` slots of `out`, a uint8
+    (B, 3, Hmax, Wmax) CUDA tensor: each image top-left in its slot."""
+    import numpy as np
+
+    _, _, height, width = out.shape
+    plane = height * width
+    table = np.zeros((count, 8), np.uint64)
+    first = out.data_ptr() + np.arange(count, dtype=np.uint64) * np.uint64(3 * plane)
+    for c in range(3):
+        table[:, c] = first + np.uint64(c * plane)
+    table[:, 4:7] = width
+    return table
+
+
 class NvjpegStalled(RuntimeError):
     """A hardware call did not return in time: the engines are taken as wedged for the rest of the process."""
 
@@ -106,13 +121,13 @@ class NvjpegStalled(RuntimeError):
 class HardwareDecoder:
     """One nvJPEG handle on the HARDWARE backend with its batched decode states, for one thread.
 
-    Every call goes through the patterns NVIDIA's sample, torchvision and torchcodec use, which nvJPEG's
-    hardware path needs (an H200 hung in nvjpegDecodeBatched without them, docs/benchmarks.md round 6): a
-    state is never re-initialised for another batch size (one state per size, at most MAX_STATES, the least
-    recently used retired once its last call is done), and a state's previous call has finished (host wait
-    on its event) before the state is used again. The call itself runs on a daemon thread of its own and is
-    waited for at most `timeout_s`: past that the decoder is `wedged`, keeps what the call may still write
-    (never freed nor destroyed) and raises NvjpegStalled.
+    Calls follow the pattern NVIDIA's sample, torchvision and torchcodec use (round 5's pipeline hung in
+    nvjpegDecodeBatched in 4 of 6 thumbnail runs while it re-initialised a state whose previous call could
+    still be running; docs/benchmarks.md, rounds 5-6): a state is never re-initialised for another batch size
+    (one state per size, at most MAX_STATES, the least recently used retired once its last call is done), and
+    a state's previous call has finished (host wait on its event) before the state is used again. Every call
+    runs on this decoder's own daemon thread and is waited for at most `timeout_s`: past that the decoder is
+    `wedged`, keeps what the call may still read or write (never freed nor destroyed) and raises NvjpegStalled.
 
     `flags`: nvjpegCreateEx's flags; `preallocate`: (width, height) for nvjpegDecodeBatchedPreAllocate of each
     new state; `pinned`: copy each batch's bitstreams into page-locked staging memory of our own before the
@@ -255,16 +270,7 @@ class HardwareDecoder:
     def decode_into(self, data: list[Any], out: Any) -> None:
         """Decode into the first len(data) images of `out`, a uint8 (B, 3, Hmax, Wmax) CUDA tensor (each image
         top-left in its slot, the rest of the slot left as it was): one allocation and no per-image ops."""
-        import numpy as np
-
-        count, (_, _, height, width) = len(data), out.shape
-        plane = height * width
-        table = np.zeros((count, 8), np.uint64)
-        first = out.data_ptr() + np.arange(count, dtype=np.uint64) * np.uint64(3 * plane)
-        for c in range(3):
-            table[:, c] = first + np.uint64(c * plane)
-        table[:, 4:7] = width
-        self._call(data, table, out.device, out)
+        self._call(data, padded_table(out, len(data)), out.device, out)
 
     def close(self) -> None:
         """Retire the states and the handle once their calls are done; a wedged decoder is left as it is."""
