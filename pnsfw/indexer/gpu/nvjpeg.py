@@ -147,7 +147,7 @@ class HardwareDecoder:
         self.staging: list[Any] = []  # [pinned uint8 tensor, event of the call that last read it] x 2
         self.calls = 0
         self.since: float | None = None  # time.monotonic() when the call in progress began (a watchdog reads it)
-        self.wedged = False
+        self.wedged = self.closed = False
         self.held: list[Any] = []  # what a wedged call may still read or write
         _check(self.lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, flags, ctypes.byref(self.handle)),
                "nvjpegCreateEx(HARDWARE)")
@@ -236,6 +236,8 @@ class HardwareDecoder:
 
         if self.wedged:
             raise NvjpegStalled("an earlier nvjpegDecodeBatched call never returned")
+        if self.closed:
+            raise NvjpegError("the decoder is closed")
         stream = torch.cuda.current_stream(device)
         self.since = time.monotonic()
         future = self.caller.submit(lambda args: self._decode_batched(*args), (data, table, stream))
@@ -272,13 +274,21 @@ class HardwareDecoder:
         top-left in its slot, the rest of the slot left as it was): one allocation and no per-image ops."""
         self._call(data, padded_table(out, len(data)), out.device, out)
 
-    def close(self) -> None:
-        """Retire the states and the handle once their calls are done; a wedged decoder is left as it is."""
-        if self.wedged:
-            return
+    def _release(self) -> None:
         while self.states:
             self._retire(*self.states.popitem()[1])
         if self.handle:
             self.lib.nvjpegDestroy(self.handle)
             self.handle = ctypes.c_void_p()
+
+    def close(self) -> None:
+        """Retire the states and the handle on the caller thread, after any call still queued or running there
+        (a run stopped early may close while a decode thread is mid-call); a wedged decoder is left as it is."""
+        if self.wedged or self.closed:
+            return
+        self.closed = True
+        try:
+            self.caller.submit(lambda _: self._release(), None).result(timeout=self.timeout_s)
+        except TimeoutError:
+            return  # a call never returned: leave the handle to the process's end
         self.caller.__exit__()
