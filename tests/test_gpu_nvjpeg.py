@@ -161,3 +161,18 @@ def test_a_hardware_call_that_never_returns_sends_the_rest_to_the_cpu_workers(tm
     results = [r for future in decoded.prepared.fallback for r in future.get()]
     assert [Path(r.item.uri).name for r in results] == ["0.jpg", "1.jpg", "2.jpg"]
     assert all(r.pixels is not None and r.pixels.shape == (32, 32, 3) for r in results)
+
+
+def test_padded_table_points_each_image_at_its_slot() -> None:
+    from pnsfw.errors import BadInput
+    from pnsfw.indexer.gpu.nvjpeg import padded_table
+    from pnsfw.indexer.gpu.options import GpuOptions
+
+    out = torch.zeros((4, 3, 5, 7), dtype=torch.uint8)
+    table = padded_table(out, 3)
+    base, plane = out.data_ptr(), 5 * 7
+    assert table.shape == (3, 8) and list(table[1, :4]) == [base + 3 * plane, base + 4 * plane, base + 5 * plane, 0]
+    assert list(table[2, 4:]) == [7, 7, 7, 0]
+    assert DecoderPool("cuda", "auto", threads=1).threads == 1 and DecoderPool("cpu", "auto").threads == 1
+    with pytest.raises(BadInput, match="decode threads"):
+        GpuOptions(decode_threads=-1)
