@@ -8,6 +8,8 @@
   `ordered_map(...)`: their results. `pool=None` runs `fn` inline (lazily, in order).
 - `background(items, ahead)`: an iterator advanced on a thread of its own, at most `ahead` items ahead of the
   consumer (a reader that overlaps the stage after it; the iterator's own state stays on one thread).
+- `DaemonThreads(n)`: `submit(fn, arg)` on daemon threads nothing joins at exit, for calls that may never
+  return (a wedged device call); the caller waits on the future with a timeout.
 
 A stage's exception reaches the consumer with its own type (the worker's traceback is attached as the
 cause, as concurrent.futures does), so a domain error raised in a worker is reported like any other.
@@ -34,7 +36,7 @@ from .errors import WorkerLost
 
 T = TypeVar("T")
 R = TypeVar("R")
-__all__ = ["Executor", "ProcessPool", "Task", "WorkerLost", "background", "cpu_count", "ordered_map",
+__all__ = ["DaemonThreads", "Executor", "ProcessPool", "Task", "WorkerLost", "background", "cpu_count", "ordered_map",
            "read_ahead"]
 
 
@@ -365,3 +367,35 @@ def background(items: Iterable[T], ahead: int, name: str = "pnsfw-read-ahead") -
                 out.get(timeout=0.05)
             except queue.Empty:
                 pass
+
+
+class DaemonThreads:
+    """`submit(fn, arg) -> Future` on daemon threads that nothing joins at exit (ThreadPoolExecutor's are joined):
+    a thread wedged in a C call (an nvJPEG hardware call that never returns) cannot keep the process alive."""
+
+    def __init__(self, count: int, name: str):
+        self.jobs: queue.Queue = queue.Queue()
+        self.threads = [threading.Thread(target=self._run, name=f"{name}_{i}", daemon=True) for i in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            fn, arg, future = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(arg))
+                except BaseException as exc:  # the caller's .result() raises it
+                    future.set_exception(exc)
+
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+        future: Future = Future()
+        self.jobs.put((fn, arg, future))
+        return future
+
+    def __enter__(self) -> DaemonThreads:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for _thread in self.threads:
+            self.jobs.put(None)

@@ -59,6 +59,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -447,10 +448,15 @@ def ours_command(args: argparse.Namespace, corpus: Path, store: Path, ckpt: Path
             "--summary-json", str(summary)] + (["--no-faiss"] if args.no_faiss else [])
 
 
+FIRST_BATCH = re.compile(r"([0-9.]+) s  first batch encoded")
+
+
 def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
-             variant: str = "") -> dict[str, Any]:
-    """Run ``pnsfw index`` into a fresh store; return its figures (variant: extra options, 'gpu-tower=reference')."""
+             variant: str = "", repeat: int = 1) -> dict[str, Any]:
+    """Run ``pnsfw index`` into a fresh store; return its figures (variant: extra options, 'gpu-tower=reference';
+    repeat: the how-manyth run of this variant)."""
     tag = f"ours{'-' + ''.join(c if c.isalnum() else '-' for c in variant).strip('-') if variant else ''}"
+    tag += f"-{repeat}" if repeat > 1 else ""
     store = args.workdir / "runs" / f"{name}-{tag}-store"
     summary = args.workdir / "runs" / f"{name}-{tag}.summary.json"
     stats = args.workdir / "runs" / f"{name}-{tag}.stages.json"
@@ -467,6 +473,9 @@ def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
                            "command": cmd, "log": str(log), "gpu": dict(LAST_GPU)}
     if stats.exists():
         res["stages"] = json.loads(stats.read_text())
+    first = FIRST_BATCH.search(log.read_text(errors="replace")) if log.exists() else None
+    if first:
+        res["first_batch_encoded_s"] = float(first.group(1))
     if rc != 0:
         return {**res, "error": log_tail(log)}
     try:
@@ -628,6 +637,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="pnsfw runs per corpus, each with extra `pnsfw index` options without their dashes "
                          "(argparse takes no dashed values), e.g. 'gpu-tower=reference gpu-resize=thread' "
                          "('' = defaults)")
+    ap.add_argument("--ours-repeats", type=int, default=1,
+                    help="run the list of pnsfw variants this many times over, back to back")
     ap.add_argument("--out", type=Path, default=Path("bench_index.json"))
     args = ap.parse_args(argv)
     if args.batch_size is None:
@@ -645,7 +656,8 @@ def run_all(args: argparse.Namespace, corpora: dict[str, Path], ckpt: Path,
     for name, corpus in corpora.items():
         runs = report["results"].setdefault(name, {})
         jobs = [("anchor", run_anchor, args.skip_anchor, ())]
-        jobs += [(f"ours{'-' + v if v else ''}", run_ours, args.skip_ours, (v,)) for v in args.ours_variants]
+        jobs += [(f"ours{'-' + v if v else ''}{f'#{r}' if r > 1 else ''}", run_ours, args.skip_ours, (v, r))
+                 for r in range(1, args.ours_repeats + 1) for v in args.ours_variants]
         for key, func, skip, extra in jobs:
             if skip:
                 continue
@@ -653,7 +665,9 @@ def run_all(args: argparse.Namespace, corpora: dict[str, Path], ckpt: Path,
             runs[key] = func(args, name, corpus, ckpt, *extra)
             r = runs[key]
             print(f"[bench] {name}: {key} rc={r.get('rc')} "
-                  f"{fmt(r.get('seconds'))} s, {fmt(r.get('images_per_s'))} img/s", flush=True)
+                  f"{fmt(r.get('seconds'))} s, {fmt(r.get('images_per_s'))} img/s, steady "
+                  f"{fmt(r.get('steady_images_per_s'))}, first batch {r.get('first_batch_encoded_s')} s, "
+                  f"stalls {r.get('stages', {}).get('hardware_stalls')}", flush=True)
             write_json(args.out, report)
 
 

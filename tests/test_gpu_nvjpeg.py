@@ -2,6 +2,7 @@
 and on a CUDA machine the decoded pixels (close to PIL, as torchvision's nvJPEG decode is)."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +112,67 @@ def test_padded_decode_equals_per_image_decode(pinned: bool) -> None:
         for image, (h, w), ref in zip(batch, shapes, want):
             assert torch.equal(image[:, :h, :w], ref)
     decoder.close()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with JPEG engines")
+def test_batch_size_changes_never_reinitialise_a_busy_state() -> None:
+    """Round 5 hung when a state was re-initialised for a new batch size: now one state per size (at most
+    MAX_STATES, the oldest retired once done), every size still decoded right."""
+    from pnsfw.indexer.gpu.nvjpeg import MAX_STATES
+
+    blobs = [_jpeg(64 + 8 * (i % 5), 48 + 8 * (i % 3), i) for i in range(9)]
+    decoder = HardwareDecoder()
+    want = [decoder.decode([torch.frombuffer(bytearray(b), dtype=torch.uint8)], [jpeg_header(b)[:2]], "cuda")[0]
+            for b in blobs]
+    for count in (2, 9, 9, 3, 5, 9, 2, 7):
+        prepared = _prepared(blobs[:count], [True] * count)
+        batch, shapes = padded_decode(prepared, "cuda", decoder)
+        assert len(decoder.states) <= MAX_STATES
+        torch.cuda.synchronize()
+        for image, (h, w), ref in zip(batch, shapes, want):
+            assert torch.equal(image[:, :h, :w], ref)
+    decoder.close()
+    assert not decoder.states
+
+
+def test_a_hardware_call_that_never_returns_sends_the_rest_to_the_cpu_workers(tmp_path: object) -> None:
+    """A wedged decoder (its call past the timeout) is not waited for again, not watched by the stall watchdog,
+    and every later unit of the run decodes on the CPU workers, with the same rows."""
+    import time
+    from functools import partial
+    from types import SimpleNamespace
+
+    from pnsfw.indexer.gpu.route import Router, Stats
+    from pnsfw.indexer.gpu.stage import STALL_S, _decode_on_stream
+    from pnsfw.indexer.reader import process_chunk
+
+    folder = Path(str(tmp_path))
+    blobs = [_jpeg(64, 48, i) for i in range(3)]
+    for i, blob in enumerate(blobs):
+        (folder / f"{i}.jpg").write_bytes(blob)
+    prepared = _prepared(blobs, [True] * 3)
+    prepared.rows = [r._replace(item=Item(str(folder / f"{i}.jpg"), "test")) for i, r in enumerate(prepared.rows)]
+    router = Router(None, partial(process_chunk, size=32, max_pixels=10**8, timeout=10.0), 0, Stats())
+    pool = DecoderPool("cuda", "auto")
+    pool.made.append(SimpleNamespace(wedged=True, since=time.monotonic() - 2 * STALL_S))
+    assert pool.wedged and not pool.hardware_for(prepared) and pool.stalled(STALL_S) == 0.0
+    decoded = _decode_on_stream(prepared, pool, router, None, "auto")  # type: ignore[arg-type]
+    assert decoded.pixels is None and not decoded.prepared.rows and router.stats.cpu_images == 3
+    results = [r for future in decoded.prepared.fallback for r in future.get()]
+    assert [Path(r.item.uri).name for r in results] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert all(r.pixels is not None and r.pixels.shape == (32, 32, 3) for r in results)
+
+
+def test_padded_table_points_each_image_at_its_slot() -> None:
+    from pnsfw.errors import BadInput
+    from pnsfw.indexer.gpu.nvjpeg import padded_table
+    from pnsfw.indexer.gpu.options import GpuOptions
+
+    out = torch.zeros((4, 3, 5, 7), dtype=torch.uint8)
+    table = padded_table(out, 3)
+    base, plane = out.data_ptr(), 5 * 7
+    assert table.shape == (3, 8) and list(table[1, :4]) == [base + 3 * plane, base + 4 * plane, base + 5 * plane, 0]
+    assert list(table[2, 4:]) == [7, 7, 7, 0]
+    assert DecoderPool("cuda", "auto", threads=1).threads == 1 and DecoderPool("cpu", "auto").threads == 1
+    with pytest.raises(BadInput, match="decode threads"):
+        GpuOptions(decode_threads=-1)

@@ -58,8 +58,8 @@ class DecoderPool:
     """Per decode thread: its CUDA stream and its nvJPEG hardware decoder (mode "auto"), made on first use;
     one failure to make a decoder (no library, no GPU, no JPEG engine) is logged once and ends the tries."""
 
-    def __init__(self, device: str, mode: str, priority: str = "normal"):
-        self.device, self.mode = device, mode
+    def __init__(self, device: str, mode: str, priority: str = "normal", threads: int = 0):
+        self.device, self.mode, self.requested = device, mode, threads
         self.priority = -1 if priority == "high" else 0  # torch: lower is higher; -1 is CUDA's highest here
         self.local = threading.local()
         self.made: list[Any] = []
@@ -69,12 +69,20 @@ class DecoderPool:
 
     def hardware_for(self, prepared: Prepared) -> bool:
         """Whether this unit goes to the hardware engines (auto: every unit, while they are there)."""
-        return not self.unavailable and bool(prepared.rows)
+        return not self.unavailable and not self.wedged and bool(prepared.rows)
+
+    @property
+    def wedged(self) -> bool:
+        """Whether a hardware call never returned: every later unit then decodes on the CPU workers
+        (torchvision.io's decoder uses the same engines)."""
+        with self.lock:
+            return any(getattr(d, "wedged", False) for d in self.made)
 
     @property
     def threads(self) -> int:
-        """Decode threads: two with the hardware engines (each feeds them while the other waits), else one."""
-        return 1 if self.unavailable else HARDWARE_THREADS
+        """Decode threads: as asked, else two with the hardware engines (each feeds them while the other
+        waits), one without."""
+        return self.requested or (1 if self.unavailable else HARDWARE_THREADS)
 
     def stream(self, name: str = "stream") -> Any:
         """This thread's CUDA stream `name` (decode: "stream"; the padded resize: "side"), None off CUDA."""
@@ -111,7 +119,7 @@ class DecoderPool:
         """Seconds the longest hardware call in progress has run, if over `limit_s`; else 0."""
         now = time.monotonic()
         with self.lock:
-            running = [now - d.since for d in self.made if d.since is not None]
+            running = [now - d.since for d in self.made if d.since is not None and not getattr(d, "wedged", False)]
         longest = max(running, default=0.0)
         return longest if longest > limit_s else 0.0
 
@@ -165,20 +173,23 @@ def padded_decode(prepared: Prepared, device: str, decoder: Any) -> tuple[Any, l
     from .nvjpeg import NvjpegError
 
     count = _hardware_first(prepared, True)
+    sizes = [(r.height, r.width) for r in prepared.rows[:count]]
     rest = decode_jpegs(prepared.data[count:], device) if count < len(prepared.data) else []
-    shapes = [(r.height, r.width) for r in prepared.rows[:count]] + [(int(i.shape[1]), int(i.shape[2])) for i in rest]
+    shapes = sizes + [(int(i.shape[1]), int(i.shape[2])) for i in rest]
     out = torch.empty((len(shapes), 3, max(h for h, _ in shapes), max(w for _, w in shapes)), dtype=torch.uint8,
                       device=device)
-    for i, image in enumerate(rest, count):
-        out[i, :, :image.shape[1], :image.shape[2]] = image
-    if count:
+    if count:  # first: nvJPEG's hardware writes do not wait for work queued on the stream (torchcodec#1634)
         try:
             decoder.decode_into(prepared.data[:count], out)
         except NvjpegError as exc:
             warn_once(f"nvJPEG hardware decoder refused a batch ({exc}); torchvision.io decodes such batches")
-            for i, image in enumerate(decode_jpegs(prepared.data[:count], device)):
-                out[i, :, :image.shape[1], :image.shape[2]] = image
-                shapes[i] = (int(image.shape[1]), int(image.shape[2]))
+            rest = decode_jpegs(prepared.data, device)
+            shapes = [(int(i.shape[1]), int(i.shape[2])) for i in rest]
+            count = 0
+    for i, image in enumerate(rest, count):
+        out[i, :, :image.shape[1], :image.shape[2]] = image
+    if rest and count:  # the next hardware call on this stream may be handed these copies' memory
+        torch.cuda.current_stream(out.device).synchronize()
     return out, shapes
 
 
@@ -204,6 +215,16 @@ def _resize_beside(batch: Any, shapes: list[tuple[int, int]], size: int, side: A
         return resize_padded(batch, shapes, size, resize_dtype(str(batch.device)))
 
 
+def to_cpu(prepared: Prepared, router: Router, reason: str | None = None) -> Decoded:
+    """The unit's device rows sent to the CPU workers instead (`reason` logged once)."""
+    if reason:
+        warn_once(reason)
+    router.stats.add("rejected_batches", 1)
+    prepared.fallback += router.submit([r.item for r in prepared.rows])
+    prepared.rows, prepared.data, prepared.hardware = [], [], []
+    return Decoded(prepared)
+
+
 def decode_unit(prepared: Prepared, device: str, size: int, router: Router, resize_later: bool,
                 decoder: Any = None, side: Any = None) -> Decoded:
     """Decode thread: batched decode (+ resize/crop unless `resize_later`) on this thread's stream (the padded
@@ -211,6 +232,7 @@ def decode_unit(prepared: Prepared, device: str, size: int, router: Router, resi
     import torch
 
     from ..tensor_preprocess import resize_crop
+    from .nvjpeg import NvjpegStalled
 
     if not prepared.data:
         return Decoded(prepared)
@@ -219,13 +241,13 @@ def decode_unit(prepared: Prepared, device: str, size: int, router: Router, resi
     try:
         images = padded_decode(prepared, device, decoder) if padded else device_decode(prepared, device, decoder)
         router.stats.add("device_decode_call_s", time.perf_counter() - started)
+    except NvjpegStalled as exc:
+        router.stats.add("hardware_stalls", 1)
+        return to_cpu(prepared, router, f"{exc}: the JPEG engines are taken as wedged, the CPU workers decode "
+                                        "this batch and every later one")
     except (RuntimeError, ImportError) as exc:
-        warn_once(f"the device decoder refused a batch ({str(exc).splitlines()[0]}); the CPU workers decode such "
-                  "batches")
-        router.stats.add("rejected_batches", 1)
-        prepared.fallback += router.submit([r.item for r in prepared.rows])
-        prepared.rows, prepared.data, prepared.hardware = [], [], []
-        return Decoded(prepared)
+        return to_cpu(prepared, router, f"the device decoder refused a batch ({str(exc).splitlines()[0]}); the "
+                                        "CPU workers decode such batches")
     if padded:
         pixels = _resize_beside(images[0], images[1], size, side)
     else:

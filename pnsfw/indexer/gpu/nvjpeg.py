@@ -95,43 +95,99 @@ def _check(status: int, call: str) -> None:
         raise NvjpegError(f"{call} failed: {_STATUS.get(status, f'status {status}')}")
 
 
-class HardwareDecoder:
-    """One nvJPEG handle and decode state on the HARDWARE backend, for one thread.
+MAX_STATES = 3  # batched decode states per handle, one per batch size: the first unit, the steady one, the last
+CALL_TIMEOUT_S = 20.0  # a hardware call this long is taken as wedged (1024 2 MP photos take ~1 s in the pipeline)
 
-    `flags`: nvjpegCreateEx's flags; `preallocate`: (width, height) for nvjpegDecodeBatchedPreAllocate after each
-    batch-size change (nvJPEG otherwise frees and allocates device memory as image sizes vary); `pinned`: copy
-    each batch's bitstreams into page-locked staging memory of our own before the call. The defaults are the
-    measured winners on an H200 (thumbnails, one thread: pools 44k img/s, none 34k, pre-allocation 35k, pinned
-    staging 20k; docs/benchmarks.md, round 3)."""
+
+def padded_table(out: Any, count: int) -> Any:
+    """nvjpegImage_t rows (uint64: 4 plane pointers, 4 pitches) of the first `count` slots of `out`, a uint8
+    (B, 3, Hmax, Wmax) CUDA tensor: each image top-left in its slot."""
+    import numpy as np
+
+    _, _, height, width = out.shape
+    plane = height * width
+    table = np.zeros((count, 8), np.uint64)
+    first = out.data_ptr() + np.arange(count, dtype=np.uint64) * np.uint64(3 * plane)
+    for c in range(3):
+        table[:, c] = first + np.uint64(c * plane)
+    table[:, 4:7] = width
+    return table
+
+
+class NvjpegStalled(RuntimeError):
+    """A hardware call did not return in time: the engines are taken as wedged for the rest of the process."""
+
+
+class HardwareDecoder:
+    """One nvJPEG handle on the HARDWARE backend with its batched decode states, for one thread.
+
+    Calls follow the pattern NVIDIA's sample, torchvision and torchcodec use (round 5's pipeline hung in
+    nvjpegDecodeBatched in 4 of 6 thumbnail runs while it re-initialised a state whose previous call could
+    still be running; docs/benchmarks.md, rounds 5-6): a state is never re-initialised for another batch size
+    (one state per size, at most MAX_STATES, the least recently used retired once its last call is done), and
+    a state's previous call has finished (host wait on its event) before the state is used again. Every call
+    runs on this decoder's own daemon thread and is waited for at most `timeout_s`: past that the decoder is
+    `wedged`, keeps what the call may still read or write (never freed nor destroyed) and raises NvjpegStalled.
+
+    `flags`: nvjpegCreateEx's flags; `preallocate`: (width, height) for nvjpegDecodeBatchedPreAllocate of each
+    new state; `pinned`: copy each batch's bitstreams into page-locked staging memory of our own before the
+    call. The defaults are the measured winners on an H200 (thumbnails, one thread: pools 44k img/s, none 34k,
+    pre-allocation 35k, pinned staging 20k; docs/benchmarks.md, round 3)."""
 
     def __init__(self, flags: int = FLAG_MEMORY_POOLS, preallocate: tuple[int, int] | None = None,
-                 pinned: bool = False) -> None:
+                 pinned: bool = False, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        from collections import OrderedDict
+
+        from ...concurrency import DaemonThreads
+
         self.lib = library()
-        self.handle, self.state = ctypes.c_void_p(), ctypes.c_void_p()
-        self.batch, self.preallocate, self.pinned = 0, preallocate, pinned
+        self.handle = ctypes.c_void_p()
+        self.states: OrderedDict[int, list[Any]] = OrderedDict()  # batch size: [state, event of its last call]
+        self.preallocate, self.pinned, self.timeout_s = preallocate, pinned, timeout_s
         self.staging: list[Any] = []  # [pinned uint8 tensor, event of the call that last read it] x 2
         self.calls = 0
         self.since: float | None = None  # time.monotonic() when the call in progress began (a watchdog reads it)
+        self.wedged = self.closed = False
+        self.held: list[Any] = []  # what a wedged call may still read or write
         _check(self.lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, flags, ctypes.byref(self.handle)),
                "nvjpegCreateEx(HARDWARE)")
-        try:
-            _check(self.lib.nvjpegJpegStateCreate(self.handle, ctypes.byref(self.state)), "nvjpegJpegStateCreate")
-        except NvjpegError:
-            self.close()
-            raise
+        import torch
 
-    def _initialize(self, count: int) -> None:
-        if count == self.batch:  # the batched state is sized for one batch size
-            return
-        _check(self.lib.nvjpegDecodeBatchedInitialize(self.handle, self.state, count, 1, OUTPUT_RGB),
-               "nvjpegDecodeBatchedInitialize")
-        self.batch = count
+        self.caller = DaemonThreads(1, "pnsfw-nvjpeg")  # every call of this handle, on this device
+        self.caller.submit(torch.cuda.set_device, torch.cuda.current_device()).result()
+
+    def _new_state(self, count: int) -> Any:
+        state = ctypes.c_void_p()
+        _check(self.lib.nvjpegJpegStateCreate(self.handle, ctypes.byref(state)), "nvjpegJpegStateCreate")
+        try:
+            _check(self.lib.nvjpegDecodeBatchedInitialize(self.handle, state, count, 1, OUTPUT_RGB),
+                   "nvjpegDecodeBatchedInitialize")
+        except NvjpegError:
+            self.lib.nvjpegJpegStateDestroy(state)
+            raise
         if self.preallocate is not None and hasattr(self.lib, "nvjpegDecodeBatchedPreAllocate"):
             width, height = self.preallocate
-            status = self.lib.nvjpegDecodeBatchedPreAllocate(self.handle, self.state, count, width, height,
-                                                             CSS_444, OUTPUT_RGB)
-            if status != 0:  # an optimisation only: decode without it
-                self.preallocate = None
+            if self.lib.nvjpegDecodeBatchedPreAllocate(self.handle, state, count, width, height, CSS_444,
+                                                       OUTPUT_RGB) != 0:
+                self.preallocate = None  # an optimisation only: decode without it
+        return state
+
+    def _state(self, count: int) -> list[Any]:
+        """[state, event] for batches of `count`, its previous call finished."""
+        if count not in self.states:
+            if len(self.states) >= MAX_STATES:
+                self._retire(*self.states.popitem(last=False)[1])
+            self.states[count] = [self._new_state(count), None]
+        self.states.move_to_end(count)
+        entry = self.states[count]
+        if entry[1] is not None:
+            entry[1].synchronize()
+        return entry
+
+    def _retire(self, state: Any, event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+        self.lib.nvjpegJpegStateDestroy(state)
 
     def _bitstreams(self, data: list[Any]) -> tuple[Any, Any]:
         """(pointers, lengths) uint64 arrays of the batch's bytes: in our pinned staging buffer (one of two,
@@ -159,25 +215,43 @@ class HardwareDecoder:
             pointers = buffer.data_ptr() + offsets
         return pointers, lengths
 
-    def _call(self, data: list[Any], table: Any, device: Any) -> None:
+    def _decode_batched(self, data: list[Any], table: Any, stream: Any) -> tuple[int, list[Any]]:
+        """On the caller thread: (status, [state, event]) of one nvjpegDecodeBatched into `table` on `stream`."""
         import torch
 
-        self._initialize(len(data))
+        entry = self._state(len(data))
         pointers, lengths = self._bitstreams(data)
+        status = self.lib.nvjpegDecodeBatched(self.handle, entry[0],
+                                              pointers.ctypes.data_as(ctypes.POINTER(ctypes.c_void_p)),
+                                              lengths.ctypes.data_as(ctypes.POINTER(ctypes.c_size_t)),
+                                              table.ctypes.data_as(ctypes.POINTER(Image)), stream.cuda_stream)
+        entry[1] = torch.cuda.Event()
+        entry[1].record(stream)
+        return status, entry
+
+    def _call(self, data: list[Any], table: Any, device: Any, out: Any) -> None:
+        """The batched decode on this thread's current stream, through the caller thread (its state's previous
+        call waited for there too), at most `timeout_s`."""
+        import torch
+
+        if self.wedged:
+            raise NvjpegStalled("an earlier nvjpegDecodeBatched call never returned")
+        if self.closed:
+            raise NvjpegError("the decoder is closed")
         stream = torch.cuda.current_stream(device)
         self.since = time.monotonic()
+        future = self.caller.submit(lambda args: self._decode_batched(*args), (data, table, stream))
         try:
-            _check(self.lib.nvjpegDecodeBatched(self.handle, self.state,
-                                                pointers.ctypes.data_as(ctypes.POINTER(ctypes.c_void_p)),
-                                                lengths.ctypes.data_as(ctypes.POINTER(ctypes.c_size_t)),
-                                                table.ctypes.data_as(ctypes.POINTER(Image)), stream.cuda_stream),
-                   "nvjpegDecodeBatched")
+            status, entry = future.result(timeout=self.timeout_s)
+        except TimeoutError:
+            self.wedged = True
+            self.held += [data, table, out, stream]
+            raise NvjpegStalled(f"nvjpegDecodeBatched did not return in {self.timeout_s:.0f} s") from None
         finally:
             self.since = None
+        _check(status, "nvjpegDecodeBatched")
         if self.pinned:
-            event = torch.cuda.Event()
-            event.record(stream)
-            self.staging[self.calls % 2][1] = event
+            self.staging[self.calls % 2][1] = entry[1]
         self.calls += 1
 
     def decode(self, data: list[Any], sizes: list[tuple[int, int]], device: Any) -> list[Any]:
@@ -192,27 +266,29 @@ class HardwareDecoder:
             base = output.data_ptr()
             row[:3] = (base, base + width * height, base + 2 * width * height)
             row[4:7] = width
-        self._call(data, table, device)
+        self._call(data, table, device, outputs)
         return outputs
 
     def decode_into(self, data: list[Any], out: Any) -> None:
         """Decode into the first len(data) images of `out`, a uint8 (B, 3, Hmax, Wmax) CUDA tensor (each image
         top-left in its slot, the rest of the slot left as it was): one allocation and no per-image ops."""
-        import numpy as np
+        self._call(data, padded_table(out, len(data)), out.device, out)
 
-        count, (_, _, height, width) = len(data), out.shape
-        plane = height * width
-        table = np.zeros((count, 8), np.uint64)
-        first = out.data_ptr() + np.arange(count, dtype=np.uint64) * np.uint64(3 * plane)
-        for c in range(3):
-            table[:, c] = first + np.uint64(c * plane)
-        table[:, 4:7] = width
-        self._call(data, table, out.device)
-
-    def close(self) -> None:
-        if self.state:
-            self.lib.nvjpegJpegStateDestroy(self.state)
-            self.state = ctypes.c_void_p()
+    def _release(self) -> None:
+        while self.states:
+            self._retire(*self.states.popitem()[1])
         if self.handle:
             self.lib.nvjpegDestroy(self.handle)
             self.handle = ctypes.c_void_p()
+
+    def close(self) -> None:
+        """Retire the states and the handle on the caller thread, after any call still queued or running there
+        (a run stopped early may close while a decode thread is mid-call); a wedged decoder is left as it is."""
+        if self.wedged or self.closed:
+            return
+        self.closed = True
+        try:
+            self.caller.submit(lambda _: self._release(), None).result(timeout=self.timeout_s)
+        except TimeoutError:
+            return  # a call never returned: leave the handle to the process's end
+        self.caller.__exit__()

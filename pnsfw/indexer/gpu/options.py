@@ -24,12 +24,15 @@ class GpuOptions:
     # (equal alone on an H200: 37.6k vs 37.9k img/s); reference: CLIP's own modules at fp16
     encode_stream: str = "own"  # own: the tower on a stream of its own; default: CUDA's legacy default stream,
     # which every blocking stream waits for (nvJPEG's hardware calls then also wait for the queued tower)
+    decode_threads: int = 0  # threads feeding the device decoder; 0: two with the hardware engines, else one
     decode_priority: str = "normal"  # the decode threads' CUDA streams: normal, or high (their kernels are
     # scheduled ahead of the tower's)
     compile: str = "auto"  # torch.compile the tower: auto (jobs large enough to pay it back), on, off
     stage_stats: str | None = None  # write per-stage busy seconds (JSON) to this file
 
     def __post_init__(self) -> None:
+        if self.decode_threads < 0:
+            raise BadInput(f"GPU decode threads must be 0 (auto) or more, not {self.decode_threads}")
         for name, allowed in (("resize", RESIZES), ("tower", TOWERS), ("compile", COMPILES), ("decoder", DECODERS),
                               ("encode_stream", STREAMS), ("decode_priority", PRIORITIES)):
             if getattr(self, name) not in allowed:

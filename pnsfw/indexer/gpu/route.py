@@ -43,7 +43,8 @@ class Stats:
     write_s: float = 0.0
     device_images: int = 0
     cpu_images: int = 0
-    rejected_batches: int = 0
+    rejected_batches: int = 0  # units the CPU workers decoded instead of the device
+    hardware_stalls: int = 0  # nvJPEG hardware calls that never returned (the run went on without the engines)
     lock: Any = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, value: float) -> None:

@@ -6,7 +6,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
-from concurrent.futures import Future
 from contextlib import nullcontext
 from functools import partial
 from itertools import islice
@@ -14,12 +13,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ...concurrency import DaemonThreads
 from ...errors import DeviceStalled
 from ..encoder import Encoder
 from ..reader import Result
 from ..sources import Item
 from ..timeline import mark
-from .decode import Decoded, DecoderPool, decode_unit
+from .decode import Decoded, DecoderPool, decode_unit, to_cpu
 from .resize import device_pixels, put, resize_later, resize_thread
 from .route import Prepared, Router, Stats, Unit, make_router, prepare
 from .tower import image_model
@@ -40,38 +40,6 @@ class UnitResult(NamedTuple):
 STALL_S = 120.0  # a hardware decode call running this long is taken as wedged (1024 2 MP photos take ~1 s)
 
 
-class DaemonThreads:
-    """`submit(fn, arg) -> Future` on daemon threads that nothing joins at exit (ThreadPoolExecutor's are joined):
-    a thread wedged in a C call (an nvJPEG hardware call that never returns) cannot keep the process alive."""
-
-    def __init__(self, count: int, name: str):
-        self.jobs: queue.Queue = queue.Queue()
-        self.threads = [threading.Thread(target=self._run, name=f"{name}_{i}", daemon=True) for i in range(count)]
-        for thread in self.threads:
-            thread.start()
-
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            fn, arg, future = job
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(arg))
-                except BaseException as exc:  # the caller's .result() raises it
-                    future.set_exception(exc)
-
-    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
-        future: Future = Future()
-        self.jobs.put((fn, arg, future))
-        return future
-
-    def __enter__(self) -> "DaemonThreads":
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        for _thread in self.threads:
-            self.jobs.put(None)
-
-
 def _ordered(executor: DaemonThreads, fn: Callable[[Any], Any], units: Iterable[Any],
              depth: int) -> Iterator[Any]:
     """fn over units on the executor, in order, at most `depth` ahead."""
@@ -88,6 +56,8 @@ def _decode_on_stream(prepared: Prepared, decoders: DecoderPool, router: Router,
                       mode: str) -> Decoded:
     import torch
 
+    if decoders.wedged and prepared.rows:  # a hardware call never returned: keep off the engines
+        return to_cpu(prepared, router)
     stream = decoders.stream()
     hardware = decoders.hardware_for(prepared)
     decoder = decoders.decoder() if hardware else None
@@ -265,7 +235,8 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
     stop = threading.Event()
     previous = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_S)
-    decoders = DecoderPool(encoder.device, options.gpu.decoder, options.gpu.decode_priority)
+    decoders = DecoderPool(encoder.device, options.gpu.decoder, options.gpu.decode_priority,
+                           options.gpu.decode_threads)
     threads = _start_threads(units, router, encoder, options, out, stop, decoders)
     try:
         model = image_model(encoder, options.gpu, items, batch)
