@@ -220,6 +220,33 @@ def test_uri_hash_is_blake2b_of_the_utf8() -> None:
         uri_hash(pa.array(["a", None]))
 
 
+def test_uri_hash_lanes_equal_hashlib() -> None:
+    """Columns large enough for urihash's numpy lanes (groups of >= MIN_LANES uris of one block count, a group
+    of more than LANES split in parts) give hashlib's values: random unicode uris of 0-400 UTF-8 bytes (1-4
+    blocks, lengths at the block edges), uniform short ones, every offset width, slices and chunks."""
+    import hashlib
+    import random
+
+    from pnsfw.store import urihash
+    from pnsfw.store.shards import uri_hash, uri_hash_one
+
+    rng = random.Random(1)
+    alphabet = "abcXYZ019/:.?&=%-_é€漢𝄞"
+    uris = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 260))) for _ in range(5000)]
+    uris += ["x" * n for n in (0, 1, 127, 128, 129, 255, 256, 257)] * 3
+    uris += [f"https://example.com/images/{i:09d}.jpg" for i in range(urihash.LANES + 500)]
+    rng.shuffle(uris)
+    want = [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") for u in uris]
+    lengths = [len(u.encode()) for u in uris]
+    assert max(lengths) > 3 * urihash.BLOCK and sum(1 < -(-n // 128) for n in lengths) >= urihash.MIN_LANES
+    for kind in (pa.string(), pa.large_string(), pa.binary(), pa.string_view()):
+        assert uri_hash(pa.array(uris).cast(kind)).tolist() == want, kind
+    assert uri_hash(pa.array(uris).slice(1001, 7000)).tolist() == want[1001:8001]
+    assert uri_hash(pa.chunked_array([pa.array(uris[:2500]), pa.array(uris[2500:])])).tolist() == want
+    assert uri_hash(uris[:2000]).tolist() == want[:2000]
+    assert [uri_hash_one(u) for u in uris[:50]] == want[:50]
+
+
 def test_text_search_with_the_declared_checkpoint(tmp_path: Path, tiny_checkpoint: Path) -> None:
     """Embeddings imported with --model CHECKPOINT get its real fingerprint: `search --text` loads that CLIP's
     text tower and returns the items nearest to the text embedding."""

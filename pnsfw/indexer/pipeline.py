@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import hashlib
 import itertools
 import logging
 import signal
@@ -19,6 +18,7 @@ from ..concurrency import ProcessPool, cpu_count
 from ..errors import BadInput, Interrupted, SourceError
 from ..progress import progress_bar
 from ..store import Projection, Store, StoreWriter
+from ..store.shards import uri_hash_one
 from .decode import DEFAULT_MAX_PIXELS
 from .encoder import DEFAULT_MODEL, Encoder, describe_encoder, load_encoder, resolve_device
 from .gpu.options import GpuOptions
@@ -74,10 +74,6 @@ class IndexSummary:
         return dict(asdict(self), images_per_s=self.images_per_s, steady_images_per_s=self.steady_images_per_s)
 
 
-def _uri_key(uri: str) -> int:
-    return int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
-
-
 class NewItems:
     """The items of SOURCEs not yet in the store (nor repeated), as a stream; counts the ones already present.
 
@@ -91,7 +87,7 @@ class NewItems:
     def __iter__(self) -> Iterator[Item]:
         seen: set[int] = set()  # this run's items only (64-bit keys), never the store's
         for item in self.entries:
-            key = _uri_key(item.uri)
+            key = uri_hash_one(item.uri)
             if key in seen:
                 continue
             seen.add(key)

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .files import atomic_write
+from .urihash import blake2b_64
 
 ROW_GROUP = 1 << 16
 TAR_SEPARATOR = "::"  # the stored uri of a tar member: /abs/path/data.tar::folder/name.jpg
@@ -43,27 +44,42 @@ def shard_schema(dim: int, extra: tuple[str, ...] = ()) -> pa.Schema:
     ])
 
 
-HASH_BATCH = 4096  # uris hashed per call: the GIL is held within one (~1.5 ms), other threads run between
+HASH_BATCH = 4096  # uris of a list hashed per call: the GIL is held within one (~1.5 ms), other threads run between
+_OFFSETS = {pa.string(): np.int32, pa.binary(): np.int32, pa.large_string(): np.int64, pa.large_binary(): np.int64}
 
 
 def uri_hash(uris: list[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """uint64 per uri: the first 8 bytes (little-endian) of blake2b of its UTF-8, as hashlib computes it (stable
-    across runs, machines and Python versions). hashlib one uri at a time costs ~0.35 us a uri, about a third
-    of the CPU time of blake2b's rounds vectorised over uint64 lanes in numpy (measured: docs/benchmarks.md).
-    It holds the GIL, so it runs in batches of HASH_BATCH uris: a thread that waits for the GIL (a reader, a
-    shard writer) gets it between batches, not after the whole column."""
+    across runs, machines and Python versions).
+
+    An Arrow column is hashed from its buffers by urihash.blake2b_64 (numpy over uint64 lanes: no Python object
+    a uri, and the GIL released inside each numpy call, so mapper threads hash in parallel). A list (store
+    look-ups, error uris: few) goes through hashlib one uri at a time, in batches of HASH_BATCH so that a
+    thread waiting for the GIL gets it between batches."""
     if isinstance(uris, (pa.Array, pa.ChunkedArray)):
         if uris.null_count:
             raise ValueError("uri_hash of a null uri")
-        binary = uris.cast(pa.large_binary())
-        batches = (binary.slice(i, HASH_BATCH).to_pylist() for i in range(0, len(binary), HASH_BATCH))
-    else:
-        data = [u.encode("utf-8", "surrogateescape") for u in uris]
-        batches = (data[i:i + HASH_BATCH] for i in range(0, len(data), HASH_BATCH))
+        column = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
+        if not len(column):
+            return np.zeros(0, "<u8")
+        if column.type not in _OFFSETS:
+            column = column.cast(pa.large_string())
+        _, offsets, values = column.buffers()
+        width = _OFFSETS[column.type]
+        bounds = np.frombuffer(offsets, width)[column.offset:column.offset + len(column) + 1]
+        data = np.frombuffer(values, np.uint8) if values is not None else np.zeros(0, np.uint8)
+        return blake2b_64(data, bounds)
+    encoded = [u.encode("utf-8", "surrogateescape") for u in uris]
     digest = functools.partial(hashlib.blake2b, digest_size=8)
+    batches = (encoded[i:i + HASH_BATCH] for i in range(0, len(encoded), HASH_BATCH))
     joined = b"".join([b"".join(map(hashlib.blake2b.digest, map(digest, batch))) for batch in batches])
     hashed: np.ndarray = np.frombuffer(joined, "<u8").copy()
     return hashed
+
+
+def uri_hash_one(uri: str) -> int:
+    """uri_hash of one uri, as a Python int (what `index` checks each new item with)."""
+    return int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
 
 
 def normalize_rows(table: pa.Table, dim: int) -> pa.Table:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import SpaceMismatch, StoreError
 from . import hooks, shards
@@ -67,7 +68,7 @@ class UriSet:
     def __contains__(self, uri: object) -> bool:
         if not isinstance(uri, str) or not len(self.hashes):
             return False
-        value = shards.uri_hash([uri])[0]
+        value = np.uint64(shards.uri_hash_one(uri))
         at = int(np.searchsorted(self.hashes, value))
         return at < len(self.hashes) and bool(self.hashes[at] == value)
 
@@ -393,8 +394,7 @@ class Store:
         uri hashes: 8 bytes a row, never a set of strings (format-1 shards without uri_hash are hashed on the fly)."""
         failed = np.zeros(0, "<u8")
         if errors:
-            uris = self.errors().column("uri").to_pylist()
-            failed = shards.uri_hash([u for u in uris if u is not None])
+            failed = shards.uri_hash(pc.drop_null(self.errors().column("uri")))
         hashes, at = np.empty(self.rows + len(failed), "<u8"), 0  # filled in place: 8 bytes a row at the peak
         for shard, values in zip(self.manifest.shards, self.fs.map(self._uri_hashes, self.manifest.shards)):
             if len(values) != shard.rows:
@@ -408,7 +408,7 @@ class Store:
         column = "uri_hash" if "uri_hash" in self._present(shard, ["uri_hash"]) else "uri"
         values = self._read(shard, [column]).column(column)
         if column == "uri":
-            return shards.uri_hash(values.to_pylist())
+            return shards.uri_hash(values)
         return np.asarray(values.to_numpy(), dtype="<u8")
 
     # ---- artefacts (index generations, models, scores, labels): see artifacts.py
