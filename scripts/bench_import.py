@@ -2,7 +2,8 @@
 
 Usage: python scripts/bench_import.py [--rows 1000000] [--parts 4] [--dim 512] [--shard-size 262144]
                                       [--unnormalised] [--folder DIR] [--profile] [--stages] [--warm]
-                                      [--stage-threads N] [--score] [--device cpu|cuda]
+                                      [--stage-threads N] [--map-threads N] [--hash lanes|hashlib]
+                                      [--score] [--device cpu|cuda]
                                       [--out bench_import.json]
 
 Writes a clip-retrieval folder (img_emb/img_emb_N.npy float16 + metadata/metadata_N.parquet with url and
@@ -21,6 +22,7 @@ interleaved, --score-runs each; reports vectors/s of both and their ratio.
 
 import argparse
 import cProfile
+import inspect
 import json
 import os
 import platform
@@ -55,11 +57,11 @@ def write_folder(root: Path, rows: int, parts: int, dim: int, normalised: bool) 
     return total
 
 
-def run(folder: Path, store: Path, shard_size: int, profile: bool,
-        stage_threads: int = 0) -> tuple[float, float, object, list[str]]:
+def run(folder: Path, store: Path, shard_size: int, profile: bool, stage_threads: int = 0,
+        tuning: dict[str, object] | None = None) -> tuple[float, float, object, list[str]]:
     from pnsfw.indexer.importer import ImportOptions, run_import
 
-    options = ImportOptions(shard_size=shard_size, stage_threads=stage_threads)
+    options = ImportOptions(shard_size=shard_size, stage_threads=stage_threads, **(tuning or {}))
     profiler = cProfile.Profile() if profile else None
     start, cpu = time.perf_counter(), time.process_time()
     if profiler:
@@ -116,6 +118,8 @@ def stages(folder: Path, work: Path, shard_size: int, dim: int) -> dict[str, obj
         "sha256 of the shard file": best_of(lambda: sha256_file(path)),
         "parquet write + fsync": best_of(lambda: (shards.write_table(shard, path), fsync(path))),  # type: ignore
     }
+    if "lanes" in inspect.signature(shards.uri_hash).parameters:  # this branch: hashlib's cost beside the lanes'
+        seconds["uri_hash, hashlib (lanes=False)"] = best_of(lambda: shards.uri_hash(table.column("uri"), lanes=False))
     code = "import time; t = time.perf_counter(); import torch; print(time.perf_counter() - t)"
     torch_s = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
     per_row = {k: {"wall": round(w / rows * 1e6, 3), "cpu": round(c / rows * 1e6, 3)} for k, (w, c) in seconds.items()}
@@ -212,8 +216,14 @@ def main() -> None:
     parser.add_argument("--keep-folder", action="store_true", help="Leave the clip-retrieval folder (--folder).")
     parser.add_argument("--numpy-chunks", action="store_true",
                         help="Variant: read chunks into fresh numpy arrays, not Arrow's pool (as before round 3).")
+    parser.add_argument("--map-threads", type=int, default=0, help="Mapper threads (0: the default).")
+    parser.add_argument("--hash", choices=["default", "lanes", "hashlib"], default="default",
+                        help="How the mappers compute uri_hash (default: the importer's choice).")
     parser.add_argument("--out", default="bench_import.json")
     args = parser.parse_args()
+    tuning: dict[str, object] = {"map_threads": args.map_threads} if args.map_threads else {}
+    if args.hash != "default":
+        tuning["hash_lanes"] = args.hash == "lanes"
     variants(args)
     work = Path(args.folder or tempfile.mkdtemp(prefix="bench_import_"))
     try:
@@ -224,13 +234,14 @@ def main() -> None:
             total = write_folder(laion, args.rows, args.parts, args.dim, not args.unnormalised)
         shutil.rmtree(work / "store", ignore_errors=True)
         if args.warm:  # a first import into a scratch store: torch loaded, the process's memory grown
-            run(laion, work / "warm-up", args.shard_size, False, args.stage_threads)
+            run(laion, work / "warm-up", args.shard_size, False, args.stage_threads, tuning)
             shutil.rmtree(work / "warm-up")
-        seconds, cpu, summary, top = run(laion, work / "store", args.shard_size, args.profile, args.stage_threads)
+        seconds, cpu, summary, top = run(laion, work / "store", args.shard_size, args.profile, args.stage_threads,
+                                         tuning)
         rows = summary.imported
         result = {"rows": rows, "dim": args.dim, "parts": args.parts, "shard_size": args.shard_size,
                   "embedding_bytes": total, "unit_length": not args.unnormalised, "warm": args.warm,
-                  "stage_threads": args.stage_threads, "loadavg_1m_after": os.getloadavg()[0],
+                  "stage_threads": args.stage_threads, "tuning": tuning, "loadavg_1m_after": os.getloadavg()[0],
                   "folder": str(work), "seconds": round(seconds, 3), "gb_per_s": round(total / seconds / 1e9, 3),
                   "rows_per_s": round(rows / seconds),
                   "cpu_seconds": round(cpu, 3), "cpu_us_per_row": round(cpu / rows * 1e6, 3),

@@ -52,6 +52,8 @@ class ImportOptions(IngestOptions):
     shard_size: int = 50_000  # as `index` writes them: the bulk scorer reads both alike
     chunk_rows: int = 65_536
     stage_threads: int = 0  # shards written at once while the next are read; 0: min(4, cores)
+    map_threads: int = 0  # chunks validated, normalised and hashed at once; 0: min(6, cores // 3), at least 1
+    hash_lanes: bool | None = None  # uri_hash in numpy lanes (no GIL, more CPU); None: with > 1 map thread
 
 
 @dataclass
@@ -148,13 +150,13 @@ def _fixed(metadata: pa.Table, name: str, kind: pa.DataType) -> "pa.Array | None
     return column.cast(kind) if ok else None
 
 
-def _rows_table(metadata: pa.Table, uri_column: str, source: str, vectors: np.ndarray) -> pa.Table:
+def _rows_table(metadata: pa.Table, uri_column: str, source: str, vectors: np.ndarray, lanes: bool) -> pa.Table:
     """The shard columns (uri_hash too: hashed here, chunk by chunk, not by the threads that write shards), then
     the other metadata columns as they came."""
     n = metadata.num_rows
     uris = metadata.column(uri_column).cast(pa.string())
     columns: dict[str, Any] = {"uri": uris, "source": pa.repeat(pa.scalar(source, pa.string()), n),
-                               "uri_hash": pa.array(uri_hash(uris), pa.uint64())}
+                               "uri_hash": pa.array(uri_hash(uris, lanes), pa.uint64())}
     used = {uri_column}
     for name, kind in (("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32())):
         given = _fixed(metadata, name, kind)
@@ -179,9 +181,10 @@ def _errors_table(chunk: Chunk, uris: pa.Array, source: str, code: np.ndarray) -
     return pa.table(rows, schema=ERROR_SCHEMA)
 
 
-def map_chunk(chunk: Chunk, unit: Unit, width: int, projection: Projection) -> tuple["pa.Table | None",
-                                                                                    "pa.Table | None"]:
-    """Valid rows (L2-normalised, projected, fp16; no ids yet) and error rows of one chunk."""
+def map_chunk(chunk: Chunk, unit: Unit, width: int, projection: Projection,
+              lanes: bool = True) -> tuple["pa.Table | None", "pa.Table | None"]:
+    """Valid rows (L2-normalised, projected, fp16; no ids yet) and error rows of one chunk (`lanes`: how
+    uri_hash runs)."""
     uri_column = unit.uri_column
     code = np.zeros(chunk.metadata.num_rows, np.int8)
     x = _matrix(chunk.embeddings, width, code)
@@ -200,7 +203,7 @@ def map_chunk(chunk: Chunk, unit: Unit, width: int, projection: Projection) -> t
     elif not everything:
         vectors = vectors[good]
     metadata = chunk.metadata if everything else chunk.metadata.filter(pa.array(good))
-    return _rows_table(metadata, uri_column, unit.source, vectors), errors
+    return _rows_table(metadata, uri_column, unit.source, vectors, lanes), errors
 
 
 # ---- writer and runner
@@ -307,11 +310,13 @@ def _stream(units: list[Unit], offsets: Counter[str], options: ImportOptions, pr
     """Every unit's rows from its committed offset on, mapped, into the writer."""
     chunk_rows = max(1, min(options.chunk_rows, options.shard_size))
     chunk_rows = -(-options.shard_size // -(-options.shard_size // chunk_rows))  # whole chunks fill a shard
-    threads = max(1, min(6, cpu_count() // 3))  # mappers: validate, normalise, hash (numpy: no GIL)
+    threads = options.map_threads or max(1, min(6, cpu_count() // 3))
+    lanes = options.hash_lanes if options.hash_lanes is not None else threads > 1
 
     def mapped(item: tuple[Unit, Chunk]) -> tuple[int, "pa.Table | None", "pa.Table | None"]:
         unit, chunk = item
-        return int(getattr(chunk.embeddings, "nbytes", 0)), *map_chunk(chunk, unit, projection.width, projection)
+        return int(getattr(chunk.embeddings, "nbytes", 0)), *map_chunk(chunk, unit, projection.width, projection,
+                                                                         lanes)
 
     chunks = background(_chunks(units, offsets, chunk_rows), READ_AHEAD, "pnsfw-import-read")
     with ThreadPoolExecutor(threads, thread_name_prefix="pnsfw-import-map") as pool:

@@ -48,20 +48,23 @@ HASH_BATCH = 4096  # uris of a list hashed per call: the GIL is held within one 
 _OFFSETS = {pa.string(): np.int32, pa.binary(): np.int32, pa.large_string(): np.int64, pa.large_binary(): np.int64}
 
 
-def uri_hash(uris: list[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+def uri_hash(uris: list[str] | pa.Array | pa.ChunkedArray, lanes: bool = True) -> np.ndarray:
     """uint64 per uri: the first 8 bytes (little-endian) of blake2b of its UTF-8, as hashlib computes it (stable
     across runs, machines and Python versions).
 
     An Arrow column is hashed from its buffers by urihash.blake2b_64 (numpy over uint64 lanes: no Python object
-    a uri, and the GIL released inside each numpy call, so mapper threads hash in parallel). A list (store
-    look-ups, error uris: few) goes through hashlib one uri at a time, in batches of HASH_BATCH so that a
-    thread waiting for the GIL gets it between batches."""
+    a uri, the GIL released inside each numpy call, so threads hash in parallel; ~2-5x hashlib's CPU time, so
+    a caller on few cores passes lanes=False). A list (store look-ups, error uris: few), or a column with
+    lanes=False, goes through hashlib one uri at a time, in batches of HASH_BATCH so that a thread waiting for
+    the GIL gets it between batches. Both give the same values (tests/test_import.py)."""
     if isinstance(uris, (pa.Array, pa.ChunkedArray)):
         if uris.null_count:
             raise ValueError("uri_hash of a null uri")
         column = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
         if not len(column):
             return np.zeros(0, "<u8")
+        if not lanes:
+            return _hashlib_batches(column.cast(pa.large_binary()).to_pylist())
         if column.type not in _OFFSETS:
             column = column.cast(pa.large_string())
         _, offsets, values = column.buffers()
@@ -69,7 +72,10 @@ def uri_hash(uris: list[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
         bounds = np.frombuffer(offsets, width)[column.offset:column.offset + len(column) + 1]
         data = np.frombuffer(values, np.uint8) if values is not None else np.zeros(0, np.uint8)
         return blake2b_64(data, bounds)
-    encoded = [u.encode("utf-8", "surrogateescape") for u in uris]
+    return _hashlib_batches([u.encode("utf-8", "surrogateescape") for u in uris])
+
+
+def _hashlib_batches(encoded: list[bytes]) -> np.ndarray:
     digest = functools.partial(hashlib.blake2b, digest_size=8)
     batches = (encoded[i:i + HASH_BATCH] for i in range(0, len(encoded), HASH_BATCH))
     joined = b"".join([b"".join(map(hashlib.blake2b.digest, map(digest, batch))) for batch in batches])
