@@ -219,9 +219,14 @@ def main() -> None:
     parser.add_argument("--map-threads", type=int, default=0, help="Mapper threads (0: the default).")
     parser.add_argument("--hash", choices=["default", "lanes", "hashlib"], default="default",
                         help="How the mappers compute uri_hash (default: the importer's choice).")
+    parser.add_argument("--lanes", type=int, default=0, help="urihash.LANES for this run (0: as it is).")
     parser.add_argument("--out", default="bench_import.json")
     args = parser.parse_args()
     tuning: dict[str, object] = {"map_threads": args.map_threads} if args.map_threads else {}
+    if args.lanes:
+        from pnsfw.store import urihash
+
+        urihash.LANES = args.lanes
     if args.hash != "default":
         tuning["hash_lanes"] = args.hash == "lanes"
     variants(args)
@@ -241,7 +246,8 @@ def main() -> None:
         rows = summary.imported
         result = {"rows": rows, "dim": args.dim, "parts": args.parts, "shard_size": args.shard_size,
                   "embedding_bytes": total, "unit_length": not args.unnormalised, "warm": args.warm,
-                  "stage_threads": args.stage_threads, "tuning": tuning, "loadavg_1m_after": os.getloadavg()[0],
+                  "stage_threads": args.stage_threads, "tuning": tuning, "lanes": args.lanes,
+                  "loadavg_1m_after": os.getloadavg()[0],
                   "folder": str(work), "seconds": round(seconds, 3), "gb_per_s": round(total / seconds / 1e9, 3),
                   "rows_per_s": round(rows / seconds),
                   "cpu_seconds": round(cpu, 3), "cpu_us_per_row": round(cpu / rows * 1e6, 3),

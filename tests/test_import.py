@@ -240,11 +240,29 @@ def test_uri_hash_lanes_equal_hashlib() -> None:
     lengths = [len(u.encode()) for u in uris]
     assert max(lengths) > 3 * urihash.BLOCK and sum(1 < -(-n // 128) for n in lengths) >= urihash.MIN_LANES
     for kind in (pa.string(), pa.large_string(), pa.binary(), pa.string_view()):
-        assert uri_hash(pa.array(uris).cast(kind)).tolist() == want, kind
-    assert uri_hash(pa.array(uris).slice(1001, 7000)).tolist() == want[1001:8001]
-    assert uri_hash(pa.chunked_array([pa.array(uris[:2500]), pa.array(uris[2500:])])).tolist() == want
+        assert uri_hash(pa.array(uris).cast(kind), lanes=True).tolist() == want, kind
+    assert uri_hash(pa.array(uris).slice(1001, 7000), lanes=True).tolist() == want[1001:8001]
+    chunked = pa.chunked_array([pa.array(uris[:2500]), pa.array(uris[2500:])])
+    assert uri_hash(chunked, lanes=True).tolist() == want == uri_hash(chunked, lanes=False).tolist()
     assert uri_hash(uris[:2000]).tolist() == want[:2000]
     assert [uri_hash_one(u) for u in uris[:50]] == want[:50]
+
+
+def test_import_with_hash_lanes_on_mapper_threads(tmp_path: Path) -> None:
+    """Several mappers hashing in numpy lanes (the default on >= 6 cores) store hashlib's uri_hash, in order,
+    and a second run adds nothing (its rows are found by those hashes' sources' offsets)."""
+    import hashlib
+
+    from pnsfw.indexer.importer import ImportOptions, run_import
+
+    folder, uris, _ = write_clip_retrieval(tmp_path / "laion", parts=2, rows=2500, width=16)
+    options = ImportOptions(model="tiny-declared", shard_size=2000, map_threads=3, hash_lanes=True)
+    assert run_import([str(folder)], tmp_path / "store", options).imported == 5000
+    table = Store.open(tmp_path / "store").table(["id", "uri", "uri_hash"])
+    assert table.column("uri").to_pylist() == uris and table.column("id").to_pylist() == list(range(5000))
+    want = [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") for u in uris]
+    assert table.column("uri_hash").to_pylist() == want
+    assert run_import([str(folder)], tmp_path / "store", options).imported == 0
 
 
 def test_text_search_with_the_declared_checkpoint(tmp_path: Path, tiny_checkpoint: Path) -> None:

@@ -2,9 +2,11 @@
 
 Reader (a thread of its own, READ_AHEAD chunks ahead): the layouts of import_layouts.py, in units streamed from
 the row where the store's commits of that unit end (so a rerun resumes, and a second import adds nothing).
-Mappers (up to 3 threads, results in order): rows validated (width, finite, non-zero norm; the others become
-error rows with a reason), L2-normalised, projected (torch, no GIL), uri_hash computed (the one stage that
-holds the GIL). Writer (the calling thread cuts): shards of `shard_size` rows, each staged (Parquet write,
+Mappers (min(6, cores // 3) threads, at least 1; results in order): rows validated (width, finite,
+non-zero norm; the others become error rows with a reason), L2-normalised, projected (torch, no GIL), uri_hash
+computed (with more than one mapper in numpy lanes, store/urihash.py: the GIL released inside each numpy call,
+so the mappers hash in parallel; with one, hashlib, which costs less CPU but holds the GIL).
+Writer (the calling thread cuts): shards of `shard_size` rows, each staged (Parquet write,
 checksum, fsync) by a pool of threads and committed through the store's writer by one commit thread in stream
 order, each a prefix of the stream, so a crash at any moment then a rerun gives the rows and ids of an
 uninterrupted run. Every queue between them is bounded.

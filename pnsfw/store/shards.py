@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,25 +46,26 @@ def shard_schema(dim: int, extra: tuple[str, ...] = ()) -> pa.Schema:
 
 
 HASH_BATCH = 4096  # uris of a list hashed per call: the GIL is held within one (~1.5 ms), other threads run between
+LANES_CORES = 4  # uri_hash(column) default: the numpy lanes on machines of this many cores or more
 _OFFSETS = {pa.string(): np.int32, pa.binary(): np.int32, pa.large_string(): np.int64, pa.large_binary(): np.int64}
 
 
-def uri_hash(uris: list[str] | pa.Array | pa.ChunkedArray, lanes: bool = True) -> np.ndarray:
+def uri_hash(uris: list[str] | pa.Array | pa.ChunkedArray, lanes: bool | None = None) -> np.ndarray:
     """uint64 per uri: the first 8 bytes (little-endian) of blake2b of its UTF-8, as hashlib computes it (stable
     across runs, machines and Python versions).
 
     An Arrow column is hashed from its buffers by urihash.blake2b_64 (numpy over uint64 lanes: no Python object
     a uri, the GIL released inside each numpy call, so threads hash in parallel; ~2-5x hashlib's CPU time, so
-    a caller on few cores passes lanes=False). A list (store look-ups, error uris: few), or a column with
-    lanes=False, goes through hashlib one uri at a time, in batches of HASH_BATCH so that a thread waiting for
-    the GIL gets it between batches. Both give the same values (tests/test_import.py)."""
+    `lanes` None means: when the machine has LANES_CORES cores or more). A list (store look-ups, error uris:
+    few), or a column with lanes False, goes through hashlib one uri at a time, in batches of HASH_BATCH so that
+    a thread waiting for the GIL gets it between batches. Both give the same values (tests/test_import.py)."""
     if isinstance(uris, (pa.Array, pa.ChunkedArray)):
         if uris.null_count:
             raise ValueError("uri_hash of a null uri")
         column = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
         if not len(column):
             return np.zeros(0, "<u8")
-        if not lanes:
+        if not (lanes if lanes is not None else (os.cpu_count() or 1) >= LANES_CORES):
             return _hashlib_batches(column.cast(pa.large_binary()).to_pylist())
         if column.type not in _OFFSETS:
             column = column.cast(pa.large_string())
