@@ -8,10 +8,11 @@ operations over uint64 lanes, one lane a message; numpy releases the GIL inside 
 What keeps that overhead small (round 2's numpy version, one G function at a time on (n,) arrays, cost 0.8-1.1
 us a uri and ~2,100 calls a block): the four G functions of a step run as one on (4, n) arrays (the column step
 on rows 0-3 of a, b, c and d; the diagonal step on rows 1-4 of b, 2-5 of c and 3-6 of d, which hold copies of
-the wrapped rows), each round's message words are gathered once in the order the steps take them, and lanes
-are hashed LANES at a time so that the working set stays in the core's cache. ~560 numpy calls a block of
-LANES messages. Messages are grouped by their number of 128-byte blocks. Equal to
-hashlib.blake2b(data, digest_size=8) for every input (tests/test_import.py).
+the wrapped rows), and each round's message words are gathered once in the order the steps take them: ~610
+numpy calls a block of LANES messages. Every call releases and takes back the GIL, and with several threads
+hashing that hand-off (~10 us on the 16-core host, gVisor) is what bounds them, so LANES is large: fewer calls
+a message rather than a working set inside the core's L2. Messages are grouped by their number of 128-byte
+blocks. Equal to hashlib.blake2b(data, digest_size=8) for every input (tests/test_import.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ SCHEDULE = [np.array([s[i] for i in (0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 1
 PARAMS = 0x01010000 ^ 8  # depth 1, fanout 1, no key, digest length 8
 H0 = IV ^ np.array([PARAMS, 0, 0, 0, 0, 0, 0, 0], np.uint64)
 BLOCK = 128
-LANES = 8192  # messages hashed together: ~4 MB of state; numpy's call overhead ~0.1 us a message (2-core VM)
+LANES = 16384  # messages hashed together (docs/benchmarks.md, import round 4: fewer numpy calls a message beat
+#               keeping the ~8 MB of state in a core's L2; each call is a GIL hand-off, ~10 us under contention)
 MIN_LANES = 1024  # fewer messages of one block count are hashed by hashlib
 ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -135,7 +137,7 @@ def _state(n: int) -> _State:
     """This thread's working vector for n lanes (kept: a mapper thread hashes chunks of one size)."""
     states: dict[int, _State] = _local.__dict__.setdefault("states", {})
     if n not in states:
-        if len(states) > 4:
+        if len(states) > 2:
             states.clear()
         states[n] = _State(n)
     return states[n]
