@@ -222,7 +222,7 @@ def test_uri_hash_is_blake2b_of_the_utf8() -> None:
 
 def test_uri_hash_lanes_equal_hashlib() -> None:
     """Columns large enough for urihash's numpy lanes (groups of >= MIN_LANES uris of one block count, a group
-    of more than LANES split in parts) give hashlib's values: random unicode uris of 0-400 UTF-8 bytes (1-4
+    of more than LANES split in parts) give hashlib's values: random unicode uris of 0-259 characters (1-8
     blocks, lengths at the block edges), uniform short ones, every offset width, slices and chunks."""
     import hashlib
     import random
