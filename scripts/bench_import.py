@@ -1,6 +1,6 @@
 """Measure `pnsfw import` throughput of fp16 clip-retrieval embeddings from local disk, one process.
 
-Usage: python scripts/bench_import.py [--rows 1000000] [--parts 4] [--dim 512] [--shard-size 262144]
+Usage: python scripts/bench_import.py [--rows 1000000] [--parts 4] [--dim 512] [--shard-size 50000]
                                       [--unnormalised] [--folder DIR] [--profile] [--stages] [--warm]
                                       [--stage-threads N] [--map-threads N] [--hash lanes|hashlib]
                                       [--score] [--device cpu|cuda]
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--parts", type=int, default=4)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--shard-size", type=int, default=262_144)
+    parser.add_argument("--shard-size", type=int, default=50_000)  # `pnsfw import`'s default
     parser.add_argument("--unnormalised", action="store_true", help="Random normal rows, not unit length.")
     parser.add_argument("--folder", default=None, help="Work folder (default: a temporary one, removed).")
     parser.add_argument("--profile", action="store_true", help="Also print the top functions by own time.")
