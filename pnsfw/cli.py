@@ -5,8 +5,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +84,11 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def _sigterm_raises() -> AbstractContextManager[bool]:
     """SIGTERM unwinds like Ctrl-C (so commands stop cleanly) while a command runs in the main thread."""
-    try:
-        previous = {n: signal.signal(n, _raise_interrupted) for n in (signal.SIGTERM, signal.SIGINT)}
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    from .concurrency import stop_signals_handled
+
+    return stop_signals_handled(_raise_interrupted)
 
 
 class _Group(click.Group):

@@ -93,6 +93,22 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
+def stop_signals_handled(handler: Callable[[int, Any], None]) -> Iterator[bool]:
+    """SIGINT/SIGTERM go to `handler` inside the block, then to what they went to before; yields False (and
+    changes nothing) outside the main thread, where Python runs no signal handler."""
+    try:
+        previous = {n: signal.signal(n, handler) for n in STOP_SIGNALS}
+    except ValueError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        for number, before in previous.items():
+            signal.signal(number, before)
+
+
+@contextmanager
 def signals_deferred() -> Iterator[None]:
     """SIGINT/SIGTERM that arrive inside the block take effect when it ends (through the handlers it found).
 
@@ -100,15 +116,9 @@ def signals_deferred() -> Iterator[None]:
     an interrupt raised there would be lost, leaving the run going and a traceback on the terminal."""
     pending: list[int] = []
     try:
-        previous = {n: signal.signal(n, lambda signum, frame: pending.append(signum)) for n in STOP_SIGNALS}
-    except ValueError:  # not the main thread, where no Python handler runs anyway
-        yield
-        return
-    try:
-        yield
+        with stop_signals_handled(lambda signum, frame: pending.append(signum)):
+            yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
         for signum in dict.fromkeys(pending):
             signal.raise_signal(signum)
 
