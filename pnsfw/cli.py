@@ -84,7 +84,7 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
-def _sigterm_raises() -> AbstractContextManager[bool]:
+def _sigterm_raises() -> AbstractContextManager[None]:
     """SIGTERM unwinds like Ctrl-C (so commands stop cleanly) while a command runs in the main thread."""
     from .concurrency import stop_signals_handled
 

@@ -93,16 +93,16 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def stop_signals_handled(handler: Callable[[int, Any], None]) -> Iterator[bool]:
-    """SIGINT/SIGTERM go to `handler` inside the block, then to what they went to before; yields False (and
-    changes nothing) outside the main thread, where Python runs no signal handler."""
+def stop_signals_handled(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """SIGINT/SIGTERM go to `handler` inside the block, then to what they went to before; changes nothing
+    outside the main thread, where Python runs no signal handler."""
     try:
         previous = {n: signal.signal(n, handler) for n in STOP_SIGNALS}
     except ValueError:
-        yield False
+        yield
         return
     try:
-        yield True
+        yield
     finally:
         for number, before in previous.items():
             signal.signal(number, before)
