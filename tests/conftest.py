@@ -112,13 +112,12 @@ def api_server(tmp_path_factory: pytest.TempPathFactory, labelled_store: Path, t
 def seaweed(tmp_path_factory: pytest.TempPathFactory):
     """One SeaweedFS S3 server for the whole run (each start costs seconds), with bucket `pnsfw`; tests keep
     apart by prefix (`_s3_url`)."""
-    from s3_server import start_seaweed
+    from s3_server import BUCKET, start_seaweed
 
     server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
     endpoint = next(server)
     import s3fs
 
-    bucket = "pnsfw"  # test_store_s3.BUCKET
-    s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": endpoint}).mkdir(bucket)
+    s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": endpoint}).mkdir(BUCKET)
     yield endpoint
     next(server, None)

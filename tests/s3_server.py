@@ -14,6 +14,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+BUCKET = "pnsfw"  # the bucket the session server is made with; tests keep apart by prefix
+
 
 def weed_binary() -> "str | None":
     candidate = Path(sys.executable).parent / "weed"

@@ -353,7 +353,9 @@ def test_exact_search_backend_serves_the_index_hits(api_server: Server, exact_se
             same = [x["id"] == y["id"] for x, y in zip(a["hits"], b["hits"])]
             assert sum(same) >= len(same) - 2  # at most one tie swapped or cut at the k-th place
             assert a["verdict"] == b["verdict"]
-            assert all(x["p_nsfw"] == y["p_nsfw"] for x, y, s in zip(a["hits"], b["hits"], same) if s)
+            # a server still reading the bulk scores computes a hit's p_nsfw from its vector: equal within float32
+            paired = [(x["p_nsfw"], y["p_nsfw"]) for x, y, s in zip(a["hits"], b["hits"], same) if s]
+            np.testing.assert_allclose(*zip(*paired), rtol=0, atol=1e-6)
 
 
 def _shape(verdict: dict) -> dict:

