@@ -121,9 +121,12 @@ def _join(decoded: Decoded, device: str, size: int) -> tuple[list[Result], list[
     cpu_rows: list[Result] = []
     if decoded.pixels is not None:
         parts.append(device_pixels(decoded, device, size))
+    started = time.perf_counter()
     for future in prepared.fallback:
         for result in future.get():
             (errors if result.pixels is None else cpu_rows).append(result)
+    if prepared.joined is not None:
+        prepared.joined(time.perf_counter() - started)
     if cpu_rows:
         parts.append(host_to_device([r.pixels for r in cpu_rows], device))  # type: ignore[misc]
         rows += [r._replace(pixels=None) for r in cpu_rows]
@@ -290,7 +293,7 @@ def tensor_stage(items: Iterable[Item], options: Any, encoder: Encoder, pool: An
     if isinstance(pool, DeviceWorkers):
         results = pool.run(items, stats)
     else:
-        router = make_router(pool, encoder.resolution, options, stats)
+        router = make_router(pool, encoder.resolution, options, stats, batch)
         count = len(items) if isinstance(items, Sized) else 0  # the runner's stream: size unknown, no auto compile
         results = device_stage(units(items, batch), encoder, router, options, count, batch)
     for result in results:
