@@ -148,10 +148,10 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
     return [
         click.option("--gpu-workers", default=0, type=int,
                      help="Device worker processes, one per GPU (0: one per visible GPU for --device cuda/auto)."),
-        click.option("--gpu-cpu-share", default=-1, type=click.IntRange(min=-1),
+        click.option("--gpu-cpu-share", default=0, type=click.IntRange(min=-1),
                      help="GPU path: at most this many images of each batch decode on the CPU workers beside the "
                           "GPU, sized by how long the encoder waits for them (-1: up to half a batch; 0: only "
-                          "the files the GPU cannot decode)."),
+                          "the files the GPU cannot decode, fastest on an H200)."),
         click.option("--gpu-decode-threads", default=0, type=click.IntRange(min=0),
                      help="GPU path: threads feeding the device JPEG decoder (0: two with nvJPEG's hardware "
                           "engines, else one)."),

@@ -176,7 +176,7 @@ def test_tensor_stage_with_cpu_share(pil_store: tuple[Path, Path], tiny_checkpoi
     """Each unit's last images decoded by the CPU workers beside the device part give the same rows."""
     source, reference = pil_store
     _index(source, tmp_path / "shared", tiny_checkpoint, reader="tensor", workers=1, batch_size=4,
-           gpu=GpuOptions(cpu_share=8))
+           gpu=GpuOptions(cpu_share=8))  # not the default: on here
     _assert_same(reference, tmp_path / "shared", 0.995)
 
 

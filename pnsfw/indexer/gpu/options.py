@@ -17,8 +17,9 @@ class GpuOptions:
     """How `--device cuda` (the tensor reader) decodes, resizes and encodes."""
 
     workers: int = 0  # device worker processes; 0: one per visible GPU for cuda/auto, else one
-    cpu_share: int = -1  # at most this many images of each unit decode on the CPU workers beside the device,
-    # sized by feedback (route.CpuShare); -1: up to half a unit; 0: only the files the device cannot decode
+    cpu_share: int = 0  # at most this many images of each unit decode on the CPU workers beside the device,
+    # sized by feedback (route.CpuShare); -1: up to half a unit; 0: only the files the device cannot decode (the
+    # default: on an H200 any share slowed the nvJPEG calls 2-4x per image, round 7)
     decoder: str = "auto"  # auto: nvJPEG's hardware engines (own handles); torchvision: its io
     resize: str = "auto"  # where the batched resize runs: auto (by image size), decoder, encoder, thread
     tower: str = "fast"  # fast: SDPA, fp16 LayerNorm, patch GEMM, full batches replayed from a CUDA graph (the

@@ -180,9 +180,10 @@ def prepare(unit: Unit, router: Router, max_pixels: int) -> Prepared:
 def make_router(pool: Any, resolution: int, options: Any, stats: Stats, batch: int) -> Router:
     """With a pool, files are read, hashed and probed in the worker processes (keeping that Python work off
     this process's GIL: measured faster on an H100, docs/benchmarks.md); without one, in reader threads here.
-    The CPU share: each unit's last images, sized by feedback (CpuShare) up to gpu.cpu_share (-1: half a unit).
-    Whole units on the CPU workers (round 7, H200) cost thumbnails 20-30 %: their decode tasks queued the device
-    units' reads behind them."""
+    The CPU share: each unit's last images, sized by feedback (CpuShare) up to gpu.cpu_share (-1: half a unit;
+    0, the default: none). On an H200 (round 7) whole units on the CPU workers cost thumbnails 20-30 % (their
+    decode tasks queued the device units' reads), the split share 57 %: the nvJPEG calls took 2-4x as long per
+    image while the workers' pixels arrived in this process."""
     work = partial(process_chunk, size=resolution, max_pixels=options.max_pixels, timeout=options.timeout)
     read = partial(read_chunk, size=resolution, max_pixels=options.max_pixels,
                    timeout=options.timeout) if pool is not None else None
