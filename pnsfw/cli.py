@@ -148,9 +148,10 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
     return [
         click.option("--gpu-workers", default=0, type=int,
                      help="Device worker processes, one per GPU (0: one per visible GPU for --device cuda/auto)."),
-        click.option("--gpu-cpu-share", default=0, type=int,
-                     help="GPU path: images the CPU decode workers may take at once as whole batches, besides the "
-                          "files the GPU cannot decode (0: those only; fastest for thumbnails)."),
+        click.option("--gpu-cpu-share", default=0, type=click.IntRange(min=-1),
+                     help="GPU path: at most this many images of each batch decode on the CPU workers beside the "
+                          "GPU, sized by how long the encoder waits for them (-1: up to half a batch; 0: only "
+                          "the files the GPU cannot decode, fastest on an H200)."),
         click.option("--gpu-decode-threads", default=0, type=click.IntRange(min=0),
                      help="GPU path: threads feeding the device JPEG decoder (0: two with nvJPEG's hardware "
                           "engines, else one)."),
@@ -165,8 +166,8 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
              "GPU path, experiment: where the batched resize runs (auto: the decode thread for small images, the "
              "encoding thread for large ones)."),
             ("--gpu-tower", "gpu_tower", TOWERS,
-             "GPU path: eager (SDPA attention, fp16 LayerNorm, patch GEMM), fast (the same from a CUDA graph) or "
-             "reference (CLIP's own modules at fp16)."),
+             "GPU path: fast (SDPA attention, fp16 LayerNorm, patch GEMM, full batches from a CUDA graph), eager "
+             "(the same launched op by op) or reference (CLIP's own modules at fp16)."),
             ("--gpu-encode-stream", "gpu_encode_stream", STREAMS,
              "GPU path, experiment: the CUDA stream the image tower runs on (own: a stream of its own; default: "
              "CUDA's legacy default stream, as before round 5)."),

@@ -162,7 +162,7 @@ def test_tensor_stage_on_cpu_equals_cpu_path(pil_store: tuple[Path, Path], tiny_
     if read == "workers-reread":
         monkeypatch.setattr(probe, "INLINE_BYTES", 0)  # the workers are forked after this
     resize = {"threads-resize-on-decode": "decoder", "workers-resize-thread": "thread"}
-    gpu = GpuOptions(resize=resize.get(read, "encoder"), stage_stats=str(tmp_path / "stats.json"),
+    gpu = GpuOptions(resize=resize.get(read, "encoder"), stage_stats=str(tmp_path / "stats.json"), cpu_share=0,
                      tower="reference" if read.endswith("reference-tower") else "fast")  # on CPU: eager
     workers = -1 if read.startswith("threads") else 1
     _index(source, tmp_path / "tensor", tiny_checkpoint, reader="tensor", workers=workers, batch_size=8, gpu=gpu)
@@ -173,11 +173,28 @@ def test_tensor_stage_on_cpu_equals_cpu_path(pil_store: tuple[Path, Path], tiny_
 
 
 def test_tensor_stage_with_cpu_share(pil_store: tuple[Path, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """Whole units decoded by the CPU workers while they have room give the same rows."""
+    """Each unit's last images decoded by the CPU workers beside the device part give the same rows."""
     source, reference = pil_store
     _index(source, tmp_path / "shared", tiny_checkpoint, reader="tensor", workers=1, batch_size=4,
-           gpu=GpuOptions(cpu_share=8))
+           gpu=GpuOptions(cpu_share=8))  # not the default: on here
     _assert_same(reference, tmp_path / "shared", 0.995)
+
+
+def test_cpu_share_follows_the_encoders_waits() -> None:
+    from pnsfw.indexer.gpu.route import CPU_CHUNK, CpuShare
+
+    share = CpuShare(4 * CPU_CHUNK)
+    assert share.take(1024) == CPU_CHUNK and share.take(8) == 4  # never more than half a unit
+    for _ in range(10):
+        share.joined(0.0)  # ready when the encoder came: more
+    assert share.take(1024) == 4 * CPU_CHUNK  # up to the limit
+    share.joined(0.5)  # the encoder waited: a quarter less, whole tasks
+    assert share.take(1024) == 3 * CPU_CHUNK
+    for _ in range(10):
+        share.joined(0.5)
+    assert share.take(1024) == 0 and CpuShare(0).take(1024) == 0
+    share.joined(0.0)
+    assert share.take(1024) == CPU_CHUNK  # and it tries again
 
 
 def test_tensor_stage_resumes_after_a_partial_run(pil_store: tuple[Path, Path], tiny_checkpoint: Path,

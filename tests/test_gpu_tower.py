@@ -59,3 +59,19 @@ def test_graph_wrapper_runs_cpu_batches_eagerly() -> None:
     with torch.inference_mode():
         assert torch.equal(model(images), model.model(images))
     assert model.graph is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_default_graph_tower_equals_the_fp32_reference_on_cuda() -> None:
+    """`--gpu-tower fast` (the default): full fp16 batches replayed from a CUDA graph, the others eager; each
+    batch within min cosine 0.9999 of CLIP's fp32 forward on the CPU."""
+    visual = _visual(4, **SHAPES[1])
+    model = Graphed(fast_visual(visual.cuda()), batch=6)
+    for count in (6, 6, 3, 6):  # capture, replay, eager, replay with new inputs
+        images = torch.randn(count, 3, 48, 48)
+        with torch.inference_mode():
+            want = visual.cpu()(images)
+            got = model(images.cuda()).float().cpu()
+            visual.cuda()
+        assert torch.nn.functional.cosine_similarity(got, want, dim=1).min().item() >= 0.9999
+    assert model.graph is not None and not model.failed

@@ -27,7 +27,7 @@ from .projection import check_projection_option, make_projection, needs_sample
 from .reader import DEFAULT_MAX_DOWNLOAD, Result, decoded_stream, process_chunk
 from .sources import Item, check_sources, iter_items
 from .timeline import mark
-from .writer import ShardWriter
+from .writer import ShardWriter, WriterThread
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def reader_stage(options: IndexOptions, encoder: Encoder) -> Callable[..., Itera
     return READERS[reader_name(options, encoder.device)]
 
 
-def _encode_all(writer: ShardWriter, batches: Iterator[tuple[list[Result], np.ndarray]], encoder: Encoder,
+def _encode_all(writer: WriterThread, batches: Iterator[tuple[list[Result], np.ndarray]], encoder: Encoder,
                 summary: IndexSummary, bar: Any) -> None:
     first_done = None
     for batch, features in batches:
@@ -242,8 +242,8 @@ def _index_items(writer: StoreWriter, items: Iterable[Item], options: IndexOptio
         summary.committed += rows
         summary.committed_errors += errors
 
-    shards = ShardWriter(writer, options.shard_size, options.commit_interval, projection, fit, options.pca_rows,
-                         committed)
+    shards = WriterThread(ShardWriter(writer, options.shard_size, options.commit_interval, projection, fit,
+                                      options.pca_rows, committed))
     failures: Counter = Counter()
 
     def on_error(result: Result) -> None:
@@ -257,6 +257,8 @@ def _index_items(writer: StoreWriter, items: Iterable[Item], options: IndexOptio
             batches = stage(items, options, encoder, pool, on_error, _default_batch(options, encoder))
             _encode_all(shards, batches, encoder, summary, bar)
     finally:
+        shards.close(discard=True)  # a stopped run: after the commit in progress, as the rows it lists
+        log.debug("writer thread busy %.2f s", shards.busy_s)
         summary.failed = dict(failures.most_common())
 
 

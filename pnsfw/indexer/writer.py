@@ -100,3 +100,86 @@ class ShardWriter:
                   "stage": [e.stage for e in errors], "reason": [e.reason for e in errors],
                   "detail": [e.detail[:500] for e in errors]}
         return pa.table(fields, schema=ERROR_SCHEMA)
+
+
+WRITER_DEPTH = 16  # calls queued for the writer thread (a batch's rows and features, or one error row, each)
+
+
+class WriterThread:
+    """A ShardWriter's calls made on a thread of their own, in the order they were made here: projection,
+    Parquet encoding, hashing and the commit's writes and fsyncs leave the caller's thread (the encoder's on the
+    GPU path: 12.8 s of a 1M run on an H200, docs/benchmarks.md, round 6). Same shards, ids and commits as the
+    ShardWriter alone: one thread makes every call, in order. At most `depth` calls wait; a failure there is
+    raised by the caller's next call. `close(discard=True)` (a stopped or failed run) drops what waits and
+    returns once the commit in progress, if any, has finished: committed rows are exactly what the store lists,
+    as when the caller's thread committed."""
+
+    def __init__(self, shards: ShardWriter, depth: int = WRITER_DEPTH, name: str = "pnsfw-writer"):
+        import queue
+        import threading
+
+        self.shards = shards
+        self.calls: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.discard = threading.Event()
+        self.busy_s = 0.0  # seconds the thread spent in the ShardWriter's calls
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    @property
+    def pending(self) -> int:
+        return self.shards.pending
+
+    def _run(self) -> None:
+        while (call := self.calls.get()) is not None:
+            if self.discard.is_set() or self.error is not None:
+                continue  # drain, so the caller never waits on a full queue
+            started = time.perf_counter()
+            try:
+                getattr(self.shards, call[0])(*call[1:])
+            except BaseException as exc:  # raised on the caller's thread by its next call
+                self.error = exc
+            self.busy_s += time.perf_counter() - started
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            self.discard.set()
+            raise error
+
+    def _put(self, call: tuple | None) -> None:
+        import queue
+
+        while True:
+            self._raise()
+            try:
+                self.calls.put(call, timeout=0.2)  # a timeout: Ctrl-C is not held up by a full queue
+                return
+            except queue.Full:
+                continue
+
+    def add(self, results: list[Result], features: np.ndarray) -> None:
+        self._put(("add", results, features))
+
+    def add_error(self, result: Result) -> None:
+        self._put(("add_error", result))
+
+    def commit(self) -> None:
+        """Commit everything passed so far, on the thread, and end it; raises what failed there."""
+        self._put(("commit",))
+        self._put(None)
+        self._join()
+        self._raise()
+
+    def _join(self) -> None:
+        while self.thread.is_alive():
+            self.thread.join(timeout=0.2)
+
+    def close(self, discard: bool = False) -> None:
+        """End the thread (after what was passed, or, with `discard`, after the call in progress only)."""
+        if not self.thread.is_alive():
+            return
+        if discard:
+            self.discard.set()
+        self.calls.put(None)  # the thread drains the queue, so this cannot block for long
+        self._join()

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from ...errors import BadInput
 
 RESIZES = ("auto", "decoder", "encoder", "thread")
-TOWERS = ("eager", "fast", "reference")  # each tuple's first value is the default (the CLI's too)
+TOWERS = ("fast", "eager", "reference")  # each tuple's first value is the default (the CLI's too)
 COMPILES = ("auto", "on", "off")
 DECODERS = ("auto", "torchvision")
 STREAMS = ("own", "default")
@@ -17,11 +17,14 @@ class GpuOptions:
     """How `--device cuda` (the tensor reader) decodes, resizes and encodes."""
 
     workers: int = 0  # device worker processes; 0: one per visible GPU for cuda/auto, else one
-    cpu_share: int = 0  # images the CPU workers may decode at once as whole units, besides fallbacks
+    cpu_share: int = 0  # at most this many images of each unit decode on the CPU workers beside the device,
+    # sized by feedback (route.CpuShare); -1: up to half a unit; 0: only the files the device cannot decode (the
+    # default: on an H200 any share slowed the nvJPEG calls 2-4x per image, round 7)
     decoder: str = "auto"  # auto: nvJPEG's hardware engines (own handles); torchvision: its io
     resize: str = "auto"  # where the batched resize runs: auto (by image size), decoder, encoder, thread
-    tower: str = "eager"  # eager: SDPA, fp16 LayerNorm, patch GEMM; fast: the same replayed from a CUDA graph
-    # (equal alone on an H200: 37.6k vs 37.9k img/s); reference: CLIP's own modules at fp16
+    tower: str = "fast"  # fast: SDPA, fp16 LayerNorm, patch GEMM, full batches replayed from a CUDA graph (the
+    # encoder thread's host time per 100k thumbnails 0.8 s instead of 4.1 s on an H200, round 7); eager: the same
+    # launched op by op; reference: CLIP's own modules at fp16
     encode_stream: str = "own"  # own: the tower on a stream of its own; default: CUDA's legacy default stream,
     # which every blocking stream waits for (nvJPEG's hardware calls then also wait for the queued tower)
     decode_threads: int = 0  # threads feeding the device decoder; 0: two with the hardware engines, else one
@@ -31,6 +34,8 @@ class GpuOptions:
     stage_stats: str | None = None  # write per-stage busy seconds (JSON) to this file
 
     def __post_init__(self) -> None:
+        if self.cpu_share < -1:
+            raise BadInput(f"GPU CPU share must be -1 (auto), 0 or more, not {self.cpu_share}")
         if self.decode_threads < 0:
             raise BadInput(f"GPU decode threads must be 0 (auto) or more, not {self.decode_threads}")
         for name, allowed in (("resize", RESIZES), ("tower", TOWERS), ("compile", COMPILES), ("decoder", DECODERS),

@@ -55,30 +55,50 @@ class Stats:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(self).items() if k != "lock"}
 
 
+SHARE_WAIT_S = 0.002  # the encoder waited this long for a unit's CPU part: the CPU workers are behind
+
+
+class CpuShare:
+    """How many images of each unit the CPU workers decode beside the device decoder, sized by what the encoder
+    measures: after each unit whose CPU part was ready when the encoder reached it the share grows by one task
+    (CPU_CHUNK images), after one it had to wait for it shrinks by a quarter; between 0 and `limit`. The CPU
+    part then follows the workers' rate against the device's, whatever the images and the machine."""
+
+    def __init__(self, limit: int):
+        self.limit = max(0, limit)
+        self.size = min(self.limit, CPU_CHUNK)
+        self.lock = threading.Lock()
+
+    def take(self, count: int) -> int:
+        """Images of a unit of `count` for the CPU workers (never all of it: the device part leads)."""
+        with self.lock:
+            return min(self.size, count // 2)
+
+    def joined(self, waited_s: float) -> None:
+        """The encoder waited `waited_s` for a unit's CPU part."""
+        with self.lock:
+            if waited_s > SHARE_WAIT_S:
+                self.size = int(self.size * 0.75) // CPU_CHUNK * CPU_CHUNK
+            else:
+                self.size = min(self.limit, self.size + CPU_CHUNK)
+
+
 class Router:
-    """Sends items to the CPU workers (with their results' futures) and keeps count of what is in flight there.
+    """Sends items to the CPU workers (their results' futures), and how many of each unit go there (`share`).
 
     `read`: the workers' read-hash-probe task (`read_chunk`); None reads in this process's threads."""
 
     def __init__(self, pool: Any, work: Callable[[list[Item]], list[Result]], share: int, stats: Stats,
                  read: Callable[[list[Item]], Packed] | None = None):
-        self.pool, self.work, self.share, self.stats, self.read = pool, work, share, stats, read
-        self.in_flight = 0
-        self.lock = threading.Lock()
-
-    def _done(self, count: int, _: Any = None) -> None:
-        with self.lock:
-            self.in_flight -= count
+        self.pool, self.work, self.stats, self.read = pool, work, stats, read
+        self.share = CpuShare(share if pool is not None else 0)
 
     def submit(self, items: list[Item]) -> list[Any]:
         self.stats.add("cpu_images", len(items))
         chunks = [items[i:i + CPU_CHUNK] for i in range(0, len(items), CPU_CHUNK)]
         if self.pool is None:
             return [Done(self.work(chunk)) for chunk in chunks]
-        with self.lock:
-            self.in_flight += len(items)
-        return [self.pool.apply_async(self.work, (chunk,), callback=partial(self._done, len(chunk)),
-                                      error_callback=partial(self._done, len(chunk))) for chunk in chunks]
+        return [self.pool.apply_async(self.work, (chunk,)) for chunk in chunks]
 
     def submit_reads(self, items: list[Item]) -> list[Any]:
         """Futures of `read` over chunks of items, run by the worker processes (inline without a pool)."""
@@ -88,11 +108,6 @@ class Router:
             return [Done(self.read(chunk)) for chunk in chunks]
         return [self.pool.apply_async(self.read, (chunk,)) for chunk in chunks]
 
-    def take_whole(self, count: int) -> bool:
-        """Whether a whole unit should decode on the CPU workers (they have room for it)."""
-        with self.lock:
-            return self.pool is not None and self.in_flight + count <= self.share
-
 
 @dataclass
 class Prepared:
@@ -101,6 +116,7 @@ class Prepared:
     data: list[Any]  # uint8 CPU tensors of their encoded bytes
     fallback: list[Any]  # futures of CPU-worker results
     hardware: list[bool] = field(default_factory=list)  # per row: nvJPEG's hardware engines take it
+    joined: Callable[[float], None] | None = None  # told how long the encoder waited for the CPU part
 
 
 def _read_in_workers(unit: Unit, router: Router) -> Prepared:
@@ -145,26 +161,31 @@ def _read_in_threads(unit: Unit, router: Router, max_pixels: int) -> Prepared:
 
 def prepare(unit: Unit, router: Router, max_pixels: int) -> Prepared:
     """Reader thread: the unit's items read, hashed and probed (by the worker processes, or here) and routed
-    to the device decoder or the CPU path; or the whole unit to the CPU workers while they have room."""
+    to the device decoder or the CPU path; its last `router.share` items go to the CPU workers first."""
     started = time.perf_counter()
-    if router.take_whole(len(unit.items)):
-        return Prepared(unit, [], [], router.submit(unit.items))
+    split = len(unit.items) - router.share.take(len(unit.items))
+    cpu = router.submit(unit.items[split:]) if split < len(unit.items) else []
+    device = Unit(unit.index, unit.items[:split])
     if router.read is not None:
-        prepared = _read_in_workers(unit, router)
+        prepared = _read_in_workers(device, router)
     else:
-        prepared = _read_in_threads(unit, router, max_pixels)
+        prepared = _read_in_threads(device, router, max_pixels)
+    prepared.fallback += cpu
+    prepared.joined = router.share.joined if cpu else None
     router.stats.add("read_s", time.perf_counter() - started)
     mark("first unit read", once=True)
     return prepared
 
 
-def make_router(pool: Any, resolution: int, options: Any, stats: Stats) -> Router:
+def make_router(pool: Any, resolution: int, options: Any, stats: Stats, batch: int) -> Router:
     """With a pool, files are read, hashed and probed in the worker processes (keeping that Python work off
     this process's GIL: measured faster on an H100, docs/benchmarks.md); without one, in reader threads here.
-    The CPU share defaults to 0: on an H100 with 16 cores a share of 64 per worker cost thumbnails 35% of
-    their rate (the parent unpickles every decoded image) and gained 2 MP photos ~10%."""
+    The CPU share: each unit's last images, sized by feedback (CpuShare) up to gpu.cpu_share (-1: half a unit;
+    0, the default: none). On an H200 (round 7) whole units on the CPU workers cost thumbnails 20-30 % (their
+    decode tasks queued the device units' reads), the split share 57 %: the nvJPEG calls took 2-4x as long per
+    image while the workers' pixels arrived in this process."""
     work = partial(process_chunk, size=resolution, max_pixels=options.max_pixels, timeout=options.timeout)
     read = partial(read_chunk, size=resolution, max_pixels=options.max_pixels,
                    timeout=options.timeout) if pool is not None else None
-    share = options.gpu.cpu_share if pool is not None else 0
+    share = options.gpu.cpu_share if options.gpu.cpu_share >= 0 else batch // 2
     return Router(pool, work, share, stats, read)

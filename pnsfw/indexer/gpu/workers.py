@@ -28,7 +28,7 @@ def device_worker(rank: int, device: str, model: str, options: Any, processes: i
         pool = multiprocessing.get_context("fork").Pool(processes) if processes > 0 else None
         encoder = load_encoder(model, device, options.precision)
         stats = Stats()
-        router = make_router(pool, encoder.resolution, options, stats)
+        router = make_router(pool, encoder.resolution, options, stats, batch)
         for result in device_stage(iter(jobs.get, None), encoder, router, options, 0, batch):
             results.put(result)
         results.put(("done", stats.as_dict()))

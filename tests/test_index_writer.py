@@ -1,0 +1,94 @@
+"""The writer thread (pnsfw.indexer.writer.WriterThread): the same commits as the ShardWriter on the caller's
+thread, in order; failures raised on the caller's thread; a stopped run keeps exactly what was committed."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pnsfw.indexer.reader import Result
+from pnsfw.indexer.sources import Item
+from pnsfw.indexer.writer import ShardWriter, WriterThread
+
+
+class Identity:
+    def apply(self, features: np.ndarray) -> np.ndarray:
+        return features
+
+
+class FakeStore:
+    """What ShardWriter needs of a StoreWriter; records each commit as (ids, uris, error uris)."""
+
+    def __init__(self, pause: float = 0.0, fail_at: int = -1):
+        self.commits: list[tuple[list[int], list[str], list[str]]] = []
+        self.next_id, self.pause, self.fail_at = 0, pause, fail_at
+        self.in_commit = threading.Event()
+
+    def next_ids(self, count: int) -> np.ndarray:
+        return np.arange(self.next_id, self.next_id + count, dtype=np.int64)
+
+    def commit(self, rows, errors) -> None:
+        self.in_commit.set()
+        time.sleep(self.pause)
+        if len(self.commits) == self.fail_at:
+            raise OSError("disk full")
+        ids = rows.column("id").to_pylist() if rows is not None else []
+        self.next_id += len(ids)
+        self.commits.append((ids, rows.column("uri").to_pylist() if rows is not None else [],
+                             errors.column("uri").to_pylist() if errors is not None else []))
+
+
+def _shards(store: FakeStore, size: int = 5) -> ShardWriter:
+    return ShardWriter(store, size, 3600.0, Identity(), lambda sample: Identity(), 0)  # type: ignore[arg-type]
+
+
+def _calls(count: int = 40) -> list[tuple]:
+    """Batches of 3 rows with an error row after every third batch."""
+    calls: list[tuple] = []
+    for start in range(0, count, 3):
+        rows = [Result(Item(f"u{i}", "src"), None, f"h{i}", 4, 4) for i in range(start, start + 3)]
+        calls.append(("add", rows, np.full((3, 2), start, np.float32)))
+        if start % 9 == 0:
+            calls.append(("add_error", Result(Item(f"bad{start}", "src"), None, stage="decode", reason="corrupt")))
+    return calls
+
+
+def _drive(writer, calls: list[tuple]) -> None:
+    for name, *args in calls:
+        getattr(writer, name)(*args)
+    writer.commit()
+
+
+def test_the_same_commits_in_the_same_order_as_on_the_callers_thread():
+    direct, threaded = FakeStore(), FakeStore()
+    _drive(_shards(direct), _calls())
+    writer = WriterThread(_shards(threaded), depth=2)
+    _drive(writer, _calls())
+    assert threaded.commits == direct.commits and len(direct.commits) > 5
+    assert [i for ids, _, _ in threaded.commits for i in ids] == list(range(42))
+    assert not writer.thread.is_alive() and writer.busy_s > 0
+
+
+def test_a_failed_commit_is_raised_on_the_callers_thread_and_nothing_hangs():
+    store = FakeStore(fail_at=2)
+    writer = WriterThread(_shards(store), depth=1)
+    with pytest.raises(OSError, match="disk full"):
+        _drive(writer, _calls(200))
+    writer.close(discard=True)
+    assert not writer.thread.is_alive() and len(store.commits) == 2
+
+
+def test_close_with_discard_waits_for_the_commit_in_progress_and_drops_the_rest():
+    store = FakeStore(pause=0.3)
+    writer = WriterThread(_shards(store), depth=64)
+    for name, *args in _calls(60):
+        getattr(writer, name)(*args)
+    assert store.in_commit.wait(5)
+    writer.close(discard=True)
+    committed = len(store.commits)
+    assert committed >= 1 and not writer.thread.is_alive()
+    time.sleep(0.4)
+    assert len(store.commits) == committed  # nothing after the stop
+    ids = [i for ids, _, _ in store.commits for i in ids]
+    assert ids == list(range(len(ids)))  # a prefix of the stream
