@@ -8,7 +8,8 @@ Usage: python scripts/bench_import.py [--rows 1000000] [--parts 4] [--dim 512] [
 
 Writes a clip-retrieval folder (img_emb/img_emb_N.npy float16 + metadata/metadata_N.parquet with url and
 caption), imports it into a fresh store (run_import, no FAISS index) and reports GB/s of embedding bytes read
-(rows * dim * 2 / wall seconds of run_import, start-up of torch included unless --warm) and rows/s. The vectors are unit
+(rows * dim * 2 / wall seconds of run_import, lazy imports included unless --warm: torch only for rows to
+rescale) and rows/s. The vectors are unit
 length as clip-retrieval writes them, or random normals with --unnormalised (every row rescaled). The embedding
 files are in the page cache after writing (the usual case for a rerun; cold reads are bounded by the disk);
 the store is written to --folder too, so put it on the disk you mean to measure. Prints a table, writes JSON.
