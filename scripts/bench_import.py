@@ -8,7 +8,8 @@ Usage: python scripts/bench_import.py [--rows 1000000] [--parts 4] [--dim 512] [
 
 Writes a clip-retrieval folder (img_emb/img_emb_N.npy float16 + metadata/metadata_N.parquet with url and
 caption), imports it into a fresh store (run_import, no FAISS index) and reports GB/s of embedding bytes read
-(rows * dim * 2 / wall seconds of run_import, start-up of torch included unless --warm) and rows/s. The vectors are unit
+(rows * dim * 2 / wall seconds of run_import, lazy imports included unless --warm: torch only for rows to
+rescale) and rows/s. The vectors are unit
 length as clip-retrieval writes them, or random normals with --unnormalised (every row rescaled). The embedding
 files are in the page cache after writing (the usual case for a rerun; cold reads are bounded by the disk);
 the store is written to --folder too, so put it on the disk you mean to measure. Prints a table, writes JSON.
@@ -17,7 +18,8 @@ costs per row whatever the machine's core count.
 --score then scores the imported store with `pnsfw score`'s bulk scorer (score_store; a random 256-unit tanh
 model written as a weights file, no Keras) and a store of the same rows and width written by the indexer's
 writer (StoreWriter.commit_shards, 50k-row shards as `index` writes them, as bench_score.py builds its store),
-interleaved, --score-runs each; reports vectors/s of both and their ratio.
+interleaved (the order alternating), --score-runs each; reports vectors/s of both, their ratio, and whether
+their shards are the same bytes (they are at the same shard size: same sha256 in both manifests).
 """
 
 import argparse
@@ -165,6 +167,16 @@ def writer_copy(imported: Path, target: Path, shard_rows: int = 50_000) -> dict[
     return {"shards": len(copy.shards), "rows": copy.rows}
 
 
+def _same_files(imported: Path, copy: Path) -> bool:
+    """Whether the two stores' shards are byte for byte the same files (sha256 and size in the manifests)."""
+    from pnsfw.store import Store
+
+    def digests(root: Path) -> list[tuple[str, int]]:
+        return [(s.sha256, s.bytes) for s in Store.open(root).shards]
+
+    return digests(imported) == digests(copy)
+
+
 def score_both(imported: Path, work: Path, device: str, runs: int) -> dict[str, object]:
     """score_store vectors/s on the imported store and on its StoreWriter copy, interleaved, best of `runs`."""
     from pnsfw.classifier.scoring import score_store, scores_of
@@ -177,14 +189,15 @@ def score_both(imported: Path, work: Path, device: str, runs: int) -> dict[str, 
     for root in stores.values():
         random_model(root)
     rates: dict[str, list[float]] = {name: [] for name in stores}
-    for _ in range(runs):
-        for name, root in stores.items():
+    for run in range(runs):  # the order alternates: the first store of a pair ran slower on the VM, both alike
+        for name, root in (list(stores.items()) if run % 2 == 0 else list(stores.items())[::-1]):
             store = Store.open(root)
             store.fs.delete(scores_of(store, "bench").folder)
             summary = score_store(root, "bench", device=device, engine="auto")
             rates[name].append(round(summary.vectors_per_s))
     best = {name: max(values) for name, values in rates.items()}
-    return {"device": device, "runs": rates, "best_vectors_per_s": best, "layout": layout,
+    same = _same_files(imported, copy)
+    return {"device": device, "runs": rates, "best_vectors_per_s": best, "layout": layout, "same_shard_bytes": same,
             "imported_over_writer": round(best["imported"] / best["writer"], 3)}
 
 

@@ -279,3 +279,40 @@ def test_text_search_with_the_declared_checkpoint(tmp_path: Path, tiny_checkpoin
     text = EmbeddingService.open(Store.open(tmp_path / "s"), device="cpu").embed_texts(["a cat"])[0]
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     assert [h["uri"] for h in hits] == [f"u{i}" for i in np.argsort(-(unit @ text))[:3]]
+
+
+def test_import_of_unit_length_rows_does_not_import_torch(tmp_path: Path) -> None:
+    """clip-retrieval's unit-length fp16 rows are checked in numpy: `import --no-faiss` never loads torch (its
+    ~2.5-5 s import was most of a cold import); rows to rescale still import it."""
+    from test_weights_only import pnsfw
+
+    folder = tmp_path / "laion"
+    (folder / "img_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    x = np.random.default_rng(3).standard_normal((300, 512))
+    np.save(folder / "img_emb" / "img_emb_0.npy", (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
+    pq.write_table(pa.table({"url": [f"https://e.com/{i}.jpg" for i in range(300)]}),
+                   folder / "metadata" / "metadata_0.parquet")
+    done, imported = pnsfw("import", folder, "--store", tmp_path / "store", "--no-faiss")
+    assert "imported 300 embeddings" in done.stdout and "torch" not in imported
+    np.save(folder / "img_emb" / "img_emb_0.npy", (x * 3).astype(np.float16))
+    done, imported = pnsfw("import", folder, "--store", tmp_path / "other", "--no-faiss")
+    assert "imported 300 embeddings" in done.stdout and "torch" in imported
+
+
+def test_numpy_half_checks_equal_torch() -> None:
+    """unit_rows' numpy checks of fp16 rows give torch's codes and rows: zero, subnormal-only, inf, NaN, huge
+    finite rows, unit rows kept bit for bit, a block to rescale; 512 and 768 wide."""
+    from pnsfw.indexer import unitvec
+
+    for width in (512, 768):
+        x = np.random.default_rng(width).standard_normal((3000, width))
+        x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+        x[5], x[11], x[13] = 0, 0, 60000.0
+        x[7, 3], x[9, 1], x[11, 0] = np.inf, np.nan, 6e-8
+        for rows in (x, np.concatenate([x[:2000], x[2000:] * 3])):
+            codes, out = unitvec.unit_rows(rows.copy())
+            reference = np.zeros(len(rows), np.int8)
+            expected = unitvec._torch_rows(rows.copy(), reference, range(0, len(rows), unitvec.BLOCK))
+            assert codes.tolist() == reference.tolist() and sorted(np.nonzero(codes)[0]) == [5, 7, 9]
+            assert np.array_equal(out.view(np.uint16), expected.view(np.uint16))

@@ -3,7 +3,8 @@
 Reader (a thread of its own, READ_AHEAD chunks ahead): the layouts of import_layouts.py, in units streamed from
 the row where the store's commits of that unit end (so a rerun resumes, and a second import adds nothing).
 Mappers (min(6, cores // 3) threads, at least 1; results in order): rows validated (width, finite,
-non-zero norm; the others become error rows with a reason), L2-normalised, projected (torch, no GIL), uri_hash
+non-zero norm; the others become error rows with a reason), L2-normalised (unitvec.py: unit-length fp16 rows
+checked in numpy and kept, so such an import never imports torch; rows to rescale by torch), projected, uri_hash
 computed (with more than one mapper in numpy lanes, store/urihash.py: the GIL released inside each numpy call,
 so the mappers hash in parallel; with one, hashlib, which costs less CPU but holds the GIL).
 Writer (the calling thread cuts): shards of `shard_size` rows, each staged (Parquet write,
@@ -31,7 +32,6 @@ from ..errors import BadInput, SpaceMismatch
 from ..store import Projection, Store, StoreWriter
 from ..store.shards import ERROR_SCHEMA, embedding_array, uri_hash
 from ..store.writer import StagedCommit
-from .encoder import known_fingerprint
 from .import_layouts import Chunk, Unit, open_units
 from .ingest import IngestOptions
 from .projection import check_projection_option, make_projection
@@ -76,6 +76,8 @@ def declared_encoder(model: str, width: int) -> dict[str, Any]:
     """The encoder record of a declared model: its real fingerprint when pnsfw knows it (a CLIP name or a
     checkpoint file), so `search --text` can load it; else a fingerprint of the name alone."""
     import hashlib
+
+    from .encoder import known_fingerprint  # here: encoder.py imports PIL, which an import needs nowhere else
 
     known = KNOWN_WIDTHS.get(model)
     if known is not None and known != width:
