@@ -24,6 +24,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import traceback
 from collections import deque
@@ -92,18 +93,45 @@ def _die_with_parent(parent: int) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class _Redelivery:
+    """A stop signal whose handler raised inside a callback Python only reports (a weakref or at-fork
+    callback: `Exception ignored in ...`) is sent again from another thread, so the raise is not lost."""
+
+    def __init__(self, handler: Callable[[int, Any], None]):
+        self.handler, self.raised = handler, {}  # type: ignore[var-annotated]
+        self.previous = sys.unraisablehook
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        try:
+            self.handler(signum, frame)
+        except BaseException as exc:
+            self.raised[id(exc)] = signum
+            raise
+
+    def unraisable(self, unraisable: Any) -> None:
+        signum = self.raised.pop(id(unraisable.exc_value), None)
+        if signum is None:
+            self.previous(unraisable)
+            return
+        threading.Thread(target=signal.raise_signal, args=(signum,), daemon=True).start()
+
+
 @contextmanager
 def stop_signals_handled(handler: Callable[[int, Any], None]) -> Iterator[None]:
     """SIGINT/SIGTERM go to `handler` inside the block, then to what they went to before; changes nothing
-    outside the main thread, where Python runs no signal handler."""
+    outside the main thread, where Python runs no signal handler. What the handler raises is not lost where
+    Python swallows it (_Redelivery)."""
+    redelivery = _Redelivery(handler)
     try:
-        previous = {n: signal.signal(n, handler) for n in STOP_SIGNALS}
+        previous = {n: signal.signal(n, redelivery) for n in STOP_SIGNALS}
     except ValueError:
         yield
         return
+    sys.unraisablehook = redelivery.unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = redelivery.previous
         for number, before in previous.items():
             signal.signal(number, before)
 

@@ -11,4 +11,6 @@ export KERAS_BACKEND=${KERAS_BACKEND:-tensorflow} TF_CPP_MIN_LOG_LEVEL=3
 # the lint gate first: style (ruff) and types (mypy, config in pyproject.toml) fail the run like a test
 .venv/bin/ruff check pnsfw tests scripts
 .venv/bin/mypy pnsfw
-exec .venv/bin/python -m pytest -q "$@"
+# two workers, each test file on one of them (its module fixtures and servers stay in one process): the suite
+# spends much of its time waiting on the subprocesses it starts, so two files at a time fit 2 cores
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pnsfw.concurrency import ProcessPool, background, ordered_map, read_ahead
+from pnsfw.concurrency import ProcessPool, background, ordered_map, read_ahead, stop_signals_handled
 from pnsfw.errors import BadInput, WorkerLost
 
 
@@ -202,3 +202,37 @@ def test_a_stop_signal_during_a_fork_takes_effect_after_it(monkeypatch):
         signal.signal(signal.SIGTERM, previous)
         for child in multiprocessing.active_children():
             child.kill()
+
+
+def test_a_stop_raised_inside_a_weakref_callback_is_not_lost():
+    """Python only reports an exception raised in a weakref callback (importlib's module locks use one): the
+    handler's raise there is sent again, so the block still stops, and nothing is printed."""
+    import weakref
+
+    class Stop(Exception):
+        pass
+
+    class Thing:
+        pass
+
+    def handler(signum, frame):
+        raise Stop(signum)
+
+    def callback(ref):
+        signal.raise_signal(signal.SIGTERM)
+        sum(i for i in range(1000))  # the handler runs here, inside the callback
+
+    swallowed = []
+    before = sys.unraisablehook
+    sys.unraisablehook = swallowed.append
+    try:
+        with pytest.raises(Stop), stop_signals_handled(handler):
+            thing = Thing()
+            ref = weakref.ref(thing, callback)
+            del thing
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        sys.unraisablehook = before
+    assert ref() is None and swallowed == []
