@@ -113,7 +113,10 @@ class _Redelivery:
         if signum is None:
             self.previous(unraisable)
             return
-        threading.Thread(target=signal.raise_signal, args=(signum,), daemon=True).start()
+        # later, not at once: a signal sent while this hook runs would raise (and be swallowed) in the hook
+        timer = threading.Timer(0.05, signal.raise_signal, (signum,))
+        timer.daemon = True
+        timer.start()
 
 
 @contextmanager
