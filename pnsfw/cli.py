@@ -155,6 +155,9 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
         click.option("--gpu-decode-threads", default=0, type=click.IntRange(min=0),
                      help="GPU path: threads feeding the device JPEG decoder (0: two with nvJPEG's hardware "
                           "engines, else one)."),
+        click.option("--gpu-tower-sms", default=0, type=click.IntRange(min=0),
+                     help="GPU path: run the image tower on this many SMs (a CUDA green context), leaving the "
+                          "rest to the JPEG decode's kernels (0: every SM)."),
         # the choice options; the first value of each is its default, as in GpuOptions
         *(click.option(flag, dest, default=values[0], show_default=True, type=click.Choice(values), help=text)
           for flag, dest, values, text in (
@@ -189,13 +192,15 @@ def _with_gpu_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_decode_threads: int, gpu_decoder: str, gpu_resize: str,
+def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_decode_threads: int, gpu_tower_sms: int,
+                gpu_decoder: str, gpu_resize: str,
                 gpu_tower: str, gpu_encode_stream: str, gpu_decode_priority: str, gpu_compile: str,
                 stage_stats: "str | None") -> Any:
     """The GpuOptions of `pnsfw index`'s --gpu-* options."""
     from .indexer.gpu.options import GpuOptions
 
     return GpuOptions(workers=gpu_workers, cpu_share=gpu_cpu_share, decode_threads=gpu_decode_threads,
+                      tower_sms=gpu_tower_sms,
                       decoder=gpu_decoder, resize=gpu_resize, tower=gpu_tower, encode_stream=gpu_encode_stream,
                       decode_priority=gpu_decode_priority, compile=gpu_compile, stage_stats=stage_stats)
 

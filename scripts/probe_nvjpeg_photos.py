@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Why nvJPEG's calls on 2 MP photos take ~0.7 s per 1024 inside the pipeline but ~0.15-0.3 s alone.
+"""Why nvJPEG's calls take 2-3x longer inside the pipeline than alone (photos ~0.7 s per 1024 against ~0.3).
 
 Two decode threads (one HardwareDecoder and stream each, per-image outputs as the pipeline's photo units)
 decode batches of `--batch` photos under one condition at a time; per condition the mean host seconds per
 call and img/s over both threads. Conditions: alone (the same bytes every call); fresh (bytes read from the
 files just before each call, as the reader threads hand them over); fresh + 4 threads reading other files
-meanwhile; beside the CUDA-graph tower running on a third thread; beside the encoder thread's resize of the
-previous outputs (what `--gpu-resize auto` does for photos); pinned (the binding's pinned staging).
+meanwhile (into new buffers, or into buffers made once); beside the CUDA-graph tower running on a third thread
+(on the legacy default stream, or on a stream of its own as in the pipeline); beside the encoder thread's resize
+of the previous outputs (what `--gpu-resize auto` does for photos); pinned (the binding's pinned staging). Each
+condition also sums the calls' thread usage (CPU s, minor faults, voluntary/involuntary context switches):
+CPU s near the wall time means the call computes, far below it that it waits.
 
 Example::
 
@@ -32,11 +35,12 @@ def read(path: Path) -> Any:
     return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
 
 
-def background(work: Callable[[], None], count: int, stop: threading.Event) -> list[threading.Thread]:
-    def loop() -> None:
+def background(works: list[Callable[[], Any]], stop: threading.Event) -> list[threading.Thread]:
+    """One thread per work, each running its work in a loop until `stop`."""
+    def loop(work: Callable[[], Any]) -> None:
         while not stop.is_set():
             work()
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(count)]
+    threads = [threading.Thread(target=loop, args=(work,), daemon=True) for work in works]
     for thread in threads:
         thread.start()
     return threads
@@ -70,6 +74,60 @@ def decode_loop(decoders: list[Any], batches: list[list[Any]], sizes: list[list[
     return {"host_s_per_call": round(sum(host) / len(host), 4), "img_per_s": round(images / wall, 1)}
 
 
+def yuv_check(batch: list[Any], sizes: list[tuple[int, int]], count: int = 64) -> dict[str, float]:
+    """Mean and max |RGB levels| between nvJPEG's RGB output and its YUV output converted here (4:2:0 chroma
+    upsampled by repetition, BT.601 full range as JPEG's JFIF), over `count` images."""
+    import torch.nn.functional as F
+
+    from pnsfw.indexer.gpu.nvjpeg import OUTPUT_YUV, HardwareDecoder
+
+    rgb_decoder, yuv_decoder = HardwareDecoder(), HardwareDecoder(output=OUTPUT_YUV)
+    rgbs = rgb_decoder.decode(batch[:count], sizes[:count], "cuda")
+    yuvs = yuv_decoder.decode(batch[:count], sizes[:count], "cuda")
+    torch.cuda.synchronize()
+    diffs = []
+    for rgb, yuv in zip(rgbs, yuvs):
+        _, height, width = yuv.shape
+        y = yuv[0].float()
+        chroma = yuv[1:, :(height + 1) // 2, :(width + 1) // 2].float()[None]
+        cb, cr = F.interpolate(chroma, scale_factor=2, mode="nearest")[0, :, :height, :width] - 128.0
+        ours = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb]).round().clamp(0, 255)
+        diffs.append((ours - rgb.float()).abs())
+    rgb_decoder.close()
+    yuv_decoder.close()
+    return {"mean_levels": round(float(torch.stack([d.mean() for d in diffs]).mean()), 3),
+            "max_levels": round(float(max(d.max() for d in diffs)), 1)}
+
+
+def tower_rate(model: Callable[[Any], Any], images: Any, calls: int = 10) -> float:
+    """img/s of `model` looping alone on a stream of its own."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.inference_mode():
+        model(images)
+        stream.synchronize()
+        began = time.perf_counter()
+        for _ in range(calls):
+            model(images)
+        stream.synchronize()
+    return round(calls * len(images) / (time.perf_counter() - began), 1)
+
+
+def profiler(on: bool) -> Any:
+    from contextlib import nullcontext
+
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if on else nullcontext()
+
+
+def api_summary(profile: Any, top: int = 25) -> list[dict[str, Any]]:
+    """The profiled window's events by total host time: CUDA runtime/driver calls (nvJPEG's included) and
+    GPU activity (kernels, copies), as name, count, total ms."""
+    rows = sorted(profile.key_averages(), key=lambda e: -(e.cpu_time_total + e.device_time_total))
+    return [{"name": e.key[:80], "count": e.count, "cpu_ms": round(e.cpu_time_total / 1e3, 2),
+             "device_ms": round(e.device_time_total / 1e3, 2)} for e in rows[:top]]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path)
@@ -77,9 +135,14 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--green", nargs="*", type=int, default=[],
+                    help="also the tower on a green context of each of these SM counts (alone, and beside)")
+    ap.add_argument("--only", nargs="*", help="run only these conditions")
+    ap.add_argument("--profile", nargs="*", default=[],
+                    help="the conditions to run under torch.profiler (CUDA API calls summed)")
     args = ap.parse_args()
     from pnsfw.indexer.encoder import load_encoder
-    from pnsfw.indexer.gpu.nvjpeg import HardwareDecoder
+    from pnsfw.indexer.gpu.nvjpeg import OUTPUT_YUV, HardwareDecoder
     from pnsfw.indexer.gpu.options import GpuOptions
     from pnsfw.indexer.gpu.probe import jpeg_size
     from pnsfw.indexer.gpu.tower import image_model
@@ -104,21 +167,83 @@ def main() -> int:
             model(images)
         torch.cuda.current_stream().synchronize()
 
+    tower_stream: list[Any] = []
+
+    def tower_own_stream() -> None:  # as the pipeline runs it: on a stream of its own
+        if not tower_stream:
+            tower_stream.append(torch.cuda.Stream())
+        with torch.cuda.stream(tower_stream[0]):
+            tower()
+
+    buffers = [bytearray(max(p.stat().st_size for p in files)) for _ in range(64)]
+
+    def read_reused() -> None:  # the same reads into buffers made once: no allocation, no page faults
+        for path, buffer in zip(others[:64], buffers):
+            with open(path, "rb", buffering=0) as f:
+                f.readinto(buffer)
+
     def resize() -> None:
         if keep:
             resize_crop(keep[0], 224, torch.float16)
             torch.cuda.current_stream().synchronize()
 
-    conditions: dict[str, tuple[Any, Callable[[], None] | None, int, dict[str, Any]]] = {
-        "alone": (None, None, 0, {}), "fresh": (fresh, None, 0, {}),
-        "fresh_plus_4_readers": (fresh, lambda: [read(p) for p in others[:64]], 4, {}),
-        "beside_graph_tower": (None, tower, 1, {}), "beside_resize": (None, resize, 1, {}),
-        "pinned": (None, None, 0, {"pinned": True}), "pinned_fresh": (fresh, None, 0, {"pinned": True})}
-    for name, (source, side, count, kwargs) in conditions.items():
+    def read_fresh() -> None:
+        [read(p) for p in others[:64]]
+
+    def green_tower(sms: int) -> Callable[[], None]:
+        """The graph tower looping on a green context of `sms` SMs (its own model: captured on that stream)."""
+        from pnsfw.indexer.gpu.green import green_stream
+
+        stream, got = green_stream(0, sms)
+        green_model = image_model(encoder, GpuOptions(tower="fast"), 0, args.batch)
+        with torch.cuda.stream(stream), torch.inference_mode():
+            green_model(images)  # capture
+            stream.synchronize()
+            began = time.perf_counter()
+            for _ in range(10):
+                green_model(images)
+            stream.synchronize()
+        results[f"tower_alone_{sms}_sms"] = {"sms": got, "img_per_s": round(10 * args.batch /
+                                                                          (time.perf_counter() - began), 1)}
+        print(f"tower alone on {got} SMs", results[f"tower_alone_{sms}_sms"], flush=True)
+
+        def loop() -> None:
+            with torch.cuda.stream(stream), torch.inference_mode():
+                green_model(images)
+            stream.synchronize()
+        return loop
+
+    conditions: dict[str, tuple[Any, list[Callable[[], Any]], dict[str, Any]]] = {
+        "alone": (None, [], {}), "fresh": (fresh, [], {}),
+        "fresh_plus_4_readers": (fresh, [read_fresh] * 4, {}),
+        "fresh_plus_4_readers_reused": (fresh, [read_reused] * 4, {}),
+        "beside_graph_tower": (None, [tower], {}), "beside_resize": (None, [resize], {}),
+        "beside_graph_tower_own_stream": (None, [tower_own_stream], {}),
+        "fresh_plus_4_readers_tower_own_stream": (fresh, [read_fresh] * 4 + [tower_own_stream], {}),
+        "pinned": (None, [], {"pinned": True}), "pinned_fresh": (fresh, [], {"pinned": True}),
+        "alone_yuv_output": (None, [], {"output": OUTPUT_YUV}),
+        "beside_graph_tower_own_stream_yuv_output": (None, [tower_own_stream], {"output": OUTPUT_YUV})}
+    if "alone_yuv_output" in (args.only or ["alone_yuv_output"]):
+        results["yuv_vs_rgb_output"] = yuv_check(batches[0], sizes[0])
+        print("yuv_vs_rgb_output", results["yuv_vs_rgb_output"], flush=True)
+    for sms in args.green:
+        loop = green_tower(sms)
+        conditions[f"beside_green_tower_{sms}"] = (None, [loop], {})
+        conditions[f"fresh_plus_4_readers_green_tower_{sms}"] = (fresh, [read_fresh] * 4 + [loop], {})
+    if args.green:
+        results["tower_alone_all_sms"] = {"img_per_s": tower_rate(model, images)}
+    for name, (source, side, kwargs) in conditions.items():
+        if args.only and name not in args.only:
+            continue
         decoders = [HardwareDecoder(**kwargs) for _ in range(2)]
         stop = threading.Event()
-        threads = background(side, count, stop) if side else []
-        results[name] = decode_loop(decoders, batches, sizes, args.calls, source, keep)
+        threads = background(side, stop)
+        profile = profiler(name in args.profile)
+        with profile:
+            results[name] = decode_loop(decoders, batches, sizes, args.calls, source, keep)
+        results[name]["call_usage"] = {k: round(sum(d.usage[k] for d in decoders), 4) for k in decoders[0].usage}
+        if name in args.profile:
+            results[name]["cuda_api"] = api_summary(profile)
         stop.set()
         for thread in threads:
             thread.join()

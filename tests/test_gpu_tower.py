@@ -75,3 +75,16 @@ def test_the_default_graph_tower_equals_the_fp32_reference_on_cuda() -> None:
             visual.cuda()
         assert torch.nn.functional.cosine_similarity(got, want, dim=1).min().item() >= 0.9999
     assert model.graph is not None and not model.failed
+
+
+def test_tower_sms_option_checks_its_value_and_green_streams_fail_with_a_reason():
+    from pnsfw.errors import BadInput
+    from pnsfw.indexer.gpu.green import GreenUnavailable, green_stream
+    from pnsfw.indexer.gpu.options import GpuOptions
+
+    with pytest.raises(BadInput, match="tower SMs"):
+        GpuOptions(tower_sms=-1)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the benchmark measures the green context")
+    with pytest.raises(GreenUnavailable, match="CUDA"):
+        green_stream(0, 8)

@@ -218,6 +218,25 @@ def test_checkpoint_loads_as_clip_load_does(tmp_path, tiny_checkpoint):
         _load_clip(str(tmp_path / "broken.pt"))
 
 
+def test_checkpoint_load_runs_no_initialiser(tiny_checkpoint):
+    """torch.nn.init's initialisers take the tensor by keyword and fill it through tensor methods the no-init
+    mode does not see: no random fill may reach the dispatcher (a ViT-B/32's cost ~0.75 s of a 0.94 s build)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pnsfw.indexer.encoder import _load_clip
+
+    ran: list[str] = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ran.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        _load_clip(str(tiny_checkpoint))
+    assert ran and not [op for op in ran if op.split(".")[0] in ("uniform_", "normal_")]
+
+
 def test_checkpoint_load_imports_no_dynamo_and_needs_every_weight(tmp_path, tiny_checkpoint):
     """The load builds CLIP with no initialisation on the CPU, not on meta tensors (whose elementwise kernels
     import torch._dynamo: seconds of start-up); a checkpoint without some weight is refused."""

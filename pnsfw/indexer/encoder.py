@@ -197,7 +197,18 @@ def _state_dict(path: str) -> dict[str, Any]:
             return torch.jit.load(f, map_location="cpu").eval().state_dict()
 
 
-_SKIPPED = frozenset({"normal_", "uniform_", "fill_", "zero_", "copy_"})  # initialisers, load_state_dict's copy
+# initialisers (tensor methods and torch.nn.init's, which take the tensor by keyword and whose inner tensor
+# calls the mode does not see), and load_state_dict's copy
+_SKIPPED = frozenset({"normal_", "uniform_", "fill_", "zero_", "copy_", "kaiming_uniform_", "kaiming_normal_",
+                      "xavier_uniform_", "xavier_normal_", "trunc_normal_", "constant_", "zeros_", "ones_"})
+
+
+def _tensor_argument(args: tuple, kwargs: Any) -> Any:
+    """The tensor an initialiser fills: its first argument, or torch.nn.init's `tensor=` keyword."""
+    import torch
+
+    first = args[0] if args else (kwargs or {}).get("tensor")
+    return first if isinstance(first, torch.Tensor) else None
 
 
 def _no_init_mode() -> Any:
@@ -213,8 +224,8 @@ def _no_init_mode() -> Any:
     class NoInit(TorchFunctionMode):
         def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
             name = getattr(func, "__name__", "")
-            if name in _SKIPPED and args and isinstance(args[0], torch.Tensor):
-                return args[0]
+            if name in _SKIPPED and (tensor := _tensor_argument(args, kwargs)) is not None:
+                return tensor
             if name == "half" and args and isinstance(args[0], torch.Tensor):
                 return torch.empty(args[0].shape, dtype=torch.float16)
             return func(*args, **(kwargs or {}))

@@ -123,9 +123,13 @@ class DecoderPool:
         longest = max(running, default=0.0)
         return longest if longest > limit_s else 0.0
 
-    def close(self) -> None:
+    def close(self, stats: Any = None) -> None:
+        """Close the decoders; their calls' summed thread usage (nvjpeg.USAGE_FIELDS) goes to `stats`."""
         with self.lock:
             for decoder in self.made:
+                if stats is not None:
+                    for name, value in decoder.usage.items():
+                        stats.add_usage(name, value)
                 decoder.close()
             self.made.clear()
 

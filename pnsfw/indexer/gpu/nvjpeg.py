@@ -18,6 +18,7 @@ import functools
 import glob
 import importlib.util
 import os
+import resource
 import sys
 import time
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 BACKEND_HARDWARE = 3  # nvjpegBackend_t NVJPEG_BACKEND_HARDWARE
 FLAG_MEMORY_POOLS = 1 << 1  # NVJPEG_FLAGS_ENABLE_MEMORY_POOLS: internal allocations reused, not freed per call
 CSS_444 = 0  # nvjpegChromaSubsampling_t NVJPEG_CSS_444: the largest buffers, for any subsampling
+OUTPUT_YUV = 1  # nvjpegOutputFormat_t NVJPEG_OUTPUT_YUV: the planes as coded (chroma at its subsampling)
 OUTPUT_RGB = 3  # nvjpegOutputFormat_t NVJPEG_OUTPUT_RGB: three planes, like torchvision's (3, H, W)
 MAX_COMPONENT = 4
 _STATUS = {1: "not initialized", 2: "invalid parameter", 3: "bad JPEG", 4: "JPEG not supported",
@@ -114,6 +116,15 @@ def padded_table(out: Any, count: int) -> Any:
     return table
 
 
+USAGE_FIELDS = ("wall_s", "cpu_s", "minflt", "nvcsw", "nivcsw")
+
+
+def thread_usage() -> tuple[float, ...]:
+    """This thread's (monotonic s, CPU s, minor faults, voluntary and involuntary context switches)."""
+    usage = resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF))
+    return time.monotonic(), usage.ru_utime + usage.ru_stime, usage.ru_minflt, usage.ru_nvcsw, usage.ru_nivcsw
+
+
 class NvjpegStalled(RuntimeError):
     """A hardware call did not return in time: the engines are taken as wedged for the rest of the process."""
 
@@ -131,11 +142,12 @@ class HardwareDecoder:
 
     `flags`: nvjpegCreateEx's flags; `preallocate`: (width, height) for nvjpegDecodeBatchedPreAllocate of each
     new state; `pinned`: copy each batch's bitstreams into page-locked staging memory of our own before the
-    call. The defaults are the measured winners on an H200 (thumbnails, one thread: pools 44k img/s, none 34k,
+    call; `output`: nvjpegOutputFormat_t (planes of full size are handed over either way). The defaults are
+    the measured winners on an H200 (thumbnails, one thread: pools 44k img/s, none 34k,
     pre-allocation 35k, pinned staging 20k; docs/benchmarks.md, round 3)."""
 
     def __init__(self, flags: int = FLAG_MEMORY_POOLS, preallocate: tuple[int, int] | None = None,
-                 pinned: bool = False, timeout_s: float = CALL_TIMEOUT_S) -> None:
+                 pinned: bool = False, timeout_s: float = CALL_TIMEOUT_S, output: int = OUTPUT_RGB) -> None:
         from collections import OrderedDict
 
         from ...concurrency import DaemonThreads
@@ -143,9 +155,10 @@ class HardwareDecoder:
         self.lib = library()
         self.handle = ctypes.c_void_p()
         self.states: OrderedDict[int, list[Any]] = OrderedDict()  # batch size: [state, event of its last call]
-        self.preallocate, self.pinned, self.timeout_s = preallocate, pinned, timeout_s
+        self.preallocate, self.pinned, self.timeout_s, self.output = preallocate, pinned, timeout_s, output
         self.staging: list[Any] = []  # [pinned uint8 tensor, event of the call that last read it] x 2
         self.calls = 0
+        self.usage = dict.fromkeys(USAGE_FIELDS, 0.0)  # summed over the calls, on the caller thread
         self.since: float | None = None  # time.monotonic() when the call in progress began (a watchdog reads it)
         self.wedged = self.closed = False
         self.held: list[Any] = []  # what a wedged call may still read or write
@@ -160,7 +173,7 @@ class HardwareDecoder:
         state = ctypes.c_void_p()
         _check(self.lib.nvjpegJpegStateCreate(self.handle, ctypes.byref(state)), "nvjpegJpegStateCreate")
         try:
-            _check(self.lib.nvjpegDecodeBatchedInitialize(self.handle, state, count, 1, OUTPUT_RGB),
+            _check(self.lib.nvjpegDecodeBatchedInitialize(self.handle, state, count, 1, self.output),
                    "nvjpegDecodeBatchedInitialize")
         except NvjpegError:
             self.lib.nvjpegJpegStateDestroy(state)
@@ -168,7 +181,7 @@ class HardwareDecoder:
         if self.preallocate is not None and hasattr(self.lib, "nvjpegDecodeBatchedPreAllocate"):
             width, height = self.preallocate
             if self.lib.nvjpegDecodeBatchedPreAllocate(self.handle, state, count, width, height, CSS_444,
-                                                       OUTPUT_RGB) != 0:
+                                                       self.output) != 0:
                 self.preallocate = None  # an optimisation only: decode without it
         return state
 
@@ -221,10 +234,14 @@ class HardwareDecoder:
 
         entry = self._state(len(data))
         pointers, lengths = self._bitstreams(data)
+        # where a call's host time goes (CPU, page faults, waits) when it runs slower inside the pipeline
+        before = thread_usage()
         status = self.lib.nvjpegDecodeBatched(self.handle, entry[0],
                                               pointers.ctypes.data_as(ctypes.POINTER(ctypes.c_void_p)),
                                               lengths.ctypes.data_as(ctypes.POINTER(ctypes.c_size_t)),
                                               table.ctypes.data_as(ctypes.POINTER(Image)), stream.cuda_stream)
+        for name, start, end in zip(USAGE_FIELDS, before, thread_usage()):
+            self.usage[name] += end - start
         entry[1] = torch.cuda.Event()
         entry[1].record(stream)
         return status, entry

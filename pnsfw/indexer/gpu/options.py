@@ -30,12 +30,15 @@ class GpuOptions:
     decode_threads: int = 0  # threads feeding the device decoder; 0: two with the hardware engines, else one
     decode_priority: str = "normal"  # the decode threads' CUDA streams: normal, or high (their kernels are
     # scheduled ahead of the tower's)
+    tower_sms: int = 0  # the tower's SMs (a green context), the rest kept for the decode's kernels; 0: all
     compile: str = "auto"  # torch.compile the tower: auto (jobs large enough to pay it back), on, off
     stage_stats: str | None = None  # write per-stage busy seconds (JSON) to this file
 
     def __post_init__(self) -> None:
         if self.cpu_share < -1:
             raise BadInput(f"GPU CPU share must be -1 (auto), 0 or more, not {self.cpu_share}")
+        if self.tower_sms < 0:
+            raise BadInput(f"GPU tower SMs must be 0 (all) or more, not {self.tower_sms}")
         if self.decode_threads < 0:
             raise BadInput(f"GPU decode threads must be 0 (auto) or more, not {self.decode_threads}")
         for name, allowed in (("resize", RESIZES), ("tower", TOWERS), ("compile", COMPILES), ("decoder", DECODERS),

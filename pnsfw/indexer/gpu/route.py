@@ -45,14 +45,32 @@ class Stats:
     cpu_images: int = 0
     rejected_batches: int = 0  # units the CPU workers decoded instead of the device
     hardware_stalls: int = 0  # nvJPEG hardware calls that never returned (the run went on without the engines)
+    # the hardware decode calls' thread usage (nvjpeg.USAGE_FIELDS: wall and CPU s, minor faults, switches)
+    nvjpeg_calls: dict[str, float] = field(default_factory=dict)
     lock: Any = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, value: float) -> None:
         with self.lock:
             setattr(self, name, getattr(self, name) + value)
 
+    def add_usage(self, name: str, value: float) -> None:
+        with self.lock:
+            self.nvjpeg_calls[name] = self.nvjpeg_calls.get(name, 0.0) + value
+
+    def merge(self, values: dict[str, Any]) -> None:
+        """Add another Stats' as_dict() (a device worker's) to this one."""
+        for key, number in values.items():
+            for name, value in (number.items() if isinstance(number, dict) else ()):
+                self.add_usage(name, value)
+            if not isinstance(number, dict):
+                self.add(key, number)
+
     def as_dict(self) -> dict[str, Any]:
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(self).items() if k != "lock"}
+        def rounded(value: Any) -> Any:
+            return round(value, 3) if isinstance(value, float) else value
+        values = {k: rounded(v) for k, v in vars(self).items() if k != "lock"}
+        values["nvjpeg_calls"] = {k: rounded(v) for k, v in self.nvjpeg_calls.items()}
+        return values
 
 
 SHARE_WAIT_S = 0.002  # the encoder waited this long for a unit's CPU part: the CPU workers are behind

@@ -1,5 +1,6 @@
 """The tensor reader/encoder stage on one device: reader threads -> decode thread -> (resize thread) -> encode."""
 
+import logging
 import queue
 import sys
 import threading
@@ -24,6 +25,7 @@ from .resize import device_pixels, put, resize_later, resize_thread
 from .route import Prepared, Router, Stats, Unit, make_router, prepare
 from .tower import image_model
 
+log = logging.getLogger(__name__)
 READ_THREADS = 4  # hashing and reads release the GIL; more threads only contend for it
 # every torch op releases the GIL; with Python's default 5 ms switch interval the decode thread then waits up
 # to 5 ms per op behind the reader threads (seen on an H100: 3 s per batch of 1024)
@@ -85,7 +87,7 @@ def _decode_thread(units: Iterable[Unit], router: Router, encoder: Encoder, opti
     except BaseException as exc:  # handed to the consumer, which re-raises it
         put(out, exc, stop)
     finally:
-        decoders.close()
+        decoders.close(router.stats)
 
 
 def _start_threads(units: Iterable[Unit], router: Router, encoder: Encoder, options: Any, out: queue.Queue,
@@ -160,9 +162,19 @@ def encode_stream(encoder: Encoder, options: Any) -> Any:
     gets a stream of its own."""
     import torch
 
-    if options.gpu.encode_stream == "own" and encoder.device.startswith("cuda"):
-        return torch.cuda.Stream(encoder.device)
-    return None
+    if options.gpu.encode_stream != "own" or not encoder.device.startswith("cuda"):
+        return None
+    if options.gpu.tower_sms:
+        from .fallback import warn_once
+        from .green import GreenUnavailable, green_stream
+
+        try:
+            stream, sms = green_stream(torch.device(encoder.device).index or 0, options.gpu.tower_sms)
+            log.info("the image tower runs on %d SMs (a green context)", sms)
+            return stream
+        except GreenUnavailable as exc:
+            warn_once(f"no green context for the tower ({exc}); it runs on every SM")
+    return torch.cuda.Stream(encoder.device)
 
 
 def _on(stream: Any) -> Any:

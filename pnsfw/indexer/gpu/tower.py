@@ -148,14 +148,18 @@ class Graphed:
         import torch
 
         self.static_in = images.clone()
-        side = torch.cuda.Stream(images.device)
-        side.wait_stream(torch.cuda.current_stream(images.device))
+        current = torch.cuda.current_stream(images.device)
+        # captured on the stream it replays on (a green context's keeps its kernels on that context's SMs);
+        # the legacy default stream cannot capture, so then on a stream of torch's pool
+        own = current if current != torch.cuda.default_stream(images.device) else None
+        side = own or torch.cuda.Stream(images.device)
+        side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up outside the graph (cuBLAS workspaces, lazy inits)
                 self.model(self.static_in)
-        torch.cuda.current_stream(images.device).wait_stream(side)
+        current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=own, capture_error_mode="thread_local"):
             self.static_out = self.model(self.static_in)
         self.graph = graph
 

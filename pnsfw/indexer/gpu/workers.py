@@ -62,8 +62,7 @@ def _collect(results: Any, processes: list[Any], stats: Stats) -> Iterator[UnitR
             if value[0] == "error":
                 raise RuntimeError(value[1])
             running -= 1
-            for key, number in value[1].items():
-                stats.add(key, number)
+            stats.merge(value[1])
             continue
         waiting[value.index] = value
         while next_index in waiting:
