@@ -311,3 +311,18 @@ def test_a_wedged_hardware_decode_stops_the_run_with_one_line() -> None:
         next(_from_queue(out, decoders))
     decoders.made[0].since = None  # the call returned
     assert decoders.stalled(STALL_S) == 0.0
+
+
+def test_early_cuda_context_only_for_runs_that_use_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The primary context is made beside the torch import only where the run will use a CUDA device; without
+    a driver the thread ends quietly and torch reports what matters later."""
+    from pnsfw.indexer.gpu import context
+
+    assert [context.device_index(d) for d in ("cuda", "cuda:3", "cpu", "mps")] == [0, 3, None, None]
+    monkeypatch.setattr(context, "GPU_NODES", ())
+    assert context.device_index("auto") is None and context.start_context("auto") is None
+    monkeypatch.setattr(context.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(f"no {name}")))
+    thread = context.start_context("cuda:1")
+    assert thread is not None
+    thread.join(timeout=5)
+    assert not thread.is_alive()

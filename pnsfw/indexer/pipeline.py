@@ -274,11 +274,14 @@ class _Startup:
         self._error: BaseException | None = None
 
     def start(self) -> None:
-        from .gpu import start_device_workers  # several GPUs: their workers load beside this process
+        from .gpu import DeviceWorkers, start_context, start_device_workers
 
-        # before any thread: forking a threaded process is unsafe
+        # before any thread: forking a threaded process is unsafe (several GPUs: their workers load beside this
+        # process, which then uses none)
         self.pool = start_device_workers(self.options) or _make_pool(self.options.workers)
         mark("workers forked")
+        if not isinstance(self.pool, DeviceWorkers) and self.options.reader != "pil" and self.encoder is None:
+            start_context(self.options.device)  # beside the torch import of the load below
         if self.encoder is None:
             self._threads = [threading.Thread(target=self._load, name="pnsfw-load-encoder", daemon=True),
                              threading.Thread(target=self._warm_up, name="pnsfw-warm-up", daemon=True)]

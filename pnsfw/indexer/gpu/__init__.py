@@ -27,7 +27,7 @@ import importlib
 from typing import Any
 
 _NAMES = {"warm_up": "decode", "GpuOptions": "options", "jpeg_size": "probe", "tensor_stage": "stage",
-          "DeviceWorkers": "workers", "start_device_workers": "workers"}
+          "DeviceWorkers": "workers", "start_device_workers": "workers", "start_context": "context"}
 __all__ = sorted(_NAMES)
 
 

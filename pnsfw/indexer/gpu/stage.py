@@ -242,8 +242,9 @@ def _from_queue(out: queue.Queue, decoders: DecoderPool | None = None) -> Iterat
 
 
 def _warm_up(model: Callable[[Any], Any], encoder: Encoder, batch: int, stream: Any = None) -> None:
-    """One forward of the real batch shape on zeros while the decode thread makes the first unit: cuBLAS's
-    handles, the kernels' lazy loading (and a graph's capture) then cost the first batch nothing."""
+    """One forward of the first unit's shape on zeros while the decode thread makes that unit: cuBLAS's
+    handles and the kernels' lazy loading then cost the first batch nothing. The graph of the full batches is
+    captured at the first of them, after the first batch is out."""
     import torch
 
     if encoder.device.startswith("cuda"):
@@ -264,7 +265,7 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
     try:
         model = image_model(encoder, options.gpu, items, batch)
         stream = encode_stream(encoder, options)
-        _warm_up(model, encoder, batch, stream)
+        _warm_up(model, encoder, min(batch, FIRST_UNIT), stream)
         mark("image tower ready")
         yield from encode_units(_from_queue(out, decoders), encoder, model, router.stats, stream)
     finally:

@@ -1,0 +1,55 @@
+"""The CUDA context made while torch is still being imported.
+
+`import torch` holds the start-up for ~3 s on an H200 machine, and the CUDA
+context it then makes costs ~0.3 s more before the checkpoint can go to the GPU
+(scripts/bench_gpu_startup.py). The driver's own calls need no torch: a thread
+retains the device's primary context through libcuda (ctypes releases the GIL,
+so the import goes on beside it), and torch later finds that context ready.
+"""
+
+import ctypes
+import logging
+import os
+import re
+import threading
+
+from ...devices import GPU_NODES
+from ..timeline import mark
+
+log = logging.getLogger(__name__)
+
+
+def device_index(device: str) -> int | None:
+    """The CUDA device a run on `device` (auto, cuda, cuda:N) will use, or None when it will not use one:
+    auto on a machine with no GPU device node."""
+    if device == "auto":
+        return 0 if any(map(os.path.exists, GPU_NODES)) else None
+    matched = re.fullmatch(r"cuda(?::(\d+))?", device)
+    return int(matched.group(1) or 0) if matched else None
+
+
+def _retain(index: int) -> None:
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        device, context = ctypes.c_int(), ctypes.c_void_p()
+        for call, status in (("cuInit", lambda: lib.cuInit(0)),
+                             ("cuDeviceGet", lambda: lib.cuDeviceGet(ctypes.byref(device), index)),
+                             ("cuDevicePrimaryCtxRetain",
+                              lambda: lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), device))):
+            if (code := status()) != 0:
+                log.debug("no early CUDA context: %s returned %d (torch makes it later)", call, code)
+                return
+        mark("CUDA context made")
+    except OSError as exc:
+        log.debug("no early CUDA context (%s); torch makes it later", exc)
+
+
+def start_context(device: str) -> threading.Thread | None:
+    """Start making the primary CUDA context of `device`'s GPU on a thread (None: no GPU to be used). Call it
+    after the worker processes are forked: a process that forks after cuInit cannot use CUDA in its children."""
+    index = device_index(device)
+    if index is None:
+        return None
+    thread = threading.Thread(target=_retain, args=(index,), name="pnsfw-cuda-context", daemon=True)
+    thread.start()
+    return thread
