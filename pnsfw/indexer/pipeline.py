@@ -304,8 +304,8 @@ class _Startup:
             log.debug("reader warm-up failed (the run reports it if it matters): %s", exc)
 
     def get(self) -> Encoder:
-        for thread in self._threads:
-            thread.join()
+        if self._threads:  # the load; the reader's warm-up (nvJPEG, torchvision's decoder) goes on beside the run
+            self._threads[0].join()
         if self._error is not None:
             raise self._error
         assert self.encoder is not None

@@ -19,6 +19,17 @@ from ..timeline import mark
 log = logging.getLogger(__name__)
 
 
+# hardware work queues per context (CUDA's default 8): the tower's, the decode threads' and nvJPEG's own streams
+# then do not share queues, whose false dependencies held nvJPEG's per-image syncs behind other streams' work
+# (an H200, 100k thumbnails: the calls 8.8 s -> 5.2 s, steady 15.8k -> 17.8k img/s; session 9)
+CONNECTIONS = "32"
+
+
+def configure_cuda() -> None:
+    """Settings CUDA reads when the context is made (a value the user set is kept)."""
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", CONNECTIONS)
+
+
 def device_index(device: str) -> int | None:
     """The CUDA device a run on `device` (auto, cuda, cuda:N) will use, or None when it will not use one:
     auto on a machine with no GPU device node."""
@@ -50,6 +61,7 @@ def start_context(device: str) -> threading.Thread | None:
     index = device_index(device)
     if index is None:
         return None
+    configure_cuda()
     thread = threading.Thread(target=_retain, args=(index,), name="pnsfw-cuda-context", daemon=True)
     thread.start()
     return thread

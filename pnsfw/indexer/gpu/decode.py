@@ -274,14 +274,16 @@ def warm_up(device: str) -> None:
     import torch
     from PIL import Image
 
-    mark("torchvision's image ops " + ("loaded alone" if image_ops() is not None else "imported"))
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16)).save(buffer, "JPEG")
-    decode_jpegs([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device)
     from .nvjpeg import NvjpegError, library
 
     try:
         library()  # dlopen (the handles are made by the decode threads)
     except NvjpegError:
         pass  # the decode threads log it
+    mark("torchvision's image ops " + ("loaded alone" if image_ops() is not None else "imported"))
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, "JPEG")
+    # torchvision's one decoder takes the files the engines refuse; made here (~0.5 s on an H200) beside the
+    # run, which does not wait for it
+    decode_jpegs([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device)
     mark("device decoder ready")

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..encoder import load_encoder
 from ..sources import Item
+from .context import configure_cuda
 from .route import Stats, Unit, make_router
 from .stage import UnitResult, device_stage, units
 
@@ -26,6 +27,7 @@ def device_worker(rank: int, device: str, model: str, options: Any, processes: i
     pool = None
     try:
         pool = multiprocessing.get_context("fork").Pool(processes) if processes > 0 else None
+        configure_cuda()
         encoder = load_encoder(model, device, options.precision)
         stats = Stats()
         router = make_router(pool, encoder.resolution, options, stats, batch)
