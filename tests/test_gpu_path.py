@@ -79,6 +79,28 @@ def test_padded_resize_ignores_what_lies_beyond_each_image() -> None:
     assert torch.equal(resize_padded(garbage, shapes, 224), resize_crop(images, 224))
 
 
+def test_resize_weight_cache_gives_the_weights_built_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Units through the weight cache (rows added, the table grown, restarted for a wider unit) resize exactly
+    as the weights built for each unit alone; past its size budget the cache is bypassed."""
+    from pnsfw.indexer import tensor_preprocess as tp
+
+    gen = torch.Generator().manual_seed(0)
+    units = [[(int(h), int(w)) for h, w in torch.randint(30, limit, (n, 2), generator=gen)]
+             for n, limit in ((40, 90), (300, 90), (40, 90), (20, 200))]
+    batches = [torch.randint(0, 256, (len(u), 3, max(h for h, _ in u), max(w for _, w in u)), dtype=torch.uint8,
+                             generator=gen) for u in units]
+    monkeypatch.setattr(tp, "_CACHES", {})
+    cached = [tp.resize_padded(b, u, 32) for b, u in zip(batches, units)]
+    cache = next(iter(tp._CACHES.values()))
+    assert cache.table.shape[2] >= 200 and len(cache.rows) <= 2 * len(units[3])  # restarted for the wider unit
+    for budget in (10 << 20, 0):  # the second unit overflows and starts afresh; nothing fits, built directly
+        monkeypatch.setattr(tp, "WEIGHT_CACHE_BYTES", budget)
+        monkeypatch.setattr(tp, "_CACHES", {})
+        for got, batch, unit in zip(cached, batches, units):
+            assert torch.equal(got, tp.resize_padded(batch, unit, 32))
+    assert next(iter(tp._CACHES.values())).table is None
+
+
 def _encoded(img: Image.Image, fmt: str = "JPEG", **kw: object) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
