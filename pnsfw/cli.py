@@ -153,8 +153,8 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
                           "GPU, sized by how long the encoder waits for them (-1: up to half a batch; 0: only "
                           "the files the GPU cannot decode, fastest on an H200)."),
         click.option("--gpu-decode-threads", default=0, type=click.IntRange(min=0),
-                     help="GPU path: threads feeding the device JPEG decoder (0: two with nvJPEG's hardware "
-                          "engines, else one)."),
+                     help="GPU path: threads feeding the device JPEG decoder (0: with nvJPEG's hardware engines "
+                          "two for thumbnails and up to four for large images as GPU memory allows, else one)."),
         click.option("--gpu-tower-sms", default=0, type=click.IntRange(min=0),
                      help="GPU path: run the image tower on this many SMs (a CUDA green context), leaving the "
                           "rest to the JPEG decode's kernels (0: every SM)."),

@@ -85,7 +85,7 @@ def test_auto_sends_every_unit_to_the_engines() -> None:
     small = _prepared([_jpeg(400, 300, 1)], [True])
     large = _prepared([_jpeg(1632, 1224, 2)], [True])
     pool = DecoderPool("cuda", "auto")  # nothing touches the GPU before a decoder is asked for
-    assert pool.threads == 2 and pool.hardware_for(small) and pool.hardware_for(large)
+    assert pool.hardware_for(small) and pool.hardware_for(large)
     assert not DecoderPool("cuda", "torchvision").hardware_for(large)
     assert not DecoderPool("cpu", "auto").hardware_for(large)
 
@@ -176,3 +176,24 @@ def test_padded_table_points_each_image_at_its_slot() -> None:
     assert DecoderPool("cuda", "auto", threads=1).threads == 1 and DecoderPool("cpu", "auto").threads == 1
     with pytest.raises(BadInput, match="decode threads"):
         GpuOptions(decode_threads=-1)
+
+
+def test_auto_decode_threads_gate_thumbnails_at_two_and_large_images_by_memory(monkeypatch) -> None:
+    """With the engines and no --gpu-decode-threads: two padded (thumbnail) units decode at once, and up to four
+    units of large images where the GPU's memory holds them (an 80 GiB GPU keeps two)."""
+    import contextlib
+    import types
+
+    import torch
+
+    from pnsfw.indexer.gpu.decode import DecoderPool
+
+    for gib, large in ((80, 2), (141, 4), (1000, 4)):
+        props = types.SimpleNamespace(total_memory=gib * 2**30)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        pool = DecoderPool("cuda", "auto")
+        assert pool.threads == large
+        assert pool.gate(True)._value == 2 and pool.gate(False)._value == large
+        assert pool.gate(True) is pool.gate(True)
+    asked = DecoderPool("cuda", "auto", threads=3)
+    assert asked.threads == 3 and isinstance(asked.gate(True), contextlib.nullcontext)

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,12 @@ from .route import Prepared, Router
 
 _RGB = 3  # torchvision.io.ImageReadMode.RGB.value
 HARDWARE_THREADS = 2  # our binding on an H200: 2 MP photos 6,383 img/s steady with 2 (torchvision.io: 4,822)
+# with the engines, units that decode into one padded batch (thumbnails) run on at most HARDWARE_THREADS at once
+# (3 threads gave 16,832 img/s against 16,855 with 2 on 100k thumbnails); units of large images (photos) on up
+# to LARGE_THREADS, one per LARGE_UNIT_GIB of the GPU's memory (an H200 on 10k photos: 4,923 img/s steady with
+# 2, 5,921 with 3, 7,158 with 4, using 68, 89 and 93 GiB of its memory; session 9)
+LARGE_THREADS = 4
+LARGE_UNIT_GIB = 32
 # auto: the hardware engines for every unit. Thumbnails (400 px) decode into one padded batch: 44k img/s on one
 # thread, 56k on two (NVJPEG_FLAGS_ENABLE_MEMORY_POOLS), against 22-34k for torchvision.io's one decoder; units
 # too large for the padded batch (photos) decode image by image (docs/benchmarks.md, round 3).
@@ -66,6 +73,7 @@ class DecoderPool:
         self.lock = threading.Lock()
         self.unavailable = not device.startswith("cuda") or mode != "auto"
         self.serial = threading.Lock()  # torchvision.io's units, one at a time as with a single decode thread
+        self.gates: dict[bool, threading.Semaphore] = {}  # padded or not: units decoding at once (auto threads)
 
     def hardware_for(self, prepared: Prepared) -> bool:
         """Whether this unit goes to the hardware engines (auto: every unit, while they are there)."""
@@ -80,9 +88,27 @@ class DecoderPool:
 
     @property
     def threads(self) -> int:
-        """Decode threads: as asked, else two with the hardware engines (each feeds them while the other
-        waits), one without."""
-        return self.requested or (1 if self.unavailable else HARDWARE_THREADS)
+        """Decode threads: as asked, else with the hardware engines two for thumbnails (each feeds them while
+        the other waits) and up to four for large images, as the GPU's memory allows (`gate`); one without."""
+        if self.requested or self.unavailable:
+            return self.requested or 1
+        return max(HARDWARE_THREADS, self._large_threads())
+
+    def _large_threads(self) -> int:
+        import torch
+
+        total_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        return int(min(LARGE_THREADS, max(HARDWARE_THREADS, total_gib // LARGE_UNIT_GIB)))
+
+    def gate(self, padded: bool) -> Any:
+        """What a unit holds while it decodes: with auto threads, at most HARDWARE_THREADS padded units (or
+        the large-image count of the others) at once; with threads asked for, nothing."""
+        if self.requested or self.unavailable:
+            return nullcontext()
+        with self.lock:
+            if padded not in self.gates:
+                self.gates[padded] = threading.Semaphore(HARDWARE_THREADS if padded else self._large_threads())
+            return self.gates[padded]
 
     def stream(self, name: str = "stream") -> Any:
         """This thread's CUDA stream `name` (decode: "stream"; the padded resize: "side"), None off CUDA."""

@@ -27,7 +27,8 @@ class GpuOptions:
     # launched op by op; reference: CLIP's own modules at fp16
     encode_stream: str = "own"  # own: the tower on a stream of its own; default: CUDA's legacy default stream,
     # which every blocking stream waits for (nvJPEG's hardware calls then also wait for the queued tower)
-    decode_threads: int = 0  # threads feeding the device decoder; 0: two with the hardware engines, else one
+    decode_threads: int = 0  # threads feeding the device decoder; 0: with the hardware engines two for
+    # thumbnails, up to four for large images (decode.DecoderPool.gate), else one
     decode_priority: str = "normal"  # the decode threads' CUDA streams: normal, or high (their kernels are
     # scheduled ahead of the tower's)
     tower_sms: int = 0  # the tower's SMs (a green context), the rest kept for the decode's kernels; 0: all

@@ -20,7 +20,7 @@ from ..encoder import Encoder
 from ..reader import Result
 from ..sources import Item
 from ..timeline import mark
-from .decode import Decoded, DecoderPool, decode_unit, to_cpu
+from .decode import Decoded, DecoderPool, decode_unit, padded_fits, to_cpu
 from .resize import device_pixels, put, resize_later, resize_thread
 from .route import Prepared, Router, Stats, Unit, make_router, prepare
 from .tower import image_model
@@ -63,8 +63,8 @@ def _decode_on_stream(prepared: Prepared, decoders: DecoderPool, router: Router,
     stream = decoders.stream()
     hardware = decoders.hardware_for(prepared)
     decoder = decoders.decoder() if hardware else None
-    with torch.cuda.stream(stream) if stream is not None else nullcontext(), \
-            decoders.serial if decoder is None else nullcontext():
+    gate = decoders.gate(padded_fits(prepared.rows)) if decoder is not None else decoders.serial
+    with torch.cuda.stream(stream) if stream is not None else nullcontext(), gate:
         later = resize_later(prepared.rows, mode)
         side = decoders.stream("side") if decoder is not None else None
         return decode_unit(prepared, encoder.device, encoder.resolution, router, later, decoder, side)
