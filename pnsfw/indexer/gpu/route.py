@@ -40,6 +40,7 @@ class Stats:
     device_decode_call_s: float = 0.0  # of decode_s: the batched decode call (nvJPEG's host part), the rest resize
     wait_input_s: float = 0.0
     encode_s: float = 0.0
+    wait_features_s: float = 0.0  # the encoder waiting for a batch's features: the tower's GPU time beyond the rest
     write_s: float = 0.0
     device_images: int = 0
     cpu_images: int = 0

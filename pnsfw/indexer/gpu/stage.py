@@ -212,7 +212,9 @@ def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[
         stats.add("encode_s", time.perf_counter() - started)
         if pending is not None:
             done, rows_done, errors_done, features_done = pending
+            started = time.perf_counter()
             vectors = features_done.get() if features_done else np.zeros((0, encoder.width), np.float32)
+            stats.add("wait_features_s", time.perf_counter() - started)
             started = time.perf_counter()
             yield UnitResult(done.prepared.unit.index, rows_done, vectors, errors_done)
             stats.add("write_s", time.perf_counter() - started)
