@@ -143,11 +143,10 @@ class WeightCache:
         capacity = self.table.shape[0] if self.table is not None else 0
         if needed <= capacity:
             return True
-        capacity = max(needed, 2 * capacity, 256)
-        if capacity * self.size * width * torch.finfo(self.dtype).bits // 8 > self.budget:
-            capacity = needed
-            if capacity * self.size * width * torch.finfo(self.dtype).bits // 8 > self.budget:
-                return False
+        row_bytes = self.size * width * torch.finfo(self.dtype).bits // 8
+        capacity = next((c for c in (max(needed, 2 * capacity, 256), needed) if c * row_bytes <= self.budget), 0)
+        if not capacity:
+            return False
         table = torch.zeros((capacity, self.size, width), dtype=self.dtype, device=self.device)
         if self.table is not None:
             table[:len(self.rows)] = self.table[:len(self.rows)]

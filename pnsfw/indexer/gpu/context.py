@@ -8,6 +8,7 @@ so the import goes on beside it), and torch later finds that context ready.
 """
 
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -39,9 +40,15 @@ def device_index(device: str) -> int | None:
     return int(matched.group(1) or 0) if matched else None
 
 
+@functools.lru_cache(maxsize=1)
+def libcuda() -> ctypes.CDLL:
+    """The CUDA driver's library (OSError where there is none)."""
+    return ctypes.CDLL("libcuda.so.1")
+
+
 def _retain(index: int) -> None:
     try:
-        lib = ctypes.CDLL("libcuda.so.1")
+        lib = libcuda()
         device, context = ctypes.c_int(), ctypes.c_void_p()
         for call, status in (("cuInit", lambda: lib.cuInit(0)),
                              ("cuDeviceGet", lambda: lib.cuDeviceGet(ctypes.byref(device), index)),

@@ -25,8 +25,10 @@ class GreenUnavailable(RuntimeError):
 
 @functools.lru_cache(maxsize=1)
 def _driver() -> ctypes.CDLL:
+    from .context import libcuda
+
     try:
-        lib = ctypes.CDLL("libcuda.so.1")
+        lib = libcuda()
     except OSError as exc:
         raise GreenUnavailable(f"no CUDA driver ({exc})") from None
     for name in ("cuDeviceGet", "cuDeviceGetDevResource", "cuDevSmResourceSplitByCount", "cuDevResourceGenerateDesc",

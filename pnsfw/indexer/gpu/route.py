@@ -61,9 +61,10 @@ class Stats:
     def merge(self, values: dict[str, Any]) -> None:
         """Add another Stats' as_dict() (a device worker's) to this one."""
         for key, number in values.items():
-            for name, value in (number.items() if isinstance(number, dict) else ()):
-                self.add_usage(name, value)
-            if not isinstance(number, dict):
+            if isinstance(number, dict):  # nvjpeg_calls
+                for name, value in number.items():
+                    self.add_usage(name, value)
+            else:
                 self.add(key, number)
 
     def as_dict(self) -> dict[str, Any]:
