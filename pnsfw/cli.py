@@ -182,6 +182,9 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
              "~/.cache/pnsfw/inductor)."))),
         click.option("--stage-stats", type=click.Path(dir_okay=False),
                      help="GPU path: write each stage's busy seconds as JSON here."),
+        click.option("--gpu-profile", type=click.Path(dir_okay=False),
+                     help="GPU path, diagnostics: profile 8 batches (from the 21st) with torch.profiler and write "
+                          "each CUDA stream's GPU time as JSON here (the Chrome trace beside it)."),
     ]
 
 
@@ -195,14 +198,15 @@ def _with_gpu_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_decode_threads: int, gpu_tower_sms: int,
                 gpu_decoder: str, gpu_resize: str,
                 gpu_tower: str, gpu_encode_stream: str, gpu_decode_priority: str, gpu_compile: str,
-                stage_stats: "str | None") -> Any:
+                stage_stats: "str | None", gpu_profile: "str | None") -> Any:
     """The GpuOptions of `pnsfw index`'s --gpu-* options."""
     from .indexer.gpu.options import GpuOptions
 
     return GpuOptions(workers=gpu_workers, cpu_share=gpu_cpu_share, decode_threads=gpu_decode_threads,
                       tower_sms=gpu_tower_sms,
                       decoder=gpu_decoder, resize=gpu_resize, tower=gpu_tower, encode_stream=gpu_encode_stream,
-                      decode_priority=gpu_decode_priority, compile=gpu_compile, stage_stats=stage_stats)
+                      decode_priority=gpu_decode_priority, compile=gpu_compile, stage_stats=stage_stats,
+                      profile=gpu_profile)
 
 
 RAY_LOCAL = "local"

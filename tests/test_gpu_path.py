@@ -337,6 +337,48 @@ def test_a_wedged_hardware_decode_stops_the_run_with_one_line() -> None:
     assert decoders.stalled(STALL_S) == 0.0
 
 
+def _decoded_unit(index: int, count: int, size: int = 8):  # type: ignore[no-untyped-def]
+    from pnsfw.indexer.gpu.decode import Decoded
+    from pnsfw.indexer.gpu.route import Prepared, Unit
+    from pnsfw.indexer.reader import Result
+    from pnsfw.indexer.sources import Item
+
+    rows = [Result(Item(f"u{index}-{i}", "test"), None, width=size, height=size) for i in range(count)]
+    prepared = Prepared(Unit(index, [r.item for r in rows]), rows, [], [])
+    return Decoded(prepared, torch.full((count, 3, size, size), 100.0 + index))
+
+
+@pytest.mark.parametrize("ready", [False, True])
+def test_first_unit_is_handed_out_before_the_second_is_decoded(ready: bool) -> None:
+    """The encoder does not hold the first unit's features until the next unit is there (its decode may take
+    seconds); with input ready it keeps the next unit in flight first, as before."""
+    import threading
+    from types import SimpleNamespace
+
+    from pnsfw.indexer.gpu.route import Stats
+    from pnsfw.indexer.gpu.stage import encode_units
+
+    encoder = SimpleNamespace(device="cpu", resolution=8, width=2)
+    handed = threading.Event()
+    order: list[str] = []
+
+    def decoded():  # type: ignore[no-untyped-def]
+        for index in range(3):
+            order.append(f"decoded {index}")
+            yield _decoded_unit(index, 4)
+            if index == 0 and not ready:
+                assert handed.wait(5), "the first unit was held back for the second"
+
+    model = lambda images: images.mean(dim=(2, 3))[:, :2]  # noqa: E731
+    results = encode_units(decoded(), encoder, model, Stats(), ready=lambda: ready)  # type: ignore[arg-type]
+    for result in results:
+        order.append(f"out {result.index}")
+        handed.set()
+        assert result.features.shape == (4, 2) and len(result.rows) == 4
+    want_held = ["decoded 0", "out 0", "decoded 1", "out 1", "decoded 2", "out 2"]  # done: out at once
+    assert order == (["decoded 0", "decoded 1", "out 0", "decoded 2", "out 1", "out 2"] if ready else want_held)
+
+
 def test_early_cuda_context_only_for_runs_that_use_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The primary context is made beside the torch import only where the run will use a CUDA device; without
     a driver the thread ends quietly and torch reports what matters later."""

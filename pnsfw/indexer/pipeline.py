@@ -153,8 +153,8 @@ def _batches(stream: Iterator[Result], size: int, on_error: Callable[[Result], N
         yield batch
 
 
-def _default_batch(options: IndexOptions, encoder: Encoder) -> int:
-    return options.batch_size or (1024 if encoder.device.startswith("cuda") else 64)
+def _default_batch(options: IndexOptions, device: str) -> int:
+    return options.batch_size or (1024 if device.startswith("cuda") else 64)
 
 
 def _make_pool(workers: int) -> ProcessPool | None:
@@ -186,13 +186,13 @@ READERS: dict[str, Stage] = {
     "pil": _pil_stage, "tensor": _tensor_stage}
 
 
-def _tensor_warm_up(device: str) -> None:
+def _tensor_warm_up(device: str, batch: int) -> None:
     from .gpu import warm_up
 
-    warm_up(device)
+    warm_up(device, batch)
 
 
-WARM_UPS: dict[str, Callable[[str], None]] = {"tensor": _tensor_warm_up}
+WARM_UPS: dict[str, Callable[[str, int], None]] = {"tensor": _tensor_warm_up}
 
 
 def reader_name(options: IndexOptions, device: str) -> str:
@@ -254,7 +254,7 @@ def _index_items(writer: StoreWriter, items: Iterable[Item], options: IndexOptio
     stage = stage or reader_stage(options, encoder)
     try:
         with progress_bar(options.progress, None, "img") as bar:
-            batches = stage(items, options, encoder, pool, on_error, _default_batch(options, encoder))
+            batches = stage(items, options, encoder, pool, on_error, _default_batch(options, encoder.device))
             _encode_all(shards, batches, encoder, summary, bar)
     finally:
         shards.close(discard=True)  # a stopped run: after the commit in progress, as the rows it lists
@@ -299,7 +299,8 @@ class _Startup:
         """The reader's own start-up (nvJPEG on CUDA) beside the model load; failures show up in the run."""
         try:
             device = resolve_device(self.options.device)
-            WARM_UPS.get(reader_name(self.options, device), lambda _: None)(device)
+            warm_up = WARM_UPS.get(reader_name(self.options, device), lambda *_: None)
+            warm_up(device, _default_batch(self.options, device))
         except Exception as exc:
             log.debug("reader warm-up failed (the run reports it if it matters): %s", exc)
 

@@ -34,6 +34,7 @@ class GpuOptions:
     tower_sms: int = 0  # the tower's SMs (a green context), the rest kept for the decode's kernels; 0: all
     compile: str = "auto"  # torch.compile the tower: auto (jobs large enough to pay it back), on, off
     stage_stats: str | None = None  # write per-stage busy seconds (JSON) to this file
+    profile: str | None = None  # write a per-stream GPU time summary of a window of units (JSON) to this file
 
     def __post_init__(self) -> None:
         if self.cpu_share < -1:

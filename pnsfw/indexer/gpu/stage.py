@@ -1,5 +1,6 @@
 """The tensor reader/encoder stage on one device: reader threads -> decode thread -> (resize thread) -> encode."""
 
+import itertools
 import logging
 import queue
 import sys
@@ -21,6 +22,7 @@ from ..reader import Result
 from ..sources import Item
 from ..timeline import mark
 from .decode import Decoded, DecoderPool, decode_unit, padded_fits, to_cpu
+from .profile import ProfileWindow
 from .resize import device_pixels, put, resize_later, resize_thread
 from .route import Prepared, Router, Stats, Unit, make_router, prepare
 from .tower import image_model
@@ -150,6 +152,9 @@ class _Features:
         if self.event is not None:
             self.event.record()
 
+    def ready(self) -> bool:
+        return self.event is None or bool(self.event.query())
+
     def get(self) -> np.ndarray:
         if self.event is not None:
             self.event.synchronize()
@@ -183,8 +188,30 @@ def _on(stream: Any) -> Any:
     return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
 
-def _encode_one(unit: Decoded, encoder: Encoder, model: Callable[[Any], Any], stream: Any) -> tuple[Any, ...]:
-    """(unit, rows, error rows, features being copied out) of one decoded unit, encoded on `stream`."""
+class _InFlight(NamedTuple):
+    """A unit whose tower has been launched: its rows, error rows and features being copied out."""
+
+    unit: Decoded
+    rows: list[Result]
+    errors: list[Result]
+    features: _Features | None
+    first: bool
+
+    def done(self) -> bool:
+        return self.features is None or self.features.ready()
+
+    def result(self, encoder: Encoder, stats: Stats, window: ProfileWindow) -> UnitResult:
+        """The unit's result, once its features are in host memory (the wait counted as wait_features_s)."""
+        started = time.perf_counter()
+        vectors = self.features.get() if self.features else np.zeros((0, encoder.width), np.float32)
+        stats.add("wait_features_s", time.perf_counter() - started)
+        window.step(len(self.rows))
+        return UnitResult(self.unit.prepared.unit.index, self.rows, vectors, self.errors)
+
+
+def _encode_one(unit: Decoded, encoder: Encoder, model: Callable[[Any], Any], stream: Any,
+                first: bool = False) -> _InFlight:
+    """One decoded unit's tower launched on `stream`; its features being copied out."""
     import torch
 
     from ..tensor_preprocess import normalize
@@ -195,32 +222,43 @@ def _encode_one(unit: Decoded, encoder: Encoder, model: Callable[[Any], Any], st
         if pixels is not None:
             with torch.inference_mode():
                 features = _Features(model(normalize(pixels)))
-    return unit, rows, errors, features
+    return _InFlight(unit, rows, errors, features, first)
 
 
 def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[Any], Any],
-                 stats: Stats, stream: Any = None) -> Iterator[UnitResult]:
+                 stats: Stats, stream: Any = None, window: ProfileWindow | None = None,
+                 ready: Callable[[], bool] = lambda: True) -> Iterator[UnitResult]:
     """Encode each unit (on `stream`, None: the current one); a unit's features are fetched while the next one
-    encodes."""
-    pending: tuple[Any, ...] | None = None
-    while True:
-        started = time.perf_counter()
-        unit = next(decoded, None)
-        stats.add("wait_input_s", time.perf_counter() - started)
-        started = time.perf_counter()
-        current = _encode_one(unit, encoder, model, stream) if unit is not None else None
-        stats.add("encode_s", time.perf_counter() - started)
-        if pending is not None:
-            done, rows_done, errors_done, features_done = pending
+    encodes. `ready`: whether the next unit can be had without waiting; when not, the unit in flight is handed
+    out first if it is the first one or already done (the first batch then never waits for the second's
+    decode: 2 MP photos' first unit waited 3.4 s on an H200, round 8). `window`: told of each unit done."""
+    window = window or ProfileWindow(None)
+    pending: _InFlight | None = None
+    try:
+        for count in itertools.count():
+            if pending is not None and not ready() and (pending.first or pending.done()):
+                yield from _hand_over(pending.result(encoder, stats, window), stats)
+                pending = None
             started = time.perf_counter()
-            vectors = features_done.get() if features_done else np.zeros((0, encoder.width), np.float32)
-            stats.add("wait_features_s", time.perf_counter() - started)
+            unit = next(decoded, None)
+            stats.add("wait_input_s", time.perf_counter() - started)
             started = time.perf_counter()
-            yield UnitResult(done.prepared.unit.index, rows_done, vectors, errors_done)
-            stats.add("write_s", time.perf_counter() - started)
-        if current is None:
-            return
-        pending = current
+            current = _encode_one(unit, encoder, model, stream, count == 0) if unit is not None else None
+            stats.add("encode_s", time.perf_counter() - started)
+            if pending is not None:
+                yield from _hand_over(pending.result(encoder, stats, window), stats)
+            if current is None:
+                return
+            pending = current
+    finally:
+        window.close()
+
+
+def _hand_over(result: UnitResult, stats: Stats) -> Iterator[UnitResult]:
+    """Yields `result`; the consumer's time with it (the writer's queue) counted as write_s."""
+    started = time.perf_counter()
+    yield result
+    stats.add("write_s", time.perf_counter() - started)
 
 
 def _from_queue(out: queue.Queue, decoders: DecoderPool | None = None) -> Iterator[Decoded]:
@@ -269,7 +307,9 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
         stream = encode_stream(encoder, options)
         _warm_up(model, encoder, min(batch, FIRST_UNIT), stream)
         mark("image tower ready")
-        yield from encode_units(_from_queue(out, decoders), encoder, model, router.stats, stream)
+        window = ProfileWindow(options.gpu.profile, encoder.device)
+        yield from encode_units(_from_queue(out, decoders), encoder, model, router.stats, stream, window,
+                                lambda: not out.empty())
     finally:
         sys.setswitchinterval(previous)
         stop.set()
@@ -278,6 +318,13 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
 
 
 FIRST_UNIT = 256  # the first unit's reads then do not queue behind whole units in the worker processes
+
+
+def warm_up(device: str, batch: int) -> None:
+    """The reader's start-up beside the model load: decoders for the first units' sizes (decode.warm_up)."""
+    from .decode import warm_up as decode_warm_up
+
+    decode_warm_up(device, (min(batch, FIRST_UNIT), batch))
 
 
 def units(items: Iterable[Item], size: int, first: int = FIRST_UNIT) -> Iterator[Unit]:

@@ -1,0 +1,63 @@
+"""--gpu-profile: the per-stream summary of a profiled window of units."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pnsfw.indexer.gpu.profile import ProfileWindow, summarize
+
+
+def _kernel(stream: int, ts: float, dur: float, name: str = "k", cat: str = "kernel") -> dict:
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+
+def test_summary_counts_each_streams_busy_time_once_and_the_union_over_streams() -> None:
+    events = [_kernel(7, 0, 10, "gemm"), _kernel(7, 5, 10, "gemm"),  # overlapping on one stream: 15 us busy
+              _kernel(9, 12, 8, "copy", "gpu_memcpy"), _kernel(9, 40, 10, "rgba2rgb"),
+              {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100}]  # host events are not GPU time
+    summary = summarize(events, units=3, images=2048, wall_s=0.5)
+    assert summary["gpu_window_ms"] == 0.05 and summary["gpu_busy_ms"] == 0.03  # 0-20 and 40-50
+    assert summary["gpu_busy_fraction"] == 0.6 and summary["images_per_s"] == 4096.0
+    assert list(summary["streams"]) == ["9", "7"]  # busiest first: 18 us against 15
+    seven = summary["streams"]["7"]
+    assert seven["busy_ms"] == 0.015 and seven["busy_ms_per_unit"] == 0.005 and seven["events"] == 2
+    assert seven["top_ms"] == [["gemm", 0.02]] and summary["streams"]["9"]["by_kind_ms"] == {
+        "gpu_memcpy": 0.008, "kernel": 0.01}
+
+
+def test_window_opens_after_the_first_units_and_writes_once(tmp_path: Path) -> None:
+    path = tmp_path / "profile.json"
+    window = ProfileWindow(str(path), "cpu", first=2, units=3)
+    x = torch.ones(64, 64)
+    for unit in range(8):
+        x = torch.tanh(x @ x / 64)
+        window.step(10 + unit)
+        assert path.exists() == (unit >= 5), unit
+    summary = json.loads(path.read_text())
+    assert summary["units"] == 3 and summary["images"] == 13 + 14 + 15 and summary["wall_s"] > 0
+    assert (tmp_path / "profile.json.trace.json").exists()
+    window.close()
+
+
+def test_second_gpus_window_writes_a_file_of_its_own(tmp_path: Path) -> None:
+    assert ProfileWindow(str(tmp_path / "p.json"), "cuda:1").path == str(tmp_path / "p.json.cuda1")
+    assert ProfileWindow(str(tmp_path / "p.json"), "cuda:0").path == str(tmp_path / "p.json")
+    assert ProfileWindow(None, "cuda:1").path is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_window_on_cuda_sees_each_streams_kernels(tmp_path: Path) -> None:
+    path = tmp_path / "profile.json"
+    window = ProfileWindow(str(path), "cuda", first=0, units=2)
+    side = torch.cuda.Stream()
+    x = torch.ones(512, 512, device="cuda")
+    for _ in range(3):
+        with torch.cuda.stream(side):
+            y = x @ x
+        x = torch.relu(x) + 1
+        window.step(1)
+    del y
+    streams = json.loads(path.read_text())["streams"]
+    assert len(streams) >= 2 and all(s["busy_ms"] > 0 for s in streams.values())
