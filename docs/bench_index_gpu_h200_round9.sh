@@ -48,4 +48,31 @@ PY
 rm -f $OUT/*.trace.json.gz; gzip -9 $OUT/profile_thumbs.json.trace.json; ls -la $OUT | head -30
 }
 
+call2() {
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 $B --thumbs 100000 --photos 10000 --skip-anchor --skip-ours --out $OUT/corpora.json | tail -1
+timeout 150 python3 -m pytest -q -rf tests/test_gpu_profile.py tests/test_gpu_nvjpeg.py tests/test_gpu_path.py tests/test_gpu_tower.py -p no:cacheprovider -W ignore 2>&1 | tail -6
+nvidia-smi dmon -s u -d 1 > $OUT/dmon.txt 2>&1 & DMON=$!
+timeout 200 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --ours-variants '' '' "gpu-profile=$OUT/profile_thumbs.json" 'workers=8' --out $OUT/thumbs.json 2>&1 | grep -v '^\s*$' | tail -5
+timeout 60 python3 $B --run-timeout 40 --thumbs 0 --photos 10000 --skip-anchor --out $OUT/photos.json 2>&1 | grep -v '^\s*$' | tail -2
+timeout 280 python3 $B --run-timeout 200 --thumbs 100000 --photos 0 --skip-anchor --ours-variants 'compile=on' 'compile=on' --out $OUT/compile.json 2>&1 | grep -v '^\s*$' | tail -3
+kill $DMON
+mkdir -p $OUT/stages; cp $W/runs/*.stages.json $OUT/stages/
+python3 - <<'PY'
+import json, glob
+for f in sorted(glob.glob("/tmp/pnsfw-bench/runs/*.stages.json")):
+    s = json.load(open(f)); print(f.split("/")[-1], {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items() if k in ("decode_s", "device_decode_call_s", "wait_input_s", "encode_s", "wait_features_s", "write_s", "read_s", "nvjpeg_calls")})
+PY
+for f in $W/runs/*.log; do echo "== $f"; grep "timeline\|writer thread\|profile\|rror" "$f" | sed -E 's/.*(timeline|pipeline)\] +//' | cut -c1-300; done > $OUT/run_logs.txt
+grep -A20 "thumbs-ours.log" $OUT/run_logs.txt | grep "first\|ready\|made\|import"; grep -A30 "compile-on" $OUT/run_logs.txt | grep "first\|ready\|rror" | head
+python3 - <<'PY'
+import json, os
+p = os.environ["OUT"] + "/profile_thumbs.json"
+s = json.load(open(p)); print({k: v for k, v in s.items() if k != "streams"})
+for k, v in list(s["streams"].items())[:4]:
+    print(k, v["busy_ms_per_unit"], v["events"], v["by_kind_ms"], v["top_ms"][:2])
+PY
+gzip -9 $OUT/profile_thumbs.json.trace.json; ls -la $OUT | wc -l
+}
+
 set -u; prep; "call$1"

@@ -484,7 +484,8 @@ def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
         return {**res, "error": f"no usable --summary-json: {exc}"}
     images = int(data.get("indexed", 0))
     return {**res, "images": images, "images_per_s": images / wall,
-            "steady_images_per_s": data.get("steady_images_per_s"), "summary": data}
+            "steady_images_per_s": data.get("steady_images_per_s"),
+            "late_images_per_s": data.get("late_images_per_s"), "summary": data}
 
 
 # ----------------------------------------------------------- machine info ---
@@ -572,11 +573,12 @@ def table_rows(results: dict[str, dict[str, Any]]) -> Iterator[list[str]]:
         anchor, _ours = runs.get("anchor", {}), runs.get("ours", {})
         for key, res in runs.items():
             if "error" in res:
-                yield [corpus, res["tool"], "FAILED", f"rc={res.get('rc')}", "", "", "", "", ""]
+                yield [corpus, res["tool"], "FAILED", f"rc={res.get('rc')}", "", "", "", "", "", "", ""]
                 continue
             is_ours = key.startswith("ours")
             yield [corpus, res["tool"], str(res["images"]), fmt(res["seconds"]),
                    fmt(res["images_per_s"]), fmt(res.get("steady_images_per_s")),
+                   fmt(res.get("late_images_per_s")), fmt(res.get("first_batch_encoded_s"), ".2f"),
                    fmt(ratio(res, anchor, "images_per_s"), ".2f") if is_ours else "",
                    fmt(ratio(res, anchor, "steady_images_per_s"), ".2f") if is_ours else "",
                    fmt(res.get("gpu", {}).get("util_active_mean_pct"))]
@@ -584,7 +586,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> Iterator[list[str]]:
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     """Print the results table, then the error of every failed run."""
-    head = ["corpus", "tool", "images", "e2e s", "img/s e2e", "img/s steady",
+    head = ["corpus", "tool", "images", "e2e s", "img/s e2e", "img/s steady", "img/s 2nd half", "first batch s",
             "ours/anchor e2e", "ours/anchor steady", "GPU util %"]
     rows = [head, *table_rows(results)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

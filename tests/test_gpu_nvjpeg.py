@@ -115,33 +115,6 @@ def test_padded_decode_equals_per_image_decode(pinned: bool) -> None:
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with JPEG engines")
-def test_decoders_made_ahead_are_taken_by_the_decode_threads() -> None:
-    """The warm-up's decoders (states of the first units' sizes made, one tiny call run) go to the pool's
-    threads, and decode as a new one does."""
-    import threading
-
-    from pnsfw.indexer.gpu import decode
-    from pnsfw.indexer.gpu.decode import HARDWARE_THREADS, warm_up
-
-    warm_up("cuda", (3, 5))
-    ahead = list(decode._made_ahead["cuda"])
-    assert len(ahead) == HARDWARE_THREADS and all({3, 5} <= set(d.states) and d.calls == 1 for d in ahead)
-    pool = DecoderPool("cuda", "auto")
-    taken: list[object] = []
-    threads = [threading.Thread(target=lambda: taken.append(pool.decoder())) for _ in range(HARDWARE_THREADS + 1)]
-    for thread in threads:
-        thread.start()
-        thread.join()
-    assert set(map(id, ahead)) < set(map(id, taken)) and len(set(map(id, taken))) == HARDWARE_THREADS + 1
-    blobs = [_jpeg(64 + 8 * i, 48, i) for i in range(5)]
-    want = padded_decode(_prepared(blobs, [True] * 5), "cuda", HardwareDecoder())[0]
-    got = padded_decode(_prepared(blobs, [True] * 5), "cuda", ahead[0])[0]
-    torch.cuda.synchronize()
-    assert torch.equal(got, want)
-    pool.close()
-
-
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with JPEG engines")
 def test_batch_size_changes_never_reinitialise_a_busy_state() -> None:
     """Round 5 hung when a state was re-initialised for a new batch size: now one state per size (at most
     MAX_STATES, the oldest retired once done), every size still decoded right."""

@@ -61,3 +61,31 @@ def test_window_on_cuda_sees_each_streams_kernels(tmp_path: Path) -> None:
     del y
     streams = json.loads(path.read_text())["streams"]
     assert len(streams) >= 2 and all(s["busy_ms"] > 0 for s in streams.values())
+
+
+def test_late_window_starts_at_the_batch_past_half_the_images() -> None:
+    """Steady: from the first batch to the end; late: from the first batch at or past half the images (a
+    pipeline with several batches in flight hands out a burst after the first)."""
+    from pnsfw.indexer.pipeline import IndexSummary, _steady_rates
+
+    summary = IndexSummary(indexed=1000)
+    _steady_rates(summary, [(1.0, 100), (3.0, 400), (3.1, 700), (3.2, 1000)], end=4.0)
+    assert (summary.steady_seconds, summary.steady_images) == (3.0, 900)
+    assert (summary.late_seconds, summary.late_images) == (pytest.approx(0.9), 300)
+    assert summary.as_dict()["late_images_per_s"] == pytest.approx(300 / 0.9)
+    empty = IndexSummary()
+    _steady_rates(empty, [], end=1.0)
+    assert empty.late_images_per_s == 0.0 and empty.steady_images_per_s == 0.0
+
+
+def test_host_buffers_are_reused_once_given_back() -> None:
+    from pnsfw.indexer.gpu.stage import HostBuffers
+
+    buffers = HostBuffers(pinned=False)
+    first = buffers.take((4, 8))
+    second = buffers.take((4, 8))
+    assert first.numel() == second.numel() == 32 and first.data_ptr() != second.data_ptr()
+    buffers.give(first)
+    assert buffers.take((2, 8)).data_ptr() == first.data_ptr()  # a smaller unit fits in it
+    buffers.give(second)
+    assert buffers.take((8, 8)).numel() == 64 and len(buffers.free) == 1  # too small: a new one, kept aside

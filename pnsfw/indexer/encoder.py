@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import urllib.request
 import warnings
@@ -93,9 +94,11 @@ def _clip_file(name: str) -> Any:
     if spec is None or not spec.submodule_search_locations:
         return getattr(_import_clip(), name)
     path = os.path.join(next(iter(spec.submodule_search_locations)), f"{name}.py")
-    module_spec = importlib.util.spec_from_file_location(f"pnsfw_clip_{name}", path)
+    module_name = f"pnsfw_clip_{name}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module  # found by name where its classes are looked up (torch.compile, pickle)
     module_spec.loader.exec_module(module)
     return module
 

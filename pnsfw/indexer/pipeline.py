@@ -58,8 +58,10 @@ class IndexSummary:
     committed_errors: int = 0
     failed: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-    steady_seconds: float = 0.0
+    steady_seconds: float = 0.0  # from the first batch encoded to the last commit
     steady_images: int = 0
+    late_seconds: float = 0.0  # the same from the first batch at or past half the run's images (a pipeline
+    late_images: int = 0  # that keeps several batches in flight is full by then)
     index: dict[str, Any] | None = None
 
     @property
@@ -70,8 +72,13 @@ class IndexSummary:
     def steady_images_per_s(self) -> float:
         return self.steady_images / self.steady_seconds if self.steady_seconds else 0.0
 
+    @property
+    def late_images_per_s(self) -> float:
+        return self.late_images / self.late_seconds if self.late_seconds else 0.0
+
     def as_dict(self) -> dict[str, Any]:
-        return dict(asdict(self), images_per_s=self.images_per_s, steady_images_per_s=self.steady_images_per_s)
+        return dict(asdict(self), images_per_s=self.images_per_s, steady_images_per_s=self.steady_images_per_s,
+                    late_images_per_s=self.late_images_per_s)
 
 
 class NewItems:
@@ -153,8 +160,8 @@ def _batches(stream: Iterator[Result], size: int, on_error: Callable[[Result], N
         yield batch
 
 
-def _default_batch(options: IndexOptions, device: str) -> int:
-    return options.batch_size or (1024 if device.startswith("cuda") else 64)
+def _default_batch(options: IndexOptions, encoder: Encoder) -> int:
+    return options.batch_size or (1024 if encoder.device.startswith("cuda") else 64)
 
 
 def _make_pool(workers: int) -> ProcessPool | None:
@@ -186,13 +193,13 @@ READERS: dict[str, Stage] = {
     "pil": _pil_stage, "tensor": _tensor_stage}
 
 
-def _tensor_warm_up(device: str, batch: int) -> None:
+def _tensor_warm_up(device: str) -> None:
     from .gpu import warm_up
 
-    warm_up(device, batch)
+    warm_up(device)
 
 
-WARM_UPS: dict[str, Callable[[str, int], None]] = {"tensor": _tensor_warm_up}
+WARM_UPS: dict[str, Callable[[str], None]] = {"tensor": _tensor_warm_up}
 
 
 def reader_name(options: IndexOptions, device: str) -> str:
@@ -212,19 +219,26 @@ def reader_stage(options: IndexOptions, encoder: Encoder) -> Callable[..., Itera
 
 def _encode_all(writer: WriterThread, batches: Iterator[tuple[list[Result], np.ndarray]], encoder: Encoder,
                 summary: IndexSummary, bar: Any) -> None:
-    first_done = None
+    done: list[tuple[float, int]] = []  # (when, images so far) per batch
     for batch, features in batches:
         writer.add(batch, features)
         summary.indexed += len(batch)
         bar.update(len(batch))
-        if first_done is None:
+        if not done:
             mark("first batch encoded")
-            first_done, first_count = time.perf_counter(), summary.indexed
+        done.append((time.perf_counter(), summary.indexed))
     writer.commit()
     mark("last commit")
-    if first_done is not None:
-        summary.steady_seconds = time.perf_counter() - first_done
-        summary.steady_images = summary.indexed - first_count
+    _steady_rates(summary, done, time.perf_counter())
+
+
+def _steady_rates(summary: IndexSummary, done: list[tuple[float, int]], end: float) -> None:
+    """The summary's steady and late windows from each batch's (when, images so far)."""
+    if not done:
+        return
+    summary.steady_seconds, summary.steady_images = end - done[0][0], summary.indexed - done[0][1]
+    when, count = next((w, c) for w, c in done if c >= summary.indexed / 2)
+    summary.late_seconds, summary.late_images = end - when, summary.indexed - count
 
 
 def _index_items(writer: StoreWriter, items: Iterable[Item], options: IndexOptions, encoder: Encoder,
@@ -254,7 +268,7 @@ def _index_items(writer: StoreWriter, items: Iterable[Item], options: IndexOptio
     stage = stage or reader_stage(options, encoder)
     try:
         with progress_bar(options.progress, None, "img") as bar:
-            batches = stage(items, options, encoder, pool, on_error, _default_batch(options, encoder.device))
+            batches = stage(items, options, encoder, pool, on_error, _default_batch(options, encoder))
             _encode_all(shards, batches, encoder, summary, bar)
     finally:
         shards.close(discard=True)  # a stopped run: after the commit in progress, as the rows it lists
@@ -299,8 +313,7 @@ class _Startup:
         """The reader's own start-up (nvJPEG on CUDA) beside the model load; failures show up in the run."""
         try:
             device = resolve_device(self.options.device)
-            warm_up = WARM_UPS.get(reader_name(self.options, device), lambda *_: None)
-            warm_up(device, _default_batch(self.options, device))
+            WARM_UPS.get(reader_name(self.options, device), lambda _: None)(device)
         except Exception as exc:
             log.debug("reader warm-up failed (the run reports it if it matters): %s", exc)
 

@@ -132,7 +132,7 @@ class DecoderPool:
             if ":" in self.device:  # nvJPEG's own runtime works on this thread's current device
                 torch.cuda.set_device(self.device)
             try:
-                self.local.decoder = _take_made_ahead(self.device) or HardwareDecoder()
+                self.local.decoder = HardwareDecoder()
                 mark("nvJPEG decoder made", once=True)
             except NvjpegError as exc:
                 self.unavailable = True
@@ -292,65 +292,27 @@ def decode_unit(prepared: Prepared, device: str, size: int, router: Router, resi
     return Decoded(prepared, pixels, event)
 
 
-_made_ahead: dict[str, list[Any]] = {}  # device: HardwareDecoders the warm-up made, for the decode threads
-_made_ahead_lock = threading.Lock()
-
-
-def _take_made_ahead(device: str) -> Any:
-    with _made_ahead_lock:
-        ready = _made_ahead.get(device)
-        return ready.pop() if ready else None
-
-
-def make_decoders_ahead(device: str, count: int, batches: tuple[int, ...], warm: tuple[Any, Any]) -> None:
-    """`count` hardware decoders for `device`, their states for `batches` made and one tiny call run, for the
-    decode threads to take (a thread that comes first makes its own)."""
-    import torch
-
-    from .nvjpeg import HardwareDecoder, NvjpegError
-
-    if ":" in device:  # nvJPEG's own runtime works on this thread's current device
-        torch.cuda.set_device(device)
-    for _ in range(count):
-        try:
-            decoder = HardwareDecoder()
-            decoder.prepare(batches, warm)
-        except NvjpegError:
-            return  # the decode threads find it again and log it
-        with _made_ahead_lock:
-            _made_ahead.setdefault(device, []).append(decoder)
-    mark("nvJPEG decoders made ahead")
-
-
-TINY = (16, 16)
-
-
-def _tiny_jpeg() -> Any:
+def warm_up(device: str) -> None:
+    """Load torchvision's decoder and create nvJPEG's handle (seconds) while the model loads."""
+    if not device.startswith("cuda"):
+        return
     import io
 
     import torch
     from PIL import Image
 
-    buffer = io.BytesIO()
-    Image.new("RGB", TINY).save(buffer, "JPEG")
-    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-
-
-def warm_up(device: str, batches: tuple[int, ...] = ()) -> None:
-    """While the model loads: the hardware decoders of the first units (`batches`: their sizes) made, then
-    torchvision's decoder loaded (seconds)."""
-    if not device.startswith("cuda"):
-        return
     from .nvjpeg import NvjpegError, library
 
-    tiny = _tiny_jpeg()
     try:
-        library()  # dlopen
-        make_decoders_ahead(device, HARDWARE_THREADS, batches, (tiny, TINY))
+        # dlopen. The handles are made by the decode threads: two made here (states for the first units, one
+        # tiny call each) took 1.8 s and held the tower's warm-up back by 1.6 s (an H200, session 10)
+        library()
     except NvjpegError:
         pass  # the decode threads log it
     mark("torchvision's image ops " + ("loaded alone" if image_ops() is not None else "imported"))
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, "JPEG")
     # torchvision's one decoder takes the files the engines refuse; made here (~0.5 s on an H200) beside the
     # run, which does not wait for it
-    decode_jpegs([tiny], device)
+    decode_jpegs([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device)
     mark("device decoder ready")

@@ -197,20 +197,6 @@ class HardwareDecoder:
             entry[1].synchronize()
         return entry
 
-    def prepare(self, counts: tuple[int, ...], warm: tuple[Any, tuple[int, int]] | None = None) -> None:
-        """Make the states of batches of `counts` ahead of the first calls; `warm`: (JPEG bytes as a uint8 CPU
-        tensor, (width, height)) decoded once, so the first real call pays no lazy initialisation."""
-        import torch
-
-        def make(_: Any) -> None:
-            for count in counts[:MAX_STATES]:
-                self._state(count)
-
-        self.caller.submit(make, None).result(timeout=self.timeout_s)
-        if warm is not None:
-            self.decode([warm[0]], [warm[1]], torch.cuda.current_device())
-            torch.cuda.current_stream().synchronize()
-
     def _retire(self, state: Any, event: Any) -> None:
         if event is not None:
             event.synchronize()

@@ -139,14 +139,39 @@ def _join(decoded: Decoded, device: str, size: int) -> tuple[list[Result], list[
     return rows, errors, parts[0].float() if parts else None
 
 
-class _Features:
-    """Features copied to host memory without blocking; `.get()` waits for them."""
+class HostBuffers:
+    """Page-locked buffers for the features' copies out, reused: a new one per unit cost one cudaHostAlloc
+    (~8 ms each in an H200 pipeline profile, under the driver lock that the decode threads' ~4,000 CUDA calls
+    per unit also take; session 10)."""
 
-    def __init__(self, features: Any):
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self.free: list[Any] = []
+
+    def take(self, shape: tuple[int, ...]) -> Any:
+        """A float32 buffer of at least prod(shape) values (a reused one when one is free)."""
+        import torch
+
+        count = int(np.prod(shape))
+        for i, buffer in enumerate(self.free):
+            if buffer.numel() >= count:
+                return self.free.pop(i)
+        return torch.empty(count, dtype=torch.float32, pin_memory=self.pinned)
+
+    def give(self, buffer: Any) -> None:
+        self.free.append(buffer)
+
+
+class _Features:
+    """Features copied to host memory without blocking; `.get()` waits for them and hands back a copy (the
+    buffer goes back to `buffers`)."""
+
+    def __init__(self, features: Any, buffers: HostBuffers):
         import torch
 
         cuda = features.is_cuda
-        self.host = torch.empty(features.shape, dtype=torch.float32, pin_memory=cuda)
+        self.buffers, self.buffer = buffers, buffers.take(tuple(features.shape))
+        self.host = self.buffer[:features.numel()].view(features.shape)
         self.host.copy_(features, non_blocking=cuda)
         self.event = torch.cuda.Event() if cuda else None
         if self.event is not None:
@@ -158,7 +183,9 @@ class _Features:
     def get(self) -> np.ndarray:
         if self.event is not None:
             self.event.synchronize()
-        return self.host.numpy()
+        features = self.host.numpy().copy()
+        self.buffers.give(self.buffer)
+        return features
 
 
 def encode_stream(encoder: Encoder, options: Any) -> Any:
@@ -210,7 +237,7 @@ class _InFlight(NamedTuple):
 
 
 def _encode_one(unit: Decoded, encoder: Encoder, model: Callable[[Any], Any], stream: Any,
-                first: bool = False) -> _InFlight:
+                buffers: HostBuffers, first: bool = False) -> _InFlight:
     """One decoded unit's tower launched on `stream`; its features being copied out."""
     import torch
 
@@ -221,7 +248,7 @@ def _encode_one(unit: Decoded, encoder: Encoder, model: Callable[[Any], Any], st
         features = None
         if pixels is not None:
             with torch.inference_mode():
-                features = _Features(model(normalize(pixels)))
+                features = _Features(model(normalize(pixels)), buffers)
     return _InFlight(unit, rows, errors, features, first)
 
 
@@ -233,6 +260,7 @@ def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[
     out first if it is the first one or already done (the first batch then never waits for the second's
     decode: 2 MP photos' first unit waited 3.4 s on an H200, round 8). `window`: told of each unit done."""
     window = window or ProfileWindow(None)
+    buffers = HostBuffers(encoder.device.startswith("cuda"))
     pending: _InFlight | None = None
     try:
         for count in itertools.count():
@@ -243,7 +271,7 @@ def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[
             unit = next(decoded, None)
             stats.add("wait_input_s", time.perf_counter() - started)
             started = time.perf_counter()
-            current = _encode_one(unit, encoder, model, stream, count == 0) if unit is not None else None
+            current = _encode_one(unit, encoder, model, stream, buffers, count == 0) if unit is not None else None
             stats.add("encode_s", time.perf_counter() - started)
             if pending is not None:
                 yield from _hand_over(pending.result(encoder, stats, window), stats)
@@ -318,13 +346,6 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
 
 
 FIRST_UNIT = 256  # the first unit's reads then do not queue behind whole units in the worker processes
-
-
-def warm_up(device: str, batch: int) -> None:
-    """The reader's start-up beside the model load: decoders for the first units' sizes (decode.warm_up)."""
-    from .decode import warm_up as decode_warm_up
-
-    decode_warm_up(device, (min(batch, FIRST_UNIT), batch))
 
 
 def units(items: Iterable[Item], size: int, first: int = FIRST_UNIT) -> Iterator[Unit]:
