@@ -75,4 +75,32 @@ PY
 gzip -9 $OUT/profile_thumbs.json.trace.json; ls -la $OUT | wc -l
 }
 
+call3() {
+# .whl/old: `git archive 3221bca pnsfw` (round 8's code), run beside this round's in the same call
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+printf '#!/bin/sh\nPYTHONPATH=/tmp/site:%s/.whl/old exec %s -P -c "import sys; from pnsfw.cli import main; sys.argv[0] = \\"pnsfw\\"; main()" "$@"\n' \
+    "$PWD" "$PY" > /tmp/bin/pnsfw-old && chmod +x /tmp/bin/pnsfw-old
+t0=$(date +%s); python3 $B --thumbs 100000 --photos 30000 --skip-anchor --skip-ours --out $OUT/corpora.json | tail -1; echo "corpora $(( $(date +%s) - t0 )) s"
+timeout 60 python3 -m pytest -q -rf tests/test_gpu_nvjpeg.py -p no:cacheprovider -W ignore 2>&1 | tail -2
+nvidia-smi dmon -s u -d 1 > $OUT/dmon.txt 2>&1 & DMON=$!
+OLD="--pnsfw /tmp/bin/pnsfw-old --ours-variants commit-interval=60"
+timeout 60 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor $OLD --out $OUT/thumbs_old1.json 2>&1 | grep -v '^\s*$' | tail -1
+timeout 60 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --out $OUT/thumbs_new1.json 2>&1 | grep -v '^\s*$' | tail -1
+timeout 150 python3 $B --run-timeout 110 --thumbs 100000 --photos 0 --out $OUT/thumbs_anchor_new2.json 2>&1 | grep -v '^\s*$' | tail -2
+timeout 60 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor $OLD --out $OUT/thumbs_old2.json 2>&1 | grep -v '^\s*$' | tail -1
+timeout 80 python3 $B --run-timeout 60 --thumbs 0 --photos 30000 --skip-anchor --out $OUT/photos.json 2>&1 | grep -v '^\s*$' | tail -1
+mkdir -p $OUT/stages; cp $W/runs/*.stages.json $OUT/stages/
+for f in $W/runs/*.log; do echo "== $f"; grep "timeline\|writer thread\|rror" "$f" | sed -E 's/.*(timeline|pipeline)\] +//' | cut -c1-300; done > $OUT/run_logs.txt
+echo "== 1m"; timeout 200 python3 scripts/bench_index.py --device cuda --workers 16 --no-faiss --trace --distinct 1000 --pnsfw /tmp/bin/pnsfw --workdir /tmp/pnsfw-1m --run-timeout 110 --thumbs 1000000 --photos 0 --skip-anchor --out $OUT/1m.json 2>&1 | grep -v '^\s*$' | tail -2
+kill $DMON
+cp /tmp/pnsfw-1m/runs/*.stages.json $OUT/stages/1m.stages.json
+for f in /tmp/pnsfw-1m/runs/*.log; do echo "== 1m $f"; grep "timeline\|writer thread" "$f" | sed -E 's/.*(timeline|pipeline)\] +//'; done >> $OUT/run_logs.txt
+python3 - <<'PY'
+import json, glob, os
+for f in sorted(glob.glob(os.environ["OUT"] + "/stages/*.json")):
+    s = json.load(open(f)); print(f.split("/")[-1], {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items() if k in ("decode_s", "device_decode_call_s", "wait_input_s", "encode_s", "wait_features_s", "read_s", "nvjpeg_calls")})
+PY
+grep "first batch" $OUT/run_logs.txt
+}
+
 set -u; prep; "call$1"

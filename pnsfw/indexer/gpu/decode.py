@@ -165,6 +165,8 @@ def _hardware_first(prepared: Prepared, hardware: bool) -> int:
     """Reorders the rows so that those the hardware engines take come first; how many they are."""
     if not hardware or not prepared.hardware:
         return 0
+    if all(prepared.hardware):  # the usual unit: nothing to move
+        return len(prepared.hardware)
     order = sorted(range(len(prepared.rows)), key=lambda i: not prepared.hardware[i])
     prepared.rows = [prepared.rows[i] for i in order]
     prepared.data = [prepared.data[i] for i in order]

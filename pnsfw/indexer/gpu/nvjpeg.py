@@ -117,6 +117,9 @@ def padded_table(out: Any, count: int) -> Any:
 
 
 USAGE_FIELDS = ("wall_s", "cpu_s", "minflt", "nvcsw", "nivcsw")
+# where the rest of a call's time goes: on the caller thread before the C call (the state's previous call
+# waited for, the bitstream arrays), and in the hand-over to and from the caller thread
+TIMING_FIELDS = ("state_wait_s", "bitstreams_s", "round_trip_s")
 
 
 def thread_usage() -> tuple[float, ...]:
@@ -158,7 +161,7 @@ class HardwareDecoder:
         self.preallocate, self.pinned, self.timeout_s, self.output = preallocate, pinned, timeout_s, output
         self.staging: list[Any] = []  # [pinned uint8 tensor, event of the call that last read it] x 2
         self.calls = 0
-        self.usage = dict.fromkeys(USAGE_FIELDS, 0.0)  # summed over the calls, on the caller thread
+        self.usage = dict.fromkeys(USAGE_FIELDS + TIMING_FIELDS, 0.0)  # summed over the calls
         self.since: float | None = None  # time.monotonic() when the call in progress began (a watchdog reads it)
         self.wedged = self.closed = False
         self.held: list[Any] = []  # what a wedged call may still read or write
@@ -232,8 +235,12 @@ class HardwareDecoder:
         """On the caller thread: (status, [state, event]) of one nvjpegDecodeBatched into `table` on `stream`."""
         import torch
 
+        started = time.perf_counter()
         entry = self._state(len(data))
+        ready = time.perf_counter()
         pointers, lengths = self._bitstreams(data)
+        self.usage["state_wait_s"] += ready - started
+        self.usage["bitstreams_s"] += time.perf_counter() - ready
         # where a call's host time goes (CPU, page faults, waits) when it runs slower inside the pipeline
         before = thread_usage()
         status = self.lib.nvjpegDecodeBatched(self.handle, entry[0],
@@ -260,6 +267,7 @@ class HardwareDecoder:
         future = self.caller.submit(lambda args: self._decode_batched(*args), (data, table, stream))
         try:
             status, entry = future.result(timeout=self.timeout_s)
+            self.usage["round_trip_s"] += time.monotonic() - self.since
         except TimeoutError:
             self.wedged = True
             self.held += [data, table, out, stream]
