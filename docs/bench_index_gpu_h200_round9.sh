@@ -103,4 +103,19 @@ PY
 grep "first batch" $OUT/run_logs.txt
 }
 
+call4() {
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 $B --thumbs 100000 --photos 10000 --skip-anchor --skip-ours --out $OUT/corpora.json | tail -1
+nvidia-smi dmon -s u -d 1 > $OUT/dmon.txt 2>&1 & DMON=$!
+timeout 150 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --ours-variants '' 'gpu-bitstreams=pinned' --ours-repeats 2 --out $OUT/thumbs.json 2>&1 | grep -v '^\s*$' | tail -5
+timeout 40 python3 $B --run-timeout 30 --thumbs 100000 --photos 0 --skip-anchor --ours-variants 'gpu-resize=encoder' --out $OUT/thumbs_resize.json 2>&1 | grep -v '^\s*$' | tail -1
+timeout 60 python3 $B --run-timeout 25 --thumbs 0 --photos 10000 --skip-anchor --ours-variants '' 'gpu-bitstreams=pinned' --out $OUT/photos.json 2>&1 | grep -v '^\s*$' | tail -2
+kill $DMON
+python3 - <<'PY'
+import json, glob
+for f in sorted(glob.glob("/tmp/pnsfw-bench/runs/*.stages.json")):
+    s = json.load(open(f)); print(f.split("/")[-1], {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items() if k in ("decode_s", "device_decode_call_s", "wait_input_s", "encode_s", "wait_features_s", "read_s", "nvjpeg_calls")})
+PY
+}
+
 set -u; prep; "call$1"

@@ -10,6 +10,7 @@ COMPILES = ("auto", "on", "off")
 DECODERS = ("auto", "torchvision")
 STREAMS = ("own", "default")
 PRIORITIES = ("normal", "high")
+BITSTREAMS = ("pageable", "pinned")
 
 
 @dataclass
@@ -31,6 +32,8 @@ class GpuOptions:
     # thumbnails, up to four for large images (decode.DecoderPool.gate), else one
     decode_priority: str = "normal"  # the decode threads' CUDA streams: normal, or high (their kernels are
     # scheduled ahead of the tower's)
+    bitstreams: str = "pageable"  # where nvJPEG's hardware calls copy the JPEG bytes from: where they were read
+    # (pageable), or page-locked staging of ours (pinned: one copy per unit, then DMA without the driver's staging)
     tower_sms: int = 0  # the tower's SMs (a green context), the rest kept for the decode's kernels; 0: all
     compile: str = "auto"  # torch.compile the tower: auto (jobs large enough to pay it back), on, off
     stage_stats: str | None = None  # write per-stage busy seconds (JSON) to this file
@@ -44,6 +47,7 @@ class GpuOptions:
         if self.decode_threads < 0:
             raise BadInput(f"GPU decode threads must be 0 (auto) or more, not {self.decode_threads}")
         for name, allowed in (("resize", RESIZES), ("tower", TOWERS), ("compile", COMPILES), ("decoder", DECODERS),
-                              ("encode_stream", STREAMS), ("decode_priority", PRIORITIES)):
+                              ("encode_stream", STREAMS), ("decode_priority", PRIORITIES),
+                              ("bitstreams", BITSTREAMS)):
             if getattr(self, name) not in allowed:
                 raise BadInput(f"unknown GPU {name} {getattr(self, name)!r} ({', '.join(allowed)})")

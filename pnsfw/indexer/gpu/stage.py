@@ -328,7 +328,7 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
     previous = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_S)
     decoders = DecoderPool(encoder.device, options.gpu.decoder, options.gpu.decode_priority,
-                           options.gpu.decode_threads)
+                           options.gpu.decode_threads, options.gpu.bitstreams)
     threads = _start_threads(units, router, encoder, options, out, stop, decoders)
     try:
         model = image_model(encoder, options.gpu, items, batch)
