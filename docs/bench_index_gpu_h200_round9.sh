@@ -83,7 +83,7 @@ printf '#!/bin/sh\nPYTHONPATH=/tmp/site:%s/.whl/old exec %s -P -c "import sys; f
 t0=$(date +%s); python3 $B --thumbs 100000 --photos 30000 --skip-anchor --skip-ours --out $OUT/corpora.json | tail -1; echo "corpora $(( $(date +%s) - t0 )) s"
 timeout 60 python3 -m pytest -q -rf tests/test_gpu_nvjpeg.py -p no:cacheprovider -W ignore 2>&1 | tail -2
 nvidia-smi dmon -s u -d 1 > $OUT/dmon.txt 2>&1 & DMON=$!
-OLD="--pnsfw /tmp/bin/pnsfw-old --ours-variants commit-interval=60"
+OLD="--pnsfw /tmp/bin/pnsfw-old --ours-variants commit-every=60s"
 timeout 60 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor $OLD --out $OUT/thumbs_old1.json 2>&1 | grep -v '^\s*$' | tail -1
 timeout 60 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --out $OUT/thumbs_new1.json 2>&1 | grep -v '^\s*$' | tail -1
 timeout 150 python3 $B --run-timeout 110 --thumbs 100000 --photos 0 --out $OUT/thumbs_anchor_new2.json 2>&1 | grep -v '^\s*$' | tail -2
@@ -109,6 +109,9 @@ python3 $B --thumbs 100000 --photos 10000 --skip-anchor --skip-ours --out $OUT/c
 nvidia-smi dmon -s u -d 1 > $OUT/dmon.txt 2>&1 & DMON=$!
 timeout 150 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --ours-variants '' 'gpu-bitstreams=pinned' --ours-repeats 2 --out $OUT/thumbs.json 2>&1 | grep -v '^\s*$' | tail -5
 timeout 40 python3 $B --run-timeout 30 --thumbs 100000 --photos 0 --skip-anchor --ours-variants 'gpu-resize=encoder' --out $OUT/thumbs_resize.json 2>&1 | grep -v '^\s*$' | tail -1
+printf '#!/bin/sh\nPYTHONPATH=/tmp/site:%s/.whl/old exec %s -P -c "import sys; from pnsfw.cli import main; sys.argv[0] = \\"pnsfw\\"; main()" "$@"\n' \
+    "$PWD" "$PY" > /tmp/bin/pnsfw-old && chmod +x /tmp/bin/pnsfw-old
+timeout 40 python3 $B --run-timeout 30 --thumbs 100000 --photos 0 --skip-anchor --pnsfw /tmp/bin/pnsfw-old --ours-variants commit-every=60s --out $OUT/thumbs_old.json 2>&1 | grep -v '^\s*$' | tail -1
 timeout 60 python3 $B --run-timeout 25 --thumbs 0 --photos 10000 --skip-anchor --ours-variants '' 'gpu-bitstreams=pinned' --out $OUT/photos.json 2>&1 | grep -v '^\s*$' | tail -2
 kill $DMON
 python3 - <<'PY'

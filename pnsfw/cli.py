@@ -181,8 +181,8 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
              "GPU path, experiment: where nvJPEG's hardware decode copies the JPEG bytes from (pageable: where "
              "they were read; pinned: page-locked staging of ours, one copy per batch)."),
             ("--compile", "gpu_compile", COMPILES,
-             "torch.compile the image tower (auto: CUDA jobs of 20M+ images; the compiled kernels are cached in "
-             "~/.cache/pnsfw/inductor)."))),
+             "torch.compile the image tower (auto: not yet, as no pipeline run has measured it faster; on: the "
+             "experiment, its kernels cached in ~/.cache/pnsfw/inductor)."))),
         click.option("--stage-stats", type=click.Path(dir_okay=False),
                      help="GPU path: write each stage's busy seconds as JSON here."),
         click.option("--gpu-profile", type=click.Path(dir_okay=False),

@@ -35,7 +35,7 @@ class GpuOptions:
     bitstreams: str = "pageable"  # where nvJPEG's hardware calls copy the JPEG bytes from: where they were read
     # (pageable), or page-locked staging of ours (pinned: one copy per unit, then DMA without the driver's staging)
     tower_sms: int = 0  # the tower's SMs (a green context), the rest kept for the decode's kernels; 0: all
-    compile: str = "auto"  # torch.compile the tower: auto (jobs large enough to pay it back), on, off
+    compile: str = "auto"  # torch.compile the tower: auto (none until measured faster in the pipeline), on, off
     stage_stats: str | None = None  # write per-stage busy seconds (JSON) to this file
     profile: str | None = None  # write a per-stream GPU time summary of a window of units (JSON) to this file
 

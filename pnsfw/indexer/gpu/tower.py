@@ -11,8 +11,8 @@ unfolded patches instead of cuDNN's conv; in the last block only the class
 token's query, MLP and output (nothing else is read). By default (`--gpu-tower
 fast`) full batches on CUDA replay a CUDA graph: one launch per batch, so the
 encoder thread's host time falls from ~40-70 ms a batch to ~8 (equal rates
-alone on an H200; `eager` launches op by op); torch.compile only when asked or
-for jobs that pay its compile time, with a persistent kernel cache.
+alone on an H200; `eager` launches op by op); torch.compile only when asked
+(`--compile on`, with a persistent kernel cache: COMPILE_MIN_ITEMS says why).
 """
 
 import os
@@ -22,7 +22,11 @@ from typing import Any
 from ..encoder import Encoder
 from .fallback import warn_once as _warn_once
 
-COMPILE_MIN_ITEMS = 20_000_000  # max-autotune compile: ~117 s for +31% (35k -> 46k img/s): pays past ~17M images
+# max-autotune compile: ~117 s for +31 % alone (35k -> 46k img/s), which would pay past ~17M images. In the
+# pipeline it has not yet been seen to pay: the compiled tower's run failed to import CLIP's model module (fixed
+# since), then compiled for ~66 s and ran at ~3 % GPU until its 200 s limit (an H200, session 10). So auto
+# compiles nothing until a pipeline run measures it faster; `--compile on` is the experiment.
+COMPILE_MIN_ITEMS: int | None = None
 INDUCTOR_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "pnsfw", "inductor")
 
 def reference_model(encoder: Encoder) -> Callable[[Any], Any]:
@@ -209,7 +213,7 @@ def _fast_model(encoder: Encoder, graphs: bool, batch: int) -> Callable[[Any], A
 def image_model(encoder: Encoder, gpu: Any, items: int, batch: int) -> Callable[[Any], Any]:
     """The image tower of gpu.tower (eager; fast: from a CUDA graph; reference), compiled for jobs large
     enough to pay back the compile time, or as gpu.compile says."""
-    auto = items >= COMPILE_MIN_ITEMS and encoder.device.startswith("cuda")
+    auto = COMPILE_MIN_ITEMS is not None and items >= COMPILE_MIN_ITEMS and encoder.device.startswith("cuda")
     compile_it = gpu.compile == "on" or (gpu.compile == "auto" and auto)
     model = None
     if gpu.tower != "reference":
