@@ -3,19 +3,7 @@
 # 1.3.0, fire 0.7.1, termcolor 3.3.0, braceexpand 0.1.7, webdataset 0.2.111). Each call: bash this-file CALL
 # (prep, then one of call1..; what each call's code was is in docs/benchmarks.md, round 9).
 
-prep() {
-# sourced on the GPU machine from the repo root: wheels, wrappers, env
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
-mkdir -p /tmp/crbin /tmp/bin
-PY=$(python3 -c 'import sys; print(sys.executable)')
-printf '#!/bin/sh\nexec %s "$@"\n' "$PY" > /tmp/crbin/python && chmod +x /tmp/crbin/python
-printf '#!/bin/sh\nexec %s -c "import sys; from pnsfw.cli import main; sys.argv[0] = \\"pnsfw\\"; main()" "$@"\n' \
-    "$PY" > /tmp/bin/pnsfw && chmod +x /tmp/bin/pnsfw
-W=/tmp/pnsfw-bench
-B="scripts/bench_index.py --device cuda --workers 16 --no-faiss --trace --distinct 1000 --cr-python /tmp/crbin --pnsfw /tmp/bin/pnsfw --workdir $W"
-TUNED="glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184"
-}
+. scripts/gpu_bench_prep.sh  # prep()
 
 call1() {
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
