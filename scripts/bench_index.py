@@ -439,10 +439,10 @@ def run_anchor(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path) ->
 
 
 def ours_command(args: argparse.Namespace, corpus: Path, store: Path, ckpt: Path,
-                 summary: Path) -> list[str]:
-    """The ``pnsfw index`` command line for one corpus."""
+                 summary: Path, pnsfw: Path | None = None) -> list[str]:
+    """The ``pnsfw index`` command line for one corpus (through `pnsfw`, else --pnsfw)."""
     trace = ["--log-level", "debug"] if args.trace else []  # the start-up timeline in the run's log
-    return [str(args.pnsfw), *trace, "index", str(corpus), "--store", str(store),
+    return [str(pnsfw or args.pnsfw), *trace, "index", str(corpus), "--store", str(store),
             "--model", str(ckpt), "--device", args.device,
             "--batch-size", str(args.batch_size), "--workers", str(args.workers),
             "--summary-json", str(summary)] + (["--no-faiss"] if args.no_faiss else [])
@@ -452,24 +452,27 @@ FIRST_BATCH = re.compile(r"([0-9.]+) s  first batch encoded")
 
 
 def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
-             variant: str = "", repeat: int = 1) -> dict[str, Any]:
+             variant: str = "", repeat: int = 1, baseline: bool = False) -> dict[str, Any]:
     """Run ``pnsfw index`` into a fresh store; return its figures (variant: extra options, 'gpu-tower=reference';
-    repeat: the how-manyth run of this variant)."""
-    tag = f"ours{'-' + ''.join(c if c.isalnum() else '-' for c in variant).strip('-') if variant else ''}"
+    repeat: the how-manyth run of this variant; baseline: through --baseline instead of --pnsfw)."""
+    tag = "base" if baseline else "ours"
+    tag += f"{'-' + ''.join(c if c.isalnum() else '-' for c in variant).strip('-') if variant else ''}"
     tag += f"-{repeat}" if repeat > 1 else ""
     store = args.workdir / "runs" / f"{name}-{tag}-store"
     summary = args.workdir / "runs" / f"{name}-{tag}.summary.json"
     stats = args.workdir / "runs" / f"{name}-{tag}.stages.json"
     shutil.rmtree(store, ignore_errors=True)
     summary.unlink(missing_ok=True)
-    cmd = ours_command(args, corpus, store, ckpt, summary)
+    binary = args.baseline if baseline else args.pnsfw
+    cmd = ours_command(args, corpus, store, ckpt, summary, binary)
     log = args.workdir / "runs" / f"{name}-{tag}.log"
-    if not Path(args.pnsfw).exists():
-        return {"tool": "pnsfw", "rc": None, "command": cmd, "error": f"{args.pnsfw} not found"}
+    if not Path(binary).exists():
+        return {"tool": "pnsfw", "rc": None, "command": cmd, "error": f"{binary} not found"}
     cmd += [word if word.startswith("-") else f"--{word}" for word in variant.split()]  # argparse-safe form
     cmd += ["--stage-stats", str(stats)] if args.device == "cuda" else []
     rc, wall, _ = run_timed(cmd, {}, log)
-    res: dict[str, Any] = {"tool": f"pnsfw{' ' + variant if variant else ''}", "rc": rc, "seconds": wall,
+    tool = f"pnsfw{' (baseline)' if baseline else ''}{' ' + variant if variant else ''}"
+    res: dict[str, Any] = {"tool": tool, "rc": rc, "seconds": wall,
                            "command": cmd, "log": str(log), "gpu": dict(LAST_GPU)}
     if stats.exists():
         res["stages"] = json.loads(stats.read_text())
@@ -641,6 +644,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "('' = defaults)")
     ap.add_argument("--ours-repeats", type=int, default=1,
                     help="run the list of pnsfw variants this many times over, back to back")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a second pnsfw command (e.g. an older commit's code: scripts/baseline_pnsfw.sh): each "
+                         "pnsfw run is paired with the same run through it, the pair's order alternating by "
+                         "repeat (use an even --ours-repeats), and the table ends with ours / baseline")
     ap.add_argument("--out", type=Path, default=Path("bench_index.json"))
     args = ap.parse_args(argv)
     if args.batch_size is None:
@@ -652,14 +659,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def ours_jobs(variant: str, repeat: int, paired: bool, skip: bool) -> list[tuple[str, Any, bool, tuple]]:
+    """The pnsfw run(s) of one variant and repeat: with a baseline, both, ours first on odd repeats."""
+    suffix = f"{'-' + variant if variant else ''}{f'#{repeat}' if repeat > 1 else ''}"
+    jobs = [(f"ours{suffix}", run_ours, skip, (variant, repeat))]
+    if paired:
+        jobs.append((f"baseline{suffix}", run_ours, skip, (variant, repeat, True)))
+    return jobs if repeat % 2 else jobs[::-1]
+
+
+def baseline_ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Median ours / baseline over the paired runs of a corpus (e2e and steady img/s)."""
+    import statistics
+
+    pairs = [(runs[k], runs["baseline" + k[4:]]) for k in runs if k.startswith("ours") and "baseline" + k[4:] in runs]
+    out: dict[str, float | None] = {}
+    for key in ("images_per_s", "steady_images_per_s"):
+        values = [o[key] / b[key] for o, b in pairs if o.get(key) and b.get(key)]
+        out[key] = round(statistics.median(values), 3) if values else None
+    return out
+
+
 def run_all(args: argparse.Namespace, corpora: dict[str, Path], ckpt: Path,
             report: dict[str, Any]) -> None:
     """Run the selected tools on each corpus, saving the report after each run."""
     for name, corpus in corpora.items():
         runs = report["results"].setdefault(name, {})
         jobs = [("anchor", run_anchor, args.skip_anchor, ())]
-        jobs += [(f"ours{'-' + v if v else ''}{f'#{r}' if r > 1 else ''}", run_ours, args.skip_ours, (v, r))
-                 for r in range(1, args.ours_repeats + 1) for v in args.ours_variants]
+        jobs += [job for r in range(1, args.ours_repeats + 1) for v in args.ours_variants
+                 for job in ours_jobs(v, r, args.baseline is not None, args.skip_ours)]
         for key, func, skip, extra in jobs:
             if skip:
                 continue
@@ -693,8 +721,13 @@ def main(argv: list[str] | None = None) -> int:
                             "bytes": ckpt.stat().st_size}
     run_all(args, corpora, ckpt, report)
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if args.baseline is not None:
+        report["ours_over_baseline"] = {name: baseline_ratios(runs) for name, runs in report["results"].items()}
     write_json(args.out, report)
     print_table(report["results"])
+    for name, ratios in report.get("ours_over_baseline", {}).items():
+        print(f"{name}: ours / baseline, median of the pairs: e2e {fmt(ratios['images_per_s'], '.3f')}, "
+              f"steady {fmt(ratios['steady_images_per_s'], '.3f')}")
     print(f"\n[bench] wrote {args.out.resolve()}")
     failed = [r for runs in report["results"].values() for r in runs.values() if "error" in r]
     return 1 if failed else 0
