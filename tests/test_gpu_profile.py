@@ -89,3 +89,20 @@ def test_host_buffers_are_reused_once_given_back() -> None:
     assert buffers.take((2, 8)).data_ptr() == first.data_ptr()  # a smaller unit fits in it
     buffers.give(second)
     assert buffers.take((8, 8)).numel() == 64 and len(buffers.free) == 1  # too small: a new one, kept aside
+
+
+def test_host_calls_per_thread_and_the_long_ones_with_what_ran_beside() -> None:
+    def call(tid: int, name: str, ts: float, dur: float) -> dict:
+        return {"cat": "cuda_runtime", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    events = [call(1, "cudaLaunchKernel", 0, 20_000), call(1, "cudaLaunchKernel", 30_000, 10),
+              call(2, "cudaMemcpyAsync", 500, 19_000), call(2, "cudaMemcpyAsync", 40_000, 2_000),
+              call(3, "cudaEventRecord", 25_000, 3)]
+    summary = summarize(events, units=1, images=1, wall_s=1.0, names={1: "MainThread", 2: "pnsfw-nvjpeg_0"})
+    assert [c["thread"] for c in summary["host_calls"]] == ["pnsfw-nvjpeg_0", "MainThread", "3"]  # most first
+    assert summary["host_calls"][1] == {"thread": "MainThread", "call": "cudaLaunchKernel", "count": 2,
+                                        "total_ms": 20.01, "max_ms": 20.0}
+    longest = summary["long_calls"]
+    assert [(c["thread"], c["ms"]) for c in longest] == [("MainThread", 20.0), ("pnsfw-nvjpeg_0", 19.0)]
+    assert longest[0]["beside"] == [{"thread": "pnsfw-nvjpeg_0", "call": "cudaMemcpyAsync", "ms": 19.0,
+                                     "start_ms": 0.5}]

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 FIRST_UNIT = 20  # past start-up: graphs captured, caches warm
 UNITS = 8
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_CATEGORIES = ("cuda_runtime", "cuda_driver")
+LONG_CALL_US = 5000.0  # a CUDA call this long on the host is listed with what ran beside it
 
 
 def _union_us(spans: Iterable[tuple[float, float]]) -> float:
@@ -32,9 +34,48 @@ def _top(durations: dict[str, float], count: int = 8) -> list[list[Any]]:
     return [[name[:120], round(us / 1000, 3)] for name, us in sorted(durations.items(), key=lambda kv: -kv[1])[:count]]
 
 
-def summarize(events: list[dict[str, Any]], units: int, images: int, wall_s: float) -> dict[str, Any]:
+def _thread(event: dict[str, Any], names: dict[int, str]) -> str:
+    tid = event.get("tid")
+    return names.get(tid, str(tid)) if isinstance(tid, int) else str(tid)
+
+
+def host_calls(events: list[dict[str, Any]], names: dict[int, str], count: int = 12) -> list[dict[str, Any]]:
+    """The CUDA API calls' time per (thread, call), most first: count, total and longest ms."""
+    totals: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+    for event in events:
+        if event.get("cat") in HOST_CATEGORIES and "dur" in event:
+            entry = totals[(_thread(event, names), event.get("name", "?"))]
+            entry[0] += 1
+            entry[1] += float(event["dur"])
+            entry[2] = max(entry[2], float(event["dur"]))
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:count]
+    return [{"thread": thread, "call": call, "count": int(n), "total_ms": round(total / 1000, 3),
+             "max_ms": round(longest / 1000, 3)} for (thread, call), (n, total, longest) in ranked]
+
+
+def long_calls(events: list[dict[str, Any]], names: dict[int, str], count: int = 20) -> list[dict[str, Any]]:
+    """CUDA API calls of LONG_CALL_US or more, each with the other threads' calls of 1 ms or more that
+    overlapped it (a lock held across threads shows as calls that start and end together)."""
+    calls = [e for e in events if e.get("cat") in HOST_CATEGORIES and "dur" in e]
+    out = []
+    for event in sorted((e for e in calls if float(e["dur"]) >= LONG_CALL_US), key=lambda e: -float(e["dur"])):
+        start, end = float(event["ts"]), float(event["ts"]) + float(event["dur"])
+        beside = [{"thread": _thread(e, names), "call": e.get("name", "?"), "ms": round(float(e["dur"]) / 1000, 3),
+                   "start_ms": round((float(e["ts"]) - start) / 1000, 3)}
+                  for e in calls if e.get("tid") != event.get("tid") and float(e["dur"]) >= 1000
+                  and float(e["ts"]) < end and float(e["ts"]) + float(e["dur"]) > start]
+        out.append({"thread": _thread(event, names), "call": event.get("name", "?"),
+                    "ms": round(float(event["dur"]) / 1000, 3), "beside": beside})
+        if len(out) == count:
+            break
+    return out
+
+
+def summarize(events: list[dict[str, Any]], units: int, images: int, wall_s: float,
+              names: dict[int, str] | None = None) -> dict[str, Any]:
     """Per-stream GPU busy ms (and per unit), top kernels, and the union over streams, of a Chrome trace's
-    device events."""
+    device events; the host's CUDA calls per thread (`names`: thread ids -> names), and the long ones."""
+    names = names or {}
     device = [e for e in events if e.get("cat") in DEVICE_CATEGORIES and "dur" in e]
     streams: dict[Any, dict[str, Any]] = defaultdict(lambda: {"spans": [], "names": defaultdict(float),
                                                               "kinds": defaultdict(float), "count": 0})
@@ -57,7 +98,20 @@ def summarize(events: list[dict[str, Any]], units: int, images: int, wall_s: flo
             "images_per_s": round(images / wall_s, 1) if wall_s else None,
             "gpu_window_ms": round(window_us / 1000, 3), "gpu_busy_ms": round(busy / 1000, 3),
             "gpu_busy_fraction": round(busy / window_us, 4) if window_us else None,
-            "streams": per_stream}
+            "streams": per_stream, "host_calls": host_calls(events, names), "long_calls": long_calls(events, names)}
+
+
+def thread_names() -> dict[int, str]:
+    """This process's threads by the ids a trace may give them (the OS id; the pthread id's low 32 bits)."""
+    import threading
+
+    names: dict[int, str] = {}
+    for thread in threading.enumerate():
+        if thread.ident is not None:
+            names[thread.ident & 0xFFFFFFFF] = thread.name
+        if thread.native_id is not None:
+            names[thread.native_id] = thread.name
+    return names
 
 
 class ProfileWindow:
@@ -107,7 +161,7 @@ class ProfileWindow:
         with open(trace) as f:
             events = json.load(f).get("traceEvents", [])
         with open(self.path, "w") as f:
-            json.dump(summarize(events, self.units, self.images, wall), f, indent=1)
+            json.dump(summarize(events, self.units, self.images, wall, thread_names()), f, indent=1)
         log.info("GPU profile of %d units written to %s (trace %s)", self.units, self.path, trace)
         self.profiler, self.path = None, None
 
