@@ -109,11 +109,4 @@ for f in sorted(glob.glob("/tmp/pnsfw-bench/runs/*.stages.json")):
 PY
 }
 
-call5() {
-# the final code: GPU tests of the changed files, and one profiled run (the summary's host calls on the device)
-timeout 60 python3 -m pytest -q -rf tests/test_gpu_profile.py tests/test_gpu_nvjpeg.py -p no:cacheprovider -W ignore 2>&1 | tail -2
-timeout 70 python3 $B --run-timeout 30 --thumbs 30000 --photos 0 --skip-anchor --ours-variants "gpu-profile=$OUT/profile.json" --out $OUT/smoke.json 2>&1 | grep -v '^\s*$' | tail -1
-python3 -c "import json, os; s = json.load(open(os.environ['OUT'] + '/profile.json')); print(s['host_calls'][:4]); print([(c['thread'], c['call'], c['ms'], len(c['beside'])) for c in s['long_calls'][:6]])"
-}
-
 set -u; prep; "call$1"
