@@ -379,6 +379,36 @@ def test_first_unit_is_handed_out_before_the_second_is_decoded(ready: bool) -> N
     assert order == (["decoded 0", "decoded 1", "out 0", "decoded 2", "out 1", "out 2"] if ready else want_held)
 
 
+@pytest.mark.parametrize("compile_mode", ["on", "off"])
+def test_decode_threads_start_after_a_compiled_towers_warm_up(monkeypatch: pytest.MonkeyPatch,
+                                                               compile_mode: str) -> None:
+    """A compiled tower is built and warmed up before any hardware decode call can run beside its compile;
+    otherwise the decode threads start first and the tower warms up beside them."""
+    from types import SimpleNamespace
+
+    import pnsfw.indexer.gpu.stage as stage
+    from pnsfw.indexer.gpu.route import Stats
+
+    order: list[str] = []
+
+    def start(units, router, encoder, options, out, stop, decoders):  # type: ignore[no-untyped-def]
+        order.append("decode threads")
+        out.put(None)  # no units
+        return []
+
+    def model(encoder, gpu, items, batch):  # type: ignore[no-untyped-def]
+        order.append("tower")
+        return lambda images: images
+
+    monkeypatch.setattr(stage, "_start_threads", start)
+    monkeypatch.setattr(stage, "image_model", model)
+    options = SimpleNamespace(gpu=GpuOptions(compile=compile_mode))
+    encoder = SimpleNamespace(device="cpu", resolution=8, width=2)
+    router = SimpleNamespace(stats=Stats())
+    assert list(stage.device_stage([], encoder, router, options, 0, 8)) == []  # type: ignore[arg-type]
+    assert order == (["tower", "decode threads"] if compile_mode == "on" else ["decode threads", "tower"])
+
+
 def test_early_cuda_context_only_for_runs_that_use_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The primary context is made beside the torch import only where the run will use a CUDA device; without
     a driver the thread ends quietly and torch reports what matters later."""

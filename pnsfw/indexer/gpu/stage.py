@@ -25,7 +25,7 @@ from .decode import Decoded, DecoderPool, decode_unit, padded_fits, to_cpu
 from .profile import ProfileWindow
 from .resize import device_pixels, put, resize_later, resize_thread
 from .route import Prepared, Router, Stats, Unit, make_router, prepare
-from .tower import image_model
+from .tower import compiles, image_model
 
 log = logging.getLogger(__name__)
 READ_THREADS = 4  # hashing and reads release the GIL; more threads only contend for it
@@ -322,19 +322,25 @@ def _warm_up(model: Callable[[Any], Any], encoder: Encoder, batch: int, stream: 
 
 def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, options: Any, items: int,
                  batch: int) -> Iterator[UnitResult]:
-    """Decode, resize and encode units on the encoder's device; results in unit order."""
+    """Decode, resize and encode units on the encoder's device; results in unit order. The decode threads
+    start beside the tower's warm-up, or after it when the tower is compiled: a compile of ~66 s beside
+    them ended in a run at ~3 % GPU (an H200, session 10; suspected, not seen in its log: a hardware call
+    held up past its 20 s watchdog, which sends the rest of the run to the CPU workers)."""
     out: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
     previous = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_S)
     decoders = DecoderPool(encoder.device, options.gpu.decoder, options.gpu.decode_priority,
                            options.gpu.decode_threads, options.gpu.bitstreams)
-    threads = _start_threads(units, router, encoder, options, out, stop, decoders)
+    start = partial(_start_threads, units, router, encoder, options, out, stop, decoders)
+    deferred = compiles(encoder, options.gpu, items)
+    threads = [] if deferred else start()
     try:
         model = image_model(encoder, options.gpu, items, batch)
         stream = encode_stream(encoder, options)
         _warm_up(model, encoder, min(batch, FIRST_UNIT), stream)
         mark("image tower ready")
+        threads = start() if deferred else threads
         window = ProfileWindow(options.gpu.profile, encoder.device)
         yield from encode_units(_from_queue(out, decoders), encoder, model, router.stats, stream, window,
                                 lambda: not out.empty())

@@ -210,11 +210,15 @@ def _fast_model(encoder: Encoder, graphs: bool, batch: int) -> Callable[[Any], A
     return Graphed(model, batch) if cuda and graphs else model
 
 
-def image_model(encoder: Encoder, gpu: Any, items: int, batch: int) -> Callable[[Any], Any]:
-    """The image tower of gpu.tower (eager; fast: from a CUDA graph; reference), compiled for jobs large
-    enough to pay back the compile time, or as gpu.compile says."""
+def compiles(encoder: Encoder, gpu: Any, items: int) -> bool:
+    """Whether image_model compiles the tower: as gpu.compile says (auto: jobs large enough to pay it back)."""
     auto = COMPILE_MIN_ITEMS is not None and items >= COMPILE_MIN_ITEMS and encoder.device.startswith("cuda")
-    compile_it = gpu.compile == "on" or (gpu.compile == "auto" and auto)
+    return gpu.compile == "on" or (gpu.compile == "auto" and auto)
+
+
+def image_model(encoder: Encoder, gpu: Any, items: int, batch: int) -> Callable[[Any], Any]:
+    """The image tower of gpu.tower (eager; fast: from a CUDA graph; reference), compiled when `compiles`."""
+    compile_it = compiles(encoder, gpu, items)
     model = None
     if gpu.tower != "reference":
         model = _fast_model(encoder, gpu.tower == "fast" and not compile_it, batch)
