@@ -6,10 +6,13 @@ decode batches of `--batch` photos under one condition at a time; per condition 
 call and img/s over both threads. Conditions: alone (the same bytes every call); fresh (bytes read from the
 files just before each call, as the reader threads hand them over); fresh + 4 threads reading other files
 meanwhile (into new buffers, or into buffers made once); beside the CUDA-graph tower running on a third thread
-(on the legacy default stream, or on a stream of its own as in the pipeline); beside the encoder thread's resize
+(on the legacy default stream, or on a stream of its own as in the pipeline, or in a child process: a CUDA
+context of its own, whose driver calls then do not wait behind this process's); beside the encoder thread's resize
 of the previous outputs (what `--gpu-resize auto` does for photos); pinned (the binding's pinned staging). Each
 condition also sums the calls' thread usage (CPU s, minor faults, voluntary/involuntary context switches):
-CPU s near the wall time means the call computes, far below it that it waits.
+CPU s near the wall time means the call computes, far below it that it waits. Beside the tower, also the
+tower's img/s and the host time of each of its launches (p50 / p99 / max ms: a launch that waits behind
+nvJPEG's calls shows here).
 
 Example::
 
@@ -23,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +116,70 @@ def tower_rate(model: Callable[[Any], Any], images: Any, calls: int = 10) -> flo
     return round(calls * len(images) / (time.perf_counter() - began), 1)
 
 
+def launch_stats(seconds: list[float], loops: int, batch: int, wall: float) -> dict[str, Any]:
+    """The tower's img/s and its launches' host ms (p50, p99, max) over a condition."""
+    ordered = sorted(seconds) or [0.0]
+    pick = lambda q: round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)  # noqa: E731
+    return {"tower_img_per_s": round(loops * batch / wall, 1) if wall else None, "launches": len(seconds),
+            "launch_ms_p50": pick(0.5), "launch_ms_p99": pick(0.99), "launch_ms_max": round(1000 * ordered[-1], 3)}
+
+
+def child_tower(model_path: str, batch: int, ready: Any, stop: Any, out: Any) -> None:
+    """In a spawned process (a CUDA context of its own): the graph tower looping on a stream of its own until
+    `stop`; puts launch_stats on `out`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from pnsfw.indexer.encoder import load_encoder
+    from pnsfw.indexer.gpu.options import GpuOptions
+    from pnsfw.indexer.gpu.tower import image_model
+
+    encoder = load_encoder(model_path, "cuda", "fp16")
+    model = image_model(encoder, GpuOptions(tower="fast"), 0, batch)
+    images = torch.zeros((batch, 3, 224, 224), device="cuda")
+    stream = torch.cuda.Stream()
+    launches: list[float] = []
+    with torch.cuda.stream(stream), torch.inference_mode():
+        model(images)  # capture
+        stream.synchronize()
+        ready.set()
+        began, loops = time.perf_counter(), 0
+        while not stop.is_set():
+            started = time.perf_counter()
+            model(images)
+            launches.append(time.perf_counter() - started)
+            stream.synchronize()
+            loops += 1
+    out.put(launch_stats(launches, loops, batch, time.perf_counter() - began))
+
+
+class ChildTower:
+    """`with ChildTower(model, batch) as result:` the tower loops in a child process meanwhile; `result` holds
+    its launch_stats after the block."""
+
+    def __init__(self, model_path: str, batch: int):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.ready, self.stop, self.out = context.Event(), context.Event(), context.Queue()
+        self.process = context.Process(target=child_tower, args=(model_path, batch, self.ready, self.stop,
+                                                                 self.out), daemon=True)
+        self.result: dict[str, Any] = {}
+
+    def __enter__(self) -> dict[str, Any]:
+        self.process.start()
+        deadline = time.monotonic() + 180
+        while not self.ready.wait(0.5):
+            if not self.process.is_alive():
+                raise RuntimeError(f"the child's tower exited (code {self.process.exitcode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the child's tower was not ready in 180 s")
+        return self.result
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.result.update(self.out.get(timeout=120))
+        self.process.join(timeout=60)
+
+
 def profiler(on: bool) -> Any:
     from contextlib import nullcontext
 
@@ -168,12 +236,16 @@ def main() -> int:
         torch.cuda.current_stream().synchronize()
 
     tower_stream: list[Any] = []
+    tower_launches: list[float] = []
 
-    def tower_own_stream() -> None:  # as the pipeline runs it: on a stream of its own
+    def tower_own_stream() -> None:  # as the pipeline runs it: on a stream of its own; its launches timed
         if not tower_stream:
             tower_stream.append(torch.cuda.Stream())
-        with torch.cuda.stream(tower_stream[0]):
-            tower()
+        with torch.cuda.stream(tower_stream[0]), torch.inference_mode():
+            started = time.perf_counter()
+            model(images)
+            tower_launches.append(time.perf_counter() - started)
+            tower_stream[0].synchronize()
 
     buffers = [bytearray(max(p.stat().st_size for p in files)) for _ in range(64)]
 
@@ -219,6 +291,7 @@ def main() -> int:
         "fresh_plus_4_readers_reused": (fresh, [read_reused] * 4, {}),
         "beside_graph_tower": (None, [tower], {}), "beside_resize": (None, [resize], {}),
         "beside_graph_tower_own_stream": (None, [tower_own_stream], {}),
+        "beside_tower_in_child_process": (None, [], {}),
         "fresh_plus_4_readers_tower_own_stream": (fresh, [read_fresh] * 4 + [tower_own_stream], {}),
         "pinned": (None, [], {"pinned": True}), "pinned_fresh": (fresh, [], {"pinned": True}),
         "alone_yuv_output": (None, [], {"output": OUTPUT_YUV}),
@@ -236,17 +309,25 @@ def main() -> int:
         if args.only and name not in args.only:
             continue
         decoders = [HardwareDecoder(**kwargs) for _ in range(2)]
-        stop = threading.Event()
-        threads = background(side, stop)
-        profile = profiler(name in args.profile)
-        with profile:
-            results[name] = decode_loop(decoders, batches, sizes, args.calls, source, keep)
+        child = ChildTower(args.model, args.batch) if name == "beside_tower_in_child_process" else nullcontext({})
+        with child as beside:
+            stop = threading.Event()
+            tower_launches.clear()
+            threads = background(side, stop)
+            profile = profiler(name in args.profile)
+            began = time.perf_counter()
+            with profile:
+                results[name] = decode_loop(decoders, batches, sizes, args.calls, source, keep)
+            stop.set()
+            for thread in threads:
+                thread.join()
+            wall = time.perf_counter() - began
+        if tower_launches:
+            results[name].update(launch_stats(tower_launches, len(tower_launches), args.batch, wall))
+        results[name].update(beside)
         results[name]["call_usage"] = {k: round(sum(d.usage[k] for d in decoders), 4) for k in decoders[0].usage}
         if name in args.profile:
             results[name]["cuda_api"] = api_summary(profile)
-        stop.set()
-        for thread in threads:
-            thread.join()
         for decoder in decoders:
             decoder.close()
         print(name, results[name], flush=True)
