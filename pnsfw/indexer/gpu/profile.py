@@ -39,24 +39,23 @@ def _thread(event: dict[str, Any], names: dict[int, str]) -> str:
     return names.get(tid, str(tid)) if isinstance(tid, int) else str(tid)
 
 
-def host_calls(events: list[dict[str, Any]], names: dict[int, str], count: int = 12) -> list[dict[str, Any]]:
-    """The CUDA API calls' time per (thread, call), most first: count, total and longest ms."""
+def host_calls(calls: list[dict[str, Any]], names: dict[int, str], count: int = 12) -> list[dict[str, Any]]:
+    """The CUDA API calls' (host events with a duration) time per (thread, call), most first: count, total and
+    longest ms."""
     totals: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
-    for event in events:
-        if event.get("cat") in HOST_CATEGORIES and "dur" in event:
-            entry = totals[(_thread(event, names), event.get("name", "?"))]
-            entry[0] += 1
-            entry[1] += float(event["dur"])
-            entry[2] = max(entry[2], float(event["dur"]))
+    for event in calls:
+        entry = totals[(_thread(event, names), event.get("name", "?"))]
+        entry[0] += 1
+        entry[1] += float(event["dur"])
+        entry[2] = max(entry[2], float(event["dur"]))
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:count]
     return [{"thread": thread, "call": call, "count": int(n), "total_ms": round(total / 1000, 3),
              "max_ms": round(longest / 1000, 3)} for (thread, call), (n, total, longest) in ranked]
 
 
-def long_calls(events: list[dict[str, Any]], names: dict[int, str], count: int = 20) -> list[dict[str, Any]]:
-    """CUDA API calls of LONG_CALL_US or more, each with the other threads' calls of 1 ms or more that
-    overlapped it (a lock held across threads shows as calls that start and end together)."""
-    calls = [e for e in events if e.get("cat") in HOST_CATEGORIES and "dur" in e]
+def long_calls(calls: list[dict[str, Any]], names: dict[int, str], count: int = 20) -> list[dict[str, Any]]:
+    """Of the CUDA API calls, those of LONG_CALL_US or more, each with the other threads' calls of 1 ms or more
+    that overlapped it (a lock held across threads shows as calls that start and end together)."""
     out = []
     for event in sorted((e for e in calls if float(e["dur"]) >= LONG_CALL_US), key=lambda e: -float(e["dur"])):
         start, end = float(event["ts"]), float(event["ts"]) + float(event["dur"])
@@ -88,17 +87,19 @@ def summarize(events: list[dict[str, Any]], units: int, images: int, wall_s: flo
         stream["count"] += 1
     spans = [span for s in streams.values() for span in s["spans"]]
     window_us = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0.0
-    per_stream = {str(key): {"busy_ms": round(_union_us(s["spans"]) / 1000, 3),
-                             "busy_ms_per_unit": round(_union_us(s["spans"]) / 1000 / max(units, 1), 3),
+    busy_us = {key: _union_us(s["spans"]) for key, s in streams.items()}
+    per_stream = {str(key): {"busy_ms": round(busy_us[key] / 1000, 3),
+                             "busy_ms_per_unit": round(busy_us[key] / 1000 / max(units, 1), 3),
                              "events": s["count"], "by_kind_ms": {k: round(v / 1000, 3) for k, v in s["kinds"].items()},
                              "top_ms": _top(s["names"])}
-                  for key, s in sorted(streams.items(), key=lambda kv: -_union_us(kv[1]["spans"]))}
+                  for key, s in sorted(streams.items(), key=lambda kv: -busy_us[kv[0]])}
     busy = _union_us(spans)
+    host = [e for e in events if e.get("cat") in HOST_CATEGORIES and "dur" in e]
     return {"units": units, "images": images, "wall_s": round(wall_s, 4),
             "images_per_s": round(images / wall_s, 1) if wall_s else None,
             "gpu_window_ms": round(window_us / 1000, 3), "gpu_busy_ms": round(busy / 1000, 3),
             "gpu_busy_fraction": round(busy / window_us, 4) if window_us else None,
-            "streams": per_stream, "host_calls": host_calls(events, names), "long_calls": long_calls(events, names)}
+            "streams": per_stream, "host_calls": host_calls(host, names), "long_calls": long_calls(host, names)}
 
 
 def thread_names() -> dict[int, str]:

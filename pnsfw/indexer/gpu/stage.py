@@ -163,8 +163,8 @@ class HostBuffers:
 
 
 class _Features:
-    """Features copied to host memory without blocking; `.get()` waits for them and hands back a copy (the
-    buffer goes back to `buffers`)."""
+    """Features copied to host memory without blocking; `.get()` waits for them and, on CUDA, hands back a copy
+    (the page-locked buffer goes back to `buffers`)."""
 
     def __init__(self, features: Any, buffers: HostBuffers):
         import torch
@@ -181,8 +181,9 @@ class _Features:
         return self.event is None or bool(self.event.query())
 
     def get(self) -> np.ndarray:
-        if self.event is not None:
-            self.event.synchronize()
+        if self.event is None:  # off CUDA the buffer is a fresh one: handed out as it is, not reused
+            return self.host.numpy()
+        self.event.synchronize()
         features = self.host.numpy().copy()
         self.buffers.give(self.buffer)
         return features
