@@ -179,7 +179,7 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
              "kernels go ahead of the tower's)."),
             ("--gpu-bitstreams", "gpu_bitstreams", BITSTREAMS,
              "GPU path, experiment: where nvJPEG's hardware decode copies the JPEG bytes from (pageable: where "
-             "they were read; pinned: page-locked staging of ours, one copy per batch)."),
+             "they were read; pinned: page-locked copies made by the reader threads)."),
             ("--compile", "gpu_compile", COMPILES,
              "torch.compile the image tower (auto: not yet, as no pipeline run has measured it faster; on: the "
              "experiment, its kernels cached in ~/.cache/pnsfw/inductor)."))),

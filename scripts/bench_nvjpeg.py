@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """nvJPEG hardware decode on one corpus folder: binding variants, the padded resize, and overlap with the tower.
 
-Each variant of `pnsfw.indexer.gpu.nvjpeg.HardwareDecoder` (creation flags, batched pre-allocation, pinned
-staging of the bitstreams; per-image outputs or one padded batch) decodes the same batch on 1 and 2 threads
+Each variant of `pnsfw.indexer.gpu.nvjpeg.HardwareDecoder` (creation flags, batched pre-allocation, the
+bitstreams in page-locked memory; per-image outputs or one padded batch) decodes the same batch on 1 and 2 threads
 (one handle and stream each), img/s over `--repeats` calls per thread after a warm-up call, with the host time
 of the call itself. Then the resize of that batch (per-image list vs the padded batch), decode+resize on two
 threads, and the same while the image tower runs on a third thread (do they overlap?).
@@ -65,21 +65,22 @@ def threaded(work: Callable[[int], Any], threads: int, repeats: int) -> tuple[fl
 
 
 def variants(data: list[Any], sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]:
-    from pnsfw.indexer.gpu.nvjpeg import HardwareDecoder
+    from pnsfw.indexer.gpu.nvjpeg import HardwareDecoder, page_locked
 
     shape = (len(data), 3, max(h for _, h in sizes), max(w for w, _ in sizes))
+    locked = [page_locked(t) for t in data]
     out: dict[str, Any] = {}
     for name, (flags, pre, pinned, padded) in VARIANTS.items():
         for threads in (1, 2):
-            decoders = [HardwareDecoder(flags, pre, pinned) for _ in range(threads)]
+            decoders = [HardwareDecoder(flags, pre) for _ in range(threads)]
             buffers = [torch.empty(shape, dtype=torch.uint8, device="cuda") for _ in range(threads)]
 
             def work(i: int, decoders: list[Any] = decoders, buffers: list[Any] = buffers,
-                     padded: bool = padded) -> None:
+                     padded: bool = padded, batch: list[Any] = locked if pinned else data) -> None:
                 if padded:
-                    decoders[i].decode_into(data, buffers[i])
+                    decoders[i].decode_into(batch, buffers[i])
                 else:
-                    decoders[i].decode(data, sizes, "cuda")
+                    decoders[i].decode(batch, sizes, "cuda")
 
             try:
                 calls, host = threaded(work, threads, repeats)

@@ -8,7 +8,8 @@ files just before each call, as the reader threads hand them over); fresh + 4 th
 meanwhile (into new buffers, or into buffers made once); beside the CUDA-graph tower running on a third thread
 (on the legacy default stream, or on a stream of its own as in the pipeline, or in a child process: a CUDA
 context of its own, whose driver calls then do not wait behind this process's); beside the encoder thread's resize
-of the previous outputs (what `--gpu-resize auto` does for photos); pinned (the binding's pinned staging). Each
+of the previous outputs (what `--gpu-resize auto` does for photos); pinned (page-locked bytes, alone or beside
+the tower). Each
 condition also sums the calls' thread usage (CPU s, minor faults, voluntary/involuntary context switches):
 CPU s near the wall time means the call computes, far below it that it waits. Beside the tower, also the
 tower's img/s and the host time of each of its launches (p50 / p99 / max ms: a launch that waits behind
@@ -210,7 +211,7 @@ def main() -> int:
                     help="the conditions to run under torch.profiler (CUDA API calls summed)")
     args = ap.parse_args()
     from pnsfw.indexer.encoder import load_encoder
-    from pnsfw.indexer.gpu.nvjpeg import OUTPUT_YUV, HardwareDecoder
+    from pnsfw.indexer.gpu.nvjpeg import OUTPUT_YUV, HardwareDecoder, page_locked
     from pnsfw.indexer.gpu.options import GpuOptions
     from pnsfw.indexer.gpu.probe import jpeg_size
     from pnsfw.indexer.gpu.tower import image_model
@@ -229,6 +230,11 @@ def main() -> int:
 
     def fresh(i: int) -> list[Any]:
         return [read(p) for p in halves[i]]
+
+    locked = [[page_locked(t) for t in batch] for batch in batches]
+
+    def pinned(i: int) -> list[Any]:  # the same bytes every call, page-locked (`--gpu-bitstreams pinned`)
+        return locked[i]
 
     def tower() -> None:
         with torch.inference_mode():
@@ -293,7 +299,8 @@ def main() -> int:
         "beside_graph_tower_own_stream": (None, [tower_own_stream], {}),
         "beside_tower_in_child_process": (None, [], {}),
         "fresh_plus_4_readers_tower_own_stream": (fresh, [read_fresh] * 4 + [tower_own_stream], {}),
-        "pinned": (None, [], {"pinned": True}), "pinned_fresh": (fresh, [], {"pinned": True}),
+        "pinned": (pinned, [], {}), "pinned_fresh": (lambda i: [page_locked(t) for t in fresh(i)], [], {}),
+        "pinned_beside_graph_tower_own_stream": (pinned, [tower_own_stream], {}),
         "alone_yuv_output": (None, [], {"output": OUTPUT_YUV}),
         "beside_graph_tower_own_stream_yuv_output": (None, [tower_own_stream], {"output": OUTPUT_YUV})}
     if "alone_yuv_output" in (args.only or ["alone_yuv_output"]):

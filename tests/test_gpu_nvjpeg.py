@@ -3,6 +3,7 @@ and on a CUDA machine the decoded pixels (close to PIL, as torchvision's nvJPEG 
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from pnsfw.indexer.gpu.decode import DecoderPool, _hardware_first, device_decode, padded_decode, padded_fits
-from pnsfw.indexer.gpu.nvjpeg import HardwareDecoder, NvjpegError
+from pnsfw.indexer.gpu.nvjpeg import HardwareDecoder, NvjpegError, page_locked
 from pnsfw.indexer.gpu.nvjpeg import Image as NvImage
 from pnsfw.indexer.gpu.probe import jpeg_header
 from pnsfw.indexer.gpu.route import Prepared, Unit
@@ -102,10 +103,12 @@ def test_padded_decode_equals_per_image_decode(pinned: bool) -> None:
     blobs = [_jpeg(w, h, i) for i, (w, h) in enumerate([(400, 300), (256, 341), (97, 61), (300, 400)])]
     blobs.append(_jpeg(120, 90, 9, progressive=True))
     hardware = [jpeg_header(b)[2] for b in blobs]
-    decoder = HardwareDecoder(pinned=pinned)
+    decoder = HardwareDecoder()
     want = device_decode(_prepared(blobs, hardware), "cuda", decoder)
-    for _ in range(3):  # the pinned staging buffers are reused from the third call
+    for _ in range(3):  # page-locked bytes (`--gpu-bitstreams pinned`) decode to the same pixels
         prepared = _prepared(blobs, hardware)
+        if pinned:
+            prepared.data = [page_locked(t) for t in prepared.data]
         batch, shapes = padded_decode(prepared, "cuda", decoder)
         torch.cuda.synchronize()
         assert [tuple(w.shape[1:]) for w in want] == shapes
@@ -197,3 +200,41 @@ def test_auto_decode_threads_gate_thumbnails_at_two_and_large_images_by_memory(m
         assert pool.gate(True) is pool.gate(True)
     asked = DecoderPool("cuda", "auto", threads=3)
     assert asked.threads == 3 and isinstance(asked.gate(True), contextlib.nullcontext)
+
+
+def _read_through_router(folder: Path, device: str, bitstreams: str,
+                         workers: bool) -> tuple[Any, Any, list[bytes]]:
+    """The router of `--gpu-bitstreams`, and one unit of small and large (re-read) files prepared by it."""
+    from types import SimpleNamespace
+
+    from pnsfw.indexer.gpu.options import GpuOptions
+    from pnsfw.indexer.gpu.probe import INLINE_BYTES
+    from pnsfw.indexer.gpu.route import Stats, make_router, prepare
+
+    blobs = [_jpeg(64 + 8 * i, 48, i) for i in range(5)]
+    blobs.append(blobs[0] + b"\0" * INLINE_BYTES + _jpeg(64, 48, 9)[-2:])  # a large file, read here again
+    items = []
+    for i, blob in enumerate(blobs):
+        (folder / f"{i}.jpg").write_bytes(blob)
+        items.append(Item(str(folder / f"{i}.jpg"), "test"))
+    options = SimpleNamespace(gpu=GpuOptions(bitstreams=bitstreams), max_pixels=10**8, timeout=10.0)
+    router = make_router(object() if workers else None, 32, options, Stats(), 64, device)
+    router.pool = None  # the workers' read task inline: make_router picks the read path by the pool
+    prepared = prepare(Unit(0, items), router, 10**8)
+    return router, prepared, blobs
+
+
+@pytest.mark.parametrize("workers", [False, True])
+def test_bitstreams_are_page_locked_only_when_asked_on_cuda(tmp_path: object, workers: bool) -> None:
+    for device, bitstreams in (("cpu", "pinned"), ("cuda", "pageable")):
+        router, prepared, blobs = _read_through_router(Path(str(tmp_path)), device, bitstreams, workers)
+        assert not router.pinned
+        assert [bytes(t.numpy()) for t in prepared.data] == blobs
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA for page-locked memory")
+@pytest.mark.parametrize("workers", [False, True])
+def test_pinned_bitstreams_hold_the_files_bytes_in_page_locked_memory(tmp_path: object, workers: bool) -> None:
+    router, prepared, blobs = _read_through_router(Path(str(tmp_path)), "cuda", "pinned", workers)
+    assert router.pinned and all(t.is_pinned() for t in prepared.data)
+    assert [bytes(t.numpy()) for t in prepared.data] == blobs

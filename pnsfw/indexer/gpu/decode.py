@@ -65,10 +65,8 @@ class DecoderPool:
     """Per decode thread: its CUDA stream and its nvJPEG hardware decoder (mode "auto"), made on first use;
     one failure to make a decoder (no library, no GPU, no JPEG engine) is logged once and ends the tries."""
 
-    def __init__(self, device: str, mode: str, priority: str = "normal", threads: int = 0,
-                 bitstreams: str = "pageable"):
+    def __init__(self, device: str, mode: str, priority: str = "normal", threads: int = 0):
         self.device, self.mode, self.requested = device, mode, threads
-        self.pinned = bitstreams == "pinned"
         self.priority = -1 if priority == "high" else 0  # torch: lower is higher; -1 is CUDA's highest here
         self.local = threading.local()
         self.made: list[Any] = []
@@ -134,7 +132,7 @@ class DecoderPool:
             if ":" in self.device:  # nvJPEG's own runtime works on this thread's current device
                 torch.cuda.set_device(self.device)
             try:
-                self.local.decoder = HardwareDecoder(pinned=self.pinned)
+                self.local.decoder = HardwareDecoder()
                 mark("nvJPEG decoder made", once=True)
             except NvjpegError as exc:
                 self.unavailable = True

@@ -92,6 +92,15 @@ def library() -> ctypes.CDLL:
     raise NvjpegError("no usable libnvjpeg (" + ("; ".join(errors) or "none found beside torch/torchvision") + ")")
 
 
+def page_locked(data: Any) -> Any:
+    """A page-locked uint8 CPU tensor with the bytes of `data` (a bytearray or a uint8 CPU tensor), copied
+    without the GIL."""
+    import torch
+
+    source = torch.frombuffer(data, dtype=torch.uint8) if isinstance(data, (bytes, bytearray)) else data
+    return torch.empty(source.numel(), dtype=torch.uint8, pin_memory=True).copy_(source)
+
+
 def _check(status: int, call: str) -> None:
     if status != 0:
         raise NvjpegError(f"{call} failed: {_STATUS.get(status, f'status {status}')}")
@@ -144,13 +153,13 @@ class HardwareDecoder:
     `wedged`, keeps what the call may still read or write (never freed nor destroyed) and raises NvjpegStalled.
 
     `flags`: nvjpegCreateEx's flags; `preallocate`: (width, height) for nvjpegDecodeBatchedPreAllocate of each
-    new state; `pinned`: copy each batch's bitstreams into page-locked staging memory of our own before the
-    call; `output`: nvjpegOutputFormat_t (planes of full size are handed over either way). The defaults are
-    the measured winners on an H200 (thumbnails, one thread: pools 44k img/s, none 34k,
-    pre-allocation 35k, pinned staging 20k; docs/benchmarks.md, round 3)."""
+    new state; `output`: nvjpegOutputFormat_t (planes of full size are handed over either way). The defaults
+    are the measured winners on an H200 (thumbnails, one thread: pools 44k img/s, none 34k, pre-allocation
+    35k; docs/benchmarks.md, round 3). The bitstreams are read where they are: page-locked ones (`page_locked`)
+    are copied by DMA, pageable ones through the driver's staging."""
 
     def __init__(self, flags: int = FLAG_MEMORY_POOLS, preallocate: tuple[int, int] | None = None,
-                 pinned: bool = False, timeout_s: float = CALL_TIMEOUT_S, output: int = OUTPUT_RGB) -> None:
+                 timeout_s: float = CALL_TIMEOUT_S, output: int = OUTPUT_RGB) -> None:
         from collections import OrderedDict
 
         from ...concurrency import DaemonThreads
@@ -158,8 +167,7 @@ class HardwareDecoder:
         self.lib = library()
         self.handle = ctypes.c_void_p()
         self.states: OrderedDict[int, list[Any]] = OrderedDict()  # batch size: [state, event of its last call]
-        self.preallocate, self.pinned, self.timeout_s, self.output = preallocate, pinned, timeout_s, output
-        self.staging: list[Any] = []  # [pinned uint8 tensor, event of the call that last read it] x 2
+        self.preallocate, self.timeout_s, self.output = preallocate, timeout_s, output
         self.calls = 0
         self.usage = dict.fromkeys(USAGE_FIELDS + TIMING_FIELDS, 0.0)  # summed over the calls
         self.since: float | None = None  # time.monotonic() when the call in progress began (a watchdog reads it)
@@ -205,34 +213,16 @@ class HardwareDecoder:
             event.synchronize()
         self.lib.nvjpegJpegStateDestroy(state)
 
-    def _bitstreams(self, data: list[Any]) -> tuple[Any, Any]:
-        """(pointers, lengths) uint64 arrays of the batch's bytes: in our pinned staging buffer (one of two,
-        reused once the call that last read it is done) or where they are."""
+    @staticmethod
+    def _bitstreams(data: list[Any]) -> tuple[Any, Any]:
+        """(pointers, lengths) uint64 arrays of the batch's bytes, where they are."""
         import numpy as np
-        import torch
 
         lengths = np.fromiter((t.numel() for t in data), np.uint64, len(data))
-        if not self.pinned:
-            pointers = np.fromiter((t.data_ptr() for t in data), np.uint64, len(data))
-        else:
-            total = int(lengths.sum())
-            slot = self.calls % 2
-            if len(self.staging) <= slot:
-                self.staging.append([torch.empty(0, dtype=torch.uint8).pin_memory(), None])
-            buffer, event = self.staging[slot]
-            if event is not None:
-                event.synchronize()
-            if buffer.numel() < total:
-                buffer = torch.empty(max(total, 2 * buffer.numel()), dtype=torch.uint8).pin_memory()
-                self.staging[slot][0] = buffer
-            torch.cat(data, out=buffer[:total])
-            offsets = np.zeros(len(data), np.uint64)
-            np.cumsum(lengths[:-1], out=offsets[1:])
-            pointers = buffer.data_ptr() + offsets
-        return pointers, lengths
+        return np.fromiter((t.data_ptr() for t in data), np.uint64, len(data)), lengths
 
-    def _decode_batched(self, data: list[Any], table: Any, stream: Any) -> tuple[int, list[Any]]:
-        """On the caller thread: (status, [state, event]) of one nvjpegDecodeBatched into `table` on `stream`."""
+    def _decode_batched(self, data: list[Any], table: Any, stream: Any) -> int:
+        """On the caller thread: the status of one nvjpegDecodeBatched into `table` on `stream`."""
         import torch
 
         started = time.perf_counter()
@@ -251,7 +241,7 @@ class HardwareDecoder:
             self.usage[name] += end - start
         entry[1] = torch.cuda.Event()
         entry[1].record(stream)
-        return status, entry
+        return status
 
     def _call(self, data: list[Any], table: Any, device: Any, out: Any) -> None:
         """The batched decode on this thread's current stream, through the caller thread (its state's previous
@@ -266,7 +256,7 @@ class HardwareDecoder:
         self.since = time.monotonic()
         future = self.caller.submit(lambda args: self._decode_batched(*args), (data, table, stream))
         try:
-            status, entry = future.result(timeout=self.timeout_s)
+            status = future.result(timeout=self.timeout_s)
             self.usage["round_trip_s"] += time.monotonic() - self.since
         except TimeoutError:
             self.wedged = True
@@ -275,8 +265,6 @@ class HardwareDecoder:
         finally:
             self.since = None
         _check(status, "nvjpegDecodeBatched")
-        if self.pinned:
-            self.staging[self.calls % 2][1] = entry[1]
         self.calls += 1
 
     def decode(self, data: list[Any], sizes: list[tuple[int, int]], device: Any) -> list[Any]:

@@ -33,7 +33,7 @@ class GpuOptions:
     decode_priority: str = "normal"  # the decode threads' CUDA streams: normal, or high (their kernels are
     # scheduled ahead of the tower's)
     bitstreams: str = "pageable"  # where nvJPEG's hardware calls copy the JPEG bytes from: where they were read
-    # (pageable), or page-locked staging of ours (pinned: one copy per unit, then DMA without the driver's staging)
+    # (pageable), or page-locked copies the reader threads make (pinned: DMA, without the driver's staging)
     tower_sms: int = 0  # the tower's SMs (a green context), the rest kept for the decode's kernels; 0: all
     compile: str = "auto"  # torch.compile the tower: auto (none until measured faster in the pipeline), on, off
     stage_stats: str | None = None  # write per-stage busy seconds (JSON) to this file

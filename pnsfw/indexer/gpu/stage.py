@@ -332,7 +332,7 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
     previous = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_S)
     decoders = DecoderPool(encoder.device, options.gpu.decoder, options.gpu.decode_priority,
-                           options.gpu.decode_threads, options.gpu.bitstreams)
+                           options.gpu.decode_threads)
     start = partial(_start_threads, units, router, encoder, options, out, stop, decoders)
     deferred = compiles(encoder, options.gpu, items)
     threads = [] if deferred else start()
@@ -383,7 +383,7 @@ def tensor_stage(items: Iterable[Item], options: Any, encoder: Encoder, pool: An
     if isinstance(pool, DeviceWorkers):
         results = pool.run(items, stats)
     else:
-        router = make_router(pool, encoder.resolution, options, stats, batch)
+        router = make_router(pool, encoder.resolution, options, stats, batch, encoder.device)
         count = len(items) if isinstance(items, Sized) else 0  # the runner's stream: size unknown, no auto compile
         results = device_stage(units(items, batch), encoder, router, options, count, batch)
     for result in results:

@@ -1,0 +1,40 @@
+# GPU indexing, round 10 (session 11): the device calls, run from the repo root on the H200 machine with the
+# wheels of round 7 in .whl/ (clip-anytorch 2.6.0, ftfy 6.3.1, wcwidth 0.2.13, clip-retrieval 2.45.0, all_clip
+# 1.3.0, fire 0.7.1, termcolor 3.3.0, braceexpand 0.1.7, webdataset 0.2.111). Each call: bash this-file N
+# (prep, then callN; what each call's code was is in docs/benchmarks.md, round 10).
+
+. scripts/gpu_bench_prep.sh  # prep()
+
+stage_table() {
+python3 - "$@" <<'PY'
+import json, glob, sys
+for f in sorted(glob.glob(sys.argv[1] + "/*.stages.json")):
+    s = json.load(open(f)); print(f.split("/")[-1], {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items() if k in ("decode_s", "device_decode_call_s", "wait_input_s", "encode_s", "wait_features_s", "read_s", "nvjpeg_calls")})
+PY
+}
+
+call1() {
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc; which nvidia-cuda-mps-control
+t0=$(date +%s); python3 $B --thumbs 100000 --photos 10000 --skip-anchor --skip-ours --out $OUT/corpora.json | tail -1; echo "corpora $(( $(date +%s) - t0 )) s"
+timeout 90 python3 -m pytest -q -rf tests/test_gpu_nvjpeg.py tests/test_gpu_path.py -p no:cacheprovider -W ignore 2>&1 | tail -3
+timeout 150 python3 scripts/probe_nvjpeg_photos.py $W/thumbs --model $W/vit-b-32-seed0.pt --calls 20 --out $OUT/probe.json \
+    --only alone pinned beside_graph_tower_own_stream pinned_beside_graph_tower_own_stream beside_tower_in_child_process 2>&1 | grep -v Warning | tail -8
+nvidia-smi dmon -s u -d 1 > $OUT/dmon.txt 2>&1 & DMON=$!
+timeout 200 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --ours-variants '' 'gpu-bitstreams=pinned' --ours-repeats 2 --out $OUT/thumbs.json 2>&1 | grep -v '^\s*$' | tail -5
+timeout 60 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --ours-variants "gpu-bitstreams=pinned gpu-profile=$OUT/profile.json" --out $OUT/profile_run.json 2>&1 | grep -v '^\s*$' | tail -1
+timeout 80 python3 $B --run-timeout 30 --thumbs 0 --photos 10000 --skip-anchor --ours-variants '' 'gpu-bitstreams=pinned' --out $OUT/photos.json 2>&1 | grep -v '^\s*$' | tail -2
+kill $DMON
+stage_table $W/runs
+python3 - <<'PY'
+import json, os
+s = json.load(open(os.environ["OUT"] + "/profile.json"))
+print({k: v for k, v in s.items() if k not in ("streams", "host_calls", "long_calls")})
+for k, v in list(s["streams"].items())[:5]:
+    print(k, v["busy_ms_per_unit"], v["by_kind_ms"])
+print("host_calls", json.dumps(s.get("host_calls"))[:1500])
+print("long_calls", json.dumps(s.get("long_calls"))[:2500])
+PY
+rm -f $OUT/*.trace.json*
+}
+
+set -u; prep; "call$1"
