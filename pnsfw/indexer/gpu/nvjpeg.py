@@ -28,6 +28,7 @@ FLAG_MEMORY_POOLS = 1 << 1  # NVJPEG_FLAGS_ENABLE_MEMORY_POOLS: internal allocat
 CSS_444 = 0  # nvjpegChromaSubsampling_t NVJPEG_CSS_444: the largest buffers, for any subsampling
 OUTPUT_YUV = 1  # nvjpegOutputFormat_t NVJPEG_OUTPUT_YUV: the planes as coded (chroma at its subsampling)
 OUTPUT_RGB = 3  # nvjpegOutputFormat_t NVJPEG_OUTPUT_RGB: three planes, like torchvision's (3, H, W)
+OUTPUT_RGBI = 5  # nvjpegOutputFormat_t NVJPEG_OUTPUT_RGBI: one interleaved plane (H, W, 3)
 MAX_COMPONENT = 4
 _STATUS = {1: "not initialized", 2: "invalid parameter", 3: "bad JPEG", 4: "JPEG not supported",
            5: "allocator failure", 6: "execution failed", 7: "architecture mismatch (no JPEG engine)",
@@ -269,18 +270,24 @@ class HardwareDecoder:
 
     def decode(self, data: list[Any], sizes: list[tuple[int, int]], device: Any) -> list[Any]:
         """(3, H, W) uint8 tensors on `device` (the current stream) of the JPEG bytes in `data` (uint8 CPU
-        tensors; sizes: their (width, height) from the probe). NvjpegError if nvJPEG refuses the batch."""
+        tensors; sizes: their (width, height) from the probe; with OUTPUT_RGBI, views of (H, W, 3) images).
+        NvjpegError if nvJPEG refuses the batch."""
         import numpy as np
         import torch
 
-        outputs = [torch.empty((3, height, width), dtype=torch.uint8, device=device) for width, height in sizes]
+        interleaved = self.output == OUTPUT_RGBI
+        outputs = [torch.empty((height, width, 3) if interleaved else (3, height, width), dtype=torch.uint8,
+                               device=device) for width, height in sizes]
         table = np.zeros((len(data), 8), np.uint64)  # nvjpegImage_t rows: 4 plane pointers, 4 pitches
         for row, output, (width, height) in zip(table, outputs, sizes):
             base = output.data_ptr()
-            row[:3] = (base, base + width * height, base + 2 * width * height)
-            row[4:7] = width
+            if interleaved:
+                row[0], row[4] = base, 3 * width
+            else:
+                row[:3] = (base, base + width * height, base + 2 * width * height)
+                row[4:7] = width
         self._call(data, table, device, outputs)
-        return outputs
+        return [output.permute(2, 0, 1) for output in outputs] if interleaved else outputs
 
     def decode_into(self, data: list[Any], out: Any) -> None:
         """Decode into the first len(data) images of `out`, a uint8 (B, 3, Hmax, Wmax) CUDA tensor (each image
