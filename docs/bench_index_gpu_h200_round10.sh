@@ -21,9 +21,9 @@ timeout 150 python3 scripts/probe_nvjpeg_photos.py $W/thumbs --model $W/vit-b-32
     --only alone pinned beside_graph_tower_own_stream pinned_beside_graph_tower_own_stream beside_tower_in_child_process \
     alone_rgbi_output pinned_beside_graph_tower_own_stream_rgbi_output --profile alone_rgbi_output 2>&1 | grep -v Warning | cut -c1-1500 | tail -12
 nvidia-smi dmon -s u -d 1 > $OUT/dmon.txt 2>&1 & DMON=$!
-timeout 200 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --ours-variants '' 'gpu-bitstreams=pinned' --ours-repeats 2 --out $OUT/thumbs.json 2>&1 | grep -v '^\s*$' | tail -5
+timeout 280 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --ours-variants '' 'gpu-bitstreams=pinned' 'gpu-first-unit=cpu' --ours-repeats 2 --out $OUT/thumbs.json 2>&1 | grep -v '^\s*$' | tail -8
 timeout 60 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --ours-variants "gpu-bitstreams=pinned gpu-profile=$OUT/profile.json" --out $OUT/profile_run.json 2>&1 | grep -v '^\s*$' | tail -1
-timeout 80 python3 $B --run-timeout 30 --thumbs 0 --photos 10000 --skip-anchor --ours-variants '' 'gpu-bitstreams=pinned' --out $OUT/photos.json 2>&1 | grep -v '^\s*$' | tail -2
+timeout 110 python3 $B --run-timeout 30 --thumbs 0 --photos 10000 --skip-anchor --ours-variants '' 'gpu-bitstreams=pinned' 'gpu-first-unit=cpu' --out $OUT/photos.json 2>&1 | grep -v '^\s*$' | tail -2
 kill $DMON
 stage_table $W/runs
 python3 - <<'PY'

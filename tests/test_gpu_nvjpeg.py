@@ -238,3 +238,31 @@ def test_pinned_bitstreams_hold_the_files_bytes_in_page_locked_memory(tmp_path: 
     router, prepared, blobs = _read_through_router(Path(str(tmp_path)), "cuda", "pinned", workers)
     assert router.pinned and all(t.is_pinned() for t in prepared.data)
     assert [bytes(t.numpy()) for t in prepared.data] == blobs
+
+
+def test_the_first_unit_goes_whole_to_the_cpu_workers_when_asked(tmp_path: object) -> None:
+    """`--gpu-first-unit cpu` with worker processes: unit 0's images decode on them (nothing read for the
+    device), later units as before; without workers, or by default, unit 0 is read for the device."""
+    from types import SimpleNamespace
+
+    from pnsfw.indexer.gpu.options import GpuOptions
+    from pnsfw.indexer.gpu.route import Stats, make_router, prepare
+
+    folder = Path(str(tmp_path))
+    items = []
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(_jpeg(64, 48, i))
+        items.append(Item(str(folder / f"{i}.jpg"), "test"))
+    for first_unit, workers, on_cpu in (("cpu", True, True), ("cpu", False, False), ("device", True, False)):
+        options = SimpleNamespace(gpu=GpuOptions(first_unit=first_unit), max_pixels=10**8, timeout=10.0)
+        router = make_router(object() if workers else None, 32, options, Stats(), 64, "cuda")
+        router.pool = None  # the workers' tasks inline
+        first, second = prepare(Unit(0, items), router, 10**8), prepare(Unit(1, items), router, 10**8)
+        assert len(second.rows) == 3 and not [r for future in second.fallback for r in future.get()]
+        if on_cpu:
+            assert not first.rows and not first.data and router.stats.cpu_images == 3
+            results = [r for future in first.fallback for r in future.get()]
+            assert [Path(r.item.uri).name for r in results] == ["0.jpg", "1.jpg", "2.jpg"]
+            assert all(r.pixels is not None and r.pixels.shape == (32, 32, 3) for r in results)
+        else:
+            assert len(first.rows) == 3 and router.stats.cpu_images == 0

@@ -11,6 +11,7 @@ DECODERS = ("auto", "torchvision")
 STREAMS = ("own", "default")
 PRIORITIES = ("normal", "high")
 BITSTREAMS = ("pageable", "pinned")
+FIRST_UNITS = ("device", "cpu")
 
 
 @dataclass
@@ -34,6 +35,8 @@ class GpuOptions:
     # scheduled ahead of the tower's)
     bitstreams: str = "pageable"  # where nvJPEG's hardware calls copy the JPEG bytes from: where they were read
     # (pageable), or page-locked copies the reader threads make (pinned: DMA, without the driver's staging)
+    first_unit: str = "device"  # where the first unit (256 images) decodes: device, or cpu (the worker processes,
+    # beside the tower's warm-up and the making of nvJPEG's decoders)
     tower_sms: int = 0  # the tower's SMs (a green context), the rest kept for the decode's kernels; 0: all
     compile: str = "auto"  # torch.compile the tower: auto (none until measured faster in the pipeline), on, off
     stage_stats: str | None = None  # write per-stage busy seconds (JSON) to this file
@@ -48,6 +51,6 @@ class GpuOptions:
             raise BadInput(f"GPU decode threads must be 0 (auto) or more, not {self.decode_threads}")
         for name, allowed in (("resize", RESIZES), ("tower", TOWERS), ("compile", COMPILES), ("decoder", DECODERS),
                               ("encode_stream", STREAMS), ("decode_priority", PRIORITIES),
-                              ("bitstreams", BITSTREAMS)):
+                              ("bitstreams", BITSTREAMS), ("first_unit", FIRST_UNITS)):
             if getattr(self, name) not in allowed:
                 raise BadInput(f"unknown GPU {name} {getattr(self, name)!r} ({', '.join(allowed)})")

@@ -107,12 +107,15 @@ class Router:
     """Sends items to the CPU workers (their results' futures), and how many of each unit go there (`share`).
 
     `read`: the workers' read-hash-probe task (`read_chunk`); None reads in this process's threads. `pinned`:
-    the bytes for the device go into page-locked memory as they arrive (`bitstream`)."""
+    the bytes for the device go into page-locked memory as they arrive (`bitstream`). `first_on_cpu`: the
+    first unit (index 0) goes to the CPU workers whole."""
 
     def __init__(self, pool: Any, work: Callable[[list[Item]], list[Result]], share: int, stats: Stats,
-                 read: Callable[[list[Item]], Packed] | None = None, pinned: bool = False):
+                 read: Callable[[list[Item]], Packed] | None = None, pinned: bool = False,
+                 first_on_cpu: bool = False):
         self.pool, self.work, self.stats, self.read, self.pinned = pool, work, stats, read, pinned
         self.share = CpuShare(share if pool is not None else 0)
+        self.first_on_cpu = first_on_cpu
 
     def bitstream(self, buffer: bytearray) -> Any:
         """A uint8 CPU tensor of `buffer`'s bytes: over it, or a page-locked copy (`pinned`: made on this reader
@@ -188,8 +191,12 @@ def _read_in_threads(unit: Unit, router: Router, max_pixels: int) -> Prepared:
 
 def prepare(unit: Unit, router: Router, max_pixels: int) -> Prepared:
     """Reader thread: the unit's items read, hashed and probed (by the worker processes, or here) and routed
-    to the device decoder or the CPU path; its last `router.share` items go to the CPU workers first."""
+    to the device decoder or the CPU path; its last `router.share` items go to the CPU workers first (the
+    whole first unit with `router.first_on_cpu`)."""
     started = time.perf_counter()
+    if unit.index == 0 and router.first_on_cpu:
+        router.stats.add("read_s", time.perf_counter() - started)
+        return Prepared(unit, [], [], router.submit(unit.items))
     split = len(unit.items) - router.share.take(len(unit.items))
     cpu = router.submit(unit.items[split:]) if split < len(unit.items) else []
     device = Unit(unit.index, unit.items[:split])
@@ -210,10 +217,12 @@ def make_router(pool: Any, resolution: int, options: Any, stats: Stats, batch: i
     The CPU share: each unit's last images, sized by feedback (CpuShare) up to gpu.cpu_share (-1: half a unit;
     0, the default: none). On an H200 (round 7) whole units on the CPU workers cost thumbnails 20-30 % (their
     decode tasks queued the device units' reads), the split share 57 %: the nvJPEG calls took 2-4x as long per
-    image while the workers' pixels arrived in this process."""
+    image while the workers' pixels arrived in this process. `gpu.first_unit` cpu: the first unit decodes on
+    the workers (they are up before `import torch` ends; the device's decoders are made on the next unit)."""
     work = partial(process_chunk, size=resolution, max_pixels=options.max_pixels, timeout=options.timeout)
     read = partial(read_chunk, size=resolution, max_pixels=options.max_pixels,
                    timeout=options.timeout) if pool is not None else None
     share = options.gpu.cpu_share if options.gpu.cpu_share >= 0 else batch // 2
     pinned = options.gpu.bitstreams == "pinned" and device.startswith("cuda")
-    return Router(pool, work, share, stats, read, pinned)
+    first = options.gpu.first_unit == "cpu" and pool is not None
+    return Router(pool, work, share, stats, read, pinned, first)
