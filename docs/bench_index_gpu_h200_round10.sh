@@ -38,4 +38,26 @@ PY
 rm -f $OUT/*.trace.json*
 }
 
+call2() {
+# .whl/base: `scripts/baseline_pnsfw.sh archive 7c84f70 .whl/base` (round 9's code: one nvJPEG state per size)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+sh scripts/baseline_pnsfw.sh wrapper .whl/base /tmp/bin/pnsfw-base
+python3 $B --thumbs 100000 --photos 10000 --skip-anchor --skip-ours --out $OUT/corpora.json | tail -1
+timeout 90 python3 -m pytest -q -rf tests/test_gpu_nvjpeg.py tests/test_gpu_path.py -p no:cacheprovider -W ignore 2>&1 | tail -3
+nvidia-smi dmon -s u -d 1 > $OUT/dmon.txt 2>&1 & DMON=$!
+timeout 230 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --baseline /tmp/bin/pnsfw-base --ours-repeats 4 --out $OUT/thumbs_ab.json 2>&1 | grep -v '^\s*$' | tail -10
+timeout 120 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --ours-variants 'gpu-first-unit=cpu' '' --ours-repeats 2 --out $OUT/thumbs_first.json 2>&1 | grep -v '^\s*$' | tail -5
+timeout 100 python3 $B --run-timeout 30 --thumbs 0 --photos 10000 --skip-anchor --ours-variants '' 'gpu-first-unit=cpu' --out $OUT/photos.json 2>&1 | grep -v '^\s*$' | tail -3
+kill $DMON
+stage_table $W/runs
+python3 - <<'PY'
+import json, glob, os
+for f in ("thumbs_first.json", "photos.json"):
+    d = json.load(open(os.environ["OUT"] + "/" + f))
+    for corpus, runs in d["results"].items():
+        for name, r in runs.items():
+            print(corpus, name, [p for p in r.get("timeline", []) if p[0] > 2.5][:12])
+PY
+}
+
 set -u; prep; "call$1"

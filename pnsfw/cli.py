@@ -143,7 +143,7 @@ def cli(verbose: int, log_level: str | None, debug: bool) -> None:
 
 
 def _gpu_option_list() -> list[Callable[[Any], Any]]:
-    from .indexer.gpu.options import BITSTREAMS, COMPILES, DECODERS, FIRST_UNITS, PRIORITIES, RESIZES, STREAMS, TOWERS
+    from .indexer.gpu.options import COMPILES, DECODERS, FIRST_UNITS, PRIORITIES, RESIZES, STREAMS, TOWERS
 
     return [
         click.option("--gpu-workers", default=0, type=int,
@@ -177,9 +177,6 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
             ("--gpu-decode-priority", "gpu_decode_priority", PRIORITIES,
              "GPU path, experiment: the decode threads' CUDA stream priority (high: the decode's and resize's "
              "kernels go ahead of the tower's)."),
-            ("--gpu-bitstreams", "gpu_bitstreams", BITSTREAMS,
-             "GPU path, experiment: where nvJPEG's hardware decode copies the JPEG bytes from (pageable: where "
-             "they were read; pinned: page-locked copies made by the reader threads)."),
             ("--gpu-first-unit", "gpu_first_unit", FIRST_UNITS,
              "GPU path, experiment: where the first batch's images decode (device; cpu: the worker processes, "
              "while the device's decoders are made)."),
@@ -203,7 +200,7 @@ def _with_gpu_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_decode_threads: int, gpu_tower_sms: int,
                 gpu_decoder: str, gpu_resize: str,
-                gpu_tower: str, gpu_encode_stream: str, gpu_decode_priority: str, gpu_bitstreams: str,
+                gpu_tower: str, gpu_encode_stream: str, gpu_decode_priority: str,
                 gpu_first_unit: str, gpu_compile: str, stage_stats: "str | None", gpu_profile: "str | None") -> Any:
     """The GpuOptions of `pnsfw index`'s --gpu-* options."""
     from .indexer.gpu.options import GpuOptions
@@ -211,7 +208,7 @@ def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_decode_threads: int, g
     return GpuOptions(workers=gpu_workers, cpu_share=gpu_cpu_share, decode_threads=gpu_decode_threads,
                       tower_sms=gpu_tower_sms,
                       decoder=gpu_decoder, resize=gpu_resize, tower=gpu_tower, encode_stream=gpu_encode_stream,
-                      decode_priority=gpu_decode_priority, bitstreams=gpu_bitstreams, first_unit=gpu_first_unit,
+                      decode_priority=gpu_decode_priority, first_unit=gpu_first_unit,
                       compile=gpu_compile, stage_stats=stage_stats, profile=gpu_profile)
 
 

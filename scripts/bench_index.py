@@ -449,6 +449,7 @@ def ours_command(args: argparse.Namespace, corpus: Path, store: Path, ckpt: Path
 
 
 FIRST_BATCH = re.compile(r"([0-9.]+) s  first batch encoded")
+PHASE = re.compile(r"\] +([0-9.]+) s  (.+) \(([^)]*)\)$", re.M)  # a timeline line: seconds, phase, thread
 
 
 def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
@@ -476,9 +477,11 @@ def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
                            "command": cmd, "log": str(log), "gpu": dict(LAST_GPU)}
     if stats.exists():
         res["stages"] = json.loads(stats.read_text())
-    first = FIRST_BATCH.search(log.read_text(errors="replace")) if log.exists() else None
+    text = log.read_text(errors="replace") if log.exists() else ""
+    first = FIRST_BATCH.search(text)
     if first:
         res["first_batch_encoded_s"] = float(first.group(1))
+    res["timeline"] = [[float(m.group(1)), m.group(2)] for m in PHASE.finditer(text)]  # with --trace
     if rc != 0:
         return {**res, "error": log_tail(log)}
     try:

@@ -104,20 +104,6 @@ def yuv_check(batch: list[Any], sizes: list[tuple[int, int]], count: int = 64) -
             "max_levels": round(float(max(d.max() for d in diffs)), 1)}
 
 
-def rgbi_check(batch: list[Any], sizes: list[tuple[int, int]], count: int = 64) -> dict[str, Any]:
-    """Whether nvJPEG's interleaved RGB output (seen as (3, H, W)) equals its planar output, over `count` images."""
-    from pnsfw.indexer.gpu.nvjpeg import OUTPUT_RGBI, HardwareDecoder
-
-    planar, interleaved = HardwareDecoder(), HardwareDecoder(output=OUTPUT_RGBI)
-    want = planar.decode(batch[:count], sizes[:count], "cuda")
-    got = interleaved.decode(batch[:count], sizes[:count], "cuda")
-    torch.cuda.synchronize()
-    equal = all(torch.equal(a, b) for a, b in zip(want, got))
-    planar.close()
-    interleaved.close()
-    return {"equal": equal, "images": len(want)}
-
-
 def tower_rate(model: Callable[[Any], Any], images: Any, calls: int = 10) -> float:
     """img/s of `model` looping alone on a stream of its own."""
     stream = torch.cuda.Stream()
@@ -225,7 +211,7 @@ def main() -> int:
                     help="the conditions to run under torch.profiler (CUDA API calls summed)")
     args = ap.parse_args()
     from pnsfw.indexer.encoder import load_encoder
-    from pnsfw.indexer.gpu.nvjpeg import OUTPUT_RGBI, OUTPUT_YUV, HardwareDecoder, page_locked
+    from pnsfw.indexer.gpu.nvjpeg import OUTPUT_YUV, HardwareDecoder, page_locked
     from pnsfw.indexer.gpu.options import GpuOptions
     from pnsfw.indexer.gpu.probe import jpeg_size
     from pnsfw.indexer.gpu.tower import image_model
@@ -316,15 +302,10 @@ def main() -> int:
         "pinned": (pinned, [], {}), "pinned_fresh": (lambda i: [page_locked(t) for t in fresh(i)], [], {}),
         "pinned_beside_graph_tower_own_stream": (pinned, [tower_own_stream], {}),
         "alone_yuv_output": (None, [], {"output": OUTPUT_YUV}),
-        "beside_graph_tower_own_stream_yuv_output": (None, [tower_own_stream], {"output": OUTPUT_YUV}),
-        "alone_rgbi_output": (None, [], {"output": OUTPUT_RGBI}),
-        "pinned_beside_graph_tower_own_stream_rgbi_output": (pinned, [tower_own_stream], {"output": OUTPUT_RGBI})}
+        "beside_graph_tower_own_stream_yuv_output": (None, [tower_own_stream], {"output": OUTPUT_YUV})}
     if "alone_yuv_output" in (args.only or ["alone_yuv_output"]):
         results["yuv_vs_rgb_output"] = yuv_check(batches[0], sizes[0])
         print("yuv_vs_rgb_output", results["yuv_vs_rgb_output"], flush=True)
-    if "alone_rgbi_output" in (args.only or ["alone_rgbi_output"]):
-        results["rgbi_vs_rgb_output"] = rgbi_check(batches[0], sizes[0])
-        print("rgbi_vs_rgb_output", results["rgbi_vs_rgb_output"], flush=True)
     for sms in args.green:
         loop = green_tower(sms)
         conditions[f"beside_green_tower_{sms}"] = (None, [loop], {})

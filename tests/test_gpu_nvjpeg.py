@@ -105,7 +105,7 @@ def test_padded_decode_equals_per_image_decode(pinned: bool) -> None:
     hardware = [jpeg_header(b)[2] for b in blobs]
     decoder = HardwareDecoder()
     want = device_decode(_prepared(blobs, hardware), "cuda", decoder)
-    for _ in range(3):  # page-locked bytes (`--gpu-bitstreams pinned`) decode to the same pixels
+    for _ in range(3):  # page-locked bytes (nvjpeg.page_locked, as the probe's) decode to the same pixels
         prepared = _prepared(blobs, hardware)
         if pinned:
             prepared.data = [page_locked(t) for t in prepared.data]
@@ -202,44 +202,6 @@ def test_auto_decode_threads_gate_thumbnails_at_two_and_large_images_by_memory(m
     assert asked.threads == 3 and isinstance(asked.gate(True), contextlib.nullcontext)
 
 
-def _read_through_router(folder: Path, device: str, bitstreams: str,
-                         workers: bool) -> tuple[Any, Any, list[bytes]]:
-    """The router of `--gpu-bitstreams`, and one unit of small and large (re-read) files prepared by it."""
-    from types import SimpleNamespace
-
-    from pnsfw.indexer.gpu.options import GpuOptions
-    from pnsfw.indexer.gpu.probe import INLINE_BYTES
-    from pnsfw.indexer.gpu.route import Stats, make_router, prepare
-
-    blobs = [_jpeg(64 + 8 * i, 48, i) for i in range(5)]
-    blobs.append(blobs[0] + b"\0" * INLINE_BYTES + _jpeg(64, 48, 9)[-2:])  # a large file, read here again
-    items = []
-    for i, blob in enumerate(blobs):
-        (folder / f"{i}.jpg").write_bytes(blob)
-        items.append(Item(str(folder / f"{i}.jpg"), "test"))
-    options = SimpleNamespace(gpu=GpuOptions(bitstreams=bitstreams), max_pixels=10**8, timeout=10.0)
-    router = make_router(object() if workers else None, 32, options, Stats(), 64, device)
-    router.pool = None  # the workers' read task inline: make_router picks the read path by the pool
-    prepared = prepare(Unit(0, items), router, 10**8)
-    return router, prepared, blobs
-
-
-@pytest.mark.parametrize("workers", [False, True])
-def test_bitstreams_are_page_locked_only_when_asked_on_cuda(tmp_path: object, workers: bool) -> None:
-    for device, bitstreams in (("cpu", "pinned"), ("cuda", "pageable")):
-        router, prepared, blobs = _read_through_router(Path(str(tmp_path)), device, bitstreams, workers)
-        assert not router.pinned
-        assert [bytes(t.numpy()) for t in prepared.data] == blobs
-
-
-@pytest.mark.skipif(not CUDA, reason="needs CUDA for page-locked memory")
-@pytest.mark.parametrize("workers", [False, True])
-def test_pinned_bitstreams_hold_the_files_bytes_in_page_locked_memory(tmp_path: object, workers: bool) -> None:
-    router, prepared, blobs = _read_through_router(Path(str(tmp_path)), "cuda", "pinned", workers)
-    assert router.pinned and all(t.is_pinned() for t in prepared.data)
-    assert [bytes(t.numpy()) for t in prepared.data] == blobs
-
-
 def test_the_first_unit_goes_whole_to_the_cpu_workers_when_asked(tmp_path: object) -> None:
     """`--gpu-first-unit cpu` with worker processes: unit 0's images decode on them (nothing read for the
     device), later units as before; without workers, or by default, unit 0 is read for the device."""
@@ -255,7 +217,7 @@ def test_the_first_unit_goes_whole_to_the_cpu_workers_when_asked(tmp_path: objec
         items.append(Item(str(folder / f"{i}.jpg"), "test"))
     for first_unit, workers, on_cpu in (("cpu", True, True), ("cpu", False, False), ("device", True, False)):
         options = SimpleNamespace(gpu=GpuOptions(first_unit=first_unit), max_pixels=10**8, timeout=10.0)
-        router = make_router(object() if workers else None, 32, options, Stats(), 64, "cuda")
+        router = make_router(object() if workers else None, 32, options, Stats(), 64)
         router.pool = None  # the workers' tasks inline
         first, second = prepare(Unit(0, items), router, 10**8), prepare(Unit(1, items), router, 10**8)
         assert len(second.rows) == 3 and not [r for future in second.fallback for r in future.get()]
@@ -266,3 +228,35 @@ def test_the_first_unit_goes_whole_to_the_cpu_workers_when_asked(tmp_path: objec
             assert all(r.pixels is not None and r.pixels.shape == (32, 32, 3) for r in results)
         else:
             assert len(first.rows) == 3 and router.stats.cpu_images == 0
+
+
+def test_padded_batches_alternate_between_two_states_per_size() -> None:
+    """decode_into's calls of one size take two states in turn (each waits only for the call before the last);
+    per-image calls keep one per size; past MAX_STATES the least recently used is retired after its last call."""
+    from collections import OrderedDict
+
+    from pnsfw.indexer.gpu.nvjpeg import MAX_STATES, SPARE_STATES
+
+    class Event:
+        def __init__(self) -> None:
+            self.waited = 0
+
+        def synchronize(self) -> None:
+            self.waited += 1
+
+    made: list[int] = []
+    retired: list[Any] = []
+    decoder = HardwareDecoder.__new__(HardwareDecoder)  # the bookkeeping only: no library, no GPU
+    decoder.states, decoder.turns = OrderedDict(), {}
+    decoder._new_state = lambda count: made.append(count) or len(made)  # type: ignore[method-assign]
+    decoder._retire = lambda state, event: retired.append(state)  # type: ignore[method-assign]
+    entries = [decoder._state(1024, spare=True) for _ in range(4)]
+    assert SPARE_STATES == 2 and made == [1024, 1024]
+    assert [e[0] for e in entries] == [1, 2, 1, 2] and entries[0] is entries[2]
+    entries[0][1] = Event()
+    decoder._state(1024, spare=True)
+    assert entries[0][1].waited == 1  # the call before the last one is waited for
+    assert [decoder._state(256, spare=False)[0] for _ in range(3)] == [3, 3, 3]
+    for count in (7, 9, 11, 13):
+        decoder._state(count, spare=False)
+    assert len(decoder.states) == MAX_STATES and retired == [2]

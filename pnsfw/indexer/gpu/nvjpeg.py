@@ -28,7 +28,6 @@ FLAG_MEMORY_POOLS = 1 << 1  # NVJPEG_FLAGS_ENABLE_MEMORY_POOLS: internal allocat
 CSS_444 = 0  # nvjpegChromaSubsampling_t NVJPEG_CSS_444: the largest buffers, for any subsampling
 OUTPUT_YUV = 1  # nvjpegOutputFormat_t NVJPEG_OUTPUT_YUV: the planes as coded (chroma at its subsampling)
 OUTPUT_RGB = 3  # nvjpegOutputFormat_t NVJPEG_OUTPUT_RGB: three planes, like torchvision's (3, H, W)
-OUTPUT_RGBI = 5  # nvjpegOutputFormat_t NVJPEG_OUTPUT_RGBI: one interleaved plane (H, W, 3)
 MAX_COMPONENT = 4
 _STATUS = {1: "not initialized", 2: "invalid parameter", 3: "bad JPEG", 4: "JPEG not supported",
            5: "allocator failure", 6: "execution failed", 7: "architecture mismatch (no JPEG engine)",
@@ -94,8 +93,9 @@ def library() -> ctypes.CDLL:
 
 
 def page_locked(data: Any) -> Any:
-    """A page-locked uint8 CPU tensor with the bytes of `data` (a bytearray or a uint8 CPU tensor), copied
-    without the GIL."""
+    """A page-locked uint8 CPU tensor with the bytes of `data` (a bytearray or a uint8 CPU tensor), for the
+    measurements (scripts/probe_nvjpeg_photos.py, bench_nvjpeg.py): in the pipeline, bytes read into page-locked
+    memory ran no faster for thumbnails and slower for photos (an H200, round 10)."""
     import torch
 
     source = torch.frombuffer(data, dtype=torch.uint8) if isinstance(data, (bytes, bytearray)) else data
@@ -107,7 +107,12 @@ def _check(status: int, call: str) -> None:
         raise NvjpegError(f"{call} failed: {_STATUS.get(status, f'status {status}')}")
 
 
-MAX_STATES = 3  # batched decode states per handle, one per batch size: the first unit, the steady one, the last
+# batched decode states per handle: the padded (thumbnail) batches of one size alternate between two, so a call
+# waits for the call before the last one, not for the last one's GPU tail (15 ms a unit of 1024 thumbnails per
+# decode thread on an H200, round 10); batches of large images keep one per size (each holds their buffers).
+# Three sizes: the first unit, the steady one, the last
+SPARE_STATES = 2
+MAX_STATES = 3 * SPARE_STATES
 CALL_TIMEOUT_S = 20.0  # a hardware call this long is taken as wedged (1024 2 MP photos take ~1 s in the pipeline)
 
 
@@ -148,7 +153,8 @@ class HardwareDecoder:
     Calls follow the pattern NVIDIA's sample, torchvision and torchcodec use (round 5's pipeline hung in
     nvjpegDecodeBatched in 4 of 6 thumbnail runs while it re-initialised a state whose previous call could
     still be running; docs/benchmarks.md, rounds 5-6): a state is never re-initialised for another batch size
-    (one state per size, at most MAX_STATES, the least recently used retired once its last call is done), and
+    (one state per size, two used in turn for padded batches, at most MAX_STATES, the least recently used
+    retired once its last call is done), and
     a state's previous call has finished (host wait on its event) before the state is used again. Every call
     runs on this decoder's own daemon thread and is waited for at most `timeout_s`: past that the decoder is
     `wedged`, keeps what the call may still read or write (never freed nor destroyed) and raises NvjpegStalled.
@@ -167,7 +173,9 @@ class HardwareDecoder:
 
         self.lib = library()
         self.handle = ctypes.c_void_p()
-        self.states: OrderedDict[int, list[Any]] = OrderedDict()  # batch size: [state, event of its last call]
+        self.states: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()  # (batch size, turn): [state, event
+        # of its last call]
+        self.turns: dict[int, int] = {}  # calls per batch size
         self.preallocate, self.timeout_s, self.output = preallocate, timeout_s, output
         self.calls = 0
         self.usage = dict.fromkeys(USAGE_FIELDS + TIMING_FIELDS, 0.0)  # summed over the calls
@@ -197,14 +205,17 @@ class HardwareDecoder:
                 self.preallocate = None  # an optimisation only: decode without it
         return state
 
-    def _state(self, count: int) -> list[Any]:
-        """[state, event] for batches of `count`, its previous call finished."""
-        if count not in self.states:
+    def _state(self, count: int, spare: bool) -> list[Any]:
+        """[state, event] for batches of `count` (with `spare`, two used in turn), its previous call finished."""
+        turn = self.turns.get(count, 0)
+        self.turns[count] = turn + 1
+        key = (count, turn % SPARE_STATES if spare else 0)
+        if key not in self.states:
             if len(self.states) >= MAX_STATES:
                 self._retire(*self.states.popitem(last=False)[1])
-            self.states[count] = [self._new_state(count), None]
-        self.states.move_to_end(count)
-        entry = self.states[count]
+            self.states[key] = [self._new_state(count), None]
+        self.states.move_to_end(key)
+        entry = self.states[key]
         if entry[1] is not None:
             entry[1].synchronize()
         return entry
@@ -222,12 +233,12 @@ class HardwareDecoder:
         lengths = np.fromiter((t.numel() for t in data), np.uint64, len(data))
         return np.fromiter((t.data_ptr() for t in data), np.uint64, len(data)), lengths
 
-    def _decode_batched(self, data: list[Any], table: Any, stream: Any) -> int:
+    def _decode_batched(self, data: list[Any], table: Any, stream: Any, spare: bool) -> int:
         """On the caller thread: the status of one nvjpegDecodeBatched into `table` on `stream`."""
         import torch
 
         started = time.perf_counter()
-        entry = self._state(len(data))
+        entry = self._state(len(data), spare)
         ready = time.perf_counter()
         pointers, lengths = self._bitstreams(data)
         self.usage["state_wait_s"] += ready - started
@@ -244,9 +255,9 @@ class HardwareDecoder:
         entry[1].record(stream)
         return status
 
-    def _call(self, data: list[Any], table: Any, device: Any, out: Any) -> None:
+    def _call(self, data: list[Any], table: Any, device: Any, out: Any, spare: bool = False) -> None:
         """The batched decode on this thread's current stream, through the caller thread (its state's previous
-        call waited for there too), at most `timeout_s`."""
+        call waited for there too), at most `timeout_s`; `spare`: states used in turn (`_state`)."""
         import torch
 
         if self.wedged:
@@ -255,7 +266,7 @@ class HardwareDecoder:
             raise NvjpegError("the decoder is closed")
         stream = torch.cuda.current_stream(device)
         self.since = time.monotonic()
-        future = self.caller.submit(lambda args: self._decode_batched(*args), (data, table, stream))
+        future = self.caller.submit(lambda args: self._decode_batched(*args), (data, table, stream, spare))
         try:
             status = future.result(timeout=self.timeout_s)
             self.usage["round_trip_s"] += time.monotonic() - self.since
@@ -270,29 +281,23 @@ class HardwareDecoder:
 
     def decode(self, data: list[Any], sizes: list[tuple[int, int]], device: Any) -> list[Any]:
         """(3, H, W) uint8 tensors on `device` (the current stream) of the JPEG bytes in `data` (uint8 CPU
-        tensors; sizes: their (width, height) from the probe; with OUTPUT_RGBI, views of (H, W, 3) images).
-        NvjpegError if nvJPEG refuses the batch."""
+        tensors; sizes: their (width, height) from the probe). NvjpegError if nvJPEG refuses the batch."""
         import numpy as np
         import torch
 
-        interleaved = self.output == OUTPUT_RGBI
-        outputs = [torch.empty((height, width, 3) if interleaved else (3, height, width), dtype=torch.uint8,
-                               device=device) for width, height in sizes]
+        outputs = [torch.empty((3, height, width), dtype=torch.uint8, device=device) for width, height in sizes]
         table = np.zeros((len(data), 8), np.uint64)  # nvjpegImage_t rows: 4 plane pointers, 4 pitches
         for row, output, (width, height) in zip(table, outputs, sizes):
             base = output.data_ptr()
-            if interleaved:
-                row[0], row[4] = base, 3 * width
-            else:
-                row[:3] = (base, base + width * height, base + 2 * width * height)
-                row[4:7] = width
+            row[:3] = (base, base + width * height, base + 2 * width * height)
+            row[4:7] = width
         self._call(data, table, device, outputs)
-        return [output.permute(2, 0, 1) for output in outputs] if interleaved else outputs
+        return outputs
 
     def decode_into(self, data: list[Any], out: Any) -> None:
         """Decode into the first len(data) images of `out`, a uint8 (B, 3, Hmax, Wmax) CUDA tensor (each image
         top-left in its slot, the rest of the slot left as it was): one allocation and no per-image ops."""
-        self._call(data, padded_table(out, len(data)), out.device, out)
+        self._call(data, padded_table(out, len(data)), out.device, out, spare=True)
 
     def _release(self) -> None:
         while self.states:

@@ -10,7 +10,6 @@ COMPILES = ("auto", "on", "off")
 DECODERS = ("auto", "torchvision")
 STREAMS = ("own", "default")
 PRIORITIES = ("normal", "high")
-BITSTREAMS = ("pageable", "pinned")
 FIRST_UNITS = ("device", "cpu")
 
 
@@ -33,8 +32,6 @@ class GpuOptions:
     # thumbnails, up to four for large images (decode.DecoderPool.gate), else one
     decode_priority: str = "normal"  # the decode threads' CUDA streams: normal, or high (their kernels are
     # scheduled ahead of the tower's)
-    bitstreams: str = "pageable"  # where nvJPEG's hardware calls copy the JPEG bytes from: where they were read
-    # (pageable), or page-locked copies the reader threads make (pinned: DMA, without the driver's staging)
     first_unit: str = "device"  # where the first unit (256 images) decodes: device, or cpu (the worker processes,
     # beside the tower's warm-up and the making of nvJPEG's decoders)
     tower_sms: int = 0  # the tower's SMs (a green context), the rest kept for the decode's kernels; 0: all
@@ -51,6 +48,6 @@ class GpuOptions:
             raise BadInput(f"GPU decode threads must be 0 (auto) or more, not {self.decode_threads}")
         for name, allowed in (("resize", RESIZES), ("tower", TOWERS), ("compile", COMPILES), ("decoder", DECODERS),
                               ("encode_stream", STREAMS), ("decode_priority", PRIORITIES),
-                              ("bitstreams", BITSTREAMS), ("first_unit", FIRST_UNITS)):
+                              ("first_unit", FIRST_UNITS)):
             if getattr(self, name) not in allowed:
                 raise BadInput(f"unknown GPU {name} {getattr(self, name)!r} ({', '.join(allowed)})")

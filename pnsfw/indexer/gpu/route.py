@@ -106,26 +106,14 @@ class CpuShare:
 class Router:
     """Sends items to the CPU workers (their results' futures), and how many of each unit go there (`share`).
 
-    `read`: the workers' read-hash-probe task (`read_chunk`); None reads in this process's threads. `pinned`:
-    the bytes for the device go into page-locked memory as they arrive (`bitstream`). `first_on_cpu`: the
-    first unit (index 0) goes to the CPU workers whole."""
+    `read`: the workers' read-hash-probe task (`read_chunk`); None reads in this process's threads.
+    `first_on_cpu`: the first unit (index 0) goes to the CPU workers whole."""
 
     def __init__(self, pool: Any, work: Callable[[list[Item]], list[Result]], share: int, stats: Stats,
-                 read: Callable[[list[Item]], Packed] | None = None, pinned: bool = False,
-                 first_on_cpu: bool = False):
-        self.pool, self.work, self.stats, self.read, self.pinned = pool, work, stats, read, pinned
+                 read: Callable[[list[Item]], Packed] | None = None, first_on_cpu: bool = False):
+        self.pool, self.work, self.stats, self.read = pool, work, stats, read
         self.share = CpuShare(share if pool is not None else 0)
         self.first_on_cpu = first_on_cpu
-
-    def bitstream(self, buffer: bytearray) -> Any:
-        """A uint8 CPU tensor of `buffer`'s bytes: over it, or a page-locked copy (`pinned`: made on this reader
-        thread, so that nvJPEG's hardware calls copy the bytes by DMA, not through the driver's pageable staging:
-        their C part took 25 % less from page-locked bytes on an H200, round 9)."""
-        import torch
-
-        from .nvjpeg import page_locked
-
-        return page_locked(buffer) if self.pinned else torch.frombuffer(buffer, dtype=torch.uint8)
 
     def submit(self, items: list[Item]) -> list[Any]:
         self.stats.add("cpu_images", len(items))
@@ -154,17 +142,19 @@ class Prepared:
 
 
 def _read_in_workers(unit: Unit, router: Router) -> Prepared:
+    import torch
+
     prepared, again = Prepared(unit, [], [], []), []
     for start, future in zip(range(0, len(unit.items), READ_CHUNK), router.submit_reads(unit.items)):
         packed = future.get()
         router.stats.add("cpu_images", len(packed.cpu))
         prepared.fallback.append(Done(packed.cpu))
-        whole = router.bitstream(packed.data) if packed.data else None
+        whole = torch.frombuffer(packed.data, dtype=torch.uint8) if packed.data else None
         for index, sha256, width, height, offset, length, hardware in packed.rows:
             item = unit.items[start + index]
             try:  # large files: a read here beats a pipe
-                data = whole[offset:offset + length] if offset >= 0 and whole is not None else router.bitstream(
-                    read_local(item))
+                data = whole[offset:offset + length] if offset >= 0 and whole is not None else torch.frombuffer(
+                    read_local(item), dtype=torch.uint8)
             except OSError:
                 again.append(item)
                 continue
@@ -177,6 +167,8 @@ def _read_in_workers(unit: Unit, router: Router) -> Prepared:
 
 
 def _read_in_threads(unit: Unit, router: Router, max_pixels: int) -> Prepared:
+    import torch
+
     rows, data, cpu, hardware = [], [], [], []
     for item in unit.items:
         buf, dims = read_probe(item, max_pixels)
@@ -184,7 +176,7 @@ def _read_in_threads(unit: Unit, router: Router, max_pixels: int) -> Prepared:
             cpu.append(item)
             continue
         rows.append(probe_row(item, buf, dims))
-        data.append(router.bitstream(buf))
+        data.append(torch.frombuffer(buf, dtype=torch.uint8))
         hardware.append(dims[2])
     return Prepared(unit, rows, data, router.submit(cpu) if cpu else [], hardware)
 
@@ -211,7 +203,7 @@ def prepare(unit: Unit, router: Router, max_pixels: int) -> Prepared:
     return prepared
 
 
-def make_router(pool: Any, resolution: int, options: Any, stats: Stats, batch: int, device: str = "cpu") -> Router:
+def make_router(pool: Any, resolution: int, options: Any, stats: Stats, batch: int) -> Router:
     """With a pool, files are read, hashed and probed in the worker processes (keeping that Python work off
     this process's GIL: measured faster on an H100, docs/benchmarks.md); without one, in reader threads here.
     The CPU share: each unit's last images, sized by feedback (CpuShare) up to gpu.cpu_share (-1: half a unit;
@@ -223,6 +215,4 @@ def make_router(pool: Any, resolution: int, options: Any, stats: Stats, batch: i
     read = partial(read_chunk, size=resolution, max_pixels=options.max_pixels,
                    timeout=options.timeout) if pool is not None else None
     share = options.gpu.cpu_share if options.gpu.cpu_share >= 0 else batch // 2
-    pinned = options.gpu.bitstreams == "pinned" and device.startswith("cuda")
-    first = options.gpu.first_unit == "cpu" and pool is not None
-    return Router(pool, work, share, stats, read, pinned, first)
+    return Router(pool, work, share, stats, read, options.gpu.first_unit == "cpu" and pool is not None)

@@ -383,7 +383,7 @@ def tensor_stage(items: Iterable[Item], options: Any, encoder: Encoder, pool: An
     if isinstance(pool, DeviceWorkers):
         results = pool.run(items, stats)
     else:
-        router = make_router(pool, encoder.resolution, options, stats, batch, encoder.device)
+        router = make_router(pool, encoder.resolution, options, stats, batch)
         count = len(items) if isinstance(items, Sized) else 0  # the runner's stream: size unknown, no auto compile
         results = device_stage(units(items, batch), encoder, router, options, count, batch)
     for result in results:

@@ -30,7 +30,7 @@ def device_worker(rank: int, device: str, model: str, options: Any, processes: i
         configure_cuda()
         encoder = load_encoder(model, device, options.precision)
         stats = Stats()
-        router = make_router(pool, encoder.resolution, options, stats, batch, encoder.device)
+        router = make_router(pool, encoder.resolution, options, stats, batch)
         for result in device_stage(iter(jobs.get, None), encoder, router, options, 0, batch):
             results.put(result)
         results.put(("done", stats.as_dict()))
