@@ -60,4 +60,20 @@ for f in ("thumbs_first.json", "photos.json"):
 PY
 }
 
+call3() {
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 $B --thumbs 100000 --photos 10000 --skip-anchor --skip-ours --out $OUT/corpora.json | tail -1
+timeout 170 python3 $B --run-timeout 30 --thumbs 100000 --photos 0 --skip-anchor --ours-variants '' 'gpu-first-unit=cpu' --ours-repeats 4 --out $OUT/thumbs_first.json 2>&1 | grep -v '^\s*$' | tail -9
+timeout 80 python3 $B --run-timeout 25 --thumbs 0 --photos 10000 --skip-anchor --ours-variants 'gpu-first-unit=cpu' '' --ours-repeats 2 --out $OUT/photos_first.json 2>&1 | grep -v '^\s*$' | tail -5
+python3 - <<'PY'
+import json, os
+for f in ("thumbs_first.json", "photos_first.json"):
+    d = json.load(open(os.environ["OUT"] + "/" + f))
+    for corpus, runs in d["results"].items():
+        for name, r in runs.items():
+            t = dict((p[1], p[0]) for p in r.get("timeline", []))
+            print(corpus, name, "import", t.get("torch imported"), "tower", t.get("image tower ready"), "first", t.get("first batch encoded"), "after import", round(t.get("first batch encoded", 0) - t.get("torch imported", 0), 2))
+PY
+}
+
 set -u; prep; "call$1"

@@ -3,7 +3,6 @@ and on a CUDA machine the decoded pixels (close to PIL, as torchvision's nvJPEG 
 
 import io
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -229,34 +228,3 @@ def test_the_first_unit_goes_whole_to_the_cpu_workers_when_asked(tmp_path: objec
         else:
             assert len(first.rows) == 3 and router.stats.cpu_images == 0
 
-
-def test_padded_batches_alternate_between_two_states_per_size() -> None:
-    """decode_into's calls of one size take two states in turn (each waits only for the call before the last);
-    per-image calls keep one per size; past MAX_STATES the least recently used is retired after its last call."""
-    from collections import OrderedDict
-
-    from pnsfw.indexer.gpu.nvjpeg import MAX_STATES, SPARE_STATES
-
-    class Event:
-        def __init__(self) -> None:
-            self.waited = 0
-
-        def synchronize(self) -> None:
-            self.waited += 1
-
-    made: list[int] = []
-    retired: list[Any] = []
-    decoder = HardwareDecoder.__new__(HardwareDecoder)  # the bookkeeping only: no library, no GPU
-    decoder.states, decoder.turns = OrderedDict(), {}
-    decoder._new_state = lambda count: made.append(count) or len(made)  # type: ignore[method-assign]
-    decoder._retire = lambda state, event: retired.append(state)  # type: ignore[method-assign]
-    entries = [decoder._state(1024, spare=True) for _ in range(4)]
-    assert SPARE_STATES == 2 and made == [1024, 1024]
-    assert [e[0] for e in entries] == [1, 2, 1, 2] and entries[0] is entries[2]
-    entries[0][1] = Event()
-    decoder._state(1024, spare=True)
-    assert entries[0][1].waited == 1  # the call before the last one is waited for
-    assert [decoder._state(256, spare=False)[0] for _ in range(3)] == [3, 3, 3]
-    for count in (7, 9, 11, 13):
-        decoder._state(count, spare=False)
-    assert len(decoder.states) == MAX_STATES and retired == [2]

@@ -107,12 +107,10 @@ def _check(status: int, call: str) -> None:
         raise NvjpegError(f"{call} failed: {_STATUS.get(status, f'status {status}')}")
 
 
-# batched decode states per handle: the padded (thumbnail) batches of one size alternate between two, so a call
-# waits for the call before the last one, not for the last one's GPU tail (15 ms a unit of 1024 thumbnails per
-# decode thread on an H200, round 10); batches of large images keep one per size (each holds their buffers).
-# Three sizes: the first unit, the steady one, the last
-SPARE_STATES = 2
-MAX_STATES = 3 * SPARE_STATES
+# batched decode states per handle, one per batch size: the first unit, the steady one, the last. Two states per
+# size used in turn (a call then waits for the call before the last) ran slower: the waits grew, 100k thumbnails
+# 0.88x steady against one state, the median of four pairs on an H200 (round 10, call 2)
+MAX_STATES = 3
 CALL_TIMEOUT_S = 20.0  # a hardware call this long is taken as wedged (1024 2 MP photos take ~1 s in the pipeline)
 
 
@@ -153,8 +151,7 @@ class HardwareDecoder:
     Calls follow the pattern NVIDIA's sample, torchvision and torchcodec use (round 5's pipeline hung in
     nvjpegDecodeBatched in 4 of 6 thumbnail runs while it re-initialised a state whose previous call could
     still be running; docs/benchmarks.md, rounds 5-6): a state is never re-initialised for another batch size
-    (one state per size, two used in turn for padded batches, at most MAX_STATES, the least recently used
-    retired once its last call is done), and
+    (one state per size, at most MAX_STATES, the least recently used retired once its last call is done), and
     a state's previous call has finished (host wait on its event) before the state is used again. Every call
     runs on this decoder's own daemon thread and is waited for at most `timeout_s`: past that the decoder is
     `wedged`, keeps what the call may still read or write (never freed nor destroyed) and raises NvjpegStalled.
@@ -173,9 +170,7 @@ class HardwareDecoder:
 
         self.lib = library()
         self.handle = ctypes.c_void_p()
-        self.states: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()  # (batch size, turn): [state, event
-        # of its last call]
-        self.turns: dict[int, int] = {}  # calls per batch size
+        self.states: OrderedDict[int, list[Any]] = OrderedDict()  # batch size: [state, event of its last call]
         self.preallocate, self.timeout_s, self.output = preallocate, timeout_s, output
         self.calls = 0
         self.usage = dict.fromkeys(USAGE_FIELDS + TIMING_FIELDS, 0.0)  # summed over the calls
@@ -205,17 +200,14 @@ class HardwareDecoder:
                 self.preallocate = None  # an optimisation only: decode without it
         return state
 
-    def _state(self, count: int, spare: bool) -> list[Any]:
-        """[state, event] for batches of `count` (with `spare`, two used in turn), its previous call finished."""
-        turn = self.turns.get(count, 0)
-        self.turns[count] = turn + 1
-        key = (count, turn % SPARE_STATES if spare else 0)
-        if key not in self.states:
+    def _state(self, count: int) -> list[Any]:
+        """[state, event] for batches of `count`, its previous call finished."""
+        if count not in self.states:
             if len(self.states) >= MAX_STATES:
                 self._retire(*self.states.popitem(last=False)[1])
-            self.states[key] = [self._new_state(count), None]
-        self.states.move_to_end(key)
-        entry = self.states[key]
+            self.states[count] = [self._new_state(count), None]
+        self.states.move_to_end(count)
+        entry = self.states[count]
         if entry[1] is not None:
             entry[1].synchronize()
         return entry
@@ -233,12 +225,12 @@ class HardwareDecoder:
         lengths = np.fromiter((t.numel() for t in data), np.uint64, len(data))
         return np.fromiter((t.data_ptr() for t in data), np.uint64, len(data)), lengths
 
-    def _decode_batched(self, data: list[Any], table: Any, stream: Any, spare: bool) -> int:
+    def _decode_batched(self, data: list[Any], table: Any, stream: Any) -> int:
         """On the caller thread: the status of one nvjpegDecodeBatched into `table` on `stream`."""
         import torch
 
         started = time.perf_counter()
-        entry = self._state(len(data), spare)
+        entry = self._state(len(data))
         ready = time.perf_counter()
         pointers, lengths = self._bitstreams(data)
         self.usage["state_wait_s"] += ready - started
@@ -255,9 +247,9 @@ class HardwareDecoder:
         entry[1].record(stream)
         return status
 
-    def _call(self, data: list[Any], table: Any, device: Any, out: Any, spare: bool = False) -> None:
+    def _call(self, data: list[Any], table: Any, device: Any, out: Any) -> None:
         """The batched decode on this thread's current stream, through the caller thread (its state's previous
-        call waited for there too), at most `timeout_s`; `spare`: states used in turn (`_state`)."""
+        call waited for there too), at most `timeout_s`."""
         import torch
 
         if self.wedged:
@@ -266,7 +258,7 @@ class HardwareDecoder:
             raise NvjpegError("the decoder is closed")
         stream = torch.cuda.current_stream(device)
         self.since = time.monotonic()
-        future = self.caller.submit(lambda args: self._decode_batched(*args), (data, table, stream, spare))
+        future = self.caller.submit(lambda args: self._decode_batched(*args), (data, table, stream))
         try:
             status = future.result(timeout=self.timeout_s)
             self.usage["round_trip_s"] += time.monotonic() - self.since
@@ -297,7 +289,7 @@ class HardwareDecoder:
     def decode_into(self, data: list[Any], out: Any) -> None:
         """Decode into the first len(data) images of `out`, a uint8 (B, 3, Hmax, Wmax) CUDA tensor (each image
         top-left in its slot, the rest of the slot left as it was): one allocation and no per-image ops."""
-        self._call(data, padded_table(out, len(data)), out.device, out, spare=True)
+        self._call(data, padded_table(out, len(data)), out.device, out)
 
     def _release(self) -> None:
         while self.states:
