@@ -448,7 +448,6 @@ def ours_command(args: argparse.Namespace, corpus: Path, store: Path, ckpt: Path
             "--summary-json", str(summary)] + (["--no-faiss"] if args.no_faiss else [])
 
 
-FIRST_BATCH = re.compile(r"([0-9.]+) s  first batch encoded")
 PHASE = re.compile(r"\] +([0-9.]+) s  (.+) \(([^)]*)\)$", re.M)  # a timeline line: seconds, phase, thread
 
 
@@ -478,10 +477,10 @@ def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
     if stats.exists():
         res["stages"] = json.loads(stats.read_text())
     text = log.read_text(errors="replace") if log.exists() else ""
-    first = FIRST_BATCH.search(text)
-    if first:
-        res["first_batch_encoded_s"] = float(first.group(1))
     res["timeline"] = [[float(m.group(1)), m.group(2)] for m in PHASE.finditer(text)]  # with --trace
+    first = next((when for when, phase in res["timeline"] if phase == "first batch encoded"), None)
+    if first is not None:
+        res["first_batch_encoded_s"] = first
     if rc != 0:
         return {**res, "error": log_tail(log)}
     try:

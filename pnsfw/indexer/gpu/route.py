@@ -185,10 +185,9 @@ def prepare(unit: Unit, router: Router, max_pixels: int) -> Prepared:
     """Reader thread: the unit's items read, hashed and probed (by the worker processes, or here) and routed
     to the device decoder or the CPU path; its last `router.share` items go to the CPU workers first (the
     whole first unit with `router.first_on_cpu`)."""
-    started = time.perf_counter()
-    if unit.index == 0 and router.first_on_cpu:
-        router.stats.add("read_s", time.perf_counter() - started)
+    if unit.index == 0 and router.first_on_cpu:  # nothing read here: the workers read and decode it
         return Prepared(unit, [], [], router.submit(unit.items))
+    started = time.perf_counter()
     split = len(unit.items) - router.share.take(len(unit.items))
     cpu = router.submit(unit.items[split:]) if split < len(unit.items) else []
     device = Unit(unit.index, unit.items[:split])
