@@ -116,6 +116,7 @@ def with_token(page) -> None:
 
 
 def wait_for_cards(page, count: int) -> None:
+    page.wait_for_selector("#grid:not([aria-busy])", state="attached")
     page.wait_for_function(f"document.querySelectorAll('#grid .card').length === {count}")
     page.wait_for_function("[...document.querySelectorAll('.thumb')].every(i => i.complete && i.naturalWidth > 0)")
 

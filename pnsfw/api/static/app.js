@@ -305,7 +305,11 @@ function dedupNote(result) {
 
 // ---- results and paging
 
+// The grid is aria-busy while a search is in flight, so readers (and tests) can tell a stale grid from a fresh one.
+function setBusy(busy) { if (busy) $("grid").setAttribute("aria-busy", "true"); else $("grid").removeAttribute("aria-busy"); }
+
 function showResult(result, view) {
+  setBusy(false);
   showVerdict(result.verdict);
   const start = view.page * view.k;
   const query = result.query;  // an id search lists the item itself first: the page shows it above the grid
@@ -329,6 +333,7 @@ function describe(query) {
 }
 
 function clearResult(message) {
+  setBusy(false);
   showVerdict(null);
   $("grid").replaceChildren();
   $("query-item").hidden = true;
@@ -356,6 +361,7 @@ async function searchFile(file) {
   state.view = Object.assign({}, state.view, { id: null, text: null, page: 0 });
   const url = urlOf(state.view);
   if (url !== location.pathname + location.search) history.pushState(null, "", url);
+  setBusy(true);
   setStatus("searching…");
   const form = new FormData();
   form.append("image", file);
@@ -373,6 +379,7 @@ async function searchFile(file) {
 async function searchJson(query) {
   const view = state.view;
   $("preview").hidden = true;
+  setBusy(true);
   setStatus("searching…");
   if (query.id !== undefined) showQueryItem(query.id); else $("query-item").hidden = true;
   try {
