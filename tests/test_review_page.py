@@ -115,3 +115,25 @@ def test_label_ten_items_with_the_keyboard_then_reload_and_train(review_server: 
     page.set_viewport_size({"width": 1280, "height": 900})
     page.screenshot(path=str(ARTIFACTS / "review-retrained.png"), full_page=True)
     assert httpx.get(f"{review_server.base}/health").status_code == 200
+
+
+def test_an_undo_pressed_while_a_label_is_saved_undoes_that_label_once_saved(review_server: Server, browser) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    with_token(page)
+    page.goto(review_server.base + "/?mode=review")
+    page.wait_for_selector("#review:not([hidden]) #review-keys button")
+    first = label_with_keys(page, "1")[0]
+    second = shown_id(page)
+    # from here each label save answers 400 ms late, so "u" lands while it is in flight
+    page.evaluate("""() => { const answer = window.fetch;
+      window.fetch = (url, options) => String(url).includes('/v1/labels')
+        ? new Promise((done) => setTimeout(done, 400)).then(() => answer(url, options)) : answer(url, options); }""")
+    page.keyboard.press("1")
+    page.keyboard.press("u")
+    page.wait_for_function(f"document.getElementById('review-item').dataset.id !== '{second}'")  # saved
+    page.wait_for_function(f"document.getElementById('review-item').dataset.id === '{second}'")  # then undone
+    page.keyboard.press("u")
+    page.wait_for_function(f"document.getElementById('review-item').dataset.id === '{first}'")
+    with review_server.client() as client:
+        current = {r["id"] for r in client.get("/v1/labels").json()["labels"]}
+    assert first not in current and int(second) not in current

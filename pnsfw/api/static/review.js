@@ -3,7 +3,8 @@
 // with the reviewer's name; the latest rows of the store's log (who, when) are shown below, and can be exported.
 "use strict";
 
-const review = { queue: [], at: 0, undo: [], done: 0, keys: {}, classes: [], loading: null, labelled: 0, remaining: 0 };
+const review = { queue: [], at: 0, undo: [], undoQueued: 0, done: 0, keys: {}, classes: [], loading: null, labelled: 0,
+  remaining: 0 };
 
 function keyFor(classes) {  // 1..9 always; also the first letter of a class when no other class shares it
   const keys = {};
@@ -92,13 +93,20 @@ async function label(name) {
     review.at += 1;
     renderItem();
     loadTrail();
-  } catch (err) { $("review-status").textContent = err.message; }
-  finally { review.busy = false; }
+  } catch (err) { review.undoQueued = 0; $("review-status").textContent = err.message; }  // not the label before
+  finally { saved(); }
+}
+
+// A u pressed while a label is being saved undoes once that save is done (the label it would undo may be that one).
+function saved() {
+  review.busy = false;
+  if (review.undoQueued) { review.undoQueued -= 1; undoLast(); }
 }
 
 async function undoLast() {
+  if (review.busy) { review.undoQueued += 1; return; }
   const last = review.undo.pop();
-  if (!last || review.busy) return;
+  if (!last) return;
   review.busy = true;
   try {
     await saveLabel(last.item.id, null);
@@ -108,8 +116,8 @@ async function undoLast() {
     logLine("undone: #" + last.item.id + " (" + last.label + ")");
     renderItem();
     loadTrail();
-  } catch (err) { review.undo.push(last); $("review-status").textContent = err.message; }
-  finally { review.busy = false; }
+  } catch (err) { review.undo.push(last); review.undoQueued = 0; $("review-status").textContent = err.message; }
+  finally { saved(); }
 }
 
 function skip() { if (current()) { review.at += 1; renderItem(); } }
