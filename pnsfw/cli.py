@@ -155,6 +155,9 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
         click.option("--gpu-decode-threads", default=0, type=click.IntRange(min=0),
                      help="GPU path: threads feeding the device JPEG decoder (0: with nvJPEG's hardware engines "
                           "two for thumbnails and up to four for large images as GPU memory allows, else one)."),
+        click.option("--gpu-sm-decoders", default=0, type=click.IntRange(min=0),
+                     help="GPU path, experiment: this many more decode threads whose nvJPEG handles decode on the "
+                          "SMs (its GPU_HYBRID backend) beside the JPEG engines' threads; for thumbnails."),
         click.option("--gpu-tower-sms", default=0, type=click.IntRange(min=0),
                      help="GPU path: run the image tower on this many SMs (a CUDA green context), leaving the "
                           "rest to the JPEG decode's kernels (0: every SM)."),
@@ -198,15 +201,15 @@ def _with_gpu_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_decode_threads: int, gpu_tower_sms: int,
-                gpu_decoder: str, gpu_resize: str,
+def gpu_options(gpu_workers: int, gpu_cpu_share: int, gpu_decode_threads: int, gpu_sm_decoders: int,
+                gpu_tower_sms: int, gpu_decoder: str, gpu_resize: str,
                 gpu_tower: str, gpu_encode_stream: str, gpu_decode_priority: str,
                 gpu_first_unit: str, gpu_compile: str, stage_stats: "str | None", gpu_profile: "str | None") -> Any:
     """The GpuOptions of `pnsfw index`'s --gpu-* options."""
     from .indexer.gpu.options import GpuOptions
 
     return GpuOptions(workers=gpu_workers, cpu_share=gpu_cpu_share, decode_threads=gpu_decode_threads,
-                      tower_sms=gpu_tower_sms,
+                      sm_decoders=gpu_sm_decoders, tower_sms=gpu_tower_sms,
                       decoder=gpu_decoder, resize=gpu_resize, tower=gpu_tower, encode_stream=gpu_encode_stream,
                       decode_priority=gpu_decode_priority, first_unit=gpu_first_unit,
                       compile=gpu_compile, stage_stats=stage_stats, profile=gpu_profile)

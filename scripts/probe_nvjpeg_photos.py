@@ -9,7 +9,7 @@ meanwhile (into new buffers, or into buffers made once); beside the CUDA-graph t
 (on the legacy default stream, or on a stream of its own as in the pipeline, or in a child process: a CUDA
 context of its own, whose driver calls then do not wait behind this process's); beside the encoder thread's resize
 of the previous outputs (what `--gpu-resize auto` does for photos); pinned (page-locked bytes, alone or beside
-the tower). Each
+the tower); the GPU_HYBRID backend (the SMs decode, as `--gpu-sm-decoders`), alone or beside the tower. Each
 condition also sums the calls' thread usage (CPU s, minor faults, voluntary/involuntary context switches):
 CPU s near the wall time means the call computes, far below it that it waits. Beside the tower, also the
 tower's img/s and the host time of each of its launches (p50 / p99 / max ms: a launch that waits behind
@@ -211,7 +211,7 @@ def main() -> int:
                     help="the conditions to run under torch.profiler (CUDA API calls summed)")
     args = ap.parse_args()
     from pnsfw.indexer.encoder import load_encoder
-    from pnsfw.indexer.gpu.nvjpeg import OUTPUT_YUV, HardwareDecoder, page_locked
+    from pnsfw.indexer.gpu.nvjpeg import BACKEND_GPU_HYBRID, OUTPUT_YUV, HardwareDecoder, page_locked
     from pnsfw.indexer.gpu.options import GpuOptions
     from pnsfw.indexer.gpu.probe import jpeg_size
     from pnsfw.indexer.gpu.tower import image_model
@@ -301,6 +301,8 @@ def main() -> int:
         "fresh_plus_4_readers_tower_own_stream": (fresh, [read_fresh] * 4 + [tower_own_stream], {}),
         "pinned": (pinned, [], {}), "pinned_fresh": (lambda i: [page_locked(t) for t in fresh(i)], [], {}),
         "pinned_beside_graph_tower_own_stream": (pinned, [tower_own_stream], {}),
+        "alone_gpu_hybrid": (None, [], {"backend": BACKEND_GPU_HYBRID}),  # the SMs decode (--gpu-sm-decoders)
+        "beside_graph_tower_own_stream_gpu_hybrid": (None, [tower_own_stream], {"backend": BACKEND_GPU_HYBRID}),
         "alone_yuv_output": (None, [], {"output": OUTPUT_YUV}),
         "beside_graph_tower_own_stream_yuv_output": (None, [tower_own_stream], {"output": OUTPUT_YUV})}
     if "alone_yuv_output" in (args.only or ["alone_yuv_output"]):

@@ -13,7 +13,7 @@ from pnsfw.indexer.gpu.decode import DecoderPool, _hardware_first, device_decode
 from pnsfw.indexer.gpu.nvjpeg import HardwareDecoder, NvjpegError, page_locked
 from pnsfw.indexer.gpu.nvjpeg import Image as NvImage
 from pnsfw.indexer.gpu.probe import jpeg_header
-from pnsfw.indexer.gpu.route import Prepared, Unit
+from pnsfw.indexer.gpu.route import Prepared, Stats, Unit
 from pnsfw.indexer.reader import Result
 from pnsfw.indexer.sources import Item
 
@@ -117,6 +117,27 @@ def test_padded_decode_equals_per_image_decode(pinned: bool) -> None:
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with JPEG engines")
+def test_sm_decoder_decodes_a_padded_batch_as_the_engines_do() -> None:
+    """`--gpu-sm-decoders`' GPU_HYBRID handle: a batch of 64 thumbnails (nvJPEG's GPU Huffman decode takes
+    batches over 50) into one padded batch, close to the engines' pixels (IDCTs may round differently)."""
+    from pnsfw.indexer.gpu.nvjpeg import BACKEND_GPU_HYBRID
+
+    blobs = [_jpeg(200 + 8 * (i % 7), 150 + 8 * (i % 5), i) for i in range(64)]
+    hardware = [True] * len(blobs)
+    engines, sms = HardwareDecoder(), HardwareDecoder(backend=BACKEND_GPU_HYBRID)
+    want, shapes = padded_decode(_prepared(blobs, hardware), "cuda", engines)
+    for _ in range(2):
+        got, got_shapes = padded_decode(_prepared(blobs, hardware), "cuda", sms)
+        torch.cuda.synchronize()
+        assert got_shapes == shapes and sms.calls >= 1
+        for image, ref, (h, w) in zip(got, want, shapes):
+            diff = (image[:, :h, :w].int() - ref[:, :h, :w].int()).abs().float()
+            assert diff.mean().item() < 1.0 and diff.max().item() <= 16
+    engines.close()
+    sms.close()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with JPEG engines")
 def test_batch_size_changes_never_reinitialise_a_busy_state() -> None:
     """Round 5 hung when a state was re-initialised for a new batch size: now one state per size (at most
     MAX_STATES, the oldest retired once done), every size still decoded right."""
@@ -199,6 +220,62 @@ def test_auto_decode_threads_gate_thumbnails_at_two_and_large_images_by_memory(m
         assert pool.gate(True) is pool.gate(True)
     asked = DecoderPool("cuda", "auto", threads=3)
     assert asked.threads == 3 and isinstance(asked.gate(True), contextlib.nullcontext)
+
+
+def test_sm_decoders_are_the_last_threads_made_and_pass_no_engine_gate(monkeypatch, caplog) -> None:
+    """`--gpu-sm-decoders N`: N more decode threads, whose decoders (each thread makes one, in any order, some
+    at once) are exactly N GPU_HYBRID ones beside the engines' HARDWARE ones; an SM decoder holds no engine gate,
+    and one that cannot be made is replaced by an engines' one, logged once."""
+    import contextlib
+    import logging
+    import threading
+    import types
+
+    from pnsfw.errors import BadInput
+    from pnsfw.indexer.gpu.nvjpeg import BACKEND_GPU_HYBRID, BACKEND_HARDWARE
+    from pnsfw.indexer.gpu.options import GpuOptions
+
+    props = types.SimpleNamespace(total_memory=141 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    pool = DecoderPool("cuda", "auto", sm_decoders=2)
+    assert pool.threads == 4 + 2 and DecoderPool("cuda", "auto", threads=3, sm_decoders=1).threads == 4
+    assert DecoderPool("cpu", "auto", sm_decoders=2).threads == 1  # no device decoder at all: no SM threads
+    start = threading.Barrier(pool.threads)
+
+    def make(backend: int) -> object:
+        start.wait(timeout=5)  # every thread plans its backend before any decoder exists
+        return types.SimpleNamespace(backend=backend, usage={}, calls=3, close=lambda: None)
+
+    made: list[object] = []
+    threads = [threading.Thread(target=lambda: made.append(pool._make(make, NvjpegError)))
+               for _ in range(pool.threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    backends = sorted(d.backend for d in pool.made)  # type: ignore[attr-defined]
+    assert backends == sorted([BACKEND_HARDWARE] * 4 + [BACKEND_GPU_HYBRID] * 2)
+    sm = next(d for d in pool.made if d.backend == BACKEND_GPU_HYBRID)  # type: ignore[attr-defined]
+    engines = next(d for d in pool.made if d.backend == BACKEND_HARDWARE)  # type: ignore[attr-defined]
+    assert isinstance(pool.gate(True, sm), contextlib.nullcontext) and pool.gate(True, engines)._value == 2
+    stats = Stats()
+    pool.close(stats)
+    assert stats.sm_decoder_calls == 2 * 3 and stats.as_dict()["sm_decoder_calls"] == 6
+
+    def refuse_sm(backend: int) -> object:
+        if backend == BACKEND_GPU_HYBRID:
+            raise NvjpegError("nvjpegCreateEx(GPU_HYBRID) failed: implementation not supported")
+        return types.SimpleNamespace(backend=backend)
+
+    one = DecoderPool("cuda", "auto", threads=1, sm_decoders=1)
+    with caplog.at_level(logging.WARNING, logger="pnsfw"):
+        assert [one._make(refuse_sm, NvjpegError).backend for _ in range(2)] == [BACKEND_HARDWARE] * 2
+    assert one.planned == [BACKEND_HARDWARE, BACKEND_GPU_HYBRID]
+    assert [r.message for r in caplog.records if "GPU_HYBRID" in r.message] == [
+        "GPU path: nvJPEG GPU_HYBRID decoder unavailable (nvjpegCreateEx(GPU_HYBRID) failed: implementation not "
+        "supported); its thread uses the JPEG engines"]
+    with pytest.raises(BadInput, match="SM decoders"):
+        GpuOptions(sm_decoders=-1)
 
 
 def test_the_first_unit_goes_whole_to_the_cpu_workers_when_asked(tmp_path: object) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..timeline import mark
 from .fallback import warn_once
+from .nvjpeg import BACKEND_GPU_HYBRID, BACKEND_HARDWARE
 from .resize import resize_dtype
 from .route import Prepared, Router
 
@@ -63,13 +64,16 @@ def decode_jpegs(data: list[Any], device: str) -> list[Any]:
 
 class DecoderPool:
     """Per decode thread: its CUDA stream and its nvJPEG hardware decoder (mode "auto"), made on first use;
-    one failure to make a decoder (no library, no GPU, no JPEG engine) is logged once and ends the tries."""
+    one failure to make a decoder (no library, no GPU, no JPEG engine) is logged once and ends the tries.
+    `sm_decoders` (an experiment): that many more threads, whose decoders use nvJPEG's GPU_HYBRID backend (the
+    SMs) beside the engines' threads."""
 
-    def __init__(self, device: str, mode: str, priority: str = "normal", threads: int = 0):
-        self.device, self.mode, self.requested = device, mode, threads
+    def __init__(self, device: str, mode: str, priority: str = "normal", threads: int = 0, sm_decoders: int = 0):
+        self.device, self.mode, self.requested, self.sm = device, mode, threads, sm_decoders
         self.priority = -1 if priority == "high" else 0  # torch: lower is higher; -1 is CUDA's highest here
         self.local = threading.local()
         self.made: list[Any] = []
+        self.planned: list[int] = []  # the backend of each decoder made or being made, in order
         self.lock = threading.Lock()
         self.unavailable = not device.startswith("cuda") or mode != "auto"
         self.serial = threading.Lock()  # torchvision.io's units, one at a time as with a single decode thread
@@ -89,10 +93,11 @@ class DecoderPool:
     @property
     def threads(self) -> int:
         """Decode threads: as asked, else with the hardware engines two for thumbnails (each feeds them while
-        the other waits) and up to four for large images, as the GPU's memory allows (`gate`); one without."""
-        if self.requested or self.unavailable:
+        the other waits) and up to four for large images, as the GPU's memory allows (`gate`); one without;
+        plus the SM decoders' threads."""
+        if self.unavailable:
             return self.requested or 1
-        return max(HARDWARE_THREADS, self._large_threads())
+        return (self.requested or max(HARDWARE_THREADS, self._large_threads())) + self.sm
 
     def _large_threads(self) -> int:
         import torch
@@ -100,10 +105,11 @@ class DecoderPool:
         total_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
         return int(min(LARGE_THREADS, max(HARDWARE_THREADS, total_gib // LARGE_UNIT_GIB)))
 
-    def gate(self, padded: bool) -> Any:
+    def gate(self, padded: bool, decoder: Any = None) -> Any:
         """What a unit holds while it decodes: with auto threads, at most HARDWARE_THREADS padded units (or
-        the large-image count of the others) at once; with threads asked for, nothing."""
-        if self.requested or self.unavailable:
+        the large-image count of the others) at once on the engines; with threads asked for, or on the SMs
+        (one thread per SM decoder), nothing."""
+        if self.requested or self.unavailable or getattr(decoder, "backend", BACKEND_HARDWARE) != BACKEND_HARDWARE:
             return nullcontext()
         with self.lock:
             if padded not in self.gates:
@@ -132,15 +138,37 @@ class DecoderPool:
             if ":" in self.device:  # nvJPEG's own runtime works on this thread's current device
                 torch.cuda.set_device(self.device)
             try:
-                self.local.decoder = HardwareDecoder()
+                self.local.decoder = self._make(HardwareDecoder, NvjpegError)
                 mark("nvJPEG decoder made", once=True)
             except NvjpegError as exc:
                 self.unavailable = True
                 warn_once(f"nvJPEG hardware decoder unavailable ({exc}); decoding through torchvision.io")
                 return None
-            with self.lock:
-                self.made.append(self.local.decoder)
         return self.local.decoder
+
+    def next_backend(self) -> int:
+        """The backend of the next decoder to make: the engines' for the first threads, then the SMs'
+        (GPU_HYBRID) for the last `sm_decoders` of them (each thread makes one, on its first unit)."""
+        with self.lock:
+            engines = self.planned.count(BACKEND_HARDWARE)
+            backend = BACKEND_GPU_HYBRID if self.sm and engines >= self.threads - self.sm else BACKEND_HARDWARE
+            self.planned.append(backend)
+            return backend
+
+    def _make(self, make: Any, error: type[Exception]) -> Any:
+        """A decoder of the next backend, listed in `made`; an SM decoder that cannot be made is logged once
+        and replaced by one on the engines."""
+        backend = self.next_backend()
+        try:
+            decoder = make(backend=backend)
+        except error as exc:
+            if backend == BACKEND_HARDWARE:
+                raise
+            warn_once(f"nvJPEG GPU_HYBRID decoder unavailable ({exc}); its thread uses the JPEG engines")
+            decoder = make(backend=BACKEND_HARDWARE)
+        with self.lock:
+            self.made.append(decoder)
+        return decoder
 
     def stalled(self, limit_s: float) -> float:
         """Seconds the longest hardware call in progress has run, if over `limit_s`; else 0."""
@@ -157,6 +185,8 @@ class DecoderPool:
                 if stats is not None:
                     for name, value in decoder.usage.items():
                         stats.add_usage(name, value)
+                    if getattr(decoder, "backend", BACKEND_HARDWARE) != BACKEND_HARDWARE:
+                        stats.add("sm_decoder_calls", decoder.calls)
                 decoder.close()
             self.made.clear()
 

@@ -23,7 +23,11 @@ import sys
 import time
 from typing import Any
 
-BACKEND_HARDWARE = 3  # nvjpegBackend_t NVJPEG_BACKEND_HARDWARE
+BACKEND_HARDWARE = 3  # nvjpegBackend_t NVJPEG_BACKEND_HARDWARE: the JPEG engines
+# NVJPEG_BACKEND_GPU_HYBRID: Huffman decode and IDCT on the SMs (batched calls of baseline, interleaved JPEGs);
+# thumbnails alone 40.7k img/s on one thread, 94.3k on four, photos 1.9k (an H200, ../shared/notes/gpu-ceilings.md)
+BACKEND_GPU_HYBRID = 2
+BACKEND_NAMES = {BACKEND_HARDWARE: "HARDWARE", BACKEND_GPU_HYBRID: "GPU_HYBRID"}
 FLAG_MEMORY_POOLS = 1 << 1  # NVJPEG_FLAGS_ENABLE_MEMORY_POOLS: internal allocations reused, not freed per call
 CSS_444 = 0  # nvjpegChromaSubsampling_t NVJPEG_CSS_444: the largest buffers, for any subsampling
 OUTPUT_YUV = 1  # nvjpegOutputFormat_t NVJPEG_OUTPUT_YUV: the planes as coded (chroma at its subsampling)
@@ -146,7 +150,8 @@ class NvjpegStalled(RuntimeError):
 
 
 class HardwareDecoder:
-    """One nvJPEG handle on the HARDWARE backend with its batched decode states, for one thread.
+    """One nvJPEG handle on the HARDWARE backend (or `backend` GPU_HYBRID: on the SMs) with its batched decode
+    states, for one thread.
 
     Calls follow the pattern NVIDIA's sample, torchvision and torchcodec use (round 5's pipeline hung in
     nvjpegDecodeBatched in 4 of 6 thumbnail runs while it re-initialised a state whose previous call could
@@ -163,7 +168,8 @@ class HardwareDecoder:
     are copied by DMA, pageable ones through the driver's staging."""
 
     def __init__(self, flags: int = FLAG_MEMORY_POOLS, preallocate: tuple[int, int] | None = None,
-                 timeout_s: float = CALL_TIMEOUT_S, output: int = OUTPUT_RGB) -> None:
+                 timeout_s: float = CALL_TIMEOUT_S, output: int = OUTPUT_RGB,
+                 backend: int = BACKEND_HARDWARE) -> None:
         from collections import OrderedDict
 
         from ...concurrency import DaemonThreads
@@ -171,14 +177,15 @@ class HardwareDecoder:
         self.lib = library()
         self.handle = ctypes.c_void_p()
         self.states: OrderedDict[int, list[Any]] = OrderedDict()  # batch size: [state, event of its last call]
-        self.preallocate, self.timeout_s, self.output = preallocate, timeout_s, output
+        self.preallocate, self.timeout_s, self.output, self.backend = preallocate, timeout_s, output, backend
         self.calls = 0
         self.usage = dict.fromkeys(USAGE_FIELDS + TIMING_FIELDS, 0.0)  # summed over the calls
         self.since: float | None = None  # time.monotonic() when the call in progress began (a watchdog reads it)
         self.wedged = self.closed = False
         self.held: list[Any] = []  # what a wedged call may still read or write
-        _check(self.lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, flags, ctypes.byref(self.handle)),
-               "nvjpegCreateEx(HARDWARE)")
+        name = BACKEND_NAMES.get(backend, str(backend))
+        _check(self.lib.nvjpegCreateEx(backend, None, None, flags, ctypes.byref(self.handle)),
+               f"nvjpegCreateEx({name})")
         import torch
 
         self.caller = DaemonThreads(1, "pnsfw-nvjpeg")  # every call of this handle, on this device

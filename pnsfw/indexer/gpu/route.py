@@ -46,6 +46,7 @@ class Stats:
     cpu_images: int = 0
     rejected_batches: int = 0  # units the CPU workers decoded instead of the device
     hardware_stalls: int = 0  # nvJPEG hardware calls that never returned (the run went on without the engines)
+    sm_decoder_calls: int = 0  # nvJPEG calls of the SM decoders (GPU_HYBRID, --gpu-sm-decoders)
     # the hardware decode calls' thread usage (nvjpeg.USAGE_FIELDS: wall and CPU s, minor faults, switches)
     nvjpeg_calls: dict[str, float] = field(default_factory=dict)
     lock: Any = field(default_factory=threading.Lock, repr=False)

@@ -65,7 +65,7 @@ def _decode_on_stream(prepared: Prepared, decoders: DecoderPool, router: Router,
     stream = decoders.stream()
     hardware = decoders.hardware_for(prepared)
     decoder = decoders.decoder() if hardware else None
-    gate = decoders.gate(padded_fits(prepared.rows)) if decoder is not None else decoders.serial
+    gate = decoders.gate(padded_fits(prepared.rows), decoder) if decoder is not None else decoders.serial
     with torch.cuda.stream(stream) if stream is not None else nullcontext(), gate:
         later = resize_later(prepared.rows, mode)
         side = decoders.stream("side") if decoder is not None else None
@@ -332,7 +332,7 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
     previous = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_S)
     decoders = DecoderPool(encoder.device, options.gpu.decoder, options.gpu.decode_priority,
-                           options.gpu.decode_threads)
+                           options.gpu.decode_threads, options.gpu.sm_decoders)
     start = partial(_start_threads, units, router, encoder, options, out, stop, decoders)
     deferred = compiles(encoder, options.gpu, items)
     threads = [] if deferred else start()
