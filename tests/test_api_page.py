@@ -71,12 +71,14 @@ def test_upload_shows_verdict_and_blurred_neighbours(api_server: Server, page) -
 
 def test_search_by_id_and_text_from_the_page(api_server: Server, page) -> None:
     page.add_init_script(f"localStorage.setItem('pnsfw-token', {TOKEN!r})")
+    page.add_init_script(late("/v1/stats", 500))
     page.goto(api_server.base + "/")
-    page.fill("#k", "5")
+    page.fill("#k", "5")  # typed while the page still loads: kept when it has loaded (CI once lost it)
+    page.wait_for_selector("body[data-ready]", state="attached")
     page.fill("#id", "3")
     page.click("#by-id button")
     page.wait_for_function("document.getElementById('status').textContent.includes('item #3')")
-    assert page.locator("#grid .card").count() == 5
+    assert page.input_value("#k") == "5" and "k=5" in page.url
     # the API lists the item itself first; the page shows it above the grid, with its own label
     page.wait_for_selector("#query-item:not([hidden])")
     assert page.get_attribute("#query-item", "data-id") == "3"
@@ -113,6 +115,14 @@ def test_docs_render_with_the_network_blocked(api_server: Server, page) -> None:
 
 def with_token(page) -> None:
     page.add_init_script(f"localStorage.setItem('pnsfw-token', {TOKEN!r})")
+
+
+def late(path: str, ms: int) -> str:
+    """An init script that answers the page's requests to `path` `ms` late: a check that reads the page before
+    that answer is shown then fails every run, not once in a while."""
+    return f"""const answer = window.fetch;
+window.fetch = (url, options) => String(url).includes({path!r})
+  ? new Promise((done) => setTimeout(done, {ms})).then(() => answer(url, options)) : answer(url, options);"""
 
 
 def wait_for_cards(page, count: int) -> None:

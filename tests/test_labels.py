@@ -11,15 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from api_server import REPO, Server, start_server
-from test_api_page import ARGS, ARTIFACTS, CHROMIUM, wait_for_cards, with_token
+from test_api_page import ARGS, ARTIFACTS, CHROMIUM, late, wait_for_cards, with_token
 
 from pnsfw.classifier.reviewed import current_rows
 from pnsfw.store import Store
 
 CLASSES = "nsfw,sfw,unsure"
-LATE_SEARCH = """const answer = window.fetch;
-window.fetch = (url, options) => String(url).includes('/v1/search')
-  ? new Promise((done) => setTimeout(done, 300)).then(() => answer(url, options)) : answer(url, options);"""
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +131,7 @@ def test_page_labels_the_queried_item_with_the_declared_classes_and_folds_duplic
             with_token(page)
             # Searches answer 300 ms late here, so a check that reads the grid before the new answer is shown fails
             # every run, not once in a while (CI once saw the grid from before "hide duplicates" was unchecked).
-            page.add_init_script(LATE_SEARCH)
+            page.add_init_script(late("/v1/search", 300))
             page.add_init_script("localStorage.setItem('pnsfw-reviewer', 'carol')")
             page.goto(classes_server.base + "/?id=9&k=6")
             wait_for_cards(page, 6)

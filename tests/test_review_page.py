@@ -5,7 +5,7 @@ import json
 import httpx
 import pytest
 from api_server import Server, prepare_store, start_server
-from test_api_page import ARGS, ARTIFACTS, CHROMIUM, with_token
+from test_api_page import ARGS, ARTIFACTS, CHROMIUM, late, with_token
 from test_classifier import run_cli
 
 pytestmark = pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason=f"{CHROMIUM} missing")
@@ -125,9 +125,7 @@ def test_an_undo_pressed_while_a_label_is_saved_undoes_that_label_once_saved(rev
     first = label_with_keys(page, "1")[0]
     second = shown_id(page)
     # from here each label save answers 400 ms late, so "u" lands while it is in flight
-    page.evaluate("""() => { const answer = window.fetch;
-      window.fetch = (url, options) => String(url).includes('/v1/labels')
-        ? new Promise((done) => setTimeout(done, 400)).then(() => answer(url, options)) : answer(url, options); }""")
+    page.evaluate(f"() => {{ {late('/v1/labels', 400)} }}")
     page.keyboard.press("1")
     page.keyboard.press("u")
     page.wait_for_function(f"document.getElementById('review-item').dataset.id !== '{second}'")  # saved

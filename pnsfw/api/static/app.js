@@ -5,7 +5,8 @@
 
 const $ = (id) => document.getElementById(id);
 const DSIM = 0.95;  // hide-duplicates: hits at least this similar to a shown one are folded into it (server side)
-const state = { threshold: null, nsfwClasses: [], classes: [], labelClasses: [], result: null, view: {}, items: {}, file: null };
+const state = { threshold: null, nsfwClasses: [], classes: [], labelClasses: [], result: null, view: {}, items: {}, file: null,
+  shown: false };
 
 function reviewer() { return (localStorage.getItem("pnsfw-reviewer") || "").trim() || null; }
 
@@ -85,14 +86,28 @@ function go(changes, push) {
   show(view);
 }
 
+// Fields typed into while the page first loads (the store's stats still on their way) keep what was typed: the
+// first show, which fills the fields from the URL, then leaves them as they are.
+const TYPED_FIELDS = ["id", "text", "k", "dsim"];
+
+function setField(name, value) {
+  if (!$(name).dataset.typed) $(name).value = value;
+}
+
+function firstShown() {
+  TYPED_FIELDS.forEach((name) => delete $(name).dataset.typed);
+  state.shown = true;
+  document.body.dataset.ready = "true";
+}
+
 function show(view) {
   state.view = view;
-  $("id").value = view.id !== null ? view.id : "";
-  $("text").value = view.text || "";
-  $("k").value = view.k;
+  setField("id", view.id !== null ? view.id : "");
+  setField("text", view.text || "");
+  setField("k", view.k);
   $("safe").checked = view.safe;
   $("dedup").checked = view.dedup;
-  $("dsim").value = view.dsim;
+  setField("dsim", view.dsim);
   document.querySelectorAll("#modes .mode").forEach((a) => a.classList.toggle("active", a.dataset.mode === view.mode));
   $("audit").hidden = view.mode !== "audit";
   $("review").hidden = view.mode !== "review";
@@ -452,7 +467,8 @@ function wire() {
   window.addEventListener("popstate", () => show(viewFromUrl()));
   $("token").value = localStorage.getItem("pnsfw-token") || "";
   $("token").addEventListener("change", () => { localStorage.setItem("pnsfw-token", $("token").value); loadStats().then(() => show(viewFromUrl())); });
-  loadStats().then(() => show(viewFromUrl()));
+  TYPED_FIELDS.forEach((name) => $(name).addEventListener("input", () => { if (!state.shown) $(name).dataset.typed = "1"; }));
+  loadStats().then(() => { show(viewFromUrl()); firstShown(); });
 }
 
 wire();
