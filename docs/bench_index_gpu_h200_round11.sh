@@ -1,8 +1,8 @@
 # GPU indexing, round 11: the device calls, run from the repo root on the H200 machine with the wheels of
 # round 7 in .whl/ (clip-anytorch 2.6.0, ftfy 6.3.1, wcwidth 0.2.13, clip-retrieval 2.45.0, all_clip 1.3.0, fire
 # 0.7.1, termcolor 3.3.0, braceexpand 0.1.7, webdataset 0.2.111). Each call: bash this-file N [VARIANT]
-# (prep, then callN). Call 1 runs --gpu-sm-decoders (nvJPEG's GPU_HYBRID backend beside the engines) for the first
-# time, in the probe and paired in the pipeline, with round 9's --gpu-resize encoder beside it; call 2 takes the
+# (prep, then callN). Call 1 runs --gpu-sm-decoders (nvJPEG's GPU_HYBRID backend beside the engines) and
+# --gpu-decoder sm (that backend alone) for the first time, in the probe and alternating in the pipeline, with round 9's --gpu-resize encoder beside it; call 2 takes the
 # winner (VARIANT, e.g. gpu-sm-decoders=1) to 1M thumbnails and clip-retrieval's 100k.
 
 . scripts/gpu_bench_prep.sh  # prep()
@@ -34,8 +34,8 @@ timeout 150 python3 scripts/probe_nvjpeg_photos.py $W/thumbs --model $W/vit-b-32
     --only alone alone_gpu_hybrid beside_graph_tower_own_stream beside_graph_tower_own_stream_gpu_hybrid \
     --profile alone_gpu_hybrid 2>&1 | grep -v Warning | cut -c1-1500 | tail -8
 nvidia-smi dmon -s u -d 1 > $OUT/dmon.txt 2>&1 & DMON=$!
-timeout 300 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor \
-    --ours-variants '' 'gpu-sm-decoders=1' 'gpu-sm-decoders=2' 'gpu-resize=encoder' --ours-repeats 2 \
+timeout 360 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor \
+    --ours-variants '' 'gpu-sm-decoders=1' 'gpu-sm-decoders=2' 'gpu-decoder=sm' 'gpu-resize=encoder' --ours-repeats 2 \
     --out $OUT/thumbs.json 2>&1 | grep -v '^\s*$' | tail -10
 kill $DMON
 stage_table $W/runs

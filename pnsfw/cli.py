@@ -166,8 +166,9 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
           for flag, dest, values, text in (
             ("--gpu-decoder", "gpu_decoder", DECODERS,
              "GPU path: auto (nvJPEG's hardware JPEG engines through handles of our own, two decode threads; "
-             "through torchvision.io when the engines are missing or refuse a file; else the CPU workers) or "
-             "torchvision (no engines)."),
+             "through torchvision.io when the engines are missing or refuse a file; else the CPU workers), "
+             "torchvision (no engines) or sm (an experiment: every decode thread on nvJPEG's GPU_HYBRID backend, "
+             "the SMs; four threads unless --gpu-decode-threads)."),
             ("--gpu-resize", "gpu_resize", RESIZES,
              "GPU path, experiment: where the batched resize runs (auto: the decode thread for small images, the "
              "encoding thread for large ones)."),

@@ -267,6 +267,10 @@ def test_sm_decoders_are_the_last_threads_made_and_pass_no_engine_gate(monkeypat
             raise NvjpegError("nvjpegCreateEx(GPU_HYBRID) failed: implementation not supported")
         return types.SimpleNamespace(backend=backend)
 
+    every = DecoderPool("cuda", "sm")  # --gpu-decoder sm: all on the SMs, four threads unless asked
+    assert every.threads == 4 and DecoderPool("cuda", "sm", threads=2).threads == 2
+    assert [every.next_backend() for _ in range(every.threads)] == [BACKEND_GPU_HYBRID] * 4
+    assert every.hardware_for(_prepared([_jpeg(64, 48, 0)], [True])) and GpuOptions(decoder="sm").decoder == "sm"
     one = DecoderPool("cuda", "auto", threads=1, sm_decoders=1)
     with caplog.at_level(logging.WARNING, logger="pnsfw"):
         assert [one._make(refuse_sm, NvjpegError).backend for _ in range(2)] == [BACKEND_HARDWARE] * 2

@@ -24,6 +24,8 @@ HARDWARE_THREADS = 2  # our binding on an H200: 2 MP photos 6,383 img/s steady w
 # to LARGE_THREADS, one per LARGE_UNIT_GIB of the GPU's memory (an H200 on 10k photos: 4,923 img/s steady with
 # 2, 5,921 with 3, 7,158 with 4, using 68, 89 and 93 GiB of its memory; session 9)
 LARGE_THREADS = 4
+SM_THREADS = 4  # --gpu-decoder sm: nvJPEG's GPU_HYBRID backend alone, thumbnails 94.3k img/s on four threads,
+# 40.7k on one (an H200, ../shared/notes/gpu-ceilings.md)
 LARGE_UNIT_GIB = 32
 # auto: the hardware engines for every unit. Thumbnails (400 px) decode into one padded batch: 44k img/s on one
 # thread, 56k on two (NVJPEG_FLAGS_ENABLE_MEMORY_POOLS), against 22-34k for torchvision.io's one decoder; units
@@ -66,7 +68,7 @@ class DecoderPool:
     """Per decode thread: its CUDA stream and its nvJPEG hardware decoder (mode "auto"), made on first use;
     one failure to make a decoder (no library, no GPU, no JPEG engine) is logged once and ends the tries.
     `sm_decoders` (an experiment): that many more threads, whose decoders use nvJPEG's GPU_HYBRID backend (the
-    SMs) beside the engines' threads."""
+    SMs) beside the engines' threads; mode "sm" (an experiment): every thread's decoder on that backend."""
 
     def __init__(self, device: str, mode: str, priority: str = "normal", threads: int = 0, sm_decoders: int = 0):
         self.device, self.mode, self.requested, self.sm = device, mode, threads, sm_decoders
@@ -75,7 +77,7 @@ class DecoderPool:
         self.made: list[Any] = []
         self.planned: list[int] = []  # the backend of each decoder made or being made, in order
         self.lock = threading.Lock()
-        self.unavailable = not device.startswith("cuda") or mode != "auto"
+        self.unavailable = not device.startswith("cuda") or mode not in ("auto", "sm")
         self.serial = threading.Lock()  # torchvision.io's units, one at a time as with a single decode thread
         self.gates: dict[bool, threading.Semaphore] = {}  # padded or not: units decoding at once (auto threads)
 
@@ -97,6 +99,8 @@ class DecoderPool:
         plus the SM decoders' threads."""
         if self.unavailable:
             return self.requested or 1
+        if self.mode == "sm":
+            return self.requested or SM_THREADS
         return (self.requested or max(HARDWARE_THREADS, self._large_threads())) + self.sm
 
     def _large_threads(self) -> int:
@@ -151,7 +155,8 @@ class DecoderPool:
         (GPU_HYBRID) for the last `sm_decoders` of them (each thread makes one, on its first unit)."""
         with self.lock:
             engines = self.planned.count(BACKEND_HARDWARE)
-            backend = BACKEND_GPU_HYBRID if self.sm and engines >= self.threads - self.sm else BACKEND_HARDWARE
+            on_sms = self.mode == "sm" or (self.sm and engines >= self.threads - self.sm)
+            backend = BACKEND_GPU_HYBRID if on_sms else BACKEND_HARDWARE
             self.planned.append(backend)
             return backend
 

@@ -7,7 +7,7 @@ from ...errors import BadInput
 RESIZES = ("auto", "decoder", "encoder", "thread")
 TOWERS = ("fast", "eager", "reference")  # each tuple's first value is the default (the CLI's too)
 COMPILES = ("auto", "on", "off")
-DECODERS = ("auto", "torchvision")
+DECODERS = ("auto", "torchvision", "sm")
 STREAMS = ("own", "default")
 PRIORITIES = ("normal", "high")
 FIRST_UNITS = ("device", "cpu")
@@ -21,7 +21,8 @@ class GpuOptions:
     cpu_share: int = 0  # at most this many images of each unit decode on the CPU workers beside the device,
     # sized by feedback (route.CpuShare); -1: up to half a unit; 0: only the files the device cannot decode (the
     # default: on an H200 any share slowed the nvJPEG calls 2-4x per image, round 7)
-    decoder: str = "auto"  # auto: nvJPEG's hardware engines (own handles); torchvision: its io
+    decoder: str = "auto"  # auto: nvJPEG's hardware engines (own handles); torchvision: its io; sm (an
+    # experiment): every decode thread on nvJPEG's GPU_HYBRID backend (the SMs)
     resize: str = "auto"  # where the batched resize runs: auto (by image size), decoder, encoder, thread
     tower: str = "fast"  # fast: SDPA, fp16 LayerNorm, patch GEMM, full batches replayed from a CUDA graph (the
     # encoder thread's host time per 100k thumbnails 0.8 s instead of 4.1 s on an H200, round 7); eager: the same
