@@ -2,8 +2,9 @@
 # round 7 in .whl/ (clip-anytorch 2.6.0, ftfy 6.3.1, wcwidth 0.2.13, clip-retrieval 2.45.0, all_clip 1.3.0, fire
 # 0.7.1, termcolor 3.3.0, braceexpand 0.1.7, webdataset 0.2.111). Each call: bash this-file N [VARIANT]
 # (prep, then callN). Call 1 runs --gpu-sm-decoders (nvJPEG's GPU_HYBRID backend beside the engines) and
-# --gpu-decoder sm (that backend alone) for the first time, in the probe and alternating in the pipeline, with round 9's --gpu-resize encoder beside it; call 2 takes the
-# winner (VARIANT, e.g. gpu-sm-decoders=1) to 1M thumbnails and clip-retrieval's 100k.
+# --gpu-decoder sm (that backend alone) for the first time, in the probe and alternating in the pipeline, with
+# round 9's --gpu-resize encoder beside them; call 2 takes the winner (VARIANT, e.g. gpu-sm-decoders=1) to 1M
+# thumbnails and clip-retrieval's 100k.
 
 . scripts/gpu_bench_prep.sh  # prep()
 
