@@ -262,7 +262,10 @@ def test_sm_decoders_are_the_last_threads_made_and_pass_no_engine_gate(monkeypat
     pool.close(stats)
     assert stats.sm_decoder_calls == 2 * 3 and stats.as_dict()["sm_decoder_calls"] == 6
 
-    def refuse_sm(backend: int) -> object:
+    tries = []
+
+    def refuse_sm(backend: int, **flags: int) -> object:
+        tries.append((backend, flags))
         if backend == BACKEND_GPU_HYBRID:
             raise NvjpegError("nvjpegCreateEx(GPU_HYBRID) failed: implementation not supported")
         return types.SimpleNamespace(backend=backend)
@@ -275,6 +278,7 @@ def test_sm_decoders_are_the_last_threads_made_and_pass_no_engine_gate(monkeypat
     with caplog.at_level(logging.WARNING, logger="pnsfw"):
         assert [one._make(refuse_sm, NvjpegError).backend for _ in range(2)] == [BACKEND_HARDWARE] * 2
     assert one.planned == [BACKEND_HARDWARE, BACKEND_GPU_HYBRID]
+    assert tries[1:] == [(BACKEND_GPU_HYBRID, {}), (BACKEND_GPU_HYBRID, {"flags": 0}), (BACKEND_HARDWARE, {})]
     assert [r.message for r in caplog.records if "GPU_HYBRID" in r.message] == [
         "GPU path: nvJPEG GPU_HYBRID decoder unavailable (nvjpegCreateEx(GPU_HYBRID) failed: implementation not "
         "supported); its thread uses the JPEG engines"]

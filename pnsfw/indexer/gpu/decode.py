@@ -161,16 +161,20 @@ class DecoderPool:
             return backend
 
     def _make(self, make: Any, error: type[Exception]) -> Any:
-        """A decoder of the next backend, listed in `made`; an SM decoder that cannot be made is logged once
-        and replaced by one on the engines."""
+        """A decoder of the next backend, listed in `made`; an SM decoder that cannot be made (also without
+        nvJPEG's memory pools, a flag documented for the engines) is logged once and replaced by one on the
+        engines."""
         backend = self.next_backend()
         try:
             decoder = make(backend=backend)
         except error as exc:
             if backend == BACKEND_HARDWARE:
                 raise
-            warn_once(f"nvJPEG GPU_HYBRID decoder unavailable ({exc}); its thread uses the JPEG engines")
-            decoder = make(backend=BACKEND_HARDWARE)
+            try:
+                decoder = make(backend=backend, flags=0)
+            except error:
+                warn_once(f"nvJPEG GPU_HYBRID decoder unavailable ({exc}); its thread uses the JPEG engines")
+                decoder = make(backend=BACKEND_HARDWARE)
         with self.lock:
             self.made.append(decoder)
         return decoder
