@@ -5,8 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const DSIM = 0.95;  // hide-duplicates: hits at least this similar to a shown one are folded into it (server side)
-const state = { threshold: null, nsfwClasses: [], classes: [], labelClasses: [], result: null, view: {}, items: {}, file: null,
-  shown: false };
+const state = { threshold: null, nsfwClasses: [], classes: [], labelClasses: [], result: null, view: {}, items: {}, file: null };
 
 function reviewer() { return (localStorage.getItem("pnsfw-reviewer") || "").trim() || null; }
 
@@ -96,7 +95,6 @@ function setField(name, value) {
 
 function firstShown() {
   TYPED_FIELDS.forEach((name) => delete $(name).dataset.typed);
-  state.shown = true;
   document.body.dataset.ready = "true";
 }
 
@@ -467,7 +465,9 @@ function wire() {
   window.addEventListener("popstate", () => show(viewFromUrl()));
   $("token").value = localStorage.getItem("pnsfw-token") || "";
   $("token").addEventListener("change", () => { localStorage.setItem("pnsfw-token", $("token").value); loadStats().then(() => show(viewFromUrl())); });
-  TYPED_FIELDS.forEach((name) => $(name).addEventListener("input", () => { if (!state.shown) $(name).dataset.typed = "1"; }));
+  TYPED_FIELDS.forEach((name) => $(name).addEventListener("input", () => {
+    if (!document.body.dataset.ready) $(name).dataset.typed = "1";
+  }));
   loadStats().then(() => { show(viewFromUrl()); firstShown(); });
 }
 

@@ -64,6 +64,11 @@ def decode_jpegs(data: list[Any], device: str) -> list[Any]:
     return [ops.decode_jpeg(image, _RGB, False) for image in data]
 
 
+def on_sms(decoder: Any) -> bool:
+    """Whether `decoder` decodes on the SMs (GPU_HYBRID) rather than the JPEG engines."""
+    return getattr(decoder, "backend", BACKEND_HARDWARE) != BACKEND_HARDWARE
+
+
 class DecoderPool:
     """Per decode thread: its CUDA stream and its nvJPEG hardware decoder (mode "auto"), made on first use;
     one failure to make a decoder (no library, no GPU, no JPEG engine) is logged once and ends the tries.
@@ -113,7 +118,7 @@ class DecoderPool:
         """What a unit holds while it decodes: with auto threads, at most HARDWARE_THREADS padded units (or
         the large-image count of the others) at once on the engines; with threads asked for, or on the SMs
         (one thread per SM decoder), nothing."""
-        if self.requested or self.unavailable or getattr(decoder, "backend", BACKEND_HARDWARE) != BACKEND_HARDWARE:
+        if self.requested or self.unavailable or on_sms(decoder):
             return nullcontext()
         with self.lock:
             if padded not in self.gates:
@@ -155,8 +160,8 @@ class DecoderPool:
         (GPU_HYBRID) for the last `sm_decoders` of them (each thread makes one, on its first unit)."""
         with self.lock:
             engines = self.planned.count(BACKEND_HARDWARE)
-            on_sms = self.mode == "sm" or (self.sm and engines >= self.threads - self.sm)
-            backend = BACKEND_GPU_HYBRID if on_sms else BACKEND_HARDWARE
+            sms = self.mode == "sm" or (self.sm and engines >= self.threads - self.sm)
+            backend = BACKEND_GPU_HYBRID if sms else BACKEND_HARDWARE
             self.planned.append(backend)
             return backend
 
@@ -194,7 +199,7 @@ class DecoderPool:
                 if stats is not None:
                     for name, value in decoder.usage.items():
                         stats.add_usage(name, value)
-                    if getattr(decoder, "backend", BACKEND_HARDWARE) != BACKEND_HARDWARE:
+                    if on_sms(decoder):
                         stats.add("sm_decoder_calls", decoder.calls)
                 decoder.close()
             self.made.clear()
