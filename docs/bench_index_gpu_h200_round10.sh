@@ -3,15 +3,7 @@
 # 1.3.0, fire 0.7.1, termcolor 3.3.0, braceexpand 0.1.7, webdataset 0.2.111). Each call: bash this-file N
 # (prep, then callN; what each call's code was is in docs/benchmarks.md, round 10).
 
-. scripts/gpu_bench_prep.sh  # prep()
-
-stage_table() {
-python3 - "$@" <<'PY'
-import json, glob, sys
-for f in sorted(glob.glob(sys.argv[1] + "/*.stages.json")):
-    s = json.load(open(f)); print(f.split("/")[-1], {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items() if k in ("decode_s", "device_decode_call_s", "wait_input_s", "encode_s", "wait_features_s", "read_s", "nvjpeg_calls")})
-PY
-}
+. scripts/gpu_bench_prep.sh  # prep(), stage_table()
 
 call1() {
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc; which nvidia-cuda-mps-control

@@ -6,17 +6,7 @@
 # round 9's --gpu-resize encoder beside them; call 2 takes the winner (VARIANT, e.g. gpu-sm-decoders=1) to 1M
 # thumbnails and clip-retrieval's 100k.
 
-. scripts/gpu_bench_prep.sh  # prep()
-
-stage_table() {
-python3 - "$@" <<'PY'
-import json, glob, sys
-keys = ("decode_s", "device_decode_call_s", "wait_input_s", "encode_s", "wait_features_s", "read_s", "sm_decoder_calls",
-        "nvjpeg_calls")
-for f in sorted(glob.glob(sys.argv[1] + "/*.stages.json")):
-    s = json.load(open(f)); print(f.split("/")[-1], {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items() if k in keys})
-PY
-}
+. scripts/gpu_bench_prep.sh  # prep(), stage_table()
 
 startup_imports() {
 # what the 0.4-0.7 s before "pnsfw index started" is: the interpreter, site, and pnsfw's imports
