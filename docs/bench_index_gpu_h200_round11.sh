@@ -4,7 +4,7 @@
 # (prep, then callN). Call 1 runs --gpu-sm-decoders (nvJPEG's GPU_HYBRID backend beside the engines) and
 # --gpu-decoder sm (that backend alone) for the first time, in the probe and alternating in the pipeline, with
 # round 9's --gpu-resize encoder beside them; call 2 takes the winner (VARIANT, e.g. gpu-sm-decoders=1) to 1M
-# thumbnails and clip-retrieval's 100k.
+# thumbnails and clip-retrieval's 100k; call 3 (no VARIANT) the anchor again and three variants at 1M.
 
 . scripts/gpu_bench_prep.sh  # prep(), stage_table()
 
@@ -43,6 +43,23 @@ timeout 90 python3 $B --run-timeout 30 --thumbs 0 --photos 10000 --skip-anchor -
 timeout 200 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 110 --thumbs 1000000 --photos 0 --skip-anchor --ours-variants "$V" --out $OUT/thumbs_1m.json 2>&1 | grep -v '^\s*$' | tail -2
 kill $DMON
 stage_table $W/runs
+}
+
+call3() {
+# call 2's anchor ran under a 60 s limit (clip-retrieval takes ~85 s): again with 150 s; and at 1M, where call 2's
+# SM decoders gained nothing, the encoder's loop accounted in full (poll_s, encoder_s) and the tower's stream
+# above the SM decoders' (--gpu-decode-priority low)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 $B --thumbs 100000 --photos 0 --skip-anchor --skip-ours --out $OUT/corpora.json | tail -1
+timeout 60 python3 -m pytest -q -rf tests/test_gpu_path.py -k "priority or handed_out" -p no:cacheprovider -W ignore 2>&1 | tail -2
+nvidia-smi dmon -s u -d 1 > $OUT/dmon.txt 2>&1 & DMON=$!
+timeout 260 python3 $B --run-timeout 150 --thumbs 100000 --photos 0 --ours-variants '' 'gpu-decoder=sm' \
+    --out $OUT/thumbs_anchor.json 2>&1 | grep -v '^\s*$' | tail -4
+timeout 330 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 110 --thumbs 1000000 --photos 0 --skip-anchor \
+    --ours-variants 'gpu-decoder=sm' 'gpu-decoder=sm gpu-decode-priority=low' '' --out $OUT/thumbs_1m.json 2>&1 \
+    | grep -v '^\s*$' | tail -4
+kill $DMON
+stage_table $W/runs; stage_table /tmp/pnsfw-1m/runs
 }
 
 set -u; prep; "call$1" "$@"

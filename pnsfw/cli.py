@@ -179,8 +179,8 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
              "GPU path, experiment: the CUDA stream the image tower runs on (own: a stream of its own; default: "
              "CUDA's legacy default stream, as before round 5)."),
             ("--gpu-decode-priority", "gpu_decode_priority", PRIORITIES,
-             "GPU path, experiment: the decode threads' CUDA stream priority (high: the decode's and resize's "
-             "kernels go ahead of the tower's)."),
+             "GPU path, experiment: the decode threads' CUDA stream priority against the tower's (high: the "
+             "decode's and resize's kernels go ahead of the tower's; low: the tower's go ahead)."),
             ("--gpu-first-unit", "gpu_first_unit", FIRST_UNITS,
              "GPU path, experiment: where the first batch's images decode (device; cpu: the worker processes, "
              "while the device's decoders are made)."),

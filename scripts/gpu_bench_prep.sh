@@ -19,8 +19,8 @@ TUNED="glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=171798
 stage_table() {
 python3 - "$@" <<'PY'
 import json, glob, sys
-keys = ("decode_s", "device_decode_call_s", "wait_input_s", "encode_s", "wait_features_s", "read_s", "sm_decoder_calls",
-        "nvjpeg_calls")
+keys = ("decode_s", "device_decode_call_s", "wait_input_s", "encode_s", "wait_features_s", "write_s", "poll_s",
+        "encoder_s", "read_s", "sm_decoder_calls", "nvjpeg_calls")
 for f in sorted(glob.glob(sys.argv[1] + "/*.stages.json")):
     s = json.load(open(f)); print(f.split("/")[-1], {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items() if k in keys})
 PY

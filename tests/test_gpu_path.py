@@ -16,6 +16,7 @@ levels; 6 levels after the resize averages it) and the index test asks cosine
 import io
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +301,21 @@ def test_gpu_options_refuse_unknown_streams() -> None:
         GpuOptions(decode_priority="urgent")
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("priority", "tower_above_decode"), [("low", True), ("normal", False), ("high", False)])
+def test_decode_priority_low_puts_the_towers_stream_above_the_decoders(priority: str,
+                                                                       tower_above_decode: bool) -> None:
+    from types import SimpleNamespace
+
+    from pnsfw.indexer.gpu.decode import DecoderPool
+    from pnsfw.indexer.gpu.stage import encode_stream
+
+    options = SimpleNamespace(gpu=GpuOptions(decode_priority=priority))
+    tower = encode_stream(SimpleNamespace(device="cuda"), options)  # type: ignore[arg-type]
+    decode = DecoderPool("cuda", "sm", priority).stream()
+    assert (tower.priority < decode.priority) is tower_above_decode  # CUDA: the lower, the higher
+
+
 def test_decode_threads_keep_order_and_never_hold_the_process(tmp_path: Path) -> None:
     """The decode threads are daemons nothing joins at exit: a process whose decode call is wedged still exits."""
     import subprocess
@@ -370,13 +386,17 @@ def test_first_unit_is_handed_out_before_the_second_is_decoded(ready: bool) -> N
                 assert handed.wait(5), "the first unit was held back for the second"
 
     model = lambda images: images.mean(dim=(2, 3))[:, :2]  # noqa: E731
-    results = encode_units(decoded(), encoder, model, Stats(), ready=lambda: ready)  # type: ignore[arg-type]
+    stats = Stats()
+    results = encode_units(decoded(), encoder, model, stats, ready=lambda: ready)  # type: ignore[arg-type]
     for result in results:
         order.append(f"out {result.index}")
         handed.set()
+        time.sleep(0.05)  # the writer's time with each result: write_s, within the encoder's loop
         assert result.features.shape == (4, 2) and len(result.rows) == 4
     want_held = ["decoded 0", "out 0", "decoded 1", "out 1", "decoded 2", "out 2"]  # done: out at once
     assert order == (["decoded 0", "decoded 1", "out 0", "decoded 2", "out 1", "out 2"] if ready else want_held)
+    parts = stats.wait_input_s + stats.encode_s + stats.wait_features_s + stats.write_s + stats.poll_s
+    assert stats.write_s >= 0.15 and stats.poll_s > 0 and parts <= stats.encoder_s < parts + 0.05
 
 
 @pytest.mark.parametrize("compile_mode", ["on", "off"])

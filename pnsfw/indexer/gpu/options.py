@@ -9,7 +9,7 @@ TOWERS = ("fast", "eager", "reference")  # each tuple's first value is the defau
 COMPILES = ("auto", "on", "off")
 DECODERS = ("auto", "torchvision", "sm")
 STREAMS = ("own", "default")
-PRIORITIES = ("normal", "high")
+PRIORITIES = ("normal", "high", "low")
 FIRST_UNITS = ("device", "cpu")
 
 
@@ -34,8 +34,9 @@ class GpuOptions:
     sm_decoders: int = 0  # an experiment: this many more decode threads on nvJPEG's GPU_HYBRID backend (the SMs)
     # beside the engines' threads, for thumbnails (alone 94k img/s on four threads against the engines' 59k, but
     # on the tower's SMs; not yet run in the pipeline)
-    decode_priority: str = "normal"  # the decode threads' CUDA streams: normal, or high (their kernels are
-    # scheduled ahead of the tower's)
+    decode_priority: str = "normal"  # the decode threads' CUDA streams against the tower's: normal (the same),
+    # high (the decode's kernels scheduled ahead of the tower's) or low (the tower's stream high: its kernels ahead
+    # of the SM decoders')
     first_unit: str = "device"  # where the first unit (256 images) decodes: device, or cpu (the worker processes,
     # beside the tower's warm-up and the making of nvJPEG's decoders: on an H200 the first batch a median 0.1 s
     # sooner from the end of `import torch`, the steady rate 4-8 % lower; round 10)

@@ -42,6 +42,8 @@ class Stats:
     encode_s: float = 0.0
     wait_features_s: float = 0.0  # the encoder waiting for a batch's features: the tower's GPU time beyond the rest
     write_s: float = 0.0
+    poll_s: float = 0.0  # the encoder asking whether the next unit or the unit in flight is ready
+    encoder_s: float = 0.0  # the encoder's whole loop: its time beyond the five above is unaccounted (the GIL)
     device_images: int = 0
     cpu_images: int = 0
     rejected_batches: int = 0  # units the CPU workers decoded instead of the device

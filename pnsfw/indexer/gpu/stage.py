@@ -197,17 +197,21 @@ def encode_stream(encoder: Encoder, options: Any) -> Any:
 
     if options.gpu.encode_stream != "own" or not encoder.device.startswith("cuda"):
         return None
+    priority = TOWER_PRIORITIES.get(options.gpu.decode_priority, 0)
     if options.gpu.tower_sms:
         from .fallback import warn_once
         from .green import GreenUnavailable, green_stream
 
         try:
-            stream, sms = green_stream(torch.device(encoder.device).index or 0, options.gpu.tower_sms)
+            stream, sms = green_stream(torch.device(encoder.device).index or 0, options.gpu.tower_sms, priority)
             log.info("the image tower runs on %d SMs (a green context)", sms)
             return stream
         except GreenUnavailable as exc:
             warn_once(f"no green context for the tower ({exc}); it runs on every SM")
-    return torch.cuda.Stream(encoder.device)
+    return torch.cuda.Stream(encoder.device, priority=priority)
+
+
+TOWER_PRIORITIES = {"low": -1}  # --gpu-decode-priority low: the tower's stream at CUDA's highest priority
 
 
 def _on(stream: Any) -> Any:
@@ -263,9 +267,13 @@ def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[
     window = window or ProfileWindow(None)
     buffers = HostBuffers(encoder.device.startswith("cuda"))
     pending: _InFlight | None = None
+    begun = time.perf_counter()
     try:
         for count in itertools.count():
-            if pending is not None and not ready() and (pending.first or pending.done()):
+            started = time.perf_counter()
+            early = pending is not None and not ready() and (pending.first or pending.done())
+            stats.add("poll_s", time.perf_counter() - started)
+            if early and pending is not None:
                 yield from _hand_over(pending.result(encoder, stats, window), stats)
                 pending = None
             started = time.perf_counter()
@@ -280,6 +288,7 @@ def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[
                 return
             pending = current
     finally:
+        stats.add("encoder_s", time.perf_counter() - begun)
         window.close()
 
 
