@@ -4,7 +4,8 @@
 # (prep, then callN). Call 1 runs --gpu-sm-decoders (nvJPEG's GPU_HYBRID backend beside the engines) and
 # --gpu-decoder sm (that backend alone) for the first time, in the probe and alternating in the pipeline, with
 # round 9's --gpu-resize encoder beside them; call 2 takes the winner (VARIANT, e.g. gpu-sm-decoders=1) to 1M
-# thumbnails and clip-retrieval's 100k; call 3 (no VARIANT) the anchor again and three variants at 1M.
+# thumbnails and clip-retrieval's 100k; call 3 (no VARIANT) the anchor again and three variants at 1M; call 4
+# the new default against the old.
 
 . scripts/gpu_bench_prep.sh  # prep(), stage_table()
 
@@ -62,6 +63,18 @@ timeout 330 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 110 --thumbs 100000
     | grep -v '^\s*$' | tail -4
 kill $DMON
 stage_table $W/runs; stage_table /tmp/pnsfw-1m/runs
+}
+
+call4() {
+# the new default (auto: thumbnails' padded units on the SMs, large images on the engines) against the old one
+# (--gpu-decoder engines), in turn; the GPU tests last
+python3 $B --thumbs 100000 --photos 3000 --skip-anchor --skip-ours --out $OUT/corpora.json | tail -1
+timeout 130 python3 $B --run-timeout 40 --thumbs 100000 --photos 0 --skip-anchor --ours-variants '' 'gpu-decoder=engines' \
+    --ours-repeats 2 --out $OUT/thumbs.json 2>&1 | grep -v '^\s*$' | tail -4
+timeout 60 python3 $B --run-timeout 25 --thumbs 0 --photos 3000 --skip-anchor --ours-variants '' 'gpu-decoder=engines' \
+    --out $OUT/photos.json 2>&1 | grep -v '^\s*$' | tail -2
+stage_table $W/runs
+timeout 60 python3 -m pytest -q -rf tests/test_gpu_nvjpeg.py tests/test_gpu_path.py -p no:cacheprovider -W ignore 2>&1 | tail -3
 }
 
 set -u; prep; "call$1" "$@"

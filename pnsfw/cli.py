@@ -153,11 +153,12 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
                           "GPU, sized by how long the encoder waits for them (-1: up to half a batch; 0: only "
                           "the files the GPU cannot decode, fastest on an H200)."),
         click.option("--gpu-decode-threads", default=0, type=click.IntRange(min=0),
-                     help="GPU path: threads feeding the device JPEG decoder (0: with nvJPEG's hardware engines "
-                          "two for thumbnails and up to four for large images as GPU memory allows, else one)."),
+                     help="GPU path: threads feeding the device JPEG decoder (0: four with nvJPEG, large images "
+                          "on at most as many as GPU memory allows; with --gpu-decoder engines two for thumbnails; "
+                          "one with torchvision)."),
         click.option("--gpu-sm-decoders", default=0, type=click.IntRange(min=0),
                      help="GPU path, experiment: this many more decode threads whose nvJPEG handles decode on the "
-                          "SMs (its GPU_HYBRID backend) beside the JPEG engines' threads; for thumbnails."),
+                          "SMs (its GPU_HYBRID backend) beside the JPEG engines' threads, with --gpu-decoder engines."),
         click.option("--gpu-tower-sms", default=0, type=click.IntRange(min=0),
                      help="GPU path: run the image tower on this many SMs (a CUDA green context), leaving the "
                           "rest to the JPEG decode's kernels (0: every SM)."),
@@ -165,10 +166,10 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
         *(click.option(flag, dest, default=values[0], show_default=True, type=click.Choice(values), help=text)
           for flag, dest, values, text in (
             ("--gpu-decoder", "gpu_decoder", DECODERS,
-             "GPU path: auto (nvJPEG's hardware JPEG engines through handles of our own, two decode threads; "
-             "through torchvision.io when the engines are missing or refuse a file; else the CPU workers), "
-             "torchvision (no engines) or sm (an experiment: every decode thread on nvJPEG's GPU_HYBRID backend, "
-             "the SMs; four threads unless --gpu-decode-threads)."),
+             "GPU path: auto (nvJPEG through handles of our own, four decode threads: thumbnails on its GPU_HYBRID "
+             "backend, the SMs, larger images on the hardware JPEG engines; through torchvision.io when nvJPEG "
+             "is missing or refuses a file; else the CPU workers), engines (every image on the JPEG engines, two "
+             "threads for thumbnails), sm (an experiment: every image on GPU_HYBRID) or torchvision."),
             ("--gpu-resize", "gpu_resize", RESIZES,
              "GPU path, experiment: where the batched resize runs (auto: the decode thread for small images, the "
              "encoding thread for large ones)."),

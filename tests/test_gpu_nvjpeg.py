@@ -81,13 +81,40 @@ def test_hardware_decode_close_to_pil() -> None:
         assert image.shape == (3, row.height, row.width) and diff.mean().item() < 8
 
 
-def test_auto_sends_every_unit_to_the_engines() -> None:
+def test_every_unit_goes_to_our_nvjpeg_decoders() -> None:
     small = _prepared([_jpeg(400, 300, 1)], [True])
     large = _prepared([_jpeg(1632, 1224, 2)], [True])
-    pool = DecoderPool("cuda", "auto")  # nothing touches the GPU before a decoder is asked for
-    assert pool.hardware_for(small) and pool.hardware_for(large)
+    for mode in ("auto", "engines", "sm"):
+        pool = DecoderPool("cuda", mode)  # nothing touches the GPU before a decoder is asked for
+        assert pool.hardware_for(small) and pool.hardware_for(large)
     assert not DecoderPool("cuda", "torchvision").hardware_for(large)
     assert not DecoderPool("cpu", "auto").hardware_for(large)
+
+
+def test_auto_decodes_thumbnails_on_the_sms_and_large_images_on_the_engines(monkeypatch) -> None:
+    """auto: each thread has a GPU_HYBRID decoder for padded units (no engine gate) and an engines' one for the
+    rest (gated by memory), made when first needed; four threads; engines and sm keep one decoder a thread."""
+    import contextlib
+    import types
+
+    from pnsfw.indexer.gpu.nvjpeg import BACKEND_GPU_HYBRID, BACKEND_HARDWARE
+
+    props = types.SimpleNamespace(total_memory=80 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+
+    def make(backend: int, **flags: int) -> object:
+        return types.SimpleNamespace(backend=backend, usage={}, calls=1, close=lambda: None)
+
+    monkeypatch.setattr("pnsfw.indexer.gpu.nvjpeg.HardwareDecoder", make)
+    pool = DecoderPool("cuda", "auto")
+    assert pool.threads == 4 and DecoderPool("cuda", "auto", threads=2).threads == 2
+    sm, engines = pool.decoder(True), pool.decoder(False)
+    assert (sm.backend, engines.backend) == (BACKEND_GPU_HYBRID, BACKEND_HARDWARE)
+    assert pool.decoder(True) is sm and pool.decoder(False) is engines and len(pool.made) == 2
+    assert isinstance(pool.gate(True, sm), contextlib.nullcontext) and pool.gate(False, engines)._value == 2
+    for mode, backend in (("engines", BACKEND_HARDWARE), ("sm", BACKEND_GPU_HYBRID)):
+        one = DecoderPool("cuda", mode)
+        assert one.decoder(True) is one.decoder(False) and one.decoder(True).backend == backend
 
 
 def test_padded_path_only_for_batches_that_fit() -> None:
@@ -203,7 +230,7 @@ def test_padded_table_points_each_image_at_its_slot() -> None:
 
 def test_auto_decode_threads_gate_thumbnails_at_two_and_large_images_by_memory(monkeypatch) -> None:
     """With the engines and no --gpu-decode-threads: two padded (thumbnail) units decode at once, and up to four
-    units of large images where the GPU's memory holds them (an 80 GiB GPU keeps two)."""
+    units of large images where the GPU's memory holds them (an 80 GiB GPU keeps two; auto too)."""
     import contextlib
     import types
 
@@ -214,11 +241,12 @@ def test_auto_decode_threads_gate_thumbnails_at_two_and_large_images_by_memory(m
     for gib, large in ((80, 2), (141, 4), (1000, 4)):
         props = types.SimpleNamespace(total_memory=gib * 2**30)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
-        pool = DecoderPool("cuda", "auto")
+        pool = DecoderPool("cuda", "engines")
         assert pool.threads == large
         assert pool.gate(True)._value == 2 and pool.gate(False)._value == large
         assert pool.gate(True) is pool.gate(True)
-    asked = DecoderPool("cuda", "auto", threads=3)
+        assert DecoderPool("cuda", "auto").gate(False)._value == large
+    asked = DecoderPool("cuda", "engines", threads=3)
     assert asked.threads == 3 and isinstance(asked.gate(True), contextlib.nullcontext)
 
 
@@ -237,9 +265,9 @@ def test_sm_decoders_are_the_last_threads_made_and_pass_no_engine_gate(monkeypat
 
     props = types.SimpleNamespace(total_memory=141 * 2**30)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    pool = DecoderPool("cuda", "auto", sm_decoders=2)
-    assert pool.threads == 4 + 2 and DecoderPool("cuda", "auto", threads=3, sm_decoders=1).threads == 4
-    assert DecoderPool("cpu", "auto", sm_decoders=2).threads == 1  # no device decoder at all: no SM threads
+    pool = DecoderPool("cuda", "engines", sm_decoders=2)
+    assert pool.threads == 4 + 2 and DecoderPool("cuda", "engines", threads=3, sm_decoders=1).threads == 4
+    assert DecoderPool("cpu", "engines", sm_decoders=2).threads == 1  # no device decoder at all: no SM threads
     start = threading.Barrier(pool.threads)
 
     def make(backend: int) -> object:
@@ -274,7 +302,7 @@ def test_sm_decoders_are_the_last_threads_made_and_pass_no_engine_gate(monkeypat
     assert every.threads == 4 and DecoderPool("cuda", "sm", threads=2).threads == 2
     assert [every.next_backend() for _ in range(every.threads)] == [BACKEND_GPU_HYBRID] * 4
     assert every.hardware_for(_prepared([_jpeg(64, 48, 0)], [True])) and GpuOptions(decoder="sm").decoder == "sm"
-    one = DecoderPool("cuda", "auto", threads=1, sm_decoders=1)
+    one = DecoderPool("cuda", "engines", threads=1, sm_decoders=1)
     with caplog.at_level(logging.WARNING, logger="pnsfw"):
         assert [one._make(refuse_sm, NvjpegError).backend for _ in range(2)] == [BACKEND_HARDWARE] * 2
     assert one.planned == [BACKEND_HARDWARE, BACKEND_GPU_HYBRID]
@@ -284,6 +312,9 @@ def test_sm_decoders_are_the_last_threads_made_and_pass_no_engine_gate(monkeypat
         "supported); its thread uses the JPEG engines"]
     with pytest.raises(BadInput, match="SM decoders"):
         GpuOptions(sm_decoders=-1)
+    with pytest.raises(BadInput, match="need --gpu-decoder engines, not auto"):
+        GpuOptions(sm_decoders=1)
+    assert GpuOptions(decoder="engines", sm_decoders=1).sm_decoders == 1
 
 
 def test_the_first_unit_goes_whole_to_the_cpu_workers_when_asked(tmp_path: object) -> None:

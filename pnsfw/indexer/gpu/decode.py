@@ -24,12 +24,14 @@ HARDWARE_THREADS = 2  # our binding on an H200: 2 MP photos 6,383 img/s steady w
 # to LARGE_THREADS, one per LARGE_UNIT_GIB of the GPU's memory (an H200 on 10k photos: 4,923 img/s steady with
 # 2, 5,921 with 3, 7,158 with 4, using 68, 89 and 93 GiB of its memory; session 9)
 LARGE_THREADS = 4
-SM_THREADS = 4  # --gpu-decoder sm: nvJPEG's GPU_HYBRID backend alone, thumbnails 94.3k img/s on four threads,
-# 40.7k on one (an H200, ../shared/notes/gpu-ceilings.md)
+SM_THREADS = 4  # thumbnails on nvJPEG's GPU_HYBRID backend (auto, sm): 94.3k img/s on four threads alone, 40.7k on
+# one (an H200, ../shared/notes/gpu-ceilings.md); beside the tower 21.7k on one thread against the engines' 1.7k
+# (round 11), as its kernels are not synchronised per image
 LARGE_UNIT_GIB = 32
-# auto: the hardware engines for every unit. Thumbnails (400 px) decode into one padded batch: 44k img/s on one
-# thread, 56k on two (NVJPEG_FLAGS_ENABLE_MEMORY_POOLS), against 22-34k for torchvision.io's one decoder; units
-# too large for the padded batch (photos) decode image by image (docs/benchmarks.md, round 3).
+# Thumbnails (400 px) decode into one padded batch: on the engines 44k img/s on one thread, 56k on two
+# (NVJPEG_FLAGS_ENABLE_MEMORY_POOLS), against 22-34k for torchvision.io's one decoder; units too large for the
+# padded batch (photos) decode image by image (docs/benchmarks.md, round 3). auto: padded units on the SMs, the
+# others on the engines (round 11: thumbnails 5-10 % faster end to end on the SMs, photos 6 % slower).
 PADDED_MAX_BYTES = 1 << 30  # units whose (n, 3, Hmax, Wmax) uint8 batch fits decode into it, resized in one pass
 
 
@@ -70,10 +72,11 @@ def on_sms(decoder: Any) -> bool:
 
 
 class DecoderPool:
-    """Per decode thread: its CUDA stream and its nvJPEG hardware decoder (mode "auto"), made on first use;
-    one failure to make a decoder (no library, no GPU, no JPEG engine) is logged once and ends the tries.
-    `sm_decoders` (an experiment): that many more threads, whose decoders use nvJPEG's GPU_HYBRID backend (the
-    SMs) beside the engines' threads; mode "sm" (an experiment): every thread's decoder on that backend."""
+    """Per decode thread: its CUDA stream and its nvJPEG decoders, made on first use; one failure to make a
+    decoder (no library, no GPU, no JPEG engine) is logged once and ends the tries. Mode "auto": a thread's
+    padded units (thumbnails) on a GPU_HYBRID decoder (the SMs), its other units on the JPEG engines;
+    "engines": every unit on the engines, and `sm_decoders` (an experiment) that many more threads whose decoder
+    is a GPU_HYBRID one; "sm" (an experiment): every unit on GPU_HYBRID."""
 
     def __init__(self, device: str, mode: str, priority: str = "normal", threads: int = 0, sm_decoders: int = 0):
         self.device, self.mode, self.requested, self.sm = device, mode, threads, sm_decoders
@@ -82,12 +85,12 @@ class DecoderPool:
         self.made: list[Any] = []
         self.planned: list[int] = []  # the backend of each decoder made or being made, in order
         self.lock = threading.Lock()
-        self.unavailable = not device.startswith("cuda") or mode not in ("auto", "sm")
+        self.unavailable = not device.startswith("cuda") or mode not in ("auto", "engines", "sm")
         self.serial = threading.Lock()  # torchvision.io's units, one at a time as with a single decode thread
         self.gates: dict[bool, threading.Semaphore] = {}  # padded or not: units decoding at once (auto threads)
 
     def hardware_for(self, prepared: Prepared) -> bool:
-        """Whether this unit goes to the hardware engines (auto: every unit, while they are there)."""
+        """Whether this unit goes to our nvJPEG decoders (every unit, while they are there)."""
         return not self.unavailable and not self.wedged and bool(prepared.rows)
 
     @property
@@ -106,6 +109,8 @@ class DecoderPool:
             return self.requested or 1
         if self.mode == "sm":
             return self.requested or SM_THREADS
+        if self.mode == "auto":
+            return self.requested or max(SM_THREADS, self._large_threads())
         return (self.requested or max(HARDWARE_THREADS, self._large_threads())) + self.sm
 
     def _large_threads(self) -> int:
@@ -135,11 +140,14 @@ class DecoderPool:
             setattr(self.local, name, torch.cuda.Stream(self.device, priority=self.priority))
         return getattr(self.local, name)
 
-    def decoder(self) -> Any:
-        """This thread's HardwareDecoder, or None (torchvision.io decodes)."""
+    def decoder(self, padded: bool = False) -> Any:
+        """This thread's HardwareDecoder for a unit that decodes into one padded batch or not (auto: one decoder
+        for each), or None (torchvision.io decodes)."""
         if self.unavailable:
             return None
-        if getattr(self.local, "decoder", None) is None:
+        mine = self.local.__dict__.setdefault("decoders", {})
+        key = padded if self.mode == "auto" else None
+        if key not in mine:
             import torch
 
             from .nvjpeg import HardwareDecoder, NvjpegError
@@ -147,17 +155,20 @@ class DecoderPool:
             if ":" in self.device:  # nvJPEG's own runtime works on this thread's current device
                 torch.cuda.set_device(self.device)
             try:
-                self.local.decoder = self._make(HardwareDecoder, NvjpegError)
+                mine[key] = self._make(HardwareDecoder, NvjpegError, padded)
                 mark("nvJPEG decoder made", once=True)
             except NvjpegError as exc:
                 self.unavailable = True
                 warn_once(f"nvJPEG hardware decoder unavailable ({exc}); decoding through torchvision.io")
                 return None
-        return self.local.decoder
+        return mine[key]
 
-    def next_backend(self) -> int:
-        """The backend of the next decoder to make: the engines' for the first threads, then the SMs'
-        (GPU_HYBRID) for the last `sm_decoders` of them (each thread makes one, on its first unit)."""
+    def next_backend(self, padded: bool = False) -> int:
+        """The backend of the next decoder to make: auto, the SMs' (GPU_HYBRID) for padded units, else the
+        engines'; engines, theirs for the first threads, then the SMs' for the last `sm_decoders` of them (each
+        thread makes one, on its first unit)."""
+        if self.mode == "auto":
+            return BACKEND_GPU_HYBRID if padded else BACKEND_HARDWARE
         with self.lock:
             engines = self.planned.count(BACKEND_HARDWARE)
             sms = self.mode == "sm" or (self.sm and engines >= self.threads - self.sm)
@@ -165,11 +176,11 @@ class DecoderPool:
             self.planned.append(backend)
             return backend
 
-    def _make(self, make: Any, error: type[Exception]) -> Any:
+    def _make(self, make: Any, error: type[Exception], padded: bool = False) -> Any:
         """A decoder of the next backend, listed in `made`; an SM decoder that cannot be made (also without
         nvJPEG's memory pools, a flag documented for the engines) is logged once and replaced by one on the
         engines."""
-        backend = self.next_backend()
+        backend = self.next_backend(padded)
         try:
             decoder = make(backend=backend)
         except error as exc:

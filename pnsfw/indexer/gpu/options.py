@@ -7,7 +7,7 @@ from ...errors import BadInput
 RESIZES = ("auto", "decoder", "encoder", "thread")
 TOWERS = ("fast", "eager", "reference")  # each tuple's first value is the default (the CLI's too)
 COMPILES = ("auto", "on", "off")
-DECODERS = ("auto", "torchvision", "sm")
+DECODERS = ("auto", "engines", "sm", "torchvision")
 STREAMS = ("own", "default")
 PRIORITIES = ("normal", "high", "low")
 FIRST_UNITS = ("device", "cpu")
@@ -21,8 +21,9 @@ class GpuOptions:
     cpu_share: int = 0  # at most this many images of each unit decode on the CPU workers beside the device,
     # sized by feedback (route.CpuShare); -1: up to half a unit; 0: only the files the device cannot decode (the
     # default: on an H200 any share slowed the nvJPEG calls 2-4x per image, round 7)
-    decoder: str = "auto"  # auto: nvJPEG's hardware engines (own handles); torchvision: its io; sm (an
-    # experiment): every decode thread on nvJPEG's GPU_HYBRID backend (the SMs)
+    decoder: str = "auto"  # nvJPEG with our own handles. auto: units of thumbnails (one padded batch) on its
+    # GPU_HYBRID backend (the SMs), the others on the hardware engines; engines: every unit on the engines (the
+    # default until round 11); sm (an experiment): every unit on GPU_HYBRID; torchvision: torchvision.io
     resize: str = "auto"  # where the batched resize runs: auto (by image size), decoder, encoder, thread
     tower: str = "fast"  # fast: SDPA, fp16 LayerNorm, patch GEMM, full batches replayed from a CUDA graph (the
     # encoder thread's host time per 100k thumbnails 0.8 s instead of 4.1 s on an H200, round 7); eager: the same
@@ -31,9 +32,8 @@ class GpuOptions:
     # which every blocking stream waits for (nvJPEG's hardware calls then also wait for the queued tower)
     decode_threads: int = 0  # threads feeding the device decoder; 0: with the hardware engines two for
     # thumbnails, up to four for large images (decode.DecoderPool.gate), else one
-    sm_decoders: int = 0  # an experiment: this many more decode threads on nvJPEG's GPU_HYBRID backend (the SMs)
-    # beside the engines' threads, for thumbnails (alone 94k img/s on four threads against the engines' 59k, but
-    # on the tower's SMs; not yet run in the pipeline)
+    sm_decoders: int = 0  # an experiment, with decoder "engines": this many more decode threads on nvJPEG's
+    # GPU_HYBRID backend beside the engines' threads (round 11: slower than all on the SMs)
     decode_priority: str = "normal"  # the decode threads' CUDA streams against the tower's: normal (the same),
     # high (the decode's kernels scheduled ahead of the tower's) or low (the tower's stream high: its kernels ahead
     # of the SM decoders')
@@ -54,6 +54,9 @@ class GpuOptions:
             raise BadInput(f"GPU decode threads must be 0 (auto) or more, not {self.decode_threads}")
         if self.sm_decoders < 0:
             raise BadInput(f"GPU SM decoders must be 0 (none) or more, not {self.sm_decoders}")
+        if self.sm_decoders and self.decoder != "engines":
+            raise BadInput("GPU SM decoders are threads beside the JPEG engines' ones: they need --gpu-decoder "
+                           f"engines, not {self.decoder}")
         for name, allowed in (("resize", RESIZES), ("tower", TOWERS), ("compile", COMPILES), ("decoder", DECODERS),
                               ("encode_stream", STREAMS), ("decode_priority", PRIORITIES),
                               ("first_unit", FIRST_UNITS)):

@@ -64,8 +64,9 @@ def _decode_on_stream(prepared: Prepared, decoders: DecoderPool, router: Router,
         return to_cpu(prepared, router)
     stream = decoders.stream()
     hardware = decoders.hardware_for(prepared)
-    decoder = decoders.decoder() if hardware else None
-    gate = decoders.gate(padded_fits(prepared.rows), decoder) if decoder is not None else decoders.serial
+    padded = padded_fits(prepared.rows)
+    decoder = decoders.decoder(padded) if hardware else None
+    gate = decoders.gate(padded, decoder) if decoder is not None else decoders.serial
     with torch.cuda.stream(stream) if stream is not None else nullcontext(), gate:
         later = resize_later(prepared.rows, mode)
         side = decoders.stream("side") if decoder is not None else None
