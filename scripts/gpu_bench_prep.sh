@@ -20,7 +20,8 @@ stage_table() {
 python3 - "$@" <<'PY'
 import json, glob, sys
 keys = ("decode_s", "device_decode_call_s", "wait_input_s", "encode_s", "wait_features_s", "write_s", "poll_s",
-        "encoder_s", "read_s", "sm_decoder_calls", "nvjpeg_calls")
+        "encoder_s", "encoder_cpu_s", "gc_s", "gc_collections", "gc_longest_s", "read_s", "sm_decoder_calls",
+        "nvjpeg_calls")
 for f in sorted(glob.glob(sys.argv[1] + "/*.stages.json")):
     s = json.load(open(f)); print(f.split("/")[-1], {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items() if k in keys})
 PY

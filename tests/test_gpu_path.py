@@ -397,6 +397,24 @@ def test_first_unit_is_handed_out_before_the_second_is_decoded(ready: bool) -> N
     assert order == (["decoded 0", "decoded 1", "out 0", "decoded 2", "out 1", "out 2"] if ready else want_held)
     parts = stats.wait_input_s + stats.encode_s + stats.wait_features_s + stats.write_s + stats.poll_s
     assert stats.write_s >= 0.15 and stats.poll_s > 0 and parts <= stats.encoder_s < parts + 0.05
+    assert 0 < stats.encoder_cpu_s < stats.encoder_s - 0.1  # the writer's sleeps are no CPU time
+
+
+def test_gc_pauses_are_summed_from_every_collection_inside() -> None:
+    import gc
+
+    from pnsfw.indexer.gpu.route import Stats, gc_pauses
+
+    stats, callbacks = Stats(), list(gc.callbacks)
+    with gc_pauses(stats):
+        for _ in range(3):
+            gc.collect()
+    gc.collect()  # outside: not counted
+    assert stats.gc_collections == 3 and 0 < stats.gc_longest_s <= stats.gc_s and gc.callbacks == callbacks
+    merged = Stats()
+    merged.merge(stats.as_dict())
+    merged.merge({"gc_longest_s": stats.gc_longest_s / 2, "gc_collections": 1})
+    assert merged.gc_longest_s == stats.as_dict()["gc_longest_s"] and merged.gc_collections == 4
 
 
 @pytest.mark.parametrize("compile_mode", ["on", "off"])

@@ -1,8 +1,10 @@
 """Routing: each unit's items to the device decoder or to the CPU worker processes, and the stages' busy time."""
 
+import gc
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
@@ -44,6 +46,10 @@ class Stats:
     write_s: float = 0.0
     poll_s: float = 0.0  # the encoder asking whether the next unit or the unit in flight is ready
     encoder_s: float = 0.0  # the encoder's whole loop: its time beyond the five above is unaccounted (the GIL)
+    encoder_cpu_s: float = 0.0  # the encoder thread's CPU time in that loop (the rest of it waited)
+    gc_s: float = 0.0  # the cyclic garbage collector's pauses during the stage, every thread stopped
+    gc_collections: int = 0
+    gc_longest_s: float = 0.0
     device_images: int = 0
     cpu_images: int = 0
     rejected_batches: int = 0  # units the CPU workers decoded instead of the device
@@ -67,6 +73,9 @@ class Stats:
             if isinstance(number, dict):  # nvjpeg_calls
                 for name, value in number.items():
                     self.add_usage(name, value)
+            elif key.endswith("_longest_s"):
+                with self.lock:
+                    setattr(self, key, max(getattr(self, key), number))
             else:
                 self.add(key, number)
 
@@ -76,6 +85,30 @@ class Stats:
         values = {k: rounded(v) for k, v in vars(self).items() if k != "lock"}
         values["nvjpeg_calls"] = {k: rounded(v) for k, v in self.nvjpeg_calls.items()}
         return values
+
+
+@contextmanager
+def gc_pauses(stats: Stats) -> Iterator[None]:
+    """The garbage collector's pauses while inside, summed into `stats` on the way out (the callback takes no
+    lock: a collection may start while a thread holds the stats' one)."""
+    pauses: list[float] = []
+    began: list[float] = []
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            began.append(time.perf_counter())
+        elif began:
+            pauses.append(time.perf_counter() - began.pop())
+
+    gc.callbacks.append(callback)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(callback)
+        stats.add("gc_s", sum(pauses))
+        stats.add("gc_collections", len(pauses))
+        with stats.lock:
+            stats.gc_longest_s = max([stats.gc_longest_s, *pauses])
 
 
 SHARE_WAIT_S = 0.002  # the encoder waited this long for a unit's CPU part: the CPU workers are behind

@@ -24,7 +24,7 @@ from ..timeline import mark
 from .decode import Decoded, DecoderPool, decode_unit, padded_fits, to_cpu
 from .profile import ProfileWindow
 from .resize import device_pixels, put, resize_later, resize_thread
-from .route import Prepared, Router, Stats, Unit, make_router, prepare
+from .route import Prepared, Router, Stats, Unit, gc_pauses, make_router, prepare
 from .tower import compiles, image_model
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[
     window = window or ProfileWindow(None)
     buffers = HostBuffers(encoder.device.startswith("cuda"))
     pending: _InFlight | None = None
-    begun = time.perf_counter()
+    begun, cpu = time.perf_counter(), time.thread_time()
     try:
         for count in itertools.count():
             started = time.perf_counter()
@@ -290,6 +290,7 @@ def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[
             pending = current
     finally:
         stats.add("encoder_s", time.perf_counter() - begun)
+        stats.add("encoder_cpu_s", time.thread_time() - cpu)
         window.close()
 
 
@@ -353,8 +354,9 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
         mark("image tower ready")
         threads = start() if deferred else threads
         window = ProfileWindow(options.gpu.profile, encoder.device)
-        yield from encode_units(_from_queue(out, decoders), encoder, model, router.stats, stream, window,
-                                lambda: not out.empty())
+        with gc_pauses(router.stats):
+            yield from encode_units(_from_queue(out, decoders), encoder, model, router.stats, stream, window,
+                                    lambda: not out.empty())
     finally:
         sys.setswitchinterval(previous)
         stop.set()
