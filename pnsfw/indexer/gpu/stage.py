@@ -233,13 +233,41 @@ class _InFlight(NamedTuple):
     def done(self) -> bool:
         return self.features is None or self.features.ready()
 
-    def result(self, encoder: Encoder, stats: Stats, window: ProfileWindow) -> UnitResult:
+    def result(self, encoder: Encoder, clock: "_Clock", window: ProfileWindow) -> UnitResult:
         """The unit's result, once its features are in host memory (the wait counted as wait_features_s)."""
-        started = time.perf_counter()
+        clock.start()
         vectors = self.features.get() if self.features else np.zeros((0, encoder.width), np.float32)
-        stats.add("wait_features_s", time.perf_counter() - started)
+        clock.lap("wait_features_s")
         window.step(len(self.rows))
         return UnitResult(self.unit.prepared.unit.index, self.rows, vectors, self.errors)
+
+
+class _Clock:
+    """The encoder thread's busy seconds by part, added to the shared Stats once at the end: no lock taken
+    per unit on the thread that feeds the tower."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = dict.fromkeys(ENCODER_PARTS, 0.0)
+        self.began, self.cpu = time.perf_counter(), time.thread_time()
+        self.last = self.began
+
+    def start(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        """The time since start() (or the last lap) counted as `part`."""
+        now = time.perf_counter()
+        self.spent[part] += now - self.last
+        self.last = now
+
+    def close(self, stats: Stats) -> None:
+        for part, seconds in self.spent.items():
+            stats.add(part, seconds)
+        stats.add("encoder_s", time.perf_counter() - self.began)
+        stats.add("encoder_cpu_s", time.thread_time() - self.cpu)
+
+
+ENCODER_PARTS = ("poll_s", "wait_input_s", "encode_s", "wait_features_s", "write_s")
 
 
 def _encode_one(unit: Decoded, encoder: Encoder, model: Callable[[Any], Any], stream: Any,
@@ -268,37 +296,35 @@ def encode_units(decoded: Iterator[Decoded], encoder: Encoder, model: Callable[[
     window = window or ProfileWindow(None)
     buffers = HostBuffers(encoder.device.startswith("cuda"))
     pending: _InFlight | None = None
-    begun, cpu = time.perf_counter(), time.thread_time()
+    clock = _Clock()
     try:
         for count in itertools.count():
-            started = time.perf_counter()
+            clock.start()
             early = pending is not None and not ready() and (pending.first or pending.done())
-            stats.add("poll_s", time.perf_counter() - started)
+            clock.lap("poll_s")
             if early and pending is not None:
-                yield from _hand_over(pending.result(encoder, stats, window), stats)
+                yield from _hand_over(pending.result(encoder, clock, window), clock)
                 pending = None
-            started = time.perf_counter()
+            clock.start()
             unit = next(decoded, None)
-            stats.add("wait_input_s", time.perf_counter() - started)
-            started = time.perf_counter()
+            clock.lap("wait_input_s")
             current = _encode_one(unit, encoder, model, stream, buffers, count == 0) if unit is not None else None
-            stats.add("encode_s", time.perf_counter() - started)
+            clock.lap("encode_s")
             if pending is not None:
-                yield from _hand_over(pending.result(encoder, stats, window), stats)
+                yield from _hand_over(pending.result(encoder, clock, window), clock)
             if current is None:
                 return
             pending = current
     finally:
-        stats.add("encoder_s", time.perf_counter() - begun)
-        stats.add("encoder_cpu_s", time.thread_time() - cpu)
+        clock.close(stats)
         window.close()
 
 
-def _hand_over(result: UnitResult, stats: Stats) -> Iterator[UnitResult]:
+def _hand_over(result: UnitResult, clock: _Clock) -> Iterator[UnitResult]:
     """Yields `result`; the consumer's time with it (the writer's queue) counted as write_s."""
-    started = time.perf_counter()
+    clock.start()
     yield result
-    stats.add("write_s", time.perf_counter() - started)
+    clock.lap("write_s")
 
 
 def _from_queue(out: queue.Queue, decoders: DecoderPool | None = None) -> Iterator[Decoded]:
