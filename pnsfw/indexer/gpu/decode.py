@@ -145,7 +145,9 @@ class DecoderPool:
         for each), or None (torchvision.io decodes)."""
         if self.unavailable:
             return None
-        mine = self.local.__dict__.setdefault("decoders", {})
+        if not hasattr(self.local, "decoders"):
+            self.local.decoders = {}
+        mine = self.local.decoders
         key = padded if self.mode == "auto" else None
         if key not in mine:
             import torch

@@ -30,8 +30,8 @@ class GpuOptions:
     # launched op by op; reference: CLIP's own modules at fp16
     encode_stream: str = "own"  # own: the tower on a stream of its own; default: CUDA's legacy default stream,
     # which every blocking stream waits for (nvJPEG's hardware calls then also wait for the queued tower)
-    decode_threads: int = 0  # threads feeding the device decoder; 0: with the hardware engines two for
-    # thumbnails, up to four for large images (decode.DecoderPool.gate), else one
+    decode_threads: int = 0  # threads feeding the device decoder; 0: four with nvJPEG (large images on at most
+    # as many as the GPU's memory holds, decode.DecoderPool.gate; with decoder "engines" thumbnails on two), else one
     sm_decoders: int = 0  # an experiment, with decoder "engines": this many more decode threads on nvJPEG's
     # GPU_HYBRID backend beside the engines' threads (round 11: slower than all on the SMs)
     decode_priority: str = "normal"  # the decode threads' CUDA streams against the tower's: normal (the same),

@@ -45,7 +45,8 @@ class Stats:
     wait_features_s: float = 0.0  # the encoder waiting for a batch's features: the tower's GPU time beyond the rest
     write_s: float = 0.0
     poll_s: float = 0.0  # the encoder asking whether the next unit or the unit in flight is ready
-    encoder_s: float = 0.0  # the encoder's whole loop: its time beyond the five above is unaccounted (the GIL)
+    encoder_s: float = 0.0  # the encoder's whole loop: its time beyond the five above is unaccounted (the
+    # interpreter's: the GIL, the collector)
     encoder_cpu_s: float = 0.0  # the encoder thread's CPU time in that loop (the rest of it waited)
     gc_s: float = 0.0  # the cyclic garbage collector's pauses during the stage, every thread stopped
     gc_collections: int = 0
