@@ -308,7 +308,7 @@ def test_decode_priority_low_puts_the_towers_stream_above_the_decoders(priority:
     from types import SimpleNamespace
 
     from pnsfw.indexer.gpu.decode import DecoderPool
-    from pnsfw.indexer.gpu.stage import encode_stream
+    from pnsfw.indexer.gpu.encode import encode_stream
 
     options = SimpleNamespace(gpu=GpuOptions(decode_priority=priority))
     tower = encode_stream(SimpleNamespace(device="cuda"), options)  # type: ignore[arg-type]
@@ -371,8 +371,8 @@ def test_first_unit_is_handed_out_before_the_second_is_decoded(ready: bool) -> N
     import threading
     from types import SimpleNamespace
 
+    from pnsfw.indexer.gpu.encode import encode_units
     from pnsfw.indexer.gpu.route import Stats
-    from pnsfw.indexer.gpu.stage import encode_units
 
     encoder = SimpleNamespace(device="cpu", resolution=8, width=2)
     handed = threading.Event()

@@ -79,7 +79,7 @@ def test_late_window_starts_at_the_batch_past_half_the_images() -> None:
 
 
 def test_host_buffers_are_reused_once_given_back() -> None:
-    from pnsfw.indexer.gpu.stage import HostBuffers
+    from pnsfw.indexer.gpu.encode import HostBuffers
 
     buffers = HostBuffers(pinned=False)
     first = buffers.take((4, 8))

@@ -1,7 +1,7 @@
 """The tensor reader/encoder stage, picked for `--device cuda`: decode, resize and encode on the device.
 
-Work is cut into units of one batch. Per unit, on three kinds of threads so
-that none waits on another:
+Work is cut into units of one batch (the first one short). Per unit, on three kinds of threads that
+stage.py starts and keeps in order, so that none waits on another:
 
 * reader threads (probe.py, route.py) read the bytes, hash them and probe the
   JPEG header, in the CPU worker processes when there are any. Plain 8-bit
@@ -9,14 +9,17 @@ that none waits on another:
   go to the device decoder; everything else (PNG, WebP, CMYK, rotated, URLs,
   unreadable files) goes to the CPU worker processes, which run the CPU path's
   reader (PIL with DCT-domain downscale) and give the same error rows. With
-  `--gpu-cpu-share`, whole units also go to them while they have room.
-* one decode thread (decode.py) runs the batched decoder (nvJPEG on CUDA,
-  libjpeg on CPU) and, for small images, the batched resize (resize.py) on its
-  own CUDA stream. A batch nvJPEG rejects goes to the CPU workers.
-* the caller's thread (stage.py) joins the CPU part, normalises, runs the
-  image tower (tower.py) on the default stream, copies the features to pinned
-  memory without blocking, and hands the previous batch to the shard writer
-  while the GPU works on this one.
+  `--gpu-cpu-share`, a share of each unit also goes to them.
+* decode threads (decode.py, nvjpeg.py; four by default), each with its own
+  CUDA stream and nvJPEG handles: units of thumbnails decode into one padded
+  batch on nvJPEG's GPU_HYBRID backend (the SMs), larger images on the
+  hardware JPEG engines; small images are resized there in one batch
+  (resize.py). What nvJPEG refuses goes to torchvision.io, else to the CPU
+  workers; a hardware call that never returns sends the rest to them.
+* the encoder, on the caller's thread (encode.py), joins the CPU part,
+  normalises, runs the image tower (tower.py) on a stream of its own, copies
+  the features out into reused page-locked memory without blocking, and hands
+  the previous unit to the shard writer while the GPU works on this one.
 
 Several devices (workers.py): one spawned worker process per device.
 Options: `GpuOptions` (options.py), the `gpu` field of the run's IndexOptions.
