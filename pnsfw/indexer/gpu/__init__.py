@@ -29,7 +29,7 @@ Names are loaded on first use, so `gpu.options` imports alone (the CLI needs onl
 import importlib
 from typing import Any
 
-_NAMES = {"warm_up": "decode", "GpuOptions": "options", "jpeg_size": "probe", "tensor_stage": "stage",
+_NAMES = {"warm_up": "decode", "GpuOptions": "options", "jpeg_size": "probe", "tensor_stage": "workers",
           "DeviceWorkers": "workers", "start_device_workers": "workers", "start_context": "context"}
 __all__ = sorted(_NAMES)
 

@@ -1,5 +1,6 @@
-"""Batched JPEG decode on the device: nvJPEG's hardware engines with our own handles (nvjpeg.py), else nvJPEG
-through torchvision's image ops (libjpeg on CPU), else the CPU workers; each fallback logged once."""
+"""Batched JPEG decode on the device: nvJPEG with our own handles (nvjpeg.py; thumbnails on its GPU_HYBRID
+backend, the SMs, larger images on the hardware engines), else nvJPEG through torchvision's image ops (libjpeg on
+CPU), else the CPU workers; each fallback logged once."""
 
 import functools
 import glob
@@ -8,14 +9,13 @@ import os
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 from ..timeline import mark
 from .fallback import warn_once
 from .nvjpeg import BACKEND_GPU_HYBRID, BACKEND_HARDWARE
 from .resize import resize_dtype
-from .route import Prepared, Router
+from .route import Decoded, Prepared, Router
 
 _RGB = 3  # torchvision.io.ImageReadMode.RGB.value
 HARDWARE_THREADS = 2  # our binding on an H200: 2 MP photos 6,383 img/s steady with 2 (torchvision.io: 4,822)
@@ -281,13 +281,6 @@ def padded_decode(prepared: Prepared, device: str, decoder: Any) -> tuple[Any, l
     if rest and count:  # the next hardware call on this stream may be handed these copies' memory
         torch.cuda.current_stream(out.device).synchronize()
     return out, shapes
-
-
-@dataclass
-class Decoded:
-    prepared: Prepared
-    pixels: Any = None  # float (n, 3, R, R) 0..255 on the device for prepared.rows, or the decoded images
-    event: Any = None
 
 
 def _resize_beside(batch: Any, shapes: list[tuple[int, int]], size: int, side: Any) -> Any:

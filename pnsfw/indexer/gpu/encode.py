@@ -12,10 +12,9 @@ import numpy as np
 
 from ..encoder import Encoder
 from ..reader import Result
-from .decode import Decoded
 from .profile import ProfileWindow
 from .resize import device_pixels
-from .route import Stats
+from .route import Decoded, Stats
 
 log = logging.getLogger(__name__)
 

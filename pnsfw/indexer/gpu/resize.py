@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from ..reader import Result
+from .route import Decoded
 
 # auto: on the encoding thread for units of large images, whose nvJPEG decode already fills the decode thread
 # (2 MP photos: 4,700 vs 3,700 img/s steady on an H100), on the decode thread for small ones (400 px
@@ -59,7 +60,6 @@ def resize_thread(inbox: queue.Queue, out: queue.Queue, stop: threading.Event, d
     work, the resize's per-image ops and the encoder's launches run on three threads."""
     import torch
 
-    from .decode import Decoded
 
     stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
     try:

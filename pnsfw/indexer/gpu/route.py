@@ -178,6 +178,15 @@ class Prepared:
     joined: Callable[[float], None] | None = None  # told how long the encoder waited for the CPU part
 
 
+@dataclass
+class Decoded:
+    """A unit after its device decode, as it goes to the encoder."""
+
+    prepared: Prepared
+    pixels: Any = None  # float (n, 3, R, R) 0..255 on the device for prepared.rows, or the decoded images
+    event: Any = None  # recorded after the decode's (and resize's) work on its stream
+
+
 def _read_in_workers(unit: Unit, router: Router) -> Prepared:
     import torch
 

@@ -5,25 +5,22 @@ import queue
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from functools import partial
 from itertools import islice
 from typing import Any
 
-import numpy as np
-
 from ...concurrency import DaemonThreads
 from ...errors import DeviceStalled
 from ..encoder import Encoder
-from ..reader import Result
 from ..sources import Item
 from ..timeline import mark
-from .decode import Decoded, DecoderPool, decode_unit, padded_fits, to_cpu
+from .decode import DecoderPool, decode_unit, padded_fits, to_cpu
 from .encode import UnitResult, encode_stream, encode_units, on_stream
 from .profile import ProfileWindow
 from .resize import put, resize_later, resize_thread
-from .route import Prepared, Router, Stats, Unit, gc_pauses, make_router, prepare
+from .route import Decoded, Prepared, Router, Unit, gc_pauses, prepare
 from .tower import compiles, image_model
 
 READ_THREADS = 4  # hashing and reads release the GIL; more threads only contend for it
@@ -171,32 +168,3 @@ def units(items: Iterable[Item], size: int, first: int = FIRST_UNIT) -> Iterator
     while chunk := list(islice(iterator, count)):
         yield Unit(index, chunk)
         index, count = index + 1, size
-
-
-def _stats_out(stats: Stats, path: str | None) -> None:
-    if path:
-        import json
-
-        with open(path, "w") as f:
-            json.dump(stats.as_dict(), f)
-
-
-def tensor_stage(items: Iterable[Item], options: Any, encoder: Encoder, pool: Any,
-                 on_error: Callable[[Result], None], batch: int) -> Iterator[tuple[list[Result], np.ndarray]]:
-    """The pipeline's stage for `--device cuda` (or `reader="tensor"`): (rows, features) per batch. `pool`:
-    the run's CPU worker pool, or the DeviceWorkers that the run started for several devices."""
-    from .workers import DeviceWorkers
-
-    stats = Stats()
-    if isinstance(pool, DeviceWorkers):
-        results = pool.run(items, stats)
-    else:
-        router = make_router(pool, encoder.resolution, options, stats, batch)
-        count = len(items) if isinstance(items, Sized) else 0  # the runner's stream: size unknown, no auto compile
-        results = device_stage(units(items, batch), encoder, router, options, count, batch)
-    for result in results:
-        for error in result.errors:
-            on_error(error)
-        if result.rows:
-            yield result.rows, result.features
-    _stats_out(stats, options.gpu.stage_stats)

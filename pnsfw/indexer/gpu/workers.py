@@ -1,4 +1,5 @@
-"""Several devices on one host: one spawned worker process per device over disjoint units.
+"""The pipeline's stage for `--device cuda` (`tensor_stage`): in this process (stage.py), or, with several
+devices on one host, one spawned worker process per device over disjoint units.
 
 The parent puts the results back in unit order and is the only writer, so the
 store's commit protocol and lock are unchanged. The workers are started by
@@ -11,10 +12,13 @@ import multiprocessing
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
-from ..encoder import load_encoder
+import numpy as np
+
+from ..encoder import Encoder, load_encoder
+from ..reader import Result
 from ..sources import Item
 from .context import configure_cuda
 from .route import Stats, Unit, make_router
@@ -130,3 +134,30 @@ def start_device_workers(options: Any) -> DeviceWorkers | None:
         return None
     devices = [f"cuda:{i}" for i in range(count)] if gpu_like else [options.device] * count
     return DeviceWorkers(options.model, options, devices, options.batch_size or 1024)
+
+
+def _stats_out(stats: Stats, path: str | None) -> None:
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(stats.as_dict(), f)
+
+
+def tensor_stage(items: Iterable[Item], options: Any, encoder: Encoder, pool: Any,
+                 on_error: Callable[[Result], None], batch: int) -> Iterator[tuple[list[Result], np.ndarray]]:
+    """The pipeline's stage for `--device cuda` (or `reader="tensor"`): (rows, features) per batch. `pool`:
+    the run's CPU worker pool, or the DeviceWorkers that the run started for several devices."""
+    stats = Stats()
+    if isinstance(pool, DeviceWorkers):
+        results = pool.run(items, stats)
+    else:
+        router = make_router(pool, encoder.resolution, options, stats, batch)
+        count = len(items) if isinstance(items, Sized) else 0  # the runner's stream: size unknown, no auto compile
+        results = device_stage(units(items, batch), encoder, router, options, count, batch)
+    for result in results:
+        for error in result.errors:
+            on_error(error)
+        if result.rows:
+            yield result.rows, result.features
+    _stats_out(stats, options.gpu.stage_stats)
