@@ -14,6 +14,7 @@ from typing import Any
 from ..timeline import mark
 from .fallback import warn_once
 from .nvjpeg import BACKEND_GPU_HYBRID, BACKEND_HARDWARE
+from .options import STREAM_PRIORITIES
 from .resize import resize_dtype
 from .route import Decoded, Prepared, Router
 
@@ -80,7 +81,7 @@ class DecoderPool:
 
     def __init__(self, device: str, mode: str, priority: str = "normal", threads: int = 0, sm_decoders: int = 0):
         self.device, self.mode, self.requested, self.sm = device, mode, threads, sm_decoders
-        self.priority = -1 if priority == "high" else 0  # torch: lower is higher; -1 is CUDA's highest here
+        self.priority = STREAM_PRIORITIES[priority][0]
         self.local = threading.local()
         self.made: list[Any] = []
         self.planned: list[int] = []  # the backend of each decoder made or being made, in order
@@ -102,9 +103,9 @@ class DecoderPool:
 
     @property
     def threads(self) -> int:
-        """Decode threads: as asked, else with the hardware engines two for thumbnails (each feeds them while
-        the other waits) and up to four for large images, as the GPU's memory allows (`gate`); one without;
-        plus the SM decoders' threads."""
+        """Decode threads: as asked, else four with nvJPEG (auto, sm; large images on at most as many as the
+        GPU's memory allows, `gate`); with the engines alone two for thumbnails (each feeds them while the other
+        waits) and up to four for large images, plus the SM decoders' threads; one without nvJPEG."""
         if self.unavailable:
             return self.requested or 1
         if self.mode == "sm":

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..encoder import Encoder
 from ..reader import Result
+from .options import STREAM_PRIORITIES
 from .profile import ProfileWindow
 from .resize import device_pixels
 from .route import Decoded, Stats
@@ -118,7 +119,7 @@ def encode_stream(encoder: Encoder, options: Any) -> Any:
 
     if options.gpu.encode_stream != "own" or not encoder.device.startswith("cuda"):
         return None
-    priority = TOWER_PRIORITIES.get(options.gpu.decode_priority, 0)
+    priority = STREAM_PRIORITIES[options.gpu.decode_priority][1]
     if options.gpu.tower_sms:
         from .fallback import warn_once
         from .green import GreenUnavailable, green_stream
@@ -130,9 +131,6 @@ def encode_stream(encoder: Encoder, options: Any) -> Any:
         except GreenUnavailable as exc:
             warn_once(f"no green context for the tower ({exc}); it runs on every SM")
     return torch.cuda.Stream(encoder.device, priority=priority)
-
-
-TOWER_PRIORITIES = {"low": -1}  # --gpu-decode-priority low: the tower's stream at CUDA's highest priority
 
 
 def on_stream(stream: Any) -> Any:

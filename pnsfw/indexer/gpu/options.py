@@ -9,7 +9,10 @@ TOWERS = ("fast", "eager", "reference")  # each tuple's first value is the defau
 COMPILES = ("auto", "on", "off")
 DECODERS = ("auto", "engines", "sm", "torchvision")
 STREAMS = ("own", "default")
-PRIORITIES = ("normal", "high", "low")
+# --gpu-decode-priority: (the decode threads' streams, the tower's stream); torch: lower is higher, -1 is CUDA's
+# highest here
+STREAM_PRIORITIES = {"normal": (0, 0), "high": (-1, 0), "low": (0, -1)}
+PRIORITIES = tuple(STREAM_PRIORITIES)
 FIRST_UNITS = ("device", "cpu")
 
 
