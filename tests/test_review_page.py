@@ -1,6 +1,7 @@
 """Review mode in headless Chromium against its own `pnsfw serve` (labels change the store: not the shared one)."""
 
 import json
+import time
 
 import httpx
 import pytest
@@ -135,3 +136,14 @@ def test_an_undo_pressed_while_a_label_is_saved_undoes_that_label_once_saved(rev
     with review_server.client() as client:
         current = {r["id"] for r in client.get("/v1/labels").json()["labels"]}
     assert first not in current and int(second) not in current
+
+
+def test_review_mode_starts_when_its_script_arrives_after_the_stores_stats(review_server: Server, browser) -> None:
+    """The first show waits for every script of the page: with review.js held back 1 s the stats answer first,
+    and review mode must still start (CI once saw the page stay on "Loading the review queue")."""
+    page = browser.new_page()
+    with_token(page)
+    page.route("**/static/review.js", lambda route: (time.sleep(1.0), route.continue_()))
+    page.goto(review_server.base + "/?mode=review")
+    page.wait_for_selector("#review:not([hidden]) #review-keys button", timeout=15000)
+    assert "labelled in the store" in page.inner_text("#review-progress")

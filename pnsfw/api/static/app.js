@@ -471,4 +471,7 @@ function wire() {
   loadStats().then(() => { show(viewFromUrl()); firstShown(); });
 }
 
-wire();
+// after every script of the page has run (review.js defines startReview): a script still downloading does not stop
+// the stats' answer from arriving first, and the first show would then miss review mode
+if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", wire);
+else wire();
