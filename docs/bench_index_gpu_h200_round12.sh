@@ -5,8 +5,9 @@
 # unaccounted time (now with its CPU time, the collector's pauses and no stats lock per unit) and, at 1M, where
 # the GPU is the bound, the tower's stream above the decoders' (one confounded pair) or a faster, compiled tower.
 # Call 1: auto against engines on 100k, and auto with and without the tower's stream high at 1M, in turn.
-# Call 2: clip-retrieval against auto on 100k; the compiled tower (the first run fills the kernel cache) on 100k
-# and then 1M.
+# Call 2: clip-retrieval against auto on 100k, auto paired with .whl/base (1fb1b38's code: the interpreter's own
+# teardown at exit; `scripts/baseline_pnsfw.sh archive 1fb1b38 .whl/base` before the call); the compiled tower
+# (the first run fills the kernel cache) on 100k and then 1M.
 
 . scripts/gpu_bench_prep.sh  # prep(), stage_table()
 
@@ -28,8 +29,9 @@ stage_table $W/runs; stage_table /tmp/pnsfw-1m/runs
 call2() {
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 $B --thumbs 100000 --photos 0 --skip-anchor --skip-ours --out $OUT/corpora.json | tail -1
-timeout 200 python3 $B --run-timeout 150 --thumbs 100000 --photos 0 --ours-variants '' --out $OUT/thumbs_anchor.json 2>&1 \
-    | grep -v '^\s*$' | tail -3
+sh scripts/baseline_pnsfw.sh wrapper .whl/base /tmp/bin/pnsfw-base
+timeout 270 python3 $B --run-timeout 150 --thumbs 100000 --photos 0 --ours-variants '' --baseline /tmp/bin/pnsfw-base \
+    --ours-repeats 2 --out $OUT/thumbs_anchor.json 2>&1 | grep -v '^\s*$' | tail -8
 timeout 240 python3 $B --run-timeout 200 --thumbs 100000 --photos 0 --skip-anchor --ours-variants 'compile=on' \
     --out $OUT/thumbs_compile_cold.json 2>&1 | grep -v '^\s*$' | tail -2
 timeout 60 python3 $B --run-timeout 25 --thumbs 100000 --photos 0 --skip-anchor --ours-variants 'compile=on' '' \

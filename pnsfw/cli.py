@@ -14,6 +14,9 @@ import click
 
 from . import __version__
 from .errors import Interrupted, PnsfwError
+from .indexer.timeline import since_process_start
+
+IMPORTED_AT = since_process_start()  # the interpreter's start-up and this module's imports, for the timeline
 
 STORE = click.option("--store", required=True, envvar="PNSFW_STORE", type=click.Path(file_okay=False),
                      help="The store folder (env PNSFW_STORE).")
@@ -285,6 +288,7 @@ def index(sources: tuple[str, ...], store: str, model: str | None, device: str, 
     from .indexer.timeline import mark
     from .search.index import update_index
 
+    mark("pnsfw's command line imported", at=IMPORTED_AT)
     mark("pnsfw index started")
 
     options = IndexOptions(model=model, device=device, precision=precision, batch_size=batch_size,
@@ -1081,14 +1085,17 @@ def migrate(store: str) -> None:
 
 
 def main() -> None:
+    from .shutdown import leave, leaves_early
+
     _process["own"] = True
     try:
         cli(prog_name="pnsfw")
     except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else None
         if _interrupted:  # threads may still be inside torch (a model load): finalizing would abort on them
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(exc.code if isinstance(exc.code, int) else 1)
+            leave(code if code is not None else 1, orderly=False)
+        if code is not None and leaves_early():  # without the interpreter's slow teardown of torch (shutdown.py)
+            leave(code)
         raise
 
 

@@ -478,9 +478,11 @@ def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
         res["stages"] = json.loads(stats.read_text())
     text = log.read_text(errors="replace") if log.exists() else ""
     res["timeline"] = [[float(m.group(1)), m.group(2)] for m in PHASE.finditer(text)]  # with --trace
-    first = next((when for when, phase in res["timeline"] if phase == "first batch encoded"), None)
-    if first is not None:
-        res["first_batch_encoded_s"] = first
+    marks = {phase: when for when, phase in res["timeline"]}
+    if "first batch encoded" in marks:
+        res["first_batch_encoded_s"] = marks["first batch encoded"]
+    if "last commit" in marks:  # the process's exit after it (the interpreter's teardown: shutdown.py)
+        res["exit_after_last_commit_s"] = round(wall - marks["last commit"], 3)
     if rc != 0:
         return {**res, "error": log_tail(log)}
     try:
@@ -578,12 +580,13 @@ def table_rows(results: dict[str, dict[str, Any]]) -> Iterator[list[str]]:
         anchor, _ours = runs.get("anchor", {}), runs.get("ours", {})
         for key, res in runs.items():
             if "error" in res:
-                yield [corpus, res["tool"], "FAILED", f"rc={res.get('rc')}", "", "", "", "", "", "", ""]
+                yield [corpus, res["tool"], "FAILED", f"rc={res.get('rc')}", "", "", "", "", "", "", "", ""]
                 continue
             is_ours = key.startswith("ours")
             yield [corpus, res["tool"], str(res["images"]), fmt(res["seconds"]),
                    fmt(res["images_per_s"]), fmt(res.get("steady_images_per_s")),
                    fmt(res.get("late_images_per_s")), fmt(res.get("first_batch_encoded_s"), ".2f"),
+                   fmt(res.get("exit_after_last_commit_s"), ".2f"),
                    fmt(ratio(res, anchor, "images_per_s"), ".2f") if is_ours else "",
                    fmt(ratio(res, anchor, "steady_images_per_s"), ".2f") if is_ours else "",
                    fmt(res.get("gpu", {}).get("util_active_mean_pct"))]
@@ -592,7 +595,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> Iterator[list[str]]:
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     """Print the results table, then the error of every failed run."""
     head = ["corpus", "tool", "images", "e2e s", "img/s e2e", "img/s steady", "img/s 2nd half", "first batch s",
-            "ours/anchor e2e", "ours/anchor steady", "GPU util %"]
+            "exit s", "ours/anchor e2e", "ours/anchor steady", "GPU util %"]
     rows = [head, *table_rows(results)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:

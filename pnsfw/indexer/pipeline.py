@@ -227,6 +227,7 @@ def _encode_all(writer: WriterThread, batches: Iterator[tuple[list[Result], np.n
         if not done:
             mark("first batch encoded")
         done.append((time.perf_counter(), summary.indexed))
+    mark("last batch encoded")
     writer.commit()
     mark("last commit")
     _steady_rates(summary, done, time.perf_counter())

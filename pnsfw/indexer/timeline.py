@@ -22,8 +22,9 @@ def since_process_start() -> float:
     return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def mark(phase: str, once: bool = False) -> None:
-    """Log `phase` with the time since process start; `once`: only its first time."""
+def mark(phase: str, once: bool = False, at: float | None = None) -> None:
+    """Log `phase` with the time since process start (or `at`, a time taken earlier by since_process_start, when
+    the logger was not set up yet); `once`: only its first time."""
     if not log.isEnabledFor(logging.DEBUG):
         return
     if once:
@@ -31,4 +32,5 @@ def mark(phase: str, once: bool = False) -> None:
             if phase in _seen:
                 return
             _seen.add(phase)
-    log.debug("%8.2f s  %s (%s)", since_process_start(), phase, threading.current_thread().name)
+    when = since_process_start() if at is None else at
+    log.debug("%8.2f s  %s (%s)", when, phase, threading.current_thread().name)
