@@ -1,7 +1,7 @@
 """How `pnsfw` leaves its process once a command is done.
 
 After a command that loaded torch (or TensorFlow, or FAISS), the interpreter's own teardown (freeing every
-module, then the native libraries' destructors) took 0.8-1.3 s on a 2-core VM for a bare `import torch`, and
+module, then the native libraries' destructors) took 0.56-1.33 s on a 2-core VM for a bare `import torch`, and
 1.0-1.7 s after the last commit of every GPU indexing run in rounds 10-11: ~10 % of a 100k-thumbnail run. That
 work frees memory the kernel frees anyway, so `leave` does what a normal exit does first (the threads ended as
 the interpreter ends them, the atexit handlers run: logging flushed, multiprocessing's children reaped) and then
