@@ -1,13 +1,14 @@
 # GPU indexing, round 12: the device calls, run from the repo root on the H200 machine with the wheels of
 # round 7 in .whl/ (clip-anytorch 2.6.0, ftfy 6.3.1, wcwidth 0.2.13, clip-retrieval 2.45.0, all_clip 1.3.0, fire
-# 0.7.1, termcolor 3.3.0, braceexpand 0.1.7, webdataset 0.2.111). Each call: bash this-file N (prep, then callN),
-# with carry [".whl"]. Round 11 made the SMs decode the thumbnails (auto) and left two leads: the encoder loop's
+# 0.7.1, termcolor 3.3.0, braceexpand 0.1.7, webdataset 0.2.111) and threadpoolctl 3.8.0. Each call: bash
+# this-file N (prep, then callN), with carry [".whl"]. Round 11 made the SMs decode the thumbnails (auto) and left two leads: the encoder loop's
 # unaccounted time (now with its CPU time, the collector's pauses and no stats lock per unit) and, at 1M, where
 # the GPU is the bound, the tower's stream above the decoders' (one confounded pair) or a faster, compiled tower.
 # Call 1: auto against engines on 100k, and auto with and without the tower's stream high at 1M, in turn.
-# Call 2: clip-retrieval against auto on 100k, auto paired with .whl/base (1fb1b38's code: the interpreter's own
-# teardown at exit; `scripts/baseline_pnsfw.sh archive 1fb1b38 .whl/base` before the call); the compiled tower
-# (the first run fills the kernel cache) on 100k and then 1M.
+# Call 2: clip-retrieval against auto on 100k, auto paired with .whl/base (1fb1b38's code, before session 14's
+# exit without the interpreter's teardown, the writer's batches made ready as they arrive and one BLAS thread;
+# `scripts/baseline_pnsfw.sh archive 1fb1b38 .whl/base` before the call; .whl/ also carries threadpoolctl 3.8.0,
+# which the image lacks); the compiled tower (the first run fills the kernel cache) on 100k and then 1M.
 
 . scripts/gpu_bench_prep.sh  # prep(), stage_table()
 

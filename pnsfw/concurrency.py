@@ -37,8 +37,8 @@ from .errors import WorkerLost
 
 T = TypeVar("T")
 R = TypeVar("R")
-__all__ = ["DaemonThreads", "Executor", "ProcessPool", "Task", "WorkerLost", "background", "cpu_count", "ordered_map",
-           "read_ahead"]
+__all__ = ["DaemonThreads", "Executor", "ProcessPool", "Task", "WorkerLost", "background", "cpu_count",
+           "one_blas_thread", "ordered_map", "read_ahead"]
 
 
 class Executor(Protocol):
@@ -50,6 +50,20 @@ class Executor(Protocol):
 def cpu_count() -> int:
     """Cores this process may run on."""
     return max(1, len(os.sched_getaffinity(0)))
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """The BLAS libraries loaded so far (numpy's) on one thread inside, as they were after. An indexing run's
+    GEMMs are per batch (the writer's projection of 64-1024 rows): BLAS's threads then only spin beside torch's
+    and the decoders (on 2 cores 1,607-1,978 img/s steady with one thread, 974-1,220 without; docs/benchmarks.md)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # a dependency of the package; a bare environment keeps BLAS's own threads
+        yield
+        return
+    with ThreadpoolController().limit(limits=1, user_api="blas"):
+        yield
 
 
 class Task(Future):

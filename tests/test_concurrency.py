@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pnsfw.concurrency import ProcessPool, background, ordered_map, read_ahead
+from pnsfw.concurrency import ProcessPool, background, one_blas_thread, ordered_map, read_ahead
 from pnsfw.errors import BadInput, WorkerLost
 
 
@@ -241,3 +241,15 @@ def test_a_stop_raised_inside_a_weakref_callback_is_not_lost():
     done = subprocess.run([sys.executable, "-c", WEAKREF_STOP], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     assert done.stdout.strip() == "stopped" and done.stderr == "", done.stdout + done.stderr
+
+
+def test_one_blas_thread_inside_and_the_threads_as_they_were_after() -> None:
+    from threadpoolctl import threadpool_info
+
+    def blas() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas()
+    with one_blas_thread():
+        assert blas() and set(blas()) == {1}
+    assert blas() == before

@@ -92,3 +92,46 @@ def test_close_with_discard_waits_for_the_commit_in_progress_and_drops_the_rest(
     assert len(store.commits) == committed  # nothing after the stop
     ids = [i for ids, _, _ in store.commits for i in ids]
     assert ids == list(range(len(ids)))  # a prefix of the stream
+
+
+class Doubling:
+    """A projection that doubles the features, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def apply(self, features: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return features * 2
+
+
+def test_batches_are_made_ready_as_they_arrive_and_shards_join_them_in_stream_order():
+    """Raw until the projection is fitted, then each batch projected when it is added (a commit only joins);
+    shards cut where they end; metadata columns in first-seen order, null for rows without them."""
+    tables: list = []
+
+    class Recording(FakeStore):
+        def commit(self, rows, errors) -> None:
+            tables.append(rows)
+            super().commit(rows, errors)
+
+    projection = Doubling()
+    writer = ShardWriter(Recording(), 5, 3600.0, None, lambda sample: projection, 4)  # type: ignore[arg-type]
+    features = np.arange(18, dtype=np.float32).reshape(9, 2)
+    rows = [Result(Item(f"u{i}", "src", meta=(("caption", f"c{i}"),) if i % 4 == 0 else ()), None, f"h{i}", 4, 4)
+            for i in range(9)]
+    writer.add(rows[:3], features[:3])  # 3 rows: short of the fit's 4, nothing committed
+    writer.add(rows[3:6], features[3:6])  # 6: fitted on all six, a shard of 5, then the row left over
+    assert [t.num_rows for t in tables] == [5, 1] and projection.calls == 3  # the raw parts, at the fit
+    writer.add(rows[6:], features[6:])
+    assert projection.calls == 4  # projected when added
+    writer.commit()
+    assert projection.calls == 4 and [t.num_rows for t in tables] == [5, 1, 3]
+    assert [i for t in tables for i in t.column("id").to_pylist()] == list(range(9))
+    assert [u for t in tables for u in t.column("uri").to_pylist()] == [f"u{i}" for i in range(9)]
+    vectors = np.concatenate([np.frombuffer(t.column("embedding").combine_chunks().buffers()[1], "<f2").reshape(-1, 2)
+                              for t in tables])
+    assert np.array_equal(vectors, (features * 2).astype(np.float16))
+    assert tables[0].column("caption").to_pylist() == ["c0", None, None, None, "c4"]
+    assert "caption" not in tables[1].column_names  # no row of that shard has one
+    assert tables[2].column("caption").to_pylist() == [None, None, "c8"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..concurrency import ProcessPool, cpu_count
+from ..concurrency import ProcessPool, cpu_count, one_blas_thread
 from ..errors import BadInput, Interrupted, SourceError
 from ..progress import progress_bar
 from ..store import Projection, Store, StoreWriter
@@ -365,7 +365,8 @@ def run_index(sources: list[str], store_root: str, options: IndexOptions | None 
     entries = _listing(sources, options.uri_column)  # before the store is created: no images, no store
     try:
         with store.writer() as writer:
-            _run(writer, store, entries, options, encoder, summary, stage)
+            with one_blas_thread():  # the FAISS update after it keeps every thread
+                _run(writer, store, entries, options, encoder, summary, stage)
             summary.seconds = time.perf_counter() - started
             if finish is not None and store.rows:
                 summary.index = finish(store)
