@@ -12,18 +12,6 @@ from ..store.shards import ERROR_SCHEMA, embedding_array
 from .reader import Result
 
 
-def metadata_columns(rows: list[Result]) -> dict[str, list[str | None]]:
-    """The sources' metadata (caption, key, json, extra Parquet/CSV columns) as string columns, in first-seen
-    order; a row without a column gets null."""
-    names: dict[str, None] = {}
-    for row in rows:
-        names.update((name, None) for name, _ in row.item.meta)
-    if not names:
-        return {}
-    values = [dict(row.item.meta) for row in rows]
-    return {name: [v.get(name) for v in values] for name in names}
-
-
 class _Batch(NamedTuple):
     """One batch's rows made ready for a shard as it arrives (on the writer thread, while the device encodes the
     next ones): their columns, and their vectors projected to fp16, or raw CLIP features until a PCA is fitted.
@@ -61,15 +49,14 @@ def _row_columns(rows: list[Result]) -> dict[str, pa.Array]:
 
 
 def _meta_columns(rows: list[Result]) -> dict[str, tuple[pa.Array, np.ndarray]]:
+    """The sources' metadata (caption, key, json, extra Parquet/CSV columns) as string columns in first-seen
+    order, each with which rows have it (a row without gets null)."""
     if not any(row.item.meta for row in rows):
         return {}
-    names = [set(dict(row.item.meta)) for row in rows]
-    return {name: (pa.array(values, pa.string()), np.array([name in n for n in names]))
-            for name, values in metadata_columns(rows).items()}
-
-
-def _joined(parts: list[pa.Array], kind: pa.DataType) -> pa.Array:
-    return pa.concat_arrays(parts) if parts else pa.array([], kind)
+    values = [dict(row.item.meta) for row in rows]
+    names = dict.fromkeys(name for row in values for name in row)
+    return {name: (pa.array([row.get(name) for row in values], pa.string()), np.array([name in row for row in values]))
+            for name in names}
 
 
 class ShardWriter:
@@ -146,12 +133,12 @@ class ShardWriter:
     def _table(self, batches: list[_Batch]) -> pa.Table:
         vectors = np.concatenate([b.vectors if b.projected else self._project(b.vectors) for b in batches])
         columns = {"id": pa.array(self.store.next_ids(len(vectors)))}
-        columns.update((name, _joined([b.columns[name] for b in batches], kind)) for name, kind in ROW_COLUMNS.items())
+        columns.update((name, pa.concat_arrays([b.columns[name] for b in batches])) for name in ROW_COLUMNS)
         columns["embedding"] = embedding_array(vectors)
         names = dict.fromkeys(name for b in batches for name in b.meta)  # first-seen order; a row without: null
         for name in names:
-            columns[name] = _joined([b.meta[name][0] if name in b.meta else pa.nulls(len(b), pa.string())
-                                     for b in batches], pa.string())
+            columns[name] = pa.concat_arrays([b.meta[name][0] if name in b.meta else pa.nulls(len(b), pa.string())
+                                              for b in batches])
         return pa.table(columns)  # the store adds uri_hash and writes its own schema (metadata columns kept)
 
     @staticmethod

@@ -60,7 +60,6 @@ def resize_thread(inbox: queue.Queue, out: queue.Queue, stop: threading.Event, d
     work, the resize's per-image ops and the encoder's launches run on three threads."""
     import torch
 
-
     stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
     try:
         with torch.cuda.stream(stream) if stream else nullcontext():

@@ -106,10 +106,7 @@ def gc_pauses(stats: Stats) -> Iterator[None]:
         yield
     finally:
         gc.callbacks.remove(callback)
-        stats.add("gc_s", sum(pauses))
-        stats.add("gc_collections", len(pauses))
-        with stats.lock:
-            stats.gc_longest_s = max([stats.gc_longest_s, *pauses])
+        stats.merge({"gc_s": sum(pauses), "gc_collections": len(pauses), "gc_longest_s": max(pauses, default=0.0)})
 
 
 SHARE_WAIT_S = 0.002  # the encoder waited this long for a unit's CPU part: the CPU workers are behind
