@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .errors import Interrupted, PnsfwError
-from .indexer.timeline import since_process_start
+from .indexer.timeline import mark, since_process_start
 
 IMPORTED_AT = since_process_start()  # the interpreter's start-up and this module's imports, for the timeline
 
@@ -285,7 +285,6 @@ def index(sources: tuple[str, ...], store: str, model: str | None, device: str, 
       pnsfw index laion.parquet --store store/ --uri-column url --timeout 5s --max-download 10M
     """
     from .indexer.pipeline import IndexOptions, run_index
-    from .indexer.timeline import mark
     from .search.index import update_index
 
     mark("pnsfw's command line imported", at=IMPORTED_AT)
@@ -1095,7 +1094,7 @@ def main() -> None:
         if _interrupted:  # threads may still be inside torch (a model load): finalizing would abort on them
             leave(code if code is not None else 1, orderly=False)
         if code is not None and leaves_early():  # without the interpreter's slow teardown of torch (shutdown.py)
-            leave(code)
+            leave(code, step=mark)
         raise
 
 

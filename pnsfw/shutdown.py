@@ -13,6 +13,7 @@ import atexit
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import NoReturn
 
 HEAVY = ("torch", "tensorflow", "faiss")  # native libraries whose teardown is the slow part
@@ -36,14 +37,16 @@ def _flush() -> None:
             pass
 
 
-def leave(code: int, orderly: bool = True) -> NoReturn:
+def leave(code: int, orderly: bool = True, step: Callable[[str], None] = lambda phase: None) -> NoReturn:
     """End the process now with `code`. `orderly`: first what the interpreter's exit does before its teardown
     (the threads ended, the atexit handlers run); without it only the streams are flushed (a signalled run,
-    whose threads may still be inside a native call)."""
+    whose threads may still be inside a native call). `step` is told each phase as it begins (a timeline)."""
     if orderly:
         if _THREADS_DONE is None:  # the threads cannot be ended as the interpreter ends them: it exits
             raise SystemExit(code)
+        step("leaving: threads ending")
         _THREADS_DONE()
+        step("leaving: exit handlers")
         _flush()
         atexit._run_exitfuncs()
     _flush()

@@ -253,3 +253,22 @@ def test_one_blas_thread_inside_and_the_threads_as_they_were_after() -> None:
     with one_blas_thread():
         assert blas() and set(blas()) == {1}
     assert blas() == before
+
+
+def test_quiet_collector_freezes_what_lives_and_restores_the_collector_after_an_error() -> None:
+    import gc
+
+    from pnsfw.concurrency import YOUNG_THRESHOLD, quiet_collector
+
+    def seen(thing: object) -> bool:
+        return any(o is thing for o in gc.get_objects())
+
+    before, alive = gc.get_threshold(), [[1]]
+    with pytest.raises(RuntimeError), quiet_collector():
+        assert gc.get_freeze_count() > 0 and not seen(alive)
+        assert gc.get_threshold() == (max(YOUNG_THRESHOLD, before[0]), *before[1:])
+        cycle: list = []
+        cycle.append(cycle)  # made inside: still the collector's
+        assert seen(cycle)
+        raise RuntimeError("the stage failed")
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0 and seen(alive)

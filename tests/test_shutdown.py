@@ -76,3 +76,10 @@ main()
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0 and marker.read_text() == "ran", done.stderr
+
+
+def test_with_debug_logging_the_exit_marks_its_phases_on_the_timeline(tmp_path: Path) -> None:
+    done = run_main(tmp_path, "faiss", "--log-level", "debug", "info", "--store", "no/such/store")
+    assert done.returncode == 1 and ran_to_the_end(tmp_path)
+    lines = [line for line in done.stderr.splitlines() if "leaving:" in line]
+    assert [line.split("leaving: ")[1].split(" (")[0] for line in lines] == ["threads ending", "exit handlers"]

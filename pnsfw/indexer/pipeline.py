@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..concurrency import ProcessPool, cpu_count, one_blas_thread
+from ..concurrency import ProcessPool, cpu_count, one_blas_thread, quiet_collector
 from ..errors import BadInput, Interrupted, SourceError
 from ..progress import progress_bar
 from ..store import Projection, Store, StoreWriter
@@ -268,7 +268,7 @@ def _index_items(writer: StoreWriter, items: Iterable[Item], options: IndexOptio
 
     stage = stage or reader_stage(options, encoder)
     try:
-        with progress_bar(options.progress, None, "img") as bar:
+        with progress_bar(options.progress, None, "img") as bar, quiet_collector():
             batches = stage(items, options, encoder, pool, on_error, _default_batch(options, encoder))
             _encode_all(shards, batches, encoder, summary, bar)
     finally:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ...concurrency import quiet_collector
 from ..encoder import Encoder, load_encoder
 from ..reader import Result
 from ..sources import Item
@@ -35,8 +36,9 @@ def device_worker(rank: int, device: str, model: str, options: Any, processes: i
         encoder = load_encoder(model, device, options.precision)
         stats = Stats()
         router = make_router(pool, encoder.resolution, options, stats, batch)
-        for result in device_stage(iter(jobs.get, None), encoder, router, options, 0, batch):
-            results.put(result)
+        with quiet_collector():
+            for result in device_stage(iter(jobs.get, None), encoder, router, options, 0, batch):
+                results.put(result)
         results.put(("done", stats.as_dict()))
     except BaseException as exc:  # the parent re-raises it
         results.put(("error", f"worker {rank} on {device}: {type(exc).__name__}: {exc}"))
