@@ -29,6 +29,11 @@ Timing method:
 * steady state, ours: ``steady_images_per_s`` from ``pnsfw index
   --summary-json FILE`` ({"indexed", "seconds", "images_per_s",
   "steady_images_per_s"}).
+* the tower's own ceiling (``--tower-ceiling``, CPU; DESIGN's target: the
+  steady rate >= 85 % of it): before each pnsfw run, ``bench_tower.py`` times
+  the image tower alone on the same checkpoint, at the run's batch size and
+  precision on every usable core; each run's steady img/s is divided by the
+  ceiling measured just before it.
 
 The anchor has no device option: it uses CUDA whenever torch sees a GPU, so
 ``--device cpu`` runs it with ``CUDA_VISIBLE_DEVICES=""``.
@@ -451,6 +456,24 @@ def ours_command(args: argparse.Namespace, corpus: Path, store: Path, ckpt: Path
 PHASE = re.compile(r"\] +([0-9.]+) s  (.+) \(([^)]*)\)$", re.M)  # a timeline line: seconds, phase, thread
 
 
+TOWER_VARIANTS = {"bf16": "bf16-autocast", "fp32": "fp32"}  # pnsfw's CPU precision -> bench_tower's variant
+
+
+def tower_ceiling(args: argparse.Namespace, ckpt: Path, log: Path) -> dict[str, Any]:
+    """The image tower alone (bench_tower.py, a process of its own) at the pipeline's batch and precision."""
+    from pnsfw.indexer.encoder import resolve_precision
+
+    variant = TOWER_VARIANTS[resolve_precision("auto", "cpu")]
+    out = log.with_suffix(".tower.json")
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_tower.py"), str(ckpt), "--batch", str(args.batch_size),
+           "--threads", str(len(os.sched_getaffinity(0))), "--variants", variant, "--out", str(out)]
+    rc, _, _ = run_timed(cmd, {}, log)
+    if rc != 0:
+        return {"error": log_tail(log)}
+    figures = json.loads(out.read_text())["results"][variant]
+    return {"variant": variant, "batch": args.batch_size, "images_per_s": figures["images_per_s"]}
+
+
 def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
              variant: str = "", repeat: int = 1, baseline: bool = False) -> dict[str, Any]:
     """Run ``pnsfw index`` into a fresh store; return its figures (variant: extra options, 'gpu-tower=reference';
@@ -470,10 +493,13 @@ def run_ours(args: argparse.Namespace, name: str, corpus: Path, ckpt: Path,
         return {"tool": "pnsfw", "rc": None, "command": cmd, "error": f"{binary} not found"}
     cmd += [word if word.startswith("-") else f"--{word}" for word in variant.split()]  # argparse-safe form
     cmd += ["--stage-stats", str(stats)] if args.device == "cuda" else []
+    ceiling = tower_ceiling(args, ckpt, log.with_suffix(".tower.log")) if args.tower_ceiling and not baseline else None
     rc, wall, _ = run_timed(cmd, {}, log)
     tool = f"pnsfw{' (baseline)' if baseline else ''}{' ' + variant if variant else ''}"
     res: dict[str, Any] = {"tool": tool, "rc": rc, "seconds": wall,
                            "command": cmd, "log": str(log), "gpu": dict(LAST_GPU)}
+    if ceiling is not None:
+        res["tower_ceiling"] = ceiling
     if stats.exists():
         res["stages"] = json.loads(stats.read_text())
     text = log.read_text(errors="replace") if log.exists() else ""
@@ -658,8 +684,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="a second pnsfw command (e.g. an older commit's code: scripts/baseline_pnsfw.sh): each "
                          "pnsfw run is paired with the same run through it, the pair's order alternating by "
                          "repeat (use an even --ours-repeats), and the table ends with ours / baseline")
+    ap.add_argument("--tower-ceiling", action="store_true",
+                    help="CPU: time the image tower alone (bench_tower.py) before each pnsfw run and report each "
+                         "run's steady img/s as a share of it")
     ap.add_argument("--out", type=Path, default=Path("bench_index.json"))
     args = ap.parse_args(argv)
+    if args.tower_ceiling and args.device != "cpu":
+        ap.error("--tower-ceiling is for --device cpu (the GPU's stage ceilings: bench_gpu_stages.py)")
     if args.batch_size is None:
         args.batch_size = 64 if args.device == "cpu" else 1024
     if args.device == "cuda":
@@ -688,6 +719,15 @@ def baseline_ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         values = [o[key] / b[key] for o, b in pairs if o.get(key) and b.get(key)]
         out[key] = round(statistics.median(values), 3) if values else None
     return out
+
+
+def ceiling_shares(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each pnsfw run's steady img/s over the tower's ceiling measured just before it, and their median."""
+    import statistics
+
+    shares = [r["steady_images_per_s"] / r["tower_ceiling"]["images_per_s"] for r in runs.values()
+              if r.get("steady_images_per_s") and r.get("tower_ceiling", {}).get("images_per_s")]
+    return {"runs": [round(x, 3) for x in shares], "median": round(statistics.median(shares), 3) if shares else None}
 
 
 def run_all(args: argparse.Namespace, corpora: dict[str, Path], ckpt: Path,
@@ -733,11 +773,17 @@ def main(argv: list[str] | None = None) -> int:
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if args.baseline is not None:
         report["ours_over_baseline"] = {name: baseline_ratios(runs) for name, runs in report["results"].items()}
+    if args.tower_ceiling:
+        report["steady_over_tower_ceiling"] = {name: ceiling_shares(runs) for name, runs in report["results"].items()}
     write_json(args.out, report)
     print_table(report["results"])
     for name, ratios in report.get("ours_over_baseline", {}).items():
         print(f"{name}: ours / baseline, median of the pairs: e2e {fmt(ratios['images_per_s'], '.3f')}, "
               f"steady {fmt(ratios['steady_images_per_s'], '.3f')}")
+    for name, shares in report.get("steady_over_tower_ceiling", {}).items():
+        each = " ".join(fmt(x, ".3f") for x in shares["runs"])
+        print(f"{name}: steady / the tower's ceiling before it, per run: {each}; median "
+              f"{fmt(shares['median'], '.3f')} (DESIGN: >= 0.85)")
     print(f"\n[bench] wrote {args.out.resolve()}")
     failed = [r for runs in report["results"].values() for r in runs.values() if "error" in r]
     return 1 if failed else 0
