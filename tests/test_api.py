@@ -418,3 +418,20 @@ def test_too_large_is_readable_by_every_common_client(api_server: Server, tmp_pa
                           capture_output=True, text=True, timeout=60)
     answers["curl"] = (int(done.stdout or 0), json.loads((tmp_path / "out.json").read_text())["error"])
     assert answers == {name: (413, "too_large") for name in ("urllib", "requests", "httpx", "curl")}, done.stderr
+
+
+def test_while_serving_the_objects_alive_at_startup_are_out_of_the_collectors_sight(api_server: Server) -> None:
+    """Each full collection walked torch's objects with the event loop stopped: 130-210 ms pauses under load
+    (docs/benchmarks.md). The app freezes what its startup made, and gives it back when it stops."""
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from pnsfw.api.app import create_app
+    from pnsfw.api.engine import Settings
+
+    app = create_app(api_server.store, None, Settings(device="cpu", preload=False, token=None))
+    assert gc.get_freeze_count() == 0
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200 and gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0

@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..concurrency import quiet_collector
 from ..errors import PnsfwError
 from ..store import Store
 from . import review, routes
@@ -34,7 +35,8 @@ def create_app(store: "Store | str | Path", model: str | None = None, settings: 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
-        yield
+        with quiet_collector():  # each full collection walked torch's objects with the event loop stopped
+            yield
         await engine.stop()
 
     app = FastAPI(title="pnsfw", version=__version__, lifespan=lifespan, responses=ERRORS,
