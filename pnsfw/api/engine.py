@@ -7,6 +7,7 @@ event loop.
 """
 
 import asyncio
+import gc
 import logging
 import os
 import threading
@@ -238,6 +239,8 @@ class Engine:
         with self._encoder_lock:
             if self._encoder is None:
                 self._encoder = self._load_encoder()
+                if gc.get_freeze_count():  # serving (app.py): torch's and CLIP's objects join the frozen ones
+                    gc.freeze()
         return self._encoder
 
     def _load_encoder(self) -> Any:
