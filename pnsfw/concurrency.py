@@ -10,6 +10,9 @@
   consumer (a reader that overlaps the stage after it; the iterator's own state stays on one thread).
 - `DaemonThreads(n)`: `submit(fn, arg)` on daemon threads nothing joins at exit, for calls that may never
   return (a wedged device call); the caller waits on the future with a timeout.
+- `one_blas_thread()`, `quiet_collector()`: a long stream's process settings inside, as they were after (numpy's
+  BLAS on one thread; the objects alive on entry out of the cyclic collector's sight): an indexing run's stream,
+  a server's lifetime.
 
 A stage's exception reaches the consumer with its own type (the worker's traceback is attached as the
 cause, as concurrent.futures does), so a domain error raised in a worker is reported like any other.
