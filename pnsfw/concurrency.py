@@ -42,7 +42,7 @@ from .errors import WorkerLost
 T = TypeVar("T")
 R = TypeVar("R")
 __all__ = ["DaemonThreads", "Executor", "ProcessPool", "Task", "WorkerLost", "background", "cpu_count",
-           "one_blas_thread", "ordered_map", "quiet_collector", "read_ahead"]
+           "one_blas_thread", "ordered_map", "quiet_collector", "read_ahead", "refreeze"]
 
 
 class Executor(Protocol):
@@ -87,6 +87,18 @@ def quiet_collector() -> Iterator[None]:
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()
+
+
+def refreeze(collect: bool = False) -> None:
+    """Inside `quiet_collector`: what was made since frozen too (a model loaded late). `collect`: first a full
+    collection that sees the frozen objects as well, for those that became garbage (a replaced searcher and its
+    Keras model, whose reference cycles only the collector frees: frozen, they would stay for good)."""
+    if not gc.get_freeze_count():
+        return
+    if collect:
+        gc.unfreeze()
+        gc.collect()
+    gc.freeze()
 
 
 class Task(Future):

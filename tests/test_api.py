@@ -5,6 +5,7 @@ import io
 import json
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -436,4 +437,20 @@ def test_while_serving_the_objects_alive_at_startup_are_out_of_the_collectors_si
         assert client.get("/health").status_code == 200 and (frozen := gc.get_freeze_count()) > 0
         app.state.engine.encoder()  # loaded after the startup (lazily, or in the background): frozen too
         assert gc.get_freeze_count() > frozen
+        cycle, gone = _cycle()  # a replaced searcher's Keras model is full of cycles: freed at the reload
+        gc.freeze()
+        del cycle
+        app.state.engine.reload()
+        assert gone() is None and gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0
+
+
+def _cycle() -> tuple[object, Callable[[], object]]:
+    import weakref
+
+    class Node:
+        pass
+
+    node = Node()
+    node.me = node  # type: ignore[attr-defined]
+    return node, weakref.ref(node)

@@ -7,7 +7,6 @@ event loop.
 """
 
 import asyncio
-import gc
 import logging
 import os
 import threading
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..concurrency import refreeze
 from ..errors import BadInput, ModelNotFound, NotAnImage, TooLarge
 from ..store import Store
 from .batching import MicroBatcher
@@ -216,6 +216,7 @@ class Engine:
         with self.swap_lock:
             self._run_hooks(searcher)
             self.store, self.model_name, self.classifier, self.searcher = store, name, classifier, searcher
+        refreeze(collect=True)  # the searcher and model replaced are freed (one full collection a reload)
         self.metrics.set_gauge("pnsfw_store_vectors", "Vectors in the served store.", store.rows)
         log.info("serving store %s version %d: %d vectors", store.root, store.version, store.rows)
 
@@ -239,8 +240,7 @@ class Engine:
         with self._encoder_lock:
             if self._encoder is None:
                 self._encoder = self._load_encoder()
-                if gc.get_freeze_count():  # serving (app.py): torch's and CLIP's objects join the frozen ones
-                    gc.freeze()
+                refreeze()  # serving (app.py): torch's and CLIP's objects join the frozen ones
         return self._encoder
 
     def _load_encoder(self) -> Any:
