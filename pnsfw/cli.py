@@ -190,7 +190,8 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
              "while the device's decoders are made)."),
             ("--compile", "gpu_compile", COMPILES,
              "torch.compile the image tower (auto: not yet, as no pipeline run has measured it faster; on: the "
-             "experiment, its kernels cached in ~/.cache/pnsfw/inductor)."))),
+             "experiment, its kernels cached in ~/.cache/pnsfw/inductor and, with --gpu-tower fast, replayed "
+             "from the tower's CUDA graph)."))),
         click.option("--stage-stats", type=click.Path(dir_okay=False),
                      help="GPU path: write each stage's busy seconds as JSON here."),
         click.option("--gpu-profile", type=click.Path(dir_okay=False),

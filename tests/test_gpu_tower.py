@@ -61,6 +61,33 @@ def test_graph_wrapper_runs_cpu_batches_eagerly() -> None:
     assert model.graph is None
 
 
+@pytest.mark.parametrize(("device", "tower", "compiled", "graphed"), [
+    ("cuda", "fast", "on", True), ("cuda", "fast", "off", True), ("cuda", "eager", "on", False),
+    ("cuda", "reference", "on", False), ("cpu", "fast", "on", False)])
+def test_the_fast_tower_is_replayed_from_a_graph_on_cuda_compiled_or_not(
+        monkeypatch: pytest.MonkeyPatch, device: str, tower: str, compiled: str, graphed: bool) -> None:
+    """`--compile on` compiles the model the graph then captures: launched kernel by kernel, the compiled
+    tower was bound by its launches (round 12)."""
+    from types import SimpleNamespace
+
+    from pnsfw.indexer.gpu import tower as towers
+    from pnsfw.indexer.gpu.options import GpuOptions
+
+    wrappers: list = []
+
+    def compile_stand_in(model, batch):  # torch.compile itself takes minutes: what matters is the order
+        wrappers.append(lambda images: model(images))
+        return wrappers[-1]
+
+    monkeypatch.setattr(towers, "_compiled", compile_stand_in)
+    encoder = SimpleNamespace(model=SimpleNamespace(visual=_visual(5, **SHAPES[0])), device=device,
+                              precision="fp32")
+    model = towers.image_model(encoder, GpuOptions(tower=tower, compile=compiled), 0, 4)  # type: ignore[arg-type]
+    assert isinstance(model, Graphed) == graphed and len(wrappers) == (compiled == "on")
+    inner = model.model if isinstance(model, Graphed) else model
+    assert (inner in wrappers) == (compiled == "on")  # the graph holds the compiled model, not the raw one
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_default_graph_tower_equals_the_fp32_reference_on_cuda() -> None:
     """`--gpu-tower fast` (the default): full fp16 batches replayed from a CUDA graph, the others eager; each
