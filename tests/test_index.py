@@ -72,6 +72,41 @@ def test_rerun_adds_nothing_and_new_files_are_added(tmp_path, tiny_checkpoint):
     assert sorted(ids) == list(range(17))
 
 
+def _recorded(calls: list[str], name: str, method):
+    """`method`, appending `name` to `calls` before each call."""
+    def wrapper(self):
+        calls.append(name)
+        return method(self)
+    return wrapper
+
+
+def test_a_new_store_imports_torch_beside_the_listing_and_a_rerun_starts_only_for_a_new_item(
+        tmp_path, tiny_checkpoint, monkeypatch):
+    """Listing a flat folder of 1M files took ~1.2 s before its first entry (the whole folder read and sorted),
+    and the encoder's load began only then. For a new store every entry is new, so torch is imported beside
+    the listing; a store with rows still starts nothing until an entry is new (a rerun with nothing to do
+    imports no torch)."""
+    from pnsfw.indexer import pipeline
+
+    calls: list[str] = []
+    imported: list[str] = []
+    real_listing, real_import = pipeline._listing, pipeline._import_torch
+    monkeypatch.setattr(pipeline, "_listing", lambda *args: calls.append("listing") or real_listing(*args))
+    monkeypatch.setattr(pipeline, "_import_torch", lambda: imported.append("torch") or real_import())
+    for name in ("prepare", "start"):
+        monkeypatch.setattr(pipeline._Startup, name, _recorded(calls, name, getattr(pipeline._Startup, name)))
+    write_images(tmp_path / "src", 3)
+    assert "indexed 3 images" in run(tmp_path / "store", tiny_checkpoint, str(tmp_path / "src")).output
+    assert calls == ["prepare", "listing", "start"] and imported == ["torch"]
+    calls.clear()
+    assert "indexed 0 images" in run(tmp_path / "store", tiny_checkpoint, str(tmp_path / "src")).output
+    assert calls == ["listing"]
+    write_images(tmp_path / "src" / "more", 1, start=100)
+    calls.clear()
+    assert "indexed 1 images" in run(tmp_path / "store", tiny_checkpoint, str(tmp_path / "src")).output
+    assert calls == ["listing", "start"] and imported == ["torch"]
+
+
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path != "/cat.jpg":

@@ -113,8 +113,7 @@ def _entries(sources: list[str], column: str | None) -> Iterator[Item]:
 
 
 def _listing(sources: list[str], column: str | None) -> Iterator[Item]:
-    """Every entry of SOURCEs; SourceError before any work when they hold nothing at all."""
-    check_sources(sources, column)
+    """Every entry of SOURCEs (checked by check_sources); SourceError before any work when they hold nothing."""
     entries = _entries(sources, column)
     first = next(entries, None)
     if first is None:
@@ -286,22 +285,47 @@ class _Startup:
         self.options, self.encoder, self.load = options, encoder, load
         self.pool: Any = None
         self._threads: list[threading.Thread] = []
+        self._loader: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._forked = False
+
+    def prepare(self) -> None:
+        """Before the listing of a new store (every item it finds is new): the workers forked and torch imported
+        beside the listing. Nothing is read or downloaded yet: the SOURCEs may hold no image (so device workers,
+        which load the model as they start, wait for start)."""
+        from .gpu import wants_device_workers
+
+        if wants_device_workers(self.options):
+            return
+        self._fork()
+        if self.encoder is None and self.load is load_encoder:
+            self._spawn(_import_torch, "pnsfw-import-torch")
 
     def start(self) -> None:
+        """At the first new item: the encoder's load and the reader's warm-up, on threads."""
+        self._fork()
+        if self.encoder is None and self._loader is None:
+            self._loader = self._spawn(self._load, "pnsfw-load-encoder")
+            self._spawn(self._warm_up, "pnsfw-warm-up")
+
+    def _fork(self) -> None:
         from .gpu import DeviceWorkers, start_context, start_device_workers
 
+        if self._forked:
+            return
+        self._forked = True
         # before any thread: forking a threaded process is unsafe (several GPUs: their workers load beside this
         # process, which then uses none)
         self.pool = start_device_workers(self.options) or _make_pool(self.options.workers)
         mark("workers forked")
         if not isinstance(self.pool, DeviceWorkers) and self.options.reader != "pil" and self.encoder is None:
             start_context(self.options.device)  # beside the torch import of the load below
-        if self.encoder is None:
-            self._threads = [threading.Thread(target=self._load, name="pnsfw-load-encoder", daemon=True),
-                             threading.Thread(target=self._warm_up, name="pnsfw-warm-up", daemon=True)]
-            for thread in self._threads:
-                thread.start()
+
+    def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return thread
 
     def _load(self) -> None:
         try:
@@ -319,8 +343,8 @@ class _Startup:
             log.debug("reader warm-up failed (the run reports it if it matters): %s", exc)
 
     def get(self) -> Encoder:
-        if self._threads:  # the load; the reader's warm-up (nvJPEG, torchvision's decoder) goes on beside the run
-            self._threads[0].join()
+        if self._loader is not None:  # the reader's warm-up (nvJPEG, torchvision's decoder) goes on beside the run
+            self._loader.join()
         if self._error is not None:
             raise self._error
         assert self.encoder is not None
@@ -338,6 +362,13 @@ class _Startup:
             self.pool.terminate()
         for thread in () if interrupted else self._threads:
             thread.join()  # a failed run still waits for the load, so nothing dies mid-import; Ctrl-C does not
+
+
+def _import_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:  # the load reports it
+        log.debug("torch did not import ahead of the load: %s", exc)
 
 
 def _stopped(summary: IndexSummary, store: Store, signum: int) -> Interrupted:
@@ -362,39 +393,40 @@ def run_index(sources: list[str], store_root: str, options: IndexOptions | None 
     started = time.perf_counter()
     summary = IndexSummary()
     store = Store(store_root)
-    entries = _listing(sources, options.uri_column)  # before the store is created: no images, no store
-    try:
-        with store.writer() as writer:
-            with one_blas_thread():  # the FAISS update after it keeps every thread
-                _run(writer, store, entries, options, encoder, summary, stage)
-            summary.seconds = time.perf_counter() - started
-            if finish is not None and store.rows:
-                summary.index = finish(store)
-    except KeyboardInterrupt:
-        raise _stopped(summary, store, signal.SIGINT) from None
-    except Interrupted as exc:
-        raise _stopped(summary, store, exc.signum) from None
-    return summary
-
-
-def _run(writer: StoreWriter, store: Store, entries: Iterator[Item], options: IndexOptions,
-         encoder: Encoder | None, summary: IndexSummary, stage: Stage | None) -> None:
-    check_projection_option(writer, options.projection)
-    mark("store locked")
+    check_sources(sources, options.uri_column)
     options = dataclasses.replace(options, model=store_model(store, options.model))
     # a stage whose workers encode (Ray) needs only the encoder's description on this process
     startup = _Startup(options, encoder, load_encoder if getattr(stage, "needs_weights", True) else describe_encoder)
     stopped = False
     try:
-        items = NewItems(entries, _known(store, options.retry_errors), startup.start)
-        stream = iter(items)
-        first = next(stream, None)
-        if first is not None:
-            _index_items(writer, itertools.chain([first], stream), options, startup.get(), startup.pool, summary,
-                         stage)
-        summary.already_present = items.present
-    except (KeyboardInterrupt, Interrupted):
+        if not store.exists:
+            startup.prepare()
+        entries = _listing(sources, options.uri_column)  # before the store is created: no images, no store
+        with store.writer() as writer:
+            with one_blas_thread():  # the FAISS update after it keeps every thread
+                _run(writer, store, entries, options, startup, summary, stage)
+            summary.seconds = time.perf_counter() - started
+            if finish is not None and store.rows:
+                summary.index = finish(store)
+    except KeyboardInterrupt:
         stopped = True
-        raise
+        raise _stopped(summary, store, signal.SIGINT) from None
+    except Interrupted as exc:
+        stopped = True
+        raise _stopped(summary, store, exc.signum) from None
     finally:
         startup.close(stopped)
+    return summary
+
+
+def _run(writer: StoreWriter, store: Store, entries: Iterator[Item], options: IndexOptions, startup: "_Startup",
+         summary: IndexSummary, stage: Stage | None) -> None:
+    check_projection_option(writer, options.projection)
+    mark("store locked")
+    items = NewItems(entries, _known(store, options.retry_errors), startup.start)
+    stream = iter(items)
+    first = next(stream, None)
+    if first is not None:
+        _index_items(writer, itertools.chain([first], stream), options, startup.get(), startup.pool, summary,
+                     stage)
+    summary.already_present = items.present

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 from ..errors import BadInput, SourceError
 from ..store.shards import TAR_SEPARATOR
 from .fetch import read_url
+from .walk import walk_files
 
 URI_COLUMNS = ("uri", "url", "image_path")  # recognised without --uri-column, in this order
 RESERVED = ("id", "uri", "source", "sha256", "width", "height", "embedding", "uri_hash")
@@ -95,11 +96,10 @@ def entry(text: str, source: str, base: Path | None, meta: Meta = (), **extra: A
 # ------------------------------------------------------------------ folders ---
 
 def _walk_folder(root: Path) -> Iterator[Item]:
-    for folder, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith("."):
-                yield entry(os.path.join(folder, name), str(root), None)
+    source = str(root)
+    for path in walk_files(source):
+        # a walked path has no scheme, URL or NUL (entry() checks those): only its encoding can be wrong
+        yield Item(path, source) if _is_utf8(path) else entry(path, source, None)
 
 
 # ----------------------------------------------------------------- webdataset ---

@@ -30,7 +30,8 @@ import importlib
 from typing import Any
 
 _NAMES = {"warm_up": "decode", "GpuOptions": "options", "jpeg_size": "probe", "tensor_stage": "workers",
-          "DeviceWorkers": "workers", "start_device_workers": "workers", "start_context": "context"}
+          "DeviceWorkers": "workers", "start_device_workers": "workers", "wants_device_workers": "workers",
+          "start_context": "context"}
 __all__ = sorted(_NAMES)
 
 

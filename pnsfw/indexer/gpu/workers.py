@@ -130,12 +130,17 @@ def planned_workers(options: Any) -> int:
 def start_device_workers(options: Any) -> DeviceWorkers | None:
     """The device workers of a multi-device run with the tensor reader, started now; None otherwise (then
     the run's one device is encoded in this process)."""
-    count = planned_workers(options)
-    gpu_like = options.device in ("auto", "cuda")
-    if count < 2 or options.reader == "pil" or (options.reader == "auto" and not gpu_like):
+    if not wants_device_workers(options):
         return None
-    devices = [f"cuda:{i}" for i in range(count)] if gpu_like else [options.device] * count
+    count = planned_workers(options)
+    devices = [f"cuda:{i}" for i in range(count)] if options.device in ("auto", "cuda") else [options.device] * count
     return DeviceWorkers(options.model, options, devices, options.batch_size or 1024)
+
+
+def wants_device_workers(options: Any) -> bool:
+    """Whether a run with `options` encodes in device workers (several devices, the tensor reader)."""
+    gpu_like = options.device in ("auto", "cuda")
+    return not (planned_workers(options) < 2 or options.reader == "pil" or (options.reader == "auto" and not gpu_like))
 
 
 def _stats_out(stats: Stats, path: str | None) -> None:
