@@ -44,7 +44,7 @@ class GpuOptions:
     # beside the tower's warm-up and the making of nvJPEG's decoders: on an H200 the first batch a median 0.1 s
     # sooner from the end of `import torch`, the steady rate 4-8 % lower; round 10)
     tower_sms: int = 0  # the tower's SMs (a green context), the rest kept for the decode's kernels; 0: all
-    compile: str = "auto"  # torch.compile the tower: auto (none until measured faster in the pipeline), on, off
+    compile: str = "auto"  # torch.compile the tower: auto (jobs of tower.COMPILE_MIN_ITEMS or more), on, off
     stage_stats: str | None = None  # write per-stage busy seconds (JSON) to this file
     profile: str | None = None  # write a per-stream GPU time summary of a window of units (JSON) to this file
 
