@@ -190,8 +190,9 @@ def _gpu_option_list() -> list[Callable[[Any], Any]]:
              "while the device's decoders are made)."),
             ("--compile", "gpu_compile", COMPILES,
              "torch.compile the image tower, its kernels cached in ~/.cache/pnsfw/inductor and, with "
-             "--gpu-tower fast, replayed from the tower's CUDA graph (auto: for jobs of 50M images or more, "
-             "where a cold compile of ~4 min pays back; on: always; off: never)."))),
+             "--gpu-tower fast, replayed from the tower's CUDA graph (auto: for jobs known to hold 50M images or "
+             "more, where a cold compile of ~4 min pays back; a listing of unknown size, as here, compiles "
+             "nothing; on: always; off: never)."))),
         click.option("--stage-stats", type=click.Path(dir_okay=False),
                      help="GPU path: write each stage's busy seconds as JSON here."),
         click.option("--gpu-profile", type=click.Path(dir_okay=False),

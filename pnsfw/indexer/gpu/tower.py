@@ -25,7 +25,8 @@ from .fallback import warn_once as _warn_once
 
 # The compiled fast tower replayed from the CUDA graph: 25,159 img/s steady at 1M thumbnails against eager's
 # 22,156-22,364 (an H200, round 13 calls 2 and 4: 5.2 us less an image), after a cold max-autotune compile of
-# 229 s (~13 s from a warm cache, round 12). Cold, that pays back from ~44M images; auto compiles from 50M.
+# 229 s (~13 s from a warm cache, round 12). Cold, that pays back from ~44M images; auto compiles from 50M
+# (a stream of unknown size, as the CLI's listing, counts as 0).
 COMPILE_MIN_ITEMS: int | None = 50_000_000
 INDUCTOR_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "pnsfw", "inductor")
 
