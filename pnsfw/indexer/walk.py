@@ -1,9 +1,11 @@
 """A folder's files, listed by a child process, in the order of an in-process walk.
 
 Listing a folder takes a GIL round trip per name (os.scandir releases it around each readdir): beside a thread
-importing torch, 100k names that list in 0.07 s alone took 0.95 s (at 1M files on the GPU machine, the whole
-3-4 s import). A child walks without that contention and hands the names over in NUL-separated blocks, which
-this process splits in a few C calls."""
+importing torch, 100k names that list in 0.10-0.12 s alone took 0.78-0.94 s here, 0.48-0.57 s through the child
+(2 cores, scripts/bench_listing.py); at 1M files on the GPU machine the walk here lasted the whole 3-4 s import.
+A child walks without that contention and hands the names over in NUL-separated blocks, which this process
+splits in a few C calls. The walk's rule is written twice, in _CHILD (no pnsfw on the child's path) and
+walk_here; tests/test_walk.py holds them to the same paths in the same order."""
 
 from __future__ import annotations
 
