@@ -9,6 +9,10 @@ Modes (one fresh interpreter each, seconds since the process started, as the pip
   nocontext the same without creating the CUDA context first (the copy to the GPU then creates it)
   beside    load_encoder() while the reader's warm-up (torchvision's image ops, nvJPEG) runs on a thread, as in
             `pnsfw index --device cuda`; then the tower's warm-up forward (whether torch._dynamo got imported)
+  ops       the encoder loaded, then the first call of each kind of op of the fast tower's forward at the
+            pipeline's warm-up batch (256), each synchronised, then whole forwards (round 14: the warm-up
+            forward took 1.5 s inside `pnsfw index`)
+  ops_eager the same with CUDA_MODULE_LOADING=EAGER (every kernel loaded with its library, not at first use)
 
 Example::
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -27,7 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MODES = ("steps", "nommap", "nocontext", "beside")
+MODES = ("steps", "nommap", "nocontext", "beside", "ops", "ops_eager")
+ENV = {"ops_eager": {"CUDA_MODULE_LOADING": "EAGER"}}
 
 
 def _since_start() -> float:
@@ -89,8 +95,42 @@ def _tower_warm_up(encoder: Any, batch: int = 1024) -> None:
     torch.cuda.synchronize()
 
 
+def _ops(path: str, batch: int = 256) -> dict[str, float]:
+    """The first call of each op kind of the fast tower (pnsfw.indexer.gpu.tower), timed one by one."""
+    marks: dict[str, float] = {"python_started_at": _since_start()}
+    torch = _timed(marks, "import_torch", lambda: __import__("torch"))
+    import torch.nn.functional as F
+
+    from pnsfw.indexer.encoder import load_encoder
+    from pnsfw.indexer.gpu import tower
+
+    encoder = _timed(marks, "load_encoder", lambda: load_encoder(path, "cuda", "fp16"))
+    fast = _timed(marks, "fast_visual", lambda: tower.fast_visual(encoder.model.visual))
+    block = fast.blocks[0]
+    width = fast.patch_weight.shape[0]
+    tokens = torch.zeros((batch, fast.grid ** 2 + 1, width), device="cuda", dtype=torch.float16)
+    patches = torch.zeros((batch, fast.grid ** 2, fast.patch_weight.shape[1]), device="cuda", dtype=torch.float16)
+    heads = block.attn.num_heads
+    q = tokens.view(batch, -1, heads, width // heads).transpose(1, 2)
+    calls = {"patch_gemm": lambda: F.linear(patches, fast.patch_weight),
+             "layer_norm": lambda: tower._layer_norm(tokens, block.ln_1),
+             "in_proj": lambda: F.linear(tokens, block.attn.in_proj_weight, block.attn.in_proj_bias),
+             "sdpa": lambda: F.scaled_dot_product_attention(q, q, q),
+             "sdpa_class_token": lambda: F.scaled_dot_product_attention(q[:, :, :1], q, q),
+             "mlp": lambda: block.mlp(tokens),
+             "class_token_linear": lambda: F.linear(tokens[:, :1], block.attn.in_proj_weight[:width])}
+    images = torch.zeros((batch, 3, encoder.resolution, encoder.resolution), device="cuda")
+    calls.update({"forward_1": lambda: fast(images), "forward_2": lambda: fast(images),
+                  "forward_1024": lambda: fast(images.repeat(4, 1, 1, 1))})
+    with torch.inference_mode():
+        for name, call in calls.items():
+            _timed(marks, name, lambda op=call: (op(), torch.cuda.synchronize()))
+    return marks
+
+
 def child(path: str, mode: str) -> None:
-    marks = _beside(path) if mode == "beside" else _steps(path, mode)
+    kinds = {"beside": _beside, "ops": _ops, "ops_eager": _ops}
+    marks = kinds[mode](path) if mode in kinds else _steps(path, mode)
     print("MARKS=" + json.dumps(marks), flush=True)
 
 
@@ -110,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         report[mode] = []
         for _ in range(args.runs):
             done = subprocess.run([sys.executable, __file__, args.checkpoint, "--child", mode], capture_output=True,
-                                  text=True, check=False)
+                                  text=True, check=False, env={**os.environ, **ENV.get(mode, {})})
             lines = [line for line in done.stdout.splitlines() if line.startswith("MARKS=")]
             report[mode].append(json.loads(lines[-1][6:]) if lines else {"error": done.stderr[-800:]})
             print(mode, json.dumps(report[mode][-1]), flush=True)

@@ -344,3 +344,64 @@ def test_the_first_unit_goes_whole_to_the_cpu_workers_when_asked(tmp_path: objec
         else:
             assert len(first.rows) == 3 and router.stats.cpu_images == 0
 
+
+
+def test_handles_made_ahead_are_taken_by_backend_and_the_rest_destroyed(monkeypatch) -> None:
+    """premake (on the CUDA context's thread, beside torch's import) keeps the handles by device, backend and
+    flags; a failed create ends the tries; discard_premade destroys what no decoder took."""
+    import ctypes
+    import types
+
+    from pnsfw.indexer.gpu import nvjpeg
+    from pnsfw.indexer.gpu.decode import premade_decoders
+    from pnsfw.indexer.gpu.options import GpuOptions
+
+    made, destroyed = iter(range(1, 100)), []
+    failing = {"after": 5}
+
+    def create(backend: int, _dev: object, _pinned: object, flags: int, out: object) -> int:
+        if failing["after"] == 0:
+            return 7
+        failing["after"] -= 1
+        ctypes.cast(out, ctypes.POINTER(ctypes.c_void_p))[0] = next(made)
+        return 0
+
+    fake = types.SimpleNamespace(nvjpegCreateEx=create, nvjpegDestroy=lambda h: destroyed.append(h.value))
+    monkeypatch.setattr(nvjpeg, "library", lambda: fake)
+    assert nvjpeg.premake(0, nvjpeg.BACKEND_GPU_HYBRID, 3) == 3
+    assert nvjpeg.premake(1, nvjpeg.BACKEND_HARDWARE, 4) == 2  # the 6th create fails: two made
+    assert nvjpeg._take_premade(nvjpeg.BACKEND_HARDWARE, nvjpeg.FLAG_MEMORY_POOLS, 0) is None
+    assert nvjpeg._take_premade(nvjpeg.BACKEND_GPU_HYBRID, 0, 0) is None  # other flags: not these
+    taken = nvjpeg._take_premade(nvjpeg.BACKEND_GPU_HYBRID, nvjpeg.FLAG_MEMORY_POOLS, 0)
+    assert taken is not None and taken.value in (1, 2, 3)
+    assert nvjpeg.discard_premade() == 4 and sorted(destroyed) == sorted({1, 2, 3, 4, 5} - {taken.value})
+    assert nvjpeg.discard_premade() == 0
+    assert premade_decoders(GpuOptions(decoder="torchvision")) is None
+    failing["after"] = 99
+    premade_decoders(GpuOptions(decode_threads=2))(0)  # type: ignore[misc]  # auto: the SMs' handles
+    assert len(nvjpeg._premade[(0, nvjpeg.BACKEND_GPU_HYBRID, nvjpeg.FLAG_MEMORY_POOLS)]) == 2
+    nvjpeg.discard_premade()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with JPEG engines")
+def test_a_decoder_takes_a_handle_made_ahead_and_decodes_with_it() -> None:
+    import threading
+
+    from pnsfw.indexer.gpu import nvjpeg
+    from pnsfw.indexer.gpu.context import start_context
+
+    thread = start_context("cuda", lambda index: nvjpeg.premake(index, nvjpeg.BACKEND_HARDWARE, 1))
+    assert isinstance(thread, threading.Thread)
+    thread.join(timeout=30)
+    key = (torch.cuda.current_device(), nvjpeg.BACKEND_HARDWARE, nvjpeg.FLAG_MEMORY_POOLS)
+    handle = nvjpeg._premade[key][0].value
+    decoder = HardwareDecoder()
+    assert decoder.handle.value == handle and not nvjpeg._premade[key]
+    blobs = [_jpeg(400, 300, 0), _jpeg(256, 341, 1)]
+    reference = HardwareDecoder()  # made now: nothing left to take
+    assert reference.handle.value != handle
+    want = device_decode(_prepared(blobs, [True, True]), "cuda", reference)
+    got = device_decode(_prepared(blobs, [True, True]), "cuda", decoder)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    decoder.close()
+    reference.close()

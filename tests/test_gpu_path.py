@@ -456,7 +456,36 @@ def test_early_cuda_context_only_for_runs_that_use_a_gpu(monkeypatch: pytest.Mon
     monkeypatch.setattr(context, "GPU_NODES", ())
     assert context.device_index("auto") is None and context.start_context("auto") is None
     monkeypatch.setattr(context.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(f"no {name}")))
-    thread = context.start_context("cuda:1")
+    after: list[int] = []
+    thread = context.start_context("cuda:1", after.append)
     assert thread is not None
     thread.join(timeout=5)
-    assert not thread.is_alive()
+    assert not thread.is_alive() and after == []  # no context: nothing after it
+
+
+def test_the_early_context_made_current_then_what_comes_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """start_context's `then` (the nvJPEG handles made ahead) runs on the context's thread with the device's
+    primary context current; a driver call that fails ends the thread before it."""
+    import types
+
+    from pnsfw.indexer.gpu import context
+
+    calls: list[str] = []
+    status = {"cuCtxSetCurrent": 0}
+
+    def call(name: str) -> object:
+        return lambda *args: calls.append(name) or status.get(name, 0)
+
+    fake = types.SimpleNamespace(**{name: call(name) for name in ("cuInit", "cuDeviceGet",
+                                                                   "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent")})
+    monkeypatch.setattr(context, "libcuda", lambda: fake)
+    after: list[tuple[int, str]] = []
+    thread = context.start_context("cuda:2", lambda index: after.append((index, calls[-1])))
+    assert thread is not None
+    thread.join(timeout=5)
+    assert after == [(2, "cuCtxSetCurrent")] and calls[0] == "cuInit"
+    status["cuCtxSetCurrent"] = 201  # CUDA_ERROR_INVALID_CONTEXT
+    thread = context.start_context("cuda", lambda index: after.append((index, "again")))
+    assert thread is not None
+    thread.join(timeout=5)
+    assert after == [(2, "cuCtxSetCurrent")]

@@ -288,6 +288,7 @@ class _Startup:
         self._loader: threading.Thread | None = None
         self._error: BaseException | None = None
         self._forked = False
+        self._context: threading.Thread | None = None
 
     def prepare(self) -> None:
         """Before the listing of a new store (every item it finds is new): the workers forked and torch imported
@@ -309,7 +310,7 @@ class _Startup:
             self._spawn(self._warm_up, "pnsfw-warm-up")
 
     def _fork(self) -> None:
-        from .gpu import DeviceWorkers, start_context, start_device_workers
+        from .gpu import DeviceWorkers, premade_decoders, start_context, start_device_workers
 
         if self._forked:
             return
@@ -319,7 +320,8 @@ class _Startup:
         self.pool = start_device_workers(self.options) or _make_pool(self.options.workers)
         mark("workers forked")
         if not isinstance(self.pool, DeviceWorkers) and self.options.reader != "pil" and self.encoder is None:
-            start_context(self.options.device)  # beside the torch import of the load below
+            # beside the torch import of the load below: the context, then the decode threads' nvJPEG handles
+            self._context = start_context(self.options.device, premade_decoders(self.options.gpu))
 
     def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -362,6 +364,11 @@ class _Startup:
             self.pool.terminate()
         for thread in () if interrupted else self._threads:
             thread.join()  # a failed run still waits for the load, so nothing dies mid-import; Ctrl-C does not
+        if self._context is not None and not interrupted:
+            from .gpu import discard_premade
+
+            self._context.join()
+            discard_premade()  # the nvJPEG handles made ahead that no decoder took
 
 
 def _import_torch() -> None:

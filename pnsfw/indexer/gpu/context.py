@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 
 from ...devices import GPU_NODES
 from ..timeline import mark
@@ -46,29 +47,34 @@ def libcuda() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
-def _retain(index: int) -> None:
+def _retain(index: int, then: Callable[[int], None] | None) -> None:
     try:
         lib = libcuda()
         device, context = ctypes.c_int(), ctypes.c_void_p()
         for call, status in (("cuInit", lambda: lib.cuInit(0)),
                              ("cuDeviceGet", lambda: lib.cuDeviceGet(ctypes.byref(device), index)),
                              ("cuDevicePrimaryCtxRetain",
-                              lambda: lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), device))):
+                              lambda: lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)),
+                             ("cuCtxSetCurrent", lambda: lib.cuCtxSetCurrent(context))):
             if (code := status()) != 0:
                 log.debug("no early CUDA context: %s returned %d (torch makes it later)", call, code)
                 return
         mark("CUDA context made")
     except OSError as exc:
         log.debug("no early CUDA context (%s); torch makes it later", exc)
+        return
+    if then is not None:
+        then(index)
 
 
-def start_context(device: str) -> threading.Thread | None:
-    """Start making the primary CUDA context of `device`'s GPU on a thread (None: no GPU to be used). Call it
-    after the worker processes are forked: a process that forks after cuInit cannot use CUDA in its children."""
+def start_context(device: str, then: Callable[[int], None] | None = None) -> threading.Thread | None:
+    """Start making the primary CUDA context of `device`'s GPU on a thread (None: no GPU to be used), then run
+    `then(device index)` on that thread, the context current. Call it after the worker processes are forked: a
+    process that forks after cuInit cannot use CUDA in its children."""
     index = device_index(device)
     if index is None:
         return None
     configure_cuda()
-    thread = threading.Thread(target=_retain, args=(index,), name="pnsfw-cuda-context", daemon=True)
+    thread = threading.Thread(target=_retain, args=(index, then), name="pnsfw-cuda-context", daemon=True)
     thread.start()
     return thread

@@ -8,6 +8,7 @@ import importlib.util
 import os
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -65,6 +66,25 @@ def decode_jpegs(data: list[Any], device: str) -> list[Any]:
     if device.startswith("cuda"):  # what torchvision.io.decode_jpeg calls, without its imports
         return ops.decode_jpegs_cuda(data, _RGB, torch.device(device))
     return [ops.decode_jpeg(image, _RGB, False) for image in data]
+
+
+def premade_decoders(gpu: Any) -> Callable[[int], None] | None:
+    """What start_context makes beside torch's import for a run of GpuOptions `gpu` (None: nothing): the nvJPEG
+    handles its decode threads take at their first units (auto, sm: one on the SMs per thread, for
+    thumbnails; engines: the engines' threads'). Larger images' handles (auto) are still made at first use."""
+    plans = {"auto": (BACKEND_GPU_HYBRID, SM_THREADS), "sm": (BACKEND_GPU_HYBRID, SM_THREADS),
+             "engines": (BACKEND_HARDWARE, HARDWARE_THREADS)}
+    if gpu.decoder not in plans:
+        return None
+    backend, threads = plans[gpu.decoder]
+
+    def premake_handles(device: int) -> None:
+        from .nvjpeg import premake
+
+        made = premake(device, backend, gpu.decode_threads or threads)
+        mark(f"{made} nvJPEG handles made ahead")
+
+    return premake_handles
 
 
 def on_sms(decoder: Any) -> bool:

@@ -20,6 +20,7 @@ import importlib.util
 import os
 import resource
 import sys
+import threading
 import time
 from typing import Any
 
@@ -94,6 +95,53 @@ def library() -> ctypes.CDLL:
         except (OSError, AttributeError) as exc:
             errors.append(f"{path}: {exc}")
     raise NvjpegError("no usable libnvjpeg (" + ("; ".join(errors) or "none found beside torch/torchvision") + ")")
+
+
+# handles made ahead, by (device, backend, flags): on the thread that makes the CUDA context while torch is
+# still being imported, taken by HardwareDecoder (inside the run, four decode threads each made theirs at the first
+# unit in 0.4-0.8 s, the first unit's decode waiting for them: an H200, round 14)
+_premade: dict[tuple[int, int, int], list[ctypes.c_void_p]] = {}
+_premade_lock = threading.Lock()
+
+
+def premake(device: int, backend: int, count: int, flags: int = FLAG_MEMORY_POOLS) -> int:
+    """Make `count` handles for the GPU `device` on this thread (whose current CUDA context is that device's
+    primary one), kept for the decoders to take; how many were made. A failure ends the tries quietly: the
+    decoders then make their own, and report what fails."""
+    try:
+        lib = library()
+    except NvjpegError:
+        return 0
+    for made in range(count):
+        handle = ctypes.c_void_p()
+        if lib.nvjpegCreateEx(backend, None, None, flags, ctypes.byref(handle)) != 0:
+            return made
+        with _premade_lock:
+            _premade.setdefault((device, backend, flags), []).append(handle)
+    return count
+
+
+def _take_premade(backend: int, flags: int, device: int | None = None) -> ctypes.c_void_p | None:
+    """A handle made ahead for `device` (None: torch's current one), if one is left."""
+    if not _premade:  # and then no need to ask torch for a device (there may be none)
+        return None
+    if device is None:
+        import torch
+
+        device = torch.cuda.current_device()
+    with _premade_lock:
+        handles = _premade.get((device, backend, flags))
+        return handles.pop() if handles else None
+
+
+def discard_premade() -> int:
+    """Destroy the handles made ahead that no decoder took (at the end of a run); how many."""
+    with _premade_lock:
+        left = [handle for handles in _premade.values() for handle in handles]
+        _premade.clear()
+    for handle in left:
+        library().nvjpegDestroy(handle)
+    return len(left)
 
 
 def page_locked(data: Any) -> Any:
@@ -184,8 +232,12 @@ class HardwareDecoder:
         self.wedged = self.closed = False
         self.held: list[Any] = []  # what a wedged call may still read or write
         name = BACKEND_NAMES.get(backend, str(backend))
-        _check(self.lib.nvjpegCreateEx(backend, None, None, flags, ctypes.byref(self.handle)),
-               f"nvjpegCreateEx({name})")
+        premade = _take_premade(backend, flags)
+        if premade is not None:
+            self.handle = premade
+        else:
+            _check(self.lib.nvjpegCreateEx(backend, None, None, flags, ctypes.byref(self.handle)),
+                   f"nvjpegCreateEx({name})")
         import torch
 
         self.caller = DaemonThreads(1, "pnsfw-nvjpeg")  # every call of this handle, on this device
