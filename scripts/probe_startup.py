@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -128,7 +127,7 @@ def main() -> None:
         cli()
     finally:
         sampler.join(timeout=max(0.0, options.until + 1))
-        os.sys.stderr.flush()
+        sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -345,7 +345,6 @@ def test_the_first_unit_goes_whole_to_the_cpu_workers_when_asked(tmp_path: objec
             assert len(first.rows) == 3 and router.stats.cpu_images == 0
 
 
-
 def test_handles_made_ahead_are_taken_by_backend_and_the_rest_destroyed(monkeypatch) -> None:
     """premake (on the CUDA context's thread, beside torch's import) keeps the handles by device, backend and
     flags; a failed create ends the tries; discard_premade destroys what no decoder took."""
