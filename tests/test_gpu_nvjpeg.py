@@ -375,6 +375,7 @@ def test_handles_made_ahead_are_taken_by_backend_and_the_rest_destroyed(monkeypa
     assert taken is not None and taken.value in (1, 2, 3)
     assert nvjpeg.discard_premade() == 4 and sorted(destroyed) == sorted({1, 2, 3, 4, 5} - {taken.value})
     assert nvjpeg.discard_premade() == 0
+    assert not nvjpeg.first_decode(fake, ctypes.c_void_p(1))  # type: ignore[arg-type]  # no such calls: quiet
     assert premade_decoders(GpuOptions(decoder="torchvision")) is None
     failing["after"] = 99
     premade_decoders(GpuOptions(decode_threads=2))(0)  # type: ignore[misc]  # auto: the SMs' handles
@@ -399,6 +400,8 @@ def test_a_decoder_takes_a_handle_made_ahead_and_decodes_with_it() -> None:
     blobs = [_jpeg(400, 300, 0), _jpeg(256, 341, 1)]
     reference = HardwareDecoder()  # made now: nothing left to take
     assert reference.handle.value != handle
+    torch.cuda.synchronize()  # torch's context current on this thread: the driver-only first decode runs here
+    assert nvjpeg.first_decode(nvjpeg.library(), reference.handle)
     want = device_decode(_prepared(blobs, [True, True]), "cuda", reference)
     got = device_decode(_prepared(blobs, [True, True]), "cuda", decoder)
     assert all(torch.equal(a, b) for a, b in zip(want, got))

@@ -480,12 +480,43 @@ def test_the_early_context_made_current_then_what_comes_after_it(monkeypatch: py
                                                                    "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent")})
     monkeypatch.setattr(context, "libcuda", lambda: fake)
     after: list[tuple[int, str]] = []
-    thread = context.start_context("cuda:2", lambda index: after.append((index, calls[-1])))
+    thread = context.start_context("cuda:2", lambda index: after.append((index, calls[-1])), None,
+                                   lambda index: after.append((index, "second")))
     assert thread is not None
     thread.join(timeout=5)
-    assert after == [(2, "cuCtxSetCurrent")] and calls[0] == "cuInit"
+    assert after == [(2, "cuCtxSetCurrent"), (2, "second")] and calls[0] == "cuInit"  # in turn, None skipped
+    after.pop()
     status["cuCtxSetCurrent"] = 201  # CUDA_ERROR_INVALID_CONTEXT
     thread = context.start_context("cuda", lambda index: after.append((index, "again")))
     assert thread is not None
     thread.join(timeout=5)
     assert after == [(2, "cuCtxSetCurrent")]
+
+
+def test_the_tower_is_warmed_ahead_only_where_the_fast_tower_runs(caplog: pytest.LogCaptureFixture) -> None:
+    """warm_ahead: for the fast (or eager) tower at fp16/bf16, a step for the context's thread that warms a
+    stand-in tower at the first unit's batch; a failure there (here: no GPU) is only logged."""
+    import logging
+
+    from pnsfw.indexer.gpu import stage
+    from pnsfw.indexer.gpu.options import GpuOptions
+    from pnsfw.indexer.pipeline import IndexOptions
+
+    assert stage.warm_ahead(IndexOptions(gpu=GpuOptions(tower="reference"))) is None
+    assert stage.warm_ahead(IndexOptions(precision="fp32")) is None
+    ahead = stage.warm_ahead(IndexOptions(precision="auto", batch_size=64))
+    assert ahead is not None
+    if torch.cuda.is_available():
+        ahead(torch.cuda.current_device())
+        return
+    with caplog.at_level(logging.DEBUG, logger="pnsfw.indexer.gpu.stage"):
+        ahead(0)
+    assert "no tower warm-up ahead" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_stand_in_tower_runs_on_the_gpu_at_either_half_precision() -> None:
+    from pnsfw.indexer.gpu.tower import warm_ahead
+
+    for dtype in ("fp16", "bf16"):
+        warm_ahead(torch.cuda.current_device(), 8, dtype)

@@ -42,8 +42,15 @@ def test_fast_tower_equals_the_reference_forward(shape: dict[str, int]) -> None:
 def test_fast_tower_keeps_the_loaded_model_untouched() -> None:
     visual = _visual(2, **SHAPES[0])
     before = {k: v.clone() for k, v in visual.state_dict().items()}
-    fast_visual(visual, torch.float64)
+    fast = fast_visual(visual, torch.float64)
     assert all(torch.equal(before[k], v) for k, v in visual.state_dict().items())
+    assert all(v.dtype == torch.float32 for v in visual.state_dict().values())
+    assert {p.dtype for p in fast.parameters()} == {torch.float64}
+    # the blocks' weights are converted copies (one pass each), equal in value and sharing no memory
+    ours, theirs = fast.blocks.state_dict(), visual.transformer.resblocks.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k].double()) for k in ours)
+    assert not {t.data_ptr() for t in ours.values()} & {t.data_ptr() for t in theirs.values()}
 
 
 def test_unsupported_towers_are_named() -> None:

@@ -310,7 +310,7 @@ class _Startup:
             self._spawn(self._warm_up, "pnsfw-warm-up")
 
     def _fork(self) -> None:
-        from .gpu import DeviceWorkers, premade_decoders, start_context, start_device_workers
+        from .gpu import DeviceWorkers, premade_decoders, start_context, start_device_workers, warm_ahead
 
         if self._forked:
             return
@@ -320,8 +320,10 @@ class _Startup:
         self.pool = start_device_workers(self.options) or _make_pool(self.options.workers)
         mark("workers forked")
         if not isinstance(self.pool, DeviceWorkers) and self.options.reader != "pil" and self.encoder is None:
-            # beside the torch import of the load below: the context, then the decode threads' nvJPEG handles
-            self._context = start_context(self.options.device, premade_decoders(self.options.gpu))
+            # beside the torch import of the load below: the context, then the decode threads' nvJPEG handles;
+            # once torch is in, the tower's kernels beside the checkpoint's load
+            self._context = start_context(self.options.device, premade_decoders(self.options.gpu),
+                                          warm_ahead(self.options))
 
     def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -31,7 +31,8 @@ from typing import Any
 
 _NAMES = {"warm_up": "decode", "GpuOptions": "options", "jpeg_size": "probe", "tensor_stage": "workers",
           "DeviceWorkers": "workers", "start_device_workers": "workers", "wants_device_workers": "workers",
-          "start_context": "context", "premade_decoders": "decode", "discard_premade": "nvjpeg"}
+          "start_context": "context", "premade_decoders": "decode", "discard_premade": "nvjpeg",
+          "warm_ahead": "stage"}
 __all__ = sorted(_NAMES)
 
 

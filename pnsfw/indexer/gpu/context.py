@@ -47,7 +47,7 @@ def libcuda() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
-def _retain(index: int, then: Callable[[int], None] | None) -> None:
+def _retain(index: int, then: tuple[Callable[[int], None] | None, ...]) -> None:
     try:
         lib = libcuda()
         device, context = ctypes.c_int(), ctypes.c_void_p()
@@ -63,14 +63,15 @@ def _retain(index: int, then: Callable[[int], None] | None) -> None:
     except OSError as exc:
         log.debug("no early CUDA context (%s); torch makes it later", exc)
         return
-    if then is not None:
-        then(index)
+    for step in then:
+        if step is not None:
+            step(index)
 
 
-def start_context(device: str, then: Callable[[int], None] | None = None) -> threading.Thread | None:
+def start_context(device: str, *then: Callable[[int], None] | None) -> threading.Thread | None:
     """Start making the primary CUDA context of `device`'s GPU on a thread (None: no GPU to be used), then run
-    `then(device index)` on that thread, the context current. Call it after the worker processes are forked: a
-    process that forks after cuInit cannot use CUDA in its children."""
+    each of `then` (None: skipped) with the device index on that thread, in turn, the context current. Call it
+    after the worker processes are forked: a process that forks after cuInit cannot use CUDA in its children."""
     index = device_index(device)
     if index is None:
         return None

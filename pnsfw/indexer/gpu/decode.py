@@ -366,14 +366,11 @@ def decode_unit(prepared: Prepared, device: str, size: int, router: Router, resi
 
 
 def warm_up(device: str) -> None:
-    """Load torchvision's decoder and create nvJPEG's handle (seconds) while the model loads."""
+    """Load nvJPEG and torchvision's image ops (dlopen) while the model loads. torchvision's one decoder, which
+    takes only the files nvJPEG refuses, is made at its first such file: made here, its ~1 s (an H100, round 15)
+    ran beside the tower's warm-up and the first unit's decode, and most runs never use it."""
     if not device.startswith("cuda"):
         return
-    import io
-
-    import torch
-    from PIL import Image
-
     from .nvjpeg import NvjpegError, library
 
     try:
@@ -383,9 +380,3 @@ def warm_up(device: str) -> None:
     except NvjpegError:
         pass  # the decode threads log it
     mark("torchvision's image ops " + ("loaded alone" if image_ops() is not None else "imported"))
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16)).save(buffer, "JPEG")
-    # torchvision's one decoder takes the files the engines refuse; made here (~0.5 s on an H200) beside the
-    # run, which does not wait for it
-    decode_jpegs([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device)
-    mark("device decoder ready")

@@ -17,12 +17,15 @@ import ctypes
 import functools
 import glob
 import importlib.util
+import logging
 import os
 import resource
 import sys
 import threading
 import time
 from typing import Any
+
+from ..timeline import mark
 
 BACKEND_HARDWARE = 3  # nvjpegBackend_t NVJPEG_BACKEND_HARDWARE: the JPEG engines
 # NVJPEG_BACKEND_GPU_HYBRID: Huffman decode and IDCT on the SMs (batched calls of baseline, interleaved JPEGs);
@@ -116,9 +119,56 @@ def premake(device: int, backend: int, count: int, flags: int = FLAG_MEMORY_POOL
         handle = ctypes.c_void_p()
         if lib.nvjpegCreateEx(backend, None, None, flags, ctypes.byref(handle)) != 0:
             return made
+        if made == 0 and first_decode(lib, handle):
+            mark(f"nvJPEG's first decode ({BACKEND_NAMES.get(backend, backend)}) done ahead")
         with _premade_lock:
             _premade.setdefault((device, backend, flags), []).append(handle)
     return count
+
+
+def _tiny_jpeg() -> bytes:
+    import io
+
+    from PIL import Image as PILImage
+
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (16, 16), (90, 120, 150)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def first_decode(lib: ctypes.CDLL, handle: ctypes.c_void_p, side: int = 16) -> bool:
+    """One batched decode of a tiny JPEG on `handle` through the driver's own calls (no torch), on a thread
+    whose current context is the device's: libnvjpeg loads its kernels and makes its lazy state now, beside
+    torch's import, rather than in the first unit's decode (0.45-0.8 s a decode thread, an H100, round 15).
+    Whether it decoded; a failure is only logged (the decoders then meet it and report it)."""
+    from .context import libcuda
+
+    state, out, cuda = ctypes.c_void_p(), ctypes.c_uint64(), None
+    plane = side * side
+    try:
+        cuda, jpeg = libcuda(), _tiny_jpeg()
+        _check(lib.nvjpegJpegStateCreate(handle, ctypes.byref(state)), "nvjpegJpegStateCreate")
+        _check(lib.nvjpegDecodeBatchedInitialize(handle, state, 1, 1, OUTPUT_RGB), "nvjpegDecodeBatchedInitialize")
+        if cuda.cuMemAlloc_v2(ctypes.byref(out), ctypes.c_size_t(3 * plane)) != 0:
+            raise NvjpegError("cuMemAlloc failed")
+        table = Image((ctypes.c_void_p * MAX_COMPONENT)(*(out.value + c * plane for c in range(3)), None),
+                      (ctypes.c_size_t * MAX_COMPONENT)(side, side, side, 0))
+        data = ctypes.create_string_buffer(jpeg, len(jpeg))
+        pointers = (ctypes.c_void_p * 1)(ctypes.cast(data, ctypes.c_void_p).value)
+        lengths = (ctypes.c_size_t * 1)(len(jpeg))
+        _check(lib.nvjpegDecodeBatched(handle, state, pointers, lengths, ctypes.byref(table), None),
+               "nvjpegDecodeBatched")
+        if cuda.cuCtxSynchronize() != 0:
+            raise NvjpegError("cuCtxSynchronize failed after the first decode")
+        return True
+    except (NvjpegError, OSError, AttributeError) as exc:  # AttributeError: a library without these calls
+        logging.getLogger(__name__).debug("no first decode ahead: %s", exc)
+        return False
+    finally:
+        if out.value and cuda is not None:
+            cuda.cuMemFree_v2(out)
+        if state.value:
+            lib.nvjpegJpegStateDestroy(state)
 
 
 def _take_premade(backend: int, flags: int, device: int | None = None) -> ctypes.c_void_p | None:

@@ -1,6 +1,7 @@
 """The tensor reader/encoder stage on one device: reader threads -> decode threads -> (resize thread) -> the
 encoder (encode.py), and the units they pass."""
 
+import logging
 import queue
 import sys
 import threading
@@ -22,6 +23,9 @@ from .profile import ProfileWindow
 from .resize import put, resize_later, resize_thread
 from .route import Decoded, Prepared, Router, Unit, gc_pauses, prepare
 from .tower import compiles, image_model
+from .tower import warm_ahead as tower_warm_ahead
+
+log = logging.getLogger(__name__)
 
 READ_THREADS = 4  # hashing and reads release the GIL; more threads only contend for it
 # every torch op releases the GIL; with Python's default 5 ms switch interval the decode thread then waits up
@@ -123,6 +127,25 @@ def _warm_up(model: Callable[[Any], Any], encoder: Encoder, batch: int, stream: 
     if encoder.device.startswith("cuda"):
         with on_stream(stream), torch.inference_mode():
             model(torch.zeros((batch, 3, encoder.resolution, encoder.resolution), device=encoder.device))
+
+
+def warm_ahead(options: Any) -> Callable[[int], None] | None:
+    """What the CUDA context's thread runs once torch is imported, for a run of IndexOptions `options` (None:
+    nothing): the fast tower's warm-up on stand-in weights (tower.warm_ahead) at the first unit's batch, so
+    that `_warm_up` then finds the kernels loaded."""
+    dtypes = {"auto": "fp16", "fp16": "fp16", "bf16": "bf16"}
+    if options.gpu.tower == "reference" or options.precision not in dtypes:
+        return None
+    batch = min(options.batch_size or 1024, FIRST_UNIT)
+
+    def ahead(device: int) -> None:
+        try:
+            tower_warm_ahead(device, batch, dtypes[options.precision])
+            mark("image tower warmed ahead")
+        except Exception as exc:  # an optimisation only: the run's own warm-up then loads the kernels
+            log.debug("no tower warm-up ahead: %s", exc)
+
+    return ahead
 
 
 def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, options: Any, items: int,

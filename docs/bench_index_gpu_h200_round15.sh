@@ -1,0 +1,77 @@
+# GPU indexing, round 15: the device calls, run from the repo root on the H200 machine with the wheels of
+# round 13 in .whl/ (clip-anytorch 2.6.0, ftfy 6.3.1, wcwidth 0.2.13, clip-retrieval 2.45.0, all_clip 1.3.0, fire
+# 0.7.1, termcolor 3.3.0, braceexpand 0.1.7, webdataset 0.2.111, threadpoolctl 3.8.0) and .whl/base (498df1c's
+# code: sh scripts/baseline_pnsfw.sh archive 498df1c .whl/base). Each call: bash this-file N (prep, then callN),
+# with carry [".whl"]. $OUT returns at most 8 files: each call writes fewer.
+# Call 1: where the start-up goes now, on 498df1c's code: two 100k runs under scripts/probe_startup.py as the
+# image is lent (PYTHONDONTWRITEBYTECODE=1, no bytecode anywhere: every process compiles every module it
+# imports), then two with every module's bytecode compiled beforehand, as a pip install leaves it.
+# Call 1 ran on an H100 (the H200s did not come). Found, with the bytecode compiled (first batch 4.51 / 5.41 s;
+# as lent 9.02 / 7.14): torch imported at 2.36 / 2.85 s; then on the main thread the fast tower's construction
+# (deepcopy of the fp32 blocks, then .to(fp16)) 0.53 s, its warm-up forward 0.77 s, the first batch 0.45 s;
+# the first unit's decode 0.92 s after its read, its nvJPEG calls 0.45-0.8 s each (first use), beside
+# torchvision's fallback decoder being made (1.07 s); pandas imported by pyarrow's first pa.array on the
+# writer thread (2.26 s, beside the first batches).
+# Call 2: ours (the tower's weights converted in one pass; no torchvision decoder made ahead; nvJPEG's first
+# decode and a stand-in tower's warm-up on the CUDA context's thread) under the probe, as lent and compiled;
+# the GPU tests; the anchor at 100k (as lent), with 498df1c beside ours.
+# Call 3: ours against 498df1c at 1M, paired, as lent and with the bytecode compiled.
+
+. scripts/gpu_bench_prep.sh  # prep(), stage_table()
+
+precompile() {  # bytecode of every module the runs import, under /tmp/pyc (the image's folders are read-only)
+SITE=$(python3 -c "import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+STD=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+( time PYTHONPYCACHEPREFIX=/tmp/pyc python3 -m compileall -q -j 16 "$SITE" "$STD" /tmp/site "$PWD/pnsfw" \
+    .whl/base > /dev/null 2>&1 ) 2>&1 | grep real
+}
+
+probe() {  # $1: the run's name; one 100k run of pnsfw index under the stack sampler
+rm -rf /tmp/probe-store
+timeout 60 python3 scripts/probe_startup.py --until 9 --out $OUT/probe_$1.json -- --log-level debug index \
+    $W/thumbs --store /tmp/probe-store --model $W/vit-b-32-seed0.pt --device cuda --batch-size 1024 \
+    --workers 16 --no-faiss 2> /tmp/probe_$1.log | tail -1
+grep -E "timeline|indexed" /tmp/probe_$1.log | sed 's/.*timeline\] *//' > $OUT/probe_$1_log.txt
+grep -E "torch imported|tower ready|first unit decoded|first batch" $OUT/probe_$1_log.txt
+}
+
+call1() {
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
+python3 $B --thumbs 100000 --photos 0 --skip-anchor --skip-ours --out /tmp/corpora.json | tail -1
+sync
+probe lent_1; probe lent_2
+precompile
+export PYTHONPYCACHEPREFIX=/tmp/pyc
+probe pyc_1; probe pyc_2
+}
+
+call2() {
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 $B --thumbs 100000 --photos 0 --skip-anchor --skip-ours --out /tmp/corpora.json | tail -1
+sync
+timeout 120 python3 -m pytest -q -rf tests/test_gpu_nvjpeg.py tests/test_gpu_path.py tests/test_gpu_tower.py \
+    -p no:cacheprovider -W ignore 2>&1 | tail -2
+probe lent_1
+precompile
+PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_1; PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_2
+sh scripts/baseline_pnsfw.sh wrapper .whl/base /tmp/bin/pnsfw-base
+timeout 200 python3 $B --run-timeout 100 --thumbs 100000 --photos 0 --ours-variants '' --ours-repeats 2 \
+    --baseline /tmp/bin/pnsfw-base --out $OUT/thumbs_anchor.json 2>&1 | grep -v '^\s*$' | tail -8
+}
+
+call3() {
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 $B --workdir /tmp/pnsfw-1m --thumbs 1000000 --photos 0 --skip-anchor --skip-ours --out /tmp/c1m.json | tail -1
+sync
+sh scripts/baseline_pnsfw.sh wrapper .whl/base /tmp/bin/pnsfw-base
+timeout 280 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 80 --thumbs 1000000 --photos 0 --skip-anchor \
+    --ours-variants '' --baseline /tmp/bin/pnsfw-base --ours-repeats 2 --out $OUT/thumbs_1m_lent.json 2>&1 \
+    | grep -v '^\s*$' | tail -6
+stage_table /tmp/pnsfw-1m/runs > $OUT/stages_1m_lent.txt
+precompile
+PYTHONPYCACHEPREFIX=/tmp/pyc timeout 150 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 70 --thumbs 1000000 \
+    --photos 0 --skip-anchor --ours-variants '' --baseline /tmp/bin/pnsfw-base --ours-repeats 1 \
+    --out $OUT/thumbs_1m_pyc.json 2>&1 | grep -v '^\s*$' | tail -4
+}
+
+set -u; prep; "call$1" "$@"
