@@ -12,7 +12,8 @@
 # the first unit's decode 0.92 s after its read, its nvJPEG calls 0.45-0.8 s each (first use), beside
 # torchvision's fallback decoder being made (1.07 s); pandas imported by pyarrow's first pa.array on the
 # writer thread (2.26 s, beside the first batches).
-# Call 2: ours (the tower's weights converted in one pass; no torchvision decoder made ahead; nvJPEG's first
+# Call 2: ours (the writer builds its columns without pa.array, so pandas is never imported; the tower's weights
+# converted in one pass; no torchvision decoder made ahead; nvJPEG's first
 # decode and a stand-in tower's warm-up on the CUDA context's thread) under the probe, as lent and compiled;
 # the GPU tests; the anchor at 100k (as lent), with 498df1c beside ours.
 # Call 3: ours against 498df1c at 1M, paired, as lent and with the bytecode compiled.

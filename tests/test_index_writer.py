@@ -135,3 +135,56 @@ def test_batches_are_made_ready_as_they_arrive_and_shards_join_them_in_stream_or
     assert tables[0].column("caption").to_pylist() == ["c0", None, None, None, "c4"]
     assert "caption" not in tables[1].column_names  # no row of that shard has one
     assert tables[2].column("caption").to_pylist() == [None, None, "c8"]
+
+
+def test_columns_are_built_without_pyarrow_conversions():
+    """string_array / number_array / number_values equal pa.array / to_numpy (nulls, slices, chunks)."""
+    import pyarrow as pa
+
+    from pnsfw.store.shards import number_array, number_values, string_array
+
+    values = ["a", None, "ü/x.jpg", ""]
+    assert string_array(iter(values)).equals(pa.array(values, pa.string()))
+    assert number_array([3, -1, 7], pa.int32()).equals(pa.array([3, -1, 7], pa.int32()))
+    hashes = number_array(np.array([2**63 + 5, 1, 9], np.uint64), pa.uint64())
+    assert hashes.type == pa.uint64() and hashes.to_pylist() == [2**63 + 5, 1, 9]
+    column = pa.chunked_array([hashes.slice(1), hashes.slice(0, 1)])
+    assert number_values(column).tolist() == [1, 9, 2**63 + 5]
+    with pytest.raises(ValueError, match="nulls"):
+        number_values(pa.array([1, None], pa.int64()))
+
+
+INDEX_AND_LIST_MODULES = """
+import sys
+from pnsfw.cli import cli
+for extra in ([], ["--retry-errors"]):
+    cli.main(["index", sys.argv[1], "--store", sys.argv[2], "--model", sys.argv[3], "--device", "cpu",
+              "--workers", "-1", "--no-faiss", *extra], standalone_mode=False)
+print("imported:", *sorted(name for name in ("pandas", "pyarrow.dataset") if name in sys.modules))
+"""
+
+
+def test_an_index_run_and_its_resume_import_neither_pandas_nor_pyarrow_dataset(tmp_path, tiny_checkpoint):
+    """pyarrow imports pandas at its first pa.array, to_numpy or pq.read_table: 1.2-2.3 s of Python holding the
+    GIL beside the first batches (docs/benchmarks.md, GPU round 15). A fresh run with an error row and a
+    metadata column, then a resume that reads the errors and the shards' uri hashes, stay clear of both."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from pnsfw.store import Store
+
+    lines = ["uri,caption"]
+    for i in range(6):
+        Image.new("RGB", (40 + i, 30), (40 * i, 0, 0)).save(tmp_path / f"{i}.jpg")
+        lines.append(f"{tmp_path / f'{i}.jpg'},caption {i}")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "list.csv").write_text("\n".join([*lines, f"{tmp_path / 'bad.jpg'},broken"]) + "\n")
+    run = subprocess.run([sys.executable, "-c", INDEX_AND_LIST_MODULES, str(tmp_path / "list.csv"),
+                          str(tmp_path / "store"), str(tiny_checkpoint)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "imported:", run.stdout
+    store = Store.open(tmp_path / "store")
+    assert store.rows == 6 and store.table(["caption"]).column("caption").to_pylist()[0] == "caption 0"
+    assert store.errors().column("uri").to_pylist() == [str(tmp_path / "bad.jpg")] * 2

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..store import Projection, StoreWriter
-from ..store.shards import ERROR_SCHEMA, embedding_array
+from ..store.shards import ERROR_SCHEMA, embedding_array, number_array, string_array
 from .reader import Result
 
 
@@ -42,10 +42,11 @@ ROW_COLUMNS = {"uri": pa.string(), "source": pa.string(), "sha256": pa.string(),
 
 
 def _row_columns(rows: list[Result]) -> dict[str, pa.Array]:
-    values = {"uri": [r.item.uri for r in rows], "source": [r.item.source for r in rows],
-              "sha256": [r.sha256 for r in rows], "width": [r.width for r in rows],
-              "height": [r.height for r in rows]}
-    return {name: pa.array(values[name], kind) for name, kind in ROW_COLUMNS.items()}
+    """The rows' fixed columns, built without `pa.array` (it imports pandas: `shards.string_array`)."""
+    return {"uri": string_array(r.item.uri for r in rows), "source": string_array(r.item.source for r in rows),
+            "sha256": string_array(r.sha256 for r in rows),
+            "width": number_array([r.width for r in rows], pa.int32()),
+            "height": number_array([r.height for r in rows], pa.int32())}
 
 
 def _meta_columns(rows: list[Result]) -> dict[str, tuple[pa.Array, np.ndarray]]:
@@ -55,7 +56,7 @@ def _meta_columns(rows: list[Result]) -> dict[str, tuple[pa.Array, np.ndarray]]:
         return {}
     values = [dict(row.item.meta) for row in rows]
     names = dict.fromkeys(name for row in values for name in row)
-    return {name: (pa.array([row.get(name) for row in values], pa.string()), np.array([name in row for row in values]))
+    return {name: (string_array(row.get(name) for row in values), np.array([name in row for row in values]))
             for name in names}
 
 
@@ -132,7 +133,7 @@ class ShardWriter:
 
     def _table(self, batches: list[_Batch]) -> pa.Table:
         vectors = np.concatenate([b.vectors if b.projected else self._project(b.vectors) for b in batches])
-        columns = {"id": pa.array(self.store.next_ids(len(vectors)))}
+        columns = {"id": number_array(self.store.next_ids(len(vectors)), pa.int64())}
         columns.update((name, pa.concat_arrays([b.columns[name] for b in batches])) for name in ROW_COLUMNS)
         columns["embedding"] = embedding_array(vectors)
         names = dict.fromkeys(name for b in batches for name in b.meta)  # first-seen order; a row without: null
@@ -145,9 +146,9 @@ class ShardWriter:
     def _errors(errors: list[Result]) -> pa.Table | None:
         if not errors:
             return None
-        fields = {"uri": [e.item.uri for e in errors], "source": [e.item.source for e in errors],
-                  "stage": [e.stage for e in errors], "reason": [e.reason for e in errors],
-                  "detail": [e.detail[:500] for e in errors]}
+        fields = [string_array(e.item.uri for e in errors), string_array(e.item.source for e in errors),
+                  string_array(e.stage for e in errors), string_array(e.reason for e in errors),
+                  string_array(e.detail[:500] for e in errors)]
         return pa.table(fields, schema=ERROR_SCHEMA)
 
 

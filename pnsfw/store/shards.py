@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ def normalize_rows(table: pa.Table, dim: int) -> pa.Table:
         columns[name] = table.column(name)
     given = table.column("uri_hash") if "uri_hash" in table.column_names else None
     keep = given is not None and given.type == pa.uint64() and not given.null_count
-    columns["uri_hash"] = given if keep else pa.array(uri_hash(table.column("uri")), pa.uint64())
+    columns["uri_hash"] = given if keep else number_array(uri_hash(table.column("uri")), pa.uint64())
     columns["embedding"] = table.column("embedding")
     extra = tuple(n for n in table.column_names if n not in FIXED_COLUMNS)
     for name in extra:
@@ -108,6 +108,23 @@ def normalize_rows(table: pa.Table, dim: int) -> pa.Table:
     return pa.table([columns[f.name] for f in schema], schema=schema)
 
 
+def string_array(values: Iterable[str | None]) -> pa.Array:
+    """Python strings (None: null) -> a string column, through pyarrow's builder rather than `pa.array`: the first
+    `pa.array` of a process imports pandas, whatever its input (1.2-1.5 s without bytecode on 2 cores; 2.26 s on
+    the GPU path's writer thread, holding the GIL beside the first batches: docs/benchmarks.md, round 15), and
+    the builder is faster for strings (0.14 against 0.25 ms for 1,024 paths)."""
+    builder = pa.lib.StringBuilder()
+    builder.append_values(values)
+    return builder.finish()
+
+
+def number_array(values: Iterable[int | float] | np.ndarray, kind: pa.DataType) -> pa.Array:
+    """Numbers -> a column of `kind` (an integer or float type, no nulls), without `pa.array` (see string_array)."""
+    flat = np.ascontiguousarray(values if isinstance(values, np.ndarray) else list(values),
+                                dtype=kind.to_pandas_dtype())
+    return pa.Array.from_buffers(kind, len(flat), [None, pa.py_buffer(flat)])
+
+
 def embedding_array(emb: np.ndarray) -> pa.Array:
     """fp16 (n, dim) matrix -> fixed_size_binary column without copying row by row."""
     emb = np.ascontiguousarray(emb, dtype="<f2")
@@ -115,14 +132,25 @@ def embedding_array(emb: np.ndarray) -> pa.Array:
                                                 [None, pa.py_buffer(emb.reshape(-1).view(np.uint8))])
 
 
+def _values(column: pa.ChunkedArray | pa.Array, dtype: str, width: int = 1) -> np.ndarray:
+    """A fixed-width column's values buffer, `width` numbers a row (zero-copy for one chunk; nulls not masked)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = [np.frombuffer(c.buffers()[1], dtype=dtype)[c.offset * width:(c.offset + len(c)) * width] for c in chunks]
+    if not parts:
+        return np.zeros(0, dtype=dtype)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     """fixed_size_binary column -> fp16 (n, dim) matrix (zero-copy for one chunk)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    parts = [np.frombuffer(c.buffers()[1], dtype="<f2")[c.offset * dim:(c.offset + len(c)) * dim] for c in chunks]
-    if not parts:
-        return np.zeros((0, dim), dtype=np.float16)
-    flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return flat.reshape(-1, dim)
+    return _values(column, "<f2", dim).reshape(-1, dim)
+
+
+def number_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """An integer or float column without nulls -> numpy, without `to_numpy` (it imports pandas: string_array)."""
+    if column.null_count:
+        raise ValueError("number_values: the column has nulls")
+    return _values(column, column.type.to_pandas_dtype())
 
 
 UNIQUE_COLUMNS = ("id", "uri", "uri_hash", "sha256", "embedding")  # a dictionary of these only costs time
@@ -155,6 +183,5 @@ def iter_batches(source: Any, columns: list[str] | None = None) -> Iterator[pa.R
 
 
 def read_table(source: Any, columns: list[str] | None = None) -> pa.Table:
-    if isinstance(source, (str, Path)):
-        return pq.read_table(source, columns=columns, memory_map=True)
+    """One Parquet file whole (`pq.read_table` would import pyarrow.dataset, and pandas with it: string_array)."""
     return parquet_file(source).read(columns=columns)

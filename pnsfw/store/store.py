@@ -409,7 +409,7 @@ class Store:
         values = self._read(shard, [column]).column(column)
         if column == "uri":
             return shards.uri_hash(values)
-        return np.asarray(values.to_numpy(), dtype="<u8")
+        return np.asarray(shards.number_values(values), dtype="<u8")
 
     # ---- artefacts (index generations, models, scores, labels): see artifacts.py
     def scores(self, name: str) -> Scores:

@@ -177,7 +177,7 @@ class StoreWriter:
 
     def _renumber(self, table: pa.Table, staged: Staged, manifest: Manifest) -> tuple[pa.Table, Staged]:
         log.info("another writer committed ids first; renumbering %s from id %d", staged.name, manifest.next_id)
-        ids = pa.array(np.arange(manifest.next_id, manifest.next_id + table.num_rows, dtype=np.int64))
+        ids = shards.number_array(np.arange(manifest.next_id, manifest.next_id + table.num_rows), pa.int64())
         table = shards.normalize_rows(table.set_column(0, "id", ids), self.store.dim)
         meta = {b"pnsfw.space": json.dumps(self.store.space_info.__dict__).encode()}
         fresh = stage_table(self.store, "shards", manifest.next_part(manifest.shards), table, meta)
