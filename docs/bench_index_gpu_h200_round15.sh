@@ -17,6 +17,8 @@
 # decode and a stand-in tower's warm-up on the CUDA context's thread) under the probe, as lent and compiled;
 # the GPU tests; the anchor at 100k (as lent), with 498df1c beside ours.
 # Call 3: ours against 498df1c at 1M, paired, as lent and with the bytecode compiled.
+# Call 4 (the device time left after the tries for a machine that did not come: calls 2 and 3 in one): the GPU
+# tests; one probe as lent and one compiled (100k); 1M paired with 498df1c, as lent; the anchor at 100k.
 
 . scripts/gpu_bench_prep.sh  # prep(), stage_table()
 
@@ -73,6 +75,26 @@ precompile
 PYTHONPYCACHEPREFIX=/tmp/pyc timeout 150 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 70 --thumbs 1000000 \
     --photos 0 --skip-anchor --ours-variants '' --baseline /tmp/bin/pnsfw-base --ours-repeats 1 \
     --out $OUT/thumbs_1m_pyc.json 2>&1 | grep -v '^\s*$' | tail -4
+}
+
+call4() {
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 $B --thumbs 100000 --photos 0 --skip-anchor --skip-ours --out /tmp/corpora.json | tail -1
+sync
+timeout 100 python3 -m pytest -q -rf tests/test_gpu_nvjpeg.py tests/test_gpu_path.py tests/test_gpu_tower.py \
+    -p no:cacheprovider -W ignore 2>&1 | tail -2
+probe lent_1
+precompile
+PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_1
+python3 $B --workdir /tmp/pnsfw-1m --thumbs 1000000 --photos 0 --skip-anchor --skip-ours --out /tmp/c1m.json | tail -1
+sync
+sh scripts/baseline_pnsfw.sh wrapper .whl/base /tmp/bin/pnsfw-base
+timeout 250 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 80 --thumbs 1000000 --photos 0 --skip-anchor \
+    --ours-variants '' --baseline /tmp/bin/pnsfw-base --ours-repeats 2 --out $OUT/thumbs_1m_lent.json 2>&1 \
+    | grep -v '^\s*$' | tail -6
+stage_table /tmp/pnsfw-1m/runs > $OUT/stages_1m_lent.txt
+timeout 120 python3 $B --run-timeout 100 --thumbs 100000 --photos 0 --ours-variants '' --ours-repeats 2 \
+    --out $OUT/thumbs_anchor.json 2>&1 | grep -v '^\s*$' | tail -4
 }
 
 set -u; prep; "call$1" "$@"

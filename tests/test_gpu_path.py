@@ -493,6 +493,32 @@ def test_the_early_context_made_current_then_what_comes_after_it(monkeypatch: py
     assert after == [(2, "cuCtxSetCurrent")]
 
 
+def test_close_does_not_wait_for_good_on_a_cuda_start_up_thread_stuck_in_a_call(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """_Startup.close: the handles made ahead are destroyed once the context's thread is done; a thread still
+    inside a call after CONTEXT_WAIT_S (a wedged nvJPEG decode) keeps them, and the run still ends."""
+    import logging
+    import threading
+
+    from pnsfw.indexer import gpu, pipeline
+
+    discarded: list[int] = []
+    monkeypatch.setattr(gpu, "discard_premade", lambda: discarded.append(1) or 0)
+    monkeypatch.setattr(pipeline, "CONTEXT_WAIT_S", 0.2)
+    release = threading.Event()
+    for stuck in (True, False):
+        startup = pipeline._Startup(IndexOptions(device="cuda"), None)
+        startup._context = threading.Thread(target=release.wait if stuck else lambda: None, daemon=True)
+        startup._context.start()
+        with caplog.at_level(logging.WARNING, logger="pnsfw.indexer.pipeline"):
+            started = time.monotonic()
+            startup.close()
+        assert time.monotonic() - started < 5
+        assert discarded == ([] if stuck else [1]) and ("did not finish" in caplog.text) == stuck
+        caplog.clear()
+    release.set()
+
+
 def test_the_tower_is_warmed_ahead_only_where_the_fast_tower_runs(caplog: pytest.LogCaptureFixture) -> None:
     """warm_ahead: for the fast (or eager) tower at fp16/bf16, a step for the context's thread that warms a
     stand-in tower at the first unit's batch; a failure there (here: no GPU) is only logged."""

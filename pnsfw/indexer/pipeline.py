@@ -276,6 +276,9 @@ def _index_items(writer: StoreWriter, items: Iterable[Item], options: IndexOptio
         summary.failed = dict(failures.most_common())
 
 
+CONTEXT_WAIT_S = 30.0  # the longest close() waits for the CUDA start-up thread (it takes ~1-3 s when well)
+
+
 class _Startup:
     """Forks the decode workers, then loads the encoder on a thread while the sources are still being listed:
     listing a large collection and loading CLIP (imports, checkpoint, CUDA) each take seconds."""
@@ -367,10 +370,21 @@ class _Startup:
         for thread in () if interrupted else self._threads:
             thread.join()  # a failed run still waits for the load, so nothing dies mid-import; Ctrl-C does not
         if self._context is not None and not interrupted:
-            from .gpu import discard_premade
+            self._close_context()
 
-            self._context.join()
-            discard_premade()  # the nvJPEG handles made ahead that no decoder took
+    def _close_context(self) -> None:
+        """Destroy the nvJPEG handles made ahead that no decoder took, once the context's thread is done; a
+        thread still inside a driver or nvJPEG call after CONTEXT_WAIT_S keeps them (the process's exit frees
+        them): the run's rows are committed by now and must not wait on it."""
+        from .gpu import discard_premade
+
+        assert self._context is not None
+        self._context.join(timeout=CONTEXT_WAIT_S)
+        if self._context.is_alive():
+            log.warning("the CUDA start-up thread did not finish in %.0f s (inside a driver call); "
+                        "its nvJPEG handles are left to the process's exit", CONTEXT_WAIT_S)
+            return
+        discard_premade()
 
 
 def _import_torch() -> None:
