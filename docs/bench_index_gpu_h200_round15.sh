@@ -89,11 +89,11 @@ PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_1
 python3 $B --workdir /tmp/pnsfw-1m --thumbs 1000000 --photos 0 --skip-anchor --skip-ours --out /tmp/c1m.json | tail -1
 sync
 sh scripts/baseline_pnsfw.sh wrapper .whl/base /tmp/bin/pnsfw-base
-timeout 250 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 80 --thumbs 1000000 --photos 0 --skip-anchor \
-    --ours-variants '' --baseline /tmp/bin/pnsfw-base --ours-repeats 2 --out $OUT/thumbs_1m_lent.json 2>&1 \
+timeout 150 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 80 --thumbs 1000000 --photos 0 --skip-anchor \
+    --ours-variants '' --baseline /tmp/bin/pnsfw-base --ours-repeats 1 --out $OUT/thumbs_1m_lent.json 2>&1 \
     | grep -v '^\s*$' | tail -6
 stage_table /tmp/pnsfw-1m/runs > $OUT/stages_1m_lent.txt
-timeout 120 python3 $B --run-timeout 100 --thumbs 100000 --photos 0 --ours-variants '' --ours-repeats 2 \
+timeout 120 python3 $B --run-timeout 100 --thumbs 100000 --photos 0 --ours-variants '' --ours-repeats 1 \
     --out $OUT/thumbs_anchor.json 2>&1 | grep -v '^\s*$' | tail -4
 }
 
