@@ -143,8 +143,8 @@ def test_columns_are_built_without_pyarrow_conversions():
 
     from pnsfw.store.shards import number_array, number_values, string_array
 
-    values = ["a", None, "ü/x.jpg", ""]
-    assert string_array(iter(values)).equals(pa.array(values, pa.string()))
+    for values in (["a", None, "ü/x.jpg", ""], ["ü/x.jpg", "b", "", "日本/語.jpg"], ["plain", "ascii"], []):
+        assert string_array(iter(values)).equals(pa.array(values, pa.string())), values
     assert number_array([3, -1, 7], pa.int32()).equals(pa.array([3, -1, 7], pa.int32()))
     hashes = number_array(np.array([2**63 + 5, 1, 9], np.uint64), pa.uint64())
     assert hashes.type == pa.uint64() and hashes.to_pylist() == [2**63 + 5, 1, 9]

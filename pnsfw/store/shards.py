@@ -109,13 +109,24 @@ def normalize_rows(table: pa.Table, dim: int) -> pa.Table:
 
 
 def string_array(values: Iterable[str | None]) -> pa.Array:
-    """Python strings (None: null) -> a string column, through pyarrow's builder rather than `pa.array`: the first
-    `pa.array` of a process imports pandas, whatever its input (1.2-1.5 s without bytecode on 2 cores; 2.26 s on
-    the GPU path's writer thread, holding the GIL beside the first batches: docs/benchmarks.md, round 15), and
-    the builder is faster for strings (0.14 against 0.25 ms for 1,024 paths)."""
-    builder = pa.lib.StringBuilder()
-    builder.append_values(values)
-    return builder.finish()
+    """Python strings (None: null) -> a string column, built from one joined buffer rather than by `pa.array`:
+    the first `pa.array` of a process imports pandas, whatever its input (1.2-1.5 s without bytecode on 2 cores;
+    2.26 s on the GPU path's writer thread, holding the GIL beside the first batches: docs/benchmarks.md, GPU
+    round 15). `scripts/bench_arrow_columns.py` compares the two."""
+    text = values if isinstance(values, list) else list(values)
+    if None in text:
+        builder = pa.lib.StringBuilder()  # nulls: one value at a time (metadata columns, where rows lack one)
+        builder.append_values(text)
+        return builder.finish()
+    data = "".join(text).encode("utf-8")
+    lengths = np.fromiter(map(len, text), np.int64, len(text))
+    if len(data) != lengths.sum():  # not all ASCII: a character is not a byte
+        lengths = np.fromiter((len(value.encode("utf-8")) for value in text), np.int64, len(text))
+    if len(data) >= 1 << 31:
+        raise ValueError("string_array: more than 2 GiB of text for one column")
+    offsets = np.zeros(len(text) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.StringArray.from_buffers(len(text), pa.py_buffer(offsets), pa.py_buffer(data))
 
 
 def number_array(values: Iterable[int | float] | np.ndarray, kind: pa.DataType) -> pa.Array:
