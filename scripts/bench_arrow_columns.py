@@ -57,7 +57,13 @@ def per_batch_ms(rows: int, repeats: int) -> dict[str, float]:
     from pnsfw.store.shards import number_array, string_array
 
     uris, widths = [f"/data/images/{i:09d}.jpg" for i in range(rows)], [256] * rows
+    def builder() -> pa.Array:
+        strings = pa.lib.StringBuilder()
+        strings.append_values(uris)
+        return strings.finish()
+
     ways = {"pa.array strings": lambda: pa.array(uris, pa.string()), "string_array": lambda: string_array(uris),
+            "pa.lib.StringBuilder": builder,
             "pa.array int32": lambda: pa.array(widths, pa.int32()),
             "number_array int32": lambda: number_array(widths, pa.int32())}
     best = {}
