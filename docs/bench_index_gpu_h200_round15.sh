@@ -19,6 +19,7 @@
 # Call 3: ours against 498df1c at 1M, paired, as lent and with the bytecode compiled.
 # Call 4 (the device time left after the tries for a machine that did not come: calls 2 and 3 in one): the GPU
 # tests; one probe as lent and one compiled (100k); 1M paired with 498df1c, as lent; the anchor at 100k.
+# Call 5 (what 329 s of device time allows): the GPU tests, then one probe as lent and one compiled (100k).
 
 . scripts/gpu_bench_prep.sh  # prep(), stage_table()
 
@@ -95,6 +96,17 @@ timeout 150 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 80 --thumbs 1000000
 stage_table /tmp/pnsfw-1m/runs > $OUT/stages_1m_lent.txt
 timeout 120 python3 $B --run-timeout 100 --thumbs 100000 --photos 0 --ours-variants '' --ours-repeats 1 \
     --out $OUT/thumbs_anchor.json 2>&1 | grep -v '^\s*$' | tail -4
+}
+
+call5() {
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+timeout 100 python3 -m pytest -q -rf tests/test_gpu_nvjpeg.py tests/test_gpu_path.py tests/test_gpu_tower.py \
+    -p no:cacheprovider -W ignore 2>&1 | tail -3
+python3 $B --thumbs 100000 --photos 0 --skip-anchor --skip-ours --out /tmp/corpora.json | tail -1
+sync
+probe lent_1
+precompile
+PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_1
 }
 
 set -u; prep; "call$1" "$@"
