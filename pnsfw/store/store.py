@@ -358,7 +358,7 @@ class Store:
         dim = self.dim
         for shard in self.manifest.shards if selected is None else selected:
             for batch in self._id_vector_batches(shard):
-                ids, vectors = batch.column(0).to_numpy(), shards.embedding_matrix(batch.column(1), dim)
+                ids, vectors = shards.number_values(batch.column(0)), shards.embedding_matrix(batch.column(1), dim)
                 self._check_norms(shard, vectors)
                 yield ids, vectors
 
