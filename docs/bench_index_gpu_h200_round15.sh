@@ -49,64 +49,57 @@ export PYTHONPYCACHEPREFIX=/tmp/pyc
 probe pyc_1; probe pyc_2
 }
 
-call2() {
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 $B --thumbs 100000 --photos 0 --skip-anchor --skip-ours --out /tmp/corpora.json | tail -1
-sync
+gpu() { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; }
+corpus_100k() { python3 $B --thumbs 100000 --photos 0 --skip-anchor --skip-ours --out /tmp/corpora.json | tail -1; sync; }
+corpus_1m() {
+python3 $B --workdir /tmp/pnsfw-1m --thumbs 1000000 --photos 0 --skip-anchor --skip-ours --out /tmp/c1m.json | tail -1
+sync; sh scripts/baseline_pnsfw.sh wrapper .whl/base /tmp/bin/pnsfw-base
+}
+gpu_tests() {
 timeout 120 python3 -m pytest -q -rf tests/test_gpu_nvjpeg.py tests/test_gpu_path.py tests/test_gpu_tower.py \
-    -p no:cacheprovider -W ignore 2>&1 | tail -2
+    -p no:cacheprovider -W ignore 2>&1 | tail -3
+}
+pair_1m() {  # $1: repeats, $2: the JSON's name, $3: the time limit; ours against 498df1c at 1M
+timeout $3 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 80 --thumbs 1000000 --photos 0 --skip-anchor \
+    --ours-variants '' --baseline /tmp/bin/pnsfw-base --ours-repeats $1 --out $OUT/$2.json 2>&1 \
+    | grep -v '^\s*$' | tail -6
+}
+anchor() {  # $1: repeats of ours, then any more options (--baseline ...)
+local repeats=$1; shift
+timeout 200 python3 $B --run-timeout 100 --thumbs 100000 --photos 0 --ours-variants '' --ours-repeats $repeats \
+    "$@" --out $OUT/thumbs_anchor.json 2>&1 | grep -v '^\s*$' | tail -8
+}
+
+call2() {
+gpu; corpus_100k; gpu_tests
 probe lent_1
 precompile
 PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_1; PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_2
 sh scripts/baseline_pnsfw.sh wrapper .whl/base /tmp/bin/pnsfw-base
-timeout 200 python3 $B --run-timeout 100 --thumbs 100000 --photos 0 --ours-variants '' --ours-repeats 2 \
-    --baseline /tmp/bin/pnsfw-base --out $OUT/thumbs_anchor.json 2>&1 | grep -v '^\s*$' | tail -8
+anchor 2 --baseline /tmp/bin/pnsfw-base
 }
 
 call3() {
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 $B --workdir /tmp/pnsfw-1m --thumbs 1000000 --photos 0 --skip-anchor --skip-ours --out /tmp/c1m.json | tail -1
-sync
-sh scripts/baseline_pnsfw.sh wrapper .whl/base /tmp/bin/pnsfw-base
-timeout 280 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 80 --thumbs 1000000 --photos 0 --skip-anchor \
-    --ours-variants '' --baseline /tmp/bin/pnsfw-base --ours-repeats 2 --out $OUT/thumbs_1m_lent.json 2>&1 \
-    | grep -v '^\s*$' | tail -6
+gpu; corpus_1m
+pair_1m 2 thumbs_1m_lent 280
 stage_table /tmp/pnsfw-1m/runs > $OUT/stages_1m_lent.txt
 precompile
-PYTHONPYCACHEPREFIX=/tmp/pyc timeout 150 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 70 --thumbs 1000000 \
-    --photos 0 --skip-anchor --ours-variants '' --baseline /tmp/bin/pnsfw-base --ours-repeats 1 \
-    --out $OUT/thumbs_1m_pyc.json 2>&1 | grep -v '^\s*$' | tail -4
-}
-
-call4() {
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 $B --thumbs 100000 --photos 0 --skip-anchor --skip-ours --out /tmp/corpora.json | tail -1
-sync
-timeout 100 python3 -m pytest -q -rf tests/test_gpu_nvjpeg.py tests/test_gpu_path.py tests/test_gpu_tower.py \
-    -p no:cacheprovider -W ignore 2>&1 | tail -2
-probe lent_1
-precompile
-PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_1
-python3 $B --workdir /tmp/pnsfw-1m --thumbs 1000000 --photos 0 --skip-anchor --skip-ours --out /tmp/c1m.json | tail -1
-sync
-sh scripts/baseline_pnsfw.sh wrapper .whl/base /tmp/bin/pnsfw-base
-timeout 150 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 80 --thumbs 1000000 --photos 0 --skip-anchor \
-    --ours-variants '' --baseline /tmp/bin/pnsfw-base --ours-repeats 1 --out $OUT/thumbs_1m_lent.json 2>&1 \
-    | grep -v '^\s*$' | tail -6
-stage_table /tmp/pnsfw-1m/runs > $OUT/stages_1m_lent.txt
-timeout 120 python3 $B --run-timeout 100 --thumbs 100000 --photos 0 --ours-variants '' --ours-repeats 1 \
-    --out $OUT/thumbs_anchor.json 2>&1 | grep -v '^\s*$' | tail -4
+PYTHONPYCACHEPREFIX=/tmp/pyc pair_1m 1 thumbs_1m_pyc 150
 }
 
 call5() {
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-timeout 100 python3 -m pytest -q -rf tests/test_gpu_nvjpeg.py tests/test_gpu_path.py tests/test_gpu_tower.py \
-    -p no:cacheprovider -W ignore 2>&1 | tail -3
-python3 $B --thumbs 100000 --photos 0 --skip-anchor --skip-ours --out /tmp/corpora.json | tail -1
-sync
+gpu; gpu_tests; corpus_100k
 probe lent_1
 precompile
 PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_1
+}
+
+call4() {
+call5
+corpus_1m
+pair_1m 1 thumbs_1m_lent 150
+stage_table /tmp/pnsfw-1m/runs > $OUT/stages_1m_lent.txt
+anchor 1
 }
 
 set -u; prep; "call$1" "$@"

@@ -13,7 +13,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -118,15 +118,16 @@ def string_array(values: Iterable[str | None]) -> pa.Array:
         builder = pa.lib.StringBuilder()  # nulls: one value at a time (metadata columns, where rows lack one)
         builder.append_values(text)
         return builder.finish()
-    data = "".join(text).encode("utf-8")
-    lengths = np.fromiter(map(len, text), np.int64, len(text))
+    strings = cast(list[str], text)
+    data = "".join(strings).encode("utf-8")
+    lengths = np.fromiter(map(len, strings), np.int64, len(strings))
     if len(data) != lengths.sum():  # not all ASCII: a character is not a byte
-        lengths = np.fromiter((len(value.encode("utf-8")) for value in text), np.int64, len(text))
+        lengths = np.fromiter((len(value.encode("utf-8")) for value in strings), np.int64, len(strings))
     if len(data) >= 1 << 31:
         raise ValueError("string_array: more than 2 GiB of text for one column")
-    offsets = np.zeros(len(text) + 1, np.int32)
+    offsets = np.zeros(len(strings) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    return pa.StringArray.from_buffers(len(text), pa.py_buffer(offsets), pa.py_buffer(data))
+    return pa.StringArray.from_buffers(len(strings), pa.py_buffer(offsets), pa.py_buffer(data))
 
 
 def number_array(values: Iterable[int | float] | np.ndarray, kind: pa.DataType) -> pa.Array:
