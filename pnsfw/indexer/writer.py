@@ -2,13 +2,13 @@
 
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from ..store import Projection, StoreWriter
-from ..store.shards import ERROR_SCHEMA, embedding_array, number_array, string_array
+from ..store.shards import ERROR_SCHEMA, column_array, embedding_array, number_array, string_array
 from .reader import Result
 
 
@@ -43,10 +43,10 @@ ROW_COLUMNS = {"uri": pa.string(), "source": pa.string(), "sha256": pa.string(),
 
 def _row_columns(rows: list[Result]) -> dict[str, pa.Array]:
     """The rows' fixed columns, built without `pa.array` (it imports pandas: `shards.string_array`)."""
-    return {"uri": string_array(r.item.uri for r in rows), "source": string_array(r.item.source for r in rows),
-            "sha256": string_array(r.sha256 for r in rows),
-            "width": number_array([r.width for r in rows], pa.int32()),
-            "height": number_array([r.height for r in rows], pa.int32())}
+    values: dict[str, list[Any]] = {"uri": [r.item.uri for r in rows], "source": [r.item.source for r in rows],
+                                    "sha256": [r.sha256 for r in rows], "width": [r.width for r in rows],
+                                    "height": [r.height for r in rows]}
+    return {name: column_array(values[name], kind) for name, kind in ROW_COLUMNS.items()}
 
 
 def _meta_columns(rows: list[Result]) -> dict[str, tuple[pa.Array, np.ndarray]]:

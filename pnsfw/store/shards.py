@@ -137,6 +137,11 @@ def number_array(values: Iterable[int | float] | np.ndarray, kind: pa.DataType) 
     return pa.Array.from_buffers(kind, len(flat), [None, pa.py_buffer(flat)])
 
 
+def column_array(values: Iterable[Any], kind: pa.DataType) -> pa.Array:
+    """`pa.array(values, kind)` for string and fixed-width number columns, without importing pandas."""
+    return string_array(values) if pa.types.is_string(kind) else number_array(values, kind)
+
+
 def embedding_array(emb: np.ndarray) -> pa.Array:
     """fp16 (n, dim) matrix -> fixed_size_binary column without copying row by row."""
     emb = np.ascontiguousarray(emb, dtype="<f2")
