@@ -21,23 +21,7 @@
 # tests; one probe as lent and one compiled (100k); 1M paired with 498df1c, as lent; the anchor at 100k.
 # Call 5 (what 329 s of device time allows): the GPU tests, then one probe as lent and one compiled (100k).
 
-. scripts/gpu_bench_prep.sh  # prep(), stage_table()
-
-precompile() {  # bytecode of every module the runs import, under /tmp/pyc (the image's folders are read-only)
-SITE=$(python3 -c "import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))")
-STD=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
-( time PYTHONPYCACHEPREFIX=/tmp/pyc python3 -m compileall -q -j 16 "$SITE" "$STD" /tmp/site "$PWD/pnsfw" \
-    .whl/base > /dev/null 2>&1 ) 2>&1 | grep real
-}
-
-probe() {  # $1: the run's name; one 100k run of pnsfw index under the stack sampler
-rm -rf /tmp/probe-store
-timeout 60 python3 scripts/probe_startup.py --until 9 --out $OUT/probe_$1.json -- --log-level debug index \
-    $W/thumbs --store /tmp/probe-store --model $W/vit-b-32-seed0.pt --device cuda --batch-size 1024 \
-    --workers 16 --no-faiss 2> /tmp/probe_$1.log | tail -1
-grep -E "timeline|indexed" /tmp/probe_$1.log | sed 's/.*timeline\] *//' > $OUT/probe_$1_log.txt
-grep -E "torch imported|tower ready|first unit decoded|first batch" $OUT/probe_$1_log.txt
-}
+. scripts/gpu_bench_prep.sh  # prep(), stage_table() and the steps (gpu, probe, precompile, pair_1m, anchor, ...)
 
 call1() {
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
@@ -47,27 +31,6 @@ probe lent_1; probe lent_2
 precompile
 export PYTHONPYCACHEPREFIX=/tmp/pyc
 probe pyc_1; probe pyc_2
-}
-
-gpu() { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; }
-corpus_100k() { python3 $B --thumbs 100000 --photos 0 --skip-anchor --skip-ours --out /tmp/corpora.json | tail -1; sync; }
-corpus_1m() {
-python3 $B --workdir /tmp/pnsfw-1m --thumbs 1000000 --photos 0 --skip-anchor --skip-ours --out /tmp/c1m.json | tail -1
-sync; sh scripts/baseline_pnsfw.sh wrapper .whl/base /tmp/bin/pnsfw-base
-}
-gpu_tests() {
-timeout 120 python3 -m pytest -q -rf tests/test_gpu_nvjpeg.py tests/test_gpu_path.py tests/test_gpu_tower.py \
-    -p no:cacheprovider -W ignore 2>&1 | tail -3
-}
-pair_1m() {  # $1: repeats, $2: the JSON's name, $3: the time limit; ours against 498df1c at 1M
-timeout $3 python3 $B --workdir /tmp/pnsfw-1m --run-timeout 80 --thumbs 1000000 --photos 0 --skip-anchor \
-    --ours-variants '' --baseline /tmp/bin/pnsfw-base --ours-repeats $1 --out $OUT/$2.json 2>&1 \
-    | grep -v '^\s*$' | tail -6
-}
-anchor() {  # $1: repeats of ours, then any more options (--baseline ...)
-local repeats=$1; shift
-timeout 200 python3 $B --run-timeout 100 --thumbs 100000 --photos 0 --ours-variants '' --ours-repeats $repeats \
-    "$@" --out $OUT/thumbs_anchor.json 2>&1 | grep -v '^\s*$' | tail -8
 }
 
 call2() {
@@ -96,6 +59,14 @@ PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_1
 
 call4() {
 call5
+corpus_1m
+pair_1m 1 thumbs_1m_lent 150
+stage_table /tmp/pnsfw-1m/runs > $OUT/stages_1m_lent.txt
+anchor 1
+}
+
+call6() {  # call 4 after call 5 on the same warm machine: a second compiled probe, 1M paired, the anchor
+gpu; PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_2
 corpus_1m
 pair_1m 1 thumbs_1m_lent 150
 stage_table /tmp/pnsfw-1m/runs > $OUT/stages_1m_lent.txt

@@ -379,8 +379,53 @@ def test_handles_made_ahead_are_taken_by_backend_and_the_rest_destroyed(monkeypa
     assert premade_decoders(GpuOptions(decoder="torchvision")) is None
     failing["after"] = 99
     premade_decoders(GpuOptions(decode_threads=2))(0)  # type: ignore[misc]  # auto: the SMs' handles
-    assert len(nvjpeg._premade[(0, nvjpeg.BACKEND_GPU_HYBRID, nvjpeg.FLAG_MEMORY_POOLS)]) == 2
+    assert nvjpeg._premade.untaken((0, nvjpeg.BACKEND_GPU_HYBRID, nvjpeg.FLAG_MEMORY_POOLS)) == 2
     nvjpeg.discard_premade()
+
+
+def test_a_decoder_waits_for_a_handle_still_being_made_ahead(monkeypatch) -> None:
+    """A decoder that comes while the handles are being made waits for the next (oldest first) rather than
+    making its own beside them; none once the making ended or failed, or past its wait; the first decode ahead
+    runs only while no decoder has come, on a handle lent out and then kept again."""
+    import ctypes
+    import threading
+    import time
+    import types
+
+    from pnsfw.indexer.gpu import nvjpeg
+
+    pool, key = nvjpeg.Premade(), (0, nvjpeg.BACKEND_GPU_HYBRID, nvjpeg.FLAG_MEMORY_POOLS)
+    got: list[object] = []
+    pool.expect(key, 2)
+    waiter = threading.Thread(target=lambda: got.append(pool.take(key, 5.0)))
+    waiter.start()
+    time.sleep(0.05)
+    assert waiter.is_alive() and pool.waiting()
+    pool.put(key, ctypes.c_void_p(11))
+    waiter.join(timeout=5)
+    assert [h.value for h in got] == [11]  # type: ignore[attr-defined]
+    started = time.monotonic()
+    assert pool.take(key, 0.2) is None and time.monotonic() - started >= 0.15  # one still coming: waited
+    pool.expect(key, -1)  # the second was not made
+    started = time.monotonic()
+    assert pool.take(key, 5.0) is None and time.monotonic() - started < 1 and not pool.waiting()
+    assert pool.take((1, 2, 3), 5.0) is None  # nothing coming for another key: no wait
+
+    lent: list[int] = []
+    monkeypatch.setattr(nvjpeg, "_premade", pool)
+    monkeypatch.setattr(nvjpeg, "first_decode", lambda lib, handle: lent.append(handle.value) or True)
+    made = iter(range(21, 99))
+
+    def create(backend: int, _dev: object, _pinned: object, flags: int, out: object) -> int:
+        ctypes.cast(out, ctypes.POINTER(ctypes.c_void_p))[0] = next(made)
+        return 0
+
+    monkeypatch.setattr(nvjpeg, "library", lambda: types.SimpleNamespace(nvjpegCreateEx=create))
+    assert nvjpeg.premake(0, nvjpeg.BACKEND_GPU_HYBRID, 2) == 2
+    assert lent == [21] and pool.untaken(key) == 2 and not pool.coming[key]  # lent, then kept again
+    assert [pool.take(key, 0).value for _ in range(2)] == [22, 21]  # type: ignore[union-attr]
+    monkeypatch.setattr(pool, "untaken", lambda key: 0)  # a decoder took one already: no first decode ahead
+    assert nvjpeg.premake(0, nvjpeg.BACKEND_GPU_HYBRID, 1) == 1 and lent == [21]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with JPEG engines")
@@ -394,9 +439,9 @@ def test_a_decoder_takes_a_handle_made_ahead_and_decodes_with_it() -> None:
     assert isinstance(thread, threading.Thread)
     thread.join(timeout=30)
     key = (torch.cuda.current_device(), nvjpeg.BACKEND_HARDWARE, nvjpeg.FLAG_MEMORY_POOLS)
-    handle = nvjpeg._premade[key][0].value
+    handle = nvjpeg._premade.handles[key][0].value
     decoder = HardwareDecoder()
-    assert decoder.handle.value == handle and not nvjpeg._premade[key]
+    assert decoder.handle.value == handle and not nvjpeg._premade.untaken(key)
     blobs = [_jpeg(400, 300, 0), _jpeg(256, 341, 1)]
     reference = HardwareDecoder()  # made now: nothing left to take
     assert reference.handle.value != handle

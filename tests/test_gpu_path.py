@@ -519,14 +519,18 @@ def test_close_does_not_wait_for_good_on_a_cuda_start_up_thread_stuck_in_a_call(
     release.set()
 
 
-def test_the_tower_is_warmed_ahead_only_where_the_fast_tower_runs(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_tower_is_warmed_ahead_only_where_the_fast_tower_runs(caplog: pytest.LogCaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """warm_ahead: for the fast (or eager) tower at fp16/bf16, a step for the context's thread that warms a
     stand-in tower at the first unit's batch; a failure there (here: no GPU) is only logged."""
     import logging
+    import threading
 
-    from pnsfw.indexer.gpu import stage
+    from pnsfw.indexer.gpu import stage, tower
     from pnsfw.indexer.gpu.options import GpuOptions
     from pnsfw.indexer.pipeline import IndexOptions
+
+    monkeypatch.setattr(tower, "_OWN_WARM_UP", threading.Event())  # no run's own warm-up yet in this process
 
     assert stage.warm_ahead(IndexOptions(gpu=GpuOptions(tower="reference"))) is None
     assert stage.warm_ahead(IndexOptions(precision="fp32")) is None
@@ -540,9 +544,24 @@ def test_the_tower_is_warmed_ahead_only_where_the_fast_tower_runs(caplog: pytest
     assert "no tower warm-up ahead" in caplog.text
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_stand_in_tower_runs_on_the_gpu_at_either_half_precision() -> None:
-    from pnsfw.indexer.gpu.tower import warm_ahead
+def test_no_stand_in_is_warmed_once_the_runs_own_warm_up_began(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in warmed after the run's own tower only competes with the first batches: warm_ahead then
+    returns at once, touching neither torch nor the GPU (here GPU 99, which no machine has)."""
+    import threading
 
+    from pnsfw.indexer.gpu import tower
+
+    monkeypatch.setattr(tower, "_OWN_WARM_UP", threading.Event())
+    tower.own_warm_up_begins()
+    assert tower.warm_ahead(99, 8) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_stand_in_tower_runs_on_the_gpu_at_either_half_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from pnsfw.indexer.gpu import tower
+
+    monkeypatch.setattr(tower, "_OWN_WARM_UP", threading.Event())
     for dtype in ("fp16", "bf16"):
-        warm_ahead(torch.cuda.current_device(), 8, dtype)
+        assert tower.warm_ahead(torch.cuda.current_device(), 8, dtype) is True

@@ -141,7 +141,7 @@ def test_columns_are_built_without_pyarrow_conversions():
     """string_array / number_array / number_values equal pa.array / to_numpy (nulls, slices, chunks)."""
     import pyarrow as pa
 
-    from pnsfw.store.shards import number_array, number_values, string_array
+    from pnsfw.store.shards import NUMPY_DTYPES, number_array, number_values, numpy_dtype, string_array
 
     for values in (["a", None, "ü/x.jpg", ""], ["ü/x.jpg", "b", "", "日本/語.jpg"], ["plain", "ascii"], []):
         assert string_array(iter(values)).equals(pa.array(values, pa.string())), values
@@ -152,6 +152,11 @@ def test_columns_are_built_without_pyarrow_conversions():
     assert number_values(column).tolist() == [1, 9, 2**63 + 5]
     with pytest.raises(ValueError, match="nulls"):
         number_values(pa.array([1, None], pa.int64()))
+    for kind, dtype in NUMPY_DTYPES.items():  # the table agrees with pyarrow's own (which may import pandas)
+        assert numpy_dtype(kind) == np.dtype(kind.to_pandas_dtype()) == np.dtype(dtype), kind
+        assert number_array(np.arange(3), kind).equals(pa.array([0, 1, 2], kind)), kind
+    with pytest.raises(TypeError, match="fixed-width"):
+        number_array([1], pa.string())
 
 
 INDEX_AND_LIST_MODULES = """

@@ -100,30 +100,115 @@ def library() -> ctypes.CDLL:
     raise NvjpegError("no usable libnvjpeg (" + ("; ".join(errors) or "none found beside torch/torchvision") + ")")
 
 
-# handles made ahead, by (device, backend, flags): on the thread that makes the CUDA context while torch is
-# still being imported, taken by HardwareDecoder (inside the run, four decode threads each made theirs at the first
-# unit in 0.4-0.8 s, the first unit's decode waiting for them: an H200, round 14)
-_premade: dict[tuple[int, int, int], list[ctypes.c_void_p]] = {}
-_premade_lock = threading.Lock()
+Key = tuple[int, int, int]  # (device, backend, flags)
+PREMADE_WAIT_S = 3.0  # a decoder waits this long for a handle still being made ahead before it makes its own
+
+
+class Premade:
+    """Handles made ahead, by (device, backend, flags), on the thread that makes the CUDA context while torch
+    is still being imported; the decoders take them at their first units, oldest first. A decoder that comes
+    while handles are still being made waits for the next one (at most PREMADE_WAIT_S) rather than making its
+    own beside them: four decode threads made theirs at once at their first units in 0.4-0.8 s each (an H200,
+    round 14), and with one of the handles held back for the first decode ahead, the first unit's thread made
+    its own beside the others (0.3 s), then waited 1.1 s for its first call, and the first batch with it (an
+    H100, round 15)."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Condition()
+        self.handles: dict[Key, list[ctypes.c_void_p]] = {}
+        self.coming: dict[Key, int] = {}  # handles still being made (or lent out) for each key
+
+    def expect(self, key: Key, count: int) -> None:
+        """`count` more handles for `key` are being made (negative: that many will not come)."""
+        with self.ready:
+            self.coming[key] = self.coming.get(key, 0) + count
+            self.ready.notify_all()
+
+    def put(self, key: Key, handle: ctypes.c_void_p) -> None:
+        with self.ready:
+            self.handles.setdefault(key, []).append(handle)
+            self.coming[key] = self.coming.get(key, 0) - 1
+            self.ready.notify_all()
+
+    def waiting(self) -> bool:
+        """Whether any handle is kept or still coming (else nothing to ask torch's device for)."""
+        with self.ready:
+            return any(self.handles.values()) or any(n > 0 for n in self.coming.values())
+
+    def take(self, key: Key, wait_s: float = PREMADE_WAIT_S) -> ctypes.c_void_p | None:
+        """The oldest handle kept for `key`, waiting at most `wait_s` while more are coming; None if none."""
+        deadline = time.monotonic() + wait_s
+        with self.ready:
+            while not self.handles.get(key):
+                left = deadline - time.monotonic()
+                if self.coming.get(key, 0) <= 0 or left <= 0:
+                    return None
+                self.ready.wait(left)
+            return self.handles[key].pop(0)
+
+    def lend(self, key: Key) -> ctypes.c_void_p | None:
+        """The oldest handle kept for `key`, counted as still coming until it is `put` back; None if none is
+        kept."""
+        with self.ready:
+            if not self.handles.get(key):
+                return None
+            self.coming[key] = self.coming.get(key, 0) + 1
+            return self.handles[key].pop(0)
+
+    def untaken(self, key: Key) -> int:
+        with self.ready:
+            return len(self.handles.get(key, ()))
+
+    def clear(self) -> list[ctypes.c_void_p]:
+        """Every handle kept, removed (nothing more is expected)."""
+        with self.ready:
+            left = [handle for handles in self.handles.values() for handle in handles]
+            self.handles.clear()
+            self.coming.clear()
+            self.ready.notify_all()
+        return left
+
+
+_premade = Premade()
 
 
 def premake(device: int, backend: int, count: int, flags: int = FLAG_MEMORY_POOLS) -> int:
     """Make `count` handles for the GPU `device` on this thread (whose current CUDA context is that device's
-    primary one), kept for the decoders to take; how many were made. A failure ends the tries quietly: the
-    decoders then make their own, and report what fails."""
+    primary one), each kept for the decoders as soon as it is made; then, if no decoder has come yet, the
+    first decode on one of them. How many were made. A failure ends the tries quietly: the decoders then make
+    their own, and report what fails."""
     try:
         lib = library()
     except NvjpegError:
         return 0
-    for made in range(count):
-        handle = ctypes.c_void_p()
-        if lib.nvjpegCreateEx(backend, None, None, flags, ctypes.byref(handle)) != 0:
-            return made
-        if made == 0 and first_decode(lib, handle):
-            mark(f"nvJPEG's first decode ({BACKEND_NAMES.get(backend, backend)}) done ahead")
-        with _premade_lock:
-            _premade.setdefault((device, backend, flags), []).append(handle)
-    return count
+    key = (device, backend, flags)
+    _premade.expect(key, count)
+    made = 0
+    try:
+        while made < count:
+            handle = ctypes.c_void_p()
+            if lib.nvjpegCreateEx(backend, None, None, flags, ctypes.byref(handle)) != 0:
+                break
+            _premade.put(key, handle)
+            made += 1
+    finally:
+        _premade.expect(key, made - count)
+    if made and _premade.untaken(key) == made:  # no decoder has come yet: nvJPEG's kernels load now
+        _first_decode_ahead(lib, key)
+    return made
+
+
+def _first_decode_ahead(lib: ctypes.CDLL, key: Key) -> None:
+    """first_decode on a handle lent out of the kept ones (a decoder that comes meanwhile takes another, or
+    waits for this one)."""
+    handle = _premade.lend(key)
+    if handle is None:
+        return
+    try:
+        if first_decode(lib, handle):
+            mark(f"nvJPEG's first decode ({BACKEND_NAMES.get(key[1], key[1])}) done ahead")
+    finally:
+        _premade.put(key, handle)
 
 
 def _tiny_jpeg() -> bytes:
@@ -172,23 +257,19 @@ def first_decode(lib: ctypes.CDLL, handle: ctypes.c_void_p, side: int = 16) -> b
 
 
 def _take_premade(backend: int, flags: int, device: int | None = None) -> ctypes.c_void_p | None:
-    """A handle made ahead for `device` (None: torch's current one), if one is left."""
-    if not _premade:  # and then no need to ask torch for a device (there may be none)
+    """A handle made ahead for `device` (None: torch's current one), if one is kept or comes in time."""
+    if not _premade.waiting():  # and then no need to ask torch for a device (there may be none)
         return None
     if device is None:
         import torch
 
         device = torch.cuda.current_device()
-    with _premade_lock:
-        handles = _premade.get((device, backend, flags))
-        return handles.pop() if handles else None
+    return _premade.take((device, backend, flags))
 
 
 def discard_premade() -> int:
     """Destroy the handles made ahead that no decoder took (at the end of a run); how many."""
-    with _premade_lock:
-        left = [handle for handles in _premade.values() for handle in handles]
-        _premade.clear()
+    left = _premade.clear()
     for handle in left:
         library().nvjpegDestroy(handle)
     return len(left)

@@ -22,7 +22,7 @@ from .encode import UnitResult, encode_stream, encode_units, on_stream
 from .profile import ProfileWindow
 from .resize import put, resize_later, resize_thread
 from .route import Decoded, Prepared, Router, Unit, gc_pauses, prepare
-from .tower import compiles, image_model
+from .tower import compiles, image_model, own_warm_up_begins
 from .tower import warm_ahead as tower_warm_ahead
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,8 @@ def warm_ahead(options: Any) -> Callable[[int], None] | None:
 
     def ahead(device: int) -> None:
         try:
-            tower_warm_ahead(device, batch, dtypes[options.precision])
-            mark("image tower warmed ahead")
+            ran = tower_warm_ahead(device, batch, dtypes[options.precision])
+            mark("image tower warmed ahead" if ran else "no tower warm-up ahead: the run's own had begun")
         except Exception as exc:  # an optimisation only: the run's own warm-up then loads the kernels
             log.debug("no tower warm-up ahead: %s", exc)
 
@@ -164,6 +164,7 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
     deferred = compiles(encoder, options.gpu, items)
     threads = [] if deferred else start()
     try:
+        own_warm_up_begins()
         model = image_model(encoder, options.gpu, items, batch)
         stream = encode_stream(encoder, options)
         _warm_up(model, encoder, min(batch, FIRST_UNIT), stream)

@@ -17,6 +17,7 @@ persistent kernel cache) for jobs of COMPILE_MIN_ITEMS or more, or when asked
 """
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -152,11 +153,25 @@ def fast_visual(visual: Any, dtype: Any = None) -> Any:
 AHEAD_TOWER = {"input_resolution": 224, "patch_size": 32, "width": 768, "layers": 12, "heads": 12, "output_dim": 512}
 
 
-def warm_ahead(device: int, batch: int, dtype: str = "fp16") -> None:
+# set once a run's own tower warm-up begins in this process: a stand-in's forward after that only competes
+# with the first batches for the GPU and the GIL (it ended 1.2 s after the run's own, beside the first batch,
+# when the nvJPEG handles made ahead of it took till then: an H100, round 15)
+_OWN_WARM_UP = threading.Event()
+
+
+def own_warm_up_begins() -> None:
+    """Note that a run warms its own tower now: warm_ahead then no longer starts."""
+    _OWN_WARM_UP.set()
+
+
+def warm_ahead(device: int, batch: int, dtype: str = "fp16") -> bool:
     """One forward of the fast tower with ViT-B/32's shapes and uninitialised weights on GPU `device`, on the
     calling thread, once torch is imported (it waits for the import). The kernels' lazy loading (the first
     SDPA calls: 0.6-1 s on a fresh machine), cuBLAS's set-up and the allocator's first blocks then come beside
-    the checkpoint's load, not after it. Other towers share most of what it loads."""
+    the checkpoint's load, not after it. Other towers share most of what it loads. Whether it ran: not once a
+    run's own warm-up has begun (own_warm_up_begins)."""
+    if _OWN_WARM_UP.is_set():
+        return False
     import torch
 
     from ..encoder import _clip_model, _no_init_mode
@@ -166,11 +181,14 @@ def warm_ahead(device: int, batch: int, dtype: str = "fp16") -> None:
         visual = _clip_model().VisionTransformer(**AHEAD_TOWER)
     model = fast_visual(visual, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype]))
     del visual
+    if _OWN_WARM_UP.is_set():  # the run's own began while the stand-in was built
+        return False
     side = AHEAD_TOWER["input_resolution"]
     stream = torch.cuda.Stream(where)
     with torch.cuda.stream(stream), torch.inference_mode():
         model(torch.zeros((batch, 3, side, side), device=where))
     stream.synchronize()
+    return True
 
 
 class Graphed:
