@@ -434,7 +434,7 @@ def test_decode_threads_start_after_a_compiled_towers_warm_up(monkeypatch: pytes
         out.put(None)  # no units
         return []
 
-    def model(encoder, gpu, items, batch):  # type: ignore[no-untyped-def]
+    def model(encoder, gpu, items, batch, first=None):  # type: ignore[no-untyped-def]
         order.append("tower")
         return lambda images: images
 

@@ -61,11 +61,12 @@ def test_unsupported_towers_are_named() -> None:
 
 def test_graph_wrapper_runs_cpu_batches_eagerly() -> None:
     visual = _visual(3, **SHAPES[0])
-    model = Graphed(fast_visual(visual), batch=4)
-    images = torch.randn(4, 3, 32, 32)
-    with torch.inference_mode():
-        assert torch.equal(model(images), model.model(images))
-    assert model.graph is None
+    model = Graphed(fast_visual(visual), batch=4, also=(2,))
+    for count in (4, 2):
+        images = torch.randn(count, 3, 32, 32)
+        with torch.inference_mode():
+            assert torch.equal(model(images), model.model(images))
+    assert not model.graphs
 
 
 @pytest.mark.parametrize(("device", "tower", "compiled", "graphed"), [
@@ -89,8 +90,9 @@ def test_the_fast_tower_is_replayed_from_a_graph_on_cuda_compiled_or_not(
     monkeypatch.setattr(towers, "_compiled", compile_stand_in)
     encoder = SimpleNamespace(model=SimpleNamespace(visual=_visual(5, **SHAPES[0])), device=device,
                               precision="fp32")
-    model = towers.image_model(encoder, GpuOptions(tower=tower, compile=compiled), 0, 4)  # type: ignore[arg-type]
+    model = towers.image_model(encoder, GpuOptions(tower=tower, compile=compiled), 0, 4, 2)  # type: ignore[arg-type]
     assert isinstance(model, Graphed) == graphed and len(wrappers) == (compiled == "on")
+    assert not graphed or model.sizes == {4, 2}  # type: ignore[union-attr]  # the full batches' and the first unit's
     inner = model.model if isinstance(model, Graphed) else model
     assert (inner in wrappers) == (compiled == "on")  # the graph holds the compiled model, not the raw one
 
@@ -112,18 +114,18 @@ def test_auto_compiles_only_jobs_large_enough_to_pay_a_cold_compile_back(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_default_graph_tower_equals_the_fp32_reference_on_cuda() -> None:
-    """`--gpu-tower fast` (the default): full fp16 batches replayed from a CUDA graph, the others eager; each
-    batch within min cosine 0.9999 of CLIP's fp32 forward on the CPU."""
+    """`--gpu-tower fast` (the default): full fp16 batches and the first unit's replayed from CUDA graphs, the
+    others eager; each batch within min cosine 0.9999 of CLIP's fp32 forward on the CPU."""
     visual = _visual(4, **SHAPES[1])
-    model = Graphed(fast_visual(visual.cuda()), batch=6)
-    for count in (6, 6, 3, 6):  # capture, replay, eager, replay with new inputs
+    model = Graphed(fast_visual(visual.cuda()), batch=6, also=(3,))
+    for count in (3, 6, 6, 2, 3, 6):  # capture 3, capture 6, replay, eager, replays with new inputs
         images = torch.randn(count, 3, 48, 48)
         with torch.inference_mode():
             want = visual.cpu()(images)
             got = model(images.cuda()).float().cpu()
             visual.cuda()
         assert torch.nn.functional.cosine_similarity(got, want, dim=1).min().item() >= 0.9999
-    assert model.graph is not None and not model.failed
+    assert set(model.graphs) == {3, 6} and not model.failed
 
 
 def test_tower_sms_option_checks_its_value_and_green_streams_fail_with_a_reason():

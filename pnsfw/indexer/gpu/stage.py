@@ -120,8 +120,9 @@ def _from_queue(out: queue.Queue, decoders: DecoderPool | None = None) -> Iterat
 
 def _warm_up(model: Callable[[Any], Any], encoder: Encoder, batch: int, stream: Any = None) -> None:
     """One forward of the first unit's shape on zeros while the decode thread makes that unit: cuBLAS's
-    handles and the kernels' lazy loading then cost the first batch nothing. The graph of the full batches is
-    captured at the first of them, after the first batch is out."""
+    handles and the kernels' lazy loading then cost the first batch nothing; a graphed tower captures the first
+    unit's graph here. The graph of the full batches is captured at the first of them, after the first batch
+    is out."""
     import torch
 
     if encoder.device.startswith("cuda"):
@@ -165,9 +166,9 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
     threads = [] if deferred else start()
     try:
         own_warm_up_begins()
-        model = image_model(encoder, options.gpu, items, batch)
+        model = image_model(encoder, options.gpu, items, batch, min(batch, FIRST_UNIT))
         stream = encode_stream(encoder, options)
-        _warm_up(model, encoder, min(batch, FIRST_UNIT), stream)
+        _warm_up(model, encoder, min(batch, FIRST_UNIT), stream)  # the first unit's graph captured here
         mark("image tower ready")
         threads = start() if deferred else threads
         window = ProfileWindow(options.gpu.profile, encoder.device)

@@ -192,20 +192,22 @@ def warm_ahead(device: int, batch: int, dtype: str = "fp16") -> bool:
 
 
 class Graphed:
-    """`model` replayed from a CUDA graph for CUDA batches of exactly `batch` images (others run eagerly).
-    Captured on the first such batch; a failed capture is logged once and the model then runs eagerly."""
+    """`model` replayed from a CUDA graph for CUDA batches of exactly `batch` images, and of each size in
+    `also` (others run eagerly). Each size's graph is captured on its first batch (the first unit's at the
+    warm-up, on zeros, while the decode threads make that unit: launched op by op beside them, the first batch
+    of 256 took 0.37-0.41 s on an H100, round 15); a failed capture is logged once and the model then runs
+    eagerly."""
 
-    def __init__(self, model: Callable[[Any], Any], batch: int):
+    def __init__(self, model: Callable[[Any], Any], batch: int, also: tuple[int, ...] = ()):
         self.model, self.batch = model, batch
-        self.graph: Any = None
+        self.sizes = {batch, *also}
+        self.graphs: dict[int, tuple[Any, Any, Any]] = {}  # size: (graph, static input, static output)
         self.failed = False
-        self.static_in: Any = None
-        self.static_out: Any = None
 
-    def _capture(self, images: Any) -> None:
+    def _capture(self, images: Any) -> tuple[Any, Any, Any]:
         import torch
 
-        self.static_in = images.clone()
+        static_in = images.clone()
         current = torch.cuda.current_stream(images.device)
         # captured on the stream it replays on (a green context's keeps its kernels on that context's SMs);
         # the legacy default stream cannot capture, so then on a stream of torch's pool
@@ -214,26 +216,28 @@ class Graphed:
         side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up outside the graph (cuBLAS workspaces, lazy inits)
-                self.model(self.static_in)
+                self.model(static_in)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=own, capture_error_mode="thread_local"):
-            self.static_out = self.model(self.static_in)
-        self.graph = graph
+            static_out = self.model(static_in)
+        return graph, static_in, static_out
 
     def __call__(self, images: Any) -> Any:
-        if self.failed or not images.is_cuda or images.shape[0] != self.batch:
+        count = images.shape[0]
+        if self.failed or not images.is_cuda or count not in self.sizes:
             return self.model(images)
-        if self.graph is None:
+        if count not in self.graphs:
             try:
-                self._capture(images)
+                self.graphs[count] = self._capture(images)
             except RuntimeError as exc:
                 self.failed = True
                 _warn_once(f"CUDA graph capture failed, running eagerly ({str(exc).splitlines()[0]})")
                 return self.model(images)
-        self.static_in.copy_(images)
-        self.graph.replay()
-        return self.static_out  # overwritten by the next replay: the caller copies it out on this stream first
+        graph, static_in, static_out = self.graphs[count]
+        static_in.copy_(images)
+        graph.replay()
+        return static_out  # overwritten by the next replay: the caller copies it out on this stream first
 
 
 def _compiled(model: Callable[[Any], Any], batch: int) -> Callable[[Any], Any]:
@@ -269,13 +273,15 @@ def compiles(encoder: Encoder, gpu: Any, items: int) -> bool:
     return gpu.compile == "on" or (gpu.compile == "auto" and auto)
 
 
-def image_model(encoder: Encoder, gpu: Any, items: int, batch: int) -> Callable[[Any], Any]:
-    """The image tower of gpu.tower (eager; fast: from a CUDA graph; reference), compiled when `compiles`. A
-    compiled fast tower is replayed from a graph too: launched kernel by kernel, the compiled tower's run was
-    bound by its launches (an H200 at 1M, round 12: 44.6 s of a 75.7 s run in the calls into the compiled
-    tower, 4.6-5.4 s into the graph of the uncompiled one)."""
+def image_model(encoder: Encoder, gpu: Any, items: int, batch: int,
+                first: int | None = None) -> Callable[[Any], Any]:
+    """The image tower of gpu.tower (eager; fast: from CUDA graphs, of `batch` images and of the first unit's
+    `first`; reference), compiled when `compiles`. A compiled fast tower is replayed from a graph too:
+    launched kernel by kernel, the compiled tower's run was bound by its launches (an H200 at 1M, round 12:
+    44.6 s of a 75.7 s run in the calls into the compiled tower, 4.6-5.4 s into the graph of the uncompiled
+    one)."""
     fast = _fast_model(encoder) if gpu.tower != "reference" else None
     model = fast or reference_model(encoder)
     model = _compiled(model, batch) if compiles(encoder, gpu, items) else model
     graphed = fast is not None and gpu.tower == "fast" and encoder.device.startswith("cuda")
-    return Graphed(model, batch) if graphed else model
+    return Graphed(model, batch, () if first is None else (first,)) if graphed else model
