@@ -4,7 +4,11 @@
 # Round 15's probes (568c811, bytecode compiled: first batch 4.14 / 4.28 s on an H100) found three things
 # beside the first batch: the writer's first number column imported pandas (pyarrow's to_pandas_dtype on the
 # device image); the nvJPEG handles made ahead came after the decoders had made their own (the first decode
-# ahead held them back); the stand-in tower was warmed after the run's own (1.2 s later, beside the first batch).
+# ahead held them back); the stand-in tower was warmed after the run's own (1.2 s later, beside the first batch);
+# and the first batch (256 images, eager) took 0.37-0.41 s beside the decode threads. Now: the decoders wait for
+# the handles made ahead (oldest first; the first decode ahead only before any decoder came); no stand-in once
+# the run's own warm-up began; numpy dtypes from our own table; the first unit's batch replayed from a CUDA
+# graph captured at the warm-up.
 # Call 1: the GPU tests; with the bytecode compiled two probes of ours, then ours and 568c811 paired at 100k
 # (three pairs: the first batch and e2e); one probe as lent.
 # Call 2: 1M paired with 568c811 as lent (one pair), the stage table; the anchor at 100k.
