@@ -6,7 +6,8 @@
 # device image); the nvJPEG handles made ahead came after the decoders had made their own (the first decode
 # ahead held them back); the stand-in tower was warmed after the run's own (1.2 s later, beside the first batch);
 # and the first batch (256 images, eager) took 0.37-0.41 s beside the decode threads. Now: the decoders wait for
-# the handles made ahead (oldest first; the first decode ahead only before any decoder came); no stand-in once
+# the handles made ahead (oldest first, the first with a state for the first unit's batch; the first decode
+# ahead only before any decoder came); no stand-in once
 # the run's own warm-up began; numpy dtypes from our own table; the first unit's batch replayed from a CUDA
 # graph captured at the warm-up.
 # Call 1: the GPU tests; with the bytecode compiled two probes of ours, then ours and 568c811 paired at 100k

@@ -372,8 +372,8 @@ def test_handles_made_ahead_are_taken_by_backend_and_the_rest_destroyed(monkeypa
     assert nvjpeg._take_premade(nvjpeg.BACKEND_HARDWARE, nvjpeg.FLAG_MEMORY_POOLS, 0) is None
     assert nvjpeg._take_premade(nvjpeg.BACKEND_GPU_HYBRID, 0, 0) is None  # other flags: not these
     taken = nvjpeg._take_premade(nvjpeg.BACKEND_GPU_HYBRID, nvjpeg.FLAG_MEMORY_POOLS, 0)
-    assert taken is not None and taken.value in (1, 2, 3)
-    assert nvjpeg.discard_premade() == 4 and sorted(destroyed) == sorted({1, 2, 3, 4, 5} - {taken.value})
+    assert taken is not None and taken.handle.value in (1, 2, 3) and not taken.states
+    assert nvjpeg.discard_premade() == 4 and sorted(destroyed) == sorted({1, 2, 3, 4, 5} - {taken.handle.value})
     assert nvjpeg.discard_premade() == 0
     assert not nvjpeg.first_decode(fake, ctypes.c_void_p(1))  # type: ignore[arg-type]  # no such calls: quiet
     assert premade_decoders(GpuOptions(decoder="torchvision")) is None
@@ -401,9 +401,9 @@ def test_a_decoder_waits_for_a_handle_still_being_made_ahead(monkeypatch) -> Non
     waiter.start()
     time.sleep(0.05)
     assert waiter.is_alive() and pool.waiting()
-    pool.put(key, ctypes.c_void_p(11))
+    pool.put(key, nvjpeg.Made(ctypes.c_void_p(11)))
     waiter.join(timeout=5)
-    assert [h.value for h in got] == [11]  # type: ignore[attr-defined]
+    assert [m.handle.value for m in got] == [11]  # type: ignore[attr-defined]
     started = time.monotonic()
     assert pool.take(key, 0.2) is None and time.monotonic() - started >= 0.15  # one still coming: waited
     pool.expect(key, -1)  # the second was not made
@@ -420,12 +420,29 @@ def test_a_decoder_waits_for_a_handle_still_being_made_ahead(monkeypatch) -> Non
         ctypes.cast(out, ctypes.POINTER(ctypes.c_void_p))[0] = next(made)
         return 0
 
-    monkeypatch.setattr(nvjpeg, "library", lambda: types.SimpleNamespace(nvjpegCreateEx=create))
-    assert nvjpeg.premake(0, nvjpeg.BACKEND_GPU_HYBRID, 2) == 2
+    states, destroyed = iter(range(71, 99)), []
+
+    def state(handle: object, out: object) -> int:
+        ctypes.cast(out, ctypes.POINTER(ctypes.c_void_p))[0] = next(states)
+        return 0
+
+    fake = types.SimpleNamespace(nvjpegCreateEx=create, nvjpegJpegStateCreate=state,
+                                 nvjpegDecodeBatchedInitialize=lambda handle, state, count, threads, output: 0,
+                                 nvjpegJpegStateDestroy=lambda s: destroyed.append(s.value),
+                                 nvjpegDestroy=lambda h: destroyed.append(h.value))
+    monkeypatch.setattr(nvjpeg, "library", lambda: fake)
+    assert nvjpeg.premake(0, nvjpeg.BACKEND_GPU_HYBRID, 2, first_batch=256) == 2
     assert lent == [21] and pool.untaken(key) == 2 and not pool.coming[key]  # lent, then kept again
-    assert [pool.take(key, 0).value for _ in range(2)] == [22, 21]  # type: ignore[union-attr]
+    first, second = pool.take(key, 0), pool.take(key, 0)
+    assert first is not None and second is not None  # the first unit's thread takes the one with its state
+    assert (first.handle.value, {n: s.value for n, s in first.states.items()}) == (21, {256: 71})
+    assert (second.handle.value, second.states) == (22, {})
     monkeypatch.setattr(pool, "untaken", lambda key: 0)  # a decoder took one already: no first decode ahead
-    assert nvjpeg.premake(0, nvjpeg.BACKEND_GPU_HYBRID, 1) == 1 and lent == [21]
+    assert nvjpeg.premake(0, nvjpeg.BACKEND_GPU_HYBRID, 1, first_batch=256) == 1 and lent == [21]
+    monkeypatch.undo()
+    monkeypatch.setattr(nvjpeg, "_premade", pool)
+    monkeypatch.setattr(nvjpeg, "library", lambda: fake)
+    assert nvjpeg.discard_premade() == 1 and destroyed == [72, 23]  # the state, then its handle
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with JPEG engines")
@@ -435,13 +452,14 @@ def test_a_decoder_takes_a_handle_made_ahead_and_decodes_with_it() -> None:
     from pnsfw.indexer.gpu import nvjpeg
     from pnsfw.indexer.gpu.context import start_context
 
-    thread = start_context("cuda", lambda index: nvjpeg.premake(index, nvjpeg.BACKEND_HARDWARE, 1))
+    thread = start_context("cuda", lambda index: nvjpeg.premake(index, nvjpeg.BACKEND_HARDWARE, 1, first_batch=2))
     assert isinstance(thread, threading.Thread)
     thread.join(timeout=30)
     key = (torch.cuda.current_device(), nvjpeg.BACKEND_HARDWARE, nvjpeg.FLAG_MEMORY_POOLS)
-    handle = nvjpeg._premade.handles[key][0].value
+    handle = nvjpeg._premade.kept[key][0].handle.value
     decoder = HardwareDecoder()
     assert decoder.handle.value == handle and not nvjpeg._premade.untaken(key)
+    assert list(decoder.states) == [2]  # the state made ahead for the first batch (of 2), decoded with below
     blobs = [_jpeg(400, 300, 0), _jpeg(256, 341, 1)]
     reference = HardwareDecoder()  # made now: nothing left to take
     assert reference.handle.value != handle

@@ -313,7 +313,14 @@ class _Startup:
             self._spawn(self._warm_up, "pnsfw-warm-up")
 
     def _fork(self) -> None:
-        from .gpu import DeviceWorkers, premade_decoders, start_context, start_device_workers, warm_ahead
+        from .gpu import (
+            DeviceWorkers,
+            first_unit_size,
+            premade_decoders,
+            start_context,
+            start_device_workers,
+            warm_ahead,
+        )
 
         if self._forked:
             return
@@ -325,8 +332,8 @@ class _Startup:
         if not isinstance(self.pool, DeviceWorkers) and self.options.reader != "pil" and self.encoder is None:
             # beside the torch import of the load below: the context, then the decode threads' nvJPEG handles;
             # once torch is in, the tower's kernels beside the checkpoint's load
-            self._context = start_context(self.options.device, premade_decoders(self.options.gpu),
-                                          warm_ahead(self.options))
+            decoders = premade_decoders(self.options.gpu, first_unit_size(self.options))
+            self._context = start_context(self.options.device, decoders, warm_ahead(self.options))
 
     def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -32,7 +32,7 @@ from typing import Any
 _NAMES = {"warm_up": "decode", "GpuOptions": "options", "jpeg_size": "probe", "tensor_stage": "workers",
           "DeviceWorkers": "workers", "start_device_workers": "workers", "wants_device_workers": "workers",
           "start_context": "context", "premade_decoders": "decode", "discard_premade": "nvjpeg",
-          "warm_ahead": "stage"}
+          "warm_ahead": "stage", "first_unit_size": "stage"}
 __all__ = sorted(_NAMES)
 
 

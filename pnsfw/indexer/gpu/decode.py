@@ -68,10 +68,11 @@ def decode_jpegs(data: list[Any], device: str) -> list[Any]:
     return [ops.decode_jpeg(image, _RGB, False) for image in data]
 
 
-def premade_decoders(gpu: Any) -> Callable[[int], None] | None:
+def premade_decoders(gpu: Any, first_batch: int = 0) -> Callable[[int], None] | None:
     """What start_context makes beside torch's import for a run of GpuOptions `gpu` (None: nothing): the nvJPEG
     handles its decode threads take at their first units (auto, sm: one on the SMs per thread, for
-    thumbnails; engines: the engines' threads'). Larger images' handles (auto) are still made at first use."""
+    thumbnails; engines: the engines' threads'), the first with a state for the first unit's `first_batch`
+    images. Larger images' handles (auto) are still made at first use."""
     plans = {"auto": (BACKEND_GPU_HYBRID, SM_THREADS), "sm": (BACKEND_GPU_HYBRID, SM_THREADS),
              "engines": (BACKEND_HARDWARE, HARDWARE_THREADS)}
     if gpu.decoder not in plans:
@@ -81,7 +82,7 @@ def premade_decoders(gpu: Any) -> Callable[[int], None] | None:
     def premake_handles(device: int) -> None:
         from .nvjpeg import premake
 
-        made = premake(device, backend, gpu.decode_threads or threads)
+        made = premake(device, backend, gpu.decode_threads or threads, first_batch=first_batch)
         mark(f"{made} nvJPEG handles made ahead")
 
     return premake_handles

@@ -23,6 +23,7 @@ import resource
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..timeline import mark
@@ -104,6 +105,14 @@ Key = tuple[int, int, int]  # (device, backend, flags)
 PREMADE_WAIT_S = 3.0  # a decoder waits this long for a handle still being made ahead before it makes its own
 
 
+@dataclass
+class Made:
+    """A handle made ahead, with the batched decode states made for it (by batch size; OUTPUT_RGB)."""
+
+    handle: ctypes.c_void_p
+    states: dict[int, ctypes.c_void_p] = field(default_factory=dict)
+
+
 class Premade:
     """Handles made ahead, by (device, backend, flags), on the thread that makes the CUDA context while torch
     is still being imported; the decoders take them at their first units, oldest first. A decoder that comes
@@ -115,7 +124,7 @@ class Premade:
 
     def __init__(self) -> None:
         self.ready = threading.Condition()
-        self.handles: dict[Key, list[ctypes.c_void_p]] = {}
+        self.kept: dict[Key, list[Made]] = {}
         self.coming: dict[Key, int] = {}  # handles still being made (or lent out) for each key
 
     def expect(self, key: Key, count: int) -> None:
@@ -124,46 +133,48 @@ class Premade:
             self.coming[key] = self.coming.get(key, 0) + count
             self.ready.notify_all()
 
-    def put(self, key: Key, handle: ctypes.c_void_p) -> None:
+    def put(self, key: Key, made: Made, first: bool = False) -> None:
+        """Keep `made` for `key`, the last to be taken (`first`: the next, as one lent and given back)."""
         with self.ready:
-            self.handles.setdefault(key, []).append(handle)
+            kept = self.kept.setdefault(key, [])
+            kept.insert(0 if first else len(kept), made)
             self.coming[key] = self.coming.get(key, 0) - 1
             self.ready.notify_all()
 
     def waiting(self) -> bool:
         """Whether any handle is kept or still coming (else nothing to ask torch's device for)."""
         with self.ready:
-            return any(self.handles.values()) or any(n > 0 for n in self.coming.values())
+            return any(self.kept.values()) or any(n > 0 for n in self.coming.values())
 
-    def take(self, key: Key, wait_s: float = PREMADE_WAIT_S) -> ctypes.c_void_p | None:
+    def take(self, key: Key, wait_s: float = PREMADE_WAIT_S) -> Made | None:
         """The oldest handle kept for `key`, waiting at most `wait_s` while more are coming; None if none."""
         deadline = time.monotonic() + wait_s
         with self.ready:
-            while not self.handles.get(key):
+            while not self.kept.get(key):
                 left = deadline - time.monotonic()
                 if self.coming.get(key, 0) <= 0 or left <= 0:
                     return None
                 self.ready.wait(left)
-            return self.handles[key].pop(0)
+            return self.kept[key].pop(0)
 
-    def lend(self, key: Key) -> ctypes.c_void_p | None:
+    def lend(self, key: Key) -> Made | None:
         """The oldest handle kept for `key`, counted as still coming until it is `put` back; None if none is
         kept."""
         with self.ready:
-            if not self.handles.get(key):
+            if not self.kept.get(key):
                 return None
             self.coming[key] = self.coming.get(key, 0) + 1
-            return self.handles[key].pop(0)
+            return self.kept[key].pop(0)
 
     def untaken(self, key: Key) -> int:
         with self.ready:
-            return len(self.handles.get(key, ()))
+            return len(self.kept.get(key, ()))
 
-    def clear(self) -> list[ctypes.c_void_p]:
+    def clear(self) -> list[Made]:
         """Every handle kept, removed (nothing more is expected)."""
         with self.ready:
-            left = [handle for handles in self.handles.values() for handle in handles]
-            self.handles.clear()
+            left = [made for kept in self.kept.values() for made in kept]
+            self.kept.clear()
             self.coming.clear()
             self.ready.notify_all()
         return left
@@ -172,11 +183,32 @@ class Premade:
 _premade = Premade()
 
 
-def premake(device: int, backend: int, count: int, flags: int = FLAG_MEMORY_POOLS) -> int:
+def batched_state(lib: ctypes.CDLL, handle: ctypes.c_void_p, count: int, output: int = OUTPUT_RGB) -> ctypes.c_void_p:
+    """A decode state of `handle` initialised for batches of `count` (NvjpegError if nvJPEG refuses)."""
+    state = ctypes.c_void_p()
+    _check(lib.nvjpegJpegStateCreate(handle, ctypes.byref(state)), "nvjpegJpegStateCreate")
+    try:
+        _check(lib.nvjpegDecodeBatchedInitialize(handle, state, count, 1, output), "nvjpegDecodeBatchedInitialize")
+    except NvjpegError:
+        lib.nvjpegJpegStateDestroy(state)
+        raise
+    return state
+
+
+def _made(lib: ctypes.CDLL, handle: ctypes.c_void_p, first_batch: int) -> Made:
+    """`handle` with a state for the first unit's batch (its thread then makes none: a state took 0.1-0.6 s
+    at the first unit, beside the others', an H100, round 15), if nvJPEG makes one."""
+    try:
+        return Made(handle, {first_batch: batched_state(lib, handle, first_batch)} if first_batch else {})
+    except NvjpegError:
+        return Made(handle)
+
+
+def premake(device: int, backend: int, count: int, flags: int = FLAG_MEMORY_POOLS, first_batch: int = 0) -> int:
     """Make `count` handles for the GPU `device` on this thread (whose current CUDA context is that device's
-    primary one), each kept for the decoders as soon as it is made; then, if no decoder has come yet, the
-    first decode on one of them. How many were made. A failure ends the tries quietly: the decoders then make
-    their own, and report what fails."""
+    primary one), each kept for the decoders as soon as it is made, the first with a state for batches of
+    `first_batch` (0: none); then, if no decoder has come yet, the first decode on one of them. How many were
+    made. A failure ends the tries quietly: the decoders then make their own, and report what fails."""
     try:
         lib = library()
     except NvjpegError:
@@ -189,7 +221,7 @@ def premake(device: int, backend: int, count: int, flags: int = FLAG_MEMORY_POOL
             handle = ctypes.c_void_p()
             if lib.nvjpegCreateEx(backend, None, None, flags, ctypes.byref(handle)) != 0:
                 break
-            _premade.put(key, handle)
+            _premade.put(key, _made(lib, handle, first_batch) if made == 0 else Made(handle))
             made += 1
     finally:
         _premade.expect(key, made - count)
@@ -201,14 +233,14 @@ def premake(device: int, backend: int, count: int, flags: int = FLAG_MEMORY_POOL
 def _first_decode_ahead(lib: ctypes.CDLL, key: Key) -> None:
     """first_decode on a handle lent out of the kept ones (a decoder that comes meanwhile takes another, or
     waits for this one)."""
-    handle = _premade.lend(key)
-    if handle is None:
+    lent = _premade.lend(key)
+    if lent is None:
         return
     try:
-        if first_decode(lib, handle):
+        if first_decode(lib, lent.handle):
             mark(f"nvJPEG's first decode ({BACKEND_NAMES.get(key[1], key[1])}) done ahead")
     finally:
-        _premade.put(key, handle)
+        _premade.put(key, lent, first=True)
 
 
 def _tiny_jpeg() -> bytes:
@@ -256,7 +288,7 @@ def first_decode(lib: ctypes.CDLL, handle: ctypes.c_void_p, side: int = 16) -> b
             lib.nvjpegJpegStateDestroy(state)
 
 
-def _take_premade(backend: int, flags: int, device: int | None = None) -> ctypes.c_void_p | None:
+def _take_premade(backend: int, flags: int, device: int | None = None) -> Made | None:
     """A handle made ahead for `device` (None: torch's current one), if one is kept or comes in time."""
     if not _premade.waiting():  # and then no need to ask torch for a device (there may be none)
         return None
@@ -267,11 +299,17 @@ def _take_premade(backend: int, flags: int, device: int | None = None) -> ctypes
     return _premade.take((device, backend, flags))
 
 
+def _destroy(lib: ctypes.CDLL, made: Made) -> None:
+    for state in made.states.values():
+        lib.nvjpegJpegStateDestroy(state)
+    lib.nvjpegDestroy(made.handle)
+
+
 def discard_premade() -> int:
-    """Destroy the handles made ahead that no decoder took (at the end of a run); how many."""
+    """Destroy the handles made ahead that no decoder took, and their states (at the end of a run); how many."""
     left = _premade.clear()
-    for handle in left:
-        library().nvjpegDestroy(handle)
+    for made in left:
+        _destroy(library(), made)
     return len(left)
 
 
@@ -365,7 +403,8 @@ class HardwareDecoder:
         name = BACKEND_NAMES.get(backend, str(backend))
         premade = _take_premade(backend, flags)
         if premade is not None:
-            self.handle = premade
+            self.handle = premade.handle
+            self._adopt(premade.states)
         else:
             _check(self.lib.nvjpegCreateEx(backend, None, None, flags, ctypes.byref(self.handle)),
                    f"nvjpegCreateEx({name})")
@@ -374,15 +413,16 @@ class HardwareDecoder:
         self.caller = DaemonThreads(1, "pnsfw-nvjpeg")  # every call of this handle, on this device
         self.caller.submit(torch.cuda.set_device, torch.cuda.current_device()).result()
 
+    def _adopt(self, states: dict[int, ctypes.c_void_p]) -> None:
+        """The states made ahead with the handle: kept where this decoder would have made the same."""
+        for count, state in states.items():
+            if self.output == OUTPUT_RGB and self.preallocate is None and len(self.states) < MAX_STATES:
+                self.states[count] = [state, None]
+            else:
+                self.lib.nvjpegJpegStateDestroy(state)
+
     def _new_state(self, count: int) -> Any:
-        state = ctypes.c_void_p()
-        _check(self.lib.nvjpegJpegStateCreate(self.handle, ctypes.byref(state)), "nvjpegJpegStateCreate")
-        try:
-            _check(self.lib.nvjpegDecodeBatchedInitialize(self.handle, state, count, 1, self.output),
-                   "nvjpegDecodeBatchedInitialize")
-        except NvjpegError:
-            self.lib.nvjpegJpegStateDestroy(state)
-            raise
+        state = batched_state(self.lib, self.handle, count, self.output)
         if self.preallocate is not None and hasattr(self.lib, "nvjpegDecodeBatchedPreAllocate"):
             width, height = self.preallocate
             if self.lib.nvjpegDecodeBatchedPreAllocate(self.handle, state, count, width, height, CSS_444,

@@ -137,7 +137,7 @@ def warm_ahead(options: Any) -> Callable[[int], None] | None:
     dtypes = {"auto": "fp16", "fp16": "fp16", "bf16": "bf16"}
     if options.gpu.tower == "reference" or options.precision not in dtypes:
         return None
-    batch = min(options.batch_size or 1024, FIRST_UNIT)
+    batch = first_unit_size(options)
 
     def ahead(device: int) -> None:
         try:
@@ -183,6 +183,11 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
 
 
 FIRST_UNIT = 256  # the first unit's reads then do not queue behind whole units in the worker processes
+
+
+def first_unit_size(options: Any) -> int:
+    """The first unit's images in a run of IndexOptions `options` on CUDA (its batch: 1024 by default)."""
+    return min(options.batch_size or 1024, FIRST_UNIT)
 
 
 def units(items: Iterable[Item], size: int, first: int = FIRST_UNIT) -> Iterator[Unit]:
