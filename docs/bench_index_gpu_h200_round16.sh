@@ -13,8 +13,9 @@
 # Call 1: the GPU tests; with the bytecode compiled two probes of ours, then ours and 568c811 paired at 100k
 # (three pairs: the first batch and e2e); one probe as lent.
 # Call 2: 1M paired with 568c811 as lent (one pair), the stage table; the anchor at 100k.
-# Call 3 (what the device time left after failed starts allows, ~450 s): call 1 with two pairs, the anchor, then
-# 1M paired as lent if the call is still under 290 s; the probes in one archive.
+# Call 3 (what the device time left after failed starts allows, ~450 s): call 1 with two pairs, the tower's
+# variants alone (CLIP's QuickGELU as one SiLU or as three kernels: scripts/bench_gpu_stages.py), the anchor,
+# then 1M paired as lent if the call is still under 290 s; the probes in one archive.
 
 . scripts/gpu_bench_prep.sh  # prep(), stage_table() and the steps
 
@@ -40,6 +41,7 @@ gpu_tests; corpus_100k
 precompile
 PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_1; PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_2
 PYTHONPYCACHEPREFIX=/tmp/pyc pair_100k 2 thumbs_100k_pyc
+tower_stages stages_alone
 probe lent_1
 (cd $OUT && tar czf probes.tgz probe_* && rm probe_*)
 anchor 1

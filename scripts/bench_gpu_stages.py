@@ -10,7 +10,8 @@ warm-up batch), images/s:
 * resize: the batched bicubic resize + crop (`tensor_preprocess.resize_crop`, fp16);
 * encode: the image tower the pipeline runs (the fast tower, CUDA graph) on normalised input;
 * decode+resize+encode chained on one stream (no overlap, no CPU work);
-* the tower variants (CLIP's own modules at fp16, fast eager, fast CUDA graph, with --compile max-autotune),
+* the tower variants (CLIP's own modules at fp16, fast eager, fast CUDA graph, each of those two with CLIP's
+  QuickGELU as three kernels rather than one SiLU, with --compile max-autotune),
   by CUDA events (median), each with its min cosine to the fp32 forward on the same images;
 * decode+resize and encode at the same time on two threads and streams (does the GPU overlap them?).
 
@@ -69,9 +70,10 @@ def tower_variants(encoder: Any, pixels: Any, repeats: int, compile_too: bool) -
     with torch.inference_mode():
         want = visual(images.float()).float()
     torch.backends.cudnn.allow_tf32 = True
-    fast = fast_visual(visual)
+    fast, quick = fast_visual(visual), fast_visual(visual, silu=False)  # CLIP's QuickGELU as one SiLU, or not
     variants = {"reference_fp16": reference_model(encoder), "fast_eager": fast,
-                "fast_graph": Graphed(fast, len(images))}
+                "fast_eager_quickgelu": quick, "fast_graph": Graphed(fast, len(images)),
+                "fast_graph_quickgelu": Graphed(quick, len(images))}
     if compile_too:
         variants["fast_compiled_max_autotune"] = torch.compile(fast, mode="max-autotune-no-cudagraphs")
     out: dict[str, Any] = {}

@@ -1,10 +1,12 @@
 """The CLIP image tower alone on this CPU: how fast can any pipeline go?
 
-Usage: python scripts/bench_tower.py CHECKPOINT [--batch 64] [--threads 2] [--out bench_tower.json]
-       [--variants fp32 bf16-autocast bf16-weights bf16-compiled int8-dynamic openvino-f32 openvino-bf16]
+Usage: python scripts/bench_tower.py CHECKPOINT [--batch 64] [--threads 2] [--rounds 1] [--out bench_tower.json]
+       [--variants fp32 bf16-autocast bf16-weights bf16-compiled int8-dynamic fast-fp32 fast-fp32-quickgelu
+        fast-bf16 fast-bf16-quickgelu openvino-f32 openvino-bf16]
 
-Random input, one warm-up pass, then 3 timed batches per variant; prints img/s and the minimum cosine
-similarity to the fp32 output, writes JSON. openvino-* run only where the `openvino` package imports.
+Random input; per variant and round one warm-up pass, then 3 timed batches; the variants in turn for
+`--rounds` rounds. Prints img/s (each round's, then the median) and the minimum cosine similarity to the fp32
+output, writes JSON. openvino-* run only where the `openvino` package imports.
 """
 
 import argparse
@@ -12,12 +14,15 @@ import copy
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's pnsfw
 
 
 def bf16_weights(visual: Any) -> Any:
@@ -51,6 +56,12 @@ def _openvino(visual: Any, precision: str) -> Callable:
     return lambda x: torch.from_numpy(request.infer({0: x.numpy()})[0].copy())
 
 
+def _fast(visual: Any, dtype: Any, silu: bool) -> Callable:
+    from pnsfw.indexer.gpu.tower import fast_visual
+
+    return fast_visual(visual, dtype, silu)
+
+
 VARIANTS: dict[str, Callable[[Any], Callable]] = {
     "fp32": lambda v: v,
     "bf16-autocast": lambda v: lambda x: torch.autocast("cpu", dtype=torch.bfloat16)(v)(x),
@@ -58,6 +69,11 @@ VARIANTS: dict[str, Callable[[Any], Callable]] = {
     "bf16-compiled": lambda v: torch.compile(bf16_weights(v)),
     "int8-dynamic": lambda v: torch.ao.quantization.quantize_dynamic(copy.deepcopy(v), {torch.nn.Linear},
                                                                      dtype=torch.qint8),
+    # pnsfw's fast tower (pnsfw/indexer/gpu/tower.py), with CLIP's QuickGELU as one SiLU (the default) or not
+    "fast-fp32": lambda v: _fast(v, torch.float32, True),
+    "fast-fp32-quickgelu": lambda v: _fast(v, torch.float32, False),
+    "fast-bf16": lambda v: _fast(v, torch.bfloat16, True),
+    "fast-bf16-quickgelu": lambda v: _fast(v, torch.bfloat16, False),
     "openvino-f32": lambda v: _openvino(v, "f32"),
     "openvino-bf16": lambda v: _openvino(v, "bf16"),
 }
@@ -80,6 +96,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=1, help="the variants timed in turn this many times (median)")
     parser.add_argument("--out", default="bench_tower.json")
     args = parser.parse_args()
     import clip
@@ -89,13 +106,24 @@ def main() -> None:
     x = torch.randn(args.batch, 3, visual.input_resolution, visual.input_resolution)
     with torch.inference_mode():
         reference = visual(x[:16]).float()
-    results = {}
+    results: dict[str, Any] = {}
+    runs = {}
     for name in args.variants:
         try:
-            results[name] = measure(VARIANTS[name](visual), x, reference)
+            runs[name] = VARIANTS[name](visual)
         except ImportError as exc:
             results[name] = {"skipped": str(exc)}
-        print(f"{name:16} {results[name]}", flush=True)
+    for round_ in range(args.rounds):  # in turn, so that the machine's drift falls on every variant alike
+        for name, run in runs.items():
+            figures = measure(run, x, reference)
+            entry = results.setdefault(name, {"rounds": [], "min_cosine_vs_fp32": figures["min_cosine_vs_fp32"]})
+            entry["rounds"].append(round(figures["images_per_s"], 2))
+            print(f"round {round_ + 1} {name:20} {figures['images_per_s']:8.2f} img/s", flush=True)
+    for name, entry in results.items():
+        if "rounds" in entry:
+            entry["images_per_s"] = sorted(entry["rounds"])[len(entry["rounds"]) // 2]
+            print(f"{name:20} median {entry['images_per_s']:8.2f} img/s  min cosine "
+                  f"{entry['min_cosine_vs_fp32']:.6f}", flush=True)
     info = {"machine": platform.platform(), "cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0],
             "threads": args.threads, "batch": args.batch, "torch": torch.__version__, "results": results}
     with open(args.out, "w") as f:

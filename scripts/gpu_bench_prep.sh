@@ -71,3 +71,7 @@ timeout 200 python3 $B --run-timeout 100 --thumbs 100000 --photos 0 --ours-varia
     "$@" --out $OUT/thumbs_anchor.json 2>&1 | grep -v '^\s*$' | tail -8
 }
 
+tower_stages() {  # $1: the JSON's name; each stage alone, then the tower variants (scripts/bench_gpu_stages.py)
+timeout 150 python3 scripts/bench_gpu_stages.py $W/thumbs --model $W/vit-b-32-seed0.pt --batch 1024 \
+    --out $OUT/$1.json 2>&1 | grep -E "^tower|encode|chain|resize" | tail -12
+}

@@ -46,11 +46,34 @@ def test_fast_tower_keeps_the_loaded_model_untouched() -> None:
     assert all(torch.equal(before[k], v) for k, v in visual.state_dict().items())
     assert all(v.dtype == torch.float32 for v in visual.state_dict().values())
     assert {p.dtype for p in fast.parameters()} == {torch.float64}
-    # the blocks' weights are converted copies (one pass each), equal in value and sharing no memory
+    # the blocks' weights are converted copies (one pass each), equal in value (the MLPs' scaled for the SiLU:
+    # c_fc's by 1.702, c_proj's weight by 1 / 1.702) and sharing no memory
     ours, theirs = fast.blocks.state_dict(), visual.transformer.resblocks.state_dict()
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k].double()) for k in ours)
+    assert ours.keys() == theirs.keys() and fast.silu
+    scale = {"mlp.c_fc.weight": 1.702, "mlp.c_fc.bias": 1.702, "mlp.c_proj.weight": 1 / 1.702}
+    factor = {k: scale.get(k.split(".", 1)[1], 1.0) for k in ours}
+    assert sum(f != 1.0 for f in factor.values()) == 3 * len(visual.transformer.resblocks)
+    assert all(torch.equal(ours[k], (theirs[k] * factor[k]).double() if factor[k] != 1.0 else theirs[k].double())
+               for k in ours)
     assert not {t.data_ptr() for t in ours.values()} & {t.data_ptr() for t in theirs.values()}
+
+
+def test_the_quick_gelu_mlps_run_as_one_silu_with_the_same_result() -> None:
+    """QuickGELU (three elementwise kernels) as one SiLU, its 1.702 folded into c_fc and c_proj: the same
+    function. A tower with another activation keeps its MLPs as they are, and still equals the reference."""
+    visual = _visual(6, **SHAPES[1])
+    images = torch.randn(4, 3, 48, 48)
+    folded, unfolded = fast_visual(visual), fast_visual(visual, silu=False)
+    assert folded.silu and not unfolded.silu
+    with torch.inference_mode():
+        want, got, plain = visual(images), folded(images), unfolded(images)
+    assert torch.allclose(got, plain, rtol=1e-5, atol=1e-5) and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    visual.transformer.resblocks[1].mlp.gelu = torch.nn.GELU()
+    other = fast_visual(visual)
+    assert not other.silu
+    with torch.inference_mode():
+        want, got = visual(images), other(images)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_unsupported_towers_are_named() -> None:

@@ -88,20 +88,58 @@ def _attention(block: Any, h: Any, last: bool) -> Any:
     return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
 
 
-def _block(block: Any, x: Any, last: bool) -> Any:
+QUICK_GELU = 1.702  # clip.model.QuickGELU: x * sigmoid(1.702 x)
+
+
+def quick_gelu_mlps(blocks: Any) -> bool:
+    """Whether every block's MLP is CLIP's c_fc -> QuickGELU -> c_proj (its activation can then be one SiLU)."""
+    return all(all(hasattr(b.mlp, n) for n in ("c_fc", "gelu", "c_proj")) and type(b.mlp.gelu).__name__ ==
+               "QuickGELU" for b in blocks)
+
+
+def silu_scales(blocks: Any) -> dict[int, float]:
+    """The factors, by id of the parameter, that turn each block's c_fc -> QuickGELU -> c_proj into c_fc' ->
+    SiLU -> c_proj': h * sigmoid(1.702 h) = silu(1.702 h) / 1.702, so c_fc's weight and bias take 1.702 and
+    c_proj's weight 1 / 1.702. Eager QuickGELU is three elementwise kernels over the (n, L, 4w) hidden
+    activations, seven passes over them; SiLU is one kernel, two passes."""
+    scales: dict[int, float] = {}
+    for block in blocks:
+        fc, proj = block.mlp.c_fc, block.mlp.c_proj
+        scales.update({id(fc.weight): QUICK_GELU, id(proj.weight): 1 / QUICK_GELU})
+        if fc.bias is not None:
+            scales[id(fc.bias)] = QUICK_GELU
+    return scales
+
+
+def _mlp(block: Any, x: Any, silu: bool) -> Any:
+    import torch.nn.functional as F
+
+    if not silu:
+        return block.mlp(x)
+    fc, proj = block.mlp.c_fc, block.mlp.c_proj
+    return F.linear(F.silu(F.linear(x, fc.weight, fc.bias), inplace=True), proj.weight, proj.bias)
+
+
+def _block(block: Any, x: Any, last: bool, silu: bool = False) -> Any:
     x = (x[:, :1] if last else x) + _attention(block, _layer_norm(x, block.ln_1), last)
-    return x + block.mlp(_layer_norm(x, block.ln_2))
+    return x + _mlp(block, _layer_norm(x, block.ln_2), silu)
 
 
-def _converted(module: Any, dtype: Any) -> Any:
-    """A copy of `module` whose parameters are `dtype` copies of its own, each made in one pass: deepcopy then
-    `.to` cloned every fp32 weight before converting it (0.4-0.5 s of the encoder thread on an H100, at the
-    start-up's critical point)."""
+def _converted(module: Any, dtype: Any, scales: dict[int, float] | None = None) -> Any:
+    """A copy of `module` whose parameters are `dtype` copies of its own (times `scales`' factor, by id of the
+    parameter, in the source's precision), each made in one pass: deepcopy then `.to` cloned every fp32 weight
+    before converting it (0.4-0.5 s of the encoder thread on an H100, at the start-up's critical point)."""
     import copy
 
     import torch
 
-    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in module.parameters()}
+    scales = scales or {}
+
+    def converted(p: Any) -> Any:
+        value = p.detach() * scales[id(p)] if id(p) in scales else p.detach()
+        return torch.nn.Parameter(value.to(dtype), requires_grad=False)
+
+    memo = {id(p): converted(p) for p in module.parameters()}
     return copy.deepcopy(module, memo).to(dtype)  # .to: any buffers (the parameters are converted already)
 
 
@@ -111,7 +149,7 @@ def _fast_class() -> type:
     class FastVisual(torch.nn.Module):
         """CLIP's ViT image tower, the same weights in `dtype`, computed the fast way (module docstring)."""
 
-        def __init__(self, visual: Any, dtype: Any):
+        def __init__(self, visual: Any, dtype: Any, silu: bool = True):
             super().__init__()
             conv = visual.conv1
             self.patch, self.dtype = conv.kernel_size[0], dtype
@@ -125,7 +163,9 @@ def _fast_class() -> type:
                 self.patch_pos = torch.nn.Parameter(pos[1:].to(dtype), False)
                 self.proj = torch.nn.Parameter(visual.proj.detach().to(dtype), False)
             self.ln_pre, self.ln_post = _converted(visual.ln_pre, dtype), _converted(visual.ln_post, dtype)
-            self.blocks = _converted(visual.transformer.resblocks, dtype)
+            blocks = visual.transformer.resblocks
+            self.silu = silu and quick_gelu_mlps(blocks)
+            self.blocks = _converted(blocks, dtype, silu_scales(blocks) if self.silu else None)
 
         def forward(self, images: Any) -> Any:
             n, p, g = images.shape[0], self.patch, self.grid
@@ -134,19 +174,20 @@ def _fast_class() -> type:
             x = _layer_norm(torch.cat([self.class_pos.expand(n, -1, -1), x], dim=1), self.ln_pre)
             last = len(self.blocks) - 1
             for i, block in enumerate(self.blocks):
-                x = _block(block, x, i == last)
+                x = _block(block, x, i == last, self.silu)
             return _layer_norm(x[:, 0], self.ln_post) @ self.proj
 
     return FastVisual
 
 
-def fast_visual(visual: Any, dtype: Any = None) -> Any:
-    """The fast rewrite of a loaded CLIP ViT tower (on its device; dtype: fp16 on CUDA, fp32 on CPU)."""
+def fast_visual(visual: Any, dtype: Any = None, silu: bool = True) -> Any:
+    """The fast rewrite of a loaded CLIP ViT tower (on its device; dtype: fp16 on CUDA, fp32 on CPU); `silu`:
+    CLIP's QuickGELU MLPs through one SiLU, their scale folded into the weights (silu_scales)."""
     import torch
 
     device = visual.conv1.weight.device
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    return _fast_class()(visual, dtype).eval()
+    return _fast_class()(visual, dtype, silu).eval()
 
 
 # ViT-B/32's tower (the default model): the shapes of warm_ahead's stand-in
