@@ -14,7 +14,8 @@
 # (three pairs: the first batch and e2e); one probe as lent.
 # Call 2: 1M paired with 568c811 as lent (one pair), the stage table; the anchor at 100k.
 # Call 3 (what the device time left after failed starts allows, ~450 s): call 1 with two pairs, the tower's
-# variants alone (CLIP's QuickGELU as one SiLU or as three kernels: scripts/bench_gpu_stages.py), the anchor,
+# variants alone (CLIP's QuickGELU as one SiLU or as three kernels: scripts/bench_gpu_stages.py), the anchor
+# with the bytecode compiled for both tools (clip-retrieval's wheels are in /tmp/site, which precompile covers),
 # then 1M paired as lent if the call is still under 290 s; the probes in one archive.
 
 . scripts/gpu_bench_prep.sh  # prep(), stage_table() and the steps
@@ -44,7 +45,7 @@ PYTHONPYCACHEPREFIX=/tmp/pyc pair_100k 2 thumbs_100k_pyc
 tower_stages stages_alone
 probe lent_1
 (cd $OUT && tar czf probes.tgz probe_* && rm probe_*)
-anchor 1
+PYTHONPYCACHEPREFIX=/tmp/pyc anchor 1  # both tools with their bytecode, as pip installs leave them
 echo "at ${SECONDS} s"
 if [ $SECONDS -lt 290 ]; then
   corpus_1m; pair_1m 1 thumbs_1m_lent 150; stage_table /tmp/pnsfw-1m/runs > $OUT/stages_1m_lent.txt
