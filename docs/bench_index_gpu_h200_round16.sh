@@ -20,11 +20,15 @@
 
 . scripts/gpu_bench_prep.sh  # prep(), stage_table() and the steps
 
-call1() {
+start() {  # the GPU tests, the 100k corpus, the bytecode compiled, two probes of ours with it
 gpu; python3 -c "import pyarrow, torch; print('pyarrow', pyarrow.__version__, 'torch', torch.__version__)"
 gpu_tests; corpus_100k
 precompile
 PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_1; PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_2
+}
+
+call1() {
+start
 PYTHONPYCACHEPREFIX=/tmp/pyc pair_100k 3 thumbs_100k_pyc
 probe lent_1
 }
@@ -37,10 +41,7 @@ anchor 1
 }
 
 call3() {
-gpu; python3 -c "import pyarrow, torch; print('pyarrow', pyarrow.__version__, 'torch', torch.__version__)"
-gpu_tests; corpus_100k
-precompile
-PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_1; PYTHONPYCACHEPREFIX=/tmp/pyc probe pyc_2
+start
 PYTHONPYCACHEPREFIX=/tmp/pyc pair_100k 2 thumbs_100k_pyc
 tower_stages stages_alone
 probe lent_1
