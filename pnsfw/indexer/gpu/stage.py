@@ -166,9 +166,10 @@ def device_stage(units: Iterable[Unit], encoder: Encoder, router: Router, option
     threads = [] if deferred else start()
     try:
         own_warm_up_begins()
-        model = image_model(encoder, options.gpu, items, batch, min(batch, FIRST_UNIT))
+        first = min(batch, FIRST_UNIT)
+        model = image_model(encoder, options.gpu, items, batch, first)
         stream = encode_stream(encoder, options)
-        _warm_up(model, encoder, min(batch, FIRST_UNIT), stream)  # the first unit's graph captured here
+        _warm_up(model, encoder, first, stream)  # the first unit's graph captured here
         mark("image tower ready")
         threads = start() if deferred else threads
         window = ProfileWindow(options.gpu.profile, encoder.device)

@@ -240,7 +240,7 @@ class Graphed:
     eagerly."""
 
     def __init__(self, model: Callable[[Any], Any], batch: int, also: tuple[int, ...] = ()):
-        self.model, self.batch = model, batch
+        self.model = model
         self.sizes = {batch, *also}
         self.graphs: dict[int, tuple[Any, Any, Any]] = {}  # size: (graph, static input, static output)
         self.failed = False
